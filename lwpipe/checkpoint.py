@@ -1,0 +1,82 @@
+"""Pickle-free model state files: safetensors, with the constraint layout in its metadata."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lwpipe.constraints import apply_spec, model_spec
+from lwpipe.errors import ConfigError, LwpipeError
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path) then rename: readers never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_state(model: nn.Module, path: Path) -> None:
+    """The whole model state, constraints included; `load_state` restores it into a fresh model."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"lwpipe.constraints": json.dumps(model_spec(model))}
+    atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata=meta))
+
+
+def load_state(model: nn.Module, path: Path) -> nn.Module:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    apply_spec(model, json.loads(meta.get("lwpipe.constraints", "{}")))
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model
+
+
+def load_weights(model: nn.Module, path: str, key: str = "model.checkpoint") -> nn.Module:
+    """Plain weights from a user's file: .safetensors, or a torch file read with weights_only=True."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(key, path, "file does not exist")
+    try:
+        if p.suffix == ".safetensors":
+            with safe_open(str(p), framework="pt") as f:
+                if "lwpipe.constraints" in (f.metadata() or {}):
+                    return load_state(model, p)
+            state = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+    except Exception as e:
+        raise ConfigError(key, path, f"not a readable weights file (.safetensors, or a torch state dict): {e}") from None
+    if not isinstance(state, dict):
+        raise ConfigError(key, path, f"holds a {type(state).__name__}, expected a state dict")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append("shape mismatch " + "; ".join(wrong[:5]))
+        if missing:
+            parts.append(f"missing {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}")
+        raise ConfigError(key, path, f"does not fit the model {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state)
+    return model
+
+

@@ -1,0 +1,140 @@
+"""Validate a composed recipe before any model or data is built.
+
+`validate(cfg)` turns Hydra's DictConfig into a `Recipe`: the top-level
+settings checked by pydantic, and the pipeline resolved to
+(name, stage class, stage config) triples. Every problem becomes a
+`ConfigError` naming the key path, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lwpipe import registry
+from lwpipe.errors import ConfigError, LwpipeError
+
+
+class Strict(BaseModel):
+    """Base for every config: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainSettings(Strict):
+    """Supervised training; used by `train`, by every stage's `finetune`, and by `distill`."""
+
+    epochs: int = Field(0, ge=0, le=100_000)
+    lr: float = Field(1e-3, gt=0, le=10)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    batch_size: int | None = Field(None, ge=1, le=1 << 20)
+
+
+class EvalSettings(Strict):
+    batch_size: int = Field(512, ge=1, le=1 << 20)
+
+
+class CacheSettings(Strict):
+    enabled: bool = True
+    dir: str = "outputs/cache"
+
+
+class TopLevel(Strict):
+    name: str = "default"
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    pipeline: list[str]
+    stages: dict[str, dict[str, Any]] = {}
+    model: dict[str, Any]
+    data: dict[str, Any]
+    logger: dict[str, dict[str, Any] | None] = {}
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    eval: EvalSettings = EvalSettings()
+    artifact: bool = True
+    cache: CacheSettings | bool = CacheSettings()
+
+
+@dataclass
+class Step:
+    name: str          # the name in `pipeline` (and key under `stages`)
+    type: str          # the registered plugin it uses
+    cls: type
+    config: BaseModel
+
+
+@dataclass
+class Recipe:
+    top: TopLevel
+    steps: list[Step]
+    raw: dict          # the resolved recipe, as saved next to the run
+
+
+def _format(prefix: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join([prefix] + [str(x) for x in e["loc"]]) if prefix else ".".join(str(x) for x in e["loc"])
+        value = e.get("input")
+        if e["type"] == "missing":
+            lines.append(f"{path}: required key is missing")
+        elif e["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key (value {value!r}); check the spelling against the stage's settings")
+        else:
+            lines.append(f"{path}={value!r}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _check(cls: type[BaseModel], data: Any, prefix: str) -> BaseModel:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise LwpipeError(_format(prefix, e)) from None
+
+
+def _stage_config(name: str, settings: dict | None) -> Step:
+    settings = dict(settings or {})
+    type_ = settings.pop("type", name)
+    cls = registry.get(type_)
+    if cls is None:
+        if type_ != name:
+            raise ConfigError(f"stages.{name}.type", type_, f"no stage plugin of that name; {registry.suggest(type_)}")
+        raise ConfigError(
+            f"stages.{name}", name,
+            f"no stage plugin named {name!r}; set stages.{name}.type to one of them "
+            f"({registry.suggest(name)})",
+        )
+    return Step(name, type_, cls, _check(cls.Config, settings, f"stages.{name}"))
+
+
+def validate(cfg: DictConfig | dict) -> Recipe:
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    except Exception as e:  # an interpolation that does not resolve
+        raise LwpipeError(f"recipe does not resolve: {e}") from None
+    raw.pop("hydra", None)
+    top = _check(TopLevel, raw, "")
+    for key in ("model", "data"):
+        if "_target_" not in getattr(top, key):
+            raise ConfigError(f"{key}._target_", None, f"required: the import path of the {key} builder")
+
+    # every stage entry must resolve, even those not in the pipeline: a typo is a typo
+    steps_by_name = {name: _stage_config(name, s) for name, s in top.stages.items()}
+    steps = []
+    for i, name in enumerate(top.pipeline):
+        if name in steps_by_name:
+            steps.append(steps_by_name[name])
+        elif registry.get(name) is not None:
+            steps.append(_stage_config(name, {}))
+        else:
+            raise ConfigError(
+                f"pipeline[{i}]", name,
+                f"no settings under stages.{name} and no stage plugin of that name; {registry.suggest(name)}",
+            )
+    for i, step in enumerate(steps):
+        check = getattr(step.cls, "check_order", None)
+        why = check(step.config, [(s.type, s.config) for s in steps[:i]]) if check else None
+        if why:
+            raise ConfigError("pipeline", top.pipeline, f"{step.name!r} cannot come at position {i}: {why}")
+    return Recipe(top=top, steps=steps, raw=raw)

@@ -1,0 +1,56 @@
+"""Runtime state a stage may use. Configs hold settings only; state lives here."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lwpipe.data import DataBundle
+
+
+def stage_seed(seed: int, step: int, name: str) -> int:
+    """Each stage gets its own seed, so its result does not depend on what ran before it."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{name}".encode()).digest()[:4], "little")
+
+
+@dataclass
+class Context:
+    data: DataBundle
+    seed: int
+    run_dir: Path
+    batch_size: int = 64
+    eval_batch_size: int = 512
+    device: torch.device = torch.device("cpu")
+    step: int = 0
+    stage: str = ""
+    # the model as it was before the first compression stage: distill's default teacher
+    # and the reference for `teacher_agreement`
+    reference: nn.Module | None = None
+    # models after named stages, kept only for the names a later stage asks for
+    snapshots: dict[str, nn.Module] = field(default_factory=dict)
+    on_epoch: Callable[[nn.Module, int, float], None] | None = None
+
+    def train_loader(self, batch_size: int | None = None) -> DataLoader:
+        g = torch.Generator().manual_seed(stage_seed(self.seed, self.step, self.stage))
+        return DataLoader(self.data.train, batch_size=batch_size or self.batch_size, shuffle=True, generator=g)
+
+    def test_loader(self) -> DataLoader:
+        return DataLoader(self.data.test, batch_size=self.eval_batch_size)
+
+    def calibration_batches(self, n: int, batch_size: int | None = None):
+        """The first n batches of a seeded shuffle of the training set."""
+        for i, batch in enumerate(self.train_loader(batch_size)):
+            if i >= n:
+                return
+            yield batch
+
+    def epoch_callback(self, model: nn.Module):
+        """For training.fit: reports each epoch to the runner (progress and metrics.jsonl)."""
+        if self.on_epoch is None:
+            return None
+        return lambda epoch, loss: self.on_epoch(model, epoch, loss)

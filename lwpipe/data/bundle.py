@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+
+@dataclass
+class DataBundle:
+    """Train and held-out test sets, and a fingerprint of their contents."""
+
+    train: Dataset
+    test: Dataset
+    name: str
+    identity: str = ""
+
+    def __post_init__(self):
+        if not self.identity:
+            self.identity = fingerprint(self.train, self.test)
+
+
+def fingerprint(*datasets: Dataset) -> str:
+    """sha256 over the tensors of TensorDatasets, else over the name and length."""
+    h = hashlib.sha256()
+    for ds in datasets:
+        if isinstance(ds, TensorDataset):
+            for t in ds.tensors:
+                h.update(str((t.dtype, tuple(t.shape))).encode())
+                h.update(t.contiguous().numpy().tobytes())
+        else:
+            h.update(f"{type(ds).__qualname__}:{len(ds)}".encode())
+    return h.hexdigest()[:16]
+
+
+def tensor_split(x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: int):
+    """A seeded, stratified-by-shuffle split into train and test TensorDatasets."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=g)
+    n_test = int(round(len(x) * test_fraction))
+    test, train = perm[:n_test], perm[n_test:]
+    return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])

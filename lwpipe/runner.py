@@ -1,0 +1,145 @@
+"""The runner: threads a model through the recipe's stages.
+
+    data  = build(recipe.data);  model = build(recipe.model)      # after validation
+    record(step 0, event "baseline")                               # evaluate + measure the input model
+    for step, stage in enumerate(recipe.pipeline, 1):
+        model = stage.run(model, ctx)                              # epoch records logged from inside
+        record(step, event "stage_end")                            # evaluate + measure + log
+        checkpoint(model) -> checkpoints/<step>_<name>.safetensors
+        before any compression: ctx.reference = copy(model)        # teacher / agreement reference
+    summary.json <- baseline, every stage_end, final                # written last, atomically
+
+A run directory without summary.json did not finish.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from lwpipe import checkpoint
+from lwpipe.config import Recipe
+from lwpipe.context import Context, stage_seed
+from lwpipe.data import DataBundle
+from lwpipe.errors import ConfigError, LwpipeError
+from lwpipe.metrics import evaluate, measure
+
+log = logging.getLogger("lwpipe")
+RESERVED_DATA_KEYS = ("batch_size", "meta")
+
+
+def build_data(cfg: dict) -> DataBundle:
+    kwargs = {k: v for k, v in cfg.items() if k not in RESERVED_DATA_KEYS}
+    data = _instantiate(kwargs, "data")
+    if isinstance(data, tuple) and len(data) == 2:
+        data = DataBundle(data[0], data[1], name=cfg["_target_"])
+    if not isinstance(data, DataBundle):
+        raise ConfigError("data._target_", cfg["_target_"], "must return a DataBundle or a (train, test) pair")
+    return data
+
+
+def build_model(cfg: dict) -> nn.Module:
+    kwargs = {k: v for k, v in cfg.items() if k != "checkpoint"}
+    model = _instantiate(kwargs, "model")
+    if not isinstance(model, nn.Module):
+        raise ConfigError("model._target_", cfg["_target_"], f"must build an nn.Module, built {type(model).__name__}")
+    if cfg.get("checkpoint"):
+        checkpoint.load_weights(model, cfg["checkpoint"])
+    return model
+
+
+def _instantiate(cfg: dict, key: str):
+    try:
+        return instantiate(cfg, _convert_="all")
+    except LwpipeError:
+        raise
+    except Exception as e:
+        cause = e.__cause__ or e
+        if isinstance(cause, LwpipeError):
+            raise cause from None
+        raise ConfigError(f"{key}._target_", cfg.get("_target_"), f"could not be built: {cause}") from None
+
+
+def build_loggers(cfg: dict, run_dir: Path) -> list:
+    return [_instantiate({**c, "run_dir": str(run_dir)}, f"logger.{name}") for name, c in cfg.items() if c]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", name, "no CUDA device is available here; use cpu or auto")
+    return torch.device(name)
+
+
+def run(recipe: Recipe, run_dir: Path) -> dict:
+    """Run every stage of a validated recipe; returns the final record."""
+    top = recipe.top
+    run_dir = Path(run_dir)
+    torch.manual_seed(top.seed)
+    data = build_data(top.data)
+    model = build_model(top.model).to(pick_device(top.device))
+    ctx = Context(data=data, seed=top.seed, run_dir=run_dir, batch_size=top.data.get("batch_size", 64),
+                  eval_batch_size=top.eval.batch_size, device=pick_device(top.device))
+    for s in recipe.steps:  # settings that name layers are checked before any work
+        check = getattr(s.cls, "check_model", None)
+        if check:
+            check(s.config, model, f"stages.{s.name}")
+    wanted = {getattr(s.config, "teacher", None) for s in recipe.steps}
+    loggers = build_loggers(top.logger, run_dir)
+    records: list[dict] = []
+
+    def emit(rec: dict) -> None:
+        for lg in loggers:
+            lg.log(rec)
+
+    def snapshot(model: nn.Module, step: int, stage: str, event: str, seconds: float, **extra) -> dict:
+        t = time.perf_counter()
+        quality, _ = evaluate(model, ctx.test_loader(), reference_pred)
+        rec = {"step": step, "stage": stage, "event": event, **quality, **measure(model), "seconds": seconds, **extra}
+        rec["eval_seconds"] = time.perf_counter() - t
+        return rec
+
+    def on_epoch(model: nn.Module, epoch: int, train_loss: float) -> None:
+        emit(snapshot(model, ctx.step, ctx.stage, "epoch", time.perf_counter() - stage_start,
+                      epoch=epoch, train_loss=train_loss))
+
+    ctx.on_epoch = on_epoch
+    try:
+        ctx.reference = copy.deepcopy(model).eval()
+        _, reference_pred = evaluate(model, ctx.test_loader())
+        records.append(snapshot(model, 0, "input", "baseline", 0.0))
+        emit(records[-1])
+        compressed = False
+        for step, s in enumerate(recipe.steps, 1):
+            ctx.step, ctx.stage = step, s.name
+            torch.manual_seed(stage_seed(top.seed, step, s.name))
+            log.info("[%d/%d] %s (%s)", step, len(recipe.steps), s.name, s.type)
+            stage_start = time.perf_counter()
+            model = s.cls(s.config).run(model, ctx)
+            seconds = time.perf_counter() - stage_start
+            compressed = compressed or getattr(s.cls, "compresses", False)
+            if not compressed:  # still uncompressed: this is the reference the compressed model is held to
+                ctx.reference = copy.deepcopy(model).eval()
+                _, reference_pred = evaluate(model, ctx.test_loader())
+            if s.name in wanted:
+                ctx.snapshots[s.name] = copy.deepcopy(model).eval()
+            records.append(snapshot(model, step, s.name, "stage_end", seconds, type=s.type))
+            emit(records[-1])
+            (run_dir / "checkpoints").mkdir(exist_ok=True)
+            checkpoint.save_state(model, run_dir / "checkpoints" / f"{step:02d}_{s.name}.safetensors")
+        final = {**records[-1], "event": "final"}
+        summary = {"recipe": top.name, "seed": top.seed, "baseline": records[0],
+                   "stages": records[1:], "final": final}
+        checkpoint.atomic_write(run_dir / "summary.json",
+                                lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+        return final
+    finally:
+        for lg in loggers:
+            lg.close()

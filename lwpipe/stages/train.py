@@ -1,0 +1,25 @@
+"""Stage `train`: plain supervised training, seeded."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from lwpipe.config import TrainSettings
+from lwpipe.context import Context
+from lwpipe.registry import register
+from lwpipe.training import fit
+
+
+class TrainConfig(TrainSettings):
+    epochs: int = Field(10, ge=0, le=100_000)
+
+
+@register("train")
+class Train:
+    Config = TrainConfig
+    compresses = False
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def run(self, model, ctx: Context):
+        return fit(model, ctx.train_loader(self.cfg.batch_size), self.cfg, on_epoch=ctx.epoch_callback(model))
