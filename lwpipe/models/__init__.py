@@ -1,3 +1,4 @@
 from lwpipe.models.lenet import LeNet5, LeNet300
+from lwpipe.models.tiny import TinyMLP
 
-__all__ = ["LeNet300", "LeNet5"]
+__all__ = ["LeNet300", "LeNet5", "TinyMLP"]
