@@ -11,7 +11,7 @@ from lwpipe.cli import RECIPES
 from lwpipe.config import validate
 from lwpipe.runner import run
 
-TINY = ["model=tiny", "data=blobs", "stages.prune.layers={}"]
+TINY = ["model=tiny", "data=blobs", "~stages.prune.layers"]
 
 
 def compose_recipe(overrides: list[str] | None = None) -> DictConfig:
