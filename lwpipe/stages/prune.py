@@ -104,7 +104,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     flat = scores.flatten(1)
     cols = flat.shape[1]
     pad = (-cols) % m
-    groups = F.pad(flat, (0, pad), value=float("inf")).view(flat.shape[0], -1, m)
+    groups = F.pad(flat, (0, pad), value=float("-inf")).view(flat.shape[0], -1, m)  # padding is never kept
     keep_idx = groups.topk(n, dim=2).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, keep_idx, True)
     return mask.view(flat.shape[0], -1)[:, :cols].reshape(scores.shape)

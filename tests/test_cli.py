@@ -1,0 +1,62 @@
+"""The `lwpipe` command as a user runs it: clean errors, complete run directories."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lwpipe.models import LeNet300
+from tests.helpers import TINY
+
+pytestmark = pytest.mark.slow
+QUICK = TINY + ["pipeline=[train,prune]", "stages.train.epochs=2", "stages.prune.finetune.epochs=1"]
+
+
+def lwpipe(args, cwd):
+    exe = shutil.which("lwpipe")
+    cmd = [exe] if exe else [sys.executable, "-m", "lwpipe.cli"]
+    return subprocess.run(cmd + args, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_run_writes_a_complete_run_directory(tmp_path):
+    p = lwpipe(QUICK, tmp_path)
+    assert p.returncode == 0, p.stderr
+    (run_dir,) = list((tmp_path / "outputs" / "runs" / "default").iterdir())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["event"] == "baseline" and records[-1]["stage"] == "prune"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final"]["accuracy"] == records[-1]["accuracy"]
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert "accuracy" in p.stdout + p.stderr  # the console table
+
+
+def checkpoint_for_784(tmp_path):
+    path = tmp_path / "w784.pt"
+    torch.save(LeNet300(in_features=784).state_dict(), path)
+    return f"model.checkpoint={path}"
+
+
+BAD = {
+    "unknown stage": (["pipeline=[train,pruen]"], "did you mean 'prune'"),
+    "unknown key": (["+stages.prune.sparsty=0.5"], "stages.prune.sparsty: unknown key"),
+    "sparsity out of range": (["stages.prune.sparsity=1.0"], "stages.prune.sparsity=1.0: Input should be less than 1"),
+    "no settings no plugin": (["pipeline=[train,prune_b]"], "pipeline[1]='prune_b': no settings under stages.prune_b"),
+    "missing data dir": (["data=mnist", "data.root=/no/such/mnist"], "data.root='/no/such/mnist': directory does not exist"),
+    "checkpoint mismatch": (None, "does not fit the model LeNet300"),
+    "layer that does not exist": (["+stages.prune.layers.fc9.sparsity=0.5"], "stages.prune.layers='fc9': matches no compressible layer"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_clear_message(tmp_path, case):
+    args, expected = BAD[case]
+    if args is None:
+        args = [checkpoint_for_784(tmp_path)]
+    run_dir = tmp_path / "outputs" / "run"
+    p = lwpipe(args + [f"hydra.run.dir={run_dir}"], tmp_path)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert expected in p.stderr
+    assert "Traceback" not in p.stderr + p.stdout
+    assert not run_dir.exists()  # nothing that looks like a run is left behind

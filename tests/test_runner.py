@@ -1,0 +1,59 @@
+"""The metrics.jsonl / summary.json contract, on a tiny model."""
+import json
+
+import pytest
+
+from tests.helpers import TINY, run_recipe
+
+FIELDS = {"step", "stage", "event", "accuracy", "loss", "params", "nonzero_params", "sparsity",
+          "max_unique_weights", "dense_bytes", "seconds", "teacher_agreement"}
+FAST = TINY + ["pipeline=[train,prune]", "stages.prune.sparsity=0.5", "stages.train.epochs=15", "stages.train.lr=0.01", "stages.prune.finetune.epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    final, records = run_recipe(FAST, run_dir)
+    return run_dir, final, records
+
+
+def test_every_record_has_the_contract_fields(result):
+    _, _, records = result
+    for r in records:
+        assert FIELDS <= set(r), FIELDS - set(r)
+
+
+def test_baseline_then_epochs_then_stage_end(result):
+    _, _, records = result
+    assert records[0]["event"] == "baseline" and records[0]["step"] == 0
+    ends = [r for r in records if r["event"] == "stage_end"]
+    assert [(r["step"], r["stage"]) for r in ends] == [(1, "train"), (2, "prune")]
+    epochs = [r for r in records if r["event"] == "epoch" and r["stage"] == "train"]
+    assert [r["epoch"] for r in epochs] == list(range(1, 16))
+
+
+def test_training_learns_and_prune_is_measured(result):
+    _, final, records = result
+    base, trained = records[0], next(r for r in records if r["stage"] == "train" and r["event"] == "stage_end")
+    assert trained["accuracy"] > base["accuracy"] + 0.3
+    assert trained["teacher_agreement"] == 1.0  # train comes before any compression: it is the reference
+    assert final["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert final["nonzero_params"] < trained["nonzero_params"]
+    assert final["dense_bytes"] == 4 * final["params"]
+
+
+def test_summary_holds_baseline_stages_final(result):
+    run_dir, final, records = result
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["baseline"] == records[0]
+    assert [s["stage"] for s in summary["stages"]] == ["train", "prune"]
+    assert summary["final"]["accuracy"] == final["accuracy"] and summary["final"]["event"] == "final"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["01_train.safetensors", "02_prune.safetensors"]
+
+
+def test_same_seed_same_numbers(result, tmp_path):
+    _, _, records = result
+    _, again = run_recipe(FAST, tmp_path)
+    drop = {"seconds", "eval_seconds"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in again] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in records]
