@@ -62,3 +62,12 @@ def test_mnist_truncated_file(mnist_dir):
 
 def test_blobs_are_seeded():
     assert load_blobs(seed=3).identity == load_blobs(seed=3).identity != load_blobs(seed=4).identity
+
+
+def test_digits_read_directly_equal_scikit_learns():
+    from sklearn.datasets import load_digits as sk_digits
+
+    from lwpipe.data.digits import _read_digits
+    images, target = _read_digits()
+    d = sk_digits()
+    assert (images == d.images).all() and (target == d.target).all()
