@@ -132,6 +132,29 @@ class Compressed(nn.Module):
         return w
 
 
+class HalfBias(nn.Module):
+    """A bias computed through float16 (straight-through gradient), so that it stays exactly
+    fp16-representable through later training and the artifact can store it in 2 bytes."""
+
+    def forward(self, bias: torch.Tensor) -> torch.Tensor:
+        rounded = bias.detach().clamp(-65504, 65504).half().to(bias.dtype)
+        return rounded + (bias - bias.detach())  # value: exactly `rounded`; gradient: identity
+
+
+def bias_dtype(module: nn.Module) -> torch.dtype | None:
+    """The precision the layer's bias is held to: float16 under HalfBias, else its own dtype; None without bias."""
+    if parametrize.is_parametrized(module, "bias"):
+        if any(isinstance(p, HalfBias) for p in module.parametrizations.bias):
+            return torch.float16
+        return module.parametrizations.bias.original.dtype
+    return module.bias.dtype if getattr(module, "bias", None) is not None else None
+
+
+def set_half_bias(module: nn.Module) -> None:
+    if bias_dtype(module) not in (None, torch.float16):
+        parametrize.register_parametrization(module, "bias", HalfBias())
+
+
 # -- helpers over a model ---------------------------------------------------------
 def compressible_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, m in model.named_modules():
@@ -197,7 +220,9 @@ def unknown_layer_patterns(model: nn.Module, layers: Mapping[str, object]) -> li
 
 @torch.no_grad()
 def model_spec(model: nn.Module) -> dict[str, dict]:
-    return {n: c.spec() for n, m in compressible_layers(model) if (c := constraint(m)) is not None}
+    half = {"bias": "float16"}  # only present when set, so older specs read the same
+    return {n: {**c.spec(), **(half if bias_dtype(m) == torch.float16 else {})}
+            for n, m in compressible_layers(model) if (c := constraint(m)) is not None}
 
 
 def apply_spec(model: nn.Module, spec: Mapping[str, dict]) -> None:
@@ -210,3 +235,7 @@ def apply_spec(model: nn.Module, spec: Mapping[str, dict]) -> None:
         parametrize.register_parametrization(modules[name], "weight", c, unsafe=True)
         if s["shared"]:
             modules[name].parametrizations.weight.original.requires_grad_(False)
+        if parametrize.is_parametrized(modules[name], "bias"):
+            parametrize.remove_parametrizations(modules[name], "bias", leave_parametrized=False)
+        if s.get("bias") == "float16":
+            set_half_bias(modules[name])

@@ -6,7 +6,8 @@ are found through the ``lwpipe.stages`` entry-point group: an entry point
 
 A stage class has a pydantic ``Config`` (extra="forbid"), a ``compresses``
 flag (does it leave a constraint on the weights?), optionally
-``check_order(cfg, before) -> str | None`` to refuse an order that cannot work,
+``check_order(cfg, before) -> str | None`` to refuse an order that cannot work
+(``before``: the earlier ``config.Step``s, each with ``.name``, ``.type``, ``.config``),
 and ``run(model, ctx) -> model``; it is built as ``StageClass(config)``.
 """
 from __future__ import annotations

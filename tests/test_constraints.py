@@ -38,7 +38,8 @@ def test_fake_quant_is_on_grid_with_straight_through_gradient():
     c.set_quant(8, -127, 127, scale, torch.tensor(0.0), None)
     w = lin.weight.detach()
     levels = w / scale
-    assert torch.equal(levels, torch.round(levels))
+    assert (levels - torch.round(levels)).abs().max() < 1e-4  # on the grid, up to float division
+    assert torch.round(levels).abs().max() <= 127
     lin(torch.ones(1, 4)).sum().backward()
     assert torch.equal(lin.parametrizations.weight.original.grad, torch.ones(3, 4))
 

@@ -1,0 +1,135 @@
+"""Stage `distill`: knowledge-distillation fine-tune (Hinton et al. 2015).
+
+    loss = (1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
+           + beta * sum over `features` of MSE(student activation, teacher activation)
+
+The teacher is the model as it was before the first compression stage
+(default), the model after an earlier stage (`teacher: <stage name>`), or a
+weights file (`teacher: path/to/file.safetensors`), loaded into a copy of that
+reference model. It runs in eval mode without gradients. The student trains
+through every constraint it carries, so masks, codebooks and grids hold.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from pydantic import Field
+from torch import nn
+from torch.nn import functional as F
+
+from lwpipe import checkpoint
+from lwpipe.config import TrainSettings
+from lwpipe.context import Context
+from lwpipe.errors import ConfigError
+from lwpipe.registry import register
+from lwpipe.training import fit
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+class DistillConfig(TrainSettings):
+    epochs: int = Field(5, ge=0, le=100_000)
+    temperature: float = Field(4.0, gt=0, le=100)
+    alpha: float = Field(0.7, ge=0, le=1)             # weight of the soft (teacher) loss
+    teacher: str | None = Field(None, min_length=1)   # None: the pre-compression model; or a stage name / a path
+    features: list[str] = []                          # module names whose activations the student matches
+    feature_weight: float = Field(1.0, ge=0, le=1e6)
+
+
+def is_path(teacher: str) -> bool:
+    return teacher.endswith(WEIGHT_SUFFIXES) or "/" in teacher
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            temperature: float, alpha: float) -> torch.Tensor:
+    """Hinton's loss; T^2 keeps the soft gradients' scale independent of T."""
+    hard = F.cross_entropy(student_logits, labels)
+    soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                    F.log_softmax(teacher_logits / temperature, dim=1), reduction="batchmean", log_target=True)
+    return (1 - alpha) * hard + alpha * temperature**2 * soft
+
+
+class _Activations:
+    """Forward hooks that keep the latest output of each named module."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        modules = dict(model.named_modules())
+        self.out: dict[str, torch.Tensor] = {}
+        self.handles = [modules[n].register_forward_hook(self._keep(n)) for n in names]
+
+    def _keep(self, name: str):
+        def hook(module, args, output):
+            self.out[name] = output
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def distill_loss_fn(teacher: nn.Module, cfg: DistillConfig, s_acts: _Activations | None, t_acts: _Activations | None):
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t_logits = teacher(x)
+        loss = kd_loss(model(x), t_logits, y, cfg.temperature, cfg.alpha)
+        if s_acts is not None and cfg.feature_weight > 0:
+            loss = loss + cfg.feature_weight * sum(
+                F.mse_loss(s_acts.out[n], t_acts.out[n].detach()) for n in cfg.features)
+        return loss
+    return loss_fn
+
+
+@register("distill")
+class Distill:
+    Config = DistillConfig
+    compresses = False  # it adds no constraint; the reference stays the pre-compression model
+
+    def __init__(self, cfg: DistillConfig):
+        self.cfg = cfg
+
+    @staticmethod
+    def check_order(cfg: DistillConfig, before) -> str | None:
+        if cfg.teacher is None or is_path(cfg.teacher):
+            return None
+        if cfg.teacher not in [s.name for s in before]:
+            earlier = ", ".join(s.name for s in before) or "none"
+            return (f"teacher={cfg.teacher!r} is not an earlier stage (earlier: {earlier}); name an earlier stage, "
+                    f"a weights file ({', '.join(WEIGHT_SUFFIXES)}), or leave it null for the pre-compression model")
+        return None
+
+    @staticmethod
+    def check_model(cfg: DistillConfig, model: nn.Module, path: str) -> None:
+        names = dict(model.named_modules())
+        for i, n in enumerate(cfg.features):
+            if not n or n not in names:
+                known = ", ".join(k for k in names if k)
+                raise ConfigError(f"{path}.features[{i}]", n, f"no module of that name; the modules are {known}")
+        if cfg.teacher and is_path(cfg.teacher) and not Path(cfg.teacher).expanduser().is_file():
+            raise ConfigError(f"{path}.teacher", cfg.teacher, "file does not exist")
+
+    def teacher(self, ctx: Context, path: str) -> nn.Module:
+        t = self.cfg.teacher
+        if t is None:
+            teacher = ctx.reference
+        elif is_path(t):
+            teacher = checkpoint.load_weights(copy.deepcopy(ctx.reference), t, key=f"{path}.teacher")
+        else:
+            teacher = ctx.snapshots[t]
+        teacher = teacher.to(ctx.device).eval()
+        teacher.requires_grad_(False)
+        return teacher
+
+    def run(self, model: nn.Module, ctx: Context) -> nn.Module:
+        teacher = self.teacher(ctx, f"stages.{ctx.stage}")
+        s_acts = _Activations(model, self.cfg.features) if self.cfg.features else None
+        t_acts = _Activations(teacher, self.cfg.features) if self.cfg.features else None
+        try:
+            fit(model, ctx.train_loader(self.cfg.batch_size), self.cfg,
+                loss_fn=distill_loss_fn(teacher, self.cfg, s_acts, t_acts), on_epoch=ctx.epoch_callback(model))
+        finally:
+            for acts in (s_acts, t_acts):
+                if acts is not None:
+                    acts.remove()
+        return model

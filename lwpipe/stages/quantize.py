@@ -1,0 +1,131 @@
+"""Stage `quantize`: uniform weight quantization, w_q = round(W / s) + z, on a per-layer grid.
+
+Symmetric (z = 0, levels -(2^(b-1)-1)..2^(b-1)-1) or asymmetric (levels
+0..2^b-1, with an integer zero point z so that 0.0 stays exact and pruned
+zeros stay zeros). Per-tensor or per-output-channel scales; bits per layer by
+name or glob (mixed precision). On a shared layer it quantizes the codebook,
+so the index map, the cluster count and the mask are kept; otherwise the masked
+weights. Fine-tuning is quantization-aware: the forward rounds, the backward
+passes gradients straight through (constraints._RoundSTE).
+
+`bias: float16` also holds every quantized layer's bias to float16 values
+(constraints.HalfBias), so the artifact can store biases in 2 bytes.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from lwpipe.config import Strict, TrainSettings
+from lwpipe.constraints import compressible_layers, ensure_constraint, layer_setting, set_half_bias, unknown_layer_patterns
+from lwpipe.context import Context
+from lwpipe.errors import ConfigError
+from lwpipe.registry import register
+from lwpipe.training import fit
+
+Scheme = Literal["symmetric", "asymmetric"]
+
+
+class LayerQuant(Strict):
+    bits: int | None = Field(None, ge=2, le=16)
+    skip: bool = False
+
+
+class QuantizeConfig(Strict):
+    bits: int = Field(8, ge=2, le=16)
+    scheme: Scheme = "symmetric"
+    granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
+    layers: dict[str, LayerQuant] = {}                 # by module name or glob: "fc3", "conv*"
+    bias: Literal["float32", "float16"] = "float32"
+    finetune: TrainSettings = TrainSettings()          # quantization-aware, through the STE
+
+
+def quant_range(bits: int, scheme: Scheme) -> tuple[int, int]:
+    if scheme == "symmetric":  # restricted range: the grid is symmetric around an exact 0
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+@torch.no_grad()
+def quant_grid(x: torch.Tensor, bits: int, scheme: Scheme, per_channel: bool):
+    """(qmin, qmax, scale, zero_point) covering x; per_channel: one scale per slice along dim 0."""
+    qmin, qmax = quant_range(bits, scheme)
+    if per_channel:
+        dims = tuple(range(1, x.dim()))
+        lo, hi = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
+    else:
+        lo, hi = x.min(), x.max()
+    lo, hi = lo.clamp(max=0).float(), hi.clamp(min=0).float()  # the grid always holds 0
+    if scheme == "symmetric":
+        scale = torch.maximum(-lo, hi) / qmax
+        zero_point = torch.zeros_like(scale)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero slice: any scale works
+    if scheme == "asymmetric":
+        zero_point = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)  # an integer, so 0.0 is exact
+    return qmin, qmax, scale, zero_point
+
+
+@torch.no_grad()
+def quantize_layer(module: nn.Module, bits: int, scheme: Scheme = "symmetric", per_channel: bool = False) -> None:
+    """Put the layer's weights (or its codebook, when shared) on a `bits`-bit grid."""
+    c = ensure_constraint(module)
+    if c.shared:
+        if per_channel:
+            raise ValueError("a shared layer has one codebook for all channels; use per_tensor")
+        values, axis = c.centroids.detach(), None
+    else:
+        values, axis = module.weight.detach(), (0 if per_channel else None)
+    qmin, qmax, scale, zero_point = quant_grid(values, bits, scheme, per_channel)
+    c.set_quant(bits, qmin, qmax, scale, zero_point, axis)
+    pin_zeros(module)
+
+
+@torch.no_grad()
+def pin_zeros(module: nn.Module) -> None:
+    """Weights that round to 0 join the mask: sparsity only grows, later training cannot revive them."""
+    ensure_constraint(module).set_mask(module.weight.detach() != 0)
+
+
+@register("quantize")
+class Quantize:
+    Config = QuantizeConfig
+    compresses = True
+
+    def __init__(self, cfg: QuantizeConfig):
+        self.cfg = cfg
+
+    @staticmethod
+    def check_order(cfg: QuantizeConfig, before) -> str | None:
+        if cfg.granularity == "per_channel" and any(s.type == "share" for s in before):
+            return ("granularity=per_channel after share: a shared layer has one codebook for the whole tensor, "
+                    "and per-channel scales would give each channel its own values (more than 2^bits per layer); "
+                    "use granularity=per_tensor, which quantizes the codebook itself")
+        return None
+
+    @staticmethod
+    def check_model(cfg: QuantizeConfig, model: nn.Module, path: str) -> None:
+        bad = unknown_layer_patterns(model, cfg.layers)
+        if bad:
+            names = ", ".join(n for n, _ in compressible_layers(model))
+            raise ConfigError(f"{path}.layers", bad[0], f"matches no compressible layer; the layers are {names}")
+
+    def run(self, model: nn.Module, ctx: Context) -> nn.Module:
+        done = []
+        for name, m in compressible_layers(model):
+            lc = layer_setting(name, self.cfg.layers, LayerQuant())
+            if lc.skip:
+                continue
+            quantize_layer(m, lc.bits or self.cfg.bits, self.cfg.scheme, self.cfg.granularity == "per_channel")
+            if self.cfg.bias == "float16":
+                set_half_bias(m)
+            done.append(m)
+        fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune,
+            on_epoch=ctx.epoch_callback(model))
+        for m in done:  # QAT may have moved more weights onto level 0: keep them there too
+            pin_zeros(m)
+        return model

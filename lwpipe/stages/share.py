@@ -1,0 +1,88 @@
+"""Stage `share`: k-means weight sharing (Deep Compression, Han et al. 2016).
+
+Per layer, the non-zero weights are clustered into 2^bits centroids with a
+1-D k-means (lwpipe.kmeans); the layer then computes `centroids[index] * mask`.
+Pruned zeros stay exactly zero and are not a cluster. The original weight is
+frozen: fine-tuning trains the centroids (and biases), and autograd's indexing
+sums dL/dW over each cluster's members, which is Deep Compression's grouped
+centroid gradient. The index map and the mask never change afterwards.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from lwpipe.config import Strict, TrainSettings
+from lwpipe.constraints import (compressible_layers, ensure_constraint, layer_setting, original_weight,
+                                unknown_layer_patterns)
+from lwpipe.context import Context
+from lwpipe.errors import ConfigError
+from lwpipe.kmeans import kmeans_1d
+from lwpipe.registry import register
+from lwpipe.training import fit
+
+
+class LayerShare(Strict):
+    bits: int | None = Field(None, ge=1, le=16)
+    skip: bool = False
+
+
+class ShareConfig(Strict):
+    bits: int = Field(5, ge=1, le=16)                   # 2^bits centroids per layer
+    init: Literal["linear", "density", "random", "kmeans++"] = "linear"
+    iters: int = Field(30, ge=1, le=10_000)             # Lloyd steps
+    layers: dict[str, LayerShare] = {}                  # by module name or glob: "fc3", "conv*"
+    finetune: TrainSettings = TrainSettings()           # trains centroids and biases
+
+
+@torch.no_grad()
+def share_layer(module: nn.Module, bits: int, init: str = "linear", iters: int = 30, seed: int = 0) -> None:
+    """Replace the layer's weight by a 2^bits codebook over its non-zero weights."""
+    c = ensure_constraint(module)
+    w = module.weight.detach()  # the effective weight: masked, possibly already shared
+    if c.quantized:
+        raise ValueError("a quantized layer cannot be shared: k-means centroids would leave its grid")
+    if c.mask is None:
+        c.set_mask(w != 0)  # zeros (from any source) stay zeros and are not clustered
+    centroids, idx = kmeans_1d(w[c.mask].cpu(), 1 << bits, init, iters, seed)
+    index = torch.zeros(w.shape, dtype=torch.long)
+    index[c.mask.cpu()] = idx
+    c.set_codebook(index.to(w.device), centroids.to(w.device))
+    original_weight(module).requires_grad_(False)  # only the centroids train from now on
+
+
+@register("share")
+class Share:
+    Config = ShareConfig
+    compresses = True
+
+    def __init__(self, cfg: ShareConfig):
+        self.cfg = cfg
+
+    @staticmethod
+    def check_order(cfg: ShareConfig, before) -> str | None:
+        if any(s.type == "quantize" for s in before):
+            return ("share after quantize would move the weights off the integer grid that quantize set "
+                    "(k-means centroids are arbitrary floats); put share before quantize, which then "
+                    "quantizes the codebook")
+        return None
+
+    @staticmethod
+    def check_model(cfg: ShareConfig, model: nn.Module, path: str) -> None:
+        bad = unknown_layer_patterns(model, cfg.layers)
+        if bad:
+            names = ", ".join(n for n, _ in compressible_layers(model))
+            raise ConfigError(f"{path}.layers", bad[0], f"matches no compressible layer; the layers are {names}")
+
+    def run(self, model: nn.Module, ctx: Context) -> nn.Module:
+        for name, m in compressible_layers(model):
+            lc = layer_setting(name, self.cfg.layers, LayerShare())
+            if lc.skip:
+                continue
+            seed = int(torch.randint(2**31 - 1, ()).item())  # the runner seeds each stage
+            share_layer(m, lc.bits or self.cfg.bits, self.cfg.init, self.cfg.iters, seed)
+        return fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune,
+                   on_epoch=ctx.epoch_callback(model))
