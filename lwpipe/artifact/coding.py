@@ -1,0 +1,243 @@
+"""Entropy coding of the artifact's symbol streams (gaps, codebook indices, quantized levels).
+
+Why constriction: Huffman coding spends a whole number of bits per symbol, up to
+~13% over the entropy when one symbol dominates, as index gaps and cluster
+indices often do. Asymmetric numeral systems (ANS) spend fractional bits and
+land within a few bits *per file* of the information content. constriction
+(Bamler lab; Rust core, numpy bindings, MIT/Apache) is a maintained,
+well-tested ANS and range coder, so the project does not carry its own.
+
+Each stream is i.i.d. symbols 0..K-1 under a static categorical model built
+from the stream's own histogram. The histogram is quantized to integer
+frequencies summing to 2^L, with L chosen per stream to minimise
+table bits + coded bits; the table is written as Exp-Golomb codes into the bit
+section. Such frequencies are exact in constriction's 24-bit fixed point, so
+the coder uses them unchanged. All streams of a file share one ANS coder (one
+flush per file); a stream with a single distinct symbol costs only its table.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from constriction import stream
+
+AnsCoder = stream.stack.AnsCoder
+Categorical = stream.model.Categorical
+
+MAX_PRECISION = 20  # bits of the frequency table; constriction's coder has 24
+UNIFORM_PRECISION = 20
+
+
+# -- bits --------------------------------------------------------------------------------
+class BitWriter:
+    """MSB-first bit packing for tables and small fixed-width arrays."""
+
+    def __init__(self):
+        self._parts: list[str] = []
+        self.nbits = 0
+
+    def write(self, value: int, nbits: int) -> None:
+        if nbits:
+            self._parts.append(format(int(value), f"0{nbits}b"))
+            self.nbits += nbits
+
+    def write_exp_golomb(self, n: int, k: int = 0) -> None:
+        m = int(n) + (1 << k)
+        self.write(0, m.bit_length() - 1 - k)
+        self.write(m, m.bit_length())
+
+    def getvalue(self) -> bytes:
+        bits = "".join(self._parts)
+        bits += "0" * (-len(bits) % 8)
+        return int(bits, 2).to_bytes(len(bits) // 8, "big") if bits else b""
+
+
+class BitReader:
+    def __init__(self, data: bytes):
+        self._bits = "".join(format(b, "08b") for b in data)
+        self.pos = 0
+
+    def read(self, nbits: int) -> int:
+        if self.pos + nbits > len(self._bits):
+            raise ValueError("bit section ends early")
+        value = int(self._bits[self.pos:self.pos + nbits] or "0", 2)
+        self.pos += nbits
+        return value
+
+    def read_exp_golomb(self, k: int = 0) -> int:
+        zeros = self._bits.find("1", self.pos) - self.pos
+        if zeros < 0:
+            raise ValueError("bit section ends early")
+        self.pos += zeros
+        return self.read(zeros + k + 1) - (1 << k)
+
+
+def exp_golomb_bits(n: np.ndarray, k: int) -> np.ndarray:
+    m = n.astype(np.int64) + (1 << k)
+    return 2 * (np.floor(np.log2(m)).astype(np.int64) + 1) - 1 - k
+
+
+# -- frequency tables --------------------------------------------------------------------
+def normalize(counts: np.ndarray, precision: int) -> np.ndarray:
+    """Integer frequencies summing to 2^precision, >= 1 wherever counts > 0, close to the histogram."""
+    total, live = 1 << precision, counts > 0
+    f = np.where(live, np.maximum(1, np.rint(counts * (total / counts.sum()))), 0).astype(np.int64)
+    while (diff := total - int(f.sum())) != 0:  # greedy fix-up by the cheapest change in coded bits
+        if diff > 0:
+            gain = np.where(live, counts * np.log2((f + 1) / np.maximum(f, 1)), -np.inf)
+            pick = np.argsort(-gain, kind="stable")[:min(diff, int(live.sum()))]
+            f[pick] += 1
+        else:
+            loss = np.where(f > 1, counts * np.log2(np.maximum(f, 2) / np.maximum(f - 1, 1)), np.inf)
+            pick = np.argsort(loss, kind="stable")[:min(-diff, int((f > 1).sum()))]
+            f[pick] -= 1
+    return f
+
+
+def table_cost(f: np.ndarray) -> tuple[int, int]:
+    """(bits, Exp-Golomb order) of the cheapest encoding of the table (the last frequency is implied)."""
+    head = int(exp_golomb_bits(np.array([len(f)]), 0)[0]) + 5 + 4
+    orders = np.arange(16)
+    m = f[:-1, None].astype(np.int64) + (1 << orders)
+    costs = (2 * (np.floor(np.log2(m)).astype(np.int64) + 1) - 1 - orders).sum(0)
+    k = int(np.argmin(costs))
+    return head + int(costs[k]), k
+
+
+@functools.lru_cache(maxsize=64)
+def uniform_table(size: int) -> np.ndarray:
+    """Near-equal frequencies over 0..size-1: for short streams over wide alphabets, where a table costs more
+    than it saves."""
+    f = normalize(np.ones(size, dtype=np.int64), UNIFORM_PRECISION)
+    f.flags.writeable = False  # shared by every caller
+    return f
+
+
+def choose_table(counts: np.ndarray) -> tuple[np.ndarray, int, int, float]:
+    """(frequencies, precision, EG order, total bits) minimising table bits + coded bits.
+
+    precision -1 marks the uniform table (no frequencies stored)."""
+    live = int((counts > 0).sum())
+    if live == 1:
+        f = (counts > 0).astype(np.int64)
+        bits, k = table_cost(f)
+        return f, 0, k, float(bits + 1)
+    best = (None, 0, 0, np.inf)
+    if len(counts) <= 1 << (UNIFORM_PRECISION - 4):
+        f = uniform_table(len(counts))
+        head = int(exp_golomb_bits(np.array([len(f)]), 0)[0]) + 1
+        best = (f, -1, 0, head - float((counts * np.log2(f / (1 << UNIFORM_PRECISION))).sum()))
+    previous, rising = np.inf, 0
+    for precision in range(int(np.ceil(np.log2(live))) + 1, MAX_PRECISION + 1):
+        f = normalize(counts, precision)
+        coded = -float((counts[f > 0] * np.log2(f[f > 0] / (1 << precision))).sum())
+        bits, k = table_cost(f)
+        total = bits + 1 + coded
+        if total < best[3]:
+            best = (f, precision, k, total)
+        rising = rising + 1 if total >= previous else 0
+        previous = total
+        if rising == 2:  # past the best precision: finer tables only cost more
+            break
+    return best
+
+
+def estimate_bits(symbols: np.ndarray) -> float:
+    """Table + coded bits the stream would cost (for choosing between encodings)."""
+    if len(symbols) == 0:
+        return 0.0
+    return choose_table(np.bincount(symbols))[3]
+
+
+def entropy_bits(symbols: np.ndarray) -> float:
+    """N x empirical entropy of the stream, in bits."""
+    if len(symbols) == 0:
+        return 0.0
+    c = np.bincount(symbols)
+    c = c[c > 0]
+    return float(-(c * np.log2(c / c.sum())).sum())
+
+
+# -- streams -------------------------------------------------------------------------------
+class StreamWriter:
+    """Collects streams in order: tables go to the bit section now, symbols to one ANS coder at finish()."""
+
+    def __init__(self):
+        self.bits = BitWriter()
+        self._queue: list[tuple[np.ndarray, Categorical, dict]] = []
+        self.stats: list[dict] = []
+
+    def symbols(self, symbols: np.ndarray, label: str = "") -> None:
+        symbols = np.asarray(symbols, dtype=np.int64)
+        stat = {"label": label, "n": len(symbols), "table_bits": 0, "coded_bits": 0,
+                "entropy_bits": entropy_bits(symbols), "alphabet": int(symbols.max()) + 1 if len(symbols) else 0}
+        self.stats.append(stat)
+        if len(symbols) == 0:
+            return
+        if symbols.min() < 0:
+            raise ValueError("symbols must be >= 0")
+        counts = np.bincount(symbols)
+        f, precision, k, _ = choose_table(counts)
+        start = self.bits.nbits
+        self.bits.write_exp_golomb(len(f))
+        self.bits.write(precision < 0, 1)
+        if precision < 0:
+            precision = UNIFORM_PRECISION
+        else:
+            self.bits.write(precision, 5)
+            self.bits.write(k, 4)
+            for v in f[:-1]:
+                self.bits.write_exp_golomb(v, k)
+        stat["table_bits"] = self.bits.nbits - start
+        live = f > 0
+        if live.sum() > 1:
+            rank = np.cumsum(live) - 1
+            model = Categorical(f[live] / float(1 << precision), perfect=False)
+            self._queue.append((rank[symbols].astype(np.int32), model, stat))
+
+    def finish(self) -> tuple[bytes, bytes]:
+        """(bit section, ANS words as little-endian uint32)."""
+        coder = AnsCoder()
+        for ranks, model, stat in reversed(self._queue):  # a stack: encode backwards, decode forwards
+            before = coder.num_valid_bits()
+            coder.encode_reverse(ranks, model)
+            stat["coded_bits"] = coder.num_valid_bits() - before
+        words = coder.get_compressed().astype("<u4").tobytes()
+        return self.bits.getvalue(), words
+
+
+class StreamReader:
+    """Reads streams back in the order they were written."""
+
+    def __init__(self, bits: bytes, words: bytes):
+        self.bits = BitReader(bits)
+        self._coder = AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
+        self.stats: list[dict] = []
+
+    def symbols(self, n: int) -> np.ndarray:
+        stat = {"n": n, "table_bits": 0, "coded_bits": 0}
+        self.stats.append(stat)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        start = self.bits.pos
+        size = self.bits.read_exp_golomb()
+        if self.bits.read(1):
+            precision, f = UNIFORM_PRECISION, uniform_table(size)
+        else:
+            precision, k = self.bits.read(5), self.bits.read(4)
+            f = np.array([self.bits.read_exp_golomb(k) for _ in range(size - 1)] + [0], dtype=np.int64)
+            f[-1] = (1 << precision) - f.sum()
+        stat["table_bits"] = self.bits.pos - start
+        if f[-1] < 1 or precision > MAX_PRECISION:
+            raise ValueError("frequency table is corrupt")
+        support = np.flatnonzero(f)
+        if len(support) == 1:
+            return np.full(n, support[0], dtype=np.int64)
+        before = self._coder.num_valid_bits()
+        ranks = self._coder.decode(Categorical(f[support] / float(1 << precision), perfect=False), n)
+        stat["coded_bits"] = before - self._coder.num_valid_bits()
+        return support[ranks]
+
+    def done(self) -> bool:
+        return self._coder.is_empty()

@@ -1,0 +1,168 @@
+"""`encode_model`: a compressed model -> the bytes of a `.lwp` file (container: format.py).
+
+Each constrained layer stores only the parts it has, in this order:
+
+    mask       kept positions as relative gaps (positions.py), entropy-coded
+    quantized  scale (raw); zero point: one integer in the header, else packed levels, else raw
+    shared     codebook index of each kept weight, entropy-coded; the codebook as integer
+               levels at the grid's bit width when quantized per tensor, else raw floats
+    quantized, not shared: the integer level of each kept weight, entropy-coded
+    mask only  the kept values (also a grid whose levels are not integers: a fractional zero point)
+
+Everything else (biases, untouched layers, buffers) and every float part above
+is stored exactly by `put`: at the narrowest dtype that holds it, its sign and
+exponent entropy-coded when that is smaller (raw.py). Raw bytes go to the raw
+section, tables and packed levels to the bit section, symbols to one ANS coder.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lwpipe.artifact.coding import StreamWriter, estimate_bits
+from lwpipe.artifact.format import pack
+from lwpipe.artifact.positions import choose_escape
+from lwpipe.artifact.raw import FLOAT_FIELDS, dtype_name, lossless_dtype, split_float, tensor_bytes
+from lwpipe.constraints import Compressed, bias_dtype, compressible_layers, constraint, original_weight
+from lwpipe.errors import LwpipeError
+
+
+def encode_model(model: nn.Module, model_config: dict | None) -> bytes:
+    """The `.lwp` bytes of `model`; `model_config` (the recipe's `model`, `checkpoint` dropped) rebuilds it."""
+    return encode(model, model_config)[0]
+
+
+@torch.no_grad()
+def encode(model: nn.Module, model_config: dict | None) -> tuple[bytes, list[dict]]:
+    """(file bytes, per-stream statistics: symbols, table bits, coded bits, entropy bits)."""
+    config = None if model_config is None else {k: v for k, v in dict(model_config).items() if k != "checkpoint"}
+    streams, raw = StreamWriter(), bytearray()
+    layers, half = [], set()
+    for name, m in compressible_layers(model):
+        prefix = f"{name}." if name else ""
+        c = constraint(m)
+        if c is not None and (c.mask is not None or c.shared or c.quantized):
+            layers.append(encode_layer(prefix + "weight", m, c, streams, raw))
+        if parametrize.is_parametrized(m, "bias") and bias_dtype(m) == torch.float16:
+            half.add(prefix + "bias")
+    tensors = []
+    for name, t in other_tensors(model, {e["name"] for e in layers}):
+        t = t.cpu()
+        how = put(t, streams, raw, name)
+        tensors.append([name, how, list(t.shape), dtype_name(t.dtype)] + (["half"] * (name in half)))
+    bits, words = streams.finish()
+    header = {"model": config, "dense_bytes": 4 * parameter_count(model), "layers": layers, "tensors": tensors,
+              "sections": [len(raw), len(bits), len(words)]}
+    return pack(header, bytes(raw) + bits + words), streams.stats
+
+
+def other_tensors(model: nn.Module, skip: set[str]) -> list[tuple[str, torch.Tensor]]:
+    """constraints.effective_tensors less `skip`, without computing the skipped weights; in module order,
+    then by name, so that a parametrized tensor comes in the same place as a plain one."""
+    out = []
+    for mname, m in model.named_modules():
+        if "parametrizations" in mname.split("."):
+            continue
+        names = [n for n, _ in m.named_parameters(recurse=False)]
+        names += [n for n, b in m.named_buffers(recurse=False) if b is not None]
+        names += list(m.parametrizations) if parametrize.is_parametrized(m) else []
+        prefix = f"{mname}." if mname else ""
+        out += [(prefix + n, getattr(m, n).detach()) for n in sorted(names) if prefix + n not in skip]
+    return out
+
+
+def put(t: torch.Tensor, streams: StreamWriter, raw: bytearray, label: str = "") -> list:
+    """Store t exactly; returns how: [stored dtype] for raw bytes, [stored dtype, lowest exponent] for split floats."""
+    t = t.detach().cpu()
+    stored = lossless_dtype(t)
+    t = t.to(stored)
+    if stored in FLOAT_FIELDS and t.numel():
+        symbols, low, mantissa = split_float(t)
+        if estimate_bits(symbols) + 8 * len(mantissa) + 24 < 8 * t.numel() * t.element_size():
+            streams.symbols(symbols, f"{label} sign+exponent")
+            raw += mantissa
+            return [dtype_name(stored), low]
+    raw += tensor_bytes(t)
+    return [dtype_name(stored)]
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters as the model computes with them (a parametrized weight counts once), as metrics.measure counts."""
+    n = 0
+    for mname, m in model.named_modules():
+        if "parametrizations" in mname.split("."):
+            continue
+        n += sum(p.numel() for _, p in m.named_parameters(recurse=False))
+        if parametrize.is_parametrized(m):
+            n += sum(m.parametrizations[p].original.numel() for p in m.parametrizations)
+    return n
+
+
+def encode_layer(name: str, module: nn.Module, c: Compressed, streams: StreamWriter, raw: bytearray) -> dict:
+    weight = original_weight(module).detach()
+    entry = {"name": name, "shape": list(c.shape), "dtype": dtype_name(weight.dtype)}
+    keep = None
+    if c.mask is not None:
+        keep = torch.nonzero(c.mask.reshape(-1).cpu()).reshape(-1)
+        escape, symbols = choose_escape(keep.numpy())
+        streams.symbols(symbols, f"{name} positions")
+        entry["mask"] = {"nnz": len(keep), "gaps": len(symbols), "escape": escape}
+
+    def kept(t: torch.Tensor) -> np.ndarray:
+        flat = t.detach().reshape(-1).cpu()
+        return (flat if keep is None else flat[keep]).numpy()
+
+    if c.quantized:
+        entry["quant"] = encode_grid(c, streams, raw, name)
+    if c.shared:
+        streams.symbols(kept(c.index), f"{name} codebook index")
+        entry["shared"] = {"k": c.centroids.numel()}
+        levels = grid_levels(c, c.centroids, name) if c.quantized and c.axis is None else None
+        if levels is not None:  # the codebook at its quantized precision
+            width = (c.qmax - c.qmin).bit_length()
+            for level in levels.reshape(-1).tolist():
+                streams.bits.write(level - c.qmin, width)
+            entry["shared"]["codebook"] = "levels"
+        else:
+            entry["shared"]["codebook"] = put(c.centroids, streams, raw, f"{name} codebook")
+        return entry
+    levels = grid_levels(c, weight, name) if c.quantized else None
+    if levels is not None:
+        streams.symbols(kept(levels) - c.qmin, f"{name} levels")
+    else:  # no grid, or one whose levels are not integers (a fractional zero point): the values themselves
+        entry["values"] = put(torch.from_numpy(kept(weight)), streams, raw, f"{name} values")
+    return entry
+
+
+def grid_levels(c: Compressed, x: torch.Tensor, name: str) -> torch.Tensor | None:
+    """The integer levels the layer's forward computes (Compressed.quant_levels); None if they are not integers."""
+    q = c.quant_levels(x.detach()).cpu()
+    if not bool(torch.isfinite(q).all()):
+        raise LwpipeError(f"layer {name}: its quantization grid gives non-finite levels (a zero or non-finite "
+                          f"scale?); the artifact cannot store it")
+    return q.to(torch.int64) if bool((q == q.round()).all()) else None
+
+
+def encode_grid(c: Compressed, streams: StreamWriter, raw: bytearray, name: str) -> dict:
+    scale, zp = c.scale.detach().cpu(), c.zero_point.detach().cpu()
+    grid = {"bits": c.bits, "qmin": c.qmin, "qmax": c.qmax, "axis": c.axis,
+            "scale": [put(scale, streams, raw, f"{name} scale"), list(scale.shape)]}
+    as_int = zp.to(torch.int64)
+    exact = zp.dtype == torch.float32 and torch.equal(as_int.to(zp.dtype).view(torch.int32), zp.view(torch.int32))
+    if exact and zp.numel() and bool((as_int == as_int.reshape(-1)[0]).all()):
+        grid["zp"] = [int(as_int.reshape(-1)[0]), list(zp.shape)]  # one integer for the whole layer
+    elif exact and bool(((as_int >= c.qmin) & (as_int <= c.qmax)).all()):
+        width = (c.qmax - c.qmin).bit_length()
+        for level in as_int.reshape(-1).tolist():
+            streams.bits.write(level - c.qmin, width)
+        grid["zp"] = ["levels", list(zp.shape)]
+    else:
+        grid["zp"] = [put(zp, streams, raw, f"{name} zero point"), list(zp.shape)]
+    return grid
+
+
+def size_metrics(size: int, dense_bytes: int) -> dict:
+    """The metrics record's size fields: bytes of model.lwp, and dense float32 bytes / those bytes."""
+    return {"compressed_bytes": size, "compression_ratio": dense_bytes / size}

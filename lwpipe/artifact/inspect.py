@@ -1,0 +1,103 @@
+"""`lwpipe-inspect model.lwp`: what each layer costs, in the shape of Deep Compression's Table 2.
+
+    weight bits  coded bits per kept weight of its value (codebook index or grid level, table included)
+    index bits   coded bits per kept weight of its position (relative gaps, table included)
+    bytes        everything the layer takes: positions, values, codebook, scales
+    % of orig.   bytes / the tensor's dense float32 bytes
+
+The file is fully decoded (so a damaged one is caught) but no model is built.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lwpipe.artifact.decode import Artifact, constructor, read, read_bytes
+from lwpipe.artifact.format import VERSION, unpack
+from lwpipe.errors import LwpipeError
+
+COLUMNS = [("layer", 16, "<"), ("weights", 9, ">"), ("% kept", 7, ">"), ("weight bits", 11, ">"),
+           ("index bits", 10, ">"), ("bytes", 8, ">"), ("% of orig.", 10, ">"), ("encoding", 0, "<")]
+
+
+def encoding(e: dict) -> str:
+    parts = ["pruned"] if e.get("mask") else []
+    if e.get("shared"):
+        parts.append(f"shared k={e['shared']['k']}")
+    if e.get("quant"):
+        q = e["quant"]
+        parts.append(f"{q['bits']}-bit {'per-channel' if q['axis'] == 0 else 'per-tensor'}")
+    return " + ".join(parts)
+
+
+def rows(art: Artifact) -> list[dict]:
+    """One row per stored tensor, then the container (header, checksum, coder flush) and the total."""
+    layers = []
+    for layer, e in zip(art.layers, art.header["layers"]):
+        c, n = layer.cost, max(layer.cost["nnz"], 1)
+        layers.append({"layer": layer.name, "weights": c["weights"], "kept": c["nnz"], "weight_bits": c["values"] / n,
+                       "index_bits": c["positions"] / n if e.get("mask") else None,
+                       "bytes": round(c["total"] / 8), "encoding": encoding(e)})
+    others = []
+    for name, how, *_ in art.header["tensors"]:
+        numel, bits = art.tensors[name][0].numel(), art.tensor_bits[name]
+        others.append({"layer": name, "weights": numel, "kept": numel, "weight_bits": bits / max(numel, 1),
+                       "index_bits": None, "bytes": round(bits / 8),
+                       "encoding": how[0] + (", sign+exponent coded" if len(how) > 1 else "")})
+    kept = sum(r["kept"] for r in layers)
+    container = {"layer": "(container)", "weights": None, "kept": None, "weight_bits": None, "index_bits": None,
+                 "bytes": art.size - sum(r["bytes"] for r in layers + others),
+                 "encoding": "header, checksum, coder flush"}
+    total = {"layer": "total", "weights": art.header["dense_bytes"] // 4, "kept": None,
+             "weight_bits": sum(r["weight_bits"] * r["kept"] for r in layers) / max(kept, 1),
+             "index_bits": sum((r["index_bits"] or 0) * r["kept"] for r in layers) / max(kept, 1),
+             "bytes": art.size, "encoding": f"{art.header['dense_bytes'] / art.size:.1f}x smaller than float32"}
+    if layers:  # Table 2's total: the share of the compressed layers' weights that is kept
+        total["kept_share"] = kept / max(sum(r["weights"] for r in layers), 1)
+    return layers + others + [container, total]
+
+
+def format_table(art: Artifact) -> str:
+    lines = ["  ".join(f"{h:{a}{w}}" for h, w, a in COLUMNS).rstrip()]
+    for r in rows(art):
+        dense = art.header["dense_bytes"] if r["layer"] == "total" else 4 * (r["weights"] or 0)
+        share = r.get("kept_share", None if r["kept"] is None else r["kept"] / max(r["weights"], 1))
+        cells = [
+            r["layer"],
+            "" if r["weights"] is None else f"{r['weights']:,}",
+            "" if share is None else f"{100 * share:.1f}%",
+            "" if r["weight_bits"] is None else f"{r['weight_bits']:.2f}",
+            "-" if r["index_bits"] is None else f"{r['index_bits']:.2f}",
+            f"{r['bytes']:,}",
+            f"{100 * r['bytes'] / dense:.2f}%" if dense else "",
+            r["encoding"],
+        ]
+        lines.append("  ".join(f"{v:{a}{w}}" for v, (_, w, a) in zip(cells, COLUMNS)).rstrip())
+    return "\n".join(lines)
+
+
+def describe(path: str, trusted: bool = False) -> str:
+    data = read_bytes(path)
+    header, _ = unpack(data, path)
+    model = "no config stored (load it with module=)"
+    if header.get("model") is not None:
+        constructor(header, trusted, path)
+        cfg = dict(header["model"])
+        model = f"{cfg.pop('_target_')}({', '.join(f'{k}={v!r}' for k, v in cfg.items())})"
+    art = read(data, path)
+    return (f"{path}: lwpipe artifact, format version {VERSION}, {art.size:,} bytes, checksum ok\n"
+            f"model: {model}\n\n" + format_table(art))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lwpipe-inspect", description="Per-layer sizes of a compressed model.lwp.")
+    p.add_argument("path", help="a model.lwp file")
+    p.add_argument("--trusted", action="store_true",
+                   help="accept a model constructor outside lwpipe.models (inspect never builds the model)")
+    a = p.parse_args(argv)
+    try:
+        print(describe(a.path, a.trusted))
+    except LwpipeError as e:
+        print(f"lwpipe-inspect: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return 0

@@ -1,0 +1,94 @@
+"""Tensors stored exactly: at the narrowest float dtype that holds them, little-endian.
+
+A float tensor may also be split into fields: sign and exponent as one
+entropy-coded symbol (biases and scales span few exponents: ~3-4 bits instead
+of 6-12) and the mantissa bits packed as they are (they are close to uniform).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16,
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+_BITS_AS_INT = {torch.float64: torch.int64, torch.float32: torch.int32}
+# dtype: (exponent bits, mantissa bits, integer dtype of the same width)
+FLOAT_FIELDS = {torch.float16: (5, 10, torch.int16), torch.bfloat16: (8, 7, torch.int16),
+                torch.float32: (8, 23, torch.int32), torch.float64: (11, 52, torch.int64)}
+_UNSIGNED = {torch.int16: np.uint16, torch.int32: np.uint32, torch.int64: np.uint64}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"tensors of dtype {name} cannot be stored (supported: {', '.join(DTYPES)})")
+    return name
+
+
+def lossless_dtype(t: torch.Tensor) -> torch.dtype:
+    """float16 or bfloat16 when every value (sign of zero, infinities included) survives the trip, else t.dtype.
+
+    A bias held to fp16 by its parametrization (constraints.HalfBias) takes 2 bytes this way."""
+    as_int = _BITS_AS_INT.get(t.dtype)
+    if as_int is None:
+        return t.dtype
+    for narrow in (torch.float16, torch.bfloat16):
+        if torch.equal(t.to(narrow).to(t.dtype).view(as_int), t.view(as_int)):
+            return narrow
+    return t.dtype
+
+
+def tensor_bytes(t: torch.Tensor, dtype: torch.dtype | None = None) -> bytes:
+    t = t.detach().cpu().to(dtype or t.dtype).contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def split_float(t: torch.Tensor) -> tuple[np.ndarray, int, bytes]:
+    """(sign/exponent symbols, smallest exponent, packed mantissa bits) of a float tensor, exactly."""
+    e_bits, m_bits, as_int = FLOAT_FIELDS[t.dtype]
+    u = t.detach().cpu().contiguous().reshape(-1).view(as_int).numpy().view(_UNSIGNED[as_int]).astype(np.uint64)
+    sign = (u >> np.uint64(e_bits + m_bits)).astype(np.int64)
+    exponent = ((u >> np.uint64(m_bits)) & np.uint64((1 << e_bits) - 1)).astype(np.int64)
+    low = int(exponent.min()) if len(u) else 0
+    mantissa = (u[:, None] >> np.arange(m_bits - 1, -1, -1, dtype=np.uint64)) & np.uint64(1)
+    return 2 * (exponent - low) + sign, low, np.packbits(mantissa.astype(np.uint8).reshape(-1)).tobytes()
+
+
+def join_float(symbols: np.ndarray, low: int, mantissa: bytes, dtype: torch.dtype) -> torch.Tensor:
+    e_bits, m_bits, as_int = FLOAT_FIELDS[dtype]
+    n = len(symbols)
+    bits = np.unpackbits(np.frombuffer(mantissa, dtype=np.uint8))[:n * m_bits].reshape(n, m_bits)
+    u = (bits.astype(np.uint64) << np.arange(m_bits - 1, -1, -1, dtype=np.uint64)).sum(1, dtype=np.uint64)
+    exponent = symbols.astype(np.uint64) // np.uint64(2) + np.uint64(low)
+    if n and int(exponent.max()) >= 1 << e_bits:
+        raise ValueError("float exponent out of range")
+    u |= (exponent << np.uint64(m_bits)) | ((symbols.astype(np.uint64) & np.uint64(1)) << np.uint64(e_bits + m_bits))
+    return torch.from_numpy(u.astype(_UNSIGNED[as_int]).view(np.dtype(str(as_int).removeprefix("torch.")))).view(dtype)
+
+
+def mantissa_bytes(n: int, dtype: torch.dtype) -> int:
+    return (n * FLOAT_FIELDS[dtype][1] + 7) // 8
+
+
+class RawReader:
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def take(self, size: int) -> bytes:
+        if self.pos + size > len(self.data):
+            raise ValueError("raw section ends early")
+        self.pos += size
+        return self.data[self.pos - size:self.pos]
+
+    def tensor(self, dtype_name_: str, shape, restore: torch.dtype | None = None) -> torch.Tensor:
+        if dtype_name_ not in DTYPES:
+            raise ValueError(f"unknown stored dtype {dtype_name_!r}")
+        dtype = DTYPES[dtype_name_]
+        n = 1
+        for s in shape:
+            n *= int(s)
+        size = n * torch.empty((), dtype=dtype).element_size()
+        chunk = bytearray(self.take(size))
+        t = torch.frombuffer(chunk, dtype=torch.uint8).view(dtype) if size else torch.empty(0, dtype=dtype)
+        return t.reshape(tuple(shape)).to(restore or dtype)
