@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lwpipe import registry
 from lwpipe.errors import ConfigError, LwpipeError
@@ -39,8 +39,14 @@ class EvalSettings(Strict):
 
 
 class CacheSettings(Strict):
+    """The stage cache (lwpipe/cache.py); `cache=false` turns it off."""
+
     enabled: bool = True
-    dir: str = "outputs/cache"
+    dir: str = Field("outputs/cache", min_length=1)
+
+
+# what the entry point returns, for sweepers that optimise it (one value, or a tuple of them)
+Objective = Literal["accuracy", "loss", "teacher_agreement", "sparsity", "compression_ratio", "compressed_bytes"]
 
 
 class TopLevel(Strict):
@@ -54,7 +60,13 @@ class TopLevel(Strict):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     eval: EvalSettings = EvalSettings()
     artifact: bool = True
-    cache: CacheSettings | bool = CacheSettings()
+    cache: CacheSettings = CacheSettings()  # `cache=false` is short for cache.enabled=false
+    objective: list[Objective] = Field(["accuracy"], min_length=1, max_length=6)
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache_switch(cls, value):
+        return {"enabled": value} if isinstance(value, bool) else value
 
 
 @dataclass
@@ -134,7 +146,7 @@ def validate(cfg: DictConfig | dict) -> Recipe:
             )
     for i, step in enumerate(steps):
         check = getattr(step.cls, "check_order", None)
-        why = check(step.config, [(s.type, s.config) for s in steps[:i]]) if check else None
+        why = check(step.config, steps[:i]) if check else None  # the earlier Steps: .name, .type, .config
         if why:
             raise ConfigError("pipeline", top.pipeline, f"{step.name!r} cannot come at position {i}: {why}")
     return Recipe(top=top, steps=steps, raw=raw)

@@ -1,15 +1,24 @@
 """The runner: threads a model through the recipe's stages.
 
     data  = build(recipe.data);  model = build(recipe.model)      # after validation
+    run_dir <- recipe.yaml (resolved recipe), run_info.json         # reproducibility (provenance.py)
     record(step 0, event "baseline")                               # evaluate + measure the input model
+    key = cache.initial_key(recipe)
     for step, stage in enumerate(recipe.pipeline, 1):
-        model = stage.run(model, ctx)                              # epoch records logged from inside
-        record(step, event "stage_end")                            # evaluate + measure + log
+        key = cache.stage_key(key, stage)
+        if every stage so far was cached and cache has key:        # model state + the stage's records
+            model = cache.load(key); re-log its records with cached=true
+        else:
+            model = stage.run(model, ctx)                          # epoch records logged from inside
+            record(step, event "stage_end"); cache.store(key, model, records); log it
         checkpoint(model) -> checkpoints/<step>_<name>.safetensors
         before any compression: ctx.reference = copy(model)        # teacher / agreement reference
-    summary.json <- baseline, every stage_end, final                # written last, atomically
+        a later stage names it as teacher: ctx.snapshots[name] = copy(model)
+    model.lwp <- encode(model)  (unless artifact: false)            # its size: every record's compressed_bytes
+    summary.json <- baseline, every stage_end, final, seconds       # written last, atomically
 
-A run directory without summary.json did not finish.
+A run directory without summary.json did not finish. A run killed mid-pipeline
+and started again takes its completed stages from the cache.
 """
 from __future__ import annotations
 
@@ -23,7 +32,9 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from lwpipe import checkpoint
+from lwpipe import cache, checkpoint, provenance
+from lwpipe.artifact import encode_model, size_metrics
+from lwpipe.cache import StageCache
 from lwpipe.config import Recipe
 from lwpipe.context import Context, stage_seed
 from lwpipe.data import DataBundle
@@ -82,6 +93,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     """Run every stage of a validated recipe; returns the final record."""
     top = recipe.top
     run_dir = Path(run_dir)
+    started = time.perf_counter()
     torch.manual_seed(top.seed)
     data = build_data(top.data)
     model = build_model(top.model).to(pick_device(top.device))
@@ -92,8 +104,12 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         if check:
             check(s.config, model, f"stages.{s.name}")
     wanted = {getattr(s.config, "teacher", None) for s in recipe.steps}
+    provenance.write_run_files(run_dir, recipe)
+    stage_cache, key = StageCache(top.cache.dir, top.cache.enabled), cache.initial_key(top, data.identity)
+    initial = copy.deepcopy(model)  # cached states are loaded into copies of the input model
     loggers = build_loggers(top.logger, run_dir)
     records: list[dict] = []
+    current: list[dict] = []  # the records of the stage now running
 
     def emit(rec: dict) -> None:
         for lg in loggers:
@@ -102,13 +118,17 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     def snapshot(model: nn.Module, step: int, stage: str, event: str, seconds: float, **extra) -> dict:
         t = time.perf_counter()
         quality, _ = evaluate(model, ctx.test_loader(), reference_pred)
-        rec = {"step": step, "stage": stage, "event": event, **quality, **measure(model), "seconds": seconds, **extra}
+        rec = {"step": step, "stage": stage, "event": event, **quality, **measure(model), "seconds": seconds,
+               **extra, "cached": False}
+        if event != "epoch":  # the real size: this step's model encoded as model.lwp
+            rec.update(size_metrics(len(encode_model(model, top.model)), rec["dense_bytes"]))
         rec["eval_seconds"] = time.perf_counter() - t
         return rec
 
     def on_epoch(model: nn.Module, epoch: int, train_loss: float) -> None:
-        emit(snapshot(model, ctx.step, ctx.stage, "epoch", time.perf_counter() - stage_start,
-                      epoch=epoch, train_loss=train_loss))
+        current.append(snapshot(model, ctx.step, ctx.stage, "epoch", time.perf_counter() - stage_start,
+                                epoch=epoch, train_loss=train_loss))
+        emit(current[-1])
 
     ctx.on_epoch = on_epoch
     try:
@@ -116,27 +136,45 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         _, reference_pred = evaluate(model, ctx.test_loader())
         records.append(snapshot(model, 0, "input", "baseline", 0.0))
         emit(records[-1])
-        compressed = False
+        compressed, hit = False, True
         for step, s in enumerate(recipe.steps, 1):
             ctx.step, ctx.stage = step, s.name
-            torch.manual_seed(stage_seed(top.seed, step, s.name))
-            log.info("[%d/%d] %s (%s)", step, len(recipe.steps), s.name, s.type)
-            stage_start = time.perf_counter()
-            model = s.cls(s.config).run(model, ctx)
-            seconds = time.perf_counter() - stage_start
+            key = cache.stage_key(key, step, s.name, s.type, s.config.model_dump(mode="json"))
+            current.clear()
+            restored = copy.deepcopy(initial) if hit and stage_cache.enabled else None
+            replay = stage_cache.load(key, restored) if restored is not None else None
+            hit = replay is not None
+            log.info("[%d/%d] %s (%s)%s", step, len(recipe.steps), s.name, s.type, " from cache" if hit else "")
+            if hit:
+                model = restored.to(ctx.device)
+                current.extend({**r, "cached": True} for r in replay)
+                for r in current:
+                    emit(r)
+            else:
+                torch.manual_seed(stage_seed(top.seed, step, s.name))
+                stage_start = time.perf_counter()
+                model = s.cls(s.config).run(model, ctx)
+                seconds = time.perf_counter() - stage_start
             compressed = compressed or getattr(s.cls, "compresses", False)
             if not compressed:  # still uncompressed: this is the reference the compressed model is held to
                 ctx.reference = copy.deepcopy(model).eval()
                 _, reference_pred = evaluate(model, ctx.test_loader())
             if s.name in wanted:
                 ctx.snapshots[s.name] = copy.deepcopy(model).eval()
-            records.append(snapshot(model, step, s.name, "stage_end", seconds, type=s.type))
-            emit(records[-1])
+            if not hit:
+                current.append(snapshot(model, step, s.name, "stage_end", seconds, type=s.type))
+                stage_cache.store(key, model, current)  # first: a logged stage_end is always resumable
+                emit(current[-1])
+            records.append(current[-1])
             (run_dir / "checkpoints").mkdir(exist_ok=True)
             checkpoint.save_state(model, run_dir / "checkpoints" / f"{step:02d}_{s.name}.safetensors")
         final = {**records[-1], "event": "final"}
+        if top.artifact:  # before summary.json: a finished run has its artifact
+            blob = encode_model(model, top.model)
+            checkpoint.atomic_write(run_dir / "model.lwp", lambda tmp: Path(tmp).write_bytes(blob))
+            final.update(size_metrics(len(blob), final["dense_bytes"]))
         summary = {"recipe": top.name, "seed": top.seed, "baseline": records[0],
-                   "stages": records[1:], "final": final}
+                   "stages": records[1:], "final": final, "seconds": time.perf_counter() - started}
         checkpoint.atomic_write(run_dir / "summary.json",
                                 lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
         return final

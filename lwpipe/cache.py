@@ -1,0 +1,113 @@
+"""Stage cache: a stage's output model and records, keyed by everything that determines them.
+
+    key(0)    = hash(model config, checkpoint file hash, data config + identity, seed,
+                     device, eval settings, lwpipe version + source digest, torch version)
+    key(step) = hash(key(step - 1), step, name, type, resolved stage settings)
+
+The seed enters key(0) and every stage is seeded from (seed, step, name), so an
+entry holds exactly what rerunning the stage would give. An entry is two files,
+`<key>.safetensors` (checkpoint.save_state) and `<key>.json` (the stage's records
+and the state file's sha256), both written atomically, the json last: an entry
+without its json, or whose state does not match the hash, is a miss.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+from functools import lru_cache
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lwpipe import checkpoint
+
+log = logging.getLogger("lwpipe")
+PACKAGE = Path(__file__).resolve().parent
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """lwpipe's version plus a digest of its source, so an edited stage never reuses stale entries."""
+    h = hashlib.sha256()
+    for f in sorted(PACKAGE.rglob("*.py")):
+        h.update(f.relative_to(PACKAGE).as_posix().encode())
+        h.update(f.read_bytes())
+    return f"{version('lwpipe')}+{h.hexdigest()[:12]}"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def initial_key(top, data_identity: str) -> str:
+    """The key of the model the pipeline starts from."""
+    ckpt = top.model.get("checkpoint")
+    ckpt_hash = file_sha256(Path(ckpt).expanduser()) if ckpt else None
+    return digest("input", top.model, ckpt_hash, top.data, data_identity, top.seed, top.device,
+                  top.eval.model_dump(), code_version(), torch.__version__, platform.machine())
+
+
+def stage_key(prev: str, step: int, name: str, type_: str, settings: dict) -> str:
+    """A setting naming a file (a teacher's weights) contributes the file's contents, not just its name."""
+    files = {v: file_sha256(v) for v in _strings(settings) if Path(v).expanduser().is_file()}
+    return digest(prev, step, name, type_, settings, files)
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+class StageCache:
+    """Entries in one directory; `enabled=False` makes every lookup a miss and every store a no-op."""
+
+    def __init__(self, directory: str | Path, enabled: bool = True):
+        self.dir = Path(directory)
+        self.enabled = enabled
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        return self.dir / f"{key}.safetensors", self.dir / f"{key}.json"
+
+    def load(self, key: str, model: nn.Module) -> list[dict] | None:
+        """Restore the entry's state into `model` and return its records; None on a miss or a bad entry."""
+        if not self.enabled:
+            return None
+        state, meta = self._paths(key)
+        if not meta.exists():
+            return None
+        try:
+            entry = json.loads(meta.read_text())
+            if entry["key"] != key or file_sha256(state) != entry["state_sha256"]:
+                raise ValueError("state file does not match its record")
+            checkpoint.load_state(model, state)
+            return entry["records"]
+        except Exception as e:  # a damaged entry is recomputed, never trusted
+            log.warning("cache entry %s is unreadable (%s); recomputing", key, e)
+            return None
+
+    def store(self, key: str, model: nn.Module, records: list[dict]) -> None:
+        if not self.enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state, meta = self._paths(key)
+        checkpoint.save_state(model, state)
+        entry = {"key": key, "state_sha256": file_sha256(state), "records": records}
+        checkpoint.atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(entry)))

@@ -1,0 +1,153 @@
+"""The stage cache: a hit recomputes nothing, a change recomputes from the changed stage on,
+damaged entries are never trusted, and cached prefixes give the numbers a full run gives."""
+import json
+import shutil
+
+import pytest
+
+from lwpipe import cache, registry
+from lwpipe.config import validate
+from lwpipe.errors import LwpipeError
+from lwpipe.runner import build_data
+from tests.helpers import TINY, compose_recipe, run_recipe
+
+CHAIN = TINY + ["pipeline=[train,prune,share,quantize,distill]", "stages.train.epochs=6", "stages.train.lr=0.01",
+                "stages.prune.sparsity=0.5", "stages.prune.finetune.epochs=1", "stages.share.finetune.epochs=1",
+                "stages.quantize.finetune.epochs=1", "stages.distill.epochs=2"]
+TIMING = {"seconds", "eval_seconds", "cached"}
+
+
+def numbers(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def cached_steps(records):
+    return {r["step"]: r["cached"] for r in records if r["event"] == "stage_end"}
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory):
+    """CHAIN run once, filling a cache; each test works on a copy of that cache."""
+    root = tmp_path_factory.mktemp("first")
+    _, records = run_recipe(CHAIN + [f"cache.dir={root / 'cache'}"], root / "run")
+    return root / "cache", records
+
+
+@pytest.fixture
+def cached_run(first, tmp_path):
+    """Runs CHAIN (plus overrides) against a copy of the first run's cache in tmp_path/cache."""
+    shutil.copytree(first[0], tmp_path / "cache")
+    counter = iter(range(100))
+
+    def go(extra=()):
+        return run_recipe(CHAIN + [f"cache.dir={tmp_path / 'cache'}", *extra], tmp_path / f"run{next(counter)}")
+
+    return go
+
+
+def test_identical_rerun_recomputes_nothing(first, cached_run, monkeypatch):
+    _, first = first
+    assert set(cached_steps(first).values()) == {False}
+    for name in ("train", "prune", "share", "quantize", "distill"):  # any stage that runs fails the test
+        monkeypatch.setattr(registry.get(name), "run", lambda *a, **k: pytest.fail("a cached stage ran"))
+    _, again = cached_run()
+    assert cached_steps(again) == {1: True, 2: True, 3: True, 4: True, 5: True}
+    assert [r["cached"] for r in again] == [False] + [True] * (len(again) - 1)  # only the baseline is evaluated
+    assert numbers(again) == numbers(first)  # epoch records are replayed too
+
+
+def test_changing_stage_k_recomputes_from_k_on_and_matches_an_uncached_run(cached_run, tmp_path):
+    _, changed = cached_run(["stages.share.bits=3"])
+    assert cached_steps(changed) == {1: True, 2: True, 3: False, 4: False, 5: False}
+    _, fresh = run_recipe(CHAIN + ["stages.share.bits=3", "cache=false"], tmp_path / "fresh")
+    assert set(cached_steps(fresh).values()) == {False}
+    assert numbers(changed) == numbers(fresh)  # a restored prefix (and teacher) is the computed one
+
+
+def test_a_distill_sweep_point_reuses_every_earlier_stage(cached_run):
+    _, point = cached_run(["stages.distill.alpha=0.3"])
+    assert cached_steps(point) == {1: True, 2: True, 3: True, 4: True, 5: False}
+
+
+@pytest.mark.parametrize("damage", ["truncated state", "missing record", "garbage record", "other state"])
+def test_damaged_entries_are_recomputed(first, cached_run, tmp_path, damage):
+    _, first = first
+    keys = stage_keys(CHAIN + [f"cache.dir={tmp_path / 'cache'}"])
+    state, record = (tmp_path / "cache" / f"{keys[2]}{ext}" for ext in (".safetensors", ".json"))  # share
+    if damage == "truncated state":
+        state.write_bytes(state.read_bytes()[:100])
+    elif damage == "missing record":  # as if killed between writing the state and its record
+        record.unlink()
+    elif damage == "garbage record":
+        record.write_text(record.read_text()[:50])
+    else:
+        state.write_bytes((tmp_path / "cache" / f"{keys[1]}.safetensors").read_bytes())
+    _, again = cached_run()
+    assert cached_steps(again) == {1: True, 2: True, 3: False, 4: False, 5: False}
+    assert numbers(again) == numbers(first)
+    assert json.loads(record.read_text())["key"] == keys[2]  # and the entry is whole again
+
+
+def test_cache_false_neither_reads_nor_writes(tmp_path):
+    _, records = run_recipe(TINY + ["stages.train.epochs=2", "stages.prune.finetune.epochs=0", "cache=false"],
+                            tmp_path / "run")
+    assert not any(r["cached"] for r in records)
+    assert not (tmp_path / "cache").exists()
+
+
+def stage_keys(overrides):
+    recipe = validate(compose_recipe(overrides))
+    key = cache.initial_key(recipe.top, build_data(recipe.top.data).identity)
+    keys = []
+    for i, s in enumerate(recipe.steps, 1):
+        key = cache.stage_key(key, i, s.name, s.type, s.config.model_dump(mode="json"))
+        keys.append(key)
+    return keys
+
+
+def test_keys_follow_what_determines_a_stage(tmp_path):
+    base = stage_keys(CHAIN)
+    assert stage_keys(CHAIN) == base
+    assert stage_keys(CHAIN + ["seed=1"])[0] != base[0]
+    assert stage_keys(CHAIN + ["data.spread=2.0"])[0] != base[0]
+    later = stage_keys(CHAIN + ["stages.quantize.bits=4"])
+    assert later[:3] == base[:3] and later[3] != base[3] and later[4] != base[4]
+    renamed = stage_keys(CHAIN + ["pipeline=[train,prune,share,quantize]"])
+    assert renamed == base[:4]
+
+
+def test_a_file_named_in_the_settings_keys_by_its_contents(tmp_path):
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes(b"one")
+    settings = {"teacher": str(teacher), "alpha": 0.5}
+    k1 = cache.stage_key("prev", 5, "distill", "distill", settings)
+    teacher.write_bytes(b"two")
+    assert cache.stage_key("prev", 5, "distill", "distill", settings) != k1
+
+
+def test_initial_key_covers_the_checkpoint_contents(tmp_path):
+    import torch
+
+    from lwpipe.models import TinyMLP
+
+    path = tmp_path / "w.pt"
+    torch.save(TinyMLP().state_dict(), path)
+    top = validate(compose_recipe(TINY + [f"model.checkpoint={path}"])).top
+    k1 = cache.initial_key(top, "data")
+    torch.save(TinyMLP().state_dict(), path)  # new random weights, same path
+    assert cache.initial_key(top, "data") != k1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("cache.dir=''", "cache.dir='': String should have at least 1 character"),
+    ("cache.enabled=maybe", "cache.enabled='maybe': Input should be a valid boolean"),
+    ("objective=[acc]", "objective.0='acc': Input should be 'accuracy', 'loss'"),
+])
+def test_bad_settings_name_key_value_and_what_is_allowed(override, message):
+    with pytest.raises(LwpipeError) as e:
+        validate(compose_recipe(TINY + [override]))
+    assert message in str(e.value)
+
+
+def test_cache_false_is_short_for_disabled():
+    assert validate(compose_recipe(TINY + ["cache=false"])).top.cache.enabled is False
