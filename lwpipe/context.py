@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from lwpipe.data import DataBundle
 
@@ -34,13 +34,22 @@ class Context:
     # models after named stages, kept only for the names a later stage asks for
     snapshots: dict[str, nn.Module] = field(default_factory=dict)
     on_epoch: Callable[[nn.Module, int, float], None] | None = None
+    _test_batches: list | None = field(default=None, repr=False)
 
     def train_loader(self, batch_size: int | None = None) -> DataLoader:
         g = torch.Generator().manual_seed(stage_seed(self.seed, self.step, self.stage))
         return DataLoader(self.data.train, batch_size=batch_size or self.batch_size, shuffle=True, generator=g)
 
-    def test_loader(self) -> DataLoader:
-        return DataLoader(self.data.test, batch_size=self.eval_batch_size)
+    def test_loader(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The held-out batches, built once: the runner evaluates after every epoch."""
+        if self._test_batches is None:
+            ds, bs = self.data.test, self.eval_batch_size
+            if isinstance(ds, TensorDataset):  # slicing beats collating item by item
+                x, y = ds.tensors[:2]
+                self._test_batches = [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
+            else:
+                self._test_batches = list(DataLoader(ds, batch_size=bs))
+        return self._test_batches
 
     def calibration_batches(self, n: int, batch_size: int | None = None):
         """The first n batches of a seeded shuffle of the training set."""

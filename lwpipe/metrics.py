@@ -1,17 +1,19 @@
 """What the runner records after every step: held-out quality and the model's size."""
 from __future__ import annotations
 
+from typing import Iterable
+
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
-from torch.utils.data import DataLoader
 
 from lwpipe.constraints import compressible_layers, effective_tensors
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits, labels over the whole loader (model in eval mode, constraints computed once)."""
     was_training = model.training
     model.eval()
@@ -25,7 +27,7 @@ def predict(model: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.T
     return torch.cat(logits), torch.cat(labels)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, reference: torch.Tensor | None = None) -> dict:
+def evaluate(model: nn.Module, loader: Iterable, reference: torch.Tensor | None = None) -> dict:
     """accuracy and loss on held-out data; teacher_agreement against reference predictions."""
     logits, labels = predict(model, loader)
     pred = logits.argmax(1)
@@ -41,7 +43,8 @@ def evaluate(model: nn.Module, loader: DataLoader, reference: torch.Tensor | Non
 def measure(model: nn.Module) -> dict:
     """Size statistics of the weights the model actually computes with."""
     tensors = effective_tensors(model)
-    params = {k: v for k, v in tensors.items() if k in dict(_param_names(model))}
+    names = set(_param_names(model))
+    params = {k: v for k, v in tensors.items() if k in names}
     n_params = sum(v.numel() for v in params.values())
     nonzero = sum(int(v.count_nonzero()) for v in params.values())
     weights, zeros, max_unique = 0, 0, 0
@@ -50,7 +53,7 @@ def measure(model: nn.Module) -> dict:
         weights += w.numel()
         nz = w[w != 0]
         zeros += w.numel() - nz.numel()
-        max_unique = max(max_unique, int(torch.unique(nz).numel()))
+        max_unique = max(max_unique, int(np.unique(nz.cpu().numpy()).size))  # 10x torch.unique on CPU
     return {
         "params": n_params,
         "nonzero_params": nonzero,
@@ -65,7 +68,7 @@ def _param_names(model: nn.Module):
     for mname, m in model.named_modules():
         prefix = f"{mname}." if mname else ""
         for pname, _ in m.named_parameters(recurse=False):
-            yield prefix + pname, None
+            yield prefix + pname
         if parametrize.is_parametrized(m):
             for pname in m.parametrizations:
-                yield prefix + pname, None
+                yield prefix + pname

@@ -110,6 +110,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     loggers = build_loggers(top.logger, run_dir)
     records: list[dict] = []
     current: list[dict] = []  # the records of the stage now running
+    last_blob: list = [None, b""]  # [step, bytes] of the latest encoding
 
     def emit(rec: dict) -> None:
         for lg in loggers:
@@ -121,14 +122,18 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         rec = {"step": step, "stage": stage, "event": event, **quality, **measure(model), "seconds": seconds,
                **extra, "cached": False}
         if event != "epoch":  # the real size: this step's model encoded as model.lwp
-            rec.update(size_metrics(len(encode_model(model, top.model)), rec["dense_bytes"]))
+            last_blob[:] = [step, encode_model(model, top.model)]
+            rec.update(size_metrics(len(last_blob[1]), rec["dense_bytes"]))
         rec["eval_seconds"] = time.perf_counter() - t
         return rec
 
     def on_epoch(model: nn.Module, epoch: int, train_loss: float) -> None:
-        current.append(snapshot(model, ctx.step, ctx.stage, "epoch", time.perf_counter() - stage_start,
+        nonlocal in_stage_overhead
+        t = time.perf_counter()
+        current.append(snapshot(model, ctx.step, ctx.stage, "epoch", t - stage_start - in_stage_overhead,
                                 epoch=epoch, train_loss=train_loss))
         emit(current[-1])
+        in_stage_overhead += time.perf_counter() - t
 
     ctx.on_epoch = on_epoch
     try:
@@ -136,7 +141,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         _, reference_pred = evaluate(model, ctx.test_loader())
         records.append(snapshot(model, 0, "input", "baseline", 0.0))
         emit(records[-1])
-        compressed, hit = False, True
+        compressed, hit, work_seconds, in_stage_overhead = False, True, 0.0, 0.0
         for step, s in enumerate(recipe.steps, 1):
             ctx.step, ctx.stage = step, s.name
             key = cache.stage_key(key, step, s.name, s.type, s.config.model_dump(mode="json"))
@@ -152,9 +157,10 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                     emit(r)
             else:
                 torch.manual_seed(stage_seed(top.seed, step, s.name))
-                stage_start = time.perf_counter()
+                stage_start, in_stage_overhead = time.perf_counter(), 0.0
                 model = s.cls(s.config).run(model, ctx)
-                seconds = time.perf_counter() - stage_start
+                seconds = time.perf_counter() - stage_start - in_stage_overhead  # the stage's own work
+                work_seconds += seconds
             compressed = compressed or getattr(s.cls, "compresses", False)
             if not compressed:  # still uncompressed: this is the reference the compressed model is held to
                 ctx.reference = copy.deepcopy(model).eval()
@@ -170,11 +176,13 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
             checkpoint.save_state(model, run_dir / "checkpoints" / f"{step:02d}_{s.name}.safetensors")
         final = {**records[-1], "event": "final"}
         if top.artifact:  # before summary.json: a finished run has its artifact
-            blob = encode_model(model, top.model)
+            # the last stage_end already encoded this very model, unless it came from the cache
+            blob = last_blob[1] if last_blob[0] == len(recipe.steps) else encode_model(model, top.model)
             checkpoint.atomic_write(run_dir / "model.lwp", lambda tmp: Path(tmp).write_bytes(blob))
             final.update(size_metrics(len(blob), final["dense_bytes"]))
         summary = {"recipe": top.name, "seed": top.seed, "baseline": records[0],
-                   "stages": records[1:], "final": final, "seconds": time.perf_counter() - started}
+                   "stages": records[1:], "final": final, "seconds": time.perf_counter() - started,
+                   "stage_seconds": work_seconds}
         checkpoint.atomic_write(run_dir / "summary.json",
                                 lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
         return final

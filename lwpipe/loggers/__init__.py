@@ -59,7 +59,8 @@ class ConsoleLogger:
 
 
 class JsonlLogger:
-    """One JSON object per line, flushed and fsynced per record so a crash loses nothing logged."""
+    """One JSON object per line, flushed per record (a killed process loses nothing logged);
+    baseline and stage_end records are also fsynced (nor does a machine crash)."""
 
     def __init__(self, run_dir: str | Path, path: str = "metrics.jsonl"):
         self.path = Path(run_dir) / path
@@ -68,7 +69,8 @@ class JsonlLogger:
     def log(self, record: dict) -> None:
         self._f.write(json.dumps(record, sort_keys=False) + "\n")
         self._f.flush()
-        os.fsync(self._f.fileno())
+        if record.get("event") != "epoch":
+            os.fsync(self._f.fileno())
 
     def close(self) -> None:
         self._f.close()
