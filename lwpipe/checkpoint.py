@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lwpipe.constraints import apply_spec, model_spec
-from lwpipe.errors import ConfigError, LwpipeError
+from lwpipe.errors import ConfigError
 
 
 def atomic_write(path: Path, write) -> None:

@@ -218,6 +218,16 @@ def unknown_layer_patterns(model: nn.Module, layers: Mapping[str, object]) -> li
     return [p for p in layers if not any(n == p or fnmatch.fnmatchcase(n, p) for n in names)]
 
 
+def check_layer_patterns(model: nn.Module, layers: Mapping[str, object], path: str) -> None:
+    """A stage's `layers:` keys must each name or match a compressible layer."""
+    bad = unknown_layer_patterns(model, layers)
+    if bad:
+        from lwpipe.errors import ConfigError
+
+        names = ", ".join(n for n, _ in compressible_layers(model))
+        raise ConfigError(f"{path}.layers", bad[0], f"matches no compressible layer; the layers are {names}")
+
+
 @torch.no_grad()
 def model_spec(model: nn.Module) -> dict[str, dict]:
     half = {"bias": "float16"}  # only present when set, so older specs read the same

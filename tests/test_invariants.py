@@ -23,15 +23,6 @@ FAST = TINY + [
 ORDERS = list(itertools.permutations(["prune", "share", "quantize", "distill"]))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A tiny model gains nothing from intra-op threads, and loses a lot to them on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def refused(order) -> bool:
     return order.index("quantize") < order.index("share")
 

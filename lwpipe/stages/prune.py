@@ -19,9 +19,8 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from lwpipe.config import Strict, TrainSettings
-from lwpipe.constraints import compressible_layers, ensure_constraint, layer_setting, original_weight, unknown_layer_patterns
+from lwpipe.constraints import compressible_layers, ensure_constraint, layer_setting, original_weight, check_layer_patterns
 from lwpipe.context import Context
-from lwpipe.errors import ConfigError
 from lwpipe.registry import register
 from lwpipe.training import fit
 
@@ -126,10 +125,7 @@ class Prune:
 
     @staticmethod
     def check_model(cfg: PruneConfig, model: nn.Module, path: str) -> None:
-        bad = unknown_layer_patterns(model, cfg.layers)
-        if bad:
-            names = ", ".join(n for n, _ in compressible_layers(model))
-            raise ConfigError(f"{path}.layers", bad[0], f"matches no compressible layer; the layers are {names}")
+        check_layer_patterns(model, cfg.layers, path)
 
     def _targets(self, layers: dict[str, nn.Module]) -> dict[str, float]:
         """Final sparsity per layer (quality thresholds turned into the sparsity they give)."""

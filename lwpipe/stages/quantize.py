@@ -20,9 +20,8 @@ from pydantic import Field
 from torch import nn
 
 from lwpipe.config import Strict, TrainSettings
-from lwpipe.constraints import compressible_layers, ensure_constraint, layer_setting, set_half_bias, unknown_layer_patterns
+from lwpipe.constraints import compressible_layers, ensure_constraint, layer_setting, set_half_bias, check_layer_patterns
 from lwpipe.context import Context
-from lwpipe.errors import ConfigError
 from lwpipe.registry import register
 from lwpipe.training import fit
 
@@ -109,10 +108,7 @@ class Quantize:
 
     @staticmethod
     def check_model(cfg: QuantizeConfig, model: nn.Module, path: str) -> None:
-        bad = unknown_layer_patterns(model, cfg.layers)
-        if bad:
-            names = ", ".join(n for n, _ in compressible_layers(model))
-            raise ConfigError(f"{path}.layers", bad[0], f"matches no compressible layer; the layers are {names}")
+        check_layer_patterns(model, cfg.layers, path)
 
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
         done = []

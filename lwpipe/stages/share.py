@@ -17,9 +17,8 @@ from torch import nn
 
 from lwpipe.config import Strict, TrainSettings
 from lwpipe.constraints import (compressible_layers, ensure_constraint, layer_setting, original_weight,
-                                unknown_layer_patterns)
+                                check_layer_patterns)
 from lwpipe.context import Context
-from lwpipe.errors import ConfigError
 from lwpipe.kmeans import kmeans_1d
 from lwpipe.registry import register
 from lwpipe.training import fit
@@ -72,10 +71,7 @@ class Share:
 
     @staticmethod
     def check_model(cfg: ShareConfig, model: nn.Module, path: str) -> None:
-        bad = unknown_layer_patterns(model, cfg.layers)
-        if bad:
-            names = ", ".join(n for n, _ in compressible_layers(model))
-            raise ConfigError(f"{path}.layers", bad[0], f"matches no compressible layer; the layers are {names}")
+        check_layer_patterns(model, cfg.layers, path)
 
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
         for name, m in compressible_layers(model):

@@ -5,41 +5,21 @@ import torch
 from torch.nn import functional as F
 
 from lwpipe import checkpoint
-from lwpipe.config import TrainSettings, validate
+from lwpipe.config import validate
 from lwpipe.constraints import constraint
-from lwpipe.context import Context
-from lwpipe.data import load_blobs
 from lwpipe.errors import ConfigError, LwpipeError
 from lwpipe.models import TinyMLP
 from lwpipe.stages.distill import Distill, DistillConfig, kd_loss
 from lwpipe.stages.prune import Prune, PruneConfig
 from lwpipe.stages.quantize import Quantize, QuantizeConfig
 from lwpipe.stages.share import share_layer
-from lwpipe.training import fit
 from tests.helpers import TINY, compose_recipe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
-def ctx(tmp_path):
-    return Context(data=load_blobs(n=256), seed=0, run_dir=tmp_path)
-
-
-@pytest.fixture
-def model(ctx):
-    torch.manual_seed(0)
-    m = TinyMLP()
-    fit(m, ctx.train_loader(), TrainSettings(epochs=5, lr=1e-2))
-    ctx.reference = copy.deepcopy(m).eval()
-    return m
+def model(model, ctx):
+    ctx.reference = copy.deepcopy(model).eval()
+    return model
 
 
 def test_kd_loss_matches_hinton_formula():

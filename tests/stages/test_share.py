@@ -4,39 +4,14 @@ from torch import nn
 
 from lwpipe.config import TrainSettings, validate
 from lwpipe.constraints import constraint, original_weight
-from lwpipe.context import Context
-from lwpipe.data import load_blobs
 from lwpipe.errors import ConfigError, LwpipeError
 from lwpipe.kmeans import assign, init_centroids, kmeans_1d
-from lwpipe.models import TinyMLP
 from lwpipe.stages.prune import Prune, PruneConfig
 from lwpipe.stages.share import Share, ShareConfig, share_layer
 from lwpipe.training import fit
 from tests.helpers import TINY, compose_recipe
 
 INITS = ["linear", "density", "random", "kmeans++"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def ctx(tmp_path):
-    return Context(data=load_blobs(n=256), seed=0, run_dir=tmp_path)
-
-
-@pytest.fixture
-def model(ctx):
-    torch.manual_seed(0)
-    m = TinyMLP()
-    fit(m, ctx.train_loader(), TrainSettings(epochs=5, lr=1e-2))
-    return m
 
 
 def distinct_nonzero(w):
