@@ -29,7 +29,7 @@ def format_row(record: dict) -> str:
         v = record.get(key)
         text = "-" if v is None else format(v, fmt)
         cells.append(text.ljust(width) if fmt == "s" else text.rjust(width))
-    return "  ".join(cells)
+    return "  ".join(cells) + ("  (from cache)" if record.get("cached") else "")
 
 
 def format_header() -> str:
@@ -37,11 +37,13 @@ def format_header() -> str:
 
 
 class ConsoleLogger:
-    """A readable table row per stage; epoch records at most every `epoch_every` epochs."""
+    """A readable table row per stage, epoch lines every `epoch_every` epochs (0: none), and the
+    whole table again at the end, so that it is not scattered between epoch lines."""
 
     def __init__(self, run_dir: str | Path | None = None, epoch_every: int = 1):
         self.epoch_every = epoch_every
         self._header = False
+        self._rows: list[dict] = []
 
     def log(self, record: dict) -> None:
         if record["event"] == "epoch":
@@ -52,10 +54,12 @@ class ConsoleLogger:
         if not self._header:
             log.info(format_header())
             self._header = True
+        self._rows.append(record)
         log.info(format_row(record))
 
     def close(self) -> None:
-        pass
+        if len(self._rows) > 1:
+            log.info("summary:\n%s", "\n".join([format_header(), *map(format_row, self._rows)]))
 
 
 class JsonlLogger:
