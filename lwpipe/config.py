@@ -148,5 +148,5 @@ def validate(cfg: DictConfig | dict) -> Recipe:
         check = getattr(step.cls, "check_order", None)
         why = check(step.config, steps[:i]) if check else None  # the earlier Steps: .name, .type, .config
         if why:
-            raise ConfigError("pipeline", top.pipeline, f"{step.name!r} cannot come at position {i}: {why}")
+            raise ConfigError(f"pipeline[{i}]", step.name, f"cannot follow {top.pipeline[:i]}: {why}")
     return Recipe(top=top, steps=steps, raw=raw)
