@@ -21,23 +21,9 @@ import warnings
 import torch
 
 from lwpipe import checkpoint
-from lwpipe.constraints import effective_tensors
 from lwpipe.data import load_digits
+from lwpipe.export import bake, to_int8
 from lwpipe.models import LeNet300
-
-
-def to_int8(model: torch.nn.Module, calibration: torch.Tensor) -> torch.nn.Module:
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    model = copy.deepcopy(model).eval()
-    torch.backends.quantized.engine = "x86"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (calibration[:1],))
-        with torch.no_grad():
-            prepared(calibration)  # static activation ranges from calibration data
-        return convert_fx(prepared)
 
 
 def latency_us(model, x, repeats: int) -> float:
@@ -60,7 +46,7 @@ def main() -> None:
     data = load_digits()
     model = LeNet300(64).eval()
     if a.checkpoint:  # bake the constraints into plain weights: both paths then run plain modules
-        model.load_state_dict(effective_tensors(checkpoint.load_state(LeNet300(64), a.checkpoint)))
+        model = bake(checkpoint.load_state(LeNet300(64), a.checkpoint), LeNet300(64))
     xs, ys = data.test.tensors
     q = to_int8(model, data.train.tensors[0][:512])
     with torch.inference_mode(), warnings.catch_warnings():
