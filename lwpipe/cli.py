@@ -59,7 +59,11 @@ def _main(cfg: DictConfig):
         final = run(recipe, run_dir)
     except KeyboardInterrupt:
         _fail(run_dir, "interrupted", multirun)
-        raise
+        if multirun:
+            raise
+        print("lwpipe: interrupted; finished stages are cached: run the same command again to go on",
+              file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         _fail(run_dir, e, multirun)
         if multirun:  # Hydra's sweepers stop the whole sweep on a raised job error: report, go on
