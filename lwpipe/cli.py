@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -30,6 +32,10 @@ log = logging.getLogger("lwpipe")
 def _fail(run_dir: Path, err, multirun: bool = False) -> None:
     if not multirun and not (run_dir / "metrics.jsonl").exists():
         shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: leave nothing that looks like a run
+        try:
+            run_dir.parent.rmdir()  # and no empty outputs/runs/<name>/ either
+        except OSError:
+            pass
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "FAILED").write_text(f"{err}\n")
@@ -44,6 +50,10 @@ def objective(final: dict, names: list[str]):
     return values[0] if len(values) == 1 else values
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 @hydra.main(config_path=RECIPES, config_name="config", version_base="1.3")
 def _main(cfg: DictConfig):
     from lwpipe.config import validate  # imported here so --help stays fast
@@ -54,6 +64,7 @@ def _main(cfg: DictConfig):
     multirun = hc.mode == RunMode.MULTIRUN
     wanted = cfg.get("objective")
     n_objectives = len(wanted) if isinstance(wanted, ListConfig) else 1
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` leaves a FAILED marker, as Ctrl-C does
     try:
         recipe = validate(cfg)
         final = run(recipe, run_dir)
@@ -65,17 +76,23 @@ def _main(cfg: DictConfig):
               file=sys.stderr)
         sys.exit(130)
     except Exception as e:
-        _fail(run_dir, e, multirun)
         if multirun:  # Hydra's sweepers stop the whole sweep on a raised job error: report, go on
+            _fail(run_dir, e, multirun)
             if isinstance(e, LwpipeError):
                 log.error("job %s failed: %s", hc.job.num, e)
             else:
                 log.exception("job %s failed", hc.job.num)
             return float("nan") if n_objectives == 1 else (float("nan"),) * n_objectives
         if isinstance(e, LwpipeError):
+            _fail(run_dir, e)
             print(f"lwpipe: error: {e}", file=sys.stderr)
             sys.exit(2)
-        raise
+        # not an input error we recognise: one line here, the run directory keeps the traceback
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "FAILED").write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"lwpipe: error: {type(e).__name__}: {first}\n(traceback in {run_dir / 'FAILED'})", file=sys.stderr)
+        sys.exit(1)
     log.info("run directory: %s", run_dir)
     return objective(final, recipe.top.objective)
 

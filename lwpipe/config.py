@@ -50,7 +50,7 @@ Objective = Literal["accuracy", "loss", "teacher_agreement", "sparsity", "compre
 
 
 class TopLevel(Strict):
-    name: str = "default"
+    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a folder name under outputs/runs
     seed: int = Field(0, ge=0, le=2**32 - 1)
     pipeline: list[str]
     stages: dict[str, dict[str, Any]] = {}
@@ -66,7 +66,11 @@ class TopLevel(Strict):
     @field_validator("cache", mode="before")
     @classmethod
     def _cache_switch(cls, value):
-        return {"enabled": value} if isinstance(value, bool) else value
+        if isinstance(value, bool):
+            return {"enabled": value}
+        if not isinstance(value, dict):
+            raise ValueError("use cache=true or cache=false, or set cache.enabled and cache.dir")
+        return value
 
 
 @dataclass
@@ -92,9 +96,11 @@ def _format(prefix: str, err: ValidationError) -> str:
         if e["type"] == "missing":
             lines.append(f"{path}: required key is missing")
         elif e["type"] == "extra_forbidden":
-            lines.append(f"{path}: unknown key (value {value!r}); check the spelling against the stage's settings")
+            lines.append(f"{path}: unknown key (value {value!r}); check its spelling")
+        elif not e["loc"] or isinstance(value, dict):  # a check across several keys: the message names them
+            lines.append(f"{path or 'recipe'}: {e['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"{path}={value!r}: {e['msg']}")
+            lines.append(f"{path}={value!r}: {e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 

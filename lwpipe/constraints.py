@@ -15,6 +15,7 @@ grid (straight-through estimator).
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 from typing import Iterator, Mapping
 
@@ -156,6 +157,21 @@ def set_half_bias(module: nn.Module) -> None:
 
 
 # -- helpers over a model ---------------------------------------------------------
+def clone(model: nn.Module) -> nn.Module:
+    """A deep copy whose parametrized modules have classes of their own.
+
+    torch.nn.utils.parametrize gives each parametrized module a generated class and
+    adds a property to it per parametrized tensor; copy.deepcopy shares that class, so
+    parametrizing `bias` later on one copy would break the other (KeyError: 'bias').
+    """
+    copied = copy.deepcopy(model)
+    for m in copied.modules():
+        if parametrize.is_parametrized(m):
+            cls = type(m)
+            m.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+    return copied
+
+
 def compressible_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, m in model.named_modules():
         if isinstance(m, COMPRESSIBLE):

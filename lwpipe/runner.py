@@ -22,7 +22,6 @@ and started again takes its completed stages from the cache.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -36,6 +35,7 @@ from lwpipe import cache, checkpoint, provenance
 from lwpipe.artifact import encode_model, size_metrics
 from lwpipe.cache import StageCache
 from lwpipe.config import Recipe
+from lwpipe.constraints import clone
 from lwpipe.context import Context, stage_seed
 from lwpipe.data import DataBundle
 from lwpipe.errors import ConfigError, LwpipeError
@@ -81,6 +81,22 @@ def build_loggers(cfg: dict, run_dir: Path) -> list:
     return [_instantiate({**c, "run_dir": str(run_dir)}, f"logger.{name}") for name, c in cfg.items() if c]
 
 
+def check_fit(model: nn.Module, ctx: Context, top) -> None:
+    """Before any work: the batch size is usable and the model accepts the data."""
+    bs = top.data.get("batch_size", 64)
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise ConfigError("data.batch_size", bs, "must be a whole number >= 1")
+    x = ctx.test_loader()[0][0][:2].to(ctx.device)
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError("model", top.model["_target_"],
+                          f"does not accept the data {ctx.data.name!r} (inputs of shape {tuple(x.shape[1:])}): "
+                          f"{first}") from None
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,6 +115,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     model = build_model(top.model).to(pick_device(top.device))
     ctx = Context(data=data, seed=top.seed, run_dir=run_dir, batch_size=top.data.get("batch_size", 64),
                   eval_batch_size=top.eval.batch_size, device=pick_device(top.device))
+    check_fit(model, ctx, top)
     for s in recipe.steps:  # settings that name layers are checked before any work
         check = getattr(s.cls, "check_model", None)
         if check:
@@ -106,7 +123,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     wanted = {getattr(s.config, "teacher", None) for s in recipe.steps}
     provenance.write_run_files(run_dir, recipe)
     stage_cache, key = StageCache(top.cache.dir, top.cache.enabled), cache.initial_key(top, data.identity)
-    initial = copy.deepcopy(model)  # cached states are loaded into copies of the input model
+    initial = clone(model)  # cached states are loaded into copies of the input model
     loggers = build_loggers(top.logger, run_dir)
     records: list[dict] = []
     current: list[dict] = []  # the records of the stage now running
@@ -137,7 +154,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
 
     ctx.on_epoch = on_epoch
     try:
-        ctx.reference = copy.deepcopy(model).eval()
+        ctx.reference = clone(model).eval()
         _, reference_pred = evaluate(model, ctx.test_loader())
         records.append(snapshot(model, 0, "input", "baseline", 0.0))
         emit(records[-1])
@@ -146,7 +163,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
             ctx.step, ctx.stage = step, s.name
             key = cache.stage_key(key, step, s.name, s.type, s.config.model_dump(mode="json"))
             current.clear()
-            restored = copy.deepcopy(initial) if hit and stage_cache.enabled else None
+            restored = clone(initial) if hit and stage_cache.enabled else None
             replay = stage_cache.load(key, restored) if restored is not None else None
             hit = replay is not None
             log.info("[%d/%d] %s (%s)%s", step, len(recipe.steps), s.name, s.type, " from cache" if hit else "")
@@ -163,10 +180,10 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                 work_seconds += seconds
             compressed = compressed or getattr(s.cls, "compresses", False)
             if not compressed:  # still uncompressed: this is the reference the compressed model is held to
-                ctx.reference = copy.deepcopy(model).eval()
+                ctx.reference = clone(model).eval()
                 _, reference_pred = evaluate(model, ctx.test_loader())
             if s.name in wanted:
-                ctx.snapshots[s.name] = copy.deepcopy(model).eval()
+                ctx.snapshots[s.name] = clone(model).eval()
             if not hit:
                 current.append(snapshot(model, step, s.name, "stage_end", seconds, type=s.type))
                 stage_cache.store(key, model, current)  # first: a logged stage_end is always resumable

@@ -127,7 +127,14 @@ def main() -> None:
         print("usage: lwpipe-summary SWEEP_DIR", file=sys.stderr)
         sys.exit(2)
     sweep_dir = Path(sys.argv[1])
-    if not sweep_dir.is_dir() or not job_dirs(sweep_dir):
+    if not sweep_dir.is_dir():
+        print(f"lwpipe-summary: {sweep_dir}: no such directory", file=sys.stderr)
+        sys.exit(2)
+    if not (sweep_dir / "multirun.yaml").is_file():
+        print(f"lwpipe-summary: {sweep_dir} is not a sweep directory (no multirun.yaml: Hydra writes one "
+              "in each `lwpipe -m` sweep directory)", file=sys.stderr)
+        sys.exit(2)
+    if not job_dirs(sweep_dir):
         print(f"lwpipe-summary: {sweep_dir}: no Hydra job directories (.hydra/overrides.yaml) in it",
               file=sys.stderr)
         sys.exit(2)

@@ -60,3 +60,22 @@ def test_bad_input_is_one_clear_message(tmp_path, case):
     assert expected in p.stderr
     assert "Traceback" not in p.stderr + p.stdout
     assert not run_dir.exists()  # nothing that looks like a run is left behind
+
+
+MORE_BAD = {
+    "model does not fit data": (["recipe=deep_compression_lenet5", "data=blobs"], "does not accept the data 'blobs'"),
+    "batch size": (["data.batch_size=0"], "data.batch_size=0: must be a whole number >= 1"),
+    "nm check names keys": (["+stages.prune.granularity=nm", "+stages.prune.n=4", "+stages.prune.m=4"],
+                            "stages.prune: n=4 must be smaller than m=4"),
+    "name escapes outputs": (["name=../../x"], "name='../../x'"),
+    "teacher file checked first": (["+stages.distill.teacher=/no/such.pt"], "stages.distill.teacher='/no/such.pt'"),
+}
+
+
+@pytest.mark.parametrize("case", list(MORE_BAD))
+def test_more_bad_input_is_refused_before_any_work(tmp_path, case):
+    args, expected = MORE_BAD[case]
+    p = lwpipe(args, tmp_path)
+    assert p.returncode == 2 and expected in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr + p.stdout
+    assert not (tmp_path / "outputs" / "runs").exists() or not any((tmp_path / "outputs" / "runs").rglob("*.jsonl"))

@@ -83,3 +83,13 @@ def test_layer_setting_exact_beats_glob_and_longest_glob_wins():
     assert layer_setting("fc2", layers) == 1
     assert layer_setting("conv", layers, 0) == 0
     assert unknown_layer_patterns(nn.Sequential(nn.Linear(1, 1)), {"0": 1, "x*": 2}) == ["x*"]
+
+
+def test_clone_does_not_share_parametrized_classes():
+    from lwpipe.constraints import clone, set_half_bias
+    m = nn.Sequential(nn.Linear(3, 2))
+    ensure_constraint(m[0]).set_mask(torch.ones(2, 3, dtype=torch.bool))
+    copy_ = clone(m)
+    set_half_bias(m[0])  # adds a `bias` property to m[0]'s class only
+    assert copy_(torch.randn(1, 3)).shape == (1, 2)
+    assert type(copy_[0]) is not type(m[0])

@@ -61,9 +61,15 @@ def _summary_cli(sweep, cwd):
     return subprocess.run(cmd + [str(sweep)], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-def test_summary_cli_refuses_a_directory_without_jobs(tmp_path):
+def test_summary_cli_refuses_what_is_not_a_sweep(tmp_path):
+    p = _summary_cli(tmp_path, tmp_path)
+    assert p.returncode == 2 and "is not a sweep directory" in p.stderr
+    p = _summary_cli(tmp_path / "nope", tmp_path)
+    assert p.returncode == 2 and "no such directory" in p.stderr
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
     p = _summary_cli(tmp_path, tmp_path)
     assert p.returncode == 2 and "no Hydra job directories" in p.stderr
+    assert not (tmp_path / "summary.csv").exists()
 
 
 def test_pareto_front_keeps_the_undominated_points():

@@ -11,8 +11,6 @@ through every constraint it carries, so masks, codebooks and grids hold.
 """
 from __future__ import annotations
 
-import copy
-from pathlib import Path
 
 import torch
 from pydantic import Field
@@ -21,6 +19,7 @@ from torch.nn import functional as F
 
 from lwpipe import checkpoint
 from lwpipe.config import TrainSettings
+from lwpipe.constraints import clone
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.registry import register
@@ -106,15 +105,15 @@ class Distill:
             if not n or n not in names:
                 known = ", ".join(k for k in names if k)
                 raise ConfigError(f"{path}.features[{i}]", n, f"no module of that name; the modules are {known}")
-        if cfg.teacher and is_path(cfg.teacher) and not Path(cfg.teacher).expanduser().is_file():
-            raise ConfigError(f"{path}.teacher", cfg.teacher, "file does not exist")
+        if cfg.teacher and is_path(cfg.teacher):  # read it now, not after the stages before distill
+            checkpoint.load_weights(clone(model), cfg.teacher, key=f"{path}.teacher")
 
     def teacher(self, ctx: Context, path: str) -> nn.Module:
         t = self.cfg.teacher
         if t is None:
             teacher = ctx.reference
         elif is_path(t):
-            teacher = checkpoint.load_weights(copy.deepcopy(ctx.reference), t, key=f"{path}.teacher")
+            teacher = checkpoint.load_weights(clone(ctx.reference), t, key=f"{path}.teacher")
         else:
             teacher = ctx.snapshots[t]
         teacher = teacher.to(ctx.device).eval()

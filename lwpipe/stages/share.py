@@ -17,8 +17,9 @@ from torch import nn
 
 from lwpipe.config import Strict, TrainSettings
 from lwpipe.constraints import (compressible_layers, ensure_constraint, layer_setting, original_weight,
-                                check_layer_patterns)
+                                check_layer_patterns, constraint)
 from lwpipe.context import Context
+from lwpipe.errors import LwpipeError
 from lwpipe.kmeans import kmeans_1d
 from lwpipe.registry import register
 from lwpipe.training import fit
@@ -72,6 +73,12 @@ class Share:
     @staticmethod
     def check_model(cfg: ShareConfig, model: nn.Module, path: str) -> None:
         check_layer_patterns(model, cfg.layers, path)
+        quantized = [n for n, m in compressible_layers(model) if (c := constraint(m)) is not None and c.quantized
+                     and not layer_setting(n, cfg.layers, LayerShare()).skip]
+        if quantized:  # a model.checkpoint saved after quantize
+            raise LwpipeError(f"model.checkpoint holds quantized layers ({', '.join(quantized)}) and {path} "
+                              "cannot follow quantize (k-means centroids would leave the grid); start from a "
+                              "checkpoint saved before quantize, or take share out of the pipeline")
 
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
         for name, m in compressible_layers(model):
