@@ -217,6 +217,22 @@ def effective_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in out.items() if "parametrizations." not in k}
 
 
+def parameter_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """Plain name -> shape of each parameter the model computes with: a parametrized tensor counts
+    once (as its `original`), parametrization internals (centroids, masks) not at all."""
+    out: dict[str, torch.Size] = {}
+    for mname, m in model.named_modules():
+        if "parametrizations" in mname.split("."):
+            continue
+        prefix = f"{mname}." if mname else ""
+        for pname, p in m.named_parameters(recurse=False):
+            out[prefix + pname] = p.shape
+        if parametrize.is_parametrized(m):
+            for pname in m.parametrizations:
+                out[prefix + pname] = m.parametrizations[pname].original.shape
+    return out
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 

@@ -9,11 +9,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from lwpipe.constraints import compressible_layers, effective_tensors
+from lwpipe.constraints import compressible_layers, effective_tensors, parameter_shapes
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits, labels over the whole loader (model in eval mode, constraints computed once)."""
     was_training = model.training
     model.eval()
@@ -43,7 +43,7 @@ def evaluate(model: nn.Module, loader: Iterable, reference: torch.Tensor | None 
 def measure(model: nn.Module) -> dict:
     """Size statistics of the weights the model actually computes with."""
     tensors = effective_tensors(model)
-    names = set(_param_names(model))
+    names = parameter_shapes(model)
     params = {k: v for k, v in tensors.items() if k in names}
     n_params = sum(v.numel() for v in params.values())
     nonzero = sum(int(v.count_nonzero()) for v in params.values())
@@ -61,14 +61,3 @@ def measure(model: nn.Module) -> dict:
         "max_unique_weights": max_unique,
         "dense_bytes": 4 * n_params,
     }
-
-
-def _param_names(model: nn.Module):
-    """Plain parameter names (a parametrized weight counts once, as `weight`)."""
-    for mname, m in model.named_modules():
-        prefix = f"{mname}." if mname else ""
-        for pname, _ in m.named_parameters(recurse=False):
-            yield prefix + pname
-        if parametrize.is_parametrized(m):
-            for pname in m.parametrizations:
-                yield prefix + pname

@@ -112,9 +112,10 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     started = time.perf_counter()
     torch.manual_seed(top.seed)
     data = build_data(top.data)
-    model = build_model(top.model).to(pick_device(top.device))
+    device = pick_device(top.device)
+    model = build_model(top.model).to(device)
     ctx = Context(data=data, seed=top.seed, run_dir=run_dir, batch_size=top.data.get("batch_size", 64),
-                  eval_batch_size=top.eval.batch_size, device=pick_device(top.device))
+                  eval_batch_size=top.eval.batch_size, device=device)
     check_fit(model, ctx, top)
     for s in recipe.steps:  # settings that name layers are checked before any work
         check = getattr(s.cls, "check_model", None)

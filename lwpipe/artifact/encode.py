@@ -25,7 +25,8 @@ from lwpipe.artifact.coding import StreamWriter, estimate_bits
 from lwpipe.artifact.format import pack
 from lwpipe.artifact.positions import choose_escape
 from lwpipe.artifact.raw import FLOAT_FIELDS, dtype_name, lossless_dtype, split_float, tensor_bytes
-from lwpipe.constraints import Compressed, bias_dtype, compressible_layers, constraint, original_weight
+from lwpipe.constraints import (Compressed, bias_dtype, compressible_layers, constraint, original_weight,
+                                parameter_shapes)
 from lwpipe.errors import LwpipeError
 
 
@@ -90,14 +91,7 @@ def put(t: torch.Tensor, streams: StreamWriter, raw: bytearray, label: str = "")
 
 def parameter_count(model: nn.Module) -> int:
     """Parameters as the model computes with them (a parametrized weight counts once), as metrics.measure counts."""
-    n = 0
-    for mname, m in model.named_modules():
-        if "parametrizations" in mname.split("."):
-            continue
-        n += sum(p.numel() for _, p in m.named_parameters(recurse=False))
-        if parametrize.is_parametrized(m):
-            n += sum(m.parametrizations[p].original.numel() for p in m.parametrizations)
-    return n
+    return sum(shape.numel() for shape in parameter_shapes(model).values())
 
 
 def encode_layer(name: str, module: nn.Module, c: Compressed, streams: StreamWriter, raw: bytearray) -> dict:
