@@ -58,8 +58,12 @@ class BitReader:
         self._bits = "".join(format(b, "08b") for b in data)
         self.pos = 0
 
+    @property
+    def remaining(self) -> int:
+        return len(self._bits) - self.pos
+
     def read(self, nbits: int) -> int:
-        if self.pos + nbits > len(self._bits):
+        if nbits < 0 or self.pos + nbits > len(self._bits):
             raise ValueError("bit section ends early")
         value = int(self._bits[self.pos:self.pos + nbits] or "0", 2)
         self.pos += nbits
@@ -215,29 +219,49 @@ class StreamReader:
         self._coder = AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
         self.stats: list[dict] = []
 
-    def symbols(self, n: int) -> np.ndarray:
+    def symbols(self, n: int, alphabet: int | None = None) -> np.ndarray:
+        """n symbols, each below `alphabet` (when given); ValueError when the table or the count cannot be what was written.
+
+        The caller has bounded n by the layer's declared size; here the count is also held to what the coded
+        bits can carry (only a stream of one repeated symbol is free), so no loop or allocation outgrows the file."""
         stat = {"n": n, "table_bits": 0, "coded_bits": 0}
         self.stats.append(stat)
         if n == 0:
             return np.zeros(0, dtype=np.int64)
         start = self.bits.pos
-        size = self.bits.read_exp_golomb()
-        if self.bits.read(1):
-            precision, f = UNIFORM_PRECISION, uniform_table(size)
-        else:
-            precision, k = self.bits.read(5), self.bits.read(4)
-            f = np.array([self.bits.read_exp_golomb(k) for _ in range(size - 1)] + [0], dtype=np.int64)
-            f[-1] = (1 << precision) - f.sum()
+        f, precision = self._table(alphabet)
         stat["table_bits"] = self.bits.pos - start
-        if f[-1] < 1 or precision > MAX_PRECISION:
-            raise ValueError("frequency table is corrupt")
         support = np.flatnonzero(f)
         if len(support) == 1:
             return np.full(n, support[0], dtype=np.int64)
         before = self._coder.num_valid_bits()
+        cheapest = -np.log2(f.max() / float(1 << precision))  # bits the likeliest symbol costs
+        if n * cheapest > before + 64:  # 64: the coder's state holds bits beyond its words
+            raise ValueError(f"a stream of {n:,} symbols needs at least {n * cheapest:,.0f} coded bits, "
+                             f"{before:,} are left")
         ranks = self._coder.decode(Categorical(f[support] / float(1 << precision), perfect=False), n)
         stat["coded_bits"] = before - self._coder.num_valid_bits()
         return support[ranks]
+
+    def _table(self, alphabet: int | None) -> tuple[np.ndarray, int]:
+        size = self.bits.read_exp_golomb()
+        if size < 1 or (alphabet is not None and size > alphabet):
+            raise ValueError(f"frequency table of {size:,} symbols for an alphabet of {alphabet:,}")
+        if self.bits.read(1):
+            if size > 1 << (UNIFORM_PRECISION - 4):  # the writer's own limit (choose_table)
+                raise ValueError(f"uniform table of {size:,} symbols")
+            return uniform_table(size), UNIFORM_PRECISION
+        precision, k = self.bits.read(5), self.bits.read(4)
+        if precision > MAX_PRECISION or size - 1 > self.bits.remaining:  # each frequency takes >= 1 bit
+            raise ValueError("frequency table is corrupt")
+        f = np.zeros(size, dtype=np.int64)
+        for i in range(size - 1):
+            f[i] = min(self.bits.read_exp_golomb(k), 1 << 62)  # clipped: the sum check below refuses it
+        rest = (1 << precision) - int(f.sum())
+        if rest < 1 or f.max() > 1 << precision:
+            raise ValueError("frequency table is corrupt")
+        f[-1] = rest
+        return f, precision
 
     def done(self) -> bool:
         return self._coder.is_empty()

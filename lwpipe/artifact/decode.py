@@ -21,7 +21,8 @@ from torch.nn.utils import parametrize
 from lwpipe.artifact.coding import StreamReader
 from lwpipe.artifact.format import ArtifactError, unpack
 from lwpipe.artifact.positions import positions_from_gaps
-from lwpipe.artifact.raw import DTYPES, RawReader, join_float, mantissa_bytes
+from lwpipe.artifact.limits import check_header
+from lwpipe.artifact.raw import DTYPES, FLOAT_FIELDS, RawReader, join_float, mantissa_bytes
 from lwpipe.constraints import COMPRESSIBLE, Compressed, dequantize, effective_tensors, set_half_bias
 
 
@@ -46,18 +47,21 @@ class Artifact:
         return self.header.get("model")
 
 
-def load(path, *, module: nn.Module | None = None, trusted: bool = False) -> nn.Module:
+def load(path, *, module: nn.Module | None = None, trusted: bool = False,
+         max_dense_bytes: int | None = None) -> nn.Module:
     """The model stored in a `.lwp` file, in eval mode, computing bit for bit what the encoded model computed.
 
     The model is built from the file's config only by an allowlisted constructor
     (lwpipe.models); pass `module` to fill a model you built, or `trusted=True`
     to let the file name any importable constructor (that runs code of its choosing).
+    A file is either loaded or refused with ArtifactError; reading it takes memory proportional to the
+    model's dense size as the file declares it (`max_dense_bytes` refuses files that declare more).
     """
     data = read_bytes(path)
     header, _ = unpack(data, str(path))
     if module is None:
         constructor(header, trusted, str(path))  # refuse before any decoding work
-    return build(read(data, str(path)), module=module, trusted=trusted, source=str(path))
+    return build(read(data, str(path), max_dense_bytes), module=module, trusted=trusted, source=str(path))
 
 
 def read_bytes(path) -> bytes:
@@ -67,12 +71,11 @@ def read_bytes(path) -> bytes:
         raise ArtifactError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def read(data: bytes, source: str = "artifact") -> Artifact:
+def read(data: bytes, source: str = "artifact", max_dense_bytes: int | None = None) -> Artifact:
     header, body = unpack(data, source)
     try:
-        raw_len, bits_len, words_len = (int(n) for n in header["sections"])
-        if raw_len + bits_len + words_len != len(body):
-            raise ValueError(f"sections of {raw_len}+{bits_len}+{words_len} bytes in a body of {len(body)}")
+        check_header(header, len(body), max_dense_bytes)  # every declared count, before anything is allocated
+        raw_len, bits_len, words_len = header["sections"]
         raw = RawReader(body[:raw_len])
         streams = StreamReader(body[raw_len:raw_len + bits_len], body[raw_len + bits_len:])
         layers = [read_layer(e, raw, streams) for e in header["layers"]]
@@ -83,7 +86,7 @@ def read(data: bytes, source: str = "artifact") -> Artifact:
             tensor_bits[name] = 8.0 * (raw.pos - start) + sum(_stream_bits(s) for s in streams.stats[first:])
         if raw.pos != raw_len or not streams.done():
             raise ValueError("data left over after the last tensor")
-    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError, OverflowError) as e:
         raise ArtifactError(f"{source} cannot be decoded: {e}") from None
     return Artifact(header, layers, tensors, tensor_bits, len(data))
 
@@ -93,8 +96,19 @@ def take(how: list, shape, restore: torch.dtype, raw: RawReader, streams: Stream
     if len(how) == 1:
         return raw.tensor(how[0], shape, restore)
     dtype, n = DTYPES[how[0]], math.prod(shape)
-    symbols = streams.symbols(n)
+    if mantissa_bytes(n, dtype) > raw.remaining:  # the mantissas are real bytes: they bound n before decoding
+        raise ValueError(f"a tensor of {n:,} elements needs {mantissa_bytes(n, dtype):,} mantissa bytes, "
+                         f"{raw.remaining:,} are left")
+    symbols = streams.symbols(n, 1 << (FLOAT_FIELDS[dtype][0] + 1))
     return join_float(symbols, int(how[1]), raw.take(mantissa_bytes(n, dtype)), dtype).reshape(shape).to(restore)
+
+
+def read_levels(streams: StreamReader, n: int, qmin: int, qmax: int) -> list[int]:
+    """n integer levels packed at the grid's bit width; the bits left bound n before the loop."""
+    width = (qmax - qmin).bit_length()
+    if n * width > streams.bits.remaining:
+        raise ValueError(f"{n:,} levels of {width} bits, {streams.bits.remaining:,} bits are left")
+    return [streams.bits.read(width) + qmin for _ in range(n)]
 
 
 def read_layer(e: dict, raw: RawReader, streams: StreamReader) -> Layer:
@@ -105,7 +119,9 @@ def read_layer(e: dict, raw: RawReader, streams: StreamReader) -> Layer:
     keep, cost = None, {"weights": numel, "nnz": numel, "positions": 0.0}
     if e.get("mask") is not None:
         m = e["mask"]
-        keep = torch.from_numpy(positions_from_gaps(streams.symbols(m["gaps"]), m["escape"], m["nnz"], numel))
+        gaps = streams.symbols(m["gaps"], numel if m["escape"] is None else m["escape"] + 1)
+        keep = torch.from_numpy(positions_from_gaps(gaps, m["escape"], m["nnz"], numel))
+        del gaps
         mask = torch.zeros(numel, dtype=torch.bool)
         mask[keep] = True
         c.set_mask(mask.view(shape))
@@ -120,24 +136,19 @@ def read_layer(e: dict, raw: RawReader, streams: StreamReader) -> Layer:
     if e.get("quant") is not None:
         read_grid(c, e["quant"], raw, streams)
     dtype = DTYPES[e["dtype"]]
-    original = torch.zeros(shape, dtype=dtype)
+    original = torch.zeros((), dtype=dtype).expand(shape)  # no memory: a shared layer computes from its codebook
     if e.get("shared") is not None:
         k = int(e["shared"]["k"])
-        index = torch.from_numpy(streams.symbols(n))
-        if len(index) and int(index.max()) >= k:
-            raise ValueError(f"layer {e['name']}: codebook index {int(index.max())} for a codebook of {k}")
+        index = torch.from_numpy(streams.symbols(n, k))
         cost["values"] = _stream_bits(streams.stats[-1])
         if e["shared"]["codebook"] == "levels":
-            width = (c.qmax - c.qmin).bit_length()
-            levels = torch.tensor([streams.bits.read(width) + c.qmin for _ in range(k)], dtype=torch.float32)
+            levels = torch.tensor(read_levels(streams, k, c.qmin, c.qmax), dtype=torch.float32)
             centroids = dequantize(levels, c.scale, c.zero_point)
         else:
             centroids = take(e["shared"]["codebook"], [k], torch.float32, raw, streams)
         c.set_codebook(scatter(index), centroids)
     elif c.quantized and "values" not in e:
-        levels = torch.from_numpy(streams.symbols(n)) + c.qmin
-        if len(levels) and int(levels.max()) > c.qmax:
-            raise ValueError(f"layer {e['name']}: level {int(levels.max())} above qmax {c.qmax}")
+        levels = torch.from_numpy(streams.symbols(n, c.qmax - c.qmin + 1)) + c.qmin
         cost["values"] = _stream_bits(streams.stats[-1])
         weights = dequantize(scatter(levels.to(torch.float32)), c.scale, c.zero_point)
         original = (weights if c.mask is None else torch.where(c.mask, weights, torch.zeros(()))).to(dtype)
@@ -162,9 +173,7 @@ def read_grid(c: Compressed, q: dict, raw: RawReader, streams: StreamReader) -> 
     if isinstance(mode, int):
         zp = torch.full(shape, float(mode))
     elif mode == "levels":
-        width = (qmax - qmin).bit_length()
-        zp = torch.tensor([streams.bits.read(width) + qmin for _ in range(math.prod(shape))],
-                          dtype=torch.float32).reshape(shape)
+        zp = torch.tensor(read_levels(streams, math.prod(shape), qmin, qmax), dtype=torch.float32).reshape(shape)
     else:
         zp = take(mode, shape, torch.float32, raw, streams)
     axis = q["axis"]
@@ -207,18 +216,38 @@ def constructor(header: dict, trusted: bool, source: str):
 def build_model(header: dict, trusted: bool, source: str) -> nn.Module:
     cls = constructor(header, trusted, source)
     config = header["model"]
-    try:
-        if cls is None:
-            from hydra.utils import instantiate
-
-            model = instantiate(config, _convert_="all")
-        else:
-            model = cls(**{k: v for k, v in config.items() if k != "_target_"})
-    except Exception as e:
-        raise ArtifactError(f"{source}: building the model {config['_target_']} failed: {e}") from None
+    if cls is not None:  # the file's arguments are tried without memory first: they must give the file's shapes
+        check_fit(_construct(cls, config, source, torch.device("meta")), header, source)
+    model = _construct(cls, config, source)
     if not isinstance(model, nn.Module):
         raise ArtifactError(f"{source}: {config['_target_']} built a {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _construct(cls, config: dict, source: str, device: torch.device | None = None):
+    try:
+        with torch.device(device or "cpu"):
+            if cls is None:
+                from hydra.utils import instantiate
+
+                return instantiate(config, _convert_="all")
+            return cls(**{k: v for k, v in config.items() if k != "_target_"})
+    except Exception as e:
+        raise ArtifactError(f"{source}: building the model {config['_target_']} failed: {e}") from None
+
+
+def check_fit(model: nn.Module, header: dict, source: str) -> None:
+    """The model (built on the meta device) has exactly the tensors the file stores, at the stored shapes."""
+    stored = {e["name"]: e["shape"] for e in header["layers"]} | {t[0]: t[2] for t in header["tensors"]}
+    have = {name: list(t.shape) for name, t in effective_tensors(model).items()}
+    if stored.keys() != have.keys():
+        missing, unexpected = sorted(have.keys() - stored.keys()), sorted(stored.keys() - have.keys())
+        raise ArtifactError(f"{source} does not fit the model {type(model).__name__}: "
+                            f"tensors the model has but the file lacks {missing[:5]}, "
+                            f"tensors in the file the model lacks {unexpected[:5]}")
+    for name, shape in stored.items():
+        if list(shape) != have[name]:
+            raise ArtifactError(f"{source}: {name} is {list(shape)} in the file but {have[name]} in the model")
 
 
 @torch.no_grad()

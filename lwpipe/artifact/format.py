@@ -39,6 +39,10 @@ HEADER_WORDS = (
 )
 
 
+# A header is ~150 bytes of JSON per stored tensor: 16 MiB holds ~100,000 tensors.
+MAX_HEADER = 16 << 20
+
+
 class ArtifactError(LwpipeError):
     """A file that is not a readable lwpipe artifact; the message says why."""
 
@@ -70,14 +74,20 @@ def _deflate(data: bytes) -> bytes:
 
 def _inflate(data: bytes) -> bytes:
     d = zlib.decompressobj(-15, zdict=HEADER_WORDS)
-    out = d.decompress(data) + d.flush()
+    out = d.decompress(data, MAX_HEADER)  # capped: a few KB of deflate can inflate to gigabytes
+    if d.unconsumed_tail or len(out) >= MAX_HEADER:
+        raise ValueError(f"it inflates to more than {MAX_HEADER:,} bytes (the most a header may take)")
     if not d.eof:
         raise ValueError("the compressed header is cut off")
     return out
 
 
 def pack(header: dict, body: bytes) -> bytes:
-    head = _deflate(json.dumps(header, separators=(",", ":")).encode())
+    return pack_json(json.dumps(header, separators=(",", ":")).encode(), body)
+
+
+def pack_json(header: bytes, body: bytes) -> bytes:
+    head = _deflate(header)
     rest = _leb128(len(head)) + head + body
     prefix = MAGIC + bytes([VERSION])
     size = len(prefix) + len(rest) + 4
@@ -118,6 +128,8 @@ def unpack(data: bytes, source: str = "artifact") -> tuple[dict, bytes]:
         header = json.loads(_inflate(data[pos:pos + length]))
     except (ValueError, zlib.error) as e:
         raise ArtifactError(f"{source} has an unreadable header: {e}") from None
+    except RecursionError:
+        raise ArtifactError(f"{source} has an unreadable header: JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise ArtifactError(f"{source} has an unreadable header: not a JSON object")
     return header, data[pos + length:-4]

@@ -10,6 +10,7 @@ The file is fully decoded (so a damaged one is caught) but no model is built.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lwpipe.artifact.decode import Artifact, constructor, read, read_bytes
@@ -96,8 +97,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="accept a model constructor outside lwpipe.models (inspect never builds the model)")
     a = p.parse_args(argv)
     try:
-        print(describe(a.path, a.trusted))
+        text = describe(a.path, a.trusted)
     except LwpipeError as e:
         print(f"lwpipe-inspect: error: {e}", file=sys.stderr)
         sys.exit(2)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `lwpipe-inspect FILE | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail
     return 0

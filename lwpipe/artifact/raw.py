@@ -75,8 +75,12 @@ class RawReader:
     def __init__(self, data: bytes):
         self.data, self.pos = data, 0
 
+    @property
+    def remaining(self) -> int:
+        return len(self.data) - self.pos
+
     def take(self, size: int) -> bytes:
-        if self.pos + size > len(self.data):
+        if size < 0 or self.pos + size > len(self.data):
             raise ValueError("raw section ends early")
         self.pos += size
         return self.data[self.pos - size:self.pos]
@@ -87,6 +91,8 @@ class RawReader:
         dtype = DTYPES[dtype_name_]
         n = 1
         for s in shape:
+            if int(s) < 0:
+                raise ValueError(f"negative dimension in shape {shape}")
             n *= int(s)
         size = n * torch.empty((), dtype=dtype).element_size()
         chunk = bytearray(self.take(size))

@@ -1,0 +1,153 @@
+"""What a `.lwp` header may declare, checked before anything is allocated.
+
+A file is untrusted input: its header names counts (weights per layer, kept
+weights, gap symbols, codebook sizes, tensor shapes) that the decoder would
+otherwise allocate blindly, and a count costs the writer nothing (a stream of
+one repeated symbol is free). `check_header` checks every field's type and
+every count against the layer it belongs to and against the file's declared
+dense size, so that decoding needs memory proportional to that size; the
+readers (coding.py, raw.py) check what they take against the bytes left.
+Fields this module does not know are left to the code that reads them.
+"""
+from __future__ import annotations
+
+import math
+
+from lwpipe.artifact.raw import DTYPES, FLOAT_FIELDS
+
+MAX_DIMS = 8
+MAX_ESCAPE = 1 << 16
+MAX_LEVEL = 1 << 32        # |qmin|, |qmax|, an integer zero point
+MAX_CODEBOOK = 1 << 16     # a codebook may exceed its layer's weights only up to this (files of lwpipe < 0.2)
+
+
+class HeaderError(ValueError):
+    """A header field that is missing, of the wrong type, or out of bounds; decode turns it into ArtifactError."""
+
+
+def _int(value, what: str, lo: int = 0, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise HeaderError(f"{what} is {value!r}, not a whole number")
+    if value < lo or (hi is not None and value > hi):
+        raise HeaderError(f"{what} is {value}, outside {lo}..{hi if hi is not None else 'inf'}")
+    return value
+
+
+def _dict(value, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise HeaderError(f"{what} is {type(value).__name__}, not an object")
+    return value
+
+
+def _list(value, what: str) -> list:
+    if not isinstance(value, list):
+        raise HeaderError(f"{what} is {type(value).__name__}, not a list")
+    return value
+
+
+def check_shape(shape, what: str, limit: int) -> int:
+    """The element count of a declared shape; HeaderError unless it is at most `limit`."""
+    dims = [_int(s, f"{what} dimension") for s in _list(shape, f"{what} shape")]
+    if len(dims) > MAX_DIMS:
+        raise HeaderError(f"{what} has {len(dims)} dimensions (at most {MAX_DIMS})")
+    n = math.prod(dims)
+    if n > limit:
+        raise HeaderError(f"{what} declares {n:,} elements, more than the {limit:,} it may hold")
+    return n
+
+
+def check_how(how, what: str) -> None:
+    """A stored-tensor description: [dtype] or [float dtype, lowest exponent]."""
+    how = _list(how, what)
+    if len(how) not in (1, 2) or how[0] not in DTYPES:
+        raise HeaderError(f"{what} is {how!r}, not a stored dtype description")
+    if len(how) == 2:
+        fields = FLOAT_FIELDS.get(DTYPES[how[0]])
+        if fields is None:
+            raise HeaderError(f"{what}: {how[0]} cannot be split into fields")
+        _int(how[1], f"{what} lowest exponent", 0, (1 << fields[0]) - 1)
+
+
+def check_grid(q, what: str, shape: list[int]) -> int:
+    """The grid's level span qmax - qmin (>= 1)."""
+    q = _dict(q, what)
+    _int(q.get("bits"), f"{what} bits", 1, 32)
+    qmin = _int(q.get("qmin"), f"{what} qmin", -MAX_LEVEL, MAX_LEVEL)
+    qmax = _int(q.get("qmax"), f"{what} qmax", -MAX_LEVEL, MAX_LEVEL)
+    if qmin >= qmax:
+        raise HeaderError(f"{what} has qmin {qmin} >= qmax {qmax}: a grid needs at least two levels")
+    axis = q.get("axis")
+    if axis is not None and (axis != 0 or isinstance(axis, bool) or not shape):
+        raise HeaderError(f"{what} axis is {axis!r} (this lwpipe knows None and 0)")
+    channels = 1 if axis is None else shape[0]
+    for part in ("scale", "zp"):
+        pair = _list(q.get(part), f"{what} {part}")
+        if len(pair) != 2:
+            raise HeaderError(f"{what} {part} is {pair!r}, not [how, shape]")
+        check_shape(pair[1], f"{what} {part}", channels)
+    scale_how, mode = q["scale"][0], q["zp"][0]
+    check_how(scale_how, f"{what} scale")
+    if isinstance(mode, int) and not isinstance(mode, bool):
+        _int(mode, f"{what} zero point", -MAX_LEVEL, MAX_LEVEL)
+    elif mode != "levels":
+        check_how(mode, f"{what} zero point")
+    return qmax - qmin
+
+
+def check_layer(e, i: int, budget: int) -> int:
+    """The layer's weight count; HeaderError when any of its fields is out of bounds."""
+    what = f"layer {i}"
+    e = _dict(e, what)
+    if not isinstance(e.get("name"), str):
+        raise HeaderError(f"{what} has no name")
+    what = f"layer {e['name']!r}"
+    shape = e.get("shape")
+    numel = check_shape(shape, what, budget)
+    if e.get("dtype") not in DTYPES:
+        raise HeaderError(f"{what} has dtype {e.get('dtype')!r}")
+    if e.get("mask") is not None:
+        m = _dict(e["mask"], f"{what} mask")
+        nnz = _int(m.get("nnz"), f"{what} kept weights", 0, numel)
+        escape = m.get("escape")
+        if escape is not None:
+            _int(escape, f"{what} escape", 1, MAX_ESCAPE)
+        # every escape symbol stands for `escape` pruned weights, so there are at most numel // escape of them
+        _int(m.get("gaps"), f"{what} gap symbols", nnz, nnz if escape is None else nnz + numel // escape)
+    span = check_grid(e["quant"], f"{what} grid", shape) if e.get("quant") is not None else None
+    if e.get("shared") is not None:
+        s = _dict(e["shared"], f"{what} codebook")
+        _int(s.get("k"), f"{what} codebook size", 1, max(numel, MAX_CODEBOOK))
+        if s.get("codebook") == "levels":
+            if span is None or e["quant"].get("axis") is not None:
+                raise HeaderError(f"{what}: a codebook of levels needs a per-tensor grid")
+        else:
+            check_how(s.get("codebook"), f"{what} codebook")
+    elif span is None or "values" in e:
+        check_how(e.get("values"), f"{what} values")
+    return numel
+
+
+def check_header(header: dict, body_len: int, max_dense_bytes: int | None = None) -> None:
+    """HeaderError naming the first field that is malformed or declares more than the file can hold."""
+    dense = _int(header.get("dense_bytes"), "dense_bytes")
+    if max_dense_bytes is not None and dense > max_dense_bytes:
+        raise HeaderError(f"the model's dense size is {dense:,} bytes, above the limit of {max_dense_bytes:,}")
+    if header.get("model") is not None:
+        _dict(header["model"], "model config")
+    sections = _list(header.get("sections"), "sections")
+    if len(sections) != 3 or sum(_int(n, "section length") for n in sections) != body_len:
+        raise HeaderError(f"sections {sections!r} do not add up to the body's {body_len} bytes")
+    budget, names = dense // 4, set()  # weights the declared dense size allows, over all layers
+    for i, e in enumerate(_list(header.get("layers"), "layers")):
+        budget -= check_layer(e, i, budget)
+        if e["name"] in names:
+            raise HeaderError(f"layer {e['name']!r} is stored twice")
+        names.add(e["name"])
+    for i, t in enumerate(_list(header.get("tensors"), "tensors")):
+        t = _list(t, f"tensor {i}")
+        if len(t) < 4 or not isinstance(t[0], str) or t[3] not in DTYPES or t[0] in names:
+            raise HeaderError(f"tensor {i} is {str(t)[:80]}, not [name, how, shape, dtype, ...] with a new name")
+        check_how(t[1], f"tensor {t[0]!r}")
+        # stored bytes bound a tensor: at least 7 bits of each element (bfloat16's mantissa) are in the body
+        check_shape(t[2], f"tensor {t[0]!r}", 8 * body_len // 7)
+        names.add(t[0])

@@ -1,0 +1,157 @@
+"""Files written to hurt the reader (valid checksums, hostile counts): each is refused quickly, in one line.
+
+Each case is one the review reproduced against lwpipe 0.1 (gigabytes of memory, a Rust panic or an endless
+loop from a file of a few KB); here the reader runs in a child process capped at 1 GiB of address space above
+its start, so a regression fails the test instead of taking the machine down.
+"""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from lwpipe.artifact import ArtifactError, encode_model, read
+from lwpipe.artifact.coding import BitWriter
+from lwpipe.artifact.format import pack, pack_json, unpack
+from tests.artifact.helpers import CONFIG, model_with
+
+CHILD = textwrap.dedent("""
+    import json, resource, sys, time
+    import lwpipe, torch
+    from lwpipe.artifact import ArtifactError, read
+    vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+    out = {}
+    for path in sys.argv[1:]:
+        t = time.perf_counter()
+        try:
+            read(open(path, 'rb').read(), path)  # what lwpipe-inspect does
+            lwpipe.load(path)
+            out[path] = 'LOADED'
+        except ArtifactError as e:
+            out[path] = 'REFUSED ' + str(e)
+        out[path + ' seconds'] = time.perf_counter() - t
+    print(json.dumps(out))
+""")
+
+
+def refusals(tmp_path, cases: dict[str, bytes]) -> dict[str, str]:
+    """Each file read in one child process capped at 1 GiB above its start; case -> the refusal's message."""
+    paths = {}
+    for name, data in cases.items():
+        paths[name] = tmp_path / f"{name}.lwp"
+        paths[name].write_bytes(data)
+    p = subprocess.run([sys.executable, "-c", CHILD, *map(str, paths.values())], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    out = json.loads(p.stdout)
+    for name, path in paths.items():
+        assert out[str(path)].startswith("REFUSED"), (name, out[str(path)])
+        assert out[f"{path} seconds"] < 5, name
+    return {name: out[str(path)] for name, path in paths.items()}
+
+
+def mask_layer(shape, nnz, gaps, escape=None, **extra):
+    return {"name": "0.weight", "shape": shape, "dtype": "float32",
+            "mask": {"nnz": nnz, "gaps": gaps, "escape": escape}, "values": ["float32"], **extra}
+
+
+def crafted(layers, bits: bytes = b"", raw: bytes = b"", words: bytes = b"", tensors=(), dense_bytes=64,
+            model=None) -> bytes:
+    header = {"model": model, "dense_bytes": dense_bytes, "layers": layers, "tensors": list(tensors),
+              "sections": [len(raw), len(bits), len(words)]}
+    return pack(header, raw + bits + words)
+
+
+def table_bits(size: int, uniform: bool) -> bytes:
+    w = BitWriter()
+    w.write_exp_golomb(size)
+    w.write(uniform, 1)
+    if not uniform:
+        w.write(20, 5)
+        w.write(0, 4)
+    w.write(0, 4000)  # some body for the reader to chew on
+    return w.getvalue()
+
+
+@pytest.fixture(scope="module")
+def blob() -> bytes:
+    return encode_model(model_with("pruned+shared+quant+half_bias", "pruned+quant_channel"), CONFIG)
+
+
+def one_symbol_table() -> bytes:
+    w = BitWriter()
+    w.write_exp_golomb(1)  # a table of one symbol: the stream itself costs nothing
+    w.write(0, 1)
+    w.write(0, 5)
+    w.write(0, 4)
+    return w.getvalue()
+
+
+def grid_layer(qmin: int, qmax: int, k: int, zp_levels: int | None = None) -> dict:
+    grid = {"bits": 8, "qmin": qmin, "qmax": qmax, "axis": None, "scale": [["float32"], []], "zp": [0, []]}
+    if zp_levels is not None:
+        grid["zp"] = ["levels", [zp_levels]]
+        return {"name": "0.weight", "shape": [4, 4], "dtype": "float32", "quant": grid}
+    return {"name": "0.weight", "shape": [4, 4], "dtype": "float32", "quant": grid,
+            "shared": {"k": k, "codebook": "levels"}}
+
+
+def test_hostile_files_are_refused_quickly_within_memory(tmp_path, blob):
+    header, body = unpack(blob)
+    header["model"]["in_features"] = 2_000_000  # a 2.6 GB first layer, if it were built
+    wide = pack(header, body)
+    big = ["0.bias", ["float32", 100], [10**9], "float32"]
+    cases = {  # name: (file, a word the refusal must contain)
+        "uniform table of 2^28 symbols": (crafted([mask_layer([4, 4], 2, 2)], bits=table_bits(1 << 28, True)),
+                                          "frequency table"),
+        "table of 2^28 frequencies": (crafted([mask_layer([4, 4], 2, 2)], bits=table_bits(1 << 28, False)),
+                                      "frequency table"),
+        "one symbol, 2e8 gaps": (crafted([mask_layer([4, 4], 2, 2 * 10**8, 3)], bits=one_symbol_table()), "gap"),
+        "one symbol, 1e12 gaps": (crafted([mask_layer([4, 4], 2, 10**12, 3)], bits=one_symbol_table()), "gap"),
+        "bias of 1e9 from 4 KB": (crafted([], bits=table_bits(2, True), raw=bytes(4000), tensors=[big]),
+                                  "elements"),
+        "qmin == qmax, k=1e10": (crafted([grid_layer(0, 0, 10**10)], raw=bytes(4)), "qmin"),
+        "1-bit levels, k=1e10": (crafted([grid_layer(0, 1, 10**10)], raw=bytes(4)), "codebook size"),
+        "1-bit levels, k=60000": (crafted([grid_layer(0, 1, 60_000)], bits=one_symbol_table(), raw=bytes(4)),
+                                  "levels of 1 bits"),
+        "1e10 zero-point levels": (crafted([grid_layer(0, 1, 0, 10**10)], raw=bytes(4)), "elements"),
+        "layer of 1e9 weights": (crafted([mask_layer([10**9], 1, 1)], bits=table_bits(2, True)), "elements"),
+        "constructor in_features=2e6": (wide, "2000000"),
+        "header inflating to 64 MB": (pack_json(b'{"pad":"' + b" " * (64 << 20) + b'"}', b""), "inflates"),
+        "header nested 200,000 deep": (pack_json(b"[" * 200_000 + b"]" * 200_000, b""), "nested too deeply"),
+    }
+    got = refusals(tmp_path, {name: data for name, (data, _) in cases.items()})
+    for name, (_, word) in cases.items():
+        assert word in got[name], (name, got[name])
+
+
+@pytest.mark.parametrize("field, value", [
+    ("dense_bytes", "many"), ("layers", {"a": 1}), ("tensors", [[1, 2]]), ("sections", [1, 2]),
+    ("layers.0.shape", [-3, 4]), ("layers.0.mask", [1]), ("layers.0.quant.axis", 3),
+    ("layers.0.shared.k", True), ("tensors.0.1", ["float32", 10**6]), ("tensors.0.2", [[2]]),
+])
+def test_fields_of_the_wrong_type_or_range(blob, field, value):
+    header, body = unpack(blob)
+    *path, last = field.split(".")
+    node = header
+    for p in path:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    node[int(last) if isinstance(node, list) else last] = value
+    with pytest.raises(ArtifactError, match="cannot be decoded"):
+        read(pack(header, body))
+
+
+def test_inspect_into_a_closed_pipe(tmp_path, blob):
+    path = tmp_path / "model.lwp"
+    path.write_bytes(blob)
+    code = (f"import os; r, w = os.pipe(); os.close(r); os.dup2(w, 1)\n"
+            f"from lwpipe.artifact.inspect import main; main([{str(path)!r}])")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+
+
+def test_pack_json_is_what_pack_writes(blob):
+    header, body = unpack(blob)
+    assert pack_json(json.dumps(header, separators=(",", ":")).encode(), body) == blob
