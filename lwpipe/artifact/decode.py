@@ -203,7 +203,7 @@ def constructor(header: dict, trusted: bool, source: str):
         return None
     allowed = allowed_constructors()
     nested = any(isinstance(v, dict) and "_target_" in v for v in config.values())
-    if target not in allowed or nested:
+    if not isinstance(target, str) or target not in allowed or nested:
         what = f"model constructor {target!r}" + (" with nested _target_ values" if nested else "")
         raise ArtifactError(
             f"{source} asks for {what}, which is not on the allowlist "
