@@ -2,7 +2,9 @@
 
 Errors in the user's input print one message and exit with status 2; the
 run directory of a run that failed before doing any work is removed, and
-one that failed later holds FAILED and no summary.json. In a multirun a
+one that failed later holds FAILED and no summary.json. A run first claims
+its directory (`claim`): one that another run, or anything else, already
+holds is refused, and a refused run deletes or marks nothing there. In a multirun a
 failing job keeps its directory, holds FAILED, and returns NaN, so that the
 sweep goes on and its summary (lwpipe/sweep.py) lists the job as failed.
 
@@ -11,7 +13,10 @@ its directory.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import re
 import shutil
 import signal
 import sys
@@ -21,21 +26,50 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lwpipe.errors import LwpipeError
 
 RECIPES = str(Path(__file__).resolve().parent.parent / "recipes")
 log = logging.getLogger("lwpipe")
+OWNER = ".lwpipe-owner"
+HYDRA_FILES = {".hydra", "lwpipe.log"}  # what Hydra writes into the run directory before lwpipe runs
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # config.Top.name's pattern
+INVALID_NAME = "invalid-name"
 
 
-def _fail(run_dir: Path, err, multirun: bool = False) -> None:
+def dir_name(name) -> str:
+    """The run name as a folder: a name validation will refuse (`../../X`) never leaves outputs/runs/."""
+    return str(name) if NAME.fullmatch(str(name)) else INVALID_NAME
+
+
+OmegaConf.register_new_resolver("lwpipe_pid", os.getpid, replace=True)
+OmegaConf.register_new_resolver("lwpipe_dir_name", dir_name, replace=True)
+
+
+def claim(run_dir: Path) -> bool:
+    """True when this run owns run_dir: it holds only what Hydra just wrote, and no other run claimed it first
+    (the owner file is created exclusively)."""
+    if any(p.name not in HYDRA_FILES for p in run_dir.iterdir()):
+        return False
+    try:
+        with open(run_dir / OWNER, "x") as f:
+            f.write(f"{os.getpid()}\n")
+        return True
+    except FileExistsError:
+        return False
+
+
+def _fail(run_dir: Path, err, multirun: bool = False, owned: bool = True, name=None) -> None:
+    if not owned:  # someone else's directory: touch nothing
+        return
     if not multirun and not (run_dir / "metrics.jsonl").exists():
         shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: leave nothing that looks like a run
-        try:
-            run_dir.parent.rmdir()  # and no empty outputs/runs/<name>/ either
-        except OSError:
-            pass
+        if run_dir.parent.name == dir_name(name):
+            try:
+                run_dir.parent.rmdir()  # and no empty outputs/runs/<name>/ either
+            except OSError:
+                pass
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "FAILED").write_text(f"{err}\n")
@@ -65,11 +99,16 @@ def _main(cfg: DictConfig):
     wanted = cfg.get("objective")
     n_objectives = len(wanted) if isinstance(wanted, ListConfig) else 1
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` leaves a FAILED marker, as Ctrl-C does
+    owned = claim(run_dir)
+    fail = functools.partial(_fail, owned=owned, name=cfg.get("name"))
     try:
+        if not owned:
+            raise LwpipeError(f"the run directory {run_dir} already holds another run or other files; "
+                              f"lwpipe writes each run into a new directory (set hydra.run.dir to a new one)")
         recipe = validate(cfg)
         final = run(recipe, run_dir)
     except KeyboardInterrupt:
-        _fail(run_dir, "interrupted", multirun)
+        fail(run_dir, "interrupted", multirun)
         if multirun:
             raise
         print("lwpipe: interrupted; finished stages are cached: run the same command again to go on",
@@ -77,18 +116,17 @@ def _main(cfg: DictConfig):
         sys.exit(130)
     except Exception as e:
         if multirun:  # Hydra's sweepers stop the whole sweep on a raised job error: report, go on
-            _fail(run_dir, e, multirun)
+            fail(run_dir, e, multirun)
             if isinstance(e, LwpipeError):
                 log.error("job %s failed: %s", hc.job.num, e)
             else:
                 log.exception("job %s failed", hc.job.num)
             return float("nan") if n_objectives == 1 else (float("nan"),) * n_objectives
         if isinstance(e, LwpipeError):
-            _fail(run_dir, e)
+            fail(run_dir, e)
             print(f"lwpipe: error: {e}", file=sys.stderr)
             sys.exit(2)
         # not an input error we recognise: one line here, the run directory keeps the traceback
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "FAILED").write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"lwpipe: error: {type(e).__name__}: {first}\n(traceback in {run_dir / 'FAILED'})", file=sys.stderr)

@@ -79,3 +79,53 @@ def test_more_bad_input_is_refused_before_any_work(tmp_path, case):
     assert p.returncode == 2 and expected in p.stderr, p.stderr
     assert "Traceback" not in p.stderr + p.stdout
     assert not (tmp_path / "outputs" / "runs").exists() or not any((tmp_path / "outputs" / "runs").rglob("*.jsonl"))
+
+
+def test_refused_run_leaves_an_existing_directory_alone(tmp_path):
+    run_dir = tmp_path / "mine"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("keep me")
+    p = lwpipe(["stages.prune.sparsity=2", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert p.returncode == 2 and "already holds another run" in p.stderr, p.stderr
+    assert (run_dir / "notes.txt").read_text() == "keep me" and not (run_dir / "FAILED").exists()
+
+
+def test_name_outside_outputs_deletes_and_leaves_nothing(tmp_path):
+    work = tmp_path / "a" / "b"
+    (tmp_path / "X").mkdir()  # an empty folder of the user's, where ../../X would point
+    work.mkdir(parents=True)
+    p = lwpipe(["name=../../X"], work)
+    assert p.returncode == 2 and "name='../../X'" in p.stderr
+    assert (tmp_path / "X").is_dir()
+    assert sorted(str(f.relative_to(tmp_path)) for f in tmp_path.rglob("*")) == ["X", "a", "a/b", "a/b/outputs",
+                                                                                "a/b/outputs/runs"]
+
+
+def runs_together(tmp_path, n: int) -> tuple[int, int]:  # benchmarks/bench_runs_together.py runs 2, 5, 20
+    """n runs (and one refused run) started at once; (separate complete run directories, FAILED markers)."""
+    exe = shutil.which("lwpipe")
+    cmd = [exe] if exe else [sys.executable, "-m", "lwpipe.cli"]
+    args = TINY + ["pipeline=[train]", "stages.train.epochs=1", "cache=false"]
+    procs = [subprocess.Popen(cmd + args + [f"seed={i}"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for i in range(n)]
+    refused = subprocess.Popen(cmd + args + ["stages.train.lr=-1"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    for p in procs:
+        assert p.communicate(timeout=600)[1] is not None and p.returncode == 0
+    refused.communicate(timeout=600)
+    assert refused.returncode == 2
+    seeds = set()
+    for d in (tmp_path / "outputs" / "runs" / "default").iterdir():
+        records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((d / "summary.json").read_text())
+        seed = json.loads((d / "run_info.json").read_text())["seed"]
+        if len(records) == 3 and summary["seed"] == seed and (d / "model.lwp").exists() \
+                and summary["final"]["accuracy"] == records[-1]["accuracy"]:  # one run's records, whole
+            seeds.add(seed)
+    return len(seeds), len(list((tmp_path / "outputs").rglob("FAILED")))
+
+
+def test_five_runs_started_together_get_five_directories(tmp_path):
+    complete, failed = runs_together(tmp_path, 5)
+    print(f"5 runs started together: {complete} separate complete run directories")
+    assert (complete, failed) == (5, 0)
