@@ -8,14 +8,22 @@ The seed enters key(0) and every stage is seeded from (seed, step, name), so an
 entry holds exactly what rerunning the stage would give. An entry is two files,
 `<key>.safetensors` (checkpoint.save_state) and `<key>.json` (the stage's records
 and the state file's sha256), both written atomically, the json last: an entry
-without its json, or whose state does not match the hash, is a miss.
+without its json, or whose state does not match the hash, is a miss. The json
+carries a sha256 of its own key, state hash and records, so that an edited
+record is recomputed (with a warning), never replayed.
+
+A process killed mid-write leaves `.<file>.tmp<pid>` behind (checkpoint.atomic_write);
+opening the cache removes those no running process can own.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import platform
+import re
+import time
 from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
@@ -24,6 +32,7 @@ import torch
 from torch import nn
 
 from lwpipe import checkpoint
+from lwpipe.errors import ConfigError
 
 log = logging.getLogger("lwpipe")
 PACKAGE = Path(__file__).resolve().parent
@@ -76,12 +85,69 @@ def _strings(value):
             yield from _strings(v)
 
 
+TEMPORARY = re.compile(r"\..+\.tmp(\d+)")  # checkpoint.atomic_write's names
+STALE_SECONDS = 3600  # a writer touches its file continuously and renames it within seconds of the last write
+DEAD_OWNER_SECONDS = 60  # grace for a writer whose pid we cannot see (another host or pid namespace)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Path, pattern: str = "*") -> int:
+    """Remove the `.<name>.tmp<pid>` files under directory (glob `pattern`) that no running process can own:
+    their pid is dead, or nothing has written them for an hour. Returns how many were removed."""
+    removed, now = 0, time.time()
+    for path in Path(directory).glob(pattern):
+        m = TEMPORARY.fullmatch(path.name)
+        if not m or not path.is_file():
+            continue
+        try:
+            age = now - path.stat().st_mtime
+            if age > STALE_SECONDS or (age > DEAD_OWNER_SECONDS and not _alive(int(m.group(1)))):
+                path.unlink()
+                removed += 1
+        except OSError:  # gone already, or not ours to remove
+            continue
+    if removed:
+        log.info("removed %d stale temporary file(s) in %s", removed, directory)
+    return removed
+
+
+def entry_sha256(key: str, state_sha256: str, records: list[dict]) -> str:
+    return hashlib.sha256(json.dumps([key, state_sha256, records], sort_keys=True).encode()).hexdigest()
+
+
+def check_writable(directory: Path, key: str = "cache.dir") -> None:
+    """ConfigError unless files can be created in directory (made if missing): checked before any work."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test.tmp{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(key, str(directory), f"cannot write there ({e.strerror or e}); name a writable "
+                                               f"directory, or set cache.enabled=false") from None
+
+
 class StageCache:
-    """Entries in one directory; `enabled=False` makes every lookup a miss and every store a no-op."""
+    """Entries in one directory; `enabled=False` makes every lookup a miss and every store a no-op.
+
+    An enabled cache checks at once that its directory is writable (ConfigError otherwise) and removes
+    temporaries left by killed processes."""
 
     def __init__(self, directory: str | Path, enabled: bool = True):
         self.dir = Path(directory)
         self.enabled = enabled
+        if enabled:
+            check_writable(self.dir)
+            remove_stale_temporaries(self.dir)
 
     def _paths(self, key: str) -> tuple[Path, Path]:
         return self.dir / f"{key}.safetensors", self.dir / f"{key}.json"
@@ -95,6 +161,8 @@ class StageCache:
             return None
         try:
             entry = json.loads(meta.read_text())
+            if entry.get("entry_sha256") != entry_sha256(entry["key"], entry["state_sha256"], entry["records"]):
+                raise ValueError("its records do not match their checksum: edited or damaged")
             if entry["key"] != key or file_sha256(state) != entry["state_sha256"]:
                 raise ValueError("state file does not match its record")
             checkpoint.load_state(model, state)
@@ -110,4 +178,5 @@ class StageCache:
         state, meta = self._paths(key)
         checkpoint.save_state(model, state)
         entry = {"key": key, "state_sha256": file_sha256(state), "records": records}
+        entry["entry_sha256"] = entry_sha256(key, entry["state_sha256"], records)
         checkpoint.atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(entry)))

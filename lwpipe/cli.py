@@ -90,6 +90,7 @@ def _interrupt(signum, frame):
 
 @hydra.main(config_path=RECIPES, config_name="config", version_base="1.3")
 def _main(cfg: DictConfig):
+    from lwpipe.cache import remove_stale_temporaries
     from lwpipe.config import validate  # imported here so --help stays fast
     from lwpipe.runner import run
 
@@ -106,6 +107,8 @@ def _main(cfg: DictConfig):
             raise LwpipeError(f"the run directory {run_dir} already holds another run or other files; "
                               f"lwpipe writes each run into a new directory (set hydra.run.dir to a new one)")
         recipe = validate(cfg)
+        for pattern in ("*/.*.tmp*", "*/checkpoints/.*.tmp*"):  # left by killed runs of the same name
+            remove_stale_temporaries(run_dir.parent, pattern)
         final = run(recipe, run_dir)
     except KeyboardInterrupt:
         fail(run_dir, "interrupted", multirun)

@@ -122,8 +122,9 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         if check:
             check(s.config, model, f"stages.{s.name}")
     wanted = {getattr(s.config, "teacher", None) for s in recipe.steps}
+    stage_cache = StageCache(top.cache.dir, top.cache.enabled)  # checks the directory is writable
     provenance.write_run_files(run_dir, recipe)
-    stage_cache, key = StageCache(top.cache.dir, top.cache.enabled), cache.initial_key(top, data.identity)
+    key = cache.initial_key(top, data.identity)
     initial = clone(model)  # cached states are loaded into copies of the input model
     loggers = build_loggers(top.logger, run_dir)
     records: list[dict] = []

@@ -1,7 +1,11 @@
 """The stage cache: a hit recomputes nothing, a change recomputes from the changed stage on,
 damaged entries are never trusted, and cached prefixes give the numbers a full run gives."""
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -151,3 +155,42 @@ def test_bad_settings_name_key_value_and_what_is_allowed(override, message):
 
 def test_cache_false_is_short_for_disabled():
     assert validate(compose_recipe(TINY + ["cache=false"])).top.cache.enabled is False
+
+
+def test_an_edited_record_is_recomputed_with_a_warning(first, cached_run, tmp_path, caplog):
+    _, first = first
+    keys = stage_keys(CHAIN + [f"cache.dir={tmp_path / 'cache'}"])
+    record = tmp_path / "cache" / f"{keys[2]}.json"  # share
+    entry = json.loads(record.read_text())
+    entry["records"][-1]["accuracy"] += 0.01  # one digit of a replayed result, as an editor would change it
+    record.write_text(json.dumps(entry))
+    with caplog.at_level("WARNING", logger="lwpipe"):
+        _, again = cached_run()
+    assert cached_steps(again) == {1: True, 2: True, 3: False, 4: False, 5: False}
+    assert numbers(again) == numbers(first)
+    assert any("do not match their checksum" in r.getMessage() for r in caplog.records)
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has exited
+    old, fresh = 3 * 3600, 5
+    files = {f".a.safetensors.tmp{dead}": (old, True), f".b.json.tmp{dead}": (fresh, False),  # a minute's grace
+             f".c.safetensors.tmp{os.getpid()}": (fresh, False), f".d.safetensors.tmp{os.getpid()}": (old, True),
+             "e.safetensors": (old, False)}
+    for name, (age, _) in files.items():
+        (tmp_path / name).write_bytes(b"x")
+        t = time.time() - age
+        os.utime(tmp_path / name, (t, t))
+    (tmp_path / f".f.json.tmp{dead}").write_bytes(b"x")
+    os.utime(tmp_path / f".f.json.tmp{dead}", (time.time() - 120, time.time() - 120))  # dead owner, 2 min old
+    cache.StageCache(tmp_path)
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {name for name, (_, removed) in files.items() if not removed}
+
+
+@pytest.mark.parametrize("directory", ["/proc", "/dev/null", "/dev/null/cache"])
+def test_unwritable_cache_dir_is_refused_before_any_work(tmp_path, directory):
+    with pytest.raises(LwpipeError, match=f"cache.dir='{directory}': cannot write there"):
+        run_recipe(TINY + [f"cache.dir={directory}"], tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "recipe.yaml").exists()
