@@ -38,6 +38,7 @@ from lwpipe.config import Recipe
 from lwpipe.constraints import clone
 from lwpipe.context import Context, stage_seed
 from lwpipe.data import DataBundle
+from lwpipe.data.checks import check_data
 from lwpipe.errors import ConfigError, LwpipeError
 from lwpipe.metrics import evaluate, measure
 
@@ -116,6 +117,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     model = build_model(top.model).to(device)
     ctx = Context(data=data, seed=top.seed, run_dir=run_dir, batch_size=top.data.get("batch_size", 64),
                   eval_batch_size=top.eval.batch_size, device=device)
+    check_data(data, model, device)  # empty splits, shapes across splits, label range (lwpipe/data/checks.py)
     check_fit(model, ctx, top)
     for s in recipe.steps:  # settings that name layers are checked before any work
         check = getattr(s.cls, "check_model", None)

@@ -71,3 +71,74 @@ def test_digits_read_directly_equal_scikit_learns():
     images, target = _read_digits()
     d = sk_digits()
     assert (images == d.images).all() and (target == d.target).all()
+
+
+def test_mnist_truncated_header_names_file_and_expectation(mnist_dir):
+    p = mnist_dir / "t10k-images-idx3-ubyte"
+    p.write_bytes(p.read_bytes()[:10])
+    with pytest.raises(LwpipeError, match=r"t10k-images-idx3-ubyte: truncated header: 10 bytes.*16 bytes"):
+        load_mnist(str(mnist_dir))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("label 200", r"t10k-labels-idx1-ubyte: label 200 at sample 3; MNIST labels are 0..9"),
+    ("2-D labels", r"t10k-labels-idx1-ubyte: holds a 2-dimensional array, expected labels"),
+    ("swapped", r"train-images-idx3-ubyte.gz: holds a 1-dimensional array, expected images"),
+    ("test images 20x20", r"t10k-images-idx3-ubyte: images of \(20, 20\) pixels.*\(28, 28\)"),
+    ("empty test set", r"t10k-labels-idx1-ubyte: holds no labels"),
+])
+def test_mnist_bad_contents_name_the_file(mnist_dir, case, message):
+    rng = np.random.default_rng(1)
+    if case == "label 200":
+        write_idx(mnist_dir / "t10k-labels-idx1-ubyte", np.array([1, 2, 3, 200, 4, 5, 6]))
+    elif case == "2-D labels":
+        write_idx(mnist_dir / "t10k-labels-idx1-ubyte", rng.integers(0, 10, (7, 2)))
+    elif case == "swapped":
+        write_idx(mnist_dir / "train-images-idx3-ubyte.gz", rng.integers(0, 10, 20), compress=True)
+        write_idx(mnist_dir / "train-labels-idx1-ubyte.gz", rng.integers(0, 256, (20, 28, 28)), compress=True)
+    elif case == "test images 20x20":
+        write_idx(mnist_dir / "t10k-images-idx3-ubyte", rng.integers(0, 256, (7, 20, 20)))
+    else:
+        write_idx(mnist_dir / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28)))
+        write_idx(mnist_dir / "t10k-labels-idx1-ubyte", np.zeros(0))
+    with pytest.raises(LwpipeError, match=message):
+        load_mnist(str(mnist_dir))
+
+
+def bundle(train_x, train_y, test_x, test_y):
+    from torch.utils.data import TensorDataset
+
+    from lwpipe.data import DataBundle
+
+    return DataBundle(TensorDataset(train_x, train_y), TensorDataset(test_x, test_y), name="mine")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("label 200", r"data='mine': the train split has label 200 \(sample 2\); the model scores 8 classes, so labels "
+                  r"must be 0..7"),
+    ("negative label", r"the test split has label -5 \(sample 4\)"),
+    ("2-D labels", r"the train labels have shape \(5, 2\); expected one integer per sample"),
+    ("shapes differ", r"train inputs are \(32,\) but test inputs are \(16,\)"),
+    ("empty test", r"data='mine': the test split is empty"),
+])
+def test_generic_checks(case, message):
+    import torch
+
+    from lwpipe.data.checks import check_data
+    from lwpipe.models import TinyMLP
+
+    x, y = torch.randn(5, 32), torch.tensor([0, 1, 2, 3, 4])
+    args = {"label 200": (x, torch.tensor([0, 1, 200, 3, 4]), x, y), "negative label": (x, y, x, -y - 1),
+            "2-D labels": (x, torch.zeros(5, 2, dtype=torch.long), x, y), "shapes differ": (x, y, x[:, :16], y),
+            "empty test": (x, y, x[:0], y[:0])}[case]
+    with pytest.raises(ConfigError, match=message):
+        check_data(bundle(*args), TinyMLP(in_features=32, hidden=4, num_classes=8))
+    check_data(bundle(x, y, x, y), TinyMLP(in_features=32, hidden=4, num_classes=8))  # good data passes
+
+
+def test_runner_checks_labels_before_any_work(tmp_path):
+    from tests.helpers import TINY, run_recipe
+
+    with pytest.raises(ConfigError, match="the model scores 2 classes"):
+        run_recipe(TINY + ["model.num_classes=2"], tmp_path / "run")
+    assert not any((tmp_path / "run").iterdir())
