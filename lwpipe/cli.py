@@ -138,7 +138,19 @@ def _main(cfg: DictConfig):
     return objective(final, recipe.top.objective)
 
 
+def check_presets(args: list[str]) -> None:
+    """`sweep=NAME` must name a preset: Hydra would skip a misspelt optional one and run the basic launcher."""
+    presets = sorted(p.stem for p in (Path(RECIPES) / "sweep").glob("*.yaml"))
+    for arg in args:
+        key, eq, value = arg.lstrip("+").partition("=")
+        if eq and key == "sweep" and value not in presets and value not in ("null", ""):
+            print(f"lwpipe: error: sweep={value!r}: no such preset; the presets are {', '.join(presets)} "
+                  f"(recipes/sweep/)", file=sys.stderr)
+            sys.exit(2)
+
+
 def main() -> None:
+    check_presets(sys.argv[1:])
     _main()
 
 
