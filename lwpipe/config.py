@@ -99,6 +99,8 @@ def _format(prefix: str, err: ValidationError) -> str:
             lines.append(f"{path}: unknown key (value {value!r}); check its spelling")
         elif not e["loc"] or isinstance(value, dict):  # a check across several keys: the message names them
             lines.append(f"{path or 'recipe'}: {e['msg'].removeprefix('Value error, ')}")
+        elif isinstance(value, float) and value != value:  # NaN fails every bound; say what it is
+            lines.append(f"{path}=nan: not a number; {e['msg'].removeprefix('Value error, ').lower()}")
         else:
             lines.append(f"{path}={value!r}: {e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)

@@ -98,6 +98,13 @@ def check_fit(model: nn.Module, ctx: Context, top) -> None:
                           f"{first}") from None
 
 
+def warn_if_larger(s, before: dict, after: dict) -> None:
+    """A compression stage whose model.lwp is larger than the one before it gained nothing (share.bits=16)."""
+    if getattr(s.cls, "compresses", False) and after.get("compressed_bytes", 0) > before.get("compressed_bytes", 1e30):
+        log.warning("stage %s made model.lwp larger: %s -> %s bytes; its settings buy nothing here", s.name,
+                    f"{before['compressed_bytes']:,}", f"{after['compressed_bytes']:,}")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -190,6 +197,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                 ctx.snapshots[s.name] = clone(model).eval()
             if not hit:
                 current.append(snapshot(model, step, s.name, "stage_end", seconds, type=s.type))
+                warn_if_larger(s, records[-1], current[-1])
                 stage_cache.store(key, model, current)  # first: a logged stage_end is always resumable
                 emit(current[-1])
             records.append(current[-1])

@@ -5,6 +5,8 @@ constraints.py), so masks, codebooks and grids survive it by construction.
 """
 from __future__ import annotations
 
+import logging
+import math
 from typing import Callable
 
 import torch
@@ -14,6 +16,8 @@ from torch.utils.data import DataLoader
 
 from lwpipe.config import TrainSettings
 from lwpipe.constraints import trainable_parameters
+
+log = logging.getLogger("lwpipe")
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -44,6 +48,7 @@ def fit(
         return model
     opt = make_optimizer(params, s)
     device = next(model.parameters()).device
+    start = None  # the first batch's loss: what divergence is measured against
     for epoch in range(1, s.epochs + 1):
         model.train()
         total, n = 0.0, 0
@@ -54,8 +59,19 @@ def fit(
             loss.backward()
             opt.step()
             total += loss.item() * len(y)
+            start = loss.item() if start is None else start
             n += len(y)
+        warn_if_diverging(epoch, total / max(n, 1), start)
         if on_epoch:
             on_epoch(epoch, total / max(n, 1))
     model.eval()
     return model
+
+
+def warn_if_diverging(epoch: int, loss: float, first: float | None) -> None:
+    """Warn when an epoch's mean training loss is not finite or 100 times the first batch's (lr too high?)."""
+    if not math.isfinite(loss):
+        log.warning("training loss is %s at epoch %d: training diverged (lower the learning rate)", loss, epoch)
+    elif first is not None and first > 0 and loss > 100 * first:
+        log.warning("training loss grew from %.4g (first batch) to %.4g (epoch %d mean): training is diverging "
+                    "(lower the learning rate)", first, loss, epoch)

@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 from lwpipe.config import Strict, TrainSettings
 from lwpipe.constraints import compressible_layers, ensure_constraint, layer_setting, original_weight, check_layer_patterns
 from lwpipe.context import Context
+from lwpipe.errors import ConfigError
 from lwpipe.registry import register
 from lwpipe.training import fit
 
@@ -109,6 +110,23 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.view(flat.shape[0], -1)[:, :cols].reshape(scores.shape)
 
 
+def check_not_emptied(cfg: PruneConfig, model: nn.Module, path: str) -> None:
+    """A sparsity that rounds to every weight (0.999999 of fc1's 235,200) is refused before any work."""
+    if cfg.granularity == "nm":
+        return
+    for name, m in compressible_layers(model):
+        lc = layer_setting(name, cfg.layers, LayerPrune())
+        if lc.skip or (lc.sparsity is None and (lc.quality or cfg.quality) is not None):
+            continue
+        sparsity = lc.sparsity if lc.sparsity is not None else cfg.sparsity
+        n = m.weight.shape[0] if cfg.granularity == "structured" else m.weight.numel()
+        if round(sparsity * n) >= n:
+            what = "output rows" if cfg.granularity == "structured" else "weights"
+            raise ConfigError(f"{path}.sparsity" if lc.sparsity is None else f"{path}.layers", sparsity,
+                              f"rounds to pruning all {n:,} {what} of layer {name}; a layer may never be pruned to "
+                              f"nothing (here at most {(n - 1) / n:.6g})")
+
+
 def cubic_schedule(initial: float, final: float, t: int, steps: int) -> float:
     """Zhu & Gupta (2017): s_t = s_f + (s_i - s_f) (1 - t/steps)^3."""
     return final + (initial - final) * (1 - t / steps) ** 3
@@ -126,6 +144,7 @@ class Prune:
     @staticmethod
     def check_model(cfg: PruneConfig, model: nn.Module, path: str) -> None:
         check_layer_patterns(model, cfg.layers, path)
+        check_not_emptied(cfg, model, path)
 
     def _targets(self, layers: dict[str, nn.Module]) -> dict[str, float]:
         """Final sparsity per layer (quality thresholds turned into the sparsity they give)."""

@@ -47,7 +47,9 @@ def share_layer(module: nn.Module, bits: int, init: str = "linear", iters: int =
         raise ValueError("a quantized layer cannot be shared: k-means centroids would leave its grid")
     if c.mask is None:
         c.set_mask(w != 0)  # zeros (from any source) stay zeros and are not clustered
-    centroids, idx = kmeans_1d(w[c.mask].cpu(), 1 << bits, init, iters, seed)
+    kept = w[c.mask].cpu()
+    k = min(1 << bits, max(1, int(torch.unique(kept).numel())))  # more centroids than values only cost bytes
+    centroids, idx = kmeans_1d(kept, k, init, iters, seed)
     index = torch.zeros(w.shape, dtype=torch.long)
     index[c.mask.cpu()] = idx
     c.set_codebook(index.to(w.device), centroids.to(w.device))
