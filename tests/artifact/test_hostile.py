@@ -100,7 +100,7 @@ def grid_layer(qmin: int, qmax: int, k: int, zp_levels: int | None = None) -> di
 
 def test_hostile_files_are_refused_quickly_within_memory(tmp_path, blob):
     header, body = unpack(blob)
-    header["model"]["in_features"] = 2_000_000  # a 2.6 GB first layer, if it were built
+    header["model"]["in_features"] = 5_000_000  # a 1.3 GB first layer, if it were built
     wide = pack(header, body)
     big = ["0.bias", ["float32", 100], [10**9], "float32"]
     cases = {  # name: (file, a word the refusal must contain)
@@ -112,13 +112,14 @@ def test_hostile_files_are_refused_quickly_within_memory(tmp_path, blob):
         "one symbol, 1e12 gaps": (crafted([mask_layer([4, 4], 2, 10**12, 3)], bits=one_symbol_table()), "gap"),
         "bias of 1e9 from 4 KB": (crafted([], bits=table_bits(2, True), raw=bytes(4000), tensors=[big]),
                                   "elements"),
-        "qmin == qmax, k=1e10": (crafted([grid_layer(0, 0, 10**10)], raw=bytes(4)), "qmin"),
-        "1-bit levels, k=1e10": (crafted([grid_layer(0, 1, 10**10)], raw=bytes(4)), "codebook size"),
+        "qmin == qmax, k=1e10": (crafted([grid_layer(0, 0, 10**10)], bits=one_symbol_table(), raw=bytes(4)), "qmin"),
+        "1-bit levels, k=1e10": (crafted([grid_layer(0, 1, 10**10)], bits=one_symbol_table(), raw=bytes(4)),
+                                 "codebook size"),
         "1-bit levels, k=60000": (crafted([grid_layer(0, 1, 60_000)], bits=one_symbol_table(), raw=bytes(4)),
                                   "levels of 1 bits"),
         "1e10 zero-point levels": (crafted([grid_layer(0, 1, 0, 10**10)], raw=bytes(4)), "elements"),
         "layer of 1e9 weights": (crafted([mask_layer([10**9], 1, 1)], bits=table_bits(2, True)), "elements"),
-        "constructor in_features=2e6": (wide, "2000000"),
+        "constructor in_features=5e6": (wide, "[64, 32] in the file but [64, 5000000] in the model"),
         "header inflating to 64 MB": (pack_json(b'{"pad":"' + b" " * (64 << 20) + b'"}', b""), "inflates"),
         "header nested 200,000 deep": (pack_json(b"[" * 200_000 + b"]" * 200_000, b""), "nested too deeply"),
     }
