@@ -1,7 +1,8 @@
 """Stage cache: a stage's output model and records, keyed by everything that determines them.
 
     key(0)    = hash(model config, checkpoint file hash, data config + identity, seed,
-                     device, eval settings, lwpipe version + source digest, torch version)
+                     device, eval settings, lwpipe version + source digest, torch version,
+                     machine type, torch's thread count)
     key(step) = hash(key(step - 1), step, name, type, resolved stage settings)
 
 The seed enters key(0) and every stage is seeded from (seed, step, name), so an
@@ -65,7 +66,8 @@ def initial_key(top, data_identity: str) -> str:
     ckpt = top.model.get("checkpoint")
     ckpt_hash = file_sha256(Path(ckpt).expanduser()) if ckpt else None
     return digest("input", top.model, ckpt_hash, top.data, data_identity, top.seed, top.device,
-                  top.eval.model_dump(), code_version(), torch.__version__, platform.machine())
+                  top.eval.model_dump(), code_version(), torch.__version__, platform.machine(),
+                  torch.get_num_threads())  # the thread count changes the last bits of CPU reductions
 
 
 def stage_key(prev: str, step: int, name: str, type_: str, settings: dict) -> str:

@@ -50,6 +50,7 @@ OmegaConf.register_new_resolver("lwpipe_dir_name", dir_name, replace=True)
 def claim(run_dir: Path) -> bool:
     """True when this run owns run_dir: it holds only what Hydra just wrote, and no other run claimed it first
     (the owner file is created exclusively)."""
+    run_dir.mkdir(parents=True, exist_ok=True)  # Hydra made it, unless told not to write there
     if any(p.name not in HYDRA_FILES for p in run_dir.iterdir()):
         return False
     try:

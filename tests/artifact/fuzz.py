@@ -18,6 +18,7 @@ import zlib
 from lwpipe.artifact import ArtifactError
 from lwpipe.artifact.decode import build, read
 from lwpipe.artifact.format import pack, unpack
+from lwpipe.artifact.inspect import format_table
 
 HOSTILE = [0, 1, -1, 2, 3, 7, 255, 2**16, 2**20 + 1, 2**28, 2**31, 2**32 + 5, 10**9, 10**12, 2**63, 2**64, -2**63,
            0.5, float("nan"), 1e308, "", "x", "levels", "float32", "float16", None, True, False, [], {}, [0], [[1]],
@@ -105,7 +106,9 @@ def fuzz(blob: bytes, cases: int, seed: int) -> dict:
         before = rss_bytes()
         t = time.perf_counter()
         try:
-            build(read(data, "case"), source="case")
+            art = read(data, "case")
+            format_table(art)  # what lwpipe-inspect prints
+            build(art, source="case")
             out["loaded"] += 1
         except ArtifactError:
             out["refused"] += 1
