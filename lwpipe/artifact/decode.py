@@ -4,7 +4,8 @@ The decoded layers carry the same `Compressed` constraint as the model that
 was encoded (mask, codebook, grid), so the loaded model computes exactly the
 same weights (integer levels become floats only through
 constraints.dequantize, as in training) and can be encoded again to the same
-bytes. Loading never runs code from the file: the model is built only by a
+bytes. `load` then bakes them into plain weights unless asked for that
+constrained, trainable form. Loading never runs code from the file: the model is built only by a
 constructor on the allowlist (the classes lwpipe.models exports), unless the
 caller passes its own module or trusted=True.
 """
@@ -22,7 +23,8 @@ from lwpipe.artifact.coding import StreamReader
 from lwpipe.artifact.format import ArtifactError, unpack
 from lwpipe.artifact.positions import positions_from_gaps
 from lwpipe.artifact.raw import DTYPES, RawReader, join_float, mantissa_bytes
-from lwpipe.constraints import COMPRESSIBLE, Compressed, dequantize, effective_tensors, set_half_bias
+from lwpipe.constraints import (Compressed, grid_shape, constraint, dequantize, effective_tensors, ensure_constraint_as,
+                                index_dtype, is_compressible, set_half)
 
 
 @dataclass
@@ -46,8 +48,13 @@ class Artifact:
         return self.header.get("model")
 
 
-def load(path, *, module: nn.Module | None = None, trusted: bool = False) -> nn.Module:
+def load(path, *, module: nn.Module | None = None, trusted: bool = False, constrained: bool = False) -> nn.Module:
     """The model stored in a `.lwp` file, in eval mode, computing bit for bit what the encoded model computed.
+
+    By default a plain module: masks, codebooks and grids baked into ordinary weights
+    (tied weights stay tied). `constrained=True` gives the trainable form instead: each
+    layer carries its `Compressed` constraint, as after the run's last stage, and can be
+    fine-tuned further or encoded again to the same bytes.
 
     The model is built from the file's config only by an allowlisted constructor
     (lwpipe.models); pass `module` to fill a model you built, or `trusted=True`
@@ -57,7 +64,8 @@ def load(path, *, module: nn.Module | None = None, trusted: bool = False) -> nn.
     header, _ = unpack(data, str(path))
     if module is None:
         constructor(header, trusted, str(path))  # refuse before any decoding work
-    return build(read(data, str(path)), module=module, trusted=trusted, source=str(path))
+    model = build(read(data, str(path)), module=module, trusted=trusted, source=str(path))
+    return model if constrained else bake_in_place(model)
 
 
 def read_bytes(path) -> bytes:
@@ -126,6 +134,8 @@ def read_layer(e: dict, raw: RawReader, streams: StreamReader) -> Layer:
         index = torch.from_numpy(streams.symbols(n))
         if len(index) and int(index.max()) >= k:
             raise ValueError(f"layer {e['name']}: codebook index {int(index.max())} for a codebook of {k}")
+        index = index.to(index_dtype(k))
+        original = torch.zeros((), dtype=dtype).expand(shape)  # never computed with: no memory for it
         cost["values"] = _stream_bits(streams.stats[-1])
         if e["shared"]["codebook"] == "levels":
             width = (c.qmax - c.qmin).bit_length()
@@ -168,8 +178,9 @@ def read_grid(c: Compressed, q: dict, raw: RawReader, streams: StreamReader) -> 
     else:
         zp = take(mode, shape, torch.float32, raw, streams)
     axis = q["axis"]
-    if axis not in (None, 0):
-        raise ValueError(f"quantization axis {axis!r} (this lwpipe knows None and 0)")
+    if axis is not None and not (isinstance(axis, int) and 0 <= axis < len(c.shape)
+                                 and list(shape) == list(grid_shape(c.shape, axis))):
+        raise ValueError(f"quantization axis {axis!r} with scales of shape {shape} for a weight of {list(c.shape)}")
     c.set_quant(int(q["bits"]), qmin, qmax, scale, zp, axis)
 
 
@@ -223,8 +234,10 @@ def build_model(header: dict, trusted: bool, source: str) -> nn.Module:
 
 @torch.no_grad()
 def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False, source: str = "artifact") -> nn.Module:
+    """The constrained model: each stored layer carries its Compressed constraint (see bake_in_place)."""
     model = module if module is not None else build_model(art.header, trusted, source)
-    stored = [layer.name for layer in art.layers] + list(art.tensors)
+    tied = art.header.get("tied") or {}
+    stored = [layer.name for layer in art.layers] + list(art.tensors) + list(tied)
     have = set(effective_tensors(model))
     missing, unexpected = sorted(have - set(stored)), sorted(set(stored) - have)
     if missing or unexpected:
@@ -232,14 +245,26 @@ def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False,
                             f"tensors the model has but the file lacks {missing[:5]}, "
                             f"tensors in the file the model lacks {unexpected[:5]}")
     modules = dict(model.named_modules())
+    for alias, name in tied.items():  # one stored tensor, several modules: tie them as the encoded model was
+        if name not in stored or name in tied:
+            raise ArtifactError(f"{source}: {alias} is tied to {name!r}, which the file does not store")
+        m, attr = _owner(modules, alias, source), alias.rpartition(".")[2]
+        src, src_attr = _owner(modules, name, source), name.rpartition(".")[2]
+        for mod, a in ((m, attr), (src, src_attr)):
+            _release(mod, a)
+        if getattr(m, attr) is not getattr(src, src_attr):
+            _check_shape(getattr(m, attr), getattr(src, src_attr), alias, source)
+            delattr(m, attr)
+            setattr(m, attr, getattr(src, src_attr))
     for layer in art.layers:
         m = _owner(modules, layer.name, source)
-        if not isinstance(m, COMPRESSIBLE):
+        if not is_compressible(m):
             raise ArtifactError(f"{source}: {layer.name} is a compressed layer, the model's is a {type(m).__name__}")
         _release(m, "weight")
         _check_shape(m.weight, layer.original, layer.name, source)
         m.weight.copy_(layer.original)
-        parametrize.register_parametrization(m, "weight", layer.constraint.to(m.weight.device), unsafe=True)
+        others = [(a, _owner(modules, a, source)) for a, n in tied.items() if n == layer.name]
+        ensure_constraint_as(m, layer.constraint.to(m.weight.device), others)
         if layer.constraint.shared:
             m.parametrizations.weight.original.requires_grad_(False)
     for name, (value, half) in art.tensors.items():
@@ -249,8 +274,26 @@ def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False,
         _check_shape(getattr(m, attr), value, name, source)
         getattr(m, attr).copy_(value)
         if half:
-            set_half_bias(m)
+            set_half(m, attr)
     return model.eval()
+
+
+@torch.no_grad()
+def bake_in_place(model: nn.Module) -> nn.Module:
+    """Replace every parametrization by the ordinary tensor it computes (bit for bit the same values);
+    modules tied to one constrained weight stay tied to the one baked Parameter."""
+    owners: dict[int, nn.Module] = {}
+    for m in list(model.modules()):
+        c = constraint(m)
+        if c is not None and owners.setdefault(id(c), m) is not m:  # a tied module: untie, re-tie below
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+    for m in list(model.modules()):
+        if parametrize.is_parametrized(m):
+            for attr in list(m.parametrizations):
+                parametrize.remove_parametrizations(m, attr, leave_parametrized=True)  # set_() on the original
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 def _owner(modules: dict, name: str, source: str) -> nn.Module:

@@ -16,8 +16,8 @@ from pydantic import Field
 from torch import nn
 
 from lwpipe.config import Strict, TrainSettings
-from lwpipe.constraints import (compressible_layers, ensure_constraint, layer_setting, original_weight,
-                                check_layer_patterns, constraint)
+from lwpipe.constraints import (compressible_layers, ensure_constraint, index_dtype, layer_setting, original_weight,
+                                check_layer_patterns, constraint, tied_layers)
 from lwpipe.context import Context
 from lwpipe.errors import LwpipeError
 from lwpipe.kmeans import kmeans_1d
@@ -39,18 +39,23 @@ class ShareConfig(Strict):
 
 
 @torch.no_grad()
-def share_layer(module: nn.Module, bits: int, init: str = "linear", iters: int = 30, seed: int = 0) -> None:
-    """Replace the layer's weight by a 2^bits codebook over its non-zero weights."""
-    c = ensure_constraint(module)
+def share_layer(module: nn.Module, bits: int, init: str = "linear", iters: int = 30, seed: int = 0,
+                tied=()) -> None:
+    """Replace the layer's weight by a 2^bits codebook over its non-zero weights (`tied`: the modules
+    sharing this weight, which get the same constraint)."""
+    c = ensure_constraint(module, tied)
     w = module.weight.detach()  # the effective weight: masked, possibly already shared
     if c.quantized:
         raise ValueError("a quantized layer cannot be shared: k-means centroids would leave its grid")
     if c.mask is None:
         c.set_mask(w != 0)  # zeros (from any source) stay zeros and are not clustered
-    centroids, idx = kmeans_1d(w[c.mask].cpu(), 1 << bits, init, iters, seed)
-    index = torch.zeros(w.shape, dtype=torch.long)
-    index[c.mask.cpu()] = idx
-    c.set_codebook(index.to(w.device), centroids.to(w.device))
+    values = w[c.mask].cpu()
+    del w
+    centroids, idx = kmeans_1d(values, 1 << bits, init, iters, seed)
+    del values
+    index = torch.zeros(c.shape, dtype=index_dtype(centroids.numel()))
+    index[c.mask.cpu()] = idx.to(index.dtype)
+    c.set_codebook(index.to(c.mask.device), centroids.to(c.mask.device))
     original_weight(module).requires_grad_(False)  # only the centroids train from now on
 
 
@@ -81,11 +86,12 @@ class Share:
                               "checkpoint saved before quantize, or take share out of the pipeline")
 
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
+        ties = tied_layers(model)
         for name, m in compressible_layers(model):
-            lc = layer_setting(name, self.cfg.layers, LayerShare())
+            lc = layer_setting(name, self.cfg.layers, LayerShare(), [t for t, _ in ties.get(name, ())])
             if lc.skip:
                 continue
             seed = int(torch.randint(2**31 - 1, ()).item())  # the runner seeds each stage
-            share_layer(m, lc.bits or self.cfg.bits, self.cfg.init, self.cfg.iters, seed)
+            share_layer(m, lc.bits or self.cfg.bits, self.cfg.init, self.cfg.iters, seed, ties.get(name, ()))
         return fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune,
                    on_epoch=ctx.epoch_callback(model))
