@@ -36,8 +36,9 @@ NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 
 def is_hf_conv1d(m: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2), found by name so that lwpipe never imports transformers for it."""
-    return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
+    """transformers' Conv1D (GPT-2), found by name so that lwpipe never imports transformers for it
+    (through the MRO: a parametrized module's class is a generated subclass)."""
+    return any(k.__name__ == "Conv1D" and k.__module__.startswith("transformers") for k in type(m).__mro__)
 
 
 def is_compressible(m: nn.Module) -> bool:
@@ -201,11 +202,28 @@ def set_half(module: nn.Module, attr: str) -> None:
     parametrize.register_parametrization(module, attr, HalfBias())
 
 
+def hold_half(model: nn.Module, tensors) -> None:
+    """set_half on each (module, attr) in `tensors`, and on every other module holding one of those very
+    tensors (BERT's `cls.predictions.bias is cls.predictions.decoder.bias`), so a tied tensor computes
+    one value everywhere."""
+    wanted = {id(_stored(m, a)) for m, a in tensors if getattr(m, a, None) is not None}
+    for m in model.modules():
+        for a in ("weight", "bias"):
+            if getattr(m, a, None) is not None and id(_stored(m, a)) in wanted:
+                set_half(m, a)
+
+
+def _stored(module: nn.Module, attr: str) -> torch.Tensor:
+    if parametrize.is_parametrized(module, attr):
+        return module.parametrizations[attr].original
+    return getattr(module, attr)
+
+
 def half_attrs(module: nn.Module) -> list[str]:
     """Names of the module's tensors held to float16 by HalfBias."""
     if not parametrize.is_parametrized(module):
         return []
-    return [a for a in module.parametrizations if any(isinstance(p, HalfBias) for p in module.parametrizations[a])]
+    return sorted(a for a in module.parametrizations if any(isinstance(p, HalfBias) for p in module.parametrizations[a]))
 
 
 # -- helpers over a model ---------------------------------------------------------

@@ -275,6 +275,9 @@ def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False,
         getattr(m, attr).copy_(value)
         if half:
             set_half(m, attr)
+    for alias, name in tied.items():  # a tied tensor held to float16 is held so under every name
+        if name in art.tensors and art.tensors[name][1]:
+            set_half(_owner(modules, alias, source), alias.rpartition(".")[2])
     return model.eval()
 
 

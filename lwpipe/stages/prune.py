@@ -182,6 +182,11 @@ class Prune:
 
     def _calibrate(self, model, ctx: Context, mods: dict[str, nn.Module]):
         """Taylor: the scores themselves; wanda: per-layer input channel norms. Refuses empty calibration data."""
+        if self.cfg.criterion == "magnitude":
+            return None, None
+        train = getattr(ctx.data, "train", None)
+        if train is None or (hasattr(train, "__len__") and len(train) == 0):
+            raise self._no_data()
         batches = ctx.calibration_batches(self.cfg.calibration_batches)
         if self.cfg.criterion == "taylor":
             with torch.enable_grad():
@@ -189,10 +194,14 @@ class Prune:
         if self.cfg.criterion == "wanda":
             norms, seen = input_channel_norms(model, mods, batches, task_forward(ctx))
             if not seen:
-                raise ConfigError("stages.prune.criterion", "wanda", "needs calibration data (input activations), "
-                                  "and the training set gave no batch; use criterion=magnitude or give data.train")
+                raise self._no_data()
             return None, norms
         return None, None
+
+    def _no_data(self) -> ConfigError:
+        return ConfigError("stages.prune.criterion", self.cfg.criterion,
+                           "needs calibration data (input activations or gradients), and the training set "
+                           "gives no batch; use criterion=magnitude or give data.train")
 
     def _score(self, name: str, m: nn.Module, taylor, norms) -> torch.Tensor:
         if taylor is not None:
@@ -210,9 +219,9 @@ class Prune:
     def _prune_to(self, model, ctx: Context, layers: dict[str, nn.Module], targets: dict[str, float],
                   ties: dict) -> None:
         names = list(targets)
+        taylor, norms = self._calibrate(model, ctx, {n: layers[n] for n in names})
         for n in names:
             ensure_constraint(layers[n], ties.get(n, ()))
-        taylor, norms = self._calibrate(model, ctx, {n: layers[n] for n in names})
         explicit = {n for n in names if self._setting(n, ties).sparsity is not None}
         pooled = [n for n in names if n not in explicit] if self.cfg.scope == "global" else []
         if pooled:

@@ -25,7 +25,7 @@ from torch import nn
 
 from lwpipe.config import Strict, TrainSettings
 from lwpipe.constraints import (NORMS, check_layer_patterns, compressible_layers, ensure_constraint, layer_setting,
-                                out_axis, set_half, set_half_bias, tied_layers)
+                                hold_half, out_axis, tied_layers)
 from lwpipe.context import Context
 from lwpipe.registry import register
 from lwpipe.training import fit
@@ -118,7 +118,7 @@ class Quantize:
         check_layer_patterns(model, cfg.layers, path)
 
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
-        done = []
+        done, half = [], []
         ties = tied_layers(model)
         for name, m in compressible_layers(model):
             tied = ties.get(name, ())
@@ -126,15 +126,11 @@ class Quantize:
             if lc.skip:
                 continue
             quantize_layer(m, lc.bits or self.cfg.bits, self.cfg.scheme, self.cfg.granularity == "per_channel", tied)
-            if self.cfg.bias == "float16":
-                for layer in [m] + [t for _, t in tied]:
-                    set_half_bias(layer)
             done.append(m)
+            half += [(layer, "bias") for layer in [m] + [t for _, t in tied]] * (self.cfg.bias == "float16")
         if self.cfg.norms == "float16":
-            for m in model.modules():
-                if isinstance(m, NORMS):
-                    set_half(m, "weight")
-                    set_half(m, "bias")
+            half += [(m, a) for m in model.modules() if isinstance(m, NORMS) for a in ("weight", "bias")]
+        hold_half(model, half)
         fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune,
             on_epoch=ctx.epoch_callback(model))
         for m in done:  # QAT may have moved more weights onto level 0: keep them there too
