@@ -148,6 +148,12 @@ class Compressed(nn.Module):
         self.scale = scale.detach().clone().float()
         self.zero_point = zero_point.detach().clone().float()
 
+    @torch.no_grad()
+    def codebook_values(self) -> torch.Tensor:
+        """The values the codebook entries take in forward (on the grid when quantized)."""
+        c = self.centroids.detach()
+        return dequantize(self.quant_levels(c), self.scale, self.zero_point) if self.quantized else c
+
     # -- forward ---------------------------------------------------------------
     def quant_levels(self, x: torch.Tensor) -> torch.Tensor:
         """Integer levels q of x on this layer's grid (no gradient)."""
@@ -197,7 +203,7 @@ def set_half_bias(module: nn.Module) -> None:
 
 def set_half(module: nn.Module, attr: str) -> None:
     """Hold module.<attr> to float16 values (HalfBias); nothing when it is absent or already held."""
-    if getattr(module, attr, None) is None or attr in half_attrs(module):
+    if _stored(module, attr) is None or attr in half_attrs(module):
         return
     parametrize.register_parametrization(module, attr, HalfBias())
 
@@ -206,17 +212,20 @@ def hold_half(model: nn.Module, tensors) -> None:
     """set_half on each (module, attr) in `tensors`, and on every other module holding one of those very
     tensors (BERT's `cls.predictions.bias is cls.predictions.decoder.bias`), so a tied tensor computes
     one value everywhere."""
-    wanted = {id(_stored(m, a)) for m, a in tensors if getattr(m, a, None) is not None}
+    wanted = {id(_stored(m, a)) for m, a in tensors} - {id(None)}
+    if not wanted:
+        return
     for m in model.modules():
         for a in ("weight", "bias"):
-            if getattr(m, a, None) is not None and id(_stored(m, a)) in wanted:
+            if _stored(m, a) is not None and id(_stored(m, a)) in wanted:
                 set_half(m, a)
 
 
-def _stored(module: nn.Module, attr: str) -> torch.Tensor:
+def _stored(module: nn.Module, attr: str) -> torch.Tensor | None:
+    """The tensor module.<attr> is stored as, without computing a parametrization."""
     if parametrize.is_parametrized(module, attr):
         return module.parametrizations[attr].original
-    return getattr(module, attr)
+    return getattr(module, attr, None)
 
 
 def half_attrs(module: nn.Module) -> list[str]:
@@ -279,6 +288,16 @@ def ensure_constraint(module: nn.Module, tied=()) -> Compressed:
         if constraint(m) is not c:
             parametrize.register_parametrization(m, "weight", c, unsafe=True)
     return c
+
+
+@torch.no_grad()
+def release_original(module: nn.Module) -> None:
+    """A shared layer computes from its codebook only: its frozen original weight is replaced by one
+    broadcast zero of the same shape, so the dense copy's memory is freed (Deep Compression keeps no
+    dense weights after sharing either). A state dict still has the tensor, as zeros."""
+    w = original_weight(module)
+    w.requires_grad_(False)
+    w.data = torch.zeros((), dtype=w.dtype, device=w.device).expand(w.shape)
 
 
 def original_weight(module: nn.Module) -> torch.Tensor:

@@ -28,7 +28,9 @@ class _Histogram:
         width = max(values.max().item() - self.lo, 1e-30)
         self.scale = (bins - 1) / width
         # floor (the values are >= lo): bin j is [lo + j/scale, lo + (j+1)/scale)
-        self.bin = ((values - self.lo) * self.scale).to(torch.int32)
+        scaled = values - self.lo
+        self.bin = scaled.mul_(self.scale).to(torch.int32)
+        del scaled
         count = torch.bincount(self.bin, minlength=bins).double()
         total = torch.bincount(self.bin, weights=values, minlength=bins).double()
         self.nonempty = count > 0

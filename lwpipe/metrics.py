@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from lwpipe.constraints import compressible_layers, constraint, dequantize, parameter_shapes
+from lwpipe.constraints import compressible_layers, constraint, parameter_shapes
 
 
 @torch.no_grad()
@@ -70,15 +70,7 @@ def distinct_nonzero(m: nn.Module) -> int:
     if c is not None and c.shared:
         kept = c.index[c.mask] if c.mask is not None else c.index.reshape(-1)
         used = torch.bincount(kept.int(), minlength=c.centroids.numel()) > 0
-        values = _codebook_values(c)[used]
+        values = c.codebook_values()[used]
         return int(torch.unique(values[values != 0]).numel())
     w = m.weight.detach()
     return int(np.unique(w[w != 0].cpu().numpy()).size)  # 10x torch.unique on CPU
-
-
-def _codebook_values(c) -> torch.Tensor:
-    """The values the layer's codebook entries take (on the grid when quantized)."""
-    cents = c.centroids.detach()
-    if c.quantized:
-        cents = dequantize(c.quant_levels(cents), c.scale, c.zero_point)
-    return cents

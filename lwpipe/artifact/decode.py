@@ -262,7 +262,10 @@ def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False,
             raise ArtifactError(f"{source}: {layer.name} is a compressed layer, the model's is a {type(m).__name__}")
         _release(m, "weight")
         _check_shape(m.weight, layer.original, layer.name, source)
-        m.weight.copy_(layer.original)
+        if layer.constraint.shared:  # computes from its codebook: no dense weight kept (release_original)
+            m.weight.data = layer.original.to(m.weight.device)
+        else:
+            m.weight.copy_(layer.original)
         others = [(a, _owner(modules, a, source)) for a, n in tied.items() if n == layer.name]
         ensure_constraint_as(m, layer.constraint.to(m.weight.device), others)
         if layer.constraint.shared:

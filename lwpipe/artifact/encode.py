@@ -113,14 +113,15 @@ def encode_layer(name: str, module: nn.Module, c: Compressed, streams: StreamWri
     entry = {"name": name, "shape": list(c.shape), "dtype": dtype_name(weight.dtype)}
     keep = None
     if c.mask is not None:
-        keep = torch.nonzero(c.mask.reshape(-1).cpu()).reshape(-1)
-        escape, symbols = choose_escape(keep.numpy())
+        keep = np.flatnonzero(c.mask.reshape(-1).cpu().numpy())  # ~4x torch.nonzero on CPU
+        escape, symbols = choose_escape(keep)
         streams.symbols(symbols, f"{name} positions")
         entry["mask"] = {"nnz": len(keep), "gaps": len(symbols), "escape": escape}
+        del symbols
 
     def kept(t: torch.Tensor) -> np.ndarray:
-        flat = t.detach().reshape(-1).cpu()
-        return (flat if keep is None else flat[keep]).numpy()
+        flat = t.detach().reshape(-1).cpu().numpy()
+        return flat if keep is None else flat[keep]
 
     if c.quantized:
         entry["quant"] = encode_grid(c, streams, raw, name)
@@ -150,7 +151,7 @@ def grid_levels(c: Compressed, x: torch.Tensor, name: str) -> torch.Tensor | Non
     if not bool(torch.isfinite(q).all()):
         raise LwpipeError(f"layer {name}: its quantization grid gives non-finite levels (a zero or non-finite "
                           f"scale?); the artifact cannot store it")
-    return q.to(torch.int64) if bool((q == q.round()).all()) else None
+    return q.to(torch.int32) if bool((q == q.round()).all()) else None  # |levels| < 2^16
 
 
 def encode_grid(c: Compressed, streams: StreamWriter, raw: bytearray, name: str) -> dict:

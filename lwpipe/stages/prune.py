@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import nn
@@ -98,10 +99,14 @@ def lowest_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     k = int(round(sparsity * flat.numel()))
     if k == 0:
         return torch.ones_like(scores, dtype=torch.bool)
-    threshold = flat.kthvalue(k).values
+    if flat.device.type == "cpu":  # a partition copies the scores once; kthvalue also keeps int64 indices
+        threshold = torch.tensor(np.partition(flat.numpy(), k - 1)[k - 1])
+    else:
+        threshold = flat.kthvalue(k).values
     mask = flat > threshold
     at = (flat == threshold).nonzero().squeeze(1)
-    below = k - int((flat < threshold).sum())  # how many of the tied scores go: the first ones
+    # how many of the tied scores go (the first ones); a bool .sum() would make an int64 copy
+    below = k - int(torch.count_nonzero(flat < threshold))
     mask[at[below:]] = True
     return mask.view_as(scores)
 
@@ -258,7 +263,7 @@ class Prune:
         layers = dict(compressible_layers(model))
         ties = tied_layers(model)
         finals = self._targets(layers, ties)
-        initial = {n: float((layers[n].weight == 0).float().mean()) for n in finals}
+        initial = {n: int(torch.count_nonzero(layers[n].weight == 0)) / layers[n].weight.numel() for n in finals}
         steps = self.cfg.steps if self.cfg.schedule == "gradual" else 1
         for t in range(1, steps + 1):
             targets = {n: max(initial[n], cubic_schedule(initial[n], finals[n], t, steps)) for n in finals}

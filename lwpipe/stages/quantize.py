@@ -94,7 +94,13 @@ def quantize_layer(module: nn.Module, bits: int, scheme: Scheme = "symmetric", p
 @torch.no_grad()
 def pin_zeros(module: nn.Module) -> None:
     """Weights that round to 0 join the mask: sparsity only grows, later training cannot revive them."""
-    ensure_constraint(module).set_mask(module.weight.detach() != 0)
+    c = ensure_constraint(module)
+    if c.shared and c.mask is not None:  # from the codebook: no dense weight computed
+        zero = c.codebook_values() == 0
+        if bool(zero.any()):
+            c.set_mask(~zero[c.index.int()])
+        return
+    c.set_mask(module.weight.detach() != 0)
 
 
 @register("quantize")

@@ -16,7 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from lwpipe.config import Strict, TrainSettings
-from lwpipe.constraints import (compressible_layers, ensure_constraint, index_dtype, layer_setting, original_weight,
+from lwpipe.constraints import (compressible_layers, ensure_constraint, index_dtype, layer_setting, original_weight, release_original,
                                 check_layer_patterns, constraint, tied_layers)
 from lwpipe.context import Context
 from lwpipe.errors import LwpipeError
@@ -44,19 +44,21 @@ def share_layer(module: nn.Module, bits: int, init: str = "linear", iters: int =
     """Replace the layer's weight by a 2^bits codebook over its non-zero weights (`tied`: the modules
     sharing this weight, which get the same constraint)."""
     c = ensure_constraint(module, tied)
-    w = module.weight.detach()  # the effective weight: masked, possibly already shared
     if c.quantized:
         raise ValueError("a quantized layer cannot be shared: k-means centroids would leave its grid")
+    # unshared, the stored weight is the effective one (prune zeroes it too): no dense copy computed
+    w = module.weight.detach() if c.shared else original_weight(module).detach()
     if c.mask is None:
         c.set_mask(w != 0)  # zeros (from any source) stay zeros and are not clustered
-    values = w[c.mask].cpu()
+    # numpy's boolean indexing copies the kept values only; torch's first builds int64 positions (8x the mask)
+    values = torch.from_numpy(w.cpu().numpy()[c.mask.cpu().numpy()])
     del w
     centroids, idx = kmeans_1d(values, 1 << bits, init, iters, seed)
     del values
     index = torch.zeros(c.shape, dtype=index_dtype(centroids.numel()))
-    index[c.mask.cpu()] = idx.to(index.dtype)
+    index.masked_scatter_(c.mask.cpu(), idx.to(index.dtype))  # in mask order, as values were taken
     c.set_codebook(index.to(c.mask.device), centroids.to(c.mask.device))
-    original_weight(module).requires_grad_(False)  # only the centroids train from now on
+    release_original(module)  # frozen and never read again: only the centroids train from now on
 
 
 @register("share")
