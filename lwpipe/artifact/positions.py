@@ -72,15 +72,19 @@ def escape_counts(hist: np.ndarray, escape: int | None) -> np.ndarray:
 
 def positions_from_gaps(symbols: np.ndarray, escape: int | None, kept: int, size: int) -> np.ndarray:
     """Flat positions of the kept weights; ValueError when the stream does not fit the layer."""
+    limit = escape or size
     steps = symbols.astype(np.int64)  # in place from here: one array the size of the stream
     steps += 1
     if escape is not None:
         is_escape = symbols == escape
-        steps[is_escape] = escape
+        if is_escape.any():
+            steps[is_escape] = escape
+        else:  # no run was long enough to need an escape (the common case for moderate sparsity)
+            escape = None
     positions = np.cumsum(steps, out=steps)
     positions -= 1
     if escape is not None:
         positions = positions[~is_escape]
-    if len(positions) != kept or (kept and (positions[-1] >= size or symbols.max() > (escape or size))):
+    if len(positions) != kept or (kept and (positions[-1] >= size or symbols.max() > limit)):
         raise ValueError(f"position stream does not fit a layer of {size} weights with {kept} kept")
     return positions
