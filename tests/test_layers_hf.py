@@ -210,3 +210,41 @@ def test_gpt2_params_count_the_tied_weight_once():
     assert measure(model)["params"] == model.num_parameters() == sum(
         p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert np.isclose(read(encode_model(model, None)).header["dense_bytes"], 4 * model.num_parameters())
+
+
+def test_wanda_on_conv1d_compares_within_each_output_column(tmp_path):
+    model, ctx = gpt2(), ctx_for(tmp_path)
+    layer = model.transformer.h[1].mlp.c_fc  # Conv1D: weight [32 in, 128 out]
+    norms, _ = input_channel_norms(model, {"x": layer}, ctx.calibration_batches(3))
+    expected = layer.weight.detach().abs() * norms["x"].view(-1, 1)  # input channels are rows here
+    Prune(PruneConfig(criterion="wanda", sparsity=0.25, calibration_batches=3, **ONE_SHOT)).run(model, ctx)
+    kept = layer.weight.detach() != 0
+    assert (kept.sum(0) == 24).all()  # 25% of each output channel's 32 inputs go
+    for col in range(128):
+        s = expected[:, col]
+        assert s[kept[:, col]].min() >= s[~kept[:, col]].max()
+
+
+def test_lowest_mask_breaks_ties_by_position_like_a_stable_sort():
+    from lwpipe.stages.prune import lowest_mask
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 5, (40, 7), generator=g).float()  # many equal scores
+    for sparsity in (0.1, 0.5, 0.93):
+        k = round(sparsity * s.numel())
+        expected = torch.ones(s.numel(), dtype=torch.bool)
+        expected[torch.argsort(s.flatten(), stable=True)[:k]] = False
+        assert torch.equal(lowest_mask(s, sparsity), expected.view_as(s))
+
+
+def test_a_shared_layer_keeps_no_dense_copy_and_its_checkpoint_stays_small(tmp_path):
+    model, ctx = gpt2(), ctx_for(tmp_path)
+    checkpoint.save_state(model, tmp_path / "dense.safetensors")
+    Share(ShareConfig(bits=4, **ONE_SHOT)).run(model, ctx)
+    original = model.transformer.wte.parametrizations.weight.original
+    assert original.stride() == (0, 0) and not original.requires_grad  # one broadcast zero, frozen
+    checkpoint.save_state(model, tmp_path / "shared.safetensors")
+    # mask and uint8 index: 2 bytes a weight instead of 4 (+ 4 for the zeroed original without the broadcast)
+    assert (tmp_path / "shared.safetensors").stat().st_size < 0.7 * (tmp_path / "dense.safetensors").stat().st_size
+    fresh = checkpoint.load_state(gpt2(), tmp_path / "shared.safetensors")
+    ids = ctx.data.test.tensors[0][:4]
+    assert torch.equal(logits(fresh, ids), logits(model, ids))
