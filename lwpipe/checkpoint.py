@@ -29,9 +29,26 @@ def atomic_write(path: Path, write) -> None:
 
 
 def save_state(model: nn.Module, path: Path) -> None:
-    """The whole model state, constraints included; `load_state` restores it into a fresh model."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    """The whole model state, constraints included; `load_state` restores it into a fresh model.
+
+    A tensor held under several names (tied weights, a constraint shared by tied layers) is saved
+    once, the other names listed in the metadata: safetensors refuses shared tensors."""
+    state, aliases, first, broadcast = {}, {}, {}, {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) in first:
+            aliases[k] = first[id(v)]
+            continue
+        first[id(v)] = k
+        v = v.detach()
+        if v.dim() and v.numel() > 1 and all(st == 0 for st in v.stride()):  # one value broadcast (a shared
+            broadcast[k] = list(v.shape)                                    # layer's released original)
+            v = v.reshape(-1)[:1]
+        state[k] = v.contiguous().cpu()
     meta = {"lwpipe.constraints": json.dumps(model_spec(model))}
+    if aliases:
+        meta["lwpipe.aliases"] = json.dumps(aliases)
+    if broadcast:
+        meta["lwpipe.broadcast"] = json.dumps(broadcast)
     atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
@@ -39,7 +56,12 @@ def load_state(model: nn.Module, path: Path) -> nn.Module:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     apply_spec(model, json.loads(meta.get("lwpipe.constraints", "{}")))
-    model.load_state_dict(load_file(str(path)), strict=True)
+    state = load_file(str(path))
+    for name, shape in json.loads(meta.get("lwpipe.broadcast", "{}")).items():
+        state[name] = state[name].expand(shape)
+    for alias, name in json.loads(meta.get("lwpipe.aliases", "{}")).items():
+        state[alias] = state[name]
+    model.load_state_dict(state, strict=True)
     return model
 
 

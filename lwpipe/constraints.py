@@ -1,7 +1,7 @@
 """The constraints compression stages leave on a weight, as one torch parametrization.
 
-Every compressible layer (Linear, Conv1d/2d/3d) gets at most one `Compressed`
-parametrization on its `weight`. Its forward is
+Every compressible layer (Linear, Conv1d/2d/3d, Embedding, transformers' GPT-2
+`Conv1D`) gets at most one `Compressed` parametrization on its `weight`. Its forward is
 
     w = centroids[index]        if shared (k-means codebook)      else original
     w = fake_quant(w)           if quantized (on the codebook when shared)
@@ -12,6 +12,14 @@ pruned weights stay exactly zero, a shared layer never has more than
 len(centroids) distinct values (gradients reach the centroids grouped by
 cluster, as in Deep Compression), and quantized values stay on their integer
 grid (straight-through estimator).
+
+Layouts differ: Linear, Conv and Embedding keep output channels (Embedding: tokens)
+on axis 0, transformers' Conv1D stores its weight transposed, [in, out], so its
+output channels are axis 1 (`out_axis`, `in_axis`). Modules that compute with one
+shared weight (GPT-2's `lm_head.weight is transformer.wte.weight`) are one layer:
+`compressible_layers` yields the first of them, and the same `Compressed` instance
+is registered on all of them (`ensure_constraint(module, tied)`), so they compute
+with one constrained weight and the artifact stores it once.
 """
 from __future__ import annotations
 
@@ -23,7 +31,35 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def is_hf_conv1d(m: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2), found by name so that lwpipe never imports transformers for it
+    (through the MRO: a parametrized module's class is a generated subclass)."""
+    return any(k.__name__ == "Conv1D" and k.__module__.startswith("transformers") for k in type(m).__mro__)
+
+
+def is_compressible(m: nn.Module) -> bool:
+    return isinstance(m, COMPRESSIBLE) or is_hf_conv1d(m)
+
+
+def out_axis(m: nn.Module) -> int:
+    """The weight's axis of output channels (Embedding: tokens); per-channel grids and structured pruning use it."""
+    return 1 if is_hf_conv1d(m) else 0
+
+
+def in_axis(m: nn.Module) -> int | None:
+    """The weight's axis of input channels; None for Embedding, which has no input activation."""
+    if isinstance(m, nn.Embedding):
+        return None
+    return 0 if is_hf_conv1d(m) else 1
+
+
+def index_dtype(k: int) -> torch.dtype:
+    """The narrowest dtype for codebook indices 0..k-1 (uint8 indexes as a mask, so it is widened in forward)."""
+    return torch.uint8 if k <= 256 else torch.int16 if k <= 1 << 15 else torch.int32
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -60,7 +96,7 @@ class Compressed(nn.Module):
         self.bits = 0
         self.qmin = 0
         self.qmax = 0
-        self.axis: int | None = None  # None: per-tensor; 0: per output channel
+        self.axis: int | None = None  # None: per-tensor; else the weight's axis of output channels
 
     # -- state -----------------------------------------------------------------
     @property
@@ -90,11 +126,10 @@ class Compressed(nn.Module):
         if spec["mask"]:
             c.mask = torch.ones(c.shape, dtype=torch.bool)
         if spec["shared"]:
-            c.set_codebook(torch.zeros(c.shape, dtype=torch.long), torch.zeros(spec["k"]))
+            c.set_codebook(torch.zeros(c.shape, dtype=index_dtype(spec["k"])), torch.zeros(spec["k"]))
         q = spec["quant"]
         if q:
-            n = 1 if q["axis"] is None else c.shape[0]
-            shape = () if q["axis"] is None else (n,) + (1,) * (len(c.shape) - 1)
+            shape = () if q["axis"] is None else grid_shape(c.shape, q["axis"])
             c.set_quant(q["bits"], q["qmin"], q["qmax"], torch.ones(shape), torch.zeros(shape), q["axis"])
         return c
 
@@ -105,13 +140,19 @@ class Compressed(nn.Module):
         self.mask = mask
 
     def set_codebook(self, index: torch.Tensor, centroids: torch.Tensor) -> None:
-        self.index = index.to(torch.long)
+        self.index = index.to(index_dtype(centroids.numel()))
         self.centroids = nn.Parameter(centroids.detach().clone().float())
 
     def set_quant(self, bits, qmin, qmax, scale, zero_point, axis) -> None:
         self.bits, self.qmin, self.qmax, self.axis = int(bits), int(qmin), int(qmax), axis
         self.scale = scale.detach().clone().float()
         self.zero_point = zero_point.detach().clone().float()
+
+    @torch.no_grad()
+    def codebook_values(self) -> torch.Tensor:
+        """The values the codebook entries take in forward (on the grid when quantized)."""
+        c = self.centroids.detach()
+        return dequantize(self.quant_levels(c), self.scale, self.zero_point) if self.quantized else c
 
     # -- forward ---------------------------------------------------------------
     def quant_levels(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +164,7 @@ class Compressed(nn.Module):
             c = self.centroids
             if self.quantized:
                 c = _RoundSTE.apply(c, self.scale, self.zero_point, self.qmin, self.qmax)
-            w = c[self.index]
+            w = c[self.index.int()]  # int32 indexes like int64 at half the memory
         else:
             w = original
             if self.quantized:
@@ -133,9 +174,14 @@ class Compressed(nn.Module):
         return w
 
 
+def grid_shape(shape, axis: int) -> tuple[int, ...]:
+    """Shape of a per-channel scale along `axis` of a weight of `shape`."""
+    return tuple(n if i == axis else 1 for i, n in enumerate(shape))
+
+
 class HalfBias(nn.Module):
-    """A bias computed through float16 (straight-through gradient), so that it stays exactly
-    fp16-representable through later training and the artifact can store it in 2 bytes."""
+    """A tensor (a bias, a norm's weight) computed through float16 (straight-through gradient), so that
+    it stays exactly fp16-representable through later training and the artifact can store it in 2 bytes."""
 
     def forward(self, bias: torch.Tensor) -> torch.Tensor:
         rounded = bias.detach().clamp(-65504, 65504).half().to(bias.dtype)
@@ -152,8 +198,41 @@ def bias_dtype(module: nn.Module) -> torch.dtype | None:
 
 
 def set_half_bias(module: nn.Module) -> None:
-    if bias_dtype(module) not in (None, torch.float16):
-        parametrize.register_parametrization(module, "bias", HalfBias())
+    set_half(module, "bias")
+
+
+def set_half(module: nn.Module, attr: str) -> None:
+    """Hold module.<attr> to float16 values (HalfBias); nothing when it is absent or already held."""
+    if _stored(module, attr) is None or attr in half_attrs(module):
+        return
+    parametrize.register_parametrization(module, attr, HalfBias())
+
+
+def hold_half(model: nn.Module, tensors) -> None:
+    """set_half on each (module, attr) in `tensors`, and on every other module holding one of those very
+    tensors (BERT's `cls.predictions.bias is cls.predictions.decoder.bias`), so a tied tensor computes
+    one value everywhere."""
+    wanted = {id(_stored(m, a)) for m, a in tensors} - {id(None)}
+    if not wanted:
+        return
+    for m in model.modules():
+        for a in ("weight", "bias"):
+            if _stored(m, a) is not None and id(_stored(m, a)) in wanted:
+                set_half(m, a)
+
+
+def _stored(module: nn.Module, attr: str) -> torch.Tensor | None:
+    """The tensor module.<attr> is stored as, without computing a parametrization."""
+    if parametrize.is_parametrized(module, attr):
+        return module.parametrizations[attr].original
+    return getattr(module, attr, None)
+
+
+def half_attrs(module: nn.Module) -> list[str]:
+    """Names of the module's tensors held to float16 by HalfBias."""
+    if not parametrize.is_parametrized(module):
+        return []
+    return sorted(a for a in module.parametrizations if any(isinstance(p, HalfBias) for p in module.parametrizations[a]))
 
 
 # -- helpers over a model ---------------------------------------------------------
@@ -173,9 +252,23 @@ def clone(model: nn.Module) -> nn.Module:
 
 
 def compressible_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Each compressible weight once: of modules sharing one weight (tied), the first in module order."""
+    seen = set()
     for name, m in model.named_modules():
-        if isinstance(m, COMPRESSIBLE):
+        if is_compressible(m) and id(original_weight(m)) not in seen:
+            seen.add(id(original_weight(m)))
             yield name, m
+
+
+def tied_layers(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
+    """Layer name (as compressible_layers gives it) -> the other modules computing with its weight."""
+    owner, out = {}, {}
+    for name, m in model.named_modules():
+        if is_compressible(m):
+            first = owner.setdefault(id(original_weight(m)), name)
+            if first != name:
+                out.setdefault(first, []).append((name, m))
+    return out
 
 
 def constraint(module: nn.Module) -> Compressed | None:
@@ -184,13 +277,27 @@ def constraint(module: nn.Module) -> Compressed | None:
     return None
 
 
-def ensure_constraint(module: nn.Module) -> Compressed:
-    """The layer's `Compressed` parametrization, attached (as identity) if missing."""
+def ensure_constraint(module: nn.Module, tied=()) -> Compressed:
+    """The layer's `Compressed` parametrization, attached (as identity) if missing; the same instance
+    on every module in `tied` ((name, module) pairs from tied_layers) that shares the weight."""
     c = constraint(module)
     if c is None:
         c = Compressed(module.weight.shape)
         parametrize.register_parametrization(module, "weight", c, unsafe=True)
+    for _, m in tied:
+        if constraint(m) is not c:
+            parametrize.register_parametrization(m, "weight", c, unsafe=True)
     return c
+
+
+@torch.no_grad()
+def release_original(module: nn.Module) -> None:
+    """A shared layer computes from its codebook only: its frozen original weight is replaced by one
+    broadcast zero of the same shape, so the dense copy's memory is freed (Deep Compression keeps no
+    dense weights after sharing either). A state dict still has the tensor, as zeros."""
+    w = original_weight(module)
+    w.requires_grad_(False)
+    w.data = torch.zeros((), dtype=w.dtype, device=w.device).expand(w.shape)
 
 
 def original_weight(module: nn.Module) -> torch.Tensor:
@@ -219,17 +326,46 @@ def effective_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def parameter_shapes(model: nn.Module) -> dict[str, torch.Size]:
     """Plain name -> shape of each parameter the model computes with: a parametrized tensor counts
-    once (as its `original`), parametrization internals (centroids, masks) not at all."""
-    out: dict[str, torch.Size] = {}
+    once (as its `original`), a tied one once (under its first name), parametrization internals
+    (centroids, masks) not at all."""
+    return {name: t.shape for name, t in plain_parameters(model).items()}
+
+
+def plain_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Plain name -> the stored parameter (a parametrized one's `original`), each tensor once."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
     for mname, m in model.named_modules():
         if "parametrizations" in mname.split("."):
             continue
         prefix = f"{mname}." if mname else ""
-        for pname, p in m.named_parameters(recurse=False):
-            out[prefix + pname] = p.shape
+        found = list(m.named_parameters(recurse=False))
         if parametrize.is_parametrized(m):
-            for pname in m.parametrizations:
-                out[prefix + pname] = m.parametrizations[pname].original.shape
+            found += [(pname, m.parametrizations[pname].original) for pname in m.parametrizations]
+        for pname, p in found:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out[prefix + pname] = p
+    return out
+
+
+def tensor_aliases(model: nn.Module) -> dict[str, str]:
+    """Plain name -> the first plain name of the same stored tensor, for tensors held under several names
+    (tied weights)."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for mname, m in model.named_modules():
+        if "parametrizations" in mname.split("."):
+            continue
+        prefix = f"{mname}." if mname else ""
+        found = list(m.named_parameters(recurse=False)) + [(n, b) for n, b in m.named_buffers(recurse=False)
+                                                           if b is not None]
+        if parametrize.is_parametrized(m):
+            found += [(pname, m.parametrizations[pname].original) for pname in m.parametrizations]
+        for pname, p in found:
+            name = first.setdefault(id(p), prefix + pname)
+            if name != prefix + pname:
+                out[prefix + pname] = name
     return out
 
 
@@ -237,16 +373,19 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def layer_setting(name: str, layers: Mapping[str, object], default=None):
-    """Per-layer setting by exact module name, else the longest matching glob."""
-    if name in layers:
-        return layers[name]
-    hits = [p for p in layers if fnmatch.fnmatchcase(name, p)]
+def layer_setting(name: str, layers: Mapping[str, object], default=None, also=()):
+    """Per-layer setting by exact module name, else the longest matching glob. `also`: other names of
+    the same layer (modules tied to it), so that `lm_head` finds GPT-2's tied `transformer.wte`."""
+    names = [name, *also]
+    for n in names:
+        if n in layers:
+            return layers[n]
+    hits = [p for p in layers if any(fnmatch.fnmatchcase(n, p) for n in names)]
     return layers[max(hits, key=len)] if hits else default
 
 
 def unknown_layer_patterns(model: nn.Module, layers: Mapping[str, object]) -> list[str]:
-    names = [n for n, _ in compressible_layers(model)]
+    names = [n for n, m in model.named_modules() if is_compressible(m)]
     return [p for p in layers if not any(n == p or fnmatch.fnmatchcase(n, p) for n in names)]
 
 
@@ -256,28 +395,59 @@ def check_layer_patterns(model: nn.Module, layers: Mapping[str, object], path: s
     if bad:
         from lwpipe.errors import ConfigError
 
-        names = ", ".join(n for n, _ in compressible_layers(model))
+        names = [n for n, m in model.named_modules() if is_compressible(m)]
+        names = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
         raise ConfigError(f"{path}.layers", bad[0], f"matches no compressible layer; the layers are {names}")
 
 
 @torch.no_grad()
 def model_spec(model: nn.Module) -> dict[str, dict]:
-    half = {"bias": "float16"}  # only present when set, so older specs read the same
-    return {n: {**c.spec(), **(half if bias_dtype(m) == torch.float16 else {})}
-            for n, m in compressible_layers(model) if (c := constraint(m)) is not None}
+    """JSON-able constraint layout: per layer its Compressed spec (+ "tied": the other modules sharing it),
+    per module with float16-held tensors "half": their names."""
+    ties = tied_layers(model)
+    out = {}
+    for n, m in model.named_modules():
+        entry = {}
+        if is_compressible(m) and (c := constraint(m)) is not None and n not in _tied_names(ties):
+            entry.update(c.spec())
+            if n in ties:
+                entry["tied"] = [t for t, _ in ties[n]]
+        if half := half_attrs(m):
+            entry["half"] = half
+        if entry:
+            out[n] = entry
+    return out
+
+
+def _tied_names(ties: dict) -> set[str]:
+    return {t for group in ties.values() for t, _ in group}
 
 
 def apply_spec(model: nn.Module, spec: Mapping[str, dict]) -> None:
     """Attach empty constraints so that a saved state dict loads into `model`."""
     modules = dict(model.named_modules())
     for name, s in spec.items():
-        if constraint(modules[name]) is not None:
-            parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=False)
-        c = Compressed.from_spec(s)
-        parametrize.register_parametrization(modules[name], "weight", c, unsafe=True)
-        if s["shared"]:
-            modules[name].parametrizations.weight.original.requires_grad_(False)
-        if parametrize.is_parametrized(modules[name], "bias"):
-            parametrize.remove_parametrizations(modules[name], "bias", leave_parametrized=False)
-        if s.get("bias") == "float16":
-            set_half_bias(modules[name])
+        m = modules[name]
+        for attr in [a for a in list(m.parametrizations) if a != "weight"] if parametrize.is_parametrized(m) else []:
+            parametrize.remove_parametrizations(m, attr, leave_parametrized=False)
+        if "shape" in s:
+            tied = [(t, modules[t]) for t in s.get("tied", [])]
+            for _, t in [(name, m)] + tied:
+                if constraint(t) is not None:
+                    parametrize.remove_parametrizations(t, "weight", leave_parametrized=False)
+            for _, t in tied:  # the saved model computed both with one weight: so does this one
+                if t.weight is not m.weight:
+                    del t.weight
+                    t.weight = m.weight
+            c = Compressed.from_spec(s)
+            ensure_constraint_as(m, c, tied)
+            if s["shared"]:
+                m.parametrizations.weight.original.requires_grad_(False)
+        for attr in s.get("half", ["bias"] if s.get("bias") == "float16" else []):  # "bias": older specs
+            set_half(m, attr)
+
+
+def ensure_constraint_as(module: nn.Module, c: Compressed, tied=()) -> None:
+    """Register `c` on module and every tied module (the same instance)."""
+    for m in [module] + [t for _, t in tied]:
+        parametrize.register_parametrization(m, "weight", c, unsafe=True)

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from lwpipe.constraints import compressible_layers, effective_tensors, parameter_shapes
+from lwpipe.constraints import compressible_layers, constraint, parameter_shapes
 
 
 @torch.no_grad()
@@ -41,23 +41,36 @@ def evaluate(model: nn.Module, loader: Iterable, reference: torch.Tensor | None 
 
 @torch.no_grad()
 def measure(model: nn.Module) -> dict:
-    """Size statistics of the weights the model actually computes with."""
-    tensors = effective_tensors(model)
-    names = parameter_shapes(model)
-    params = {k: v for k, v in tensors.items() if k in names}
-    n_params = sum(v.numel() for v in params.values())
-    nonzero = sum(int(v.count_nonzero()) for v in params.values())
-    weights, zeros, max_unique = 0, 0, 0
-    for name, m in compressible_layers(model):
-        w = tensors[f"{name}.weight" if name else "weight"]
-        weights += w.numel()
-        nz = w[w != 0]
-        zeros += w.numel() - nz.numel()
-        max_unique = max(max_unique, int(np.unique(nz.cpu().numpy()).size))  # 10x torch.unique on CPU
+    """Size statistics of the weights the model actually computes with.
+
+    Every parameter counts, once (a tied weight once, a parametrized one as the value it computes),
+    so `sparsity` is the share of zeros over the whole model: untouched tensors (embeddings a recipe
+    skips, norms, biases) lower it. Tensors are computed one at a time, never the whole model at once.
+    """
+    modules = dict(model.named_modules())
+    n_params = nonzero = 0
+    for name in parameter_shapes(model):
+        owner, _, attr = name.rpartition(".")
+        v = getattr(modules[owner], attr)
+        n_params += v.numel()
+        nonzero += int(v.count_nonzero())
+    max_unique = max((distinct_nonzero(m) for _, m in compressible_layers(model)), default=0)
     return {
         "params": n_params,
         "nonzero_params": nonzero,
-        "sparsity": zeros / weights if weights else 0.0,
+        "sparsity": 1 - nonzero / n_params if n_params else 0.0,
         "max_unique_weights": max_unique,
         "dense_bytes": 4 * n_params,
     }
+
+
+def distinct_nonzero(m: nn.Module) -> int:
+    """Distinct non-zero values of the layer's weight; from the codebook when shared (no sort of the weight)."""
+    c = constraint(m)
+    if c is not None and c.shared:
+        kept = c.index[c.mask] if c.mask is not None else c.index.reshape(-1)
+        used = torch.bincount(kept.int(), minlength=c.centroids.numel()) > 0
+        values = c.codebook_values()[used]
+        return int(torch.unique(values[values != 0]).numel())
+    w = m.weight.detach()
+    return int(np.unique(w[w != 0].cpu().numpy()).size)  # 10x torch.unique on CPU

@@ -173,15 +173,19 @@ class StreamWriter:
         self.stats: list[dict] = []
 
     def symbols(self, symbols: np.ndarray, label: str = "") -> None:
-        symbols = np.asarray(symbols, dtype=np.int64)
+        symbols = np.asarray(symbols)
+        if symbols.dtype.kind not in "iu":
+            symbols = symbols.astype(np.int64)
+        if len(symbols) and symbols.dtype.kind == "i" and symbols.min() < 0:
+            raise ValueError("symbols must be >= 0")
+        counts = np.bincount(symbols) if len(symbols) else np.zeros(0, dtype=np.int64)
+        live_counts = counts[counts > 0]
+        entropy = float(-(live_counts * np.log2(live_counts / live_counts.sum())).sum()) if len(symbols) else 0.0
         stat = {"label": label, "n": len(symbols), "table_bits": 0, "coded_bits": 0,
-                "entropy_bits": entropy_bits(symbols), "alphabet": int(symbols.max()) + 1 if len(symbols) else 0}
+                "entropy_bits": entropy, "alphabet": len(counts)}
         self.stats.append(stat)
         if len(symbols) == 0:
             return
-        if symbols.min() < 0:
-            raise ValueError("symbols must be >= 0")
-        counts = np.bincount(symbols)
         f, precision, k, _ = choose_table(counts)
         start = self.bits.nbits
         self.bits.write_exp_golomb(len(f))
@@ -196,17 +200,20 @@ class StreamWriter:
         stat["table_bits"] = self.bits.nbits - start
         live = f > 0
         if live.sum() > 1:
-            rank = np.cumsum(live) - 1
+            # queued at the narrowest width (a 124 M-weight model queues ~10^8 symbols); int32 at finish()
+            narrow = np.uint8 if live.sum() <= 256 else np.uint16 if live.sum() <= 1 << 16 else np.int32
+            ranks = symbols.astype(narrow) if live.all() else (np.cumsum(live) - 1).astype(narrow)[symbols]
             model = Categorical(f[live] / float(1 << precision), perfect=False)
-            self._queue.append((rank[symbols].astype(np.int32), model, stat))
+            self._queue.append((ranks, model, stat))
 
     def finish(self) -> tuple[bytes, bytes]:
         """(bit section, ANS words as little-endian uint32)."""
         coder = AnsCoder()
         for ranks, model, stat in reversed(self._queue):  # a stack: encode backwards, decode forwards
             before = coder.num_valid_bits()
-            coder.encode_reverse(ranks, model)
+            coder.encode_reverse(ranks.astype(np.int32), model)
             stat["coded_bits"] = coder.num_valid_bits() - before
+        self._queue.clear()
         words = coder.get_compressed().astype("<u4").tobytes()
         return self.bits.getvalue(), words
 
@@ -241,7 +248,7 @@ class StreamReader:
                              f"{before:,} are left")
         ranks = self._coder.decode(Categorical(f[support] / float(1 << precision), perfect=False), n)
         stat["coded_bits"] = before - self._coder.num_valid_bits()
-        return support[ranks]
+        return ranks if len(support) == len(f) else support[ranks]  # every symbol live: ranks are the symbols
 
     def _table(self, alphabet: int | None) -> tuple[np.ndarray, int]:
         size = self.bits.read_exp_golomb()

@@ -4,7 +4,8 @@ The decoded layers carry the same `Compressed` constraint as the model that
 was encoded (mask, codebook, grid), so the loaded model computes exactly the
 same weights (integer levels become floats only through
 constraints.dequantize, as in training) and can be encoded again to the same
-bytes. Loading never runs code from the file: the model is built only by a
+bytes. `load` then bakes them into plain weights unless asked for that
+constrained, trainable form. Loading never runs code from the file: the model is built only by a
 constructor on the allowlist (the classes lwpipe.models exports), unless the
 caller passes its own module or trusted=True.
 """
@@ -23,7 +24,8 @@ from lwpipe.artifact.format import ArtifactError, unpack
 from lwpipe.artifact.positions import positions_from_gaps
 from lwpipe.artifact.limits import check_header
 from lwpipe.artifact.raw import DTYPES, FLOAT_FIELDS, RawReader, join_float, mantissa_bytes
-from lwpipe.constraints import COMPRESSIBLE, Compressed, dequantize, effective_tensors, set_half_bias
+from lwpipe.constraints import (Compressed, grid_shape, constraint, dequantize, effective_tensors, ensure_constraint_as,
+                                index_dtype, is_compressible, set_half)
 
 
 @dataclass
@@ -47,9 +49,14 @@ class Artifact:
         return self.header.get("model")
 
 
-def load(path, *, module: nn.Module | None = None, trusted: bool = False,
+def load(path, *, module: nn.Module | None = None, trusted: bool = False, constrained: bool = False,
          max_dense_bytes: int | None = None) -> nn.Module:
     """The model stored in a `.lwp` file, in eval mode, computing bit for bit what the encoded model computed.
+
+    By default a plain module: masks, codebooks and grids baked into ordinary weights
+    (tied weights stay tied). `constrained=True` gives the trainable form instead: each
+    layer carries its `Compressed` constraint, as after the run's last stage, and can be
+    fine-tuned further or encoded again to the same bytes.
 
     The model is built from the file's config only by an allowlisted constructor
     (lwpipe.models); pass `module` to fill a model you built, or `trusted=True`
@@ -61,7 +68,8 @@ def load(path, *, module: nn.Module | None = None, trusted: bool = False,
     header, _ = unpack(data, str(path))
     if module is None:
         constructor(header, trusted, str(path))  # refuse before any decoding work
-    return build(read(data, str(path), max_dense_bytes), module=module, trusted=trusted, source=str(path))
+    model = build(read(data, str(path), max_dense_bytes), module=module, trusted=trusted, source=str(path))
+    return model if constrained else bake_in_place(model)
 
 
 def read_bytes(path) -> bytes:
@@ -139,7 +147,7 @@ def read_layer(e: dict, raw: RawReader, streams: StreamReader) -> Layer:
     original = torch.zeros((), dtype=dtype).expand(shape)  # no memory: a shared layer computes from its codebook
     if e.get("shared") is not None:
         k = int(e["shared"]["k"])
-        index = torch.from_numpy(streams.symbols(n, k))
+        index = torch.from_numpy(streams.symbols(n, k)).to(index_dtype(k))
         cost["values"] = _stream_bits(streams.stats[-1])
         if e["shared"]["codebook"] == "levels":
             levels = torch.tensor(read_levels(streams, k, c.qmin, c.qmax), dtype=torch.float32)
@@ -177,8 +185,9 @@ def read_grid(c: Compressed, q: dict, raw: RawReader, streams: StreamReader) -> 
     else:
         zp = take(mode, shape, torch.float32, raw, streams)
     axis = q["axis"]
-    if axis not in (None, 0):
-        raise ValueError(f"quantization axis {axis!r} (this lwpipe knows None and 0)")
+    if axis is not None and not (isinstance(axis, int) and 0 <= axis < len(c.shape)
+                                 and list(shape) == list(grid_shape(c.shape, axis))):
+        raise ValueError(f"quantization axis {axis!r} with scales of shape {shape} for a weight of {list(c.shape)}")
     c.set_quant(int(q["bits"]), qmin, qmax, scale, zp, axis)
 
 
@@ -252,8 +261,10 @@ def check_fit(model: nn.Module, header: dict, source: str) -> None:
 
 @torch.no_grad()
 def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False, source: str = "artifact") -> nn.Module:
+    """The constrained model: each stored layer carries its Compressed constraint (see bake_in_place)."""
     model = module if module is not None else build_model(art.header, trusted, source)
-    stored = [layer.name for layer in art.layers] + list(art.tensors)
+    tied = art.header.get("tied") or {}
+    stored = [layer.name for layer in art.layers] + list(art.tensors) + list(tied)
     have = set(effective_tensors(model))
     missing, unexpected = sorted(have - set(stored)), sorted(set(stored) - have)
     if missing or unexpected:
@@ -261,14 +272,29 @@ def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False,
                             f"tensors the model has but the file lacks {missing[:5]}, "
                             f"tensors in the file the model lacks {unexpected[:5]}")
     modules = dict(model.named_modules())
+    for alias, name in tied.items():  # one stored tensor, several modules: tie them as the encoded model was
+        if name not in stored or name in tied:
+            raise ArtifactError(f"{source}: {alias} is tied to {name!r}, which the file does not store")
+        m, attr = _owner(modules, alias, source), alias.rpartition(".")[2]
+        src, src_attr = _owner(modules, name, source), name.rpartition(".")[2]
+        for mod, a in ((m, attr), (src, src_attr)):
+            _release(mod, a)
+        if getattr(m, attr) is not getattr(src, src_attr):
+            _check_shape(getattr(m, attr), getattr(src, src_attr), alias, source)
+            delattr(m, attr)
+            setattr(m, attr, getattr(src, src_attr))
     for layer in art.layers:
         m = _owner(modules, layer.name, source)
-        if not isinstance(m, COMPRESSIBLE):
+        if not is_compressible(m):
             raise ArtifactError(f"{source}: {layer.name} is a compressed layer, the model's is a {type(m).__name__}")
         _release(m, "weight")
         _check_shape(m.weight, layer.original, layer.name, source)
-        m.weight.copy_(layer.original)
-        parametrize.register_parametrization(m, "weight", layer.constraint.to(m.weight.device), unsafe=True)
+        if layer.constraint.shared:  # computes from its codebook: no dense weight kept (release_original)
+            m.weight.data = layer.original.to(m.weight.device)
+        else:
+            m.weight.copy_(layer.original)
+        others = [(a, _owner(modules, a, source)) for a, n in tied.items() if n == layer.name]
+        ensure_constraint_as(m, layer.constraint.to(m.weight.device), others)
         if layer.constraint.shared:
             m.parametrizations.weight.original.requires_grad_(False)
     for name, (value, half) in art.tensors.items():
@@ -278,8 +304,29 @@ def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False,
         _check_shape(getattr(m, attr), value, name, source)
         getattr(m, attr).copy_(value)
         if half:
-            set_half_bias(m)
+            set_half(m, attr)
+    for alias, name in tied.items():  # a tied tensor held to float16 is held so under every name
+        if name in art.tensors and art.tensors[name][1]:
+            set_half(_owner(modules, alias, source), alias.rpartition(".")[2])
     return model.eval()
+
+
+@torch.no_grad()
+def bake_in_place(model: nn.Module) -> nn.Module:
+    """Replace every parametrization by the ordinary tensor it computes (bit for bit the same values);
+    modules tied to one constrained weight stay tied to the one baked Parameter."""
+    owners: dict[int, nn.Module] = {}
+    for m in list(model.modules()):
+        c = constraint(m)
+        if c is not None and owners.setdefault(id(c), m) is not m:  # a tied module: untie, re-tie below
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+    for m in list(model.modules()):
+        if parametrize.is_parametrized(m):
+            for attr in list(m.parametrizations):
+                parametrize.remove_parametrizations(m, attr, leave_parametrized=True)  # set_() on the original
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 def _owner(modules: dict, name: str, source: str) -> nn.Module:

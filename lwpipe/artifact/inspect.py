@@ -40,9 +40,11 @@ def rows(art: Artifact) -> list[dict]:
                        "index_bits": c["positions"] / n if e.get("mask") else None,
                        "bytes": round(c["total"] / 8), "encoding": encoding(e)})
     others = []
-    for name, how, *_ in art.header["tensors"]:
-        numel, bits = art.tensors[name][0].numel(), art.tensor_bits[name]
-        others.append({"layer": name, "weights": numel, "kept": numel, "weight_bits": bits / max(numel, 1),
+    for name, how, _, _, *flags in art.header["tensors"]:
+        value, bits = art.tensors[name][0], art.tensor_bits[name]
+        numel = value.numel()
+        kept = None if "buffer" in flags else int(value.count_nonzero())  # a buffer is not a parameter
+        others.append({"layer": name, "weights": numel, "kept": kept, "weight_bits": bits / max(numel, 1),
                        "index_bits": None, "bytes": round(bits / 8),
                        "encoding": how[0] + (", sign+exponent coded" if len(how) > 1 else "")})
     kept = sum(r["kept"] for r in layers)
@@ -53,8 +55,8 @@ def rows(art: Artifact) -> list[dict]:
              "weight_bits": sum(r["weight_bits"] * r["kept"] for r in layers) / max(kept, 1),
              "index_bits": sum((r["index_bits"] or 0) * r["kept"] for r in layers) / max(kept, 1),
              "bytes": art.size, "encoding": f"{art.header['dense_bytes'] / art.size:.1f}x smaller than float32"}
-    if layers:  # Table 2's total: the share of the compressed layers' weights that is kept
-        total["kept_share"] = kept / max(sum(r["weights"] for r in layers), 1)
+    # the share of EVERY parameter that is kept (non-zero), so untouched tensors show (a tied one counts once)
+    total["kept_share"] = (kept + sum(r["kept"] or 0 for r in others)) / max(art.header["dense_bytes"] // 4, 1)
     return layers + others + [container, total]
 
 

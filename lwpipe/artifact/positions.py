@@ -9,45 +9,82 @@ from __future__ import annotations
 
 import numpy as np
 
-from lwpipe.artifact.coding import estimate_bits
+from lwpipe.artifact.coding import choose_table
 
 MAX_ESCAPE = 1 << 16
 
 
 def gap_symbols(positions: np.ndarray, escape: int | None) -> np.ndarray:
-    gaps = np.diff(positions.astype(np.int64), prepend=-1) - 1
-    if escape is None or len(gaps) == 0:
-        return gaps
+    return symbols_of_gaps(plain_gaps(positions), escape)
+
+
+def plain_gaps(positions: np.ndarray) -> np.ndarray:
+    gaps = np.diff(positions.astype(np.int64, copy=False), prepend=-1)
+    gaps -= 1
+    return gaps
+
+
+def symbols_of_gaps(gaps: np.ndarray, escape: int | None) -> np.ndarray:
+    """The stream for `escape` (None: the gaps themselves), at the narrowest dtype that holds its symbols."""
+    largest = int(gaps.max()) if len(gaps) else 0
+    top = largest if escape is None else min(escape, largest)
+    narrow = np.uint8 if top < 1 << 8 else np.uint16 if top < 1 << 16 else np.int64
+    if escape is None or largest < escape:  # no run needs an escape: the gaps as they are
+        return gaps.astype(narrow)
     runs, rest = np.divmod(gaps, escape)
-    out = np.full(int((runs + 1).sum()), escape, dtype=np.int64)
-    out[np.cumsum(runs + 1) - 1] = rest
+    runs += 1
+    ends = np.cumsum(runs, out=runs)
+    out = np.full(int(ends[-1]), escape, dtype=narrow)
+    ends -= 1
+    out[ends] = rest
     return out
 
 
 def choose_escape(positions: np.ndarray) -> tuple[int | None, np.ndarray]:
-    """(escape, symbols) with the smallest estimated coded size."""
-    gaps = gap_symbols(positions, None)
-    largest = int(gaps.max()) if len(gaps) else 0
+    """(escape, symbols) with the smallest estimated coded size.
+
+    Each candidate escape is costed from the histogram of the gaps alone (the symbol counts it
+    would give follow from it), so only the chosen escape's symbols are ever built."""
+    gaps = plain_gaps(positions)
+    hist = np.bincount(gaps) if len(gaps) else np.zeros(0, dtype=np.int64)
+    largest = len(hist) - 1 if len(hist) else 0
     best, worse = None, 0
     for escape in [(1 << j) - 1 for j in range(1, 17) if (1 << j) - 1 <= largest] + [None] * (largest < MAX_ESCAPE):
-        symbols = gap_symbols(positions, escape)
-        bits = estimate_bits(symbols)
-        worse = worse + 1 if best is not None and bits >= best[2] else 0
+        bits = choose_table(escape_counts(hist, escape))[3] if len(hist) else 0.0
+        worse = worse + 1 if best is not None and bits >= best[1] else 0
         if not worse:
-            best = (escape, symbols, bits)
+            best = (escape, bits)
         elif worse == 2 and escape is not None:  # past the best escape: longer alphabets only cost more
             break
-    return best[0], best[1]
+    return best[0], symbols_of_gaps(gaps, best[0])
+
+
+def escape_counts(hist: np.ndarray, escape: int | None) -> np.ndarray:
+    """np.bincount(gap_symbols(positions, escape)) from hist = np.bincount(the plain gaps)."""
+    if escape is None:
+        return hist
+    g = np.arange(len(hist))
+    counts = np.bincount(g % escape, weights=hist, minlength=escape + 1)
+    counts[escape] = float((g // escape * hist).sum())
+    counts = np.rint(counts).astype(np.int64)
+    return counts[:np.flatnonzero(counts)[-1] + 1]
 
 
 def positions_from_gaps(symbols: np.ndarray, escape: int | None, kept: int, size: int) -> np.ndarray:
     """Flat positions of the kept weights; ValueError when the stream does not fit the layer."""
-    symbols = symbols.astype(np.int64)
-    if escape is None:
-        positions = np.cumsum(symbols + 1) - 1
-    else:
+    limit = escape or size
+    steps = symbols.astype(np.int64)  # in place from here: one array the size of the stream
+    steps += 1
+    if escape is not None:
         is_escape = symbols == escape
-        positions = (np.cumsum(np.where(is_escape, escape, symbols + 1)) - 1)[~is_escape]
-    if len(positions) != kept or (kept and (positions[-1] >= size or symbols.max() > (escape or size))):
+        if is_escape.any():
+            steps[is_escape] = escape
+        else:  # no run was long enough to need an escape (the common case for moderate sparsity)
+            escape = None
+    positions = np.cumsum(steps, out=steps)
+    positions -= 1
+    if escape is not None:
+        positions = positions[~is_escape]
+    if len(positions) != kept or (kept and (positions[-1] >= size or symbols.max() > limit)):
         raise ValueError(f"position stream does not fit a layer of {size} weights with {kept} kept")
     return positions

@@ -1,25 +1,31 @@
 """Stage `prune`: set weights to zero behind a mask that every later stage keeps.
 
 Criteria: `magnitude` (|w|; with `quality`, Deep Compression's rule
-threshold = quality x std of the layer's weights) and `taylor`
-(|w * dL/dw| summed over calibration batches). Granularity: unstructured,
-structured (whole output rows / channels) or N:M. Ranking per layer or
-global. One-shot, or gradual over `steps` with the cubic schedule of
-Zhu & Gupta (2017), fine-tuning after each step.
+threshold = quality x std of the layer's weights), `taylor`
+(|w * dL/dw| summed over calibration batches) and `wanda` (Sun et al. 2023:
+|w| x the L2 norm of its input channel's activations over calibration batches,
+compared within each output row; an Embedding has no input activation and
+falls back to magnitude). Granularity: unstructured, structured (whole output
+rows / channels; Embedding: whole tokens) or N:M along the input dimension.
+Ranking per layer or global. One-shot, or gradual over `steps` with the cubic
+schedule of Zhu & Gupta (2017), fine-tuning after each step.
 """
 from __future__ import annotations
 
 import logging
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
+from lwpipe.calibration import input_channel_norms, task_forward, wanda_scores
 from lwpipe.config import Strict, TrainSettings
-from lwpipe.constraints import compressible_layers, ensure_constraint, layer_setting, original_weight, check_layer_patterns
+from lwpipe.constraints import (check_layer_patterns, compressible_layers, constraint, ensure_constraint, in_axis,
+                                layer_setting, original_weight, out_axis, tied_layers)
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.registry import register
@@ -35,7 +41,7 @@ class LayerPrune(Strict):
 
 
 class PruneConfig(Strict):
-    criterion: Literal["magnitude", "taylor"] = "magnitude"
+    criterion: Literal["magnitude", "taylor", "wanda"] = "magnitude"
     granularity: Literal["unstructured", "structured", "nm"] = "unstructured"
     sparsity: float = Field(0.5, ge=0, lt=1)
     quality: float | None = Field(None, gt=0, le=100)  # set: threshold = quality * std(W), per layer
@@ -45,13 +51,15 @@ class PruneConfig(Strict):
     layers: dict[str, LayerPrune] = {}                   # by module name or glob: "fc3", "conv*"
     schedule: Literal["oneshot", "gradual"] = "oneshot"
     steps: int = Field(1, ge=1, le=1000)
-    calibration_batches: int = Field(8, ge=1, le=100_000)
+    calibration_batches: int = Field(8, ge=1, le=100_000)  # taylor and wanda statistics
     finetune: TrainSettings = TrainSettings()            # after each pruning step
 
     @model_validator(mode="after")
     def _consistent(self):
         if self.granularity == "nm" and self.n >= self.m:
             raise ValueError(f"n={self.n} must be smaller than m={self.m} (keep n of every m)")
+        if self.criterion == "wanda" and self.scope == "global":
+            raise ValueError("criterion=wanda compares weights within each output row of a layer; use scope=layer")
         if self.scope == "global" and self.granularity != "unstructured":
             raise ValueError(f"scope=global ranks single weights; use it with granularity=unstructured, "
                              f"not {self.granularity}")
@@ -84,23 +92,54 @@ def taylor_scores(model: nn.Module, batches, layers: list[nn.Module]) -> list[to
 
 
 def lowest_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep all but the round(sparsity * n) lowest scores (ties broken by position)."""
-    k = int(round(sparsity * scores.numel()))
-    mask = torch.ones(scores.numel(), dtype=torch.bool)
-    if k:
-        mask[torch.argsort(scores.flatten(), stable=True)[:k]] = False
+    """Keep all but the round(sparsity * n) lowest scores (ties broken by position, as a stable sort would).
+
+    A k-th value and a comparison instead of a full sort: no index tensor 8x the layer's size."""
+    flat = scores.reshape(-1)
+    k = int(round(sparsity * flat.numel()))
+    if k == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if flat.device.type == "cpu":  # a partition copies the scores once; kthvalue also keeps int64 indices
+        threshold = torch.tensor(np.partition(flat.numpy(), k - 1)[k - 1])
+    else:
+        threshold = flat.kthvalue(k).values
+    mask = flat > threshold
+    at = (flat == threshold).nonzero().squeeze(1)
+    # how many of the tied scores go (the first ones); a bool .sum() would make an int64 copy
+    below = k - int(torch.count_nonzero(flat < threshold))
+    mask[at[below:]] = True
     return mask.view_as(scores)
 
 
-def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Structured: drop whole output rows / channels with the lowest summed score."""
-    row = scores.flatten(1).sum(1)
-    keep = lowest_mask(row, sparsity)
-    return keep.view(-1, *([1] * (scores.dim() - 1))).expand_as(scores).clone()
+def row_lowest_mask(scores: torch.Tensor, sparsity: float, axis: int = 0) -> torch.Tensor:
+    """Within each output row (the slice along `axis`), keep all but the round(sparsity * row size) lowest;
+    Wanda's comparison group. Rows are sorted a block at a time to bound memory."""
+    rows = scores.movedim(axis, 0)
+    flat = rows.reshape(rows.shape[0], -1)
+    k = int(round(sparsity * flat.shape[1]))
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    if k:
+        block = max(1, (1 << 22) // max(flat.shape[1], 1))
+        for i in range(0, flat.shape[0], block):
+            drop = torch.sort(flat[i:i + block], dim=1, stable=True).indices[:, :k]
+            mask[i:i + block].scatter_(1, drop, False)
+    return mask.view(rows.shape).movedim(0, axis).contiguous()
 
 
-def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """N:M: in each group of m consecutive weights along the input dim, keep the n largest."""
+def row_mask(scores: torch.Tensor, sparsity: float, axis: int = 0) -> torch.Tensor:
+    """Structured: drop whole output rows / channels (slices along `axis`) with the lowest summed score."""
+    moved = scores.movedim(axis, 0)
+    keep = lowest_mask(moved.reshape(moved.shape[0], -1).sum(1), sparsity)
+    shape = [1] * scores.dim()
+    shape[axis] = -1
+    return keep.view(shape).expand_as(scores).clone()
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int, axis: int = 1) -> torch.Tensor:
+    """N:M: in each group of m consecutive weights along the input dim, keep the n largest.
+    axis=0: the input dim comes first (transformers' Conv1D, [in, out])."""
+    if axis == 0:
+        return nm_mask(scores.transpose(0, 1), n, m).transpose(0, 1).contiguous()
     flat = scores.flatten(1)
     cols = flat.shape[1]
     pad = (-cols) % m
@@ -146,11 +185,14 @@ class Prune:
         check_layer_patterns(model, cfg.layers, path)
         check_not_emptied(cfg, model, path)
 
-    def _targets(self, layers: dict[str, nn.Module]) -> dict[str, float]:
+    def _setting(self, name: str, ties: dict) -> LayerPrune:
+        return layer_setting(name, self.cfg.layers, LayerPrune(), [t for t, _ in ties.get(name, ())])
+
+    def _targets(self, layers: dict[str, nn.Module], ties: dict) -> dict[str, float]:
         """Final sparsity per layer (quality thresholds turned into the sparsity they give)."""
         out = {}
         for name, m in layers.items():
-            lc = layer_setting(name, self.cfg.layers, LayerPrune())
+            lc = self._setting(name, ties)
             if lc.skip:
                 continue
             quality = lc.quality if lc.quality is not None else (None if lc.sparsity is not None else self.cfg.quality)
@@ -161,38 +203,72 @@ class Prune:
                 out[name] = lc.sparsity if lc.sparsity is not None else self.cfg.sparsity
         return out
 
-    @torch.no_grad()
-    def _prune_to(self, model, ctx: Context, layers: dict[str, nn.Module], targets: dict[str, float]) -> None:
-        names = list(targets)
-        mods = [layers[n] for n in names]
+    def _calibrate(self, model, ctx: Context, mods: dict[str, nn.Module]):
+        """Taylor: the scores themselves; wanda: per-layer input channel norms. Refuses empty calibration data."""
+        if self.cfg.criterion == "magnitude":
+            return None, None
+        train = getattr(ctx.data, "train", None)
+        if train is None or (hasattr(train, "__len__") and len(train) == 0):
+            raise self._no_data()
+        batches = ctx.calibration_batches(self.cfg.calibration_batches)
         if self.cfg.criterion == "taylor":
             with torch.enable_grad():
-                scores = taylor_scores(model, ctx.calibration_batches(self.cfg.calibration_batches), mods)
-        else:
-            scores = [m.weight.detach().abs() for m in mods]
-        for i, m in enumerate(mods):  # already-pruned weights rank lowest, so the mask only shrinks
-            c = ensure_constraint(m)
-            if c.mask is not None:
-                scores[i] = torch.where(c.mask, scores[i], torch.full_like(scores[i], -1.0))
-        explicit = {n for n in names if layer_setting(n, self.cfg.layers, LayerPrune()).sparsity is not None}
-        if self.cfg.scope == "global":
-            pooled = [i for i, n in enumerate(names) if n not in explicit]
-            if pooled:
-                total = sum(scores[i].numel() for i in pooled)
-                target = sum(targets[names[i]] * scores[i].numel() for i in pooled) / total
-                flat = lowest_mask(torch.cat([scores[i].flatten() for i in pooled]), target)
-                for i, part in zip(pooled, flat.split([scores[i].numel() for i in pooled])):
-                    self._apply(mods[i], part.view_as(scores[i]))
-        for i, n in enumerate(names):
-            if self.cfg.scope == "global" and n not in explicit:
+                return dict(zip(mods, taylor_scores(model, batches, list(mods.values())))), None
+        if self.cfg.criterion == "wanda":
+            norms, seen = input_channel_norms(model, mods, batches, task_forward(ctx))
+            if not seen:
+                raise self._no_data()
+            return None, norms
+        return None, None
+
+    def _no_data(self) -> ConfigError:
+        return ConfigError("stages.prune.criterion", self.cfg.criterion,
+                           "needs calibration data (input activations or gradients), and the training set "
+                           "gives no batch; use criterion=magnitude or give data.train")
+
+    def _score(self, name: str, m: nn.Module, taylor, norms) -> torch.Tensor:
+        if taylor is not None:
+            s = taylor.pop(name)
+        elif norms is not None and name in norms:
+            s = wanda_scores(m, norms[name])
+        else:  # magnitude; and wanda's fallback for Embedding, which has no input activation
+            s = m.weight.detach().abs()
+        c = constraint(m)
+        if c is not None and c.mask is not None:  # already-pruned weights rank lowest, so the mask only shrinks
+            s = s.masked_fill_(~c.mask, -1.0)  # s is a fresh tensor
+        return s
+
+    @torch.no_grad()
+    def _prune_to(self, model, ctx: Context, layers: dict[str, nn.Module], targets: dict[str, float],
+                  ties: dict) -> None:
+        names = list(targets)
+        taylor, norms = self._calibrate(model, ctx, {n: layers[n] for n in names})
+        for n in names:
+            ensure_constraint(layers[n], ties.get(n, ()))
+        explicit = {n for n in names if self._setting(n, ties).sparsity is not None}
+        pooled = [n for n in names if n not in explicit] if self.cfg.scope == "global" else []
+        if pooled:
+            scores = [self._score(n, layers[n], taylor, norms) for n in pooled]
+            total = sum(s.numel() for s in scores)
+            target = sum(targets[n] * s.numel() for n, s in zip(pooled, scores)) / total
+            flat = lowest_mask(torch.cat([s.flatten() for s in scores]), target)
+            for n, s, part in zip(pooled, scores, flat.split([s.numel() for s in scores])):
+                self._apply(layers[n], part.view_as(s))
+        for n in names:  # one layer's scores at a time: memory stays near one model copy
+            if n in pooled:
                 continue
+            m = layers[n]
+            score = self._score(n, m, taylor, norms)
             if self.cfg.granularity == "nm":
-                mask = nm_mask(scores[i], self.cfg.n, self.cfg.m)
+                mask = nm_mask(score, self.cfg.n, self.cfg.m, in_axis(m) if in_axis(m) is not None else 1)
             elif self.cfg.granularity == "structured":
-                mask = row_mask(scores[i], targets[n])
+                mask = row_mask(score, targets[n], out_axis(m))
+            elif norms is not None and n in norms:  # Wanda compares weights within each output row
+                mask = row_lowest_mask(score, targets[n], out_axis(m))
             else:
-                mask = lowest_mask(scores[i], targets[n])
-            self._apply(mods[i], mask)
+                mask = lowest_mask(score, targets[n])
+            del score
+            self._apply(m, mask)
 
     @staticmethod
     def _apply(module: nn.Module, mask: torch.Tensor) -> None:
@@ -203,12 +279,13 @@ class Prune:
 
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
         layers = dict(compressible_layers(model))
-        finals = self._targets(layers)
-        initial = {n: float((layers[n].weight == 0).float().mean()) for n in finals}
+        ties = tied_layers(model)
+        finals = self._targets(layers, ties)
+        initial = {n: int(torch.count_nonzero(layers[n].weight == 0)) / layers[n].weight.numel() for n in finals}
         steps = self.cfg.steps if self.cfg.schedule == "gradual" else 1
         for t in range(1, steps + 1):
             targets = {n: max(initial[n], cubic_schedule(initial[n], finals[n], t, steps)) for n in finals}
-            self._prune_to(model, ctx, layers, targets)
+            self._prune_to(model, ctx, layers, targets, ties)
             if steps > 1:
                 log.info("  prune step %d/%d: target sparsity %s", t, steps,
                          ", ".join(f"{n}={v:.3f}" for n, v in targets.items()))

@@ -2,14 +2,18 @@
 
 Symmetric (z = 0, levels -(2^(b-1)-1)..2^(b-1)-1) or asymmetric (levels
 0..2^b-1, with an integer zero point z so that 0.0 stays exact and pruned
-zeros stay zeros). Per-tensor or per-output-channel scales; bits per layer by
+zeros stay zeros). Per-tensor or per-output-channel scales (the output axis of
+each layout: axis 1 for transformers' Conv1D, one scale per token for an
+Embedding); bits per layer by
 name or glob (mixed precision). On a shared layer it quantizes the codebook,
 so the index map, the cluster count and the mask are kept; otherwise the masked
 weights. Fine-tuning is quantization-aware: the forward rounds, the backward
 passes gradients straight through (constraints._RoundSTE).
 
 `bias: float16` also holds every quantized layer's bias to float16 values
-(constraints.HalfBias), so the artifact can store biases in 2 bytes.
+(constraints.HalfBias), so the artifact can store biases in 2 bytes;
+`norms: float16` does the same for LayerNorm / GroupNorm / BatchNorm weights
+and biases (running statistics are buffers and stay exact).
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ from pydantic import Field
 from torch import nn
 
 from lwpipe.config import Strict, TrainSettings
-from lwpipe.constraints import compressible_layers, ensure_constraint, layer_setting, set_half_bias, check_layer_patterns
+from lwpipe.constraints import (NORMS, check_layer_patterns, compressible_layers, ensure_constraint, layer_setting,
+                                hold_half, out_axis, tied_layers)
 from lwpipe.context import Context
 from lwpipe.registry import register
 from lwpipe.training import fit
@@ -39,6 +44,7 @@ class QuantizeConfig(Strict):
     granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
     layers: dict[str, LayerQuant] = {}                 # by module name or glob: "fc3", "conv*"
     bias: Literal["float32", "float16"] = "float32"
+    norms: Literal["float32", "float16"] = "float32"   # LayerNorm / BatchNorm weight and bias
     finetune: TrainSettings = TrainSettings()          # quantization-aware, through the STE
 
 
@@ -49,11 +55,11 @@ def quant_range(bits: int, scheme: Scheme) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def quant_grid(x: torch.Tensor, bits: int, scheme: Scheme, per_channel: bool):
-    """(qmin, qmax, scale, zero_point) covering x; per_channel: one scale per slice along dim 0."""
+def quant_grid(x: torch.Tensor, bits: int, scheme: Scheme, per_channel: bool, axis: int = 0):
+    """(qmin, qmax, scale, zero_point) covering x; per_channel: one scale per slice along `axis`."""
     qmin, qmax = quant_range(bits, scheme)
     if per_channel:
-        dims = tuple(range(1, x.dim()))
+        dims = tuple(d for d in range(x.dim()) if d != axis)
         lo, hi = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
     else:
         lo, hi = x.min(), x.max()
@@ -70,16 +76,17 @@ def quant_grid(x: torch.Tensor, bits: int, scheme: Scheme, per_channel: bool):
 
 
 @torch.no_grad()
-def quantize_layer(module: nn.Module, bits: int, scheme: Scheme = "symmetric", per_channel: bool = False) -> None:
+def quantize_layer(module: nn.Module, bits: int, scheme: Scheme = "symmetric", per_channel: bool = False,
+                   tied=()) -> None:
     """Put the layer's weights (or its codebook, when shared) on a `bits`-bit grid."""
-    c = ensure_constraint(module)
+    c = ensure_constraint(module, tied)
     if c.shared:
         if per_channel:
             raise ValueError("a shared layer has one codebook for all channels; use per_tensor")
         values, axis = c.centroids.detach(), None
     else:
-        values, axis = module.weight.detach(), (0 if per_channel else None)
-    qmin, qmax, scale, zero_point = quant_grid(values, bits, scheme, per_channel)
+        values, axis = module.weight.detach(), (out_axis(module) if per_channel else None)
+    qmin, qmax, scale, zero_point = quant_grid(values, bits, scheme, per_channel, axis or 0)
     c.set_quant(bits, qmin, qmax, scale, zero_point, axis)
     pin_zeros(module)
 
@@ -87,7 +94,13 @@ def quantize_layer(module: nn.Module, bits: int, scheme: Scheme = "symmetric", p
 @torch.no_grad()
 def pin_zeros(module: nn.Module) -> None:
     """Weights that round to 0 join the mask: sparsity only grows, later training cannot revive them."""
-    ensure_constraint(module).set_mask(module.weight.detach() != 0)
+    c = ensure_constraint(module)
+    if c.shared and c.mask is not None:  # from the codebook: no dense weight computed
+        zero = c.codebook_values() == 0
+        if bool(zero.any()):
+            c.set_mask(~zero[c.index.int()])
+        return
+    c.set_mask(module.weight.detach() != 0)
 
 
 @register("quantize")
@@ -111,15 +124,19 @@ class Quantize:
         check_layer_patterns(model, cfg.layers, path)
 
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
-        done = []
+        done, half = [], []
+        ties = tied_layers(model)
         for name, m in compressible_layers(model):
-            lc = layer_setting(name, self.cfg.layers, LayerQuant())
+            tied = ties.get(name, ())
+            lc = layer_setting(name, self.cfg.layers, LayerQuant(), [t for t, _ in tied])
             if lc.skip:
                 continue
-            quantize_layer(m, lc.bits or self.cfg.bits, self.cfg.scheme, self.cfg.granularity == "per_channel")
-            if self.cfg.bias == "float16":
-                set_half_bias(m)
+            quantize_layer(m, lc.bits or self.cfg.bits, self.cfg.scheme, self.cfg.granularity == "per_channel", tied)
             done.append(m)
+            half += [(layer, "bias") for layer in [m] + [t for _, t in tied]] * (self.cfg.bias == "float16")
+        if self.cfg.norms == "float16":
+            half += [(m, a) for m in model.modules() if isinstance(m, NORMS) for a in ("weight", "bias")]
+        hold_half(model, half)
         fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune,
             on_epoch=ctx.epoch_callback(model))
         for m in done:  # QAT may have moved more weights onto level 0: keep them there too

@@ -16,8 +16,8 @@ from pydantic import Field
 from torch import nn
 
 from lwpipe.config import Strict, TrainSettings
-from lwpipe.constraints import (compressible_layers, ensure_constraint, layer_setting, original_weight,
-                                check_layer_patterns, constraint)
+from lwpipe.constraints import (compressible_layers, ensure_constraint, index_dtype, layer_setting, original_weight, release_original,
+                                check_layer_patterns, constraint, tied_layers)
 from lwpipe.context import Context
 from lwpipe.errors import LwpipeError
 from lwpipe.kmeans import kmeans_1d
@@ -39,21 +39,29 @@ class ShareConfig(Strict):
 
 
 @torch.no_grad()
-def share_layer(module: nn.Module, bits: int, init: str = "linear", iters: int = 30, seed: int = 0) -> None:
-    """Replace the layer's weight by a 2^bits codebook over its non-zero weights."""
-    c = ensure_constraint(module)
-    w = module.weight.detach()  # the effective weight: masked, possibly already shared
+def share_layer(module: nn.Module, bits: int, init: str = "linear", iters: int = 30, seed: int = 0,
+                tied=()) -> None:
+    """Replace the layer's weight by a 2^bits codebook over its non-zero weights (`tied`: the modules
+    sharing this weight, which get the same constraint)."""
+    c = ensure_constraint(module, tied)
     if c.quantized:
         raise ValueError("a quantized layer cannot be shared: k-means centroids would leave its grid")
+    # unshared, the stored weight is the effective one (prune zeroes it too): no dense copy computed
+    w = module.weight.detach() if c.shared else original_weight(module).detach()
     if c.mask is None:
         c.set_mask(w != 0)  # zeros (from any source) stay zeros and are not clustered
-    kept = w[c.mask].cpu()
-    k = min(1 << bits, max(1, int(torch.unique(kept).numel())))  # more centroids than values only cost bytes
-    centroids, idx = kmeans_1d(kept, k, init, iters, seed)
-    index = torch.zeros(w.shape, dtype=torch.long)
-    index[c.mask.cpu()] = idx
-    c.set_codebook(index.to(w.device), centroids.to(w.device))
-    original_weight(module).requires_grad_(False)  # only the centroids train from now on
+    # numpy's boolean indexing copies the kept values only; torch's first builds int64 positions (8x the mask)
+    values = torch.from_numpy(w.cpu().numpy()[c.mask.cpu().numpy()])
+    del w
+    k = 1 << bits
+    if values.numel() < 64 * k:  # a codebook near the value count: more centroids than values only cost bytes
+        k = min(k, max(1, int(torch.unique(values).numel())))
+    centroids, idx = kmeans_1d(values, k, init, iters, seed)
+    del values
+    index = torch.zeros(c.shape, dtype=index_dtype(centroids.numel()))
+    index.masked_scatter_(c.mask.cpu(), idx.to(index.dtype))  # in mask order, as values were taken
+    c.set_codebook(index.to(c.mask.device), centroids.to(c.mask.device))
+    release_original(module)  # frozen and never read again: only the centroids train from now on
 
 
 @register("share")
@@ -83,11 +91,12 @@ class Share:
                               "checkpoint saved before quantize, or take share out of the pipeline")
 
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
+        ties = tied_layers(model)
         for name, m in compressible_layers(model):
-            lc = layer_setting(name, self.cfg.layers, LayerShare())
+            lc = layer_setting(name, self.cfg.layers, LayerShare(), [t for t, _ in ties.get(name, ())])
             if lc.skip:
                 continue
             seed = int(torch.randint(2**31 - 1, ()).item())  # the runner seeds each stage
-            share_layer(m, lc.bits or self.cfg.bits, self.cfg.init, self.cfg.iters, seed)
+            share_layer(m, lc.bits or self.cfg.bits, self.cfg.init, self.cfg.iters, seed, ties.get(name, ()))
         return fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune,
                    on_epoch=ctx.epoch_callback(model))

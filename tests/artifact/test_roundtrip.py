@@ -33,12 +33,15 @@ def test_round_trip_is_bit_exact(kind, tmp_path):
     blob = encode_model(m, CONFIG)
     path = tmp_path / "model.lwp"
     path.write_bytes(blob)
-    loaded = lwpipe.load(path)
+    loaded = lwpipe.load(path, constrained=True)
     assert_same_model(m, loaded, torch.randn(64, 32))
     assert not loaded.training
     if kind not in ("untouched", "identity"):
         assert model_spec(loaded) == model_spec(m)  # the constraints come back too
     assert encode_model(loaded, CONFIG) == blob  # and encode to the same bytes
+    plain = lwpipe.load(path)  # the default: constraints baked into ordinary weights
+    assert_same_model(m, plain, torch.randn(64, 32))
+    assert model_spec(plain) == {} and all(p.requires_grad for p in plain.parameters())
 
 
 @pytest.mark.parametrize("kind,parts", [
@@ -84,7 +87,8 @@ def test_half_bias_is_two_bytes_and_comes_back(tmp_path):
     assert tensors["3.bias"][1][0] == "float32"
     path = tmp_path / "m.lwp"
     path.write_bytes(blob)
-    assert bias_dtype(lwpipe.load(path)[1]) == torch.float16
+    assert bias_dtype(lwpipe.load(path, constrained=True)[1]) == torch.float16
+    assert lwpipe.load(path)[1].bias.dtype == torch.float32  # plain: the fp16 values as ordinary floats
 
 
 def test_conv_layers_with_a_module_passed_in(tmp_path):
