@@ -45,8 +45,16 @@ class CacheSettings(Strict):
     dir: str = Field("outputs/cache", min_length=1)
 
 
-# what the entry point returns, for sweepers that optimise it (one value, or a tuple of them)
-Objective = Literal["accuracy", "loss", "teacher_agreement", "sparsity", "compression_ratio", "compressed_bytes"]
+class TaskSettings(Strict):
+    """What the model computes: the batch format, loss, metric and distillation target (lwpipe/tasks)."""
+
+    name: Literal["classification", "text_classification", "causal_lm", "embedding"] = "classification"
+
+
+# what the entry point returns, for sweepers that optimise it (one value, or a tuple of them);
+# `quality` is the task's headline metric (accuracy, perplexity or cosine)
+Objective = Literal["accuracy", "loss", "teacher_agreement", "sparsity", "compression_ratio", "compressed_bytes",
+                    "quality", "perplexity", "cosine"]
 
 
 class TopLevel(Strict):
@@ -58,6 +66,7 @@ class TopLevel(Strict):
     data: dict[str, Any]
     logger: dict[str, dict[str, Any] | None] = {}
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    task: TaskSettings = TaskSettings()
     eval: EvalSettings = EvalSettings()
     artifact: bool = True
     cache: CacheSettings = CacheSettings()  # `cache=false` is short for cache.enabled=false
@@ -126,13 +135,32 @@ def _stage_config(name: str, settings: dict | None) -> Step:
     return Step(name, type_, cls, _check(cls.Config, settings, f"stages.{name}"))
 
 
+def _missing(raw, prefix: str = ""):
+    """Paths of mandatory values (`???`) nobody set, e.g. model.path of model=hf."""
+    if isinstance(raw, dict):
+        for k, v in raw.items():
+            yield from _missing(v, f"{prefix}{k}.")
+    elif raw == "???":
+        yield prefix.rstrip(".")
+
+
 def validate(cfg: DictConfig | dict) -> Recipe:
     try:
-        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        raw = (OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False) if isinstance(cfg, DictConfig)
+               else dict(cfg))
     except Exception as e:  # an interpolation that does not resolve
         raise LwpipeError(f"recipe does not resolve: {e}") from None
     raw.pop("hydra", None)
+    for path in _missing(raw):
+        raise ConfigError(path, "???", "required: set it on the command line, e.g. model.path=DIR")
     top = _check(TopLevel, raw, "")
+    metrics = {"classification": "accuracy", "text_classification": "accuracy", "causal_lm": "perplexity",
+               "embedding": "cosine"}
+    for i, name in enumerate(top.objective):
+        if name in ("perplexity", "cosine", "accuracy") and name != metrics[top.task.name] and \
+                not (name == "accuracy" and top.task.name == "causal_lm"):
+            raise ConfigError(f"objective[{i}]", name, f"task {top.task.name} does not record it; its metric is "
+                              f"{metrics[top.task.name]} (or use quality)")
     for key in ("model", "data"):
         if "_target_" not in getattr(top, key):
             raise ConfigError(f"{key}._target_", None, f"required: the import path of the {key} builder")

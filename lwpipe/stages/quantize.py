@@ -120,7 +120,7 @@ class Quantize:
             if self.cfg.bias == "float16":
                 set_half_bias(m)
             done.append(m)
-        fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune,
+        fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune, loss_fn=ctx.loss,
             on_epoch=ctx.epoch_callback(model))
         for m in done:  # QAT may have moved more weights onto level 0: keep them there too
             pin_zeros(m)
