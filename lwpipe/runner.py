@@ -1,6 +1,6 @@
 """The runner: threads a model through the recipe's stages.
 
-    data  = build(recipe.data);  model = build(recipe.model)      # after validation
+    model = build(recipe.model);  data = build(recipe.data)      # after validation
     ctx.task = task(recipe.task)   # batch format, loss, metric; the loop below never asks which task
     check: the model accepts a batch, the task fits model and data, layer settings name real layers
     run_dir <- recipe.yaml (resolved recipe), run_info.json         # reproducibility (provenance.py)
@@ -151,9 +151,9 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     started = time.perf_counter()
     torch.manual_seed(top.seed)
-    data = build_data(top.data)
     device = pick_device(top.device)
-    model = build_model(top.model).to(device)
+    model = build_model(top.model).to(device)  # first: a bad model.path is named as such, not as data.tokenizer
+    data = build_data(top.data)
     task: Task = make_task(top.task.name)
     ctx = Context(data=data, seed=top.seed, run_dir=run_dir, batch_size=top.data.get("batch_size", 64),
                   eval_batch_size=top.eval.batch_size, device=device, task=task)

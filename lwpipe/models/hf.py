@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lwpipe.errors import ConfigError, LwpipeError
@@ -45,6 +46,7 @@ def load_hf(path: str | None = None, task: str = "text_classification", num_labe
     """The model in `path` (local files only), with the head `task` needs."""
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # one "Loading weights" bar per load is noise in a run log
     p = model_dir(path)
     try:
         config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
@@ -56,14 +58,26 @@ def load_hf(path: str | None = None, task: str = "text_classification", num_labe
         if not is_causal_lm(config):
             raise ConfigError("task", task, f"does not fit the model in {path}: {config.model_type} is not a causal "
                               "(decoder) language model; use task=text_classification or task=embedding")
-    kwargs = {"num_labels": num_labels} if num_labels is not None and task == "text_classification" else {}
+    kwargs = {}
+    if num_labels is not None and task == "text_classification" and num_labels != config.num_labels:
+        kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}  # a new head of that size
     cls = getattr(transformers, auto_class(task))
     try:
         model = cls.from_pretrained(str(p), local_files_only=True, **kwargs)
     except Exception as e:
         raise ConfigError("model.path", path, f"transformers could not load it as {cls.__name__}: {_first(e)}") \
             from None
-    return with_rebuild(model, auto_class(task))
+    return with_rebuild(own_memory(model), auto_class(task))
+
+
+@torch.no_grad()
+def own_memory(model: nn.Module) -> nn.Module:
+    """Fresh, aligned copies of tensors read from a memory-mapped file: with their odd offsets a layer's
+    matmul took another SIMD path, so the same weights in model.lwp's rebuild gave outputs differing
+    in the last bit. Tied parameters stay tied (one Parameter object)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        t.data = t.data.clone()
+    return model
 
 
 def with_rebuild(model: nn.Module, auto: str) -> nn.Module:
@@ -88,7 +102,7 @@ def from_config(config: dict, auto_class: str, attn_implementation: str | None =
     config.pop("auto_map", None)
     cfg = CONFIG_MAPPING[kind].from_dict(config)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = getattr(transformers, auto_class).from_config(cfg, **kwargs)
+    model = getattr(transformers, auto_class).from_config(cfg, **kwargs).float()
     if not type(model).__module__.startswith("transformers."):
         raise LwpipeError(f"{type(model).__name__} is not a class of the transformers package")
     return with_rebuild(model, auto_class)

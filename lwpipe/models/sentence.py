@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lwpipe.errors import ConfigError, LwpipeError
-from lwpipe.models.hf import model_dir
+from lwpipe.models.hf import model_dir, own_memory
 
 POOLING = ("mean", "cls", "max")
 KNOWN = ("Transformer", "Pooling", "Normalize")
@@ -72,8 +72,10 @@ def read_modules(root: Path, path: str) -> tuple[Path, str, bool]:
 
 
 def load_sentence_transformer(path: str | None = None, task: str = "embedding") -> nn.Module:
+    import transformers
     from transformers import AutoModel
 
+    transformers.utils.logging.disable_progress_bar()
     if task != "embedding":
         raise ConfigError("task", task, "does not fit a sentence-transformers model; use task=embedding")
     root = _exists(path)
@@ -84,7 +86,7 @@ def load_sentence_transformer(path: str | None = None, task: str = "embedding") 
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise ConfigError("model.path", path, f"transformers could not load {tdir}: {first}") from None
-    return with_rebuild(SentenceEncoder(transformer, pooling, normalize))
+    return with_rebuild(SentenceEncoder(own_memory(transformer), pooling, normalize))
 
 
 def _exists(path: str | None) -> Path:
