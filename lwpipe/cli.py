@@ -98,6 +98,8 @@ def _main(cfg: DictConfig):
 
 
 def main() -> None:
+    if "" not in sys.path and "." not in sys.path:  # as `python -m`: model._target_=mypkg.build finds ./mypkg.py
+        sys.path.insert(0, "")
     _main()
 
 

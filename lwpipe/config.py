@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lwpipe import registry
 from lwpipe.errors import ConfigError, LwpipeError
+from lwpipe.tasks import TASK_METRICS
 
 
 class Strict(BaseModel):
@@ -154,13 +155,11 @@ def validate(cfg: DictConfig | dict) -> Recipe:
     for path in _missing(raw):
         raise ConfigError(path, "???", "required: set it on the command line, e.g. model.path=DIR")
     top = _check(TopLevel, raw, "")
-    metrics = {"classification": "accuracy", "text_classification": "accuracy", "causal_lm": "perplexity",
-               "embedding": "cosine"}
-    for i, name in enumerate(top.objective):
-        if name in ("perplexity", "cosine", "accuracy") and name != metrics[top.task.name] and \
-                not (name == "accuracy" and top.task.name == "causal_lm"):
+    headline = TASK_METRICS[top.task.name]
+    for i, name in enumerate(top.objective):  # causal_lm also records next-token accuracy
+        if name in TASK_METRICS.values() and name != headline and (name, top.task.name) != ("accuracy", "causal_lm"):
             raise ConfigError(f"objective[{i}]", name, f"task {top.task.name} does not record it; its metric is "
-                              f"{metrics[top.task.name]} (or use quality)")
+                              f"{headline} (or use quality)")
     for key in ("model", "data"):
         if "_target_" not in getattr(top, key):
             raise ConfigError(f"{key}._target_", None, f"required: the import path of the {key} builder")

@@ -143,3 +143,20 @@ def test_a_tokenizer_that_does_not_match_the_model(files, tmp_path):
     bert_tokenizer(extra=100).save_pretrained(str(big))
     fails([*args(files, "bert_text_classification", "bert", "train.csv", "test.csv"), f"data.tokenizer={big}"],
           "data.tokenizer=.*has 142 tokens but the model embeds 42")
+
+
+def test_cli_finds_a_module_in_the_working_directory_and_bad_paths_exit_2(files, tmp_path):
+    from tests.test_cli import lwpipe as cli
+
+    (tmp_path / "mypkg.py").write_text(
+        "import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
+        "def build():\n    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))\n"
+        "def data():\n    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))\n"
+        "    y = (x[:, 0] > 0).long()\n    return TensorDataset(x[:48], y[:48]), TensorDataset(x[48:], y[48:])\n")
+    p = cli(["model=custom", "model._target_=mypkg.build", "data=custom", "data._target_=mypkg.data",
+             "pipeline=[train,prune]", "stages.train.epochs=1", "stages.prune.finetune.epochs=0", "cache=false"],
+            tmp_path)
+    assert p.returncode == 0, p.stderr
+    p = cli(["recipe=sentence_embedding", f"model.path={tmp_path / 'missing'}", "cache=false"], tmp_path)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
+    assert "model.path=" in p.stderr and "directory" in p.stderr

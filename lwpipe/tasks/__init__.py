@@ -100,6 +100,6 @@ def make_task(name: str) -> Task:
     return tasks[name]()
 
 
+# each task's headline metric (records' `metric`), known before any model is built
 TASK_METRICS = {"classification": "accuracy", "text_classification": "accuracy", "causal_lm": "perplexity",
                 "embedding": "cosine"}
-LOWER_IS_BETTER = {"perplexity", "loss", "compressed_bytes"}
