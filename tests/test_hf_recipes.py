@@ -48,7 +48,8 @@ def test_bert_text_classification(files, tmp_path):
     from lwpipe.models.hf import load_hf
 
     final, records = run_recipe(args(files, "bert_text_classification", "bert", "train.csv", "test.csv")
-                                + ["stages.train.lr=3e-3", "stages.train.epochs=4"], tmp_path)
+                                + ["stages.train.lr=3e-3", "stages.train.epochs=4", "stages.prune.criterion=taylor"],
+                                tmp_path)
     ends = [r for r in records if r["event"] != "epoch"]
     assert [r["stage"] for r in ends] == ["input", "train", "prune", "share", "quantize", "distill"]
     for r in records:
@@ -160,3 +161,10 @@ def test_cli_finds_a_module_in_the_working_directory_and_bad_paths_exit_2(files,
     p = cli(["recipe=sentence_embedding", f"model.path={tmp_path / 'missing'}", "cache=false"], tmp_path)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
     assert "model.path=" in p.stderr and "directory" in p.stderr
+
+
+def test_a_decoder_classifies_text_too(files, tmp_path):
+    """GPT-2 has no pad token: the classifier head gets end-of-text, as data=text pads with it."""
+    final, records = run_recipe([*args(files, "bert_text_classification", "gpt2", "train.csv", "test.csv"),
+                                 "pipeline=[prune]", "stages.prune.finetune.epochs=0"], tmp_path)
+    assert final["metric"] == "accuracy" and 0 <= final["quality"] <= 1

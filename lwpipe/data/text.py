@@ -28,6 +28,7 @@ from lwpipe.data.bundle import DataBundle
 from lwpipe.errors import ConfigError, LwpipeError
 
 SUFFIXES = (".txt", ".csv", ".jsonl")
+TEXT_TASKS = ("text_classification", "causal_lm", "embedding")
 CLASS_TOPICS = ("compound", "string-methods", "debugger", "typesmapping")  # the built-in corpus's 4 labels
 
 
@@ -138,6 +139,8 @@ def load_text(train: str | None = None, test: str | None = None, tokenizer: str 
               max_length: int = 128, limit_train: int | None = None, limit_test: int | None = None,
               test_fraction: float = 0.2, split_seed: int = 0) -> DataBundle:
     """Train and test texts, tokenized with the model's tokenizer (see the module docstring)."""
+    if task not in TEXT_TASKS:
+        raise ConfigError("task.name", task, f"data=text feeds dict batches to the tasks {', '.join(TEXT_TASKS)}")
     labelled = task == "text_classification"
     if not 1 <= max_length <= 1 << 16:
         raise ConfigError("data.max_length", max_length, "must be between 1 and 65536")

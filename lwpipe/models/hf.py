@@ -67,6 +67,8 @@ def load_hf(path: str | None = None, task: str = "text_classification", num_labe
     except Exception as e:
         raise ConfigError("model.path", path, f"transformers could not load it as {cls.__name__}: {_first(e)}") \
             from None
+    if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
+        model.config.pad_token_id = model.config.eos_token_id  # as data=text pads (GPT-2 has no pad token)
     return with_rebuild(own_memory(model), auto_class(task))
 
 
