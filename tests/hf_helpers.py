@@ -24,7 +24,8 @@ def make_texts(n: int, seed: int = 0) -> list[tuple[str, int]]:
 
 
 def vocabulary() -> list[str]:
-    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted({w for ws in WORDS.values() for w in ws} | set(COMMON))]
+    words = {w for ws in WORDS.values() for w in ws} | set(COMMON)
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]
 
 
 def bert_tokenizer(extra: int = 0):

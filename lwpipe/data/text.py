@@ -154,7 +154,8 @@ def load_text(train: str | None = None, test: str | None = None, tokenizer: str 
         parts, name = [pairs[n_test:], pairs[:n_test]], "pydoc_topics"
     else:
         column = label_column if labelled else None
-        parts = [read_texts(train, "data.train", text_column, column), read_texts(test, "data.test", text_column, column)]
+        parts = [read_texts(train, "data.train", text_column, column),
+                 read_texts(test, "data.test", text_column, column)]
         name = f"text:{Path(train).name}"
     for part, key, limit in ((0, "data.train", limit_train), (1, "data.test", limit_test)):
         parts[part] = parts[part][:limit] if limit else parts[part]

@@ -32,7 +32,8 @@ def model_dir(path: str | None, key: str = "model.path") -> Path:
     if not (p / "config.json").is_file():
         raise ConfigError(key, path, f"incomplete model directory: {p / 'config.json'} is missing")
     if not any((p / f).is_file() for f in WEIGHT_FILES):
-        raise ConfigError(key, path, f"incomplete model directory: no weights file ({' or '.join(WEIGHT_FILES[:1] + WEIGHT_FILES[2:3])}) in {p}")
+        raise ConfigError(key, path, f"incomplete model directory: no weights file (model.safetensors or "
+                          f"pytorch_model.bin, or their .index.json) in {p}")
     return p
 
 

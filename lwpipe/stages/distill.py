@@ -125,7 +125,8 @@ class Distill:
         t_acts = _Activations(teacher, self.cfg.features) if self.cfg.features else None
         try:
             fit(model, ctx.train_loader(self.cfg.batch_size), self.cfg,
-                loss_fn=distill_loss_fn(teacher, self.cfg, s_acts, t_acts, ctx.task), on_epoch=ctx.epoch_callback(model))
+                loss_fn=distill_loss_fn(teacher, self.cfg, s_acts, t_acts, ctx.task),
+                on_epoch=ctx.epoch_callback(model))
         finally:
             for acts in (s_acts, t_acts):
                 if acts is not None:
