@@ -86,6 +86,7 @@ def own_memory(model: nn.Module) -> nn.Module:
 def with_rebuild(model: nn.Module, auto: str) -> nn.Module:
     config = model.config.to_dict()
     config.pop("auto_map", None)  # remote code is never run
+    config.pop("_name_or_path", None)  # a local path: not needed to rebuild, and not the file's business
     model.lwpipe_rebuild = {"_target_": "lwpipe.models.hf.from_config", "config": json.loads(json.dumps(config)),
                             "auto_class": auto, "attn_implementation": model.config._attn_implementation}
     return model.eval()
