@@ -152,6 +152,8 @@ def check_presets(args: list[str]) -> None:
 
 def main() -> None:
     check_presets(sys.argv[1:])
+    if "" not in sys.path and "." not in sys.path:  # as `python -m`: model._target_=mypkg.build finds ./mypkg.py
+        sys.path.insert(0, "")
     _main()
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lwpipe import registry
 from lwpipe.errors import ConfigError, LwpipeError
+from lwpipe.tasks import TASK_METRICS
 
 
 class Strict(BaseModel):
@@ -45,8 +46,16 @@ class CacheSettings(Strict):
     dir: str = Field("outputs/cache", min_length=1)
 
 
-# what the entry point returns, for sweepers that optimise it (one value, or a tuple of them)
-Objective = Literal["accuracy", "loss", "teacher_agreement", "sparsity", "compression_ratio", "compressed_bytes"]
+class TaskSettings(Strict):
+    """What the model computes: the batch format, loss, metric and distillation target (lwpipe/tasks)."""
+
+    name: Literal["classification", "text_classification", "causal_lm", "embedding"] = "classification"
+
+
+# what the entry point returns, for sweepers that optimise it (one value, or a tuple of them);
+# `quality` is the task's headline metric (accuracy, perplexity or cosine)
+Objective = Literal["accuracy", "loss", "teacher_agreement", "sparsity", "compression_ratio", "compressed_bytes",
+                    "quality", "perplexity", "cosine"]
 
 
 class TopLevel(Strict):
@@ -58,6 +67,7 @@ class TopLevel(Strict):
     data: dict[str, Any]
     logger: dict[str, dict[str, Any] | None] = {}
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    task: TaskSettings = TaskSettings()
     eval: EvalSettings = EvalSettings()
     artifact: bool = True
     cache: CacheSettings = CacheSettings()  # `cache=false` is short for cache.enabled=false
@@ -128,13 +138,30 @@ def _stage_config(name: str, settings: dict | None) -> Step:
     return Step(name, type_, cls, _check(cls.Config, settings, f"stages.{name}"))
 
 
+def _missing(raw, prefix: str = ""):
+    """Paths of mandatory values (`???`) nobody set, e.g. model.path of model=hf."""
+    if isinstance(raw, dict):
+        for k, v in raw.items():
+            yield from _missing(v, f"{prefix}{k}.")
+    elif raw == "???":
+        yield prefix.rstrip(".")
+
+
 def validate(cfg: DictConfig | dict) -> Recipe:
     try:
-        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        raw = (OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False) if isinstance(cfg, DictConfig)
+               else dict(cfg))
     except Exception as e:  # an interpolation that does not resolve
         raise LwpipeError(f"recipe does not resolve: {e}") from None
     raw.pop("hydra", None)
+    for path in _missing(raw):
+        raise ConfigError(path, "???", "required: set it on the command line, e.g. model.path=DIR")
     top = _check(TopLevel, raw, "")
+    headline = TASK_METRICS[top.task.name]
+    for i, name in enumerate(top.objective):  # causal_lm also records next-token accuracy
+        if name in TASK_METRICS.values() and name != headline and (name, top.task.name) != ("accuracy", "causal_lm"):
+            raise ConfigError(f"objective[{i}]", name, f"task {top.task.name} does not record it; its metric is "
+                              f"{headline} (or use quality)")
     for key in ("model", "data"):
         if "_target_" not in getattr(top, key):
             raise ConfigError(f"{key}._target_", None, f"required: the import path of the {key} builder")

@@ -11,6 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lwpipe.data import DataBundle
+from lwpipe.tasks import Task
+from lwpipe.tasks.classification import Classification
 
 
 def stage_seed(seed: int, step: int, name: str) -> int:
@@ -26,6 +28,7 @@ class Context:
     batch_size: int = 64
     eval_batch_size: int = 512
     device: torch.device = torch.device("cpu")
+    task: Task = field(default_factory=Classification)  # batch format, loss, evaluation, what distill matches
     step: int = 0
     stage: str = ""
     # the model as it was before the first compression stage: distill's default teacher
@@ -40,19 +43,25 @@ class Context:
         g = torch.Generator().manual_seed(stage_seed(self.seed, self.step, self.stage))
         return DataLoader(self.data.train, batch_size=batch_size or self.batch_size, shuffle=True, generator=g)
 
-    def test_loader(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def test_loader(self) -> list:
         """The held-out batches, built once: the runner evaluates after every epoch."""
         if self._test_batches is None:
             ds, bs = self.data.test, self.eval_batch_size
             if isinstance(ds, TensorDataset):  # slicing beats collating item by item
                 x, y = ds.tensors[:2]
                 self._test_batches = [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
+            elif hasattr(ds, "batches"):  # lwpipe.data.text.DictDataset: dict batches, sliced
+                self._test_batches = ds.batches(bs)
             else:
                 self._test_batches = list(DataLoader(ds, batch_size=bs))
         return self._test_batches
 
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        """The task's training loss (training.fit's loss_fn); the reference serves tasks without labels."""
+        return self.task.loss(model, batch, self.reference)
+
     def calibration_batches(self, n: int, batch_size: int | None = None):
-        """The first n batches of a seeded shuffle of the training set."""
+        """The first n batches of a seeded shuffle of the training set, in the task's batch format."""
         for i, batch in enumerate(self.train_loader(batch_size)):
             if i >= n:
                 return

@@ -6,37 +6,38 @@ from typing import Iterable
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from lwpipe.constraints import compressible_layers, constraint, parameter_shapes
+from lwpipe.tasks import model_device, to_device
+from lwpipe.tasks.classification import Classification
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits, labels over the whole loader (model in eval mode, constraints computed once)."""
+def predict(model: nn.Module, loader: Iterable, task=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs (logits or embeddings), labels over the whole loader (eval mode, constraints computed once)."""
+    task = task or Classification()
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    logits, labels = [], []
+    device = model_device(model)
+    outputs, labels = [], []
     with parametrize.cached():
-        for x, y in loader:
-            logits.append(model(x.to(device)).float().cpu())
-            labels.append(y)
+        for batch in loader:
+            batch = to_device(batch, device)
+            outputs.append(task.forward(model, batch).float().cpu())
+            if isinstance(batch, dict):
+                labels.append(batch["labels"].cpu() if "labels" in batch else torch.zeros(0))
+            else:
+                labels.append(batch[1].cpu())
     model.train(was_training)
-    return torch.cat(logits), torch.cat(labels)
+    return torch.cat(outputs), torch.cat(labels)
 
 
-def evaluate(model: nn.Module, loader: Iterable, reference: torch.Tensor | None = None) -> dict:
-    """accuracy and loss on held-out data; teacher_agreement against reference predictions."""
-    logits, labels = predict(model, loader)
-    pred = logits.argmax(1)
-    out = {
-        "accuracy": (pred == labels).float().mean().item(),
-        "loss": F.cross_entropy(logits, labels).item(),
-    }
-    out["teacher_agreement"] = (pred == reference).float().mean().item() if reference is not None else 1.0
-    return out, pred
+def evaluate(model: nn.Module, loader: Iterable, reference=None, task=None) -> tuple[dict, object]:
+    """(quality metrics, outputs) on held-out data: the task's metrics (classification: accuracy, loss,
+    teacher_agreement against reference predictions), `metric` and `quality`; outputs are what a later
+    model's are compared with."""
+    return (task or Classification()).evaluate(model, loader, reference)
 
 
 @torch.no_grad()

@@ -1,8 +1,10 @@
 """The runner: threads a model through the recipe's stages.
 
-    data  = build(recipe.data);  model = build(recipe.model)      # after validation
+    model = build(recipe.model);  data = build(recipe.data)      # after validation
+    ctx.task = task(recipe.task)   # batch format, loss, metric; the loop below never asks which task
+    check: the model accepts a batch, the task fits model and data, layer settings name real layers
     run_dir <- recipe.yaml (resolved recipe), run_info.json         # reproducibility (provenance.py)
-    record(step 0, event "baseline")                               # evaluate + measure the input model
+    record(step 0, event "baseline")                               # task.evaluate + measure the input model
     key = cache.initial_key(recipe)
     for step, stage in enumerate(recipe.pipeline, 1):
         key = cache.stage_key(key, stage)
@@ -14,7 +16,8 @@
         checkpoint(model) -> checkpoints/<step>_<name>.safetensors
         before any compression: ctx.reference = copy(model)        # teacher / agreement reference
         a later stage names it as teacher: ctx.snapshots[name] = copy(model)
-    model.lwp <- encode(model)  (unless artifact: false)            # its size: every record's compressed_bytes
+    model.lwp <- encode(model, model.lwpipe_rebuild or recipe.model)  # its size: every record's compressed_bytes
+    tokenizer/ <- the data's tokenizer, if any (next to model.lwp)
     summary.json <- baseline, every stage_end, final, seconds       # written last, atomically
 
 A run directory without summary.json did not finish. A run killed mid-pipeline
@@ -38,12 +41,13 @@ from lwpipe.config import Recipe
 from lwpipe.constraints import clone
 from lwpipe.context import Context, stage_seed
 from lwpipe.data import DataBundle
-from lwpipe.data.checks import check_data
 from lwpipe.errors import ConfigError, LwpipeError
 from lwpipe.metrics import evaluate, measure
+from lwpipe.tasks import Task, head, make_task, to_device
 
 log = logging.getLogger("lwpipe")
 RESERVED_DATA_KEYS = ("batch_size", "meta")
+RESERVED_MODEL_KEYS = ("checkpoint", "prune_layers")  # not builder arguments: read by the runner / recipes
 
 
 def build_data(cfg: dict) -> DataBundle:
@@ -57,13 +61,23 @@ def build_data(cfg: dict) -> DataBundle:
 
 
 def build_model(cfg: dict) -> nn.Module:
-    kwargs = {k: v for k, v in cfg.items() if k != "checkpoint"}
-    model = _instantiate(kwargs, "model")
+    model = _instantiate(builder_config(cfg), "model")
     if not isinstance(model, nn.Module):
         raise ConfigError("model._target_", cfg["_target_"], f"must build an nn.Module, built {type(model).__name__}")
     if cfg.get("checkpoint"):
         checkpoint.load_weights(model, cfg["checkpoint"])
     return model
+
+
+def builder_config(cfg: dict) -> dict:
+    """The recipe's model section less the keys that are not the builder's arguments."""
+    return {k: v for k, v in cfg.items() if k not in RESERVED_MODEL_KEYS}
+
+
+def rebuild_config(model: nn.Module, cfg: dict) -> dict:
+    """What model.lwp stores to rebuild the model: the builder's own description (transformers models:
+    their config, so no original directory is needed), else the recipe's model section."""
+    return getattr(model, "lwpipe_rebuild", None) or builder_config(cfg)
 
 
 def _instantiate(cfg: dict, key: str):
@@ -83,19 +97,44 @@ def build_loggers(cfg: dict, run_dir: Path) -> list:
 
 
 def check_fit(model: nn.Module, ctx: Context, top) -> None:
-    """Before any work: the batch size is usable and the model accepts the data."""
+    """Before any work: the batch size is usable, the task fits, and the model accepts the data."""
     bs = top.data.get("batch_size", 64)
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
         raise ConfigError("data.batch_size", bs, "must be a whole number >= 1")
-    x = ctx.test_loader()[0][0][:2].to(ctx.device)
+    check_vocabulary(model, ctx.data)
+    ctx.task.check(model, ctx.data)
+    batch = to_device(head(ctx.test_loader()[0], 2), ctx.device)
     try:
         with torch.no_grad():
-            model.eval()(x)
+            ctx.task.forward(model.eval(), batch)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0]
+        shapes = {k: tuple(v.shape[1:]) for k, v in batch.items()} if isinstance(batch, dict) \
+            else tuple(batch[0].shape[1:])
         raise ConfigError("model", top.model["_target_"],
-                          f"does not accept the data {ctx.data.name!r} (inputs of shape {tuple(x.shape[1:])}): "
-                          f"{first}") from None
+                          f"does not accept the data {ctx.data.name!r} for task {ctx.task.name} "
+                          f"(inputs of shape {shapes}): {first}") from None
+
+
+def check_vocabulary(model: nn.Module, data) -> None:
+    """A tokenizer with more tokens than the model's embedding table would index past it."""
+    size = getattr(data.train, "vocab_size", None)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embed, "num_embeddings", None)
+    if size is not None and rows is not None and size > rows:
+        raise ConfigError("data.tokenizer", top_name(data), f"has {size} tokens but the model embeds {rows}: "
+                          "the tokenizer does not match the model (use the model's own directory)")
+
+
+def top_name(data) -> str:
+    return getattr(getattr(data, "tokenizer", None), "name_or_path", data.name)
+
+
+def save_tokenizer(data, run_dir: Path) -> None:
+    """The sidecar of a text model's model.lwp: <run_dir>/tokenizer/, read by AutoTokenizer.from_pretrained."""
+    tok = getattr(data, "tokenizer", None)
+    if tok is not None:
+        tok.save_pretrained(str(run_dir / "tokenizer"))
 
 
 def warn_if_larger(s, before: dict, after: dict) -> None:
@@ -119,12 +158,12 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     started = time.perf_counter()
     torch.manual_seed(top.seed)
-    data = build_data(top.data)
     device = pick_device(top.device)
-    model = build_model(top.model).to(device)
+    model = build_model(top.model).to(device)  # first: a bad model.path is named as such, not as data.tokenizer
+    data = build_data(top.data)
+    task: Task = make_task(top.task.name)
     ctx = Context(data=data, seed=top.seed, run_dir=run_dir, batch_size=top.data.get("batch_size", 64),
-                  eval_batch_size=top.eval.batch_size, device=device)
-    check_data(data, model, device)  # empty splits, shapes across splits, label range (lwpipe/data/checks.py)
+                  eval_batch_size=top.eval.batch_size, device=device, task=task)
     check_fit(model, ctx, top)
     for s in recipe.steps:  # settings that name layers are checked before any work
         check = getattr(s.cls, "check_model", None)
@@ -146,11 +185,11 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
 
     def snapshot(model: nn.Module, step: int, stage: str, event: str, seconds: float, **extra) -> dict:
         t = time.perf_counter()
-        quality, _ = evaluate(model, ctx.test_loader(), reference_pred)
+        quality, _ = evaluate(model, ctx.test_loader(), reference_pred, task)
         rec = {"step": step, "stage": stage, "event": event, **quality, **measure(model), "seconds": seconds,
                **extra, "cached": False}
         if event != "epoch":  # the real size: this step's model encoded as model.lwp
-            last_blob[:] = [step, encode_model(model, top.model)]
+            last_blob[:] = [step, encode_model(model, rebuild_config(model, top.model))]
             rec.update(size_metrics(len(last_blob[1]), rec["dense_bytes"]))
         rec["eval_seconds"] = time.perf_counter() - t
         return rec
@@ -166,7 +205,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     ctx.on_epoch = on_epoch
     try:
         ctx.reference = clone(model).eval()
-        _, reference_pred = evaluate(model, ctx.test_loader())
+        _, reference_pred = evaluate(model, ctx.test_loader(), task=task)
         records.append(snapshot(model, 0, "input", "baseline", 0.0))
         emit(records[-1])
         compressed, hit, work_seconds, in_stage_overhead = False, True, 0.0, 0.0
@@ -192,7 +231,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
             compressed = compressed or getattr(s.cls, "compresses", False)
             if not compressed:  # still uncompressed: this is the reference the compressed model is held to
                 ctx.reference = clone(model).eval()
-                _, reference_pred = evaluate(model, ctx.test_loader())
+                _, reference_pred = evaluate(model, ctx.test_loader(), task=task)
             if s.name in wanted:
                 ctx.snapshots[s.name] = clone(model).eval()
             if not hit:
@@ -206,7 +245,9 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         final = {**records[-1], "event": "final"}
         if top.artifact:  # before summary.json: a finished run has its artifact
             # the last stage_end already encoded this very model, unless it came from the cache
-            blob = last_blob[1] if last_blob[0] == len(recipe.steps) else encode_model(model, top.model)
+            blob = last_blob[1] if last_blob[0] == len(recipe.steps) else encode_model(
+                model, rebuild_config(model, top.model))
+            save_tokenizer(data, run_dir)
             checkpoint.atomic_write(run_dir / "model.lwp", lambda tmp: Path(tmp).write_bytes(blob))
             final.update(size_metrics(len(blob), final["dense_bytes"]))
         summary = {"recipe": top.name, "seed": top.seed, "baseline": records[0],

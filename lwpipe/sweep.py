@@ -2,8 +2,10 @@
 
 Written by `SummaryCallback` at the end of `lwpipe -m ...` (recipes/hydra/default.yaml)
 and rebuilt from any sweep directory by `lwpipe-summary DIR`. One row per job:
-its overrides, final accuracy, compressed_bytes, compression_ratio, sparsity,
+its overrides, final accuracy, the task's headline `metric` and its value `quality`
+(accuracy, perplexity or cosine), compressed_bytes, compression_ratio, sparsity,
 seconds and status (completed, failed, or incomplete for a job that was killed).
+The Pareto front treats perplexity (and loss) as lower-is-better.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ import yaml
 from hydra.experimental.callback import Callback
 
 log = logging.getLogger("lwpipe")
-COLUMNS = ["job", "overrides", "status", "accuracy", "compressed_bytes", "compression_ratio", "sparsity",
-           "seconds", "run_dir"]
+COLUMNS = ["job", "overrides", "status", "accuracy", "metric", "quality", "compressed_bytes", "compression_ratio",
+           "sparsity", "seconds", "run_dir"]
+LOWER_IS_BETTER = {"perplexity", "loss"}
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -37,7 +40,8 @@ def job_row(job_dir: Path, sweep_dir: Path) -> dict:
         s = json.loads(summary.read_text())
         final = s["final"]
         row.update(status="completed", seconds=s.get("seconds"),
-                   **{k: final.get(k) for k in ("accuracy", "compressed_bytes", "compression_ratio", "sparsity")})
+                   **{k: final.get(k) for k in ("accuracy", "compressed_bytes", "compression_ratio", "sparsity")},
+                   metric=final.get("metric", "accuracy"), quality=final.get("quality", final.get("accuracy")))
         if final.get("compression_ratio") is None and final.get("nonzero_params"):
             row["nonzero_ratio"] = final["params"] / final["nonzero_params"]  # until the artifact records sizes
     else:
@@ -58,9 +62,11 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
     from lwpipe.checkpoint import atomic_write
 
     xkey = "compression_ratio" if any(r.get("compression_ratio") is not None for r in rows) else "nonzero_ratio"
-    done = [r for r in rows if r["status"] == "completed" and _number(r.get(xkey)) and _number(r.get("accuracy"))]
-    points = [(float(r[xkey]), float(r["accuracy"])) for r in done]
-    front = sorted(pareto_front(points), key=lambda i: points[i])
+    done = [r for r in rows if r["status"] == "completed" and _number(r.get(xkey)) and _number(r.get("quality"))]
+    metric = done[0]["metric"] if done else "accuracy"
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0  # the front maximises both coordinates
+    points = [(float(r[xkey]), float(r["quality"])) for r in done]
+    front = sorted(pareto_front([(x, sign * y) for x, y in points]), key=lambda i: points[i])
     fig = Figure(figsize=(6, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -76,7 +82,7 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
     ax.set_title(f"{len(done)} jobs" + (f", {failed} failed or incomplete" if failed else ""))
     ax.set_xlabel("compression ratio" if xkey == "compression_ratio"
                   else "params / nonzero params (compression_ratio not recorded)")
-    ax.set_ylabel("final accuracy")
+    ax.set_ylabel(f"final {metric}" + (" (lower is better)" if sign < 0 else ""))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
@@ -140,6 +146,6 @@ def main() -> None:
         sys.exit(2)
     rows = write_summary(sweep_dir)
     for r in rows:
-        acc = f"{r['accuracy']:.4f}" if _number(r.get("accuracy")) else "-"
-        print(f"{r['job']:>4}  {r['status']:<10}  accuracy {acc}  {r['overrides']}")
+        q = f"{r['quality']:.4f}" if _number(r.get("quality")) else "-"
+        print(f"{r['job']:>4}  {r['status']:<10}  {r.get('metric') or 'accuracy'} {q}  {r['overrides']}")
     print(f"wrote {sweep_dir / 'summary.csv'} and {sweep_dir / 'pareto.png'}")

@@ -7,23 +7,24 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader
 
 from lwpipe.config import TrainSettings
 from lwpipe.constraints import trainable_parameters
+from lwpipe.tasks import batch_len, model_device, to_device
+from lwpipe.tasks.classification import Classification
 
 log = logging.getLogger("lwpipe")
 
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[nn.Module, Any], torch.Tensor]  # (model, batch on the model's device) -> loss
 
 
-def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(x), y)
+def cross_entropy(model: nn.Module, batch) -> torch.Tensor:
+    """The classification task's loss on (x, y) batches: fit's default."""
+    return Classification().loss(model, batch)
 
 
 def make_optimizer(params, s: TrainSettings) -> torch.optim.Optimizer:
@@ -36,31 +37,33 @@ def make_optimizer(params, s: TrainSettings) -> torch.optim.Optimizer:
 
 def fit(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable,
     s: TrainSettings,
     loss_fn: LossFn = cross_entropy,
     on_epoch: Callable[[int, float], None] | None = None,
     params: list[nn.Parameter] | None = None,
 ) -> nn.Module:
-    """Train for `s.epochs`; `on_epoch(epoch, mean_train_loss)` after each epoch."""
+    """Train for `s.epochs`; `on_epoch(epoch, mean_train_loss)` after each epoch.
+
+    Stages pass `loss_fn=ctx.loss`, the task's loss, so the batch format is the task's business."""
     params = params if params is not None else trainable_parameters(model)
     if s.epochs == 0 or not params:
         return model
     opt = make_optimizer(params, s)
-    device = next(model.parameters()).device
+    device = model_device(model)
     start = None  # the first batch's loss: what divergence is measured against
     for epoch in range(1, s.epochs + 1):
         model.train()
         total, n = 0.0, 0
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
+        for batch in loader:
+            batch = to_device(batch, device)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model, x, y)
+            loss = loss_fn(model, batch)
             loss.backward()
             opt.step()
-            total += loss.item() * len(y)
+            total += loss.item() * batch_len(batch)
             start = loss.item() if start is None else start
-            n += len(y)
+            n += batch_len(batch)
         warn_if_diverging(epoch, total / max(n, 1), start)
         if on_epoch:
             on_epoch(epoch, total / max(n, 1))

@@ -6,7 +6,8 @@ same weights (integer levels become floats only through
 constraints.dequantize, as in training) and can be encoded again to the same
 bytes. `load` then bakes them into plain weights unless asked for that
 constrained, trainable form. Loading never runs code from the file: the model is built only by a
-constructor on the allowlist (the classes lwpipe.models exports), unless the
+constructor on the allowlist (the classes lwpipe.models exports, and the
+transformers rebuilders lwpipe.models.hf/sentence.from_config), unless the
 caller passes its own module or trusted=True.
 """
 from __future__ import annotations
@@ -194,11 +195,15 @@ def read_grid(c: Compressed, q: dict, raw: RawReader, streams: StreamReader) -> 
 # -- building the module -------------------------------------------------------------------
 def allowed_constructors() -> dict[str, type]:
     import lwpipe.models as models
+    from lwpipe.models import hf, sentence
 
     out = {}
     for name in models.__all__:
         cls = getattr(models, name)
         out[f"lwpipe.models.{name}"] = out[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    # transformers models: built from the stored config, only classes transformers itself maps it to
+    out["lwpipe.models.hf.from_config"] = hf.from_config
+    out["lwpipe.models.sentence.from_config"] = sentence.from_config
     return out
 
 

@@ -12,7 +12,7 @@ log = logging.getLogger("lwpipe")
 # (record key, header, width, format of a value)
 COLUMNS = [
     ("step", "step", 4, "d"), ("stage", "stage", 12, "s"), ("event", "event", 9, "s"),
-    ("accuracy", "accuracy", 8, ".4f"), ("loss", "loss", 7, ".4f"), ("sparsity", "sparsity", 8, ".4f"),
+    ("accuracy", "accuracy", 8, ".4f"), ("quality", "quality", 8, ".4g"), ("loss", "loss", 7, ".4f"), ("sparsity", "sparsity", 8, ".4f"),
     ("max_unique_weights", "uniq_vals", 9, "d"), ("teacher_agreement", "agree", 6, ".4f"),
     ("compression_ratio", "ratio", 7, ".1f"), ("seconds", "seconds", 8, ".2f"),
 ]
@@ -48,8 +48,9 @@ class ConsoleLogger:
     def log(self, record: dict) -> None:
         if record["event"] == "epoch":
             if self.epoch_every and record["epoch"] % self.epoch_every == 0:
-                log.info("  %s epoch %d: train_loss %.4f  accuracy %.4f", record["stage"], record["epoch"],
-                         record["train_loss"], record["accuracy"])
+                log.info("  %s epoch %d: train_loss %.4f  %s %.4f", record["stage"], record["epoch"],
+                         record["train_loss"], record.get("metric", "accuracy"),
+                         record.get("quality", record.get("accuracy")))
             return
         if not self._header:
             log.info(format_header())

@@ -1,7 +1,11 @@
 """Stage `distill`: knowledge-distillation fine-tune (Hinton et al. 2015).
 
-    loss = (1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
+    loss = task.distill_loss(student outputs, teacher outputs)
            + beta * sum over `features` of MSE(student activation, teacher activation)
+
+What the student matches is the task's (lwpipe/tasks): for classification and
+text_classification Hinton's (1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T));
+for causal_lm the same per next-token position; for embedding 1 - cos(e_s, e_t).
 
 The teacher is the model as it was before the first compression stage
 (default), the model after an earlier stage (`teacher: <stage name>`), or a
@@ -23,6 +27,7 @@ from lwpipe.constraints import clone
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.registry import register
+from lwpipe.tasks.classification import Classification, kd_loss  # noqa: F401  (kd_loss: the public name)
 from lwpipe.training import fit
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -41,15 +46,6 @@ def is_path(teacher: str) -> bool:
     return teacher.endswith(WEIGHT_SUFFIXES) or "/" in teacher
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-            temperature: float, alpha: float) -> torch.Tensor:
-    """Hinton's loss; T^2 keeps the soft gradients' scale independent of T."""
-    hard = F.cross_entropy(student_logits, labels)
-    soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
-                    F.log_softmax(teacher_logits / temperature, dim=1), reduction="batchmean", log_target=True)
-    return (1 - alpha) * hard + alpha * temperature**2 * soft
-
-
 class _Activations:
     """Forward hooks that keep the latest output of each named module."""
 
@@ -60,7 +56,7 @@ class _Activations:
 
     def _keep(self, name: str):
         def hook(module, args, output):
-            self.out[name] = output
+            self.out[name] = output[0] if isinstance(output, tuple) else output  # transformers blocks: tuples
         return hook
 
     def remove(self) -> None:
@@ -68,11 +64,14 @@ class _Activations:
             h.remove()
 
 
-def distill_loss_fn(teacher: nn.Module, cfg: DistillConfig, s_acts: _Activations | None, t_acts: _Activations | None):
-    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def distill_loss_fn(teacher: nn.Module, cfg: DistillConfig, s_acts: _Activations | None,
+                    t_acts: _Activations | None, task=None):
+    task = task or Classification()
+
+    def loss_fn(model: nn.Module, batch) -> torch.Tensor:
         with torch.no_grad():
-            t_logits = teacher(x)
-        loss = kd_loss(model(x), t_logits, y, cfg.temperature, cfg.alpha)
+            t_out = task.forward(teacher, batch)
+        loss = task.distill_loss(task.forward(model, batch), t_out, batch, cfg.temperature, cfg.alpha)
         if s_acts is not None and cfg.feature_weight > 0:
             loss = loss + cfg.feature_weight * sum(
                 F.mse_loss(s_acts.out[n], t_acts.out[n].detach()) for n in cfg.features)
@@ -126,7 +125,8 @@ class Distill:
         t_acts = _Activations(teacher, self.cfg.features) if self.cfg.features else None
         try:
             fit(model, ctx.train_loader(self.cfg.batch_size), self.cfg,
-                loss_fn=distill_loss_fn(teacher, self.cfg, s_acts, t_acts), on_epoch=ctx.epoch_callback(model))
+                loss_fn=distill_loss_fn(teacher, self.cfg, s_acts, t_acts, ctx.task),
+                on_epoch=ctx.epoch_callback(model))
         finally:
             for acts in (s_acts, t_acts):
                 if acts is not None:

@@ -29,6 +29,7 @@ from lwpipe.constraints import (check_layer_patterns, compressible_layers, const
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.registry import register
+from lwpipe.tasks import to_device
 from lwpipe.training import fit
 
 log = logging.getLogger("lwpipe")
@@ -71,17 +72,21 @@ class PruneConfig(Strict):
 
 
 # -- scores and masks: pure functions ------------------------------------------------
-def taylor_scores(model: nn.Module, batches, layers: list[nn.Module]) -> list[torch.Tensor]:
+def taylor_scores(model: nn.Module, batches, layers: list[nn.Module], loss_fn=None) -> list[torch.Tensor]:
     """sum over batches of |w * dL/dw| for each layer's effective weight."""
     scores = [torch.zeros_like(m.weight) for m in layers]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    for x, y in batches:
+    for batch in batches:
         with parametrize.cached():
             ws = [m.weight for m in layers]
             live = [w for w in ws if w.requires_grad]
-            loss = F.cross_entropy(model(x.to(device)), y.to(device))
+            if loss_fn is None:
+                x, y = batch
+                loss = F.cross_entropy(model(x.to(device)), y.to(device))
+            else:  # the task's loss (ctx.loss): any batch format
+                loss = loss_fn(model, to_device(batch, device))
             grads = iter(torch.autograd.grad(loss, live, allow_unused=True) if live else [])
         for s, w in zip(scores, ws):
             g = next(grads) if w.requires_grad else None
@@ -213,7 +218,7 @@ class Prune:
         batches = ctx.calibration_batches(self.cfg.calibration_batches)
         if self.cfg.criterion == "taylor":
             with torch.enable_grad():
-                return dict(zip(mods, taylor_scores(model, batches, list(mods.values())))), None
+                return dict(zip(mods, taylor_scores(model, batches, list(mods.values()), ctx.loss))), None
         if self.cfg.criterion == "wanda":
             norms, seen = input_channel_norms(model, mods, batches, task_forward(ctx))
             if not seen:
@@ -289,6 +294,6 @@ class Prune:
             if steps > 1:
                 log.info("  prune step %d/%d: target sparsity %s", t, steps,
                          ", ".join(f"{n}={v:.3f}" for n, v in targets.items()))
-            fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune,
+            fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune, loss_fn=ctx.loss,
                 on_epoch=ctx.epoch_callback(model))
         return model

@@ -137,7 +137,7 @@ class Quantize:
         if self.cfg.norms == "float16":
             half += [(m, a) for m in model.modules() if isinstance(m, NORMS) for a in ("weight", "bias")]
         hold_half(model, half)
-        fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune,
+        fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune, loss_fn=ctx.loss,
             on_epoch=ctx.epoch_callback(model))
         for m in done:  # QAT may have moved more weights onto level 0: keep them there too
             pin_zeros(m)

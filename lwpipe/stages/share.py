@@ -98,5 +98,5 @@ class Share:
                 continue
             seed = int(torch.randint(2**31 - 1, ()).item())  # the runner seeds each stage
             share_layer(m, lc.bits or self.cfg.bits, self.cfg.init, self.cfg.iters, seed, ties.get(name, ()))
-        return fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune,
+        return fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune, loss_fn=ctx.loss,
                    on_epoch=ctx.epoch_callback(model))

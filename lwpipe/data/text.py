@@ -1,0 +1,174 @@
+"""Text from local files, tokenized with the model's tokenizer: `data=text`.
+
+Files: `.txt` (one example per line, no labels), `.csv` or `.jsonl` with a
+named text column and, for text_classification, a label column (whole numbers
+0..classes-1, or names, numbered in sorted order). Without `train`/`test`, a
+small real English corpus that ships with Python is used: the sentences of
+the language reference in `pydoc_data.topics` (standard library; ~4,700
+sentences), split 80/20 by a seeded shuffle; text_classification labels say
+which of four reference sections a sentence comes from.
+
+Every text is tokenized once (truncation to `max_length`, padding to the
+longest text kept), so batches are dicts of tensors: input_ids,
+attention_mask (token_type_ids where the tokenizer makes them) and labels.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import re
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from lwpipe.data.bundle import DataBundle
+from lwpipe.errors import ConfigError, LwpipeError
+
+SUFFIXES = (".txt", ".csv", ".jsonl")
+TEXT_TASKS = ("text_classification", "causal_lm", "embedding")
+CLASS_TOPICS = ("compound", "string-methods", "debugger", "typesmapping")  # the built-in corpus's 4 labels
+
+
+class DictDataset(Dataset):
+    """Equal-length tensors by name; an item is a dict of rows, so DataLoader batches are dicts."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+    def batches(self, size: int) -> list[dict]:
+        return [{k: v[i:i + size] for k, v in self.tensors.items()} for i in range(0, len(self), size)]
+
+
+def builtin_corpus(labelled: bool) -> list[tuple[str, int | None]]:
+    """Sentences of Python's language reference (pydoc_data.topics): real English text, no download."""
+    from pydoc_data.topics import topics
+
+    names = CLASS_TOPICS if labelled else sorted(topics)
+    out = []
+    for label, name in enumerate(names):
+        text = " ".join(topics[name].split())
+        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
+            if 4 <= len(s.split()) <= 60:
+                out.append((s, label if labelled else None))
+    return out
+
+
+def read_texts(path: str, key: str, text_column: str, label_column: str | None) -> list[tuple[str, object]]:
+    p = Path(path).expanduser()
+    if p.suffix not in SUFFIXES:
+        raise ConfigError(key, path, f"unknown file type; use one of {', '.join(SUFFIXES)}")
+    if not p.is_file():
+        raise ConfigError(key, path, "no such file")
+    if p.suffix == ".txt":
+        if label_column:
+            raise ConfigError(key, path, "a .txt file has no labels; text_classification needs a .csv or .jsonl "
+                              f"file with the columns {text_column!r} and {label_column!r}")
+        return [(line, None) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if p.suffix == ".csv":
+        with open(p, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        columns = list(rows[0]) if rows else []
+    else:
+        rows = []
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ConfigError(key, path, f"line {i} is not JSON: {e}") from None
+        columns = sorted({c for r in rows for c in r}) if rows else []
+    for col, ckey in ((text_column, "data.text_column"), (label_column, "data.label_column")):
+        if col and any(col not in r for r in rows):
+            raise ConfigError(ckey, col, f"no such column in {path} (its columns: {', '.join(columns) or 'none'})")
+    return [(str(r[text_column]), r[label_column] if label_column else None) for r in rows]
+
+
+def number_labels(pairs: list[list[tuple[str, object]]]) -> list[list[tuple[str, int]]]:
+    """Whole-number labels stay; names are numbered in sorted order (over train and test together)."""
+    values = {v for part in pairs for _, v in part}
+    if all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in values):
+        index = {v: int(v) for v in values}
+        bad = [v for v in values if index[v] < 0]
+        if bad:
+            raise ConfigError("data.label_column", bad[0], "labels must be >= 0")
+    else:
+        index = {v: i for i, v in enumerate(sorted(values, key=str))}
+    return [[(t, index[v]) for t, v in part] for part in pairs]
+
+
+def load_tokenizer(path: str | None):
+    if not path:
+        raise ConfigError("data.tokenizer", path, "required: the directory holding the model's tokenizer files "
+                          "(recipes with model=hf set it to model.path)")
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ConfigError("data.tokenizer", path, "directory does not exist")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError("data.tokenizer", path, f"holds no tokenizer that transformers can read "
+                          f"(tokenizer.json or vocab files with tokenizer_config.json): {first}") from None
+    if tok.pad_token is None:  # GPT-2's tokenizer has none: pad with end-of-text (masked out anyway)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def encode(tokenizer, pairs: list[tuple[str, object]], max_length: int, labelled: bool) -> DictDataset:
+    enc = tokenizer([t for t, _ in pairs], truncation=True, max_length=max_length, padding=True,
+                    return_tensors="pt")
+    tensors = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    if labelled:
+        tensors["labels"] = torch.tensor([v for _, v in pairs], dtype=torch.long)
+    return DictDataset(tensors)
+
+
+def load_text(train: str | None = None, test: str | None = None, tokenizer: str | None = None,
+              task: str = "text_classification", text_column: str = "text", label_column: str | None = "label",
+              max_length: int = 128, limit_train: int | None = None, limit_test: int | None = None,
+              test_fraction: float = 0.2, split_seed: int = 0) -> DataBundle:
+    """Train and test texts, tokenized with the model's tokenizer (see the module docstring)."""
+    if task not in TEXT_TASKS:
+        raise ConfigError("task.name", task, f"data=text feeds dict batches to the tasks {', '.join(TEXT_TASKS)}")
+    labelled = task == "text_classification"
+    if not 1 <= max_length <= 1 << 16:
+        raise ConfigError("data.max_length", max_length, "must be between 1 and 65536")
+    if (train is None) != (test is None):
+        raise ConfigError("data.test" if test is None else "data.train", None,
+                          "set data.train and data.test together (or neither, for the built-in corpus)")
+    if train is None:
+        pairs = builtin_corpus(labelled)
+        random.Random(split_seed).shuffle(pairs)
+        n_test = int(round(len(pairs) * test_fraction))
+        parts, name = [pairs[n_test:], pairs[:n_test]], "pydoc_topics"
+    else:
+        column = label_column if labelled else None
+        parts = [read_texts(train, "data.train", text_column, column),
+                 read_texts(test, "data.test", text_column, column)]
+        name = f"text:{Path(train).name}"
+    for part, key, limit in ((0, "data.train", limit_train), (1, "data.test", limit_test)):
+        parts[part] = parts[part][:limit] if limit else parts[part]
+        if not parts[part]:
+            raise ConfigError(key, train if part == 0 else test, "holds no text")
+    if labelled:
+        parts = number_labels(parts)
+    tok = load_tokenizer(tokenizer)
+    train_ds, test_ds = (encode(tok, p, max_length, labelled) for p in parts)
+    h = hashlib.sha256(json.dumps([parts, max_length, tok.__class__.__name__, len(tok)]).encode())
+    bundle = DataBundle(train_ds, test_ds, name=name, identity=h.hexdigest()[:16])
+    bundle.tokenizer = tok
+    for ds in (train_ds, test_ds):
+        ds.vocab_size = len(tok)
+    return bundle
+

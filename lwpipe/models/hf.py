@@ -1,0 +1,116 @@
+"""`model=hf model.path=DIR`: a transformers model saved with save_pretrained, read from local files only.
+
+The auto class comes from the task (text_classification: AutoModelForSequenceClassification,
+causal_lm: AutoModelForCausalLM, embedding: AutoModel). The built model carries `lwpipe_rebuild`,
+a JSON description (`from_config`: the transformers config and the auto class) that model.lwp
+stores, so `lwpipe.load` rebuilds the model without DIR. `from_config` builds only classes the
+transformers package itself maps that config to: no import named by the file, no remote code.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lwpipe.errors import ConfigError, LwpipeError
+
+AUTO_CLASSES = {"text_classification": "AutoModelForSequenceClassification",
+                "causal_lm": "AutoModelForCausalLM", "embedding": "AutoModel"}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def model_dir(path: str | None, key: str = "model.path") -> Path:
+    """The directory, checked: config.json and a weights file present (else one error naming what is missing)."""
+    if not path or path == "???":
+        raise ConfigError(key, path, "required: a directory written by save_pretrained (config.json + weights)")
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ConfigError(key, path, "directory does not exist")
+    if not (p / "config.json").is_file():
+        raise ConfigError(key, path, f"incomplete model directory: {p / 'config.json'} is missing")
+    if not any((p / f).is_file() for f in WEIGHT_FILES):
+        raise ConfigError(key, path, f"incomplete model directory: no weights file (model.safetensors or "
+                          f"pytorch_model.bin, or their .index.json) in {p}")
+    return p
+
+
+def auto_class(task: str) -> str:
+    if task not in AUTO_CLASSES:
+        raise ConfigError("task.name", task, f"model=hf serves the tasks {', '.join(AUTO_CLASSES)}")
+    return AUTO_CLASSES[task]
+
+
+def load_hf(path: str | None = None, task: str = "text_classification", num_labels: int | None = None) -> nn.Module:
+    """The model in `path` (local files only), with the head `task` needs."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # one "Loading weights" bar per load is noise in a run log
+    p = model_dir(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:
+        raise ConfigError("model.path", path, f"config.json is not a transformers config: {_first(e)}") from None
+    if task == "causal_lm":
+        from lwpipe.tasks.causal_lm import is_causal_lm
+
+        if not is_causal_lm(config):
+            raise ConfigError("task", task, f"does not fit the model in {path}: {config.model_type} is not a causal "
+                              "(decoder) language model; use task=text_classification or task=embedding")
+    kwargs = {}
+    if num_labels is not None and task == "text_classification" and num_labels != config.num_labels:
+        kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}  # a new head of that size
+    cls = getattr(transformers, auto_class(task))
+    try:
+        model = cls.from_pretrained(str(p), local_files_only=True, **kwargs)
+    except Exception as e:
+        raise ConfigError("model.path", path, f"transformers could not load it as {cls.__name__}: {_first(e)}") \
+            from None
+    if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
+        model.config.pad_token_id = model.config.eos_token_id  # as data=text pads (GPT-2 has no pad token)
+    return with_rebuild(own_memory(model), auto_class(task))
+
+
+@torch.no_grad()
+def own_memory(model: nn.Module) -> nn.Module:
+    """Fresh, aligned copies of tensors read from a memory-mapped file: with their odd offsets a layer's
+    matmul took another SIMD path, so the same weights in model.lwp's rebuild gave outputs differing
+    in the last bit. Tied parameters stay tied (one Parameter object)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        t.data = t.data.clone()
+    return model
+
+
+def with_rebuild(model: nn.Module, auto: str) -> nn.Module:
+    config = model.config.to_dict()
+    config.pop("auto_map", None)  # remote code is never run
+    config.pop("_name_or_path", None)  # a local path: not needed to rebuild, and not the file's business
+    model.lwpipe_rebuild = {"_target_": "lwpipe.models.hf.from_config", "config": json.loads(json.dumps(config)),
+                            "auto_class": auto, "attn_implementation": model.config._attn_implementation}
+    return model.eval()
+
+
+def from_config(config: dict, auto_class: str, attn_implementation: str | None = None) -> nn.Module:
+    """Rebuild a model from its transformers config (as model.lwp stores it); weights come from the file."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if auto_class not in AUTO_CLASSES.values():
+        raise LwpipeError(f"auto_class {auto_class!r} is not one of {', '.join(AUTO_CLASSES.values())}")
+    config = dict(config)
+    kind = config.pop("model_type", None)
+    if kind not in CONFIG_MAPPING:
+        raise LwpipeError(f"model_type {kind!r} is not a transformers model type")
+    config.pop("auto_map", None)
+    cfg = CONFIG_MAPPING[kind].from_dict(config)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = getattr(transformers, auto_class).from_config(cfg, **kwargs).float()
+    if not type(model).__module__.startswith("transformers."):
+        raise LwpipeError(f"{type(model).__name__} is not a class of the transformers package")
+    return with_rebuild(model, auto_class)
+
+
+def _first(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
