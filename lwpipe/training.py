@@ -38,7 +38,13 @@ def fit(
     on_epoch: Callable[[int, float], None] | None = None,
     params: list[nn.Parameter] | None = None,
 ) -> nn.Module:
-    """Train for `s.epochs`; `on_epoch(epoch, mean_train_loss)` after each epoch."""
+    """Train for `s.epochs`; `on_epoch(epoch, mean_train_loss)` after each epoch.
+
+    Progress hook: `on_epoch.on_batch(epoch, epochs, batch, batches, loss)`, when the callback has one,
+    after every batch (lwpipe/progress.py draws the bar; nothing else depends on it).
+    """
+    on_batch = getattr(on_epoch, "on_batch", None)
+    batches = len(loader) if hasattr(loader, "__len__") else 0
     params = params if params is not None else trainable_parameters(model)
     if s.epochs == 0 or not params:
         return model
@@ -47,14 +53,17 @@ def fit(
     for epoch in range(1, s.epochs + 1):
         model.train()
         total, n = 0.0, 0
-        for x, y in loader:
+        for batch, (x, y) in enumerate(loader, 1):
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model, x, y)
             loss.backward()
             opt.step()
-            total += loss.item() * len(y)
+            value = loss.item()
+            total += value * len(y)
             n += len(y)
+            if on_batch:
+                on_batch(epoch, s.epochs, batch, batches, value)
         if on_epoch:
             on_epoch(epoch, total / max(n, 1))
     model.eval()
