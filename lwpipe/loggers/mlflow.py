@@ -123,7 +123,9 @@ class MlflowLogger:
         env = {**HTTP_DEFAULTS, **os.environ}
         if uri.startswith("file:"):  # MLflow 3 keeps the file store behind this switch ("maintenance mode")
             env["MLFLOW_ALLOW_FILE_STORE"] = "true"
-        self._proc = subprocess.Popen([sys.executable, "-u", str(WORKER)], stdin=subprocess.PIPE,
+        # run by path with nothing of ours on sys.path: lwpipe/loggers/mlflow.py must not shadow mlflow
+        code = f"import sys, runpy; sys.path[:1] = []; runpy.run_path({str(WORKER)!r}, run_name='__main__')"
+        self._proc = subprocess.Popen([sys.executable, "-u", "-c", code], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                                       start_new_session=True)  # Ctrl-C stops the run, not the last upload
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
