@@ -30,11 +30,13 @@ class Progress:
     """Callable as on_batch(stage, epoch, epochs, batch, batches, loss); one bar per epoch, removed
     when the epoch ends (its one-line summary is logged in its place)."""
 
-    def __init__(self, stream=None, width: int | None = None):
+    def __init__(self, stream=None, width: int | None = None, mininterval: float = 0.1):
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         self.stream = stream or sys.stderr
-        self.width = width or min(WIDTH, shutil.get_terminal_size((WIDTH, 24)).columns)
+        size = shutil.get_terminal_size((WIDTH, 24))  # falls back when the terminal reports 0 x 0
+        self.width, self.rows = width or min(WIDTH, size.columns), max(size.lines, 2)
+        self.mininterval = mininterval
         self.bar = None
         self._total, self._n = 0.0, 0
         self._redirect = logging_redirect_tqdm()
@@ -47,7 +49,8 @@ class Progress:
             self._close_bar()
             self._total, self._n = 0.0, 0
             self.bar = tqdm(total=batches or None, desc=f"{stage[:16]} {epoch}/{epochs}", leave=False,
-                            file=self.stream, ncols=self.width, dynamic_ncols=False, unit="batch",
+                            file=self.stream, ncols=self.width, nrows=self.rows, dynamic_ncols=False, unit="batch",
+                            mininterval=self.mininterval,
                             bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
                                        "[{elapsed}<{remaining}{postfix}]")
         self._total, self._n = self._total + loss, self._n + 1
