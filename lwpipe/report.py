@@ -106,12 +106,17 @@ def _draw_sizes(ax, sizes: list) -> None:
             ax.plot([i - 1.3, i + 0.3], [values[i - 1]] * 2, color="0.4", lw=0.8, ls=":")
         ax.annotate(f"{human_bytes(v)}\n{values[0] / v:.1f}x", (i, v), xytext=(0, -4 if i else 3),
                     textcoords="offset points", ha="center", va="top" if i else "bottom", fontsize=7)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     ax.set_yscale("log")
     ax.set_ylim(floor, values[0] * 2.2)
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: human_bytes(v)))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks(range(len(labels)), [lb if len(lb) <= 12 else lb[:11] + "~" for lb in labels],
                   rotation=30 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center", fontsize=8)
-    ax.set_ylabel("size (bytes, log scale)")
-    ax.set_title("size after each stage (green: smaller; x = times smaller than fp32)", fontsize=10)
+    ax.set_ylabel("size (log scale)")
+    ax.set_title("size after each stage (x: times smaller than fp32)", fontsize=10)
     ax.grid(axis="y", alpha=0.3, which="both")
 
 
@@ -139,6 +144,7 @@ def _draw_quality(ax, d: dict) -> None:
         ax.set_ylim(lo - 4 * pad, hi + 1.5 * pad)
         ax.text(0.01, 0.98, f"zoomed on the stage results; input: {format_quality(metric, ends[0][1] / scale)}",
                 transform=ax.transAxes, fontsize=7, color="0.35", va="top")
+    ax.margins(y=0.12)
     ax.set_xlim(-0.1, max(xs) + 0.1)
     ax.set_xticks(range(0, math.ceil(max(xs)) + 1))
     ax.set_xlabel("pipeline step (epochs spread over their stage)")

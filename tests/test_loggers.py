@@ -3,10 +3,12 @@ import http.server
 import json
 import logging
 import threading
+from pathlib import Path
 
 import pytest
 from hydra.errors import MissingConfigException
 
+from lwpipe.cli import RECIPES
 from lwpipe.config import validate
 from lwpipe.errors import LwpipeError
 from lwpipe.loggers.console import format_header, format_row
@@ -160,3 +162,9 @@ def test_console_rows_fit_80_columns():
            "compression_ratio": 142.4, "seconds": 12345.67, "cached": True}
     assert len(format_header()) <= 80 and len(format_row(rec)) <= 80
     assert len(format_row({**rec, "metric": "perplexity", "quality": 12.5})) <= 80
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(RECIPES) / "logger").glob("*.yaml")))
+def test_every_shipped_logger_composes_with_the_defaults(name):
+    top = validate(compose_recipe([f"logger={name}"])).top
+    assert {"console", "jsonl", "report"} <= set(top.logger) and (name == "default" or name in top.logger)
