@@ -168,3 +168,26 @@ def test_console_rows_fit_80_columns():
 def test_every_shipped_logger_composes_with_the_defaults(name):
     top = validate(compose_recipe([f"logger={name}"])).top
     assert {"console", "jsonl", "report"} <= set(top.logger) and (name == "default" or name in top.logger)
+
+
+@pytest.mark.slow
+def test_a_multirun_is_one_experiment_with_runs_tagged_by_sweep_and_overrides(tmp_path, monkeypatch):
+    from tests.test_cli import lwpipe
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    sweep, store = tmp_path / "sweep", tmp_path / "mlruns"
+    p = lwpipe(["-m", *FAST, "stages.prune.sparsity=0.3,0.6", "logger=mlflow", f"logger.mlflow.tracking_uri={store}",
+                f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    c = client(store)
+    (exp,) = c.search_experiments()
+    assert exp.name == f"default sweep {sweep.name}"
+    runs = sorted(c.search_runs([exp.experiment_id]), key=lambda r: r.data.tags["lwpipe.job"])
+    assert [r.data.tags["lwpipe.job"] for r in runs] == ["0", "1"]
+    assert {r.data.tags["lwpipe.sweep"] for r in runs} == {str(sweep.resolve())}
+    assert ["stages.prune.sparsity=0.3" in runs[0].data.tags["lwpipe.overrides"],
+            "stages.prune.sparsity=0.6" in runs[1].data.tags["lwpipe.overrides"]] == [True, True]
+    assert [r.data.params["stages.prune.sparsity"] for r in runs] == ["0.3", "0.6"]
+    for r in runs:
+        final = json.loads((sweep / r.data.tags["lwpipe.job"] / "summary.json").read_text())["final"]
+        assert r.data.metrics["accuracy"] == final["accuracy"] and r.info.status == "FINISHED"
