@@ -181,22 +181,29 @@ def _draw_layers(axes, rows: list[dict]) -> None:
 
 
 def draw(d: dict, path: Path) -> None:
+    """Fixed margins in inches rather than a layout engine: constrained layout doubled the drawing time."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     rows = d["layers"][:40]  # beyond that the chart stops being readable; report.md lists them all
-    layer_h = 0.9 + 0.28 * len(rows) if rows else 0
-    fig = Figure(figsize=(12, 4.4 + layer_h), layout="constrained")
+    width, top, panel, gap = 12.0, 0.6, 3.3, 1.05         # inches: title, top panels, their labels + next title
+    layers_h, bottom = (0.3 * len(rows) + 0.2, 0.75) if rows else (0.0, 0.0)
+    height = top + panel + (gap + layers_h + bottom if rows else 0.95)
+    fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(2 if rows else 1, 3, height_ratios=[4.4, layer_h] if rows else [1])
-    _draw_sizes(fig.add_subplot(grid[0, 0]), d["sizes"])
-    _draw_quality(fig.add_subplot(grid[0, 1:]), d)
+    y_top, y_mid = 1 - top / height, 1 - (top + panel) / height
+    upper = fig.add_gridspec(1, 3, left=1.05 / width, right=1 - 0.2 / width, top=y_top, bottom=y_mid, wspace=0.3)
+    _draw_sizes(fig.add_subplot(upper[0, 0]), d["sizes"])
+    _draw_quality(fig.add_subplot(upper[0, 1:]), d)
     if rows:
-        _draw_layers([fig.add_subplot(grid[1, i]) for i in range(3)], rows)
+        left = max(0.85, 0.3 + 0.065 * max(len(r["layer"][-28:]) for r in rows)) / width
+        lower = fig.add_gridspec(1, 3, left=left, right=1 - 0.2 / width, top=y_mid - gap / height,
+                                 bottom=bottom / height, wspace=0.12)
+        _draw_layers([fig.add_subplot(lower[0, i]) for i in range(3)], rows)
         if len(d["layers"]) > len(rows):
             fig.text(0.99, 0.0, f"first {len(rows)} of {len(d['layers'])} layers; report.md lists all",
                      ha="right", va="bottom", fontsize=7)
-    fig.suptitle(title(d), fontsize=11)
+    fig.suptitle(title(d), fontsize=11, y=1 - 0.12 / height)
     fig.savefig(path, format="png", dpi=100)
 
 
