@@ -153,8 +153,14 @@ def _draw_quality(ax, d: dict) -> None:
     ax.grid(alpha=0.3)
 
 
+def short_name(layer: str, width: int = 30) -> str:
+    """'encoder.layer.0.attention.self.query.weight' -> '~layer.0.attention.self.query' (the tail tells layers apart)."""
+    name = layer.removesuffix(".weight")
+    return name if len(name) <= width else "~" + name[-(width - 1):].lstrip(".")
+
+
 def _draw_layers(axes, rows: list[dict]) -> None:
-    names = [r["layer"] if len(r["layer"]) <= 28 else "~" + r["layer"][-27:] for r in rows]
+    names = [short_name(r["layer"]) for r in rows]
     y = list(range(len(rows)))
     kept = [100 * r["kept"] / max(r["weights"], 1) for r in rows]
     distinct = [max(r["distinct"], 1) for r in rows]
@@ -186,7 +192,9 @@ def draw(d: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     rows = d["layers"][:40]  # beyond that the chart stops being readable; report.md lists them all
-    width, top, panel, gap = 12.0, 0.6, 3.3, 1.05         # inches: title, top panels, their labels + next title
+    heading = title(d)
+    width, panel, gap = 12.0, 3.3, 1.05                    # inches: top panels, their labels + the next title
+    top = 0.4 + 0.22 * len(heading.splitlines())            # the title's lines and the panels' own titles
     layers_h, bottom = (0.3 * len(rows) + 0.2, 0.75) if rows else (0.0, 0.0)
     height = top + panel + (gap + layers_h + bottom if rows else 0.95)
     fig = Figure(figsize=(width, height))
@@ -196,14 +204,14 @@ def draw(d: dict, path: Path) -> None:
     _draw_sizes(fig.add_subplot(upper[0, 0]), d["sizes"])
     _draw_quality(fig.add_subplot(upper[0, 1:]), d)
     if rows:
-        left = max(0.85, 0.3 + 0.065 * max(len(r["layer"][-28:]) for r in rows)) / width
+        left = max(0.85, 0.3 + 0.065 * max(len(short_name(r["layer"])) for r in rows)) / width
         lower = fig.add_gridspec(1, 3, left=left, right=1 - 0.2 / width, top=y_mid - gap / height,
                                  bottom=bottom / height, wspace=0.12)
         _draw_layers([fig.add_subplot(lower[0, i]) for i in range(3)], rows)
         if len(d["layers"]) > len(rows):
             fig.text(0.99, 0.0, f"first {len(rows)} of {len(d['layers'])} layers; report.md lists all",
                      ha="right", va="bottom", fontsize=7)
-    fig.suptitle(title(d), fontsize=11, y=1 - 0.12 / height)
+    fig.suptitle(heading, fontsize=11, y=1 - 0.08 / height)
     fig.savefig(path, format="png", dpi=100)
 
 
@@ -216,7 +224,10 @@ def title(d: dict) -> str:
     if last.get("compressed_bytes"):
         text += f", {human_bytes(base['dense_bytes'])} fp32 -> {human_bytes(last['compressed_bytes'])} " \
                 f"({base['dense_bytes'] / last['compressed_bytes']:.1f}x smaller)"
-    return text + ("" if d["finished"] else "  [run did not finish]")
+    text += "" if d["finished"] else "  [run did not finish]"
+    speed = [f"{h} {format(base[k], f)} -> {format(last[k], f)}" for k, h, f in OPTIONAL
+             if base.get(k) is not None and last.get(k) is not None]
+    return text + ("\n" + ", ".join(speed) if speed else "")
 
 
 def markdown(d: dict) -> str:
@@ -224,7 +235,7 @@ def markdown(d: dict) -> str:
     extra = [(k, h, f) for k, h, f in OPTIONAL if any(r.get(k) is not None for r in [d["baseline"], *d["stage_ends"]])]
     head = ["step", "stage", metric, "loss", "sparsity", "max distinct", "teacher agreement", "model.lwp bytes",
             "ratio", "seconds", *[h for _, h, _ in extra]]
-    lines = [f"# {title(d)}", "", "![report](report.png)", "",
+    lines = [f"# {title(d).splitlines()[0]}", "", *title(d).splitlines()[1:], "", "![report](report.png)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cell(v, fmt):
