@@ -70,6 +70,7 @@ class TopLevel(Strict):
     task: TaskSettings = TaskSettings()
     eval: EvalSettings = EvalSettings()
     artifact: bool = True
+    quiet: bool = False  # the console logger's switch (recipes/logger/default.yaml)
     cache: CacheSettings = CacheSettings()  # `cache=false` is short for cache.enabled=false
     objective: list[Objective] = Field(["accuracy"], min_length=1, max_length=6)
 

@@ -1,6 +1,7 @@
 """Runtime state a stage may use. Configs hold settings only; state lives here."""
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ class Context:
     # models after named stages, kept only for the names a later stage asks for
     snapshots: dict[str, nn.Module] = field(default_factory=dict)
     on_epoch: Callable[[nn.Module, int, float], None] | None = None
+    on_batch: Callable[..., None] | None = None  # progress bar: (stage, epoch, epochs, batch, batches, loss)
     _test_batches: list | None = field(default=None, repr=False)
 
     def train_loader(self, batch_size: int | None = None) -> DataLoader:
@@ -71,4 +73,8 @@ class Context:
         """For training.fit: reports each epoch to the runner (progress and metrics.jsonl)."""
         if self.on_epoch is None:
             return None
-        return lambda epoch, loss: self.on_epoch(model, epoch, loss)
+        def callback(epoch, loss):
+            self.on_epoch(model, epoch, loss)
+        if self.on_batch is not None:  # training.fit calls it after every batch
+            callback.on_batch = functools.partial(self.on_batch, self.stage)
+        return callback

@@ -42,6 +42,7 @@ from lwpipe.constraints import clone
 from lwpipe.context import Context, stage_seed
 from lwpipe.data import DataBundle
 from lwpipe.errors import ConfigError, LwpipeError
+from lwpipe.loggers import build_loggers, progress_hook
 from lwpipe.metrics import evaluate, measure
 from lwpipe.tasks import Task, head, make_task, to_device
 
@@ -90,10 +91,6 @@ def _instantiate(cfg: dict, key: str):
         if isinstance(cause, LwpipeError):
             raise cause from None
         raise ConfigError(f"{key}._target_", cfg.get("_target_"), f"could not be built: {cause}") from None
-
-
-def build_loggers(cfg: dict, run_dir: Path) -> list:
-    return [_instantiate({**c, "run_dir": str(run_dir)}, f"logger.{name}") for name, c in cfg.items() if c]
 
 
 def check_fit(model: nn.Module, ctx: Context, top) -> None:
@@ -202,7 +199,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         emit(current[-1])
         in_stage_overhead += time.perf_counter() - t
 
-    ctx.on_epoch = on_epoch
+    ctx.on_epoch, ctx.on_batch = on_epoch, progress_hook(loggers)
     try:
         ctx.reference = clone(model).eval()
         _, reference_pred = evaluate(model, ctx.test_loader(), task=task)

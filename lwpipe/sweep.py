@@ -55,6 +55,34 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
             if not any(a >= x and b >= y and (a > x or b > y) for a, b in points)]
 
 
+def point_labels(rows: list[dict]) -> list[str]:
+    """Each job's overrides that differ between jobs, `stages.` dropped: 'prune.sparsity=0.8 share.bits=4'."""
+    parts = [r.get("overrides", "").split() for r in rows]
+    common = set.intersection(*map(set, parts)) if len(parts) > 1 else set()
+    return [" ".join(p.removeprefix("stages.") for p in ps if p not in common) or r["job"]
+            for r, ps in zip(rows, parts)]
+
+
+def place_labels(ax, points: list[tuple[float, float]], labels: list[str]) -> None:
+    """Beside each point, at the first offset whose box overlaps no label placed before it."""
+    renderer = ax.figure.canvas.get_renderer()
+    offsets = [(6, 4, "left"), (6, -12, "left"), (-6, 4, "right"), (-6, -12, "right"), (6, 16, "left"),
+               (6, -24, "left"), (-6, 16, "right"), (-6, -24, "right"), (0, 28, "center"), (0, -36, "center")]
+    placed = []
+    for (x, y), text in zip(points, labels):
+        for dx, dy, ha in offsets:
+            t = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=7,
+                            color="0.2")
+            box = t.get_window_extent(renderer).expanded(1.05, 1.15)
+            inside = ax.get_window_extent(renderer).contains(box.x0, box.y0) and \
+                ax.get_window_extent(renderer).contains(box.x1, box.y1)
+            if inside and not any(box.overlaps(b) for b in placed):
+                break
+            if (dx, dy, ha) != offsets[-1]:
+                t.remove()
+        placed.append(box)
+
+
 def plot_pareto(rows: list[dict], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -62,27 +90,33 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
     from lwpipe.checkpoint import atomic_write
 
     xkey = "compression_ratio" if any(r.get("compression_ratio") is not None for r in rows) else "nonzero_ratio"
-    done = [r for r in rows if r["status"] == "completed" and _number(r.get(xkey)) and _number(r.get("quality"))]
-    metric = done[0]["metric"] if done else "accuracy"
+    ykey = "quality" if any(_number(r.get("quality")) for r in rows) else "accuracy"
+    metric = next((r["metric"] for r in rows if r.get("metric")), "accuracy") if ykey == "quality" else "accuracy"
+    done = [r for r in rows if r["status"] == "completed" and _number(r.get(xkey)) and _number(r.get(ykey))]
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0  # the front maximises both coordinates
-    points = [(float(r[xkey]), float(r["quality"])) for r in done]
+    scale = 100.0 if metric == "accuracy" else 1.0
+    points = [(float(r[xkey]), scale * float(r[ykey])) for r in done]
     front = sorted(pareto_front([(x, sign * y) for x, y in points]), key=lambda i: points[i])
-    fig = Figure(figsize=(6, 4.5))
+    fig = Figure(figsize=(8, 5.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     if points:
-        ax.scatter(*zip(*points), color="0.6", label="job")
-        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "o-", color="C3", label="Pareto front")
-        for r, (x, y) in zip(done, points):
-            ax.annotate(r["job"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.legend(loc="best")
+        ax.scatter(*zip(*points), color="0.6", label="job", zorder=2)
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "o-", color="C3",
+                label="Pareto front", zorder=3)
+        ax.margins(x=0.25, y=0.2)
+        ax.legend(loc="best", fontsize=8)
+        fig.tight_layout()
+        place_labels(ax, points, point_labels(done))
     else:
         ax.text(0.5, 0.5, "no completed job", ha="center", va="center", transform=ax.transAxes)
     failed = sum(r["status"] != "completed" for r in rows)
-    ax.set_title(f"{len(done)} jobs" + (f", {failed} failed or incomplete" if failed else ""))
-    ax.set_xlabel("compression ratio" if xkey == "compression_ratio"
+    ax.set_title(f"{len(done)} jobs, labelled by the overrides that differ"
+                 + (f"; {failed} failed or incomplete" if failed else ""), fontsize=10)
+    ax.set_xlabel("compression ratio (fp32 bytes / model.lwp bytes)" if xkey == "compression_ratio"
                   else "params / nonzero params (compression_ratio not recorded)")
-    ax.set_ylabel(f"final {metric}" + (" (lower is better)" if sign < 0 else ""))
+    ax.set_ylabel(f"final {metric}" + (" (%)" if metric == "accuracy" else "")
+                  + (" (lower is better)" if sign < 0 else ""))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))

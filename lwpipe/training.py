@@ -45,7 +45,12 @@ def fit(
 ) -> nn.Module:
     """Train for `s.epochs`; `on_epoch(epoch, mean_train_loss)` after each epoch.
 
-    Stages pass `loss_fn=ctx.loss`, the task's loss, so the batch format is the task's business."""
+    Stages pass `loss_fn=ctx.loss`, the task's loss, so the batch format is the task's business.
+    Progress hook: `on_epoch.on_batch(epoch, epochs, batch, batches, loss)`, when the callback has one,
+    after every batch (lwpipe/progress.py draws the bar; nothing else depends on it).
+    """
+    on_batch = getattr(on_epoch, "on_batch", None)
+    batches = len(loader) if hasattr(loader, "__len__") else 0
     params = params if params is not None else trainable_parameters(model)
     if s.epochs == 0 or not params:
         return model
@@ -55,15 +60,18 @@ def fit(
     for epoch in range(1, s.epochs + 1):
         model.train()
         total, n = 0.0, 0
-        for batch in loader:
+        for i, batch in enumerate(loader, 1):
             batch = to_device(batch, device)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model, batch)
             loss.backward()
             opt.step()
-            total += loss.item() * batch_len(batch)
-            start = loss.item() if start is None else start
+            value = loss.item()
+            total += value * batch_len(batch)
+            start = value if start is None else start
             n += batch_len(batch)
+            if on_batch:
+                on_batch(epoch, s.epochs, i, batches, value)
         warn_if_diverging(epoch, total / max(n, 1), start)
         if on_epoch:
             on_epoch(epoch, total / max(n, 1))

@@ -1,21 +1,24 @@
-"""Metric loggers: anything with log(record: dict) and close(). Built from `logger.<name>._target_`."""
+"""Metric loggers: anything with log(record: dict) and close(). Built from `logger.<name>._target_`.
+
+recipes/logger/ holds one file per logger (default = console + metrics.jsonl + the report);
+`logger=mlflow`, `logger=tensorboard` or `logger=[mlflow,tensorboard]` add to the default set.
+metrics.jsonl is the source of truth: a failure writing it fails the run. Any other logger that
+fails warns once, is switched off, and the run goes on.
+"""
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Protocol
 
-log = logging.getLogger("lwpipe")
+from lwpipe.errors import ConfigError, LwpipeError
+from lwpipe.loggers.console import ConsoleLogger, format_header, format_row
+from lwpipe.loggers.jsonl import JsonlLogger
 
-# (record key, header, width, format of a value)
-COLUMNS = [
-    ("step", "step", 4, "d"), ("stage", "stage", 12, "s"), ("event", "event", 9, "s"),
-    ("accuracy", "accuracy", 8, ".4f"), ("quality", "quality", 8, ".4g"), ("loss", "loss", 7, ".4f"), ("sparsity", "sparsity", 8, ".4f"),
-    ("max_unique_weights", "uniq_vals", 9, "d"), ("teacher_agreement", "agree", 6, ".4f"),
-    ("compression_ratio", "ratio", 7, ".1f"), ("seconds", "seconds", 8, ".2f"),
-]
+__all__ = ["MetricLogger", "ConsoleLogger", "JsonlLogger", "build_loggers", "progress_hook", "format_header",
+           "format_row"]
+log = logging.getLogger("lwpipe")
+KNOWN = "console, jsonl, report, mlflow, tensorboard (recipes/logger/; any class with log(record) and close())"
 
 
 class MetricLogger(Protocol):
@@ -23,59 +26,60 @@ class MetricLogger(Protocol):
     def close(self) -> None: ...
 
 
-def format_row(record: dict) -> str:
-    cells = []
-    for key, _, width, fmt in COLUMNS:
-        v = record.get(key)
-        text = "-" if v is None else format(v, fmt)
-        cells.append(text.ljust(width) if fmt == "s" else text.rjust(width))
-    return "  ".join(cells) + ("  (from cache)" if record.get("cached") else "")
+class WarnOnce:
+    """Wraps a non-critical logger: its first error is one warning, then it is switched off."""
 
+    def __init__(self, name: str, inner):
+        self.name, self.inner, self.failed = name, inner, False
 
-def format_header() -> str:
-    return "  ".join(h.ljust(w) if f == "s" else h.rjust(w) for _, h, w, f in COLUMNS)
-
-
-class ConsoleLogger:
-    """A readable table row per stage, epoch lines every `epoch_every` epochs (0: none), and the
-    whole table again at the end, so that it is not scattered between epoch lines."""
-
-    def __init__(self, run_dir: str | Path | None = None, epoch_every: int = 1):
-        self.epoch_every = epoch_every
-        self._header = False
-        self._rows: list[dict] = []
-
-    def log(self, record: dict) -> None:
-        if record["event"] == "epoch":
-            if self.epoch_every and record["epoch"] % self.epoch_every == 0:
-                log.info("  %s epoch %d: train_loss %.4f  %s %.4f", record["stage"], record["epoch"],
-                         record["train_loss"], record.get("metric", "accuracy"),
-                         record.get("quality", record.get("accuracy")))
+    def _call(self, what: str, *args) -> None:
+        if self.failed:
             return
-        if not self._header:
-            log.info(format_header())
-            self._header = True
-        self._rows.append(record)
-        log.info(format_row(record))
-
-    def close(self) -> None:
-        if len(self._rows) > 1:
-            log.info("summary:\n%s", "\n".join([format_header(), *map(format_row, self._rows)]))
-
-
-class JsonlLogger:
-    """One JSON object per line, flushed per record (a killed process loses nothing logged);
-    baseline and stage_end records are also fsynced (nor does a machine crash)."""
-
-    def __init__(self, run_dir: str | Path, path: str = "metrics.jsonl"):
-        self.path = Path(run_dir) / path
-        self._f = open(self.path, "a", encoding="utf-8")
+        try:
+            getattr(self.inner, what)(*args)
+        except Exception as e:  # a tracker must never stop the run: the run directory has everything
+            self.failed = True
+            log.warning("logger.%s failed (%s: %s); it is off for the rest of this run, which goes on "
+                        "(the run directory keeps every record)", self.name, type(e).__name__, e)
 
     def log(self, record: dict) -> None:
-        self._f.write(json.dumps(record, sort_keys=False) + "\n")
-        self._f.flush()
-        if record.get("event") != "epoch":
-            os.fsync(self._f.fileno())
+        self._call("log", record)
 
     def close(self) -> None:
-        self._f.close()
+        self._call("close")
+
+
+def build_loggers(cfg: dict, run_dir: Path) -> list:
+    """Each `logger.<name>` entry (null ones skipped) built with the run directory; on an error the
+    loggers already built are closed, so nothing is left open or half-written."""
+    from hydra.utils import instantiate
+
+    built: list = []
+    try:
+        for name, c in cfg.items():
+            if not c:
+                continue
+            if "_target_" not in c:
+                raise ConfigError(f"logger.{name}._target_", None, f"required: the logger's class; known: {KNOWN}")
+            try:
+                lg = instantiate({**c, "run_dir": str(run_dir)}, _convert_="all")
+            except Exception as e:
+                cause = e.__cause__ or e
+                if isinstance(cause, LwpipeError):
+                    raise cause from None
+                raise ConfigError(f"logger.{name}", c["_target_"], f"could not be built: {cause}") from None
+            built.append(lg if getattr(lg, "critical", False) else WarnOnce(name, lg))
+    except BaseException:
+        for lg in built:
+            lg.close()
+        raise
+    return built
+
+
+def progress_hook(loggers: list):
+    """The per-batch progress callback of the first logger that offers one (the console's bar)."""
+    for lg in loggers:
+        hook = getattr(getattr(lg, "inner", lg), "on_batch", None)
+        if hook is not None:
+            return hook
+    return None

@@ -1,0 +1,102 @@
+"""The console: a table row per stage, one line per epoch, a progress bar on a terminal.
+
+Every line fits 80 columns (the console handler prints messages without Hydra's time stamp
+prefix; lwpipe.log keeps it). `quiet=true` leaves only warnings and errors on the console.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("lwpipe")
+
+
+def headline(record: dict) -> tuple[str, float | None]:
+    """The task's quality metric: (name, value); `metric`/`quality` when the record has them, else accuracy."""
+    if record.get("quality") is not None:
+        return str(record.get("metric") or "quality"), record["quality"]
+    return "accuracy", record.get("accuracy")
+
+
+def format_quality(name: str, value) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f}%" if name == "accuracy" else f"{value:.4g}"
+
+
+def _num(fmt: str):
+    return lambda v: "-" if v is None else format(v, fmt)
+
+
+# (header, width, value of a record as text); quality's header is the record's metric name
+COLUMNS = [
+    ("step", 4, lambda r: str(r["step"])),
+    ("stage", 10, lambda r: r["stage"] if len(r["stage"]) <= 10 else r["stage"][:9] + "~"),
+    (None, 9, lambda r: format_quality(*headline(r))),
+    ("loss", 7, lambda r: _num(".4f")(r.get("loss"))),
+    ("sparsity", 8, lambda r: _num(".4f")(r.get("sparsity"))),
+    ("distinct", 8, lambda r: _num("d")(r.get("max_unique_weights"))),
+    ("agree", 6, lambda r: _num(".4f")(r.get("teacher_agreement"))),
+    ("ratio", 5, lambda r: "-" if r.get("compression_ratio") is None else f"{r['compression_ratio']:.1f}x"),
+    ("secs", 6, lambda r: "cached" if r.get("cached") else _num(".2f")(r.get("seconds"))),
+]
+
+
+def format_header(metric: str = "accuracy") -> str:
+    cells = [(h or metric[:w]) for h, w, _ in COLUMNS]
+    return "  ".join(c.ljust(w) if h == "stage" else c.rjust(w) for c, (h, w, _) in zip(cells, COLUMNS))
+
+
+def format_row(record: dict) -> str:
+    return "  ".join(f(record).ljust(w) if h == "stage" else f(record).rjust(w) for h, w, f in COLUMNS)
+
+
+def format_epoch(record: dict) -> str:
+    name, value = headline(record)
+    return (f"  {record['stage'][:20]} epoch {record['epoch']}: train_loss {record['train_loss']:.4f}  "
+            f"{name[:12]} {format_quality(name, value)}")
+
+
+def console_handlers() -> list[logging.Handler]:
+    """The root logger's handlers that write to the terminal (not lwpipe.log)."""
+    return [h for h in logging.getLogger().handlers
+            if type(h) is logging.StreamHandler and getattr(h, "stream", None) in (sys.stdout, sys.stderr)]
+
+
+class ConsoleLogger:
+    """A row per stage, a line every `epoch_every` epochs (0: none), the table again at the end, and a
+    progress bar per stage and epoch on a terminal (`progress: false` turns the bar off)."""
+
+    def __init__(self, run_dir: str | Path | None = None, epoch_every: int = 1, progress: bool = True,
+                 quiet: bool = False):
+        self.epoch_every = epoch_every
+        self._header = False
+        self._rows: list[dict] = []
+        self._quieted = [(h, h.level) for h in console_handlers()] if quiet else []
+        for h, _ in self._quieted:
+            h.setLevel(logging.WARNING)
+        self.on_batch = None
+        if progress and not quiet and sys.stderr.isatty():
+            from lwpipe.progress import Progress
+            self.on_batch = Progress(sys.stderr)
+
+    def log(self, record: dict) -> None:
+        if record["event"] == "epoch":
+            if self.epoch_every and record["epoch"] % self.epoch_every == 0:
+                log.info(format_epoch(record))
+            return
+        if not self._header:
+            log.info(format_header(headline(record)[0]))
+            self._header = True
+        self._rows.append(record)
+        log.info(format_row(record))
+
+    def close(self) -> None:
+        if self.on_batch is not None:
+            self.on_batch.close()
+        if len(self._rows) > 1:
+            metric = headline(self._rows[0])[0]
+            log.info("summary:\n%s", "\n".join([format_header(metric), *map(format_row, self._rows)]))
+        for h, level in self._quieted:
+            h.setLevel(level)
