@@ -136,7 +136,8 @@ def save_tokenizer(data, run_dir: Path) -> None:
 
 def warn_if_larger(s, before: dict, after: dict) -> None:
     """A compression stage whose model.lwp is larger than the one before it gained nothing (share.bits=16)."""
-    if getattr(s.cls, "compresses", False) and after.get("compressed_bytes", 0) > before.get("compressed_bytes", 1e30):
+    larger = after.get("compressed_bytes", 0) > before.get("compressed_bytes", float("inf"))
+    if getattr(s.cls, "compresses", False) and larger:
         log.warning("stage %s made model.lwp larger: %s -> %s bytes; its settings buy nothing here", s.name,
                     f"{before['compressed_bytes']:,}", f"{after['compressed_bytes']:,}")
 

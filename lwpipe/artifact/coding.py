@@ -227,10 +227,12 @@ class StreamReader:
         self.stats: list[dict] = []
 
     def symbols(self, n: int, alphabet: int | None = None) -> np.ndarray:
-        """n symbols, each below `alphabet` (when given); ValueError when the table or the count cannot be what was written.
+        """n symbols, each below `alphabet` (when given); ValueError when the table or the count cannot be
+        what was written.
 
-        The caller has bounded n by the layer's declared size; here the count is also held to what the coded
-        bits can carry (only a stream of one repeated symbol is free), so no loop or allocation outgrows the file."""
+        The caller has bounded n by the layer's declared size; here the count is also held to what the
+        coded bits can carry (only a stream of one repeated symbol is free), so no loop or allocation
+        outgrows the file."""
         stat = {"n": n, "table_bits": 0, "coded_bits": 0}
         self.stats.append(stat)
         if n == 0:

@@ -156,3 +156,14 @@ def test_inspect_into_a_closed_pipe(tmp_path, blob):
 def test_pack_json_is_what_pack_writes(blob):
     header, body = unpack(blob)
     assert pack_json(json.dumps(header, separators=(",", ":")).encode(), body) == blob
+
+
+def test_max_dense_bytes_refuses_a_file_that_declares_more(tmp_path, blob):
+    import lwpipe
+
+    path = tmp_path / "model.lwp"
+    path.write_bytes(blob)
+    dense = unpack(blob)[0]["dense_bytes"]
+    with pytest.raises(ArtifactError, match=f"dense size is {dense:,} bytes, above the limit of 1,000"):
+        lwpipe.load(path, max_dense_bytes=1000)
+    lwpipe.load(path, max_dense_bytes=dense)
