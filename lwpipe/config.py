@@ -45,6 +45,16 @@ class CacheSettings(Strict):
     dir: str = Field("outputs/cache", min_length=1)
 
 
+class MeasureSettings(Strict):
+    """Compute cost in every baseline / stage_end record (lwpipe/speed.py)."""
+
+    latency: bool = True                                # false: no timing (fast tests)
+    batch: int = Field(256, ge=1, le=1 << 16)           # the larger batch timed besides 1
+    repeats: int = Field(30, ge=1, le=100_000)          # timed forwards per batch size (median)
+    warmup: int = Field(3, ge=0, le=10_000)             # untimed forwards first
+    max_seconds: float = Field(2.0, gt=0, le=3600)      # per batch size: fewer repeats for slow models
+
+
 # what the entry point returns, for sweepers that optimise it (one value, or a tuple of them)
 Objective = Literal["accuracy", "loss", "teacher_agreement", "sparsity", "compression_ratio", "compressed_bytes"]
 
@@ -60,6 +70,7 @@ class TopLevel(Strict):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     eval: EvalSettings = EvalSettings()
     artifact: bool = True
+    measure: MeasureSettings = MeasureSettings()
     cache: CacheSettings = CacheSettings()  # `cache=false` is short for cache.enabled=false
     objective: list[Objective] = Field(["accuracy"], min_length=1, max_length=6)
 

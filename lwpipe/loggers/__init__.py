@@ -14,7 +14,7 @@ COLUMNS = [
     ("step", "step", 4, "d"), ("stage", "stage", 12, "s"), ("event", "event", 9, "s"),
     ("accuracy", "accuracy", 8, ".4f"), ("loss", "loss", 7, ".4f"), ("sparsity", "sparsity", 8, ".4f"),
     ("max_unique_weights", "uniq_vals", 9, "d"), ("teacher_agreement", "agree", 6, ".4f"),
-    ("compression_ratio", "ratio", 7, ".1f"), ("seconds", "seconds", 8, ".2f"),
+    ("compression_ratio", "ratio", 7, ".1f"), ("speedup", "speedup", 11, "x"), ("seconds", "seconds", 8, ".2f"),
 ]
 
 
@@ -27,7 +27,10 @@ def format_row(record: dict) -> str:
     cells = []
     for key, _, width, fmt in COLUMNS:
         v = record.get(key)
-        text = "-" if v is None else format(v, fmt)
+        if fmt == "x":  # a mapping batch size -> speedup: "1.00/2.31"
+            text = "/".join(f"{x:.2f}" for x in v.values()) if v else "-"
+        else:
+            text = "-" if v is None else format(v, fmt)
         cells.append(text.ljust(width) if fmt == "s" else text.rjust(width))
     return "  ".join(cells) + ("  (from cache)" if record.get("cached") else "")
 

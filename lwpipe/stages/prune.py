@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
+from lwpipe.bn import recalibrate_bn
 from lwpipe.config import Strict, TrainSettings
 from lwpipe.constraints import compressible_layers, ensure_constraint, layer_setting, original_weight, check_layer_patterns
 from lwpipe.context import Context
@@ -190,6 +191,7 @@ class Prune:
         for t in range(1, steps + 1):
             targets = {n: max(initial[n], cubic_schedule(initial[n], finals[n], t, steps)) for n in finals}
             self._prune_to(model, ctx, layers, targets)
+            recalibrate_bn(model, ctx.calibration_batches(self.cfg.calibration_batches))  # no-op without BN
             if steps > 1:
                 log.info("  prune step %d/%d: target sparsity %s", t, steps,
                          ", ".join(f"{n}={v:.3f}" for n, v in targets.items()))
