@@ -22,6 +22,7 @@ from lwpipe.artifact.coding import StreamReader
 from lwpipe.artifact.format import ArtifactError, unpack
 from lwpipe.artifact.positions import positions_from_gaps
 from lwpipe.artifact.raw import DTYPES, RawReader, join_float, mantissa_bytes
+from lwpipe.structured import resize_to
 from lwpipe.constraints import COMPRESSIBLE, Compressed, dequantize, effective_tensors, set_half_bias
 
 
@@ -224,6 +225,9 @@ def build_model(header: dict, trusted: bool, source: str) -> nn.Module:
 @torch.no_grad()
 def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False, source: str = "artifact") -> nn.Module:
     model = module if module is not None else build_model(art.header, trusted, source)
+    # a structurally pruned model has smaller layers than its config builds (lwpipe/structured.py)
+    resize_to(model, {**{n: v.shape for n, (v, _) in art.tensors.items()},
+                      **{layer.name: layer.original.shape for layer in art.layers}})
     stored = [layer.name for layer in art.layers] + list(art.tensors)
     have = set(effective_tensors(model))
     missing, unexpected = sorted(have - set(stored)), sorted(set(stored) - have)

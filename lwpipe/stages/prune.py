@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
+from lwpipe import structured
 from lwpipe.bn import recalibrate_bn
 from lwpipe.config import Strict, TrainSettings
 from lwpipe.constraints import compressible_layers, ensure_constraint, layer_setting, original_weight, check_layer_patterns
@@ -46,6 +47,7 @@ class PruneConfig(Strict):
     schedule: Literal["oneshot", "gradual"] = "oneshot"
     steps: int = Field(1, ge=1, le=1000)
     calibration_batches: int = Field(8, ge=1, le=100_000)
+    untraceable: Literal["error", "mask"] = "error"      # structured on a model torch.fx cannot trace
     finetune: TrainSettings = TrainSettings()            # after each pruning step
 
     @model_validator(mode="after")
@@ -127,6 +129,8 @@ class Prune:
     @staticmethod
     def check_model(cfg: PruneConfig, model: nn.Module, path: str) -> None:
         check_layer_patterns(model, cfg.layers, path)
+        if cfg.granularity == "structured":  # shrinks layers: the graph must trace (lwpipe/structured.py)
+            structured.check(model, path, cfg.untraceable)
 
     def _targets(self, layers: dict[str, nn.Module]) -> dict[str, float]:
         """Final sparsity per layer (quality thresholds turned into the sparsity they give)."""
@@ -184,6 +188,8 @@ class Prune:
             original_weight(module).mul_(c.mask)  # keep the stored weights honest too
 
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
+        if self.cfg.granularity == "structured" and structured.traceable(model):
+            return structured.run(self, model, ctx)
         layers = dict(compressible_layers(model))
         finals = self._targets(layers)
         initial = {n: float((layers[n].weight == 0).float().mean()) for n in finals}
