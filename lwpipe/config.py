@@ -53,6 +53,7 @@ class MeasureSettings(Strict):
     repeats: int = Field(30, ge=1, le=100_000)          # timed forwards per batch size (median)
     warmup: int = Field(3, ge=0, le=10_000)             # untimed forwards first
     max_seconds: float = Field(2.0, gt=0, le=3600)      # per batch size: fewer repeats for slow models
+    threads: int = Field(0, ge=0, le=1024)              # CPU threads while timing; 0: torch's setting
 
 
 # what the entry point returns, for sweepers that optimise it (one value, or a tuple of them)
@@ -162,6 +163,8 @@ def validate(cfg: DictConfig | dict) -> Recipe:
                 f"no settings under stages.{name} and no stage plugin of that name; {registry.suggest(name)}",
             )
     for i, step in enumerate(steps):
+        if getattr(step.cls, "last_only", False) and i != len(steps) - 1:
+            raise ConfigError(f"pipeline[{i}]", step.name, f"must be the last stage; {top.pipeline[i + 1:]} follow it")
         check = getattr(step.cls, "check_order", None)
         why = check(step.config, steps[:i]) if check else None  # the earlier Steps: .name, .type, .config
         if why:

@@ -101,6 +101,13 @@ def forward_fn(ctx):
     return lambda model, batch: model(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
 
+def _eval(model: nn.Module, training: bool) -> None:
+    try:
+        model.train(training)
+    except NotImplementedError:  # a torch.export module has no train/eval switch: it is eval already
+        pass
+
+
 # -- the measures ----------------------------------------------------------------------------------
 def _sync(device) -> None:
     if getattr(device, "type", "cpu") == "cuda":
@@ -112,7 +119,7 @@ def median_ms(model: nn.Module, run, batch, repeats: int, warmup: int, max_secon
     """Median wall milliseconds of run(model, batch): `warmup` untimed calls, then up to `repeats`
     timed ones (at least 3, fewer than `repeats` once `max_seconds` is spent)."""
     was_training = model.training
-    model.eval()
+    _eval(model, False)
     times = []
     try:
         with parametrize.cached():
@@ -128,7 +135,7 @@ def median_ms(model: nn.Module, run, batch, repeats: int, warmup: int, max_secon
                 if i >= 2 and time.perf_counter() > budget:
                     break
     finally:
-        model.train(was_training)
+        _eval(model, was_training)
     return 1000 * statistics.median(times)
 
 
@@ -149,11 +156,11 @@ def count_macs(model: nn.Module, run, batch) -> int:
                if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or type(m).__name__ == "Conv1D"]
     was_training = model.training
     try:
-        model.eval()
+        _eval(model, False)
         with parametrize.cached():
             run(model, batch)
     finally:
-        model.train(was_training)
+        _eval(model, was_training)
         for h in handles:
             h.remove()
     return total[0] // max(_length(batch), 1)
@@ -169,12 +176,17 @@ def speed_record(model: nn.Module, ctx, settings, baseline: dict | None) -> dict
         out = {"macs": count_macs(model, run, one)}
     if not settings.latency:
         return out
-    t = time.perf_counter()
+    t, threads = time.perf_counter(), torch.get_num_threads()
     lat = {}
-    for n in batch_sizes(settings):
-        batch = one if n == 1 else first_examples(ctx, n)
-        lat[str(n)] = median_ms(form, run, batch, settings.repeats, settings.warmup, settings.max_seconds,
-                                ctx.device)
+    try:
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        for n in batch_sizes(settings):
+            batch = one if n == 1 else first_examples(ctx, n)
+            lat[str(n)] = median_ms(form, run, batch, settings.repeats, settings.warmup, settings.max_seconds,
+                                    ctx.device)
+    finally:
+        torch.set_num_threads(threads)
     base = (baseline or {}).get("latency_ms") or lat
     out["latency_ms"] = lat
     out["speedup"] = {k: base[k] / v for k, v in lat.items() if k in base and v > 0}
