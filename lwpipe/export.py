@@ -175,26 +175,35 @@ def _int8_form(model: nn.Module, calibration: torch.Tensor, activations: str, en
 
 
 class SparseLinear(nn.Module):
-    """y = x W^T + b with W in CSR (rebuilt from its three index/value buffers on each call: cheap, and
-    TorchScript can save plain buffers but not every sparse layout)."""
+    """y = x W^T + b with W in CSR for batches of at least `min_batch` rows, dense below: at batch 1 a
+    sparse kernel's setup costs more than it saves (README: crossover). CSR is rebuilt from its three
+    buffers on each call (cheap; TorchScript saves plain buffers, not every sparse layout)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, min_batch: int = 16):
         super().__init__()
-        w = linear.weight.detach().to_sparse_csr()
-        self.register_buffer("crow", w.crow_indices())
-        self.register_buffer("col", w.col_indices())
-        self.register_buffer("values", w.values())
+        w = linear.weight.detach()
+        csr = w.to_sparse_csr()
+        self.register_buffer("weight", w.clone())
+        self.register_buffer("crow", csr.crow_indices())
+        self.register_buffer("col", csr.col_indices())
+        self.register_buffer("values", csr.values())
         b = linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features)
-        self.register_buffer("bias", b.unsqueeze(1).clone())
+        self.register_buffer("bias", b.clone())
         self.size = [linear.out_features, linear.in_features]
+        self.min_batch = min_batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.size[1])
+        if flat.shape[0] < self.min_batch:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
         w = torch.sparse_csr_tensor(self.crow, self.col, self.values, self.size)
-        return torch.addmm(self.bias, w, x.reshape(-1, self.size[1]).t()).t().reshape(x.shape[:-1] + (-1,))
+        out = torch.addmm(self.bias.unsqueeze(1), w, flat.t()).t()
+        return out.reshape(x.shape[:-1] + (self.size[0],))
 
 
-def sparse_form(model: nn.Module, min_sparsity: float) -> tuple[nn.Module, list[str]]:
-    """The dense form, with every Linear at least `min_sparsity` sparse running a CSR kernel."""
+def sparse_form(model: nn.Module, min_sparsity: float, min_batch: int = 16) -> tuple[nn.Module, list[str]]:
+    """The dense form, with every Linear at least `min_sparsity` sparse running a CSR kernel (from
+    `min_batch` rows up). Its sparse layers are scripted, so the batch test survives tracing."""
     plain = dense_form(model)
     mods = dict(plain.named_modules())
     chosen = []
@@ -203,7 +212,7 @@ def sparse_form(model: nn.Module, min_sparsity: float) -> tuple[nn.Module, list[
         for name, m in list(mods.items()):
             if isinstance(m, nn.Linear) and float((m.weight == 0).float().mean()) >= min_sparsity:
                 parent, _, attr = name.rpartition(".")
-                setattr(mods[parent] if parent else plain, attr, SparseLinear(m))
+                setattr(mods[parent] if parent else plain, attr, torch.jit.script(SparseLinear(m, min_batch)))
                 chosen.append(name)
     return plain.eval(), chosen
 

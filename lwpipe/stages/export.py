@@ -34,7 +34,8 @@ log = logging.getLogger("lwpipe")
 class ExportConfig(Strict):
     format: Literal["dense", "int8", "sparse"] = "dense"
     activations: Literal["auto", "dynamic", "static"] = "auto"   # int8 only
-    min_sparsity: float = Field(0.7, ge=0, le=1)                  # sparse only: the measured crossover (README)
+    min_sparsity: float = Field(0.8, ge=0, le=1)                  # sparse only: the measured crossover (README)
+    min_batch: int = Field(16, ge=1, le=1 << 20)                  # sparse only: smaller batches run dense
     calibration_batches: int = Field(4, ge=1, le=10_000)          # static int8 activation ranges
 
 
@@ -76,7 +77,7 @@ class Export:
             calib = torch.cat([x for x, _ in ctx.calibration_batches(self.cfg.calibration_batches)])
             form, suffix = export.int8_form(model, calib, info["activations"]), ".pt"
         elif self.cfg.format == "sparse":
-            form, info["sparse_layers"] = export.sparse_form(model, self.cfg.min_sparsity)
+            form, info["sparse_layers"] = export.sparse_form(model, self.cfg.min_sparsity, self.cfg.min_batch)
             suffix = ".pt"
         else:
             form, suffix = export.dense_form(model), ".pt2"
