@@ -1,4 +1,4 @@
-"""Export to real int8 kernels for inference (static post-training quantization).
+"""Deployable forms: baked plain weights, real int8 kernels, sparse kernels (the `export` stage uses them).
 
 The quantize stage trains with *simulated* quantization (fake-quant on float
 weights) for accuracy and size; it runs no faster. `to_int8` gives a module
