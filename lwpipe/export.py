@@ -170,7 +170,8 @@ def _int8_form(model: nn.Module, calibration: torch.Tensor, activations: str, en
         if qm is None or not hasattr(qm, "set_weight_bias"):
             continue
         scale = s * factors[name] if name in factors else s
-        qm.set_weight_bias(_qweight(q, scale.float()), mods[name].bias.detach() if mods[name].bias is not None else None)
+        bias = mods[name].bias.detach() if mods[name].bias is not None else None
+        qm.set_weight_bias(_qweight(q, scale.float()), bias)
     return converted
 
 

@@ -227,7 +227,7 @@ def _bake(m: nn.Module):
     if c is None:
         return None
     if c.shared or c.quantized:
-        raise ValueError(f"a shared or quantized layer cannot be shrunk; prune structurally before share/quantize")
+        raise ValueError("a shared or quantized layer cannot be shrunk; prune structurally before share/quantize")
     mask = c.mask
     parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     return mask

@@ -73,3 +73,11 @@ def test_structured_recipe_shrinks_and_the_artifact_rebuilds_the_shapes(tmp_path
     loaded = lwpipe.load(tmp_path / "model.lwp")
     with torch.no_grad():
         assert torch.equal(loaded(X), model(X))
+
+
+def test_structured_after_share_is_refused_at_validation():
+    from lwpipe.config import validate
+    from tests.helpers import TINY, compose_recipe
+
+    with pytest.raises(ConfigError, match="prune before share/quantize"):
+        validate(compose_recipe([*TINY, "pipeline=[train,share,prune]", "+stages.prune.granularity=structured"]))

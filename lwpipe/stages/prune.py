@@ -127,6 +127,13 @@ class Prune:
         self.cfg = cfg
 
     @staticmethod
+    def check_order(cfg: PruneConfig, before) -> str | None:
+        if cfg.granularity == "structured" and any(s.type in ("share", "quantize") for s in before):
+            return ("granularity=structured shrinks layers, which a codebook or grid cannot follow; "
+                    "prune before share/quantize")
+        return None
+
+    @staticmethod
     def check_model(cfg: PruneConfig, model: nn.Module, path: str) -> None:
         check_layer_patterns(model, cfg.layers, path)
         if cfg.granularity == "structured":  # shrinks layers: the graph must trace (lwpipe/structured.py)
