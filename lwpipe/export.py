@@ -180,7 +180,7 @@ class SparseLinear(nn.Module):
     sparse kernel's setup costs more than it saves (README: crossover). CSR is rebuilt from its three
     buffers on each call (cheap; TorchScript saves plain buffers, not every sparse layout)."""
 
-    def __init__(self, linear: nn.Linear, min_batch: int = 16):
+    def __init__(self, linear, min_batch=16):  # no annotations: TorchScript would try to resolve them
         super().__init__()
         w = linear.weight.detach()
         csr = w.to_sparse_csr()
