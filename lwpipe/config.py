@@ -49,7 +49,7 @@ class MeasureSettings(Strict):
     """Compute cost in every baseline / stage_end record (lwpipe/speed.py)."""
 
     latency: bool = True                                # false: no timing (fast tests)
-    batch: int = Field(256, ge=1, le=1 << 16)           # the larger batch timed besides 1
+    batch: int | None = Field(None, ge=1, le=1 << 16)   # the larger batch timed besides 1; None: 256 or the test set
     repeats: int = Field(30, ge=1, le=100_000)          # timed forwards per batch size (median)
     warmup: int = Field(3, ge=0, le=10_000)             # untimed forwards first
     max_seconds: float = Field(2.0, gt=0, le=3600)      # per batch size: fewer repeats for slow models

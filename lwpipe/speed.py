@@ -36,16 +36,21 @@ def deployable(model: nn.Module) -> nn.Module:
     return _DEPLOYABLE.get(model, model)
 
 
-def batch_sizes(settings) -> list[int]:
-    return sorted({1, settings.batch})
+DEFAULT_BATCH = 256
+
+
+def batch_sizes(settings, ctx) -> list[int]:
+    n = settings.batch or min(DEFAULT_BATCH, test_size(ctx))
+    return sorted({1, n})
+
+
+def test_size(ctx) -> int:
+    return sum(_length(b) for b in ctx.test_loader())
 
 
 def check_settings(settings, ctx) -> None:
     """Before any work: the test set must hold the largest latency batch."""
-    if not settings.latency:
-        return
-    n = sum(_length(b) for b in ctx.test_loader())
-    if settings.batch > n:
+    if settings.latency and settings.batch and settings.batch > (n := test_size(ctx)):
         raise ConfigError("measure.batch", settings.batch, f"must be at most the test set's {n} examples")
 
 
@@ -181,7 +186,7 @@ def speed_record(model: nn.Module, ctx, settings, baseline: dict | None) -> dict
     try:
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        for n in batch_sizes(settings):
+        for n in batch_sizes(settings, ctx):
             batch = one if n == 1 else first_examples(ctx, n)
             lat[str(n)] = median_ms(form, run, batch, settings.repeats, settings.warmup, settings.max_seconds,
                                     ctx.device)
