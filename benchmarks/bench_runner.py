@@ -38,7 +38,8 @@ def main() -> None:
         wall, s = one_run(extra)
         runner = s["seconds"]
         stages = s["stage_seconds"]
-        overhead = runner - stages
+        timing = sum(r.get("latency_seconds", 0) for r in [s["baseline"], *s["stages"]])
+        overhead = runner - stages - timing  # latency measurement (lwpipe/speed.py) is not runner overhead
         evals = sum(r.get("eval_seconds", 0) for r in [s["baseline"], *s["stages"]])
         walls.append(wall)
         ratios.append(overhead / stages)

@@ -12,6 +12,7 @@ from torch import nn
 
 from lwpipe.constraints import apply_spec, model_spec
 from lwpipe.errors import ConfigError
+from lwpipe.structured import resize_to
 
 
 def atomic_write(path: Path, write) -> None:
@@ -55,6 +56,9 @@ def save_state(model: nn.Module, path: Path) -> None:
 def load_state(model: nn.Module, path: Path) -> nn.Module:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
+        shapes = {k.replace("parametrizations.", "").removesuffix(".original"): f.get_slice(k).get_shape()
+                  for k in f.keys()}
+    resize_to(model, shapes)  # a structurally pruned model has smaller layers than a fresh one
     apply_spec(model, json.loads(meta.get("lwpipe.constraints", "{}")))
     state = load_file(str(path))
     for name, shape in json.loads(meta.get("lwpipe.broadcast", "{}")).items():

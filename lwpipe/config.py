@@ -52,6 +52,17 @@ class TaskSettings(Strict):
     name: Literal["classification", "text_classification", "causal_lm", "embedding"] = "classification"
 
 
+class MeasureSettings(Strict):
+    """Compute cost in every baseline / stage_end record (lwpipe/speed.py)."""
+
+    latency: bool = True                                # false: no timing (fast tests)
+    batch: int | None = Field(None, ge=1, le=1 << 16)   # the larger batch timed besides 1; None: 256 or the test set
+    repeats: int = Field(30, ge=1, le=100_000)          # timed forwards per batch size (median)
+    warmup: int = Field(3, ge=0, le=10_000)             # untimed forwards first
+    max_seconds: float = Field(2.0, gt=0, le=3600)      # per batch size: fewer repeats for slow models
+    threads: int = Field(0, ge=0, le=1024)              # CPU threads while timing; 0: torch's setting
+
+
 # what the entry point returns, for sweepers that optimise it (one value, or a tuple of them);
 # `quality` is the task's headline metric (accuracy, perplexity or cosine)
 Objective = Literal["accuracy", "loss", "teacher_agreement", "sparsity", "compression_ratio", "compressed_bytes",
@@ -71,6 +82,7 @@ class TopLevel(Strict):
     eval: EvalSettings = EvalSettings()
     artifact: bool = True
     quiet: bool = False  # the console logger's switch (recipes/logger/default.yaml)
+    measure: MeasureSettings = MeasureSettings()
     cache: CacheSettings = CacheSettings()  # `cache=false` is short for cache.enabled=false
     objective: list[Objective] = Field(["accuracy"], min_length=1, max_length=6)
 
@@ -181,6 +193,8 @@ def validate(cfg: DictConfig | dict) -> Recipe:
                 f"no settings under stages.{name} and no stage plugin of that name; {registry.suggest(name)}",
             )
     for i, step in enumerate(steps):
+        if getattr(step.cls, "last_only", False) and i != len(steps) - 1:
+            raise ConfigError(f"pipeline[{i}]", step.name, f"must be the last stage; {top.pipeline[i + 1:]} follow it")
         check = getattr(step.cls, "check_order", None)
         why = check(step.config, steps[:i]) if check else None  # the earlier Steps: .name, .type, .config
         if why:

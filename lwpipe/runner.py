@@ -34,7 +34,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from lwpipe import cache, checkpoint, provenance
+from lwpipe import cache, checkpoint, provenance, speed
 from lwpipe.artifact import encode_model, size_metrics
 from lwpipe.cache import StageCache
 from lwpipe.config import Recipe
@@ -163,6 +163,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     ctx = Context(data=data, seed=top.seed, run_dir=run_dir, batch_size=top.data.get("batch_size", 64),
                   eval_batch_size=top.eval.batch_size, device=device, task=task)
     check_fit(model, ctx, top)
+    speed.check_settings(top.measure, ctx)
     for s in recipe.steps:  # settings that name layers are checked before any work
         check = getattr(s.cls, "check_model", None)
         if check:
@@ -189,6 +190,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         if event != "epoch":  # the real size: this step's model encoded as model.lwp
             last_blob[:] = [step, encode_model(model, rebuild_config(model, top.model))]
             rec.update(size_metrics(len(last_blob[1]), rec["dense_bytes"]))
+            rec.update(speed.speed_record(model, ctx, top.measure, records[0] if records else None))
         rec["eval_seconds"] = time.perf_counter() - t
         return rec
 

@@ -25,6 +25,8 @@ def run_recipe(overrides: list[str], run_dir: Path) -> tuple[dict, list[dict]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not any(o.lstrip("+~").startswith("cache") for o in overrides):
         overrides = [*overrides, "cache=false"]  # no stage cache in the repository's outputs/ unless asked for
+    if not any(o.lstrip("+~").startswith("measure") for o in overrides):
+        overrides = [*overrides, "measure.latency=false"]  # timing is for benchmarks, not tests
     final = run(validate(compose_recipe(overrides)), run_dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return final, records

@@ -27,6 +27,7 @@ from lwpipe.artifact.limits import check_header
 from lwpipe.artifact.raw import DTYPES, FLOAT_FIELDS, RawReader, join_float, mantissa_bytes
 from lwpipe.constraints import (Compressed, grid_shape, constraint, dequantize, effective_tensors, ensure_constraint_as,
                                 index_dtype, is_compressible, set_half)
+from lwpipe.structured import resize_to
 
 
 @dataclass
@@ -269,6 +270,9 @@ def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False,
     """The constrained model: each stored layer carries its Compressed constraint (see bake_in_place)."""
     model = module if module is not None else build_model(art.header, trusted, source)
     tied = art.header.get("tied") or {}
+    # a structurally pruned model has smaller layers than its config builds (lwpipe/structured.py)
+    resize_to(model, {**{n: v.shape for n, (v, _) in art.tensors.items()},
+                      **{layer.name: layer.original.shape for layer in art.layers}})
     stored = [layer.name for layer in art.layers] + list(art.tensors) + list(tied)
     have = set(effective_tensors(model))
     missing, unexpected = sorted(have - set(stored)), sorted(set(stored) - have)

@@ -58,6 +58,14 @@ def format_epoch(record: dict) -> str:
             f"{name[:12]} {format_quality(name, value)}")
 
 
+def format_speed(record: dict) -> str:
+    """The last record's speed against the input model (lwpipe/speed.py), one line; '' without timing."""
+    if not record.get("speedup"):
+        return ""
+    cells = [f"batch {b} {x:.2f}x ({record['latency_ms'][b]:.3g} ms)" for b, x in list(record["speedup"].items())[:2]]
+    return "speedup vs the input model: " + ", ".join(cells)
+
+
 def console_handlers() -> list[logging.Handler]:
     """The root logger's handlers that write to the terminal (not lwpipe.log)."""
     return [h for h in logging.getLogger().handlers
@@ -98,5 +106,8 @@ class ConsoleLogger:
         if len(self._rows) > 1:
             metric = headline(self._rows[0])[0]
             log.info("summary:\n%s", "\n".join([format_header(metric), *map(format_row, self._rows)]))
+            speed = format_speed(self._rows[-1])
+            if speed:
+                log.info(speed)
         for h, level in self._quieted:
             h.setLevel(level)

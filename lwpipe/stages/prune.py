@@ -22,6 +22,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
+from lwpipe import structured
+from lwpipe.bn import recalibrate_bn
 from lwpipe.calibration import input_channel_norms, task_forward, wanda_scores
 from lwpipe.config import Strict, TrainSettings
 from lwpipe.constraints import (check_layer_patterns, compressible_layers, constraint, ensure_constraint, in_axis,
@@ -53,6 +55,7 @@ class PruneConfig(Strict):
     schedule: Literal["oneshot", "gradual"] = "oneshot"
     steps: int = Field(1, ge=1, le=1000)
     calibration_batches: int = Field(8, ge=1, le=100_000)  # taylor and wanda statistics
+    untraceable: Literal["error", "mask"] = "error"      # structured on a model torch.fx cannot trace
     finetune: TrainSettings = TrainSettings()            # after each pruning step
 
     @model_validator(mode="after")
@@ -186,9 +189,18 @@ class Prune:
         self.cfg = cfg
 
     @staticmethod
+    def check_order(cfg: PruneConfig, before) -> str | None:
+        if cfg.granularity == "structured" and any(s.type in ("share", "quantize") for s in before):
+            return ("granularity=structured shrinks layers, which a codebook or grid cannot follow; "
+                    "prune before share/quantize")
+        return None
+
+    @staticmethod
     def check_model(cfg: PruneConfig, model: nn.Module, path: str) -> None:
         check_layer_patterns(model, cfg.layers, path)
         check_not_emptied(cfg, model, path)
+        if cfg.granularity == "structured":  # shrinks layers: the graph must trace (lwpipe/structured.py)
+            structured.check(model, path, cfg.untraceable)
 
     def _setting(self, name: str, ties: dict) -> LayerPrune:
         return layer_setting(name, self.cfg.layers, LayerPrune(), [t for t, _ in ties.get(name, ())])
@@ -283,6 +295,8 @@ class Prune:
             original_weight(module).mul_(c.mask)  # keep the stored weights honest too
 
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
+        if self.cfg.granularity == "structured" and structured.traceable(model):
+            return structured.run(self, model, ctx)
         layers = dict(compressible_layers(model))
         ties = tied_layers(model)
         finals = self._targets(layers, ties)
@@ -291,6 +305,7 @@ class Prune:
         for t in range(1, steps + 1):
             targets = {n: max(initial[n], cubic_schedule(initial[n], finals[n], t, steps)) for n in finals}
             self._prune_to(model, ctx, layers, targets, ties)
+            recalibrate_bn(model, ctx.calibration_batches(self.cfg.calibration_batches))  # no-op without BN
             if steps > 1:
                 log.info("  prune step %d/%d: target sparsity %s", t, steps,
                          ", ".join(f"{n}={v:.3f}" for n, v in targets.items()))

@@ -70,11 +70,9 @@ def test_quality_threshold_is_std_rule(model, ctx):
     assert torch.equal(model[1].weight.detach() != 0, expected)
 
 
-def test_structured_zeroes_rows(model, ctx):
+def test_structured_removes_rows(model, ctx):  # shrinks the layer and its consumer (lwpipe/structured.py)
     Prune(PruneConfig(granularity="structured", sparsity=0.5)).run(model, ctx)
-    w = model[1].weight.detach()
-    rows_zero = (w == 0).all(1)
-    assert rows_zero.sum().item() == 8 and ((w != 0).any(1) | rows_zero).all()
+    assert model[1].weight.shape == (8, 8) and model[3].weight.shape == (4, 8)
 
 
 def test_global_scope_spreads_unevenly_but_hits_total(model, ctx):

@@ -1,0 +1,200 @@
+"""Compute cost in every record: latency of the deployable form and multiply-accumulates per example.
+
+    latency_ms  {"1": ms, "<measure.batch>": ms}: median of `repeats` timed forwards after `warmup`
+                untimed ones, on the run's device, under inference_mode; a constrained model runs
+                with its effective weights computed once (parametrize.cached), as a baked model
+                would; after `export` the exported module itself is timed (see `deployable`).
+    macs        multiply-accumulates per example of Linear / Conv / transformers' Conv1D layers at
+                their current shapes (dense: masked zeros still cost; structured pruning shrinks it).
+    speedup     {"1": x, ...}: the input model's median ms / this one's.
+    latency_seconds  wall time spent timing, so that the runner-overhead figure can leave it out.
+
+The batches are the first test examples, fed through `ctx.task.forward(model, batch)` when the
+context has a task (text models) and `model(x)` otherwise.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lwpipe.errors import ConfigError
+
+# model -> the faster module an `export` stage made of it: what latency is measured on from then on
+_DEPLOYABLE: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def set_deployable(model: nn.Module, form: nn.Module) -> None:
+    _DEPLOYABLE[model] = form
+
+
+def deployable(model: nn.Module) -> nn.Module:
+    return _DEPLOYABLE.get(model, model)
+
+
+DEFAULT_BATCH = 256
+
+
+def batch_sizes(settings, ctx) -> list[int]:
+    n = settings.batch or min(DEFAULT_BATCH, test_size(ctx))
+    return sorted({1, n})
+
+
+def test_size(ctx) -> int:
+    return sum(_length(b) for b in ctx.test_loader())
+
+
+def check_settings(settings, ctx) -> None:
+    """Before any work: the test set must hold the largest latency batch."""
+    if settings.latency and settings.batch and settings.batch > (n := test_size(ctx)):
+        raise ConfigError("measure.batch", settings.batch, f"must be at most the test set's {n} examples")
+
+
+# -- batches of any shape: tensors, (x, y) tuples, dicts of tensors --------------------------------
+def _length(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    if isinstance(batch, dict):
+        return _length(next(iter(batch.values())))
+    return _length(batch[0])
+
+
+def _slice(batch, n: int):
+    if isinstance(batch, torch.Tensor):
+        return batch[:n]
+    if isinstance(batch, dict):
+        return {k: _slice(v, n) for k, v in batch.items()}
+    return type(batch)(_slice(v, n) for v in batch)
+
+
+def _cat(batches: list):
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(batches)
+    if isinstance(first, dict):
+        return {k: _cat([b[k] for b in batches]) for k in first}
+    return type(first)(_cat(list(parts)) for parts in zip(*batches))
+
+
+def _to(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return type(batch)(_to(v, device) for v in batch)
+
+
+def first_examples(ctx, n: int):
+    """The first n test examples as one batch, on the run's device."""
+    got, have = [], 0
+    for b in ctx.test_loader():
+        got.append(_slice(b, n - have))
+        have += _length(got[-1])
+        if have >= n:
+            break
+    return _to(_cat(got) if len(got) > 1 else got[0], ctx.device)
+
+
+def forward_fn(ctx):
+    task = getattr(ctx, "task", None)
+    if task is not None:
+        return lambda model, batch: task.forward(model, batch)
+    return lambda model, batch: model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+
+def _eval(model: nn.Module, training: bool) -> None:
+    try:
+        model.train(training)
+    except NotImplementedError:  # a torch.export module has no train/eval switch: it is eval already
+        pass
+
+
+# -- the measures ----------------------------------------------------------------------------------
+def _sync(device) -> None:
+    if getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def median_ms(model: nn.Module, run, batch, repeats: int, warmup: int, max_seconds: float, device=None) -> float:
+    """Median wall milliseconds of run(model, batch): `warmup` untimed calls, then up to `repeats`
+    timed ones (at least 3, fewer than `repeats` once `max_seconds` is spent)."""
+    was_training = model.training
+    _eval(model, False)
+    times = []
+    try:
+        with parametrize.cached():
+            for _ in range(warmup):
+                run(model, batch)
+            _sync(device)
+            budget = time.perf_counter() + max_seconds
+            for i in range(repeats):
+                t = time.perf_counter()
+                run(model, batch)
+                _sync(device)
+                times.append(time.perf_counter() - t)
+                if i >= 2 and time.perf_counter() > budget:
+                    break
+    finally:
+        _eval(model, was_training)
+    return 1000 * statistics.median(times)
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, run, batch) -> int:
+    """Multiply-accumulates per example of the Linear / Conv / Conv1D layers in one forward."""
+    total = [0]
+
+    def hook(m, inputs, out):
+        if isinstance(m, nn.Linear):
+            total[0] += out.numel() * m.in_features
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            total[0] += out.numel() * (m.in_channels // m.groups) * m.weight[0, 0].numel()
+        else:  # transformers' Conv1D: weight (in, out)
+            total[0] += out.numel() * m.weight.shape[0]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or type(m).__name__ == "Conv1D"]
+    was_training = model.training
+    try:
+        _eval(model, False)
+        with parametrize.cached():
+            run(model, batch)
+    finally:
+        _eval(model, was_training)
+        for h in handles:
+            h.remove()
+    return total[0] // max(_length(batch), 1)
+
+
+def speed_record(model: nn.Module, ctx, settings, baseline: dict | None) -> dict:
+    """The record fields: macs always; latency_ms, speedup and latency_seconds unless latency is off."""
+    run, form = forward_fn(ctx), deployable(model)
+    one = first_examples(ctx, 1)
+    try:
+        out = {"macs": count_macs(form, run, one)}
+    except Exception:  # an exported graph may not call hookable modules: count on the model itself
+        out = {"macs": count_macs(model, run, one)}
+    if not settings.latency:
+        return out
+    t, threads = time.perf_counter(), torch.get_num_threads()
+    lat = {}
+    try:
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        for n in batch_sizes(settings, ctx):
+            batch = one if n == 1 else first_examples(ctx, n)
+            lat[str(n)] = median_ms(form, run, batch, settings.repeats, settings.warmup, settings.max_seconds,
+                                    ctx.device)
+    finally:
+        torch.set_num_threads(threads)
+    base = (baseline or {}).get("latency_ms") or lat
+    out["latency_ms"] = lat
+    out["speedup"] = {k: base[k] / v for k, v in lat.items() if k in base and v > 0}
+    out["latency_seconds"] = time.perf_counter() - t
+    return out
+

@@ -1,0 +1,103 @@
+"""Stage `export` (last in the pipeline): write the model's fast deployable form next to model.lwp.
+
+    format: dense   constraints baked into plain weights, BatchNorm folded into the convolution before it;
+                    torch.export -> export.pt2
+    format: int8    real int8 kernels on the quantize stage's own integer levels (lwpipe.export.int8_form):
+                    activations dynamic (per batch; Linear-heavy models) or static (calibrated; convolutions);
+                    `auto` picks static when the model has convolutions. TorchScript -> export.pt
+    format: sparse  CSR kernels for Linear layers at least `min_sparsity` sparse, dense for the rest;
+                    TorchScript -> export.pt
+
+The model passed on is unchanged (model.lwp still stores it); the runner times the exported form
+for this stage's record (speed.set_deployable), so its `speedup` is against the fp32 input model.
+export.json holds the form's held-out accuracy and agreement with the model's predictions.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from lwpipe import export, speed
+from lwpipe.config import Strict
+from lwpipe.context import Context
+from lwpipe.metrics import predict
+from lwpipe.registry import register
+
+log = logging.getLogger("lwpipe")
+
+
+class ExportConfig(Strict):
+    format: Literal["dense", "int8", "sparse"] = "dense"
+    activations: Literal["auto", "dynamic", "static"] = "auto"   # int8 only
+    min_sparsity: float = Field(0.8, ge=0, le=1)                  # sparse only: the measured crossover (README)
+    min_batch: int = Field(16, ge=1, le=1 << 20)                  # sparse only: smaller batches run dense
+    calibration_batches: int = Field(4, ge=1, le=10_000)          # static int8 activation ranges
+
+
+@register("export")
+class Export:
+    Config = ExportConfig
+    compresses = False
+    last_only = True  # config.validate refuses it anywhere but last
+
+    def __init__(self, cfg: ExportConfig):
+        self.cfg = cfg
+
+    @staticmethod
+    def check_order(cfg: ExportConfig, before) -> str | None:
+        if cfg.format != "int8":
+            return None
+        quant = [s for s in before if s.type == "quantize"]
+        if not quant:
+            return ("format=int8 runs the quantize stage's integer levels; add a quantize stage before export "
+                    "(e.g. pipeline=[train,prune,quantize,export]) or use format=dense or sparse")
+        q = quant[-1].config
+        if q.scheme != "symmetric" or q.bits > 8 or any((lc.bits or 0) > 8 for lc in q.layers.values()):
+            return (f"format=int8 needs int8 levels: stages.{quant[-1].name} has scheme={q.scheme}, bits={q.bits}; "
+                    f"use scheme=symmetric and bits<=8")
+        return None
+
+    def activations(self, model: nn.Module) -> str:
+        if self.cfg.activations != "auto":
+            return self.cfg.activations
+        return "static" if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()) else "dynamic"
+
+    def run(self, model: nn.Module, ctx: Context) -> nn.Module:
+        model = model.cpu().eval() if self.cfg.format == "int8" else model.eval()  # int8 kernels are CPU ones
+        batches = ctx.test_loader()
+        example = batches[0][0][:2].to(next(model.parameters()).device)
+        info = {"format": self.cfg.format}
+        if self.cfg.format == "int8":
+            info["activations"] = self.activations(model)
+            calib = torch.cat([x for x, _ in ctx.calibration_batches(self.cfg.calibration_batches)])
+            form, suffix = export.int8_form(model, calib, info["activations"]), ".pt"
+        elif self.cfg.format == "sparse":
+            form, info["sparse_layers"] = export.sparse_form(model, self.cfg.min_sparsity, self.cfg.min_batch)
+            suffix = ".pt"
+        else:
+            form, suffix = export.dense_form(model), ".pt2"
+        path = ctx.run_dir / f"export{suffix}"
+        export.save_form(form, example, path)
+        loaded = export.load_form(path)  # what a user gets: timed and scored, not the in-memory copy
+        device = torch.device("cpu") if self.cfg.format == "int8" else example.device
+        logits, labels = _predict(loaded, batches, device)
+        ref, _ = predict(model, batches)
+        pred = logits.argmax(1)
+        info.update(file=path.name, bytes=path.stat().st_size, accuracy=(pred == labels).float().mean().item(),
+                    agreement=(pred == ref.argmax(1)).float().mean().item())
+        (ctx.run_dir / "export.json").write_text(json.dumps(info, indent=2))
+        log.info("  export %s -> %s: accuracy %.4f, agreement with the model %.4f", self.cfg.format, path.name,
+                 info["accuracy"], info["agreement"])
+        speed.set_deployable(model, loaded)
+        return model
+
+
+@torch.no_grad()
+def _predict(form, batches, device):
+    logits = [form(x.to(device)).float().cpu() for x, _ in batches]
+    return torch.cat(logits), torch.cat([y for _, y in batches])
