@@ -93,3 +93,20 @@ def test_a_run_on_an_80_column_terminal_fits(tmp_path):
     assert max(len(s) for s in shown) <= 80, max(shown, key=len)
     assert any(re.search(r"train 1/2 .*\d+/\d+ \[.*, loss \d", s) for s in shown), shown  # the bar
     assert any("train epoch 2:" in s for s in shown)
+
+
+def test_quiet_leaves_only_warnings_on_the_console_and_restores_it(monkeypatch):
+    import logging
+
+    from lwpipe.loggers import ConsoleLogger
+
+    console = logging.StreamHandler(sys.stdout)
+    root = logging.getLogger()
+    root.addHandler(console)
+    try:
+        c = ConsoleLogger(None, quiet=True)
+        assert console.level == logging.WARNING and c.on_batch is None  # no bar either
+        c.close()
+        assert console.level == logging.NOTSET
+    finally:
+        root.removeHandler(console)
