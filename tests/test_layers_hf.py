@@ -180,6 +180,8 @@ def test_wanda_without_calibration_data_is_refused_before_work(tmp_path):
     model = bert()
     ctx = ctx_for(tmp_path)
     ctx.data = DataBundle(TensorDataset(torch.zeros(0, SEQ, dtype=torch.long), torch.zeros(0)), ctx.data.test, "e")
+    with pytest.raises(ConfigError, match="stages.p.criterion='wanda': needs calibration data"):
+        Prune.check_context(PruneConfig(criterion="wanda"), ctx, "stages.p")  # for the runner, before any stage
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError, match="stages.prune.criterion=.wanda.: needs calibration data"):
         Prune(PruneConfig(criterion="wanda", **ONE_SHOT)).run(model, ctx)
