@@ -214,6 +214,9 @@ class Prune:
             norms, seen = input_channel_norms(model, mods, batches, task_forward(ctx))
             if not seen:
                 raise self._no_data()
+            unseen = [n for n, m in mods.items() if n not in norms and in_axis(m) is not None]
+            if unseen:  # e.g. a layer whose weight is used without calling the module (MultiheadAttention)
+                log.info("  wanda: no input activation reached %s; ranked by magnitude", ", ".join(unseen))
             return None, norms
         return None, None
 
