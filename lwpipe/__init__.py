@@ -1,6 +1,7 @@
 """lwpipe: declarative, reproducible model compression (prune, share, quantize, distill).
 
-`lwpipe.load(path)` reads a compressed artifact `model.lwp` back into a model.
+`lwpipe.load(path)` reads a compressed artifact `model.lwp` back into a plain model (constraints
+baked into ordinary weights); `lwpipe.load(path, constrained=True)` gives the trainable constrained form.
 """
 from __future__ import annotations
 

@@ -52,8 +52,8 @@ def input_channel_norms(model: nn.Module, layers: dict[str, nn.Module], batches:
     def hook(name: str, module: nn.Module):
         axis = channel_axis(module)
 
-        def gather(_module, args):
-            x = args[0].detach()
+        def gather(_module, args, kwargs):
+            x = (args[0] if args else next(iter(kwargs.values()))).detach()
             x = x.movedim(axis, -1).reshape(-1, x.shape[axis]).double()
             sq = x.pow(2).sum(0)
             sums[name] = sq if name not in sums else sums[name] + sq
@@ -61,7 +61,7 @@ def input_channel_norms(model: nn.Module, layers: dict[str, nn.Module], batches:
 
     for name, m in layers.items():
         if in_axis(m) is not None:
-            hooks.append(m.register_forward_pre_hook(hook(name, m)))
+            hooks.append(m.register_forward_pre_hook(hook(name, m), with_kwargs=True))
     was_training = model.training
     model.eval()
     seen = 0

@@ -100,6 +100,9 @@ def test_tied_weight_is_compressed_once_and_stored_once(tmp_path):
     assert header["tied"] == {"lm_head.weight": "transformer.wte.weight"}
     assert [e["name"] for e in header["layers"]].count("transformer.wte.weight") == 1
     assert "lm_head.weight" not in [e["name"] for e in header["layers"]] + [t[0] for t in header["tensors"]]
+    from lwpipe.artifact.inspect import format_table
+    line = next(ln for ln in format_table(read(blob)).splitlines() if ln.startswith("transformer.wte.weight"))
+    assert "also lm_head.weight: tied, stored once" in line
     # the same model with the head untied stores the embedding twice: the tie saves about its size
     untied = gpt2()
     untied.lm_head.weight = nn.Parameter(untied.transformer.wte.weight.detach().clone())
@@ -180,6 +183,8 @@ def test_wanda_without_calibration_data_is_refused_before_work(tmp_path):
     model = bert()
     ctx = ctx_for(tmp_path)
     ctx.data = DataBundle(TensorDataset(torch.zeros(0, SEQ, dtype=torch.long), torch.zeros(0)), ctx.data.test, "e")
+    with pytest.raises(ConfigError, match="stages.p.criterion='wanda': needs calibration data"):
+        Prune.check_context(PruneConfig(criterion="wanda"), ctx, "stages.p")  # for the runner, before any stage
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError, match="stages.prune.criterion=.wanda.: needs calibration data"):
         Prune(PruneConfig(criterion="wanda", **ONE_SHOT)).run(model, ctx)

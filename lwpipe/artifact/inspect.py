@@ -33,12 +33,15 @@ def encoding(e: dict) -> str:
 
 def rows(art: Artifact) -> list[dict]:
     """One row per stored tensor, then the container (header, checksum, coder flush) and the total."""
+    also: dict[str, list[str]] = {}  # stored name -> the other (tied) names that compute with it
+    for alias, name in (art.header.get("tied") or {}).items():
+        also.setdefault(name, []).append(alias)
     layers = []
     for layer, e in zip(art.layers, art.header["layers"]):
         c, n = layer.cost, max(layer.cost["nnz"], 1)
         layers.append({"layer": layer.name, "weights": c["weights"], "kept": c["nnz"], "weight_bits": c["values"] / n,
                        "index_bits": c["positions"] / n if e.get("mask") else None,
-                       "bytes": round(c["total"] / 8), "encoding": encoding(e)})
+                       "bytes": round(c["total"] / 8), "encoding": encoding(e) + _tied(also, layer.name)})
     others = []
     for name, how, _, _, *flags in art.header["tensors"]:
         value, bits = art.tensors[name][0], art.tensor_bits[name]
@@ -46,7 +49,7 @@ def rows(art: Artifact) -> list[dict]:
         kept = None if "buffer" in flags else int(value.count_nonzero())  # a buffer is not a parameter
         others.append({"layer": name, "weights": numel, "kept": kept, "weight_bits": bits / max(numel, 1),
                        "index_bits": None, "bytes": round(bits / 8),
-                       "encoding": how[0] + (", sign+exponent coded" if len(how) > 1 else "")})
+                       "encoding": how[0] + (", sign+exponent coded" if len(how) > 1 else "") + _tied(also, name)})
     kept = sum(r["kept"] for r in layers)
     container = {"layer": "(container)", "weights": None, "kept": None, "weight_bits": None, "index_bits": None,
                  "bytes": art.size - sum(r["bytes"] for r in layers + others),
@@ -58,6 +61,10 @@ def rows(art: Artifact) -> list[dict]:
     # the share of EVERY parameter that is kept (non-zero), so untouched tensors show (a tied one counts once)
     total["kept_share"] = (kept + sum(r["kept"] or 0 for r in others)) / max(art.header["dense_bytes"] // 4, 1)
     return layers + others + [container, total]
+
+
+def _tied(also: dict, name: str) -> str:
+    return f" (also {', '.join(also[name])}: tied, stored once)" if name in also else ""
 
 
 def format_table(art: Artifact) -> str:

@@ -73,7 +73,13 @@ def escape_counts(hist: np.ndarray, escape: int | None) -> np.ndarray:
 def positions_from_gaps(symbols: np.ndarray, escape: int | None, kept: int, size: int) -> np.ndarray:
     """Flat positions of the kept weights; ValueError when the stream does not fit the layer."""
     limit = escape or size
-    steps = symbols.astype(np.int64)  # in place from here: one array the size of the stream
+    if escape == 1:  # every symbol is one weight (1: pruned, 0: kept): the stream is the mask itself
+        positions = np.flatnonzero(symbols != 1)
+        if len(positions) != kept or (kept and (positions[-1] >= size or symbols.max() > 1)):
+            raise ValueError(f"position stream does not fit a layer of {size} weights with {kept} kept")
+        return positions
+    # in place from here: one array the size of the stream, int32 when the layer allows (half the traffic)
+    steps = symbols.astype(np.int32 if size + (escape or 0) < 1 << 31 else np.int64)
     steps += 1
     if escape is not None:
         is_escape = symbols == escape

@@ -180,6 +180,15 @@ def cubic_schedule(initial: float, final: float, t: int, steps: int) -> float:
 
 
 # -- the stage ------------------------------------------------------------------------
+NO_DATA = ("needs calibration data (input activations or gradients), and the training set gives no batch; "
+           "use criterion=magnitude or give data.train")
+
+
+def _has_batches(ctx: Context) -> bool:
+    train = getattr(getattr(ctx, "data", None), "train", None)
+    return train is not None and (not hasattr(train, "__len__") or len(train) > 0)
+
+
 @register("prune")
 class Prune:
     Config = PruneConfig
@@ -201,6 +210,12 @@ class Prune:
         check_not_emptied(cfg, model, path)
         if cfg.granularity == "structured":  # shrinks layers: the graph must trace (lwpipe/structured.py)
             structured.check(model, path, cfg.untraceable)
+
+    @staticmethod
+    def check_context(cfg: PruneConfig, ctx: Context, path: str) -> None:
+        """Before any stage runs (for a runner that calls it): calibration data exists where the criterion needs it."""
+        if cfg.criterion != "magnitude" and not _has_batches(ctx):
+            raise ConfigError(f"{path}.criterion", cfg.criterion, NO_DATA)
 
     def _setting(self, name: str, ties: dict) -> LayerPrune:
         return layer_setting(name, self.cfg.layers, LayerPrune(), [t for t, _ in ties.get(name, ())])
@@ -224,8 +239,7 @@ class Prune:
         """Taylor: the scores themselves; wanda: per-layer input channel norms. Refuses empty calibration data."""
         if self.cfg.criterion == "magnitude":
             return None, None
-        train = getattr(ctx.data, "train", None)
-        if train is None or (hasattr(train, "__len__") and len(train) == 0):
+        if not _has_batches(ctx):
             raise self._no_data()
         batches = ctx.calibration_batches(self.cfg.calibration_batches)
         if self.cfg.criterion == "taylor":
@@ -235,13 +249,14 @@ class Prune:
             norms, seen = input_channel_norms(model, mods, batches, task_forward(ctx))
             if not seen:
                 raise self._no_data()
+            unseen = [n for n, m in mods.items() if n not in norms and in_axis(m) is not None]
+            if unseen:  # e.g. a layer whose weight is used without calling the module (MultiheadAttention)
+                log.info("  wanda: no input activation reached %s; ranked by magnitude", ", ".join(unseen))
             return None, norms
         return None, None
 
     def _no_data(self) -> ConfigError:
-        return ConfigError("stages.prune.criterion", self.cfg.criterion,
-                           "needs calibration data (input activations or gradients), and the training set "
-                           "gives no batch; use criterion=magnitude or give data.train")
+        return ConfigError("stages.prune.criterion", self.cfg.criterion, NO_DATA)
 
     def _score(self, name: str, m: nn.Module, taylor, norms) -> torch.Tensor:
         if taylor is not None:

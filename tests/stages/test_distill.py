@@ -102,4 +102,6 @@ def test_teacher_named_stage_is_used_in_a_run(tmp_path):
                                         "stages.prune.finetune.epochs=0", "stages.distill.epochs=2",
                                         "+stages.distill.teacher=prune"], tmp_path)
     assert [r["stage"] for r in records if r["event"] == "epoch" and r["stage"] == "distill"] == ["distill"] * 2
-    assert final["sparsity"] >= 0.5 - 1e-6
+    from lwpipe.models import TinyMLP
+    weights = sum(p.numel() for n, p in TinyMLP().named_parameters() if n.endswith("weight"))
+    assert final["sparsity"] >= 0.5 * weights / final["params"] - 1e-6  # sparsity counts the biases too
