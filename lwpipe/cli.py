@@ -135,7 +135,7 @@ def _main(cfg: DictConfig):
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"lwpipe: error: {type(e).__name__}: {first}\n(traceback in {run_dir / 'FAILED'})", file=sys.stderr)
         sys.exit(1)
-    log.info("run directory: %s", run_dir)
+    log.info("run directory: %s", os.path.relpath(run_dir) if run_dir.is_relative_to(Path.cwd()) else run_dir)
     return objective(final, recipe.top.objective)
 
 
