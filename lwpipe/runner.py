@@ -119,11 +119,11 @@ def check_vocabulary(model: nn.Module, data) -> None:
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     rows = getattr(embed, "num_embeddings", None)
     if size is not None and rows is not None and size > rows:
-        raise ConfigError("data.tokenizer", top_name(data), f"has {size} tokens but the model embeds {rows}: "
+        raise ConfigError("data.tokenizer", tokenizer_name(data), f"has {size} tokens but the model embeds {rows}: "
                           "the tokenizer does not match the model (use the model's own directory)")
 
 
-def top_name(data) -> str:
+def tokenizer_name(data) -> str:
     return getattr(getattr(data, "tokenizer", None), "name_or_path", data.name)
 
 
