@@ -24,6 +24,13 @@ log = logging.getLogger("lwpipe")
 OPTIONAL = [("latency_ms", "latency ms", ".3g"), ("macs", "MACs", ",.0f")]  # shown when the records have them
 
 
+def fmt(value, spec: str) -> str:
+    """A number, or a latency mapping {batch: ms} as 'b1 0.08 / b256 1.4'."""
+    if isinstance(value, dict):
+        return " / ".join(f"b{k} {format(v, spec)}" for k, v in value.items())
+    return format(value, spec)
+
+
 def read_records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file() or not path.read_text().strip():
@@ -225,7 +232,7 @@ def title(d: dict) -> str:
         text += f", {human_bytes(base['dense_bytes'])} fp32 -> {human_bytes(last['compressed_bytes'])} " \
                 f"({base['dense_bytes'] / last['compressed_bytes']:.1f}x smaller)"
     text += "" if d["finished"] else "  [run did not finish]"
-    speed = [f"{h} {format(base[k], f)} -> {format(last[k], f)}" for k, h, f in OPTIONAL
+    speed = [f"{h} {fmt(base[k], f)} -> {fmt(last[k], f)}" for k, h, f in OPTIONAL
              if base.get(k) is not None and last.get(k) is not None]
     return text + ("\n" + ", ".join(speed) if speed else "")
 
@@ -238,8 +245,8 @@ def markdown(d: dict) -> str:
     lines = [f"# {title(d).splitlines()[0]}", "", *title(d).splitlines()[1:], "", "![report](report.png)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def cell(v, fmt):
-        return "-" if v is None else format(v, fmt)
+    def cell(v, spec):
+        return "-" if v is None else fmt(v, spec)
 
     for r in [d["baseline"], *d["stage_ends"]]:
         cells = [str(r["step"]), r["stage"] + (" (cached)" if r.get("cached") else ""),

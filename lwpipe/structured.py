@@ -316,14 +316,14 @@ def prune_channels(model: nn.Module, example: torch.Tensor, targets: dict[str, f
 # -- the prune stage's structured path ----------------------------------------------------------
 def run(stage, model: nn.Module, ctx) -> nn.Module:
     """Prune.run for granularity=structured: gradual or one-shot, fine-tuning after each step."""
-    from lwpipe.constraints import compressible_layers
+    from lwpipe.constraints import compressible_layers, tied_layers
     from lwpipe.stages.prune import cubic_schedule, taylor_scores
     from lwpipe.training import fit
 
     cfg = stage.cfg
     example = ctx.test_loader()[0][0][:2].to(ctx.device)
     layers = dict(compressible_layers(model))
-    finals = stage._targets(layers)
+    finals = stage._targets(layers, tied_layers(model))
     original = {n: (m.out_features if isinstance(m, nn.Linear) else m.out_channels) for n, m in layers.items()}
     steps = cfg.steps if cfg.schedule == "gradual" else 1
     for t in range(1, steps + 1):
@@ -333,13 +333,14 @@ def run(stage, model: nn.Module, ctx) -> nn.Module:
             mods = dict(compressible_layers(model))
             names = list(mods)
             with torch.enable_grad():
-                raw = taylor_scores(model, ctx.calibration_batches(cfg.calibration_batches), list(mods.values()))
+                raw = taylor_scores(model, ctx.calibration_batches(cfg.calibration_batches), list(mods.values()), ctx.loss)
             scores = dict(zip(names, raw))
         widths = prune_channels(model, example, targets, original, scores)
         recalibrate_bn(model, ctx.calibration_batches(cfg.calibration_batches))
         log.info("  structured prune step %d/%d: channels kept %s", t, steps,
                  ", ".join(f"{n}={w}/{original[n]}" for n, w in widths.items()))
-        fit(model, ctx.train_loader(cfg.finetune.batch_size), cfg.finetune, on_epoch=ctx.epoch_callback(model))
+        fit(model, ctx.train_loader(cfg.finetune.batch_size), cfg.finetune, loss_fn=ctx.loss,
+            on_epoch=ctx.epoch_callback(model))
     return model
 
 

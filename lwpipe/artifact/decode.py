@@ -232,7 +232,17 @@ def build_model(header: dict, trusted: bool, source: str) -> nn.Module:
     cls = constructor(header, trusted, source)
     config = header["model"]
     if cls is not None:  # the file's arguments are tried without memory first: they must give the file's shapes
-        check_fit(_construct(cls, config, source, torch.device("meta")), header, source)
+        meta = _construct(cls, config, source, torch.device("meta"))
+        stored = {e["name"]: e["shape"] for e in header["layers"]} | {t[0]: t[2] for t in header["tensors"]}
+        built = {n: list(t.shape) for n, t in effective_tensors(meta).items()}
+        if any(n in built and list(s) != built[n] for n, s in stored.items()):
+            # a structurally pruned model has smaller layers (lwpipe/structured.py): shrink it while it holds no
+            # memory, then give it memory at the stored shapes only (every tensor is then read from the file)
+            with torch.device("meta"):
+                resize_to(meta, stored)
+            check_fit(meta, header, source)
+            return meta.to_empty(device="cpu")
+        check_fit(meta, header, source)
     model = _construct(cls, config, source)
     if not isinstance(model, nn.Module):
         raise ArtifactError(f"{source}: {config['_target_']} built a {type(model).__name__}, not an nn.Module")
