@@ -12,6 +12,7 @@ from torch import nn
 
 from lwpipe.constraints import apply_spec, model_spec
 from lwpipe.errors import ConfigError
+from lwpipe.lowrank import restore_factorized
 from lwpipe.structured import resize_to
 
 
@@ -58,6 +59,7 @@ def load_state(model: nn.Module, path: Path) -> nn.Module:
         meta = f.metadata() or {}
         shapes = {k.replace("parametrizations.", "").removesuffix(".original"): f.get_slice(k).get_shape()
                   for k in f.keys()}
+    restore_factorized(model, shapes)  # a factorized layer is two Linear layers (lwpipe/lowrank.py)
     resize_to(model, shapes)  # a structurally pruned model has smaller layers than a fresh one
     apply_spec(model, json.loads(meta.get("lwpipe.constraints", "{}")))
     state = load_file(str(path))

@@ -77,6 +77,21 @@ class _RoundSTE(torch.autograd.Function):
         return grad * inside, None, None, None, None
 
 
+class _SignSTE(torch.autograd.Function):
+    """Binary weights (bits=1, XNOR-Net): sign(x) * scale; gradients pass straight through where
+    |x| <= 1.5 scale (the grid's range plus half a step, as _RoundSTE's clip range)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.save_for_backward(x.abs() <= 1.5 * scale)
+        return dequantize(torch.sign(x), scale, torch.zeros((), dtype=scale.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     """The one place integer levels become floats; the artifact decoder calls this too."""
     return (q - zero_point) * scale
@@ -156,19 +171,26 @@ class Compressed(nn.Module):
 
     # -- forward ---------------------------------------------------------------
     def quant_levels(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer levels q of x on this layer's grid (no gradient)."""
+        """Integer levels q of x on this layer's grid (no gradient); bits=1: the sign, levels -1 / +1."""
+        if self.bits == 1:
+            return torch.sign(x)
         return torch.clamp(torch.round(x / self.scale) + self.zero_point, self.qmin, self.qmax)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 1:  # binary: the sign, not the nearest level (0 is not a level; pruned zeros are masked)
+            return _SignSTE.apply(x, self.scale)
+        return _RoundSTE.apply(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         if self.shared:
             c = self.centroids
             if self.quantized:
-                c = _RoundSTE.apply(c, self.scale, self.zero_point, self.qmin, self.qmax)
+                c = self.fake_quant(c)
             w = c[self.index.int()]  # int32 indexes like int64 at half the memory
         else:
             w = original
             if self.quantized:
-                w = _RoundSTE.apply(w, self.scale, self.zero_point, self.qmin, self.qmax)
+                w = self.fake_quant(w)
         if self.mask is not None:
             w = torch.where(self.mask, w, torch.zeros((), dtype=w.dtype))
         return w

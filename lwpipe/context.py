@@ -69,12 +69,13 @@ class Context:
                 return
             yield batch
 
-    def epoch_callback(self, model: nn.Module):
-        """For training.fit: reports each epoch to the runner (progress and metrics.jsonl)."""
+    def epoch_callback(self, model: nn.Module, fields: Callable[[], dict] | None = None):
+        """For training.fit: reports each epoch to the runner (progress and metrics.jsonl);
+        `fields()`: more fields for the epoch's record (distill's alpha and temperature)."""
         if self.on_epoch is None:
             return None
         def callback(epoch, loss):
-            self.on_epoch(model, epoch, loss)
+            self.on_epoch(model, epoch, loss, **(fields() if fields else {}))
         if self.on_batch is not None:  # training.fit calls it after every batch
             callback.on_batch = functools.partial(self.on_batch, self.stage)
         return callback

@@ -194,11 +194,11 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         rec["eval_seconds"] = time.perf_counter() - t
         return rec
 
-    def on_epoch(model: nn.Module, epoch: int, train_loss: float) -> None:
+    def on_epoch(model: nn.Module, epoch: int, train_loss: float, **fields) -> None:
         nonlocal in_stage_overhead
         t = time.perf_counter()
         current.append(snapshot(model, ctx.step, ctx.stage, "epoch", t - stage_start - in_stage_overhead,
-                                epoch=epoch, train_loss=train_loss))
+                                epoch=epoch, train_loss=train_loss, **fields))
         emit(current[-1])
         in_stage_overhead += time.perf_counter() - t
 

@@ -27,6 +27,7 @@ from lwpipe.artifact.limits import check_header
 from lwpipe.artifact.raw import DTYPES, FLOAT_FIELDS, RawReader, join_float, mantissa_bytes
 from lwpipe.constraints import (Compressed, grid_shape, constraint, dequantize, effective_tensors, ensure_constraint_as,
                                 index_dtype, is_compressible, set_half)
+from lwpipe.lowrank import restore_factorized
 from lwpipe.structured import resize_to
 
 
@@ -264,6 +265,7 @@ def _construct(cls, config: dict, source: str, device: torch.device | None = Non
 def check_fit(model: nn.Module, header: dict, source: str) -> None:
     """The model (built on the meta device) has exactly the tensors the file stores, at the stored shapes."""
     stored = {e["name"]: e["shape"] for e in header["layers"]} | {t[0]: t[2] for t in header["tensors"]}
+    restore_factorized(model, stored)  # a factorized layer is two Linear layers (lwpipe/lowrank.py)
     have = {name: list(t.shape) for name, t in effective_tensors(model).items()}
     if stored.keys() != have.keys():
         missing, unexpected = sorted(have.keys() - stored.keys()), sorted(stored.keys() - have.keys())
@@ -280,6 +282,8 @@ def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False,
     """The constrained model: each stored layer carries its Compressed constraint (see bake_in_place)."""
     model = module if module is not None else build_model(art.header, trusted, source)
     tied = art.header.get("tied") or {}
+    restore_factorized(model, {**{n: v.shape for n, (v, _) in art.tensors.items()},
+                               **{layer.name: layer.original.shape for layer in art.layers}})
     # a structurally pruned model has smaller layers than its config builds (lwpipe/structured.py)
     resize_to(model, {**{n: v.shape for n, (v, _) in art.tensors.items()},
                       **{layer.name: layer.original.shape for layer in art.layers}})

@@ -1,2 +1,2 @@
 """Built-in stages, imported explicitly so that each registers itself."""
-from lwpipe.stages import distill, export, prune, quantize, share, train  # noqa: F401
+from lwpipe.stages import distill, export, factorize, prune, quantize, share, train  # noqa: F401

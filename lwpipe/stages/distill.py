@@ -7,6 +7,11 @@ What the student matches is the task's (lwpipe/tasks): for classification and
 text_classification Hinton's (1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T));
 for causal_lm the same per next-token position; for embedding 1 - cos(e_s, e_t).
 
+Dynamic weighting: `alpha` (the lambda of L(W) + lambda * L(T(W))) and `temperature` are
+each a number or a schedule over the stage's epochs, e.g. `alpha: {schedule: linear,
+start: 0.9, end: 0.3}` (constant, linear, or cosine from start to end); every epoch record
+carries the `alpha` and `temperature` that epoch trained with.
+
 The teacher is the model as it was before the first compression stage
 (default), the model after an earlier stage (`teacher: <stage name>`), or a
 weights file (`teacher: path/to/file.safetensors`), loaded into a copy of that
@@ -15,14 +20,16 @@ through every constraint it carries, so masks, codebooks and grids hold.
 """
 from __future__ import annotations
 
+import math
+from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator, model_validator
 from torch import nn
 from torch.nn import functional as F
 
 from lwpipe import checkpoint
-from lwpipe.config import TrainSettings
+from lwpipe.config import Strict, TrainSettings
 from lwpipe.constraints import clone
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
@@ -33,13 +40,69 @@ from lwpipe.training import fit
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
+class Schedule(Strict):
+    """A value over a stage's epochs: `start` throughout (constant), or start -> end, linear or cosine."""
+
+    schedule: Literal["constant", "linear", "cosine"]
+    start: float = Field(ge=0, le=100)
+    end: float | None = Field(None, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _ends(self):
+        if self.schedule != "constant" and self.end is None:
+            raise ValueError(f"schedule={self.schedule} goes from start to end: set end")
+        if self.schedule == "constant" and self.end not in (None, self.start):
+            raise ValueError(f"schedule=constant holds start={self.start}; end={self.end} would be ignored: "
+                             f"leave end out, or use linear or cosine")
+        return self
+
+    def at(self, epoch: int, epochs: int) -> float:
+        """The value for epoch 1..epochs: start at the first epoch, end at the last."""
+        if self.schedule == "constant" or epochs <= 1:
+            return self.start
+        p = (epoch - 1) / (epochs - 1)
+        if self.schedule == "linear":
+            return self.start + (self.end - self.start) * p
+        return self.end + (self.start - self.end) * (1 + math.cos(math.pi * p)) / 2
+
+
+def scheduled(value: float | Schedule, epoch: int, epochs: int) -> float:
+    return value.at(epoch, epochs) if isinstance(value, Schedule) else float(value)
+
+
+BOUNDS = {"alpha": (0.0, 1.0, "within [0, 1]"), "temperature": (0.0, 100.0, "above 0 and at most 100")}
+
+
 class DistillConfig(TrainSettings):
     epochs: int = Field(5, ge=0, le=100_000)
-    temperature: float = Field(4.0, gt=0, le=100)
-    alpha: float = Field(0.7, ge=0, le=1)             # weight of the soft (teacher) loss
+    temperature: float | Schedule = 4.0
+    alpha: float | Schedule = 0.7                     # weight of the soft (teacher) loss: the lambda
     teacher: str | None = Field(None, min_length=1)   # None: the pre-compression model; or a stage name / a path
     features: list[str] = []                          # module names whose activations the student matches
     feature_weight: float = Field(1.0, ge=0, le=1e6)
+
+    @field_validator("alpha", "temperature", mode="before")
+    @classmethod
+    def _number_or_schedule(cls, value, info):
+        lo, hi, allowed = BOUNDS[info.field_name]
+        if isinstance(value, dict):
+            try:
+                value = Schedule.model_validate(value)
+            except ValidationError as e:
+                err = e.errors()[0]
+                key = ".".join(str(x) for x in err["loc"])
+                where = f"{key}={err['input']!r}: " if key else ""
+                raise ValueError(f"{where}{err['msg'].removeprefix('Value error, ')} "
+                                 f"(a schedule is {{schedule: constant|linear|cosine, start, end}})") from None
+            ends = [("start", value.start)] + [("end", value.end)] * (value.end is not None)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            ends = [("", float(value))]
+        else:
+            return value  # the type check names it
+        for key, v in ends:
+            if not (v == v and lo <= v <= hi and (info.field_name != "temperature" or v > 0)):
+                raise ValueError(f"{key}={v!r} must be {allowed}" if key else f"must be {allowed}")
+        return value
 
 
 def is_path(teacher: str) -> bool:
@@ -64,14 +127,23 @@ class _Activations:
             h.remove()
 
 
+def epoch_weights(cfg: DistillConfig, epoch: int) -> dict[str, float]:
+    """The alpha and temperature epoch `epoch` (1-based) of cfg.epochs trains with."""
+    return {"alpha": scheduled(cfg.alpha, epoch, cfg.epochs), "temperature": scheduled(cfg.temperature, epoch,
+                                                                                      cfg.epochs)}
+
+
 def distill_loss_fn(teacher: nn.Module, cfg: DistillConfig, s_acts: _Activations | None,
-                    t_acts: _Activations | None, task=None):
+                    t_acts: _Activations | None, task=None, now: dict[str, float] | None = None):
+    """`now`: the current epoch's {"alpha", "temperature"}, a dict the caller updates between epochs
+    (None: the first epoch's)."""
     task = task or Classification()
+    now = now if now is not None else epoch_weights(cfg, 1)
 
     def loss_fn(model: nn.Module, batch) -> torch.Tensor:
         with torch.no_grad():
             t_out = task.forward(teacher, batch)
-        loss = task.distill_loss(task.forward(model, batch), t_out, batch, cfg.temperature, cfg.alpha)
+        loss = task.distill_loss(task.forward(model, batch), t_out, batch, now["temperature"], now["alpha"])
         if s_acts is not None and cfg.feature_weight > 0:
             loss = loss + cfg.feature_weight * sum(
                 F.mse_loss(s_acts.out[n], t_acts.out[n].detach()) for n in cfg.features)
@@ -119,14 +191,27 @@ class Distill:
         teacher.requires_grad_(False)
         return teacher
 
+    def epoch_hook(self, ctx: Context, model: nn.Module, now: dict[str, float]):
+        """After each epoch: its record gets the alpha and temperature it trained with, then `now` moves on."""
+        report = ctx.epoch_callback(model, fields=lambda: dict(now))
+
+        def hook(epoch: int, loss: float) -> None:
+            if report is not None:
+                report(epoch, loss)
+            now.update(epoch_weights(self.cfg, epoch + 1))
+        if report is not None and hasattr(report, "on_batch"):
+            hook.on_batch = report.on_batch
+        return hook
+
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
         teacher = self.teacher(ctx, f"stages.{ctx.stage}")
         s_acts = _Activations(model, self.cfg.features) if self.cfg.features else None
         t_acts = _Activations(teacher, self.cfg.features) if self.cfg.features else None
         try:
+            now = epoch_weights(self.cfg, 1)
             fit(model, ctx.train_loader(self.cfg.batch_size), self.cfg,
-                loss_fn=distill_loss_fn(teacher, self.cfg, s_acts, t_acts, ctx.task),
-                on_epoch=ctx.epoch_callback(model))
+                loss_fn=distill_loss_fn(teacher, self.cfg, s_acts, t_acts, ctx.task, now),
+                on_epoch=self.epoch_hook(ctx, model, now))
         finally:
             for acts in (s_acts, t_acts):
                 if acts is not None:

@@ -2,13 +2,18 @@
 
 Criteria: `magnitude` (|w|; with `quality`, Deep Compression's rule
 threshold = quality x std of the layer's weights), `taylor`
-(|w * dL/dw| summed over calibration batches) and `wanda` (Sun et al. 2023:
+(|w * dL/dw| summed over calibration batches), `gradient` (|dL/dw| summed over
+calibration batches), `saliency` (Optimal Brain Damage, LeCun et al. 1990:
+1/2 F_ii w_i^2, the diagonal empirical Fisher F_ii = mean over batches of
+(dL/dw_i)^2 standing in for the Hessian) and `wanda` (Sun et al. 2023:
 |w| x the L2 norm of its input channel's activations over calibration batches,
 compared within each output row; an Embedding has no input activation and
 falls back to magnitude). Granularity: unstructured, structured (whole output
 rows / channels; Embedding: whole tokens) or N:M along the input dimension.
 Ranking per layer or global. One-shot, or gradual over `steps` with the cubic
 schedule of Zhu & Gupta (2017), fine-tuning after each step.
+`threshold: eps` (unstructured, one-shot) prunes every weight whose score is below eps
+instead of a target sparsity; the sparsity it reaches is logged.
 """
 from __future__ import annotations
 
@@ -44,17 +49,18 @@ class LayerPrune(Strict):
 
 
 class PruneConfig(Strict):
-    criterion: Literal["magnitude", "taylor", "wanda"] = "magnitude"
+    criterion: Literal["magnitude", "taylor", "wanda", "gradient", "saliency"] = "magnitude"
     granularity: Literal["unstructured", "structured", "nm"] = "unstructured"
     sparsity: float = Field(0.5, ge=0, lt=1)
     quality: float | None = Field(None, gt=0, le=100)  # set: threshold = quality * std(W), per layer
+    threshold: float | None = Field(None, ge=0, le=1e30)  # set: prune scores below it, instead of `sparsity`
     n: int = Field(2, ge=1, le=64)                       # N:M keeps n of every m consecutive weights
     m: int = Field(4, ge=2, le=64)
     scope: Literal["layer", "global"] = "layer"
     layers: dict[str, LayerPrune] = {}                   # by module name or glob: "fc3", "conv*"
     schedule: Literal["oneshot", "gradual"] = "oneshot"
     steps: int = Field(1, ge=1, le=1000)
-    calibration_batches: int = Field(8, ge=1, le=100_000)  # taylor and wanda statistics
+    calibration_batches: int = Field(8, ge=1, le=100_000)  # taylor, gradient, saliency and wanda statistics
     untraceable: Literal["error", "mask"] = "error"      # structured on a model torch.fx cannot trace
     finetune: TrainSettings = TrainSettings()            # after each pruning step
 
@@ -71,7 +77,20 @@ class PruneConfig(Strict):
             raise ValueError("quality (threshold = quality x std) needs criterion=magnitude and scope=layer")
         if self.schedule == "gradual" and self.granularity == "nm":
             raise ValueError("N:M sparsity is fixed by n and m; use schedule=oneshot")
+        if self.threshold is not None:
+            check_threshold(self)
         return self
+
+
+def check_threshold(cfg: PruneConfig) -> None:
+    """`threshold` compares single weights' scores once: say which other setting cannot go with it."""
+    why = ("granularity=unstructured (N:M and structured pruning choose a count, not a score bound)"
+           if cfg.granularity != "unstructured" else
+           "schedule=oneshot (a gradual schedule moves a target sparsity)" if cfg.schedule != "oneshot" else
+           "scope=layer (one threshold already applies to every layer alike)" if cfg.scope != "layer" else
+           "no quality (quality is magnitude's own threshold, quality x std)" if cfg.quality is not None else None)
+    if why:
+        raise ValueError(f"threshold={cfg.threshold!r} prunes scores below it; it needs {why}")
 
 
 # -- scores and masks: pure functions ------------------------------------------------
@@ -97,6 +116,37 @@ def taylor_scores(model: nn.Module, batches, layers: list[nn.Module], loss_fn=No
                 s += (w.detach() * g).abs()
     model.train(was_training)
     return scores
+
+
+def gradient_scores(model: nn.Module, batches, layers: list[nn.Module], loss_fn, criterion: str) -> list[torch.Tensor]:
+    """Per layer, from the task loss's gradient g of each effective weight w over the calibration batches:
+    `gradient`: sum over batches of |g|;  `saliency`: 1/2 * mean over batches of g^2 * w^2 (OBD's
+    1/2 h_ii w^2 with the diagonal empirical Fisher, batch gradients squared, as the Hessian's diagonal)."""
+    sums = [torch.zeros_like(m.weight, dtype=torch.float32) for m in layers]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    seen = 0
+    for batch in batches:
+        with parametrize.cached():
+            ws = [m.weight for m in layers]
+            live = [w for w in ws if w.requires_grad]
+            loss = loss_fn(model, to_device(batch, device))
+            grads = iter(torch.autograd.grad(loss, live, allow_unused=True) if live else [])
+        for s, w in zip(sums, ws):
+            g = next(grads) if w.requires_grad else None
+            if g is not None:
+                s += g.detach().abs() if criterion == "gradient" else g.detach().float().pow(2)
+        seen += 1
+    model.train(was_training)
+    if criterion == "saliency":
+        return [0.5 * s / max(seen, 1) * m.weight.detach().float().pow(2) for s, m in zip(sums, layers)]
+    return sums
+
+
+def threshold_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Keep the weights whose score is at least `threshold` (score < threshold is pruned)."""
+    return scores >= threshold
 
 
 def lowest_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -163,7 +213,7 @@ def check_not_emptied(cfg: PruneConfig, model: nn.Module, path: str) -> None:
         return
     for name, m in compressible_layers(model):
         lc = layer_setting(name, cfg.layers, LayerPrune())
-        if lc.skip or (lc.sparsity is None and (lc.quality or cfg.quality) is not None):
+        if lc.skip or (lc.sparsity is None and (lc.quality or cfg.quality or cfg.threshold) is not None):
             continue
         sparsity = lc.sparsity if lc.sparsity is not None else cfg.sparsity
         n = m.weight.shape[0] if cfg.granularity == "structured" else m.weight.numel()
@@ -245,6 +295,10 @@ class Prune:
         if self.cfg.criterion == "taylor":
             with torch.enable_grad():
                 return dict(zip(mods, taylor_scores(model, batches, list(mods.values()), ctx.loss))), None
+        if self.cfg.criterion in ("gradient", "saliency"):
+            with torch.enable_grad():
+                scores = gradient_scores(model, batches, list(mods.values()), ctx.loss, self.cfg.criterion)
+            return dict(zip(mods, scores)), None
         if self.cfg.criterion == "wanda":
             norms, seen = input_channel_norms(model, mods, batches, task_forward(ctx))
             if not seen:
@@ -278,6 +332,10 @@ class Prune:
         for n in names:
             ensure_constraint(layers[n], ties.get(n, ()))
         explicit = {n for n in names if self._setting(n, ties).sparsity is not None}
+        if self.cfg.threshold is not None:
+            self._prune_by_threshold(layers, [n for n in names if self._setting(n, ties).sparsity is None
+                                              and self._setting(n, ties).quality is None], taylor, norms)
+            names = [n for n in names if n in explicit or self._setting(n, ties).quality is not None]
         pooled = [n for n in names if n not in explicit] if self.cfg.scope == "global" else []
         if pooled:
             scores = [self._score(n, layers[n], taylor, norms) for n in pooled]
@@ -301,6 +359,24 @@ class Prune:
                 mask = lowest_mask(score, targets[n])
             del score
             self._apply(m, mask)
+
+    def _prune_by_threshold(self, layers: dict[str, nn.Module], names: list[str], taylor, norms) -> None:
+        """Every mask first, then apply: a threshold that empties a layer is refused before any layer changes."""
+        eps = self.cfg.threshold
+        masks = {}
+        for n in names:
+            score = self._score(n, layers[n], taylor, norms)
+            masks[n] = threshold_mask(score, eps)
+            if not bool(masks[n].any()):
+                raise ConfigError("stages.prune.threshold", eps,
+                                  f"prunes every weight of layer {n} (its highest {self.cfg.criterion} score is "
+                                  f"{float(score.max()):.4g}); a layer may never be pruned to nothing: use a "
+                                  f"threshold below that, or give {n} its own sparsity under layers")
+        for n, mask in masks.items():
+            self._apply(layers[n], mask)
+        reached = {n: 1 - int(torch.count_nonzero(layers[n].weight)) / layers[n].weight.numel() for n in names}
+        log.info("  prune threshold %g (%s): reached sparsity %s", eps, self.cfg.criterion,
+                 ", ".join(f"{n}={v:.3f}" for n, v in reached.items()))
 
     @staticmethod
     def _apply(module: nn.Module, mask: torch.Tensor) -> None:

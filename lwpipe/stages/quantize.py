@@ -10,6 +10,14 @@ so the index map, the cluster count and the mask are kept; otherwise the masked
 weights. Fine-tuning is quantization-aware: the forward rounds, the backward
 passes gradients straight through (constraints._RoundSTE).
 
+Binary and ternary weights: `bits: 1` gives sign(W) * alpha with alpha the mean |W| of
+the kept weights (per output channel with granularity=per_channel: XNOR-Net, Rastegari
+et al. 2016); `scheme: ternary` gives {-alpha, 0, +alpha} (TWN, Li et al. 2016): weights
+below delta = 0.7 * mean |W| join the mask, alpha is the mean |W| of the rest. Both sit on
+the ordinary grid (levels -1 / +1, scale alpha, zero point 0; the zeros are mask), so the
+artifact stores one sign symbol per kept weight. Trained with the straight-through estimator
+(constraints._SignSTE); alpha and the ternary zeros are fixed when the stage runs.
+
 `bias: float16` also holds every quantized layer's bias to float16 values
 (constraints.HalfBias), so the artifact can store biases in 2 bytes;
 `norms: float16` does the same for LayerNorm / GroupNorm / BatchNorm weights
@@ -20,7 +28,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from lwpipe.config import Strict, TrainSettings
@@ -30,22 +38,37 @@ from lwpipe.context import Context
 from lwpipe.registry import register
 from lwpipe.training import fit
 
-Scheme = Literal["symmetric", "asymmetric"]
+Scheme = Literal["symmetric", "asymmetric", "ternary"]
 
 
 class LayerQuant(Strict):
-    bits: int | None = Field(None, ge=2, le=16)
+    bits: int | None = Field(None, ge=1, le=16)
     skip: bool = False
 
 
 class QuantizeConfig(Strict):
-    bits: int = Field(8, ge=2, le=16)
-    scheme: Scheme = "symmetric"
+    bits: int = Field(8, ge=1, le=16)                  # 1: binary weights, sign(W) * alpha
+    scheme: Scheme = "symmetric"                       # ternary: {-alpha, 0, +alpha}, bits not used
     granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
     layers: dict[str, LayerQuant] = {}                 # by module name or glob: "fc3", "conv*"
     bias: Literal["float32", "float16"] = "float32"
     norms: Literal["float32", "float16"] = "float32"   # LayerNorm / BatchNorm weight and bias
     finetune: TrainSettings = TrainSettings()          # quantization-aware, through the STE
+
+    @model_validator(mode="after")
+    def _binary_has_no_zero_point(self):
+        check_binary(self)
+        return self
+
+
+def check_binary(cfg: QuantizeConfig) -> None:
+    """bits=1 is sign(W) * alpha: there is no zero point for an asymmetric grid to move."""
+    if cfg.scheme != "asymmetric":
+        return
+    bad = [("bits", 1)] * (cfg.bits == 1) + [(f"layers.{n}.bits", 1) for n, lc in cfg.layers.items() if lc.bits == 1]
+    if bad:
+        raise ValueError(f"{bad[0][0]}=1 with scheme=asymmetric: binary weights are sign(W) * alpha, symmetric "
+                         f"around 0 with no zero point; use scheme=symmetric (or ternary), or bits >= 2")
 
 
 def quant_range(bits: int, scheme: Scheme) -> tuple[int, int]:
@@ -91,6 +114,46 @@ def quantize_layer(module: nn.Module, bits: int, scheme: Scheme = "symmetric", p
     pin_zeros(module)
 
 
+def binary_scale(w: torch.Tensor, keep: torch.Tensor, per_channel: bool, axis: int) -> torch.Tensor:
+    """alpha = mean |w| over the kept weights (per slice along `axis` when per_channel); 1 where none is kept."""
+    a, k = w.abs().float() * keep, keep.float()
+    if per_channel:
+        dims = tuple(d for d in range(w.dim()) if d != axis)
+        alpha = a.sum(dims, keepdim=True) / k.sum(dims, keepdim=True).clamp(min=1)
+    else:
+        alpha = a.sum() / k.sum().clamp(min=1)
+    return torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+
+
+@torch.no_grad()
+def binarize_layer(module: nn.Module, per_channel: bool = False, ternary: bool = False, tied=()) -> None:
+    """bits=1: sign(W) * alpha; ternary: weights with |W| <= 0.7 mean |W| (TWN's delta) join the mask first."""
+    c = ensure_constraint(module, tied)
+    if c.shared:  # check_order refuses it; a direct call says so too
+        raise ValueError("binary / ternary weights need no codebook: quantize them without share")
+    w, axis = module.weight.detach(), out_axis(module)
+    keep = c.mask if c.mask is not None else torch.ones_like(w, dtype=torch.bool)
+    if ternary:
+        c.set_mask(w.abs() > 0.7 * binary_scale(w, keep, per_channel, axis))
+        keep = c.mask
+    alpha = binary_scale(w, keep, per_channel, axis)
+    c.set_quant(1, -1, 1, alpha, torch.zeros_like(alpha), axis if per_channel else None)
+    pin_zeros(module)
+
+
+def quantize_any(module: nn.Module, bits: int | None, cfg: QuantizeConfig, tied=()) -> None:
+    """One layer at its own `bits` (None: the stage's) and the stage's scheme; a layer with its own
+    bits >= 2 under scheme=ternary gets the symmetric grid."""
+    per_channel = cfg.granularity == "per_channel"
+    if bits is None and cfg.scheme == "ternary":
+        binarize_layer(module, per_channel, ternary=True, tied=tied)
+    elif (bits or cfg.bits) == 1:
+        binarize_layer(module, per_channel, tied=tied)
+    else:
+        scheme = "symmetric" if cfg.scheme == "ternary" else cfg.scheme
+        quantize_layer(module, bits or cfg.bits, scheme, per_channel, tied)
+
+
 @torch.no_grad()
 def pin_zeros(module: nn.Module) -> None:
     """Weights that round to 0 join the mask: sparsity only grows, later training cannot revive them."""
@@ -117,6 +180,10 @@ class Quantize:
             return ("granularity=per_channel after share: a shared layer has one codebook for the whole tensor, "
                     "and per-channel scales would give each channel its own values (more than 2^bits per layer); "
                     "use granularity=per_tensor, which quantizes the codebook itself")
+        if any(s.type == "share" for s in before) and (
+                cfg.bits == 1 or cfg.scheme == "ternary" or any(lc.bits == 1 for lc in cfg.layers.values())):
+            return ("binary / ternary weights (bits=1, scheme=ternary) are their own 2- or 3-value codebook; "
+                    "a k-means codebook before them only costs index bits: drop share")
         return None
 
     @staticmethod
@@ -131,7 +198,7 @@ class Quantize:
             lc = layer_setting(name, self.cfg.layers, LayerQuant(), [t for t, _ in tied])
             if lc.skip:
                 continue
-            quantize_layer(m, lc.bits or self.cfg.bits, self.cfg.scheme, self.cfg.granularity == "per_channel", tied)
+            quantize_any(m, lc.bits, self.cfg, tied)
             done.append(m)
             half += [(layer, "bias") for layer in [m] + [t for _, t in tied]] * (self.cfg.bias == "float16")
         if self.cfg.norms == "float16":

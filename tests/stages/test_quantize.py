@@ -92,8 +92,8 @@ def test_per_channel_after_share_is_refused_with_reason():
 
 
 def test_bits_and_scheme_are_bounded():
-    with pytest.raises(LwpipeError, match=r"stages\.quantize\.bits=1"):
-        validate(compose_recipe(TINY + ["stages.quantize.bits=1"]))
+    with pytest.raises(LwpipeError, match=r"stages\.quantize\.bits=0"):
+        validate(compose_recipe(TINY + ["stages.quantize.bits=0"]))
     with pytest.raises(LwpipeError, match=r"stages\.quantize\.scheme='affine'"):
         validate(compose_recipe(TINY + ["stages.quantize.scheme=affine"]))
 

@@ -1,0 +1,95 @@
+"""Stage `factorize`: low-rank factorization of Linear layers (truncated SVD, W ~ U V), then a fine-tune.
+
+Each chosen Linear [out, in] becomes Linear(in, r, no bias) -> Linear(r, out) (lwpipe/lowrank.py)
+when that has fewer parameters (r (in + out) < in out); the rank per layer is `rank`, `ratio`
+of the full rank, or the fewest singular values holding `energy` of ||W||_F^2 (Denton et al. 2014,
+"Exploiting Linear Structure Within Convolutional Networks for Efficient Evaluation"; Sainath et al.
+2013 for fully connected layers). It changes the model's structure, so it runs before any stage that
+leaves a constraint (prune, share, quantize), which then work on the factors.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from lwpipe.config import Strict, TrainSettings
+from lwpipe.constraints import constraint
+from lwpipe.context import Context
+from lwpipe.errors import ConfigError
+from lwpipe.lowrank import factorize_linear, rank_for, replace_module, saves
+from lwpipe.registry import register
+from lwpipe.training import fit
+
+log = logging.getLogger("lwpipe")
+
+
+class FactorizeConfig(Strict):
+    layers: list[str] = Field(["*"], min_length=1)      # Linear layers by name or glob
+    rank: int | None = Field(None, ge=1, le=1 << 20)
+    ratio: float | None = Field(None, gt=0, le=1)       # of the full rank min(in, out)
+    energy: float | None = Field(None, gt=0, le=1)      # of the sum of squared singular values
+    finetune: TrainSettings = TrainSettings()
+
+    @model_validator(mode="after")
+    def _one_rule(self):
+        given = [k for k in ("rank", "ratio", "energy") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of rank, ratio, energy (the rank rule); got "
+                             f"{', '.join(given) or 'none'}")
+        return self
+
+
+def chosen(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules()
+            if n and isinstance(m, nn.Linear) and any(n == p or fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+@register("factorize")
+class Factorize:
+    Config = FactorizeConfig
+    compresses = True
+
+    def __init__(self, cfg: FactorizeConfig):
+        self.cfg = cfg
+
+    @staticmethod
+    def check_order(cfg: FactorizeConfig, before) -> str | None:
+        done = [s.name for s in before if s.type in ("prune", "share", "quantize")]
+        if done:
+            return (f"it replaces layers by dense factors, which would drop the mask / codebook / grid "
+                    f"{done[0]} left; put factorize before {', '.join(done)}")
+        return None
+
+    @staticmethod
+    def check_model(cfg: FactorizeConfig, model: nn.Module, path: str) -> None:
+        layers = chosen(model, cfg.layers)
+        for i, p in enumerate(cfg.layers):
+            if not any(n == p or fnmatch.fnmatchcase(n, p) for n, _ in layers):
+                names = ", ".join(n for n, m in model.named_modules() if isinstance(m, nn.Linear)) or "none"
+                raise ConfigError(f"{path}.layers[{i}]", p, f"matches no Linear layer; the Linear layers are {names}")
+        for n, m in layers:
+            if cfg.rank is not None and cfg.rank > min(m.in_features, m.out_features):
+                raise ConfigError(f"{path}.rank", cfg.rank, f"is larger than layer {n} [{m.out_features}, "
+                                  f"{m.in_features}] can have (at most {min(m.in_features, m.out_features)})")
+
+    def run(self, model: nn.Module, ctx: Context) -> nn.Module:
+        for name, m in chosen(model, self.cfg.layers):
+            if constraint(m) is not None:  # check_order keeps constraining stages after factorize
+                continue
+            s = torch.linalg.svdvals(m.weight.detach().double())
+            r = rank_for(s, self.cfg.rank, self.cfg.ratio, self.cfg.energy)
+            if not saves(m.out_features, m.in_features, r):
+                log.info("  factorize %s: rank %d of %d saves no parameters; kept dense", name, r, s.numel())
+                continue
+            kept = float((s[:r] ** 2).sum() / (s ** 2).sum().clamp(min=1e-300))
+            replace_module(model, name, factorize_linear(m, r))
+            log.info("  factorize %s [%d, %d]: rank %d of %d (%.3f of the energy), %d -> %d weights", name,
+                     m.out_features, m.in_features, r, s.numel(), kept, m.weight.numel(),
+                     r * (m.in_features + m.out_features))
+        fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune, loss_fn=ctx.loss,
+            on_epoch=ctx.epoch_callback(model))
+        return model
