@@ -336,6 +336,7 @@ def run(stage, model: nn.Module, ctx) -> nn.Module:
                 raw = taylor_scores(model, ctx.calibration_batches(cfg.calibration_batches), list(mods.values()), ctx.loss)
             scores = dict(zip(names, raw))
         widths = prune_channels(model, example, targets, original, scores)
+        model.lwpipe_resized = True  # model.lwp says so (artifact/decode.build_model)
         recalibrate_bn(model, ctx.calibration_batches(cfg.calibration_batches))
         log.info("  structured prune step %d/%d: channels kept %s", t, steps,
                  ", ".join(f"{n}={w}/{original[n]}" for n, w in widths.items()))
@@ -376,6 +377,7 @@ def resize_to(model: nn.Module, shapes: dict[str, tuple]) -> None:
             old = getattr(m, t, None)
             if old is not None:
                 _replace(m, t, torch.zeros(tuple(want) if t == "weight" else (want[0],), dtype=old.dtype))
+        model.lwpipe_resized = True  # model.lwp then says so: only such a file may shrink its model's layers
         if isinstance(m, nn.Linear):
             m.out_features, m.in_features = want
         elif isinstance(m, NORMS):

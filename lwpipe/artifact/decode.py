@@ -236,7 +236,7 @@ def build_model(header: dict, trusted: bool, source: str) -> nn.Module:
         meta = _construct(cls, config, source, torch.device("meta"))
         stored = {e["name"]: e["shape"] for e in header["layers"]} | {t[0]: t[2] for t in header["tensors"]}
         built = {n: list(t.shape) for n, t in effective_tensors(meta).items()}
-        if any(n in built and list(s) != built[n] for n, s in stored.items()):
+        if header.get("resized") is True and any(n in built and list(s) != built[n] for n, s in stored.items()):
             # a structurally pruned model has smaller layers (lwpipe/structured.py): shrink it while it holds no
             # memory, then give it memory at the stored shapes only (every tensor is then read from the file)
             with torch.device("meta"):

@@ -63,6 +63,8 @@ def encode(model: nn.Module, model_config: dict | None) -> tuple[bytes, list[dic
               "sections": [len(raw), len(bits), len(words)]}
     if aliases:
         header["tied"] = aliases
+    if getattr(model, "lwpipe_resized", False):  # structurally pruned: layers smaller than the config builds
+        header["resized"] = True
     return pack(header, bytes(raw) + bits + words), streams.stats
 
 

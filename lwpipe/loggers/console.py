@@ -62,8 +62,8 @@ def format_speed(record: dict) -> str:
     """The last record's speed against the input model (lwpipe/speed.py), one line; '' without timing."""
     if not record.get("speedup"):
         return ""
-    cells = [f"batch {b} {x:.2f}x ({record['latency_ms'][b]:.3g} ms)" for b, x in list(record["speedup"].items())[:2]]
-    return "speedup vs the input model: " + ", ".join(cells)
+    cells = [f"batch {b} {x:.2f}x ({record['latency_ms'][b]:.2g} ms)" for b, x in list(record["speedup"].items())[:2]]
+    return "speedup vs input: " + ", ".join(cells)
 
 
 def console_handlers() -> list[logging.Handler]:
