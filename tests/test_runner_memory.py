@@ -57,3 +57,14 @@ def test_one_shot_run_without_cache_copies_no_model_and_cached_runs_drop_the_inp
     again, _ = run_recipe(cached, tmp_path / "second")
     assert len(calls) == 1 + 3  # every stage from the cache, each restored into a copy of the input
     assert again["compressed_bytes"] == lean["compressed_bytes"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_floats_split_in_chunks_round_trip_exactly(dtype):
+    from lwpipe.artifact.raw import CHUNK, join_float, split_float
+
+    t = (torch.randn(2 * CHUNK + 5, generator=torch.Generator().manual_seed(0)) * 30).to(dtype)
+    t[:3] = torch.tensor([-0.0, float("inf"), 1e-6])
+    symbols, low, mantissa = split_float(t)
+    assert len(mantissa) == (t.numel() * {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}[dtype] + 7) // 8
+    assert torch.equal(join_float(symbols, low, mantissa, dtype).view(torch.uint8), t.view(torch.uint8))
