@@ -2,6 +2,12 @@
 
     python benchmarks/bench_memory.py               # GPT2Config(): 12 layers, 124 M parameters (~2-4 min)
     python benchmarks/bench_memory.py --layers 2    # a quick check of the script (same embedding)
+    python benchmarks/bench_memory.py --runner      # the same chain through lwpipe.runner.run instead
+
+--runner saves the random model with save_pretrained (and a word-level tokenizer over the built-in
+corpus) in a temporary directory and runs recipe=gpt2_causal_lm with pipeline=[prune,share,quantize],
+finetune.epochs 0, cache off: evaluation, model.lwp encoding, checkpoints and all. Its peak RSS is
+the whole run's (from just before the runner builds the model), as a multiple of fp32.
 
 One-shot prune -> share -> quantize through the stages' Python API (no fine-tuning,
 no runner: the runner keeps extra model copies, see the README), then model.lwp
@@ -43,7 +49,10 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--share-bits", type=int, default=4)
     p.add_argument("--quant-bits", type=int, default=8)
+    p.add_argument("--runner", action="store_true", help="drive lwpipe.runner.run with a one-shot recipe")
     a = p.parse_args()
+    if a.runner:
+        return through_runner(a)
 
     import transformers
     from lwpipe.artifact import encode_model
@@ -121,6 +130,64 @@ def main() -> None:
     top = max(peak for _, _, peak in phases)  # ru_maxrss forgets peaks before a reset
     print(f"{'whole run':<36}{'':>11}{top:>7.0f} M{top / fp32:>12.2f}x   (target <= 4x; "
           f"{base:.0f} M of it is torch + transformers before any model)")
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer over the built-in corpus (no download), at most vocab_size tokens."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lwpipe.data.text import builtin_corpus
+
+    pre = pre_tokenizers.Whitespace()
+    counts = Counter(w for s, _ in builtin_corpus(False) for w, _ in pre.pre_tokenize_str(s))
+    words = ["<|endoftext|>", "<unk>", *[w for w, _ in counts.most_common(vocab_size - 2)]]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>",
+                                   pad_token="<|endoftext|>")
+
+
+def through_runner(a) -> None:
+    import transformers
+    from hydra import compose, initialize_config_dir
+
+    from lwpipe.cli import RECIPES
+    from lwpipe.config import validate
+    from lwpipe.runner import run
+
+    cfg = transformers.GPT2Config(n_layer=a.layers)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "gpt2"
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(cfg)
+        params = model.num_parameters()
+        model.save_pretrained(path)
+        word_tokenizer(cfg.vocab_size).save_pretrained(path)
+        del model
+        gc.collect()
+        fp32 = 4 * params / MB
+        overrides = ["recipe=gpt2_causal_lm", f"model.path={path}", "pipeline=[prune,share,quantize]",
+                     f"stages.prune.sparsity={a.sparsity}", f"stages.share.bits={a.share_bits}",
+                     f"stages.quantize.bits={a.quant_bits}", "cache=false", "measure.latency=false",
+                     "logger.console=null", "data.limit_train=16", "data.limit_test=8", "eval.batch_size=4"]
+        with initialize_config_dir(config_dir=RECIPES, version_base="1.3"):
+            recipe = validate(compose(config_name="config", overrides=overrides))
+        base, _ = rss()
+        reset_peak()
+        t = time.perf_counter()
+        final = run(recipe, Path(tmp) / "run")
+        wall = time.perf_counter() - t
+        now, peak = rss()
+        lwp = (Path(tmp) / "run" / "model.lwp").stat().st_size
+    print(f"GPT-2 ({a.layers} layers, {params / 1e6:.1f} M parameters, fp32 {fp32:.0f} MiB) through "
+          f"lwpipe.runner.run, recipe gpt2_causal_lm, pipeline [prune, share, quantize], one-shot, cache off: "
+          f"{wall:.0f} s")
+    print(f"model.lwp {lwp / MB:.1f} MiB ({4 * params / lwp:.1f}x); final perplexity {final['perplexity']:.1f}")
+    print(f"peak RSS during the run {peak:.0f} MiB = {peak / fp32:.2f}x fp32 (target <= 4x; {base:.0f} MiB "
+          f"of it is the process before the run: torch, transformers, Hydra); RSS after the run {now:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@
             model = stage.run(model, ctx)                          # epoch records logged from inside
             record(step, event "stage_end"); cache.store(key, model, records); log it
         checkpoint(model) -> checkpoints/<step>_<name>.safetensors
-        before any compression: ctx.reference = copy(model)        # teacher / agreement reference
+        before any compression: ctx.reference = copy(model)        # teacher; only if a later stage trains
         a later stage names it as teacher: ctx.snapshots[name] = copy(model)
     model.lwp <- encode(model, model.lwpipe_rebuild or recipe.model)  # its size: every record's compressed_bytes
     tokenizer/ <- the data's tokenizer, if any (next to model.lwp)
@@ -142,6 +142,27 @@ def warn_if_larger(s, before: dict, after: dict) -> None:
                     f"{before['compressed_bytes']:,}", f"{after['compressed_bytes']:,}")
 
 
+ONE_SHOT = ("prune", "share", "quantize")  # with finetune.epochs 0 (and no taylor scores) they never train
+
+
+def needs_reference(steps) -> bool:
+    """Whether a stage among `steps` may use ctx.reference (a teacher, or a task loss that trains towards
+    it). One-shot prune/share/quantize do not: without the copy a large model's run keeps one copy fewer."""
+    def one_shot(s) -> bool:
+        cfg = s.config
+        return (s.type in ONE_SHOT and getattr(getattr(cfg, "finetune", None), "epochs", 1) == 0
+                and getattr(cfg, "criterion", None) != "taylor")
+    return not all(one_shot(s) for s in steps)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """The reference: an eval-mode copy whose parameters take no gradients."""
+    ref = clone(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -172,7 +193,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     stage_cache = StageCache(top.cache.dir, top.cache.enabled)  # checks the directory is writable
     provenance.write_run_files(run_dir, recipe)
     key = cache.initial_key(top, data.identity)
-    initial = clone(model)  # cached states are loaded into copies of the input model
+    initial = clone(model) if stage_cache.enabled else None  # cached states load into copies of the input
     loggers = build_loggers(top.logger, run_dir)
     records: list[dict] = []
     current: list[dict] = []  # the records of the stage now running
@@ -204,7 +225,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
 
     ctx.on_epoch, ctx.on_batch = on_epoch, progress_hook(loggers)
     try:
-        ctx.reference = clone(model).eval()
+        ctx.reference = frozen_copy(model) if needs_reference(recipe.steps) else None
         _, reference_pred = evaluate(model, ctx.test_loader(), task=task)
         records.append(snapshot(model, 0, "input", "baseline", 0.0))
         emit(records[-1])
@@ -213,9 +234,11 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
             ctx.step, ctx.stage = step, s.name
             key = cache.stage_key(key, step, s.name, s.type, s.config.model_dump(mode="json"))
             current.clear()
-            restored = clone(initial) if hit and stage_cache.enabled else None
+            restored = clone(initial) if initial is not None else None
             replay = stage_cache.load(key, restored) if restored is not None else None
             hit = replay is not None
+            if not hit:  # no later stage can come from the cache: drop the input's copy
+                initial = restored = None
             log.info("[%d/%d] %s (%s)%s", step, len(recipe.steps), s.name, s.type, " from cache" if hit else "")
             if hit:
                 model = restored.to(ctx.device)
@@ -230,7 +253,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                 work_seconds += seconds
             compressed = compressed or getattr(s.cls, "compresses", False)
             if not compressed:  # still uncompressed: this is the reference the compressed model is held to
-                ctx.reference = clone(model).eval()
+                ctx.reference = frozen_copy(model) if needs_reference(recipe.steps[step:]) else None
                 _, reference_pred = evaluate(model, ctx.test_loader(), task=task)
             if s.name in wanted:
                 ctx.snapshots[s.name] = clone(model).eval()

@@ -44,22 +44,36 @@ def tensor_bytes(t: torch.Tensor, dtype: torch.dtype | None = None) -> bytes:
     return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
+CHUNK = 1 << 16  # floats split or joined at a time
+
+
 def split_float(t: torch.Tensor) -> tuple[np.ndarray, int, bytes]:
     """(sign/exponent symbols, smallest exponent, packed mantissa bits) of a float tensor, exactly."""
     e_bits, m_bits, as_int = FLOAT_FIELDS[t.dtype]
-    u = t.detach().cpu().contiguous().reshape(-1).view(as_int).numpy().view(_UNSIGNED[as_int]).astype(np.uint64)
-    sign = (u >> np.uint64(e_bits + m_bits)).astype(np.int64)
-    exponent = ((u >> np.uint64(m_bits)) & np.uint64((1 << e_bits) - 1)).astype(np.int64)
+    u = t.detach().cpu().contiguous().reshape(-1).view(as_int).numpy().view(_UNSIGNED[as_int])  # no copy
+    sign = (u >> (e_bits + m_bits)).astype(np.int32)
+    exponent = ((u >> m_bits) & ((1 << e_bits) - 1)).astype(np.int32)
     low = int(exponent.min()) if len(u) else 0
-    mantissa = (u[:, None] >> np.arange(m_bits - 1, -1, -1, dtype=np.uint64)) & np.uint64(1)
-    return 2 * (exponent - low) + sign, low, np.packbits(mantissa.astype(np.uint8).reshape(-1)).tobytes()
+    shifts = np.arange(m_bits - 1, -1, -1, dtype=np.uint64)
+    # in chunks of CHUNK values (a multiple of 8: each chunk's bits end on a byte): the bit matrix of a
+    # whole tensor would take 8 * m_bits bytes a value (184 for fp32)
+    mantissa = b"".join(np.packbits(((u[i:i + CHUNK, None].astype(np.uint64) >> shifts) & np.uint64(1)).astype(np.uint8).reshape(-1))
+                        .tobytes() for i in range(0, len(u), CHUNK))
+    return 2 * (exponent - low) + sign, low, mantissa
 
 
 def join_float(symbols: np.ndarray, low: int, mantissa: bytes, dtype: torch.dtype) -> torch.Tensor:
     e_bits, m_bits, as_int = FLOAT_FIELDS[dtype]
     n = len(symbols)
-    bits = np.unpackbits(np.frombuffer(mantissa, dtype=np.uint8))[:n * m_bits].reshape(n, m_bits)
-    u = (bits.astype(np.uint64) << np.arange(m_bits - 1, -1, -1, dtype=np.uint64)).sum(1, dtype=np.uint64)
+    packed, shifts = np.frombuffer(mantissa, dtype=np.uint8), np.arange(m_bits - 1, -1, -1, dtype=np.uint64)
+    u = np.empty(n, dtype=np.uint64)
+    for i in range(0, n, CHUNK):  # CHUNK values are CHUNK * m_bits / 8 whole bytes
+        m = min(CHUNK, n - i)
+        part = packed[i * m_bits // 8:(i * m_bits + m * m_bits + 7) // 8]
+        bits = np.unpackbits(part)[:m * m_bits].reshape(m, m_bits)
+        if len(bits) < m:
+            raise ValueError("float mantissa shorter than its count")
+        u[i:i + m] = (bits.astype(np.uint64) << shifts).sum(1, dtype=np.uint64)
     exponent = symbols.astype(np.uint64) // np.uint64(2) + np.uint64(low)
     if n and int(exponent.max()) >= 1 << e_bits:
         raise ValueError("float exponent out of range")

@@ -4,8 +4,11 @@ Symmetric (z = 0, levels -(2^(b-1)-1)..2^(b-1)-1) or asymmetric (levels
 0..2^b-1, with an integer zero point z so that 0.0 stays exact and pruned
 zeros stay zeros). Per-tensor or per-output-channel scales (the output axis of
 each layout: axis 1 for transformers' Conv1D, one scale per token for an
-Embedding); bits per layer by
-name or glob (mixed precision). On a shared layer it quantizes the codebook,
+Embedding); bits per layer by name or glob (mixed precision). `step: s` sets
+the grid step to s x the std of the layer's non-zero weights instead of
+spreading 2^bits levels over the range (entropy-constrained scalar
+quantization: the artifact entropy-codes the levels, so a finer step costs
+bits, a wider `bits` grid does not). On a shared layer it quantizes the codebook,
 so the index map, the cluster count and the mask are kept; otherwise the masked
 weights. Fine-tuning is quantization-aware: the forward rounds, the backward
 passes gradients straight through (constraints._RoundSTE).
@@ -43,6 +46,7 @@ Scheme = Literal["symmetric", "asymmetric", "ternary"]
 
 class LayerQuant(Strict):
     bits: int | None = Field(None, ge=1, le=16)
+    step: float | None = Field(None, gt=0, le=10)
     skip: bool = False
 
 
@@ -50,6 +54,7 @@ class QuantizeConfig(Strict):
     bits: int = Field(8, ge=1, le=16)                  # 1: binary weights, sign(W) * alpha
     scheme: Scheme = "symmetric"                       # ternary: {-alpha, 0, +alpha}, bits not used
     granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
+    step: float | None = Field(None, gt=0, le=10)      # grid step = step x the layer's std; null: the range
     layers: dict[str, LayerQuant] = {}                 # by module name or glob: "fc3", "conv*"
     bias: Literal["float32", "float16"] = "float32"
     norms: Literal["float32", "float16"] = "float32"   # LayerNorm / BatchNorm weight and bias
@@ -99,8 +104,33 @@ def quant_grid(x: torch.Tensor, bits: int, scheme: Scheme, per_channel: bool, ax
 
 
 @torch.no_grad()
+def std_grid(x: torch.Tensor, step: float, bits: int, scheme: Scheme, per_channel: bool, axis: int = 0):
+    """(qmin, qmax, scale, zero_point) with scale = step x the std of x's non-zero values (pruned zeros
+    excluded; per slice along `axis` when per_channel). Values beyond the `bits` grid are clipped.
+
+    A step tied to the spread rather than the range is entropy-constrained scalar quantization: a few
+    outliers no longer coarsen every other weight, and the artifact entropy-codes the levels, so the size
+    follows the step (about log2(std/scale) + 2 bits a weight), not `bits`."""
+    qmin, qmax = quant_range(bits, scheme)
+    x = x.float()
+    dims = tuple(d for d in range(x.dim()) if d != axis) if per_channel else tuple(range(x.dim()))
+    kept = (x != 0).float()
+    n = kept.sum(dims, keepdim=per_channel).clamp(min=1)
+    mean = x.sum(dims, keepdim=per_channel) / n
+    var = (((x - mean) * kept) ** 2).sum(dims, keepdim=per_channel) / n
+    scale = step * var.sqrt()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero slice: any scale works
+    if scheme == "symmetric":
+        zero_point = torch.zeros_like(scale)
+    else:  # the lowest value on level qmin, as far as the grid reaches; an integer, so 0.0 is exact
+        lo = (x.amin(dims, keepdim=True) if per_channel else x.min()).clamp(max=0)
+        zero_point = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+    return qmin, qmax, scale, zero_point
+
+
+@torch.no_grad()
 def quantize_layer(module: nn.Module, bits: int, scheme: Scheme = "symmetric", per_channel: bool = False,
-                   tied=()) -> None:
+                   tied=(), step: float | None = None) -> None:
     """Put the layer's weights (or its codebook, when shared) on a `bits`-bit grid."""
     c = ensure_constraint(module, tied)
     if c.shared:
@@ -109,7 +139,11 @@ def quantize_layer(module: nn.Module, bits: int, scheme: Scheme = "symmetric", p
         values, axis = c.centroids.detach(), None
     else:
         values, axis = module.weight.detach(), (out_axis(module) if per_channel else None)
-    qmin, qmax, scale, zero_point = quant_grid(values, bits, scheme, per_channel, axis or 0)
+    if step is None:
+        qmin, qmax, scale, zero_point = quant_grid(values, bits, scheme, per_channel, axis or 0)
+    else:  # a codebook's spread is not the weights': take the std of the (masked) weights it gives
+        spread = module.weight.detach() if c.shared else values
+        qmin, qmax, scale, zero_point = std_grid(spread, step, bits, scheme, per_channel, axis or 0)
     c.set_quant(bits, qmin, qmax, scale, zero_point, axis)
     pin_zeros(module)
 
@@ -141,7 +175,7 @@ def binarize_layer(module: nn.Module, per_channel: bool = False, ternary: bool =
     pin_zeros(module)
 
 
-def quantize_any(module: nn.Module, bits: int | None, cfg: QuantizeConfig, tied=()) -> None:
+def quantize_any(module: nn.Module, bits: int | None, cfg: QuantizeConfig, tied=(), step: float | None = None) -> None:
     """One layer at its own `bits` (None: the stage's) and the stage's scheme; a layer with its own
     bits >= 2 under scheme=ternary gets the symmetric grid."""
     per_channel = cfg.granularity == "per_channel"
@@ -151,7 +185,7 @@ def quantize_any(module: nn.Module, bits: int | None, cfg: QuantizeConfig, tied=
         binarize_layer(module, per_channel, tied=tied)
     else:
         scheme = "symmetric" if cfg.scheme == "ternary" else cfg.scheme
-        quantize_layer(module, bits or cfg.bits, scheme, per_channel, tied)
+        quantize_layer(module, bits or cfg.bits, scheme, per_channel, tied, step)
 
 
 @torch.no_grad()
@@ -198,7 +232,8 @@ class Quantize:
             lc = layer_setting(name, self.cfg.layers, LayerQuant(), [t for t, _ in tied])
             if lc.skip:
                 continue
-            quantize_any(m, lc.bits, self.cfg, tied)
+            step = lc.step if lc.step is not None else self.cfg.step
+            quantize_any(m, lc.bits, self.cfg, tied, step)
             done.append(m)
             half += [(layer, "bias") for layer in [m] + [t for _, t in tied]] * (self.cfg.bias == "float16")
         if self.cfg.norms == "float16":

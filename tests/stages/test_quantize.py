@@ -8,7 +8,7 @@ from lwpipe.constraints import HalfBias, bias_dtype, constraint, dequantize
 from lwpipe.errors import LwpipeError
 from lwpipe.models import TinyMLP
 from lwpipe.stages.prune import Prune, PruneConfig
-from lwpipe.stages.quantize import Quantize, QuantizeConfig, quant_grid, quantize_layer
+from lwpipe.stages.quantize import Quantize, QuantizeConfig, quant_grid, quantize_layer, std_grid
 from lwpipe.stages.share import share_layer
 from lwpipe.training import fit
 from tests.helpers import TINY, compose_recipe
@@ -132,3 +132,48 @@ def test_zeros_from_rounding_are_pinned_against_later_training(model, ctx):
     assert torch.equal(~constraint(model[1]).mask, zeros)
     fit(model, ctx.train_loader(), TrainSettings(epochs=3, lr=5e-2))
     assert (model[1].weight.detach()[zeros] == 0).all()
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_step_is_a_multiple_of_the_std_of_kept_weights(scheme, per_channel):
+    x = torch.randn(6, 200) * torch.arange(1, 7)[:, None]
+    x[:, :50] = 0  # pruned zeros do not shrink the std
+    _, _, scale, zp = std_grid(x, 0.25, 8, scheme, per_channel)
+    kept = x[:, 50:]
+    want = 0.25 * (kept.std(1, unbiased=False, keepdim=True) if per_channel else kept.std(unbiased=False))
+    assert torch.allclose(scale, want, rtol=1e-4)
+    assert torch.equal(zp, zp.round())
+
+
+def test_step_grid_keeps_weights_on_integer_levels_within_bits(model, ctx):
+    Prune(PruneConfig(sparsity=0.5)).run(model, ctx)
+    std = {i: model[i].weight.detach()[constraint(model[i]).mask].std(unbiased=False).item() for i in (1, 3)}
+    cfg = QuantizeConfig(bits=4, step=0.1, layers={"1": {"step": 0.5}}, finetune=TrainSettings(epochs=2, lr=1e-2))
+    Quantize(cfg).run(model, ctx)
+    for i, step in ((1, 0.5), (3, 0.1)):
+        c = constraint(model[i])
+        assert c.scale.item() == pytest.approx(step * std[i], rel=1e-5)
+        q, off = levels(model[i])
+        assert off < 1e-4 and q.min() >= c.qmin - 1e-4 and q.max() <= c.qmax + 1e-4  # clipped to the 4-bit grid
+        assert c.mask.float().mean() <= 0.5  # sparsity only grows
+    assert levels(model[3])[0].abs().max() > 7 - 1e-4  # a 0.1-std step reaches the grid's edge: clipped there
+
+
+def test_step_after_share_keeps_the_codebook_size(model, ctx):
+    share_layer(model[1], bits=3)
+    Quantize(QuantizeConfig(bits=8, step=0.05)).run(model, ctx)
+    w = model[1].weight.detach()
+    _, off = levels(model[1])
+    assert off < 1e-4 and torch.unique(w).numel() <= 8
+
+
+@pytest.mark.parametrize("bad", ["+stages.quantize.step=0", "+stages.quantize.step=-0.1", "+stages.quantize.step=11"])
+def test_step_is_bounded(bad):
+    with pytest.raises(LwpipeError, match=r"stages\.quantize\..*step"):
+        validate(compose_recipe(TINY + [bad]))
+
+
+def test_layer_step_is_bounded():
+    with pytest.raises(ValueError, match="step"):
+        QuantizeConfig(layers={"1": {"step": 0}})

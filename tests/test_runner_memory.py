@@ -1,0 +1,70 @@
+"""The runner keeps no model copy it will not use: no input copy without a cache, no reference for a one-shot chain."""
+import pytest
+import torch
+
+from lwpipe import runner
+from lwpipe.config import validate
+from lwpipe.models import TinyMLP
+from tests.helpers import TINY, compose_recipe, run_recipe
+
+ONE_SHOT = TINY + ["pipeline=[prune,share,quantize]", "stages.prune.finetune.epochs=0",
+                   "++stages.share.finetune.epochs=0", "++stages.quantize.finetune.epochs=0"]
+
+
+def steps(overrides):
+    return validate(compose_recipe(overrides)).steps
+
+
+def test_one_shot_chain_needs_no_reference():
+    assert not runner.needs_reference(steps(ONE_SHOT))
+
+
+@pytest.mark.parametrize("extra", [["stages.prune.finetune.epochs=1"], ["pipeline=[prune,share,quantize,distill]"],
+                                   ["pipeline=[train,prune,share,quantize]"], ["stages.prune.criterion=taylor"]])
+def test_training_or_a_teacher_needs_the_reference(extra):
+    assert runner.needs_reference(steps(ONE_SHOT + extra))
+
+
+def test_frozen_copy_computes_the_same_without_gradients():
+    torch.manual_seed(0)
+    m = TinyMLP()
+    ref = runner.frozen_copy(m)
+    x = torch.randn(5, 8)
+    assert torch.equal(ref(x), m.eval()(x))
+    assert not any(p.requires_grad for p in ref.parameters()) and all(p.requires_grad for p in m.parameters())
+
+
+def count_clones(monkeypatch) -> list:
+    calls = []
+
+    def counting(model):
+        calls.append(type(model).__name__)
+        return real(model)
+    real = runner.clone
+    monkeypatch.setattr(runner, "clone", counting)
+    return calls
+
+
+def test_one_shot_run_without_cache_copies_no_model_and_cached_runs_drop_the_input_copy(monkeypatch, tmp_path):
+    calls = count_clones(monkeypatch)
+    lean, _ = run_recipe(ONE_SHOT, tmp_path / "lean")
+    assert calls == []
+    cached = ONE_SHOT + ["cache.enabled=true", f"cache.dir={tmp_path / 'cache'}"]
+    first, _ = run_recipe(cached, tmp_path / "first")
+    assert len(calls) == 2  # the input's copy, and the copy stage 1 was looked up into; none after that miss
+    assert {k: first[k] for k in ("accuracy", "compressed_bytes")} == {k: lean[k] for k in ("accuracy", "compressed_bytes")}
+    calls.clear()
+    again, _ = run_recipe(cached, tmp_path / "second")
+    assert len(calls) == 1 + 3  # every stage from the cache, each restored into a copy of the input
+    assert again["compressed_bytes"] == lean["compressed_bytes"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_floats_split_in_chunks_round_trip_exactly(dtype):
+    from lwpipe.artifact.raw import CHUNK, join_float, split_float
+
+    t = (torch.randn(2 * CHUNK + 5, generator=torch.Generator().manual_seed(0)) * 30).to(dtype)
+    t[:3] = torch.tensor([-0.0, float("inf"), 1e-6])
+    symbols, low, mantissa = split_float(t)
+    assert len(mantissa) == (t.numel() * {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}[dtype] + 7) // 8
+    assert torch.equal(join_float(symbols, low, mantissa, dtype).view(torch.uint8), t.view(torch.uint8))
