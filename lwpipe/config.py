@@ -44,6 +44,8 @@ class CacheSettings(Strict):
 
     enabled: bool = True
     dir: str = Field("outputs/cache", min_length=1)
+    max_bytes: int | None = Field(None, ge=1)        # after a store, least recently used entries go beyond this
+    wait_seconds: float = Field(86400.0, gt=0)      # how long a job waits for a stage another job is computing
 
 
 class TaskSettings(Strict):

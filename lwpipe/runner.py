@@ -169,7 +169,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         if check:
             check(s.config, model, f"stages.{s.name}")
     wanted = {getattr(s.config, "teacher", None) for s in recipe.steps}
-    stage_cache = StageCache(top.cache.dir, top.cache.enabled)  # checks the directory is writable
+    stage_cache = StageCache(top.cache.dir, top.cache.enabled, top.cache.max_bytes,  # checks it is writable
+                             top.cache.wait_seconds)
     provenance.write_run_files(run_dir, recipe)
     key = cache.initial_key(top, data.identity)
     initial = clone(model)  # cached states are loaded into copies of the input model
@@ -213,8 +214,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
             ctx.step, ctx.stage = step, s.name
             key = cache.stage_key(key, step, s.name, s.type, s.config.model_dump(mode="json"))
             current.clear()
-            restored = clone(initial) if hit and stage_cache.enabled else None
-            replay = stage_cache.load(key, restored) if restored is not None else None
+            restored = clone(initial) if stage_cache.enabled else None  # another job may have stored it
+            replay = stage_cache.claim(key, restored) if restored is not None else None
             hit = replay is not None
             log.info("[%d/%d] %s (%s)%s", step, len(recipe.steps), s.name, s.type, " from cache" if hit else "")
             if hit:
@@ -257,5 +258,6 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                                 lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
         return final
     finally:
+        stage_cache.release()  # a stage that failed: jobs waiting for it compute it themselves
         for lg in loggers:
             lg.close()
