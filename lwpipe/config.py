@@ -80,6 +80,7 @@ class TopLevel(Strict):
     data: dict[str, Any]
     logger: dict[str, dict[str, Any] | None] = {}
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    threads: int = Field(0, ge=0, le=1024)  # torch intra-op threads; 0: the launcher's share (lwpipe/jobs.py)
     task: TaskSettings = TaskSettings()
     eval: EvalSettings = EvalSettings()
     artifact: bool = True
