@@ -81,7 +81,8 @@ def race_and_launchers(extra: list[str]) -> None:
     quick = ["model=tiny", "data=blobs", "~stages.prune.layers", "pipeline=[train,prune,share]",
              "stages.train.epochs=20", "measure.latency=false", "threads=1", *extra]
     exe = shutil.which("lwpipe")
-    base = ([exe] if exe else [sys.executable, "-m", "lwpipe.cli"]) + ["logger.console=null"]
+    base = [exe] if exe else [sys.executable, "-m", "lwpipe.cli"]
+    quick.append("logger.console=null")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         procs = [subprocess.Popen(base + quick + [f"cache.dir={tmp / 'race'}", f"hydra.run.dir={tmp / f'r{i}'}"],
