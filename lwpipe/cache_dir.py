@@ -74,7 +74,7 @@ class Locks:
         self.dir = directory
         self.held: set[Path] = set()
         self._guard = threading.Lock()
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # the current touching thread's; set: it ends
         self._thread: threading.Thread | None = None
 
     def path(self, key: str) -> Path:
@@ -126,14 +126,18 @@ class Locks:
                 if path in self.held:
                     self.held.discard(path)
                     path.unlink(missing_ok=True)
+            if not self.held:  # a long-lived worker (joblib, Ray) runs many jobs: no thread left per job
+                self._stop.set()
 
     def _start_touching(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._touch, name="lwpipe-cache-locks", daemon=True)
+        if self._thread is None or not self._thread.is_alive() or self._stop.is_set():
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._touch, args=(self._stop,), name="lwpipe-cache-locks",
+                                            daemon=True)
             self._thread.start()
 
-    def _touch(self) -> None:
-        while not self._stop.wait(LOCK_TOUCH_SECONDS):
+    def _touch(self, stop: threading.Event) -> None:
+        while not stop.wait(LOCK_TOUCH_SECONDS):
             with self._guard:
                 for path in self.held:
                     try:

@@ -141,3 +141,16 @@ def test_a_failed_stage_releases_its_lock(tmp_path):
         run_recipe(CHAIN + [f"cache.dir={tmp_path / 'cache'}", "stages.train.lr=1e30", "stages.train.epochs=1",
                             "+stages.train.no_such_key=1"], tmp_path / "run")
     assert not list((tmp_path / "cache").glob("*.lock"))
+
+
+def test_a_held_lock_is_touched_until_released(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_dir, "LOCK_TOUCH_SECONDS", 0.05)
+    locks = cache_dir.Locks(tmp_path)
+    for key in ("a", "b"):  # a second lock after the first's release gets a touching thread again
+        assert locks.try_acquire(key)
+        old = time.time() - 1000
+        os.utime(tmp_path / f"{key}.lock", (old, old))
+        time.sleep(0.5)
+        assert cache_dir.read_lock(tmp_path / f"{key}.lock")["age"] < 10
+        locks.release(key)
+        assert not (tmp_path / f"{key}.lock").exists()
