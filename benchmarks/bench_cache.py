@@ -7,6 +7,13 @@
 3. `lwpipe -m stages.distill.alpha=<5 values>`, warm cache -> target <= 1.5 T
    (train, prune, share and quantize come from the cache; distill runs 5 times)
 --uncached also times the same sweep with cache=false, for comparison (about 5 T).
+
+    python benchmarks/bench_cache.py --race        # issue 13's targets (no timing targets)
+
+4. two `lwpipe` processes started together on a cold cache, same recipe: how many times each
+   stage was computed (target: once) and whether both finished with the same numbers
+5. a 4-point sweep with a shared cache on the basic launcher, sweep=submitit_local and
+   sweep=ray (when Ray is installed): the same summary.csv numbers (target: identical)
 Wall-clock times of whole processes, interpreter start-up included; with
 --in-process, of lwpipe.runner.run calls in this process (what the cache itself
 controls, without start-up and without noise from other processes' imports).
@@ -66,7 +73,57 @@ def in_process(cwd: Path):
     return job, sweep
 
 
+def race_and_launchers(extra: list[str]) -> None:
+    """Targets 4 and 5 (module docstring), on the tiny model: counts and equality, not time."""
+    import csv
+    import importlib.util
+
+    quick = ["model=tiny", "data=blobs", "~stages.prune.layers", "pipeline=[train,prune,share]",
+             "stages.train.epochs=20", "measure.latency=false", "threads=1", *extra]
+    exe = shutil.which("lwpipe")
+    base = [exe] if exe else [sys.executable, "-m", "lwpipe.cli"]
+    quick.append("logger.console=null")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        procs = [subprocess.Popen(base + quick + [f"cache.dir={tmp / 'race'}", f"hydra.run.dir={tmp / f'r{i}'}"],
+                                  cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+        codes = [p.wait() for p in procs]
+        ends = [[json.loads(line) for line in (tmp / f"r{i}" / "metrics.jsonl").read_text().splitlines()]
+                for i in range(2)]
+        ends = [[r for r in e if r["event"] == "stage_end"] for e in ends]
+        computed = [sum(not r["cached"] for r in step) for step in zip(*ends)]
+        same = [r["accuracy"] for r in ends[0]] == [r["accuracy"] for r in ends[1]]
+        print(f"two jobs racing on a cold cache: exit codes {codes}; times each stage was computed "
+              f"{dict(zip([r['stage'] for r in ends[0]], computed))}  target: 1 each: "
+              f"{'ok' if computed == [1] * len(computed) else 'MISSED'}; same numbers: {same}")
+
+        def table(sweep_dir: Path) -> list[tuple]:
+            with open(sweep_dir / "summary.csv", newline="") as f:
+                return [(r["status"], r["accuracy"], r["compressed_bytes"]) for r in csv.DictReader(f)]
+
+        points = "stages.prune.sparsity=0.5,0.6,0.7,0.8"
+        presets = [("basic", []), ("submitit_local", ["sweep=submitit_local"])]
+        if importlib.util.find_spec("ray"):
+            presets.append(("ray", ["sweep=ray", "+hydra.launcher.ray.init.num_cpus=2"]))
+        else:
+            print('ray: not installed (pip install -e ".[ray]"): skipped')
+        tables = {}
+        for name, args in presets:
+            t = time.perf_counter()
+            p = subprocess.run(base + ["-m", *args, *quick, points, f"cache.dir={tmp / name}",
+                                       f"hydra.sweep.dir={tmp / ('sweep_' + name)}"],
+                               cwd=tmp, capture_output=True, text=True)
+            tables[name] = table(tmp / f"sweep_{name}") if p.returncode == 0 else p.stderr[-500:]
+            print(f"4-point sweep, shared cache, {name:<15} {time.perf_counter() - t:7.1f} s  "
+                  f"summary.csv numbers {'= basic: ok' if tables[name] == tables['basic'] else 'DIFFER: MISSED'}"
+                  f"  {tables[name]}")
+
+
 def main() -> None:
+    if "--race" in sys.argv:
+        race_and_launchers([a for a in sys.argv[1:] if a != "--race"])
+        return
     uncached = "--uncached" in sys.argv
     extra = [a for a in sys.argv[1:] if a not in ("--uncached", "--in-process")]
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,6 +15,14 @@ record is recomputed (with a warning), never replayed.
 
 A process killed mid-write leaves `.<file>.tmp<pid>` behind (checkpoint.atomic_write);
 opening the cache removes those no running process can own.
+
+Many jobs, one directory (a sweep's workers, SLURM jobs on a shared file system): a job that
+misses an entry claims it with `<key>.lock`, created with O_CREAT|O_EXCL (atomic on NFS too) and
+holding host, pid and time; a thread touches it while the stage runs. Another job that needs the
+same entry waits for it (up to cache.wait_seconds, then a clear error) and loads it; a lock whose
+pid is dead on this host, or that nobody touched for LOCK_STALE_SECONDS (its host died), is taken
+over, so the waiting job computes the stage itself. `cache.max_bytes` bounds the directory: after
+a store the least recently used entries are removed (`lwpipe-cache` lists and prunes by hand).
 """
 from __future__ import annotations
 
@@ -32,8 +40,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lwpipe import checkpoint
-from lwpipe.errors import ConfigError
+from lwpipe import cache_dir, checkpoint
+from lwpipe.errors import ConfigError, LwpipeError
 
 log = logging.getLogger("lwpipe")
 PACKAGE = Path(__file__).resolve().parent
@@ -144,9 +152,14 @@ class StageCache:
     An enabled cache checks at once that its directory is writable (ConfigError otherwise) and removes
     temporaries left by killed processes."""
 
-    def __init__(self, directory: str | Path, enabled: bool = True):
+    def __init__(self, directory: str | Path, enabled: bool = True, max_bytes: int | None = None,
+                 wait_seconds: float = 86400.0):
         self.dir = Path(directory)
         self.enabled = enabled
+        self.max_bytes = max_bytes
+        self.wait_seconds = wait_seconds
+        self.locks = cache_dir.Locks(self.dir)
+        self.computed = 0  # entries this cache stored: what the racing-jobs test and benchmark count
         if enabled:
             check_writable(self.dir)
             remove_stale_temporaries(self.dir)
@@ -168,10 +181,45 @@ class StageCache:
             if entry["key"] != key or file_sha256(state) != entry["state_sha256"]:
                 raise ValueError("state file does not match its record")
             checkpoint.load_state(model, state)
-            return entry["records"]
         except Exception as e:  # a damaged entry is recomputed, never trusted
             log.warning("cache entry %s is unreadable (%s); recomputing", key, e)
             return None
+        try:
+            os.utime(meta)  # last use: cache.max_bytes and `lwpipe-cache prune` remove the least recently used
+        except OSError:
+            pass
+        return entry["records"]
+
+    def claim(self, key: str, model: nn.Module) -> list[dict] | None:
+        """load(), and on a miss make sure only one job computes the entry: None means this process now
+        holds its lock and computes it (store() releases it); a running job's lock is waited for, then
+        its entry loaded (or, if that job died without one, the lock taken and None returned)."""
+        records = self.load(key, model)
+        if records is not None or not self.enabled:
+            return records
+        deadline, told = time.monotonic() + self.wait_seconds, False
+        while not self.locks.try_acquire(key):
+            holder = cache_dir.read_lock(self.locks.path(key)) or {"age": 0.0}
+            if not told:
+                log.info("cache: another job (%s) is computing this stage; waiting for its entry",
+                         cache_dir.describe(holder))
+                told = True
+            if time.monotonic() > deadline:
+                raise LwpipeError(f"cache: waited {self.wait_seconds:.0f} s (cache.wait_seconds) for entry {key}, "
+                                  f"which {cache_dir.describe(holder)} is computing; raise cache.wait_seconds, "
+                                  f"or delete {self.locks.path(key)} if that job is gone")
+            time.sleep(cache_dir.POLL_SECONDS)
+            records = self.load(key, model) if self._paths(key)[1].exists() else None
+            if records is not None:
+                return records
+        records = self.load(key, model)  # stored between our last look and the lock's release
+        if records is not None:
+            self.locks.release(key)
+        return records
+
+    def release(self) -> None:
+        """Give up every lock still held (a failed or interrupted stage): waiting jobs compute it themselves."""
+        self.locks.release()
 
     def store(self, key: str, model: nn.Module, records: list[dict]) -> None:
         if not self.enabled:
@@ -182,3 +230,9 @@ class StageCache:
         entry = {"key": key, "state_sha256": file_sha256(state), "records": records}
         entry["entry_sha256"] = entry_sha256(key, entry["state_sha256"], records)
         checkpoint.atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(entry)))
+        self.computed += 1
+        self.locks.release(key)
+        if self.max_bytes is not None:
+            for e in cache_dir.prune(self.dir, max_bytes=self.max_bytes, keep={key}):
+                log.info("cache: removed entry %s (%d bytes, least recently used) to stay within cache.max_bytes",
+                         e["key"], e["bytes"])

@@ -44,6 +44,8 @@ class CacheSettings(Strict):
 
     enabled: bool = True
     dir: str = Field("outputs/cache", min_length=1)
+    max_bytes: int | None = Field(None, ge=1)        # after a store, least recently used entries go beyond this
+    wait_seconds: float = Field(86400.0, gt=0)      # how long a job waits for a stage another job is computing
 
 
 class TaskSettings(Strict):
@@ -78,6 +80,7 @@ class TopLevel(Strict):
     data: dict[str, Any]
     logger: dict[str, dict[str, Any] | None] = {}
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    threads: int = Field(0, ge=0, le=1024)  # torch intra-op threads; 0: the launcher's share (lwpipe/jobs.py)
     task: TaskSettings = TaskSettings()
     eval: EvalSettings = EvalSettings()
     artifact: bool = True

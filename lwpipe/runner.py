@@ -190,10 +190,12 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         if check:
             check(s.config, model, f"stages.{s.name}")
     wanted = {getattr(s.config, "teacher", None) for s in recipe.steps}
-    stage_cache = StageCache(top.cache.dir, top.cache.enabled)  # checks the directory is writable
+    stage_cache = StageCache(top.cache.dir, top.cache.enabled, top.cache.max_bytes,  # checks it is writable
+                             top.cache.wait_seconds)
     provenance.write_run_files(run_dir, recipe)
     key = cache.initial_key(top, data.identity)
-    initial = clone(model) if stage_cache.enabled else None  # cached states load into copies of the input
+    initial = clone(model) if stage_cache.enabled else None  # cached states load into copies of the input;
+    # kept through the run: a job beside this one may store a later stage meanwhile (cache=false saves the copy)
     loggers = build_loggers(top.logger, run_dir)
     records: list[dict] = []
     current: list[dict] = []  # the records of the stage now running
@@ -234,11 +236,9 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
             ctx.step, ctx.stage = step, s.name
             key = cache.stage_key(key, step, s.name, s.type, s.config.model_dump(mode="json"))
             current.clear()
-            restored = clone(initial) if initial is not None else None
-            replay = stage_cache.load(key, restored) if restored is not None else None
+            restored = clone(initial) if initial is not None else None  # another job may have stored it
+            replay = stage_cache.claim(key, restored) if restored is not None else None
             hit = replay is not None
-            if not hit:  # no later stage can come from the cache: drop the input's copy
-                initial = restored = None
             log.info("[%d/%d] %s (%s)%s", step, len(recipe.steps), s.name, s.type, " from cache" if hit else "")
             if hit:
                 model = restored.to(ctx.device)
@@ -280,5 +280,6 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                                 lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
         return final
     finally:
+        stage_cache.release()  # a stage that failed: jobs waiting for it compute it themselves
         for lg in loggers:
             lg.close()

@@ -87,7 +87,8 @@ def test_damaged_entries_are_recomputed(first, cached_run, tmp_path, damage):
     else:
         state.write_bytes((tmp_path / "cache" / f"{keys[1]}.safetensors").read_bytes())
     _, again = cached_run()
-    assert cached_steps(again) == {1: True, 2: True, 3: False, 4: False, 5: False}
+    # keys follow the recipe, not the bytes: once share is recomputed, the later entries are good again
+    assert cached_steps(again) == {1: True, 2: True, 3: False, 4: True, 5: True}
     assert numbers(again) == numbers(first)
     assert json.loads(record.read_text())["key"] == keys[2]  # and the entry is whole again
 
@@ -166,7 +167,8 @@ def test_an_edited_record_is_recomputed_with_a_warning(first, cached_run, tmp_pa
     record.write_text(json.dumps(entry))
     with caplog.at_level("WARNING", logger="lwpipe"):
         _, again = cached_run()
-    assert cached_steps(again) == {1: True, 2: True, 3: False, 4: False, 5: False}
+    # keys follow the recipe, not the bytes: once share is recomputed, the later entries are good again
+    assert cached_steps(again) == {1: True, 2: True, 3: False, 4: True, 5: True}
     assert numbers(again) == numbers(first)
     assert any("do not match their checksum" in r.getMessage() for r in caplog.records)
 

@@ -1,0 +1,253 @@
+"""The files of a stage cache directory, shared by many jobs: entry locks, listing, pruning, `lwpipe-cache`.
+
+    <key>.safetensors + <key>.json    an entry (lwpipe/cache.py writes them, the json last)
+    <key>.lock                        a job computing that entry: {"host", "pid", "time"}
+
+A lock is created with O_CREAT|O_EXCL, which is atomic on local file systems and on NFS (v3 on),
+so of two jobs on any hosts exactly one gets it. Its holder touches it every LOCK_TOUCH_SECONDS;
+a lock is stale when its pid is dead on this host, or nobody touched it for LOCK_STALE_SECONDS
+(its host died or lost the mount). Taking a stale lock over renames it away first and checks that
+what was renamed is the lock judged stale, so two jobs taking over at once cannot both win.
+
+    lwpipe-cache [list] [--dir DIR]                          entries, newest first: size, age, stage
+    lwpipe-cache prune [--dir DIR] [--older-than DAYS] [--max-bytes SIZE]
+
+This module does not import torch: `lwpipe-cache` starts in a fraction of a second.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("lwpipe")
+LOCK_TOUCH_SECONDS = 15.0
+LOCK_STALE_SECONDS = 120.0  # eight missed touches: the holder is gone
+POLL_SECONDS = 0.2
+HOST = socket.gethostname()
+DEFAULT_DIR = "outputs/cache"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def read_lock(path: Path) -> dict | None:
+    """The lock's holder, with its age in seconds; None when there is no lock (any more)."""
+    try:
+        holder = json.loads(path.read_text() or "{}")
+        holder["age"] = time.time() - path.stat().st_mtime
+        return holder
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # being written this instant: young, so not stale
+        return {"age": 0.0}
+
+
+def is_stale(holder: dict) -> bool:
+    if holder["age"] > LOCK_STALE_SECONDS:
+        return True
+    return holder.get("host") == HOST and isinstance(holder.get("pid"), int) and not pid_alive(holder["pid"])
+
+
+def describe(holder: dict) -> str:
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, last seen {holder['age']:.0f} s ago"
+
+
+class Locks:
+    """The entry locks this process holds in one directory, kept fresh by one daemon thread."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.held: set[Path] = set()
+        self._guard = threading.Lock()
+        self._stop = threading.Event()  # the current touching thread's; set: it ends
+        self._thread: threading.Thread | None = None
+
+    def path(self, key: str) -> Path:
+        return self.dir / f"{key}.lock"
+
+    def try_acquire(self, key: str) -> bool:
+        """True when this process now holds key's lock; a stale lock is taken over."""
+        path = self.path(key)
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = read_lock(path)
+                if holder is None or (is_stale(holder) and self._take_over(path, holder)):
+                    continue  # gone, or removed as stale: try to create it again
+                return False
+            with os.fdopen(fd, "w") as f:
+                json.dump({"host": HOST, "pid": os.getpid(), "time": time.time()}, f)
+            with self._guard:
+                self.held.add(path)
+            self._start_touching()
+            return True
+        return False
+
+    def _take_over(self, path: Path, holder: dict) -> bool:
+        """Remove a stale lock, unless another job replaced it in the meantime."""
+        aside = path.with_name(f"{path.name}.stale{os.getpid()}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return True  # someone else removed it
+        moved = read_lock(aside) or {}
+        if (moved.get("host"), moved.get("pid"), moved.get("time")) != \
+                (holder.get("host"), holder.get("pid"), holder.get("time")):
+            try:
+                os.link(aside, path)  # a fresh lock was renamed by mistake: put it back unless replaced
+            except OSError:
+                pass
+        else:
+            log.warning("cache: taking over %s from %s (stale)", path.name, describe(holder))
+        aside.unlink(missing_ok=True)
+        return True
+
+    def release(self, key: str | None = None) -> None:
+        """Release key's lock, or every lock this process holds."""
+        with self._guard:
+            paths = [self.path(key)] if key is not None else list(self.held)
+            for path in paths:
+                if path in self.held:
+                    self.held.discard(path)
+                    path.unlink(missing_ok=True)
+            if not self.held:  # a long-lived worker (joblib, Ray) runs many jobs: no thread left per job
+                self._stop.set()
+
+    def _start_touching(self) -> None:
+        if self._thread is None or not self._thread.is_alive() or self._stop.is_set():
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._touch, args=(self._stop,), name="lwpipe-cache-locks",
+                                            daemon=True)
+            self._thread.start()
+
+    def _touch(self, stop: threading.Event) -> None:
+        while not stop.wait(LOCK_TOUCH_SECONDS):
+            with self._guard:
+                for path in self.held:
+                    try:
+                        os.utime(path)
+                    except OSError:
+                        pass
+
+
+# entries: listing and pruning
+
+def entries(directory: Path) -> list[dict]:
+    """Complete entries, least recently used first: key, bytes, last use (json mtime), stage."""
+    out = []
+    for meta in Path(directory).glob("*.json"):
+        state = meta.with_suffix(".safetensors")
+        try:
+            used = meta.stat().st_mtime
+            size = meta.stat().st_size + state.stat().st_size
+        except OSError:  # no state file (yet, or any more): not an entry
+            continue
+        out.append({"key": meta.stem, "bytes": size, "used": used, "meta": meta, "state": state})
+    return sorted(out, key=lambda e: e["used"])
+
+
+def stage_of(entry: dict) -> str:
+    try:
+        ends = [r for r in json.loads(entry["meta"].read_text())["records"] if r.get("event") == "stage_end"]
+        return f"{ends[-1]['step']} {ends[-1]['stage']}" if ends else "?"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
+
+
+def remove(entry: dict) -> None:
+    entry["meta"].unlink(missing_ok=True)  # the json first: from now on the entry is a miss
+    entry["state"].unlink(missing_ok=True)
+
+
+def prune(directory: Path, older_than: float | None = None, max_bytes: int | None = None,
+          keep: set[str] = frozenset()) -> list[dict]:
+    """Remove entries last used more than older_than seconds ago, then the least recently used until the
+    rest fit in max_bytes; entries in `keep` or locked by a running job stay. Returns what was removed."""
+    now, removed = time.time(), []
+    listed = entries(directory)
+    total = sum(e["bytes"] for e in listed)
+    for e in listed:
+        if e["key"] in keep or (Path(directory) / f"{e['key']}.lock").exists():
+            continue
+        if (older_than is not None and now - e["used"] > older_than) or (max_bytes is not None and total > max_bytes):
+            remove(e)
+            removed.append(e)
+            total -= e["bytes"]
+    return removed
+
+
+SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    m = SIZE.fullmatch(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write e.g. 500M, 2G or 1000000")
+    return int(float(m.group(1)) * 1024 ** "bkmgt".index((m.group(2) or "b").lower()))
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="lwpipe-cache", description="List or prune a stage cache directory.")
+    p.add_argument("action", nargs="?", choices=["list", "prune"], default="list")
+    p.add_argument("--dir", default=DEFAULT_DIR, help=f"the cache directory (cache.dir; default {DEFAULT_DIR})")
+    p.add_argument("--older-than", type=float, metavar="DAYS", help="prune: entries unused for more days")
+    p.add_argument("--max-bytes", type=parse_size, metavar="SIZE", help="prune: oldest first until under SIZE")
+    a = p.parse_args(argv)
+    directory = Path(a.dir)
+    if not directory.is_dir():
+        p.exit(2, f"lwpipe-cache: error: --dir {directory}: no such directory\n")
+    if a.action == "prune":
+        if a.older_than is None and a.max_bytes is None:
+            p.exit(2, "lwpipe-cache: error: prune needs --older-than DAYS and/or --max-bytes SIZE\n")
+        if a.older_than is not None and a.older_than < 0:
+            p.exit(2, f"lwpipe-cache: error: --older-than {a.older_than}: must be >= 0 days\n")
+        gone = prune(directory, None if a.older_than is None else a.older_than * 86400, a.max_bytes)
+        left = entries(directory)
+        print(f"removed {len(gone)} entries ({human(sum(e['bytes'] for e in gone))}); "
+              f"{len(left)} left ({human(sum(e['bytes'] for e in left))})")
+        return
+    listed, now = entries(directory)[::-1], time.time()
+    print(f"{'key':<32}  {'size':>10}  {'unused':>7}  stage")
+    for e in listed:
+        print(f"{e['key']:<32}  {human(e['bytes']):>10}  {age(now - e['used']):>7}  {stage_of(e)}")
+    locks = sorted(directory.glob("*.lock"))
+    for lock in locks:
+        holder = read_lock(lock)
+        if holder:
+            print(f"{lock.stem:<32}  {'computing':>10}  by {describe(holder)}")
+    print(f"{len(listed)} entries, {human(sum(e['bytes'] for e in listed))} in {directory}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

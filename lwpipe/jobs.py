@@ -1,0 +1,86 @@
+"""A job's share of the machine and its console tag, set before the recipe runs (lwpipe.cli).
+
+`threads` (torch intra-op threads): 0 picks them from the launcher, so parallel jobs on one
+machine do not oversubscribe its cores (each of 2 jobs with torch's default on 2 cores ran 4-6x
+slower than with one thread each):
+
+    joblib                  cores // n_jobs (n_jobs -1: one job per core)
+    submitit (local, SLURM) hydra.launcher.cpus_per_task (what SLURM allots each job)
+    ray                     hydra.launcher.ray.remote.num_cpus (what Ray allots each task)
+    anything else           torch's default (all cores: jobs run one at a time)
+
+Threads enter the stage cache's key (they change the last bits of CPU sums), so runs meant to
+share entries across launchers set `threads` explicitly.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+log = logging.getLogger("lwpipe")
+
+
+def launcher_threads(launcher, cores: int) -> int:
+    """Threads per job for Hydra's launcher config; 0: leave torch's default."""
+    target = str(launcher.get("_target_", "")) if launcher is not None else ""
+    if "joblib" in target:
+        n = int(launcher.get("n_jobs") or 1)
+        n = n if n > 0 else max(1, cores + 1 + n)  # joblib: -1 all cores, -2 all but one
+        return max(1, cores // n)
+    if "submitit" in target:
+        return max(1, int(launcher.get("cpus_per_task") or 1))
+    if "ray" in target.lower():
+        remote = (launcher.get("ray") or {}).get("remote") or {}
+        return max(1, int(remote.get("num_cpus") or 1))
+    return 0
+
+
+def configure(threads: int, hydra_cfg, multirun: bool) -> None:
+    """Set this job's torch threads and, in a multirun, tag its console lines with its job number."""
+    import torch
+
+    chosen = threads or launcher_threads(hydra_cfg.launcher, os.cpu_count() or 1)
+    if chosen:
+        torch.set_num_threads(chosen)
+    if multirun:
+        tag_console(f"[job {hydra_cfg.job.num}] ")
+    log.debug("torch threads: %d", torch.get_num_threads())
+
+
+class Tagged(logging.Formatter):
+    """Another formatter's lines, each with a prefix: parallel jobs' lines interleave on one console."""
+
+    def __init__(self, inner: logging.Formatter | None, tag: str):
+        super().__init__()
+        self.inner, self.tag = inner or logging.Formatter(), tag
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(self.tag + line for line in self.inner.format(record).split("\n"))
+
+
+def tag_console(tag: str) -> None:
+    for h in logging.getLogger().handlers:
+        if type(h) is logging.StreamHandler and getattr(h, "stream", None) in (sys.stdout, sys.stderr):
+            inner = h.formatter.inner if isinstance(h.formatter, Tagged) else h.formatter
+            h.setFormatter(Tagged(inner, tag))
+
+
+class PreflightCallback(Callback):
+    """Before a multirun launches any job: the cache directory every job will write is writable."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        from lwpipe.cache import check_writable
+        from lwpipe.errors import LwpipeError
+
+        settings = config.get("cache")
+        enabled = settings if isinstance(settings, bool) else bool(settings.get("enabled", True))
+        if enabled:
+            try:
+                check_writable(Path(str(settings.get("dir"))))
+            except LwpipeError as e:
+                print(f"lwpipe: error: {e}", file=sys.stderr)
+                sys.exit(2)
