@@ -100,16 +100,6 @@ STALE_SECONDS = 3600  # a writer touches its file continuously and renames it wi
 DEAD_OWNER_SECONDS = 60  # grace for a writer whose pid we cannot see (another host or pid namespace)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def remove_stale_temporaries(directory: Path, pattern: str = "*") -> int:
     """Remove the `.<name>.tmp<pid>` files under directory (glob `pattern`) that no running process can own:
     their pid is dead, or nothing has written them for an hour. Returns how many were removed."""
@@ -120,7 +110,7 @@ def remove_stale_temporaries(directory: Path, pattern: str = "*") -> int:
             continue
         try:
             age = now - path.stat().st_mtime
-            if age > STALE_SECONDS or (age > DEAD_OWNER_SECONDS and not _alive(int(m.group(1)))):
+            if age > STALE_SECONDS or (age > DEAD_OWNER_SECONDS and not cache_dir.pid_alive(int(m.group(1)))):
                 path.unlink()
                 removed += 1
         except OSError:  # gone already, or not ours to remove
