@@ -34,7 +34,7 @@ import platform
 import re
 import time
 from functools import lru_cache
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -54,7 +54,11 @@ def code_version() -> str:
     for f in sorted(PACKAGE.rglob("*.py")):
         h.update(f.relative_to(PACKAGE).as_posix().encode())
         h.update(f.read_bytes())
-    return f"{version('lwpipe')}+{h.hexdigest()[:12]}"
+    try:
+        installed = version("lwpipe")
+    except PackageNotFoundError:  # run from a source tree on PYTHONPATH, not installed: the digest still keys it
+        installed = "0+source"
+    return f"{installed}+{h.hexdigest()[:12]}"
 
 
 def file_sha256(path: str | Path) -> str:
