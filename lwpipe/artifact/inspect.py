@@ -68,8 +68,11 @@ def _tied(also: dict, name: str) -> str:
 
 
 def format_table(art: Artifact) -> str:
-    lines = ["  ".join(f"{h:{a}{w}}" for h, w, a in COLUMNS).rstrip()]
-    for r in rows(art):
+    table = rows(art)
+    # the layer column fits the longest name, so a transformer's long module names keep the columns aligned
+    columns = [(COLUMNS[0][0], max(COLUMNS[0][1], *(len(r["layer"]) for r in table)), "<"), *COLUMNS[1:]]
+    lines = ["  ".join(f"{h:{a}{w}}" for h, w, a in columns).rstrip()]
+    for r in table:
         dense = art.header["dense_bytes"] if r["layer"] == "total" else 4 * (r["weights"] or 0)
         share = r.get("kept_share", None if r["kept"] is None else r["kept"] / max(r["weights"], 1))
         cells = [
@@ -82,7 +85,7 @@ def format_table(art: Artifact) -> str:
             f"{100 * r['bytes'] / dense:.2f}%" if dense else "",
             r["encoding"],
         ]
-        lines.append("  ".join(f"{v:{a}{w}}" for v, (_, w, a) in zip(cells, COLUMNS)).rstrip())
+        lines.append("  ".join(f"{v:{a}{w}}" for v, (_, w, a) in zip(cells, columns)).rstrip())
     return "\n".join(lines)
 
 
