@@ -44,6 +44,9 @@ def test_tied_gpt2_rebuilds_from_its_config(tmp_path):
     path.write_bytes(encode_model(model, model.lwpipe_rebuild))
     loaded = lwpipe.load(path)
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    from lwpipe.artifact.inspect import describe
+    line = describe(str(path)).splitlines()[1]  # the model line names the config's type, not its ~40 keys
+    assert "'model_type': 'gpt2'" in line and "keys}" in line and len(line) < 200, line
     x = {"input_ids": torch.tensor([[2, 7, 9, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     with torch.no_grad():
         assert torch.equal(loaded(**x).logits, model(**x).logits)

@@ -96,10 +96,18 @@ def describe(path: str, trusted: bool = False) -> str:
     if header.get("model") is not None:
         constructor(header, trusted, path)
         cfg = dict(header["model"])
-        model = f"{cfg.pop('_target_')}({', '.join(f'{k}={v!r}' for k, v in cfg.items())})"
+        model = f"{cfg.pop('_target_')}({', '.join(f'{k}={_short(v)}' for k, v in cfg.items())})"
     art = read(data, path)
     return (f"{path}: lwpipe artifact, format version {VERSION}, {art.size:,} bytes, checksum ok\n"
             f"model: {model}\n\n" + format_table(art))
+
+
+def _short(value) -> str:
+    """A transformers config is ~40 keys: name its model type and size, not every key, on the model line."""
+    if isinstance(value, dict) and len(value) > 6:
+        keep = [k for k in ("model_type", "architectures") if k in value]
+        return "{" + "".join(f"{k!r}: {value[k]!r}, " for k in keep) + f"... {len(value)} keys}}"
+    return repr(value)
 
 
 def main(argv: list[str] | None = None) -> int:
