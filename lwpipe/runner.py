@@ -25,6 +25,7 @@ and started again takes its completed stages from the cache.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import time
@@ -90,7 +91,25 @@ def _instantiate(cfg: dict, key: str):
         cause = e.__cause__ or e
         if isinstance(cause, LwpipeError):
             raise cause from None
-        raise ConfigError(f"{key}._target_", cfg.get("_target_"), f"could not be built: {cause}") from None
+        target = cfg.get("_target_")
+        why = _import_problem(target) if str(cause).startswith("Error loading") else None
+        # Hydra's own text spans lines and blames the wrong part ("'mypkg' is not a package")
+        why = why or " ".join(str(cause).split())
+        raise ConfigError(f"{key}._target_", target, f"could not be built: {why}") from None
+
+
+def _import_problem(target) -> str | None:
+    """Why a dotted `_target_` cannot be imported, in one line; None when the module imports and has it."""
+    module, _, attr = str(target).rpartition(".")
+    if not module:
+        return "expected a dotted path module.callable (e.g. mypkg.build)"
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        return f"no module named {e.name!r} (lwpipe imports from the working directory, PYTHONPATH and installed packages)"
+    except Exception as e:
+        return f"importing {module} failed: {type(e).__name__}: {' '.join(str(e).split())}"
+    return None if hasattr(found, attr) else f"module {module!r} has no attribute {attr!r}"
 
 
 def check_fit(model: nn.Module, ctx: Context, top) -> None:

@@ -11,7 +11,7 @@ from lwpipe.data.text import load_text
 from lwpipe.errors import ConfigError
 from lwpipe.models.hf import from_config, load_hf
 from lwpipe.models.sentence import load_sentence_transformer
-from tests.hf_helpers import make_texts, save_bert, save_sentence_model, write_csv, write_txt
+from tests.hf_helpers import make_texts, save_bert, save_gpt2, save_sentence_model, write_csv, write_txt
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,21 @@ def test_model_lwp_rebuilds_without_the_directory(bert, tmp_path):
     path = tmp_path / "model.lwp"
     path.write_bytes(encode_model(model, model.lwpipe_rebuild))
     loaded = lwpipe.load(path)
+    x = {"input_ids": torch.tensor([[2, 7, 9, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).logits, model(**x).logits)
+
+
+def test_tied_gpt2_rebuilds_from_its_config(tmp_path):
+    """lm_head.weight is stored once, under transformer.wte.weight: the rebuilt model has both names."""
+    model = load_hf(str(save_gpt2(tmp_path / "gpt2", tied=True)), "causal_lm").eval()
+    path = tmp_path / "model.lwp"
+    path.write_bytes(encode_model(model, model.lwpipe_rebuild))
+    loaded = lwpipe.load(path)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    from lwpipe.artifact.inspect import describe
+    line = describe(str(path)).splitlines()[1]  # the model line names the config's type, not its ~40 keys
+    assert "'model_type': 'gpt2'" in line and "keys}" in line and len(line) < 200, line
     x = {"input_ids": torch.tensor([[2, 7, 9, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     with torch.no_grad():
         assert torch.equal(loaded(**x).logits, model(**x).logits)

@@ -103,6 +103,10 @@ def test_tied_weight_is_compressed_once_and_stored_once(tmp_path):
     from lwpipe.artifact.inspect import format_table
     line = next(ln for ln in format_table(read(blob)).splitlines() if ln.startswith("transformer.wte.weight"))
     assert "also lm_head.weight: tied, stored once" in line
+    # long transformer names widen the layer column: every row's weight count ends under the header's
+    table = format_table(read(blob)).splitlines()
+    end = table[0].index("weights") + len("weights")
+    assert all(ln[end - 1].isdigit() and ln[end] == " " for ln in table[1:] if not ln.startswith("(")), table
     # the same model with the head untied stores the embedding twice: the tie saves about its size
     untied = gpt2()
     untied.lm_head.weight = nn.Parameter(untied.transformer.wte.weight.detach().clone())

@@ -164,6 +164,14 @@ def test_console_rows_fit_80_columns():
     assert len(format_row({**rec, "metric": "perplexity", "quality": 12.5})) <= 80
 
 
+def test_console_quality_column_lines_up():
+    """A metric name wider than the column is marked as cut; values keep their decimals (17.10, not 17.1)."""
+    assert format_header("perplexity").split()[2] == "perplexi~"
+    rows = [format_row({"step": 1, "stage": "s", "metric": "perplexity", "quality": q}) for q in (17.1, 17.123, 9.5)]
+    assert [r.split()[2] for r in rows] == ["17.10", "17.12", "9.5000"]
+    assert len({len(r.rstrip()) for r in rows}) == 1
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (Path(RECIPES) / "logger").glob("*.yaml")))
 def test_every_shipped_logger_composes_with_the_defaults(name):
     top = validate(compose_recipe([f"logger={name}"])).top

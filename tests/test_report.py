@@ -57,7 +57,7 @@ def test_the_report_follows_the_records_not_the_model(run_dir, tmp_path, capsys)
     md = (copy / "report.md").read_text()
     assert (copy / "report.png").read_bytes()[:8] == PNG and "wrote" in capsys.readouterr().out
     assert "| latency ms | MACs |" in md and "| 0.042 | 1,234 |" in md
-    assert "| 0 | input | 57.5 |" in md and "perplexity" in md.splitlines()[0]
+    assert "| 0 | input | 57.50 |" in md and "perplexity" in md.splitlines()[0]
 
 
 def test_no_records_is_a_clear_error(tmp_path, capsys):

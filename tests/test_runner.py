@@ -59,3 +59,21 @@ def test_same_seed_same_numbers(result, tmp_path):
     drop = {"seconds", "eval_seconds"}
     assert [{k: v for k, v in r.items() if k not in drop} for r in again] == \
            [{k: v for k, v in r.items() if k not in drop} for r in records]
+
+
+@pytest.mark.parametrize("target, message", [
+    ("qa_builders.nosuch", "module 'qa_builders' has no attribute 'nosuch'"),
+    ("qa_no_such_module.build", "no module named 'qa_no_such_module'"),
+    ("qa_broken.build", "no module named 'qa_missing_dependency'"),
+    ("nodots", "expected a dotted path module.callable"),
+])
+def test_a_target_that_cannot_be_imported_is_one_line_naming_why(tmp_path, monkeypatch, target, message):
+    from lwpipe.errors import ConfigError
+    from lwpipe.runner import _instantiate
+
+    (tmp_path / "qa_builders.py").write_text("def build():\n    return None\n")
+    (tmp_path / "qa_broken.py").write_text("import qa_missing_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError) as e:
+        _instantiate({"_target_": target}, "model")
+    assert message in str(e.value) and f"model._target_='{target}'" in str(e.value) and "\n" not in str(e.value)

@@ -265,6 +265,8 @@ def _construct(cls, config: dict, source: str, device: torch.device | None = Non
 def check_fit(model: nn.Module, header: dict, source: str) -> None:
     """The model (built on the meta device) has exactly the tensors the file stores, at the stored shapes."""
     stored = {e["name"]: e["shape"] for e in header["layers"]} | {t[0]: t[2] for t in header["tensors"]}
+    # a tied name (GPT-2's lm_head.weight) is stored once, under the tensor it shares: the model has both
+    stored |= {a: stored[n] for a, n in (header.get("tied") or {}).items() if isinstance(a, str) and n in stored}
     restore_factorized(model, stored)  # a factorized layer is two Linear layers (lwpipe/lowrank.py)
     have = {name: list(t.shape) for name, t in effective_tensors(model).items()}
     if stored.keys() != have.keys():

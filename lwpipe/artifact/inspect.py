@@ -68,8 +68,11 @@ def _tied(also: dict, name: str) -> str:
 
 
 def format_table(art: Artifact) -> str:
-    lines = ["  ".join(f"{h:{a}{w}}" for h, w, a in COLUMNS).rstrip()]
-    for r in rows(art):
+    table = rows(art)
+    # the layer column fits the longest name, so a transformer's long module names keep the columns aligned
+    columns = [(COLUMNS[0][0], max(COLUMNS[0][1], *(len(r["layer"]) for r in table)), "<"), *COLUMNS[1:]]
+    lines = ["  ".join(f"{h:{a}{w}}" for h, w, a in columns).rstrip()]
+    for r in table:
         dense = art.header["dense_bytes"] if r["layer"] == "total" else 4 * (r["weights"] or 0)
         share = r.get("kept_share", None if r["kept"] is None else r["kept"] / max(r["weights"], 1))
         cells = [
@@ -82,7 +85,7 @@ def format_table(art: Artifact) -> str:
             f"{100 * r['bytes'] / dense:.2f}%" if dense else "",
             r["encoding"],
         ]
-        lines.append("  ".join(f"{v:{a}{w}}" for v, (_, w, a) in zip(cells, COLUMNS)).rstrip())
+        lines.append("  ".join(f"{v:{a}{w}}" for v, (_, w, a) in zip(cells, columns)).rstrip())
     return "\n".join(lines)
 
 
@@ -93,10 +96,18 @@ def describe(path: str, trusted: bool = False) -> str:
     if header.get("model") is not None:
         constructor(header, trusted, path)
         cfg = dict(header["model"])
-        model = f"{cfg.pop('_target_')}({', '.join(f'{k}={v!r}' for k, v in cfg.items())})"
+        model = f"{cfg.pop('_target_')}({', '.join(f'{k}={_short(v)}' for k, v in cfg.items())})"
     art = read(data, path)
     return (f"{path}: lwpipe artifact, format version {VERSION}, {art.size:,} bytes, checksum ok\n"
             f"model: {model}\n\n" + format_table(art))
+
+
+def _short(value) -> str:
+    """A transformers config is ~40 keys: name its model type and size, not every key, on the model line."""
+    if isinstance(value, dict) and len(value) > 6:
+        keep = [k for k in ("model_type", "architectures") if k in value]
+        return "{" + "".join(f"{k!r}: {value[k]!r}, " for k in keep) + f"... {len(value)} keys}}"
+    return repr(value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,10 @@ def headline(record: dict) -> tuple[str, float | None]:
 def format_quality(name: str, value) -> str:
     if value is None:
         return "-"
-    return f"{100 * value:.2f}%" if name == "accuracy" else f"{value:.4g}"
+    if name == "accuracy":
+        return f"{100 * value:.2f}%"
+    # fixed decimals, so a column of perplexities lines up (.4g wrote 17.12 above 17.1)
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}" if abs(value) < 1e6 else f"{value:.3g}"
 
 
 def _num(fmt: str):
@@ -44,7 +47,8 @@ COLUMNS = [
 
 
 def format_header(metric: str = "accuracy") -> str:
-    cells = [(h or metric[:w]) for h, w, _ in COLUMNS]
+    # a metric name wider than its column is cut with a mark ("perplexit" read as a typo)
+    cells = [(h or (metric if len(metric) <= w else metric[:w - 1] + "~")) for h, w, _ in COLUMNS]
     return "  ".join(c.ljust(w) if h == "stage" else c.rjust(w) for c, (h, w, _) in zip(cells, COLUMNS))
 
 
