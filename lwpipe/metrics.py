@@ -6,10 +6,9 @@ from typing import Iterable
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from lwpipe.constraints import compressible_layers, constraint, parameter_shapes
-from lwpipe.tasks import model_device, to_device
+from lwpipe.tasks import evaluating, to_device
 from lwpipe.tasks.classification import Classification
 
 
@@ -17,11 +16,8 @@ from lwpipe.tasks.classification import Classification
 def predict(model: nn.Module, loader: Iterable, task=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Outputs (logits or embeddings), labels over the whole loader (eval mode, constraints computed once)."""
     task = task or Classification()
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
     outputs, labels = [], []
-    with parametrize.cached():
+    with evaluating(model) as device:
         for batch in loader:
             batch = to_device(batch, device)
             outputs.append(task.forward(model, batch).float().cpu())
@@ -29,7 +25,6 @@ def predict(model: nn.Module, loader: Iterable, task=None) -> tuple[torch.Tensor
                 labels.append(batch["labels"].cpu() if "labels" in batch else torch.zeros(0))
             else:
                 labels.append(batch[1].cpu())
-    model.train(was_training)
     return torch.cat(outputs), torch.cat(labels)
 
 

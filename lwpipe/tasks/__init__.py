@@ -7,10 +7,12 @@ training.fit call the task through `ctx.task`; none of them branches on it.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol
+import contextlib
+from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lwpipe.errors import ConfigError
 
@@ -69,6 +71,19 @@ def head(batch, n: int):
 def model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[torch.device]:
+    """Eval mode without gradients, constraints computed once per weight; yields the model's device and
+    restores the model's training mode afterwards. Every task's evaluate runs inside it."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), parametrize.cached():
+            yield model_device(model)
+    finally:
+        model.train(was_training)
 
 
 def inputs(batch: dict) -> dict:

@@ -13,10 +13,9 @@ from typing import Iterable
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils import parametrize
 
 from lwpipe.errors import ConfigError
-from lwpipe.tasks import inputs, logits_of, model_device, to_device
+from lwpipe.tasks import evaluating, inputs, logits_of, to_device
 
 
 def shifted(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,11 +36,8 @@ class CausalLM:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable, reference: torch.Tensor | None = None):
-        was_training = model.training
-        model.eval()
-        device = model_device(model)
         nll, hits, preds = 0.0, 0, []
-        with parametrize.cached():
+        with evaluating(model) as device:
             for batch in batches:
                 batch = to_device(batch, device)
                 logits, targets = shifted(self.forward(model, batch), batch)
@@ -49,7 +45,6 @@ class CausalLM:
                 pred = logits.argmax(-1)
                 hits += int((pred == targets).sum())
                 preds.append(pred.cpu())
-        model.train(was_training)
         pred = torch.cat(preds)
         n = max(len(pred), 1)
         loss = nll / n

@@ -6,10 +6,9 @@ from typing import Iterable
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils import parametrize
 
 from lwpipe.errors import ConfigError
-from lwpipe.tasks import inputs, logits_of, model_device, to_device
+from lwpipe.tasks import evaluating, inputs, logits_of, model_device, to_device
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -37,16 +36,12 @@ class Classification:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable, reference: torch.Tensor | None = None):
-        was_training = model.training
-        model.eval()
-        device = model_device(model)
         logits, labels = [], []
-        with parametrize.cached():
+        with evaluating(model) as device:
             for batch in batches:
                 batch = to_device(batch, device)
                 logits.append(self.forward(model, batch).float().cpu())
                 labels.append(self.split(batch)[1].cpu())
-        model.train(was_training)
         logits, labels = torch.cat(logits), torch.cat(labels)
         pred = logits.argmax(1)
         acc = (pred == labels).float().mean().item()

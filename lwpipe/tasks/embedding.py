@@ -12,9 +12,8 @@ from typing import Iterable
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils import parametrize
 
-from lwpipe.tasks import inputs, model_device, to_device
+from lwpipe.tasks import evaluating, inputs, to_device
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -51,12 +50,8 @@ class Embedding:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable, reference: torch.Tensor | None = None):
-        was_training = model.training
-        model.eval()
-        device = model_device(model)
-        with parametrize.cached():
+        with evaluating(model) as device:
             emb = torch.cat([self.forward(model, to_device(b, device)).float().cpu() for b in batches])
-        model.train(was_training)
         cos = F.cosine_similarity(emb, reference, dim=-1).mean().item() if reference is not None else 1.0
         out = {"accuracy": None, "loss": 1.0 - cos, "cosine": cos, "teacher_agreement": cos,
                "metric": "cosine", "quality": cos}
