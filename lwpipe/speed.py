@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lwpipe.errors import ConfigError
+from lwpipe.tasks import batch_len, head, to_device
 
 # model -> the faster module an `export` stage made of it: what latency is measured on from then on
 _DEPLOYABLE: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
@@ -45,7 +46,7 @@ def batch_sizes(settings, ctx) -> list[int]:
 
 
 def test_size(ctx) -> int:
-    return sum(_length(b) for b in ctx.test_loader())
+    return sum(batch_len(b) for b in ctx.test_loader())
 
 
 def check_settings(settings, ctx) -> None:
@@ -55,22 +56,6 @@ def check_settings(settings, ctx) -> None:
 
 
 # -- batches of any shape: tensors, (x, y) tuples, dicts of tensors --------------------------------
-def _length(batch) -> int:
-    if isinstance(batch, torch.Tensor):
-        return len(batch)
-    if isinstance(batch, dict):
-        return _length(next(iter(batch.values())))
-    return _length(batch[0])
-
-
-def _slice(batch, n: int):
-    if isinstance(batch, torch.Tensor):
-        return batch[:n]
-    if isinstance(batch, dict):
-        return {k: _slice(v, n) for k, v in batch.items()}
-    return type(batch)(_slice(v, n) for v in batch)
-
-
 def _cat(batches: list):
     first = batches[0]
     if isinstance(first, torch.Tensor):
@@ -80,23 +65,15 @@ def _cat(batches: list):
     return type(first)(_cat(list(parts)) for parts in zip(*batches))
 
 
-def _to(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return type(batch)(_to(v, device) for v in batch)
-
-
 def first_examples(ctx, n: int):
     """The first n test examples as one batch, on the run's device."""
     got, have = [], 0
     for b in ctx.test_loader():
-        got.append(_slice(b, n - have))
-        have += _length(got[-1])
+        got.append(head(b, n - have))
+        have += batch_len(got[-1])
         if have >= n:
             break
-    return _to(_cat(got) if len(got) > 1 else got[0], ctx.device)
+    return to_device(_cat(got) if len(got) > 1 else got[0], ctx.device)
 
 
 def forward_fn(ctx):
@@ -168,7 +145,7 @@ def count_macs(model: nn.Module, run, batch) -> int:
         _eval(model, was_training)
         for h in handles:
             h.remove()
-    return total[0] // max(_length(batch), 1)
+    return total[0] // max(batch_len(batch), 1)
 
 
 def speed_record(model: nn.Module, ctx, settings, baseline: dict | None) -> dict:
