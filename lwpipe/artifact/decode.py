@@ -234,7 +234,7 @@ def build_model(header: dict, trusted: bool, source: str) -> nn.Module:
     config = header["model"]
     if cls is not None:  # the file's arguments are tried without memory first: they must give the file's shapes
         meta = _construct(cls, config, source, torch.device("meta"))
-        stored = {e["name"]: e["shape"] for e in header["layers"]} | {t[0]: t[2] for t in header["tensors"]}
+        stored = stored_shapes(header)
         built = {n: list(t.shape) for n, t in effective_tensors(meta).items()}
         if header.get("resized") is True and any(n in built and list(s) != built[n] for n, s in stored.items()):
             # a structurally pruned model has smaller layers (lwpipe/structured.py): shrink it while it holds no
@@ -262,9 +262,14 @@ def _construct(cls, config: dict, source: str, device: torch.device | None = Non
         raise ArtifactError(f"{source}: building the model {config['_target_']} failed: {e}") from None
 
 
+def stored_shapes(header: dict) -> dict[str, list]:
+    """Plain tensor name -> shape, of every tensor the file stores (layers and other tensors)."""
+    return {e["name"]: e["shape"] for e in header["layers"]} | {t[0]: t[2] for t in header["tensors"]}
+
+
 def check_fit(model: nn.Module, header: dict, source: str) -> None:
     """The model (built on the meta device) has exactly the tensors the file stores, at the stored shapes."""
-    stored = {e["name"]: e["shape"] for e in header["layers"]} | {t[0]: t[2] for t in header["tensors"]}
+    stored = stored_shapes(header)
     # a tied name (GPT-2's lm_head.weight) is stored once, under the tensor it shares: the model has both
     stored |= {a: stored[n] for a, n in (header.get("tied") or {}).items() if isinstance(a, str) and n in stored}
     restore_factorized(model, stored)  # a factorized layer is two Linear layers (lwpipe/lowrank.py)
