@@ -82,7 +82,7 @@ def main() -> None:
     a = p.parse_args()
     wanted = set(a.only or list(TABLES) + list(INSPECT))
     readme = Path(a.readme)
-    text = original = readme.read_text()
+    bodies: dict[str, str] = {}
     runs: dict[str, Path] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in [n for n in list(TABLES) + list(INSPECT) if n in wanted]:
@@ -92,9 +92,13 @@ def main() -> None:
                 runs[recipe] = run_recipe(recipe, Path(tmp), a.overrides)
             if name in TABLES:
                 summary = json.loads((runs[recipe] / "summary.json").read_text())
-                text = replace(text, name, table(summary, TABLES[name][1]))
+                bodies[name] = table(summary, TABLES[name][1])
             else:
-                text = replace(text, name, inspect_table(runs[recipe]))
+                bodies[name] = inspect_table(runs[recipe])
+    # read only now: the runs take minutes, and the README may have been edited meanwhile
+    text = original = readme.read_text()
+    for name, body in bodies.items():
+        text = replace(text, name, body)
     if a.check:
         print("README tables are up to date" if text == original else "README tables differ from fresh runs")
         sys.exit(0 if text == original else 1)
