@@ -65,8 +65,13 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(conv, batchnorm) module names where the BatchNorm reads only that convolution's output."""
     from torch import fx
 
-    gm = fx.symbolic_trace(model)
     mods = dict(model.named_modules())
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in mods.values()):
+        return []
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # an untraceable model keeps its BatchNorms: unfolded, still exact
+        return []
     pairs = []
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(mods[node.target], nn.modules.batchnorm._BatchNorm):
@@ -175,15 +180,13 @@ def _int8_form(model: nn.Module, calibration: torch.Tensor, activations: str, en
     return converted
 
 
-class SparseLinear(nn.Module):
-    """y = x W^T + b with W in CSR for batches of at least `min_batch` rows, dense below: at batch 1 a
-    sparse kernel's setup costs more than it saves (README: crossover). CSR is rebuilt from its three
-    buffers on each call (cheap; TorchScript saves plain buffers, not every sparse layout)."""
+class SparseLayer(nn.Module):
+    """One Linear (+ the elementwise activation after it) of a `SparseChain`, weight in CSR when `sparse`."""
 
-    def __init__(self, linear, min_batch=16):  # no annotations: TorchScript would try to resolve them
+    def __init__(self, linear, act, sparse):  # no annotations: TorchScript would try to resolve them
         super().__init__()
         w = linear.weight.detach()
-        csr = w.to_sparse_csr()
+        csr = w.to_sparse_csr() if sparse else w[:1, :1].to_sparse_csr()  # unused placeholder when dense
         self.register_buffer("weight", w.clone())
         self.register_buffer("crow", csr.crow_indices())
         self.register_buffer("col", csr.col_indices())
@@ -191,46 +194,192 @@ class SparseLinear(nn.Module):
         b = linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features)
         self.register_buffer("bias", b.clone())
         self.size = [linear.out_features, linear.in_features]
+        self.sparse = sparse
+        self.act = act
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, in) -> (batch, out), dense: small batches."""
+        return self.act(torch.nn.functional.linear(x, self.weight, self.bias))
+
+    def cols(self, h: torch.Tensor) -> torch.Tensor:
+        """(in, batch) -> (out, batch): W @ h, the layout a CSR kernel streams best."""
+        if self.sparse:
+            w = torch.sparse_csr_tensor(self.crow, self.col, self.values, self.size)
+            return self.act(torch.addmm(self.bias.unsqueeze(1), w, h))
+        return self.act(torch.addmm(self.bias.unsqueeze(1), self.weight, h))
+
+
+class SparseChain(nn.Module):
+    """Consecutive Linear layers (elementwise activations between them) run on transposed activations.
+
+    From `min_batch` rows up the input is transposed once, each layer computes W @ h with W in CSR
+    (dense W for layers below the sparsity threshold), and the result is transposed back once:
+    CSR x dense is fastest with the dense operand column-major, and transposing between every
+    layer cost a third of the time (benchmarks/bench_speed.py). Below `min_batch` rows every
+    layer runs dense: a sparse kernel's setup costs more than it saves (README: crossover). The CSR
+    tensor is rebuilt from its three buffers on each call (cheap; TorchScript saves plain buffers,
+    not every sparse layout)."""
+
+    def __init__(self, linears, acts, sparse, min_batch=16):
+        super().__init__()
+        self.layers = nn.ModuleList([SparseLayer(lin, act, sp) for lin, act, sp in zip(linears, acts, sparse)])
+        self.in_features = linears[0].in_features
+        self.out_features = linears[-1].out_features
         self.min_batch = min_batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.size[1])
-        if flat.shape[0] < self.min_batch:
-            return torch.nn.functional.linear(x, self.weight, self.bias)
-        w = torch.sparse_csr_tensor(self.crow, self.col, self.values, self.size)
-        out = torch.addmm(self.bias.unsqueeze(1), w, flat.t()).t()
-        return out.reshape(x.shape[:-1] + (self.size[0],))
+        lead = x.shape[:-1]
+        h = x.reshape(-1, self.in_features)
+        if h.shape[0] < self.min_batch:
+            for layer in self.layers:
+                h = layer.rows(h)
+            return h.reshape(lead + [self.out_features])
+        h = h.t().contiguous()
+        for layer in self.layers:
+            h = layer.cols(h)
+        return h.t().reshape(lead + [self.out_features])
+
+
+def SparseLinear(linear: nn.Linear, min_batch: int = 16) -> SparseChain:
+    """One Linear in CSR: a chain of one."""
+    return SparseChain([linear], [nn.Identity()], [True], min_batch)
+
+
+_ACT_MODULES = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.GELU, nn.Identity, nn.Dropout)
+
+
+def _activation(node, mods) -> nn.Module | None:
+    """The eval-mode module for an elementwise activation node (fx), or None if it is not one."""
+    import torch.nn.functional as F
+
+    if node.op == "call_module" and isinstance(mods[node.target], _ACT_MODULES):
+        m = mods[node.target]
+        return nn.Identity() if isinstance(m, (nn.Dropout, nn.Identity)) else copy.deepcopy(m)
+    kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+    if node.op == "call_function" and len(node.args) == 1:
+        simple = {F.relu: nn.ReLU, torch.relu: nn.ReLU, torch.tanh: nn.Tanh, torch.sigmoid: nn.Sigmoid,
+                  F.silu: nn.SiLU, F.gelu: nn.GELU}
+        if node.target in simple and set(kwargs) <= ({"approximate"} if node.target is F.gelu else set()):
+            return simple[node.target](**kwargs)
+    if node.op == "call_method" and node.target in ("relu", "tanh", "sigmoid") and len(node.args) == 1 and not kwargs:
+        return {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}[node.target]()
+    return None
+
+
+def _chains(gm, mods) -> list[list]:
+    """Runs of Linear call nodes joined only through single-use elementwise activations:
+    [(linear node, activation node or None), ...]."""
+    def linear(n):
+        return n.op == "call_module" and isinstance(mods.get(n.target), nn.Linear) and len(n.args) == 1 \
+            and not n.kwargs
+
+    seen, chains = set(), []
+    for node in gm.graph.nodes:
+        if not linear(node) or node in seen:
+            continue
+        chain, cur = [], node
+        while True:
+            seen.add(cur)
+            nxt = next(iter(cur.users)) if len(cur.users) == 1 else None
+            act = nxt if nxt is not None and _activation(nxt, mods) is not None else None
+            after = act if act is not None else cur
+            step = next(iter(after.users)) if len(after.users) == 1 else None
+            if step is not None and linear(step) and step.args[0] is after and step not in seen:
+                chain.append((cur, act))
+                cur = step
+                continue
+            chain.append((cur, None))
+            break
+        chains.append(chain)
+    return chains
 
 
 def sparse_form(model: nn.Module, min_sparsity: float, min_batch: int = 16) -> tuple[nn.Module, list[str]]:
-    """The dense form, with every Linear at least `min_sparsity` sparse running a CSR kernel (from
-    `min_batch` rows up). Its sparse layers are scripted, so the batch test survives tracing."""
+    """The dense form, with every run of Linear layers that holds one at least `min_sparsity` sparse
+    fused into a scripted `SparseChain` (CSR for the sparse layers, transposed activations inside).
+    Models torch.fx cannot trace get one chain per sparse layer. Returns (form, sparse layer names)."""
+    from torch import fx
+
     plain = dense_form(model)
     mods = dict(plain.named_modules())
-    chosen = []
+    sparse = {n for n, m in mods.items() if isinstance(m, nn.Linear) and float((m.weight == 0).float().mean()) >= min_sparsity}
+    if not sparse:
+        return plain.eval(), []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        for name, m in list(mods.items()):
-            if isinstance(m, nn.Linear) and float((m.weight == 0).float().mean()) >= min_sparsity:
+        try:
+            gm = fx.symbolic_trace(plain)
+        except Exception:  # untraceable: layer by layer, transposing around each sparse Linear
+            for name in sorted(sparse):
                 parent, _, attr = name.rpartition(".")
-                setattr(mods[parent] if parent else plain, attr, torch.jit.script(SparseLinear(m, min_batch)))
-                chosen.append(name)
-    return plain.eval(), chosen
+                setattr(mods[parent] if parent else plain, attr, torch.jit.script(SparseLinear(mods[name], min_batch)))
+            return plain.eval(), sorted(sparse)
+        for i, chain in enumerate(c for c in _chains(gm, mods) if any(n.target in sparse for n, _ in c)):
+            names = [n.target for n, _ in chain]
+            acts = [_activation(a, mods) if a is not None else nn.Identity() for _, a in chain]
+            fused = SparseChain([mods[n] for n in names], acts, [n in sparse for n in names], min_batch)
+            gm.add_submodule(f"sparse_chain{i}", torch.jit.script(fused))
+            first, last = chain[0][0], chain[-1][0]
+            with gm.graph.inserting_after(last):
+                new = gm.graph.call_module(f"sparse_chain{i}", (first.args[0],))
+            last.replace_all_uses_with(new)
+            for n, a in reversed(chain):
+                for dead in (a, n):
+                    if dead is not None:
+                        gm.graph.erase_node(dead)
+        gm.graph.lint()
+        gm.recompile()
+        gm.delete_all_unused_submodules()
+    return gm.eval(), sorted(sparse)
 
 
-def save_form(form: nn.Module, example: torch.Tensor, path) -> None:
+class PlainOutput(nn.Module):
+    """A text model called by its standard keyword inputs, whose output object becomes a plain dict of
+    tensors: a saved form must load where transformers' output classes are not registered, and its
+    parameters must be named (both torch.export and TorchScript map keyword inputs to them)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None):  # named: torch.export maps kwargs to parameters
+        given = {"attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        out = self.model(input_ids=input_ids, **{k: v for k, v in given.items() if v is not None})
+        if isinstance(out, torch.Tensor) or not hasattr(out, "items"):
+            return out
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def call_args(example) -> tuple[tuple, dict]:
+    """(args, kwargs) of a forward on an example: a tensor, or a dict of keyword inputs (text models)."""
+    return ((), dict(example)) if isinstance(example, dict) else ((example,), {})
+
+
+def save_form(form: nn.Module, example, path) -> None:
     """torch.export (.pt2) for plain float graphs; TorchScript (.pt) where export cannot (int8 packed
-    weights, sparse tensors). Either loads with torch alone: torch.export.load(p).module() / torch.jit.load(p)."""
+    weights, sparse tensors). Either loads with torch alone: torch.export.load(p).module() / torch.jit.load(p).
+    `example`: a tensor batch, or a dict of keyword inputs (input_ids, attention_mask...); its batch axis
+    (and a text model's sequence axis) stays dynamic, so any batch size runs, not just the example's."""
     from pathlib import Path
 
     path = Path(path)
+    args, kwargs = call_args(example)
+    auto = torch.export.Dim.AUTO
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if path.suffix == ".pt2":
-            batch = {0: torch.export.Dim.AUTO}  # any batch size, not just the example's
-            torch.export.save(torch.export.export(form, (example,), dynamic_shapes=(batch,)), str(path))
+            if kwargs:
+                dyn = {k: {0: auto, 1: auto} if v.dim() > 1 else {0: auto} for k, v in kwargs.items()}
+                ep = torch.export.export(PlainOutput(form), (), kwargs=kwargs, dynamic_shapes=dyn,
+                                         strict=False)
+            else:
+                ep = torch.export.export(form, args, dynamic_shapes=({0: auto},))
+            torch.export.save(ep, str(path))
         else:
-            torch.jit.save(torch.jit.trace(form, (example,), check_trace=False), str(path))
+            traced = torch.jit.trace(PlainOutput(form) if kwargs else form, args or None, example_kwarg_inputs=kwargs or None, check_trace=False,
+                                     strict=False)  # strict=False: transformers models return dicts
+            torch.jit.save(traced, str(path))
 
 
 def load_form(path) -> nn.Module:

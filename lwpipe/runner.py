@@ -208,6 +208,9 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         check = getattr(s.cls, "check_model", None)
         if check:
             check(s.config, model, f"stages.{s.name}")
+        check = getattr(s.cls, "check_context", None)  # calibration data the stage needs, and its format
+        if check:
+            check(s.config, ctx, f"stages.{s.name}")
     wanted = {getattr(s.config, "teacher", None) for s in recipe.steps}
     stage_cache = StageCache(top.cache.dir, top.cache.enabled, top.cache.max_bytes,  # checks it is writable
                              top.cache.wait_seconds)

@@ -168,3 +168,45 @@ def test_a_decoder_classifies_text_too(files, tmp_path):
     final, records = run_recipe([*args(files, "bert_text_classification", "gpt2", "train.csv", "test.csv"),
                                  "pipeline=[prune]", "stages.prune.finetune.epochs=0"], tmp_path)
     assert final["metric"] == "accuracy" and 0 <= final["quality"] <= 1
+
+
+FRESH = """
+import sys, torch
+sys.modules["lwpipe"] = None  # the exported file must not need lwpipe
+path, x_path, y_path = sys.argv[1:]
+m = torch.export.load(path).module() if path.endswith(".pt2") else torch.jit.load(path)
+out = m(**torch.load(x_path))
+out = out if isinstance(out, torch.Tensor) else out["logits"] if isinstance(out, dict) else out.logits
+torch.save(out, y_path)
+"""
+
+
+@pytest.mark.parametrize("recipe,model,fmt", [("bert_text_classification", "bert", "int8"),
+                                              ("bert_text_classification", "bert", "dense"),
+                                              ("sentence_embedding", "st", "int8"),
+                                              ("gpt2_causal_lm", "gpt2", "sparse")])
+def test_export_of_transformers_loads_without_lwpipe(files, recipe, model, fmt, tmp_path):
+    """A text model's export: traced with its keyword inputs, any batch and sequence length, scored by its task."""
+    import subprocess
+
+    from lwpipe import export
+
+    data = ("train.txt", "test.txt") if model != "bert" else ("train.csv", "test.csv")
+    final, _ = run_recipe(args(files, recipe, model, *data) + [
+        "pipeline=[quantize,export]", "++stages.quantize.bits=8",
+        "++stages.quantize.scheme=symmetric", "++stages.quantize.finetune.epochs=0", f"+stages.export.format={fmt}", "+stages.export.min_sparsity=0.0",
+        "measure.latency=true", "measure.repeats=3", "measure.warmup=1"], tmp_path)
+    info = json.loads((tmp_path / "export.json").read_text())
+    assert info["format"] == fmt and info["metric"] == final["metric"]
+    assert info["agreement"] >= (0.99 if fmt != "int8" else 0.9)  # int8 activations round: a little drift
+    assert final["latency_ms"]["1"] > 0  # the runner timed the exported form through the task's forward
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(str(files[model]))
+    batch = dict(tok(["the apple is red and very old pear plum", "a gear", "motor"], padding=True,
+                     return_tensors="pt"))  # 3 rows, a length no test batch had
+    torch.save(batch, tmp_path / "x.pt")
+    subprocess.run([sys.executable, "-c", FRESH, str(tmp_path / info["file"]), str(tmp_path / "x.pt"),
+                    str(tmp_path / "y.pt")], check=True, cwd=tmp_path)
+    with torch.no_grad():
+        out = export.load_form(tmp_path / info["file"])(**batch)
+    out = out if isinstance(out, torch.Tensor) else out["logits"] if isinstance(out, dict) else out.logits
+    assert torch.allclose(torch.load(tmp_path / "y.pt"), out)

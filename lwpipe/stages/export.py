@@ -25,8 +25,9 @@ from torch import nn
 from lwpipe import export, speed
 from lwpipe.config import Strict
 from lwpipe.context import Context
-from lwpipe.metrics import predict
+from lwpipe.errors import ConfigError
 from lwpipe.registry import register
+from lwpipe.tasks import head, model_device, model_inputs, to_device
 
 log = logging.getLogger("lwpipe")
 
@@ -67,14 +68,25 @@ class Export:
             return self.cfg.activations
         return "static" if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()) else "dynamic"
 
+    @staticmethod
+    def check_context(cfg: ExportConfig, ctx: Context, path: str) -> None:
+        """Before any stage runs: static int8 calibrates torch.ao FX on tensor inputs, not text batches."""
+        if cfg.format == "int8" and cfg.activations == "static" and isinstance(ctx.test_loader()[0], dict):
+            raise ConfigError(f"{path}.activations", cfg.activations,
+                              "dynamic or auto for text models (static int8 calibrates tensor inputs through "
+                              "torch.ao FX, which does not trace transformers models)")
+
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
         model = model.cpu().eval() if self.cfg.format == "int8" else model.eval()  # int8 kernels are CPU ones
         batches = ctx.test_loader()
-        example = batches[0][0][:2].to(next(model.parameters()).device)
+        device = model_device(model)
+        example = model_inputs(to_device(head(batches[0], 2), device))  # a tensor, or a text model's kwargs
         info = {"format": self.cfg.format}
         if self.cfg.format == "int8":
             info["activations"] = self.activations(model)
-            calib = torch.cat([x for x, _ in ctx.calibration_batches(self.cfg.calibration_batches)])
+            calib = None
+            if info["activations"] == "static":
+                calib = torch.cat([model_inputs(b) for b in ctx.calibration_batches(self.cfg.calibration_batches)])
             form, suffix = export.int8_form(model, calib, info["activations"]), ".pt"
         elif self.cfg.format == "sparse":
             form, info["sparse_layers"] = export.sparse_form(model, self.cfg.min_sparsity, self.cfg.min_batch)
@@ -84,20 +96,25 @@ class Export:
         path = ctx.run_dir / f"export{suffix}"
         export.save_form(form, example, path)
         loaded = export.load_form(path)  # what a user gets: timed and scored, not the in-memory copy
-        device = torch.device("cpu") if self.cfg.format == "int8" else example.device
-        logits, labels = _predict(loaded, batches, device)
-        ref, _ = predict(model, batches)
-        pred = logits.argmax(1)
-        info.update(file=path.name, bytes=path.stat().st_size, accuracy=(pred == labels).float().mean().item(),
-                    agreement=(pred == ref.argmax(1)).float().mean().item())
+        _, reference = ctx.task.evaluate(model, batches)
+        scored, _ = ctx.task.evaluate(Deployed(loaded, device), batches, reference)
+        info.update(file=path.name, bytes=path.stat().st_size, metric=scored["metric"], quality=scored["quality"],
+                    accuracy=scored["accuracy"], agreement=scored["teacher_agreement"])
         (ctx.run_dir / "export.json").write_text(json.dumps(info, indent=2))
-        log.info("  export %s -> %s: accuracy %.4f, agreement with the model %.4f", self.cfg.format, path.name,
-                 info["accuracy"], info["agreement"])
+        log.info("  export %s -> %s: %s %.4f, agreement with the model %.4f", self.cfg.format, path.name,
+                 info["metric"], info["quality"], info["agreement"])
         speed.set_deployable(model, loaded)
         return model
 
 
-@torch.no_grad()
-def _predict(form, batches, device):
-    logits = [form(x.to(device)).float().cpu() for x, _ in batches]
-    return torch.cat(logits), torch.cat([y for _, y in batches])
+class Deployed(nn.Module):
+    """A loaded export form as evaluation expects a module: it has a device, and train()/eval() leave it
+    alone (a torch.export program has no training mode and refuses the switch)."""
+
+    def __init__(self, form: nn.Module, device: torch.device):
+        super().__init__()
+        self.__dict__["form"] = form  # not a registered child: train() must not reach it
+        self.anchor = nn.Parameter(torch.empty(0, device=device), requires_grad=False)
+
+    def forward(self, *args, **kwargs):
+        return self.form(*args, **kwargs)

@@ -91,12 +91,21 @@ def inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+def model_inputs(batch):
+    """What the model itself is called with: a dict batch's keyword inputs, a tuple batch's first item."""
+    if isinstance(batch, dict):
+        return inputs(batch)
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
 def logits_of(out) -> torch.Tensor:
     """A model's output object, tuple or tensor -> its logits."""
     if isinstance(out, torch.Tensor):
         return out
     if getattr(out, "logits", None) is not None:
         return out.logits
+    if isinstance(out, dict) and "logits" in out:  # a traced (TorchScript) transformers model returns a dict
+        return out["logits"]
     if isinstance(out, (tuple, list)):
         return out[0]
     raise TypeError(f"the model returned a {type(out).__name__}: expected a tensor of logits or an object "

@@ -27,6 +27,8 @@ def embedding_of(out, batch: dict) -> torch.Tensor:
     if isinstance(out, dict) and "sentence_embedding" in out:
         return out["sentence_embedding"]
     hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None and isinstance(out, dict):  # a traced (TorchScript) transformers model returns a dict
+        hidden = out.get("last_hidden_state")
     if hidden is None and isinstance(out, (tuple, list)):
         hidden = out[0]
     if hidden is None:
