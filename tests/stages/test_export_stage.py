@@ -80,3 +80,27 @@ def test_export_must_be_last_and_int8_needs_quantize():
     with pytest.raises(ConfigError, match="scheme=symmetric and bits<=8"):
         validate(compose_recipe([*TINY, "pipeline=[train,quantize,export]", "+stages.export.format=int8",
                                  "++stages.quantize.bits=12"]))
+
+
+def test_int8_dynamic_keeps_8_bit_activations_only_where_levels_cannot_saturate():
+    from lwpipe.constraints import compressible_layers
+    from lwpipe.stages.quantize import quantize_layer
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    for _, layer in compressible_layers(m):
+        quantize_layer(layer, 8, per_channel=True)  # levels reach +-127: 7-bit activations stay
+    small = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    for _, layer in compressible_layers(small):
+        quantize_layer(layer, 7, per_channel=True)  # levels within +-63: full 8-bit activations
+    x = torch.randn(32, 64)
+    wide, narrow = export.int8_form(m, x, "dynamic"), export.int8_form(small, x, "dynamic")
+    assert [l.reduce_range for l in (wide[0], wide[2])] == [True, True]
+    assert [l.reduce_range for l in (narrow[0], narrow[2])] == [False, False]
+    with torch.no_grad():
+        ref = small(x)
+        err_full = (narrow(x) - ref).abs().mean()
+        for layer in (narrow[0], narrow[2]):
+            layer.reduce_range = True
+        err_7bit = (narrow(x) - ref).abs().mean()
+    assert err_full < err_7bit  # the 8th bit of the activations is real precision
