@@ -234,7 +234,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                **extra, "cached": False}
         if event != "epoch":  # the real size: this step's model encoded as model.lwp
             last_blob[:] = [step, encode_model(model, rebuild_config(model, top.model))]
-            rec.update(size_metrics(len(last_blob[1]), rec["dense_bytes"]))
+            # against the input model's fp32 bytes: structured pruning and factorize shrink dense_bytes itself
+            rec.update(size_metrics(len(last_blob[1]), records[0]["dense_bytes"] if records else rec["dense_bytes"]))
             rec.update(speed.speed_record(model, ctx, top.measure, records[0] if records else None))
         rec["eval_seconds"] = time.perf_counter() - t
         return rec
@@ -294,7 +295,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                 model, rebuild_config(model, top.model))
             save_tokenizer(data, run_dir)
             checkpoint.atomic_write(run_dir / "model.lwp", lambda tmp: Path(tmp).write_bytes(blob))
-            final.update(size_metrics(len(blob), final["dense_bytes"]))
+            final.update(size_metrics(len(blob), records[0]["dense_bytes"]))
         summary = {"recipe": top.name, "seed": top.seed, "baseline": records[0],
                    "stages": records[1:], "final": final, "seconds": time.perf_counter() - started,
                    "stage_seconds": work_seconds}

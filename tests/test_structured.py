@@ -67,6 +67,9 @@ def test_structured_recipe_shrinks_and_the_artifact_rebuilds_the_shapes(tmp_path
                                  "stages.quantize.finetune.epochs=0"], tmp_path)
     base = records[0]
     assert final["params"] < 0.4 * base["params"] and final["macs"] < 0.4 * base["macs"]
+    # the ratio counts against the model the user started with, not the shrunken one
+    assert final["compression_ratio"] == base["dense_bytes"] / (tmp_path / "model.lwp").stat().st_size
+    assert final["dense_bytes"] < 0.4 * base["dense_bytes"]
     plain = ResNet(widths=(8, 16))
     model = checkpoint.load_state(plain, tmp_path / "checkpoints" / "03_quantize.safetensors").eval()
     assert model.layers[0].conv1.out_channels == 4 and model.fc.in_features == 8
