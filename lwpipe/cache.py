@@ -69,6 +69,24 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+HASH_BELOW = 64 << 20  # bytes: smaller files are hashed; larger ones (model weights) keyed by size and mtime
+
+
+def path_fingerprint(path: str) -> list | None:
+    """What a model path holds: each file's name with its sha256 (its size and modification time when it
+    is 64 MiB or more: hashing a 500 MB checkpoint on every run would cost seconds). None if missing."""
+    root = Path(path).expanduser()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root] if root.is_file() else []
+    if not files:
+        return None
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append([str(f.relative_to(root)) if root.is_dir() else f.name,
+                    file_sha256(f) if st.st_size < HASH_BELOW else [st.st_size, st.st_mtime_ns]])
+    return out
+
+
 def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -77,7 +95,8 @@ def initial_key(top, data_identity: str) -> str:
     """The key of the model the pipeline starts from."""
     ckpt = top.model.get("checkpoint")
     ckpt_hash = file_sha256(Path(ckpt).expanduser()) if ckpt else None
-    return digest("input", top.model, ckpt_hash, top.data, data_identity, top.seed, top.device,
+    path = top.model.get("path")  # a model directory or file: retrained in place, it must not hit old entries
+    return digest("input", top.model, ckpt_hash, path_fingerprint(path) if path else None, top.data, data_identity, top.seed, top.device,
                   top.eval.model_dump(), code_version(), torch.__version__, platform.machine(),
                   torch.get_num_threads())  # the thread count changes the last bits of CPU reductions
 

@@ -143,6 +143,25 @@ def test_initial_key_covers_the_checkpoint_contents(tmp_path):
     assert cache.initial_key(top, "data") != k1
 
 
+def test_initial_key_covers_what_model_path_holds(tmp_path, monkeypatch):
+    """A model directory retrained in place (same model.path) must not replay the old model's entries."""
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "model.safetensors").write_bytes(b"old weights")
+    top = validate(compose_recipe(TINY)).top
+    top.model["path"] = str(model_dir)  # the key reads it like a model=hf / sentence_transformer path
+    k1 = cache.initial_key(top, "data")
+    assert cache.initial_key(top, "data") == k1
+    (model_dir / "model.safetensors").write_bytes(b"new weights")
+    k2 = cache.initial_key(top, "data")
+    assert k2 != k1
+    monkeypatch.setattr(cache, "HASH_BELOW", 4)  # big files: keyed by size and mtime instead of hashed
+    k3 = cache.initial_key(top, "data")
+    os.utime(model_dir / "model.safetensors", ns=(1, 1))
+    assert cache.initial_key(top, "data") != k3
+
+
 @pytest.mark.parametrize("override, message", [
     ("cache.dir=''", "cache.dir='': String should have at least 1 character"),
     ("cache.enabled=maybe", "cache.enabled='maybe': Input should be a valid boolean"),
