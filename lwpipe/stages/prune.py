@@ -343,7 +343,13 @@ class Prune:
             target = sum(targets[n] * s.numel() for n, s in zip(pooled, scores)) / total
             flat = lowest_mask(torch.cat([s.flatten() for s in scores]), target)
             for n, s, part in zip(pooled, scores, flat.split([s.numel() for s in scores])):
-                self._apply(layers[n], part.view_as(s))
+                part = part.view_as(s).clone()
+                if not bool(part.any()):  # ranked against bigger layers, this one lost every weight
+                    part.view(-1)[int(s.view(-1).argmax())] = True
+                    log.warning("  prune scope=global removed every weight of %s; its highest-scoring weight is "
+                                "kept (a layer may never be pruned to nothing): give %s its own sparsity under "
+                                "layers", n, n)
+                self._apply(layers[n], part)
         for n in names:  # one layer's scores at a time: memory stays near one model copy
             if n in pooled:
                 continue

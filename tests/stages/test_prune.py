@@ -112,3 +112,11 @@ def test_conv_layers_prune():
     Prune(PruneConfig(sparsity=0.5)).run(m, ctx)
     assert (m.conv1.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
     assert isinstance(m.conv1, nn.Conv2d)
+
+
+def test_global_scope_never_empties_a_layer(model, ctx, caplog):
+    with torch.no_grad():
+        model[3].weight.mul_(1e-4)  # far below every weight of the first layer: ranked globally, it loses all
+    Prune(PruneConfig(scope="global", sparsity=0.6)).run(model, ctx)
+    w1, w3 = weights(model)
+    assert int((w3 != 0).sum()) == 1 and "is kept" in caplog.text
