@@ -49,6 +49,7 @@ def run_info(recipe) -> dict:
         "lwpipe": code_version(),
         "hydra": version("hydra-core"),
         "platform": platform.platform(),
+        "threads": torch.get_num_threads(),  # CPU sums' last bits depend on it (it is in the cache key too)
         "argv": sys.argv,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -29,6 +29,7 @@ def test_run_info_names_seed_commit_and_versions(past_run):
     assert info["python"] == ".".join(map(str, sys.version_info[:3]))
     assert info["lwpipe"].startswith("0.") and "+" in info["lwpipe"]
     assert info["git"] is None or len(info["git"]["commit"]) == 40
+    assert info["threads"] == torch.get_num_threads()
 
 
 def test_saved_config_is_the_resolved_recipe_and_composes_again(past_run):
