@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lwpipe.errors import ConfigError
-from lwpipe.tasks import batch_len, head, to_device
+from lwpipe.tasks import batch_len, head, model_device, to_device
 
 # model -> the faster module an `export` stage made of it: what latency is measured on from then on
 _DEPLOYABLE: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
@@ -65,15 +65,15 @@ def _cat(batches: list):
     return type(first)(_cat(list(parts)) for parts in zip(*batches))
 
 
-def first_examples(ctx, n: int):
-    """The first n test examples as one batch, on the run's device."""
+def first_examples(ctx, n: int, device=None):
+    """The first n test examples as one batch, on `device` (the run's by default)."""
     got, have = [], 0
     for b in ctx.test_loader():
         got.append(head(b, n - have))
         have += batch_len(got[-1])
         if have >= n:
             break
-    return to_device(_cat(got) if len(got) > 1 else got[0], ctx.device)
+    return to_device(_cat(got) if len(got) > 1 else got[0], device or ctx.device)
 
 
 def forward_fn(ctx):
@@ -151,7 +151,8 @@ def count_macs(model: nn.Module, run, batch) -> int:
 def speed_record(model: nn.Module, ctx, settings, baseline: dict | None) -> dict:
     """The record fields: macs always; latency_ms, speedup and latency_seconds unless latency is off."""
     run, form = forward_fn(ctx), deployable(model)
-    one = first_examples(ctx, 1)
+    device = model_device(model)  # the run's, except after an int8 export (CPU kernels: the model moved there)
+    one = first_examples(ctx, 1, device)
     try:
         out = {"macs": count_macs(form, run, one)}
     except Exception:  # an exported graph may not call hookable modules: count on the model itself
@@ -164,13 +165,15 @@ def speed_record(model: nn.Module, ctx, settings, baseline: dict | None) -> dict
         if settings.threads:
             torch.set_num_threads(settings.threads)
         for n in batch_sizes(settings, ctx):
-            batch = one if n == 1 else first_examples(ctx, n)
+            batch = one if n == 1 else first_examples(ctx, n, device)
             lat[str(n)] = median_ms(form, run, batch, settings.repeats, settings.warmup, settings.max_seconds,
-                                    ctx.device)
+                                    device)
     finally:
         torch.set_num_threads(threads)
     base = (baseline or {}).get("latency_ms") or lat
     out["latency_ms"] = lat
+    if device.type != getattr(ctx.device, "type", "cpu"):  # speedup then compares two devices: say so
+        out["latency_device"] = device.type
     out["speedup"] = {k: base[k] / v for k, v in lat.items() if k in base and v > 0}
     out["latency_seconds"] = time.perf_counter() - t
     return out
