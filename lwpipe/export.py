@@ -228,7 +228,8 @@ class SparseLayer(nn.Module):
     def cols(self, h: torch.Tensor) -> torch.Tensor:
         """(in, batch) -> (out, batch): W @ h, the layout a CSR kernel streams best."""
         if self.sparse:
-            w = torch.sparse_csr_tensor(self.crow, self.col, self.values, self.size)
+            w = torch.sparse_csr_tensor(self.crow, self.col, self.values, self.size,
+                                        device=self.values.device)  # TorchScript would default to the CPU
             return self.act(torch.addmm(self.bias.unsqueeze(1), w, h))
         return self.act(torch.addmm(self.bias.unsqueeze(1), self.weight, h))
 
