@@ -1,6 +1,8 @@
-"""Stage `factorize`: low-rank factorization of Linear layers (truncated SVD, W ~ U V), then a fine-tune.
+"""Stage `factorize`: low-rank factorization of Linear layers and 1x1 convolutions (truncated SVD,
+W ~ U V), then a fine-tune.
 
-Each chosen Linear [out, in] becomes Linear(in, r, no bias) -> Linear(r, out) (lwpipe/lowrank.py)
+Each chosen Linear [out, in] becomes Linear(in, r, no bias) -> Linear(r, out) (lwpipe/lowrank.py; a
+1x1 conv [out, in, 1, 1] likewise two 1x1 convs)
 when that has fewer parameters (r (in + out) < in out); the rank per layer is `rank`, `ratio`
 of the full rank, or the fewest singular values holding `energy` of ||W||_F^2 (Denton et al. 2014,
 "Exploiting Linear Structure Within Convolutional Networks for Efficient Evaluation"; Sainath et al.
@@ -20,7 +22,7 @@ from lwpipe.config import Strict, TrainSettings
 from lwpipe.constraints import constraint
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
-from lwpipe.lowrank import factorize_linear, rank_for, replace_module, saves
+from lwpipe.lowrank import dims, factorable, factorize_linear, rank_for, replace_module, saves
 from lwpipe.registry import register
 from lwpipe.training import fit
 
@@ -28,7 +30,7 @@ log = logging.getLogger("lwpipe")
 
 
 class FactorizeConfig(Strict):
-    layers: list[str] = Field(["*"], min_length=1)      # Linear layers by name or glob
+    layers: list[str] = Field(["*"], min_length=1)      # Linear layers / 1x1 convs by name or glob
     rank: int | None = Field(None, ge=1, le=1 << 20)
     ratio: float | None = Field(None, gt=0, le=1)       # of the full rank min(in, out)
     energy: float | None = Field(None, gt=0, le=1)      # of the sum of squared singular values
@@ -43,9 +45,10 @@ class FactorizeConfig(Strict):
         return self
 
 
-def chosen(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Linear]]:
+def chosen(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]:
+    """The Linear layers and 1x1 convolutions the patterns name."""
     return [(n, m) for n, m in model.named_modules()
-            if n and isinstance(m, nn.Linear) and any(n == p or fnmatch.fnmatchcase(n, p) for p in patterns)]
+            if n and factorable(m) and any(n == p or fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 @register("factorize")
@@ -69,27 +72,29 @@ class Factorize:
         layers = chosen(model, cfg.layers)
         for i, p in enumerate(cfg.layers):
             if not any(n == p or fnmatch.fnmatchcase(n, p) for n, _ in layers):
-                names = ", ".join(n for n, m in model.named_modules() if isinstance(m, nn.Linear)) or "none"
-                raise ConfigError(f"{path}.layers[{i}]", p, f"matches no Linear layer; the Linear layers are {names}")
+                names = ", ".join(n for n, m in model.named_modules() if n and factorable(m)) or "none"
+                raise ConfigError(f"{path}.layers[{i}]", p, f"matches no Linear layer or 1x1 convolution; "
+                                  f"those are {names}")
         for n, m in layers:
-            if cfg.rank is not None and cfg.rank > min(m.in_features, m.out_features):
-                raise ConfigError(f"{path}.rank", cfg.rank, f"is larger than layer {n} [{m.out_features}, "
-                                  f"{m.in_features}] can have (at most {min(m.in_features, m.out_features)})")
+            out_f, in_f = dims(m)
+            if cfg.rank is not None and cfg.rank > min(in_f, out_f):
+                raise ConfigError(f"{path}.rank", cfg.rank, f"is larger than layer {n} [{out_f}, {in_f}] can "
+                                  f"have (at most {min(in_f, out_f)})")
 
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
         for name, m in chosen(model, self.cfg.layers):
             if constraint(m) is not None:  # check_order keeps constraining stages after factorize
                 continue
-            s = torch.linalg.svdvals(m.weight.detach().double())
+            out_f, in_f = dims(m)
+            s = torch.linalg.svdvals(m.weight.detach().double().reshape(out_f, in_f))
             r = rank_for(s, self.cfg.rank, self.cfg.ratio, self.cfg.energy)
-            if not saves(m.out_features, m.in_features, r):
+            if not saves(out_f, in_f, r):
                 log.info("  factorize %s: rank %d of %d saves no parameters; kept dense", name, r, s.numel())
                 continue
             kept = float((s[:r] ** 2).sum() / (s ** 2).sum().clamp(min=1e-300))
             replace_module(model, name, factorize_linear(m, r))
             log.info("  factorize %s [%d, %d]: rank %d of %d (%.3f of the energy), %d -> %d weights", name,
-                     m.out_features, m.in_features, r, s.numel(), kept, m.weight.numel(),
-                     r * (m.in_features + m.out_features))
+                     out_f, in_f, r, s.numel(), kept, m.weight.numel(), r * (in_f + out_f))
         fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune, loss_fn=ctx.loss,
             on_epoch=ctx.epoch_callback(model))
         return model

@@ -76,3 +76,33 @@ def test_factorized_pruned_quantized_model_round_trips(tmp_path):
     x = torch.randn(16, 8)
     assert torch.equal(loaded(x), again.eval()(x))
     assert (loaded[1][0].weight == 0).any()  # pruned factors
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(12, 10, 1, stride=2, padding=1), nn.Conv1d(12, 10, 1)])
+def test_a_1x1_convolution_factorizes_like_a_linear(conv):
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 7, 7) if isinstance(conv, nn.Conv2d) else torch.randn(2, 12, 9)
+    full = factorize_linear(conv, 10)  # full rank: the same function, stride and padding kept
+    assert isinstance(full[0], type(conv)) and torch.allclose(full(x), conv(x), atol=1e-5)
+    low = factorize_linear(conv, 3)
+    assert low[0].weight.shape[:2] == (3, 12) and low[1].weight.shape[:2] == (10, 3)
+    s = torch.linalg.svdvals(conv.weight.detach().reshape(10, 12))
+    w = (low[1].weight.reshape(10, 3) @ low[0].weight.reshape(3, 12)).detach()
+    assert float(torch.linalg.norm(w - conv.weight.detach().reshape(10, 12))) == pytest.approx(
+        float(s[3:].pow(2).sum().sqrt()), rel=1e-4)
+
+
+def test_resnet_shortcut_1x1_convs_factorize_and_the_artifact_rebuilds_them(tmp_path):
+    from lwpipe.models import ResNet
+
+    final, _ = run_recipe(["recipe=resnet_cifar_like", "data.n=120", "model.widths=[8,16]", "logger.console=null",
+                           "pipeline=[train,factorize,quantize]", "stages.train.epochs=1", "+stages.factorize.rank=2",
+                           "+stages.factorize.layers=['*shortcut.0']", "stages.quantize.finetune.epochs=0"], tmp_path)
+    loaded = lwpipe.load(tmp_path / "model.lwp")
+    sc = loaded.layers[1].shortcut[0]
+    assert isinstance(sc, nn.Sequential) and sc[0].weight.shape == (2, 8, 1, 1) and sc[0].stride == (2, 2)
+    from lwpipe import checkpoint
+    again = checkpoint.load_state(ResNet(widths=(8, 16)), sorted((tmp_path / "checkpoints").glob("*quantize*"))[0])
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), again.eval()(x))
