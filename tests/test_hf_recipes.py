@@ -210,3 +210,11 @@ def test_export_of_transformers_loads_without_lwpipe(files, recipe, model, fmt, 
         out = export.load_form(tmp_path / info["file"])(**batch)
     out = out if isinstance(out, torch.Tensor) else out["logits"] if isinstance(out, dict) else out.logits
     assert torch.allclose(torch.load(tmp_path / "y.pt"), out)
+
+
+def test_static_int8_on_a_text_model_is_refused_before_any_work(files, tmp_path):
+    with pytest.raises(ConfigError, match=r"stages.export.activations='static': dynamic or auto for text models"):
+        run_recipe(args(files, "bert_text_classification", "bert", "train.csv", "test.csv") + [
+            "pipeline=[quantize,export]", "+stages.export.format=int8", "+stages.export.activations=static"],
+            tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
