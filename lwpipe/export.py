@@ -212,8 +212,8 @@ class SparseLayer(nn.Module):
         w = linear.weight.detach()
         csr = w.to_sparse_csr() if sparse else w[:1, :1].to_sparse_csr()  # unused placeholder when dense
         self.register_buffer("weight", w.clone())
-        self.register_buffer("crow", csr.crow_indices())
-        self.register_buffer("col", csr.col_indices())
+        self.register_buffer("crow", csr.crow_indices().int())  # int32: MKL's own index type, no conversion
+        self.register_buffer("col", csr.col_indices().int())
         self.register_buffer("values", csr.values())
         b = linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features)
         self.register_buffer("bias", b.clone())
