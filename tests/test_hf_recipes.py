@@ -218,3 +218,16 @@ def test_static_int8_on_a_text_model_is_refused_before_any_work(files, tmp_path)
             "pipeline=[quantize,export]", "+stages.export.format=int8", "+stages.export.activations=static"],
             tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_tokenizer_that_knows_none_of_the_words_is_refused(files, tmp_path):
+    from transformers import BertTokenizer
+
+    from lwpipe.data.text import load_text
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "zebra", "quartz"]
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(str(tmp_path / "tok"))
+    with pytest.raises(ConfigError, match=r"data.tokenizer=.*turns 100% of the tokens of data.train into its "
+                                          r"unknown token '\[UNK\]'"):
+        load_text(str(files["train.csv"]), str(files["test.csv"]), str(tmp_path / "tok"))
+    load_text(str(files["train.csv"]), str(files["test.csv"]), str(files["bert"]))  # the model's own: fine

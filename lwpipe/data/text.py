@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import random
 import re
 from pathlib import Path
@@ -26,6 +27,8 @@ from torch.utils.data import Dataset
 
 from lwpipe.data.bundle import DataBundle
 from lwpipe.errors import ConfigError, LwpipeError
+
+log = logging.getLogger("lwpipe")
 
 SUFFIXES = (".txt", ".csv", ".jsonl")
 TEXT_TASKS = ("text_classification", "causal_lm", "embedding")
@@ -134,6 +137,30 @@ def encode(tokenizer, pairs: list[tuple[str, object]], max_length: int, labelled
     return DictDataset(tensors)
 
 
+UNKNOWN_LIMIT = 0.9  # of the text tokens: a tokenizer that knows at most a tenth of the words does not fit
+
+
+def check_unknown(tok, ds: DictDataset, key: str, path: str | None) -> None:
+    """Refuse a tokenizer that turns nearly every token into its unknown token (a vocabulary for
+    another language or model): training on that would run and learn nothing."""
+    unk = tok.unk_token_id
+    if unk is None:
+        return
+    ids, mask = ds.tensors["input_ids"], ds.tensors["attention_mask"].bool()
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    for i in set(tok.all_special_ids) - {unk}:
+        special |= ids == i
+    text = mask & ~special
+    n = int(text.sum())
+    share = int(((ids == unk) & text).sum()) / n if n else 0.0
+    if share >= UNKNOWN_LIMIT:
+        raise ConfigError("data.tokenizer", path, f"turns {share:.0%} of the tokens of {key} into its unknown token "
+                          f"{tok.unk_token!r}: it does not fit these texts (use the model's own tokenizer)")
+    if share >= 0.2:
+        log.warning("data.tokenizer %s turns %.0f%% of the tokens of %s into %r", path, 100 * share, key,
+                    tok.unk_token)
+
+
 def load_text(train: str | None = None, test: str | None = None, tokenizer: str | None = None,
               task: str = "text_classification", text_column: str = "text", label_column: str | None = "label",
               max_length: int = 128, limit_train: int | None = None, limit_test: int | None = None,
@@ -165,6 +192,8 @@ def load_text(train: str | None = None, test: str | None = None, tokenizer: str 
         parts = number_labels(parts)
     tok = load_tokenizer(tokenizer)
     train_ds, test_ds = (encode(tok, p, max_length, labelled) for p in parts)
+    for ds, key in ((train_ds, "data.train"), (test_ds, "data.test")):
+        check_unknown(tok, ds, key, tokenizer)
     h = hashlib.sha256(json.dumps([parts, max_length, tok.__class__.__name__, len(tok)]).encode())
     bundle = DataBundle(train_ds, test_ds, name=name, identity=h.hexdigest()[:16])
     bundle.tokenizer = tok
