@@ -166,7 +166,16 @@ def rerun() -> None:
               file=sys.stderr)
         sys.exit(2)
     run_dir = Path(sys.argv[1]).resolve()
-    sys.argv = [sys.argv[0], "--config-dir", str(run_dir), "--config-name", "recipe", *sys.argv[2:]]
+    overrides = sys.argv[2:]
+    # recipe.yaml is resolved: logger.console.quiet holds the old run's value, not `${quiet}`, so a
+    # `quiet=` override is passed on to the console logger as well (when the run had one)
+    quiet = [o.split("=", 1)[1] for o in overrides if o.startswith("quiet=")]
+    if quiet and "console:" in (run_dir / "recipe.yaml").read_text():
+        from omegaconf import OmegaConf
+
+        if OmegaConf.select(OmegaConf.load(run_dir / "recipe.yaml"), "logger.console") is not None:
+            overrides.append(f"logger.console.quiet={quiet[-1]}")
+    sys.argv = [sys.argv[0], "--config-dir", str(run_dir), "--config-name", "recipe", *overrides]
     _main()
 
 

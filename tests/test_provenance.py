@@ -61,3 +61,15 @@ def test_rerun_without_a_run_directory_is_a_usage_error(tmp_path):
     cmd = [exe] if exe else [sys.executable, "-c", "from lwpipe.cli import rerun; rerun()"]
     p = subprocess.run(cmd + [str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "usage: lwpipe-rerun RUN_DIR" in p.stderr
+
+
+def test_rerun_quiet_true_reaches_the_saved_console_logger(past_run, tmp_path):
+    """recipe.yaml holds logger.console.quiet resolved to false: quiet=true must still silence the table."""
+    run_dir, _ = past_run
+    assert OmegaConf.load(run_dir / "recipe.yaml").logger.console.quiet is False
+    exe = shutil.which("lwpipe-rerun")
+    cmd = [exe] if exe else [sys.executable, "-c", "from lwpipe.cli import rerun; rerun()"]
+    p = subprocess.run(cmd + [str(run_dir), "quiet=true", f"hydra.run.dir={tmp_path / 'q'}"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "accuracy" not in p.stdout + p.stderr and (tmp_path / "q" / "summary.json").exists()
