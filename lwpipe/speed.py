@@ -154,9 +154,11 @@ def speed_record(model: nn.Module, ctx, settings, baseline: dict | None) -> dict
     device = model_device(model)  # the run's, except after an int8 export (CPU kernels: the model moved there)
     one = first_examples(ctx, 1, device)
     try:
-        out = {"macs": count_macs(form, run, one)}
-    except Exception:  # an exported graph may not call hookable modules: count on the model itself
-        out = {"macs": count_macs(model, run, one)}
+        macs = count_macs(form, run, one) if form is not model else 0
+    except Exception:
+        macs = 0
+    # an exported graph (TorchScript, int8) calls no hookable modules: count on the model it was made from
+    out = {"macs": macs or count_macs(model, run, one)}
     if not settings.latency:
         return out
     t, threads = time.perf_counter(), torch.get_num_threads()
