@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lwpipe.constraints import in_axis, is_hf_conv1d
+from lwpipe.tasks import to_device
 
 Forward = Callable[[nn.Module, object], object]
 
@@ -89,3 +90,31 @@ def wanda_scores(module: nn.Module, norms: torch.Tensor) -> torch.Tensor:
         per_out = norms.view(groups, -1).repeat_interleave(w.shape[0] // groups, 0)  # [out, in/groups]
         return w * per_out.to(w.device).view(w.shape[0], w.shape[1], *([1] * (w.dim() - 2)))
     return w * norms.to(w.device).view(shape)
+
+
+def fisher_diagonal(model: nn.Module, layers: list[nn.Module], batches: Iterable, loss_fn) -> tuple[list[torch.Tensor], int]:
+    """(per layer, the diagonal empirical Fisher F_ii = mean over batches of (dL/dw_i)^2 of its effective weight;
+    number of batches seen). `loss_fn(model, batch)` is the task's loss (Context.loss). Given batches of one
+    sample, this is the per-sample empirical Fisher, which a batch's mean gradient squared would shrink about
+    batch-size fold. Gradients of the effective weight (mask, codebook and grid applied), in float32."""
+    sums = [torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for m in layers]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        with torch.enable_grad():
+            for batch in batches:
+                with parametrize.cached():
+                    ws = [m.weight for m in layers]
+                    live = [w for w in ws if w.requires_grad]
+                    loss = loss_fn(model, to_device(batch, device))
+                    grads = iter(torch.autograd.grad(loss, live, allow_unused=True) if live else [])
+                for s, w in zip(sums, ws):
+                    g = next(grads) if w.requires_grad else None
+                    if g is not None:
+                        s += g.detach().float().pow(2)
+                seen += 1
+    finally:
+        model.train(was_training)
+    return [s / max(seen, 1) for s in sums], seen
