@@ -43,8 +43,6 @@ RUNS = {
 RUNS["factorize_fc1_prune07"] = RUNS["factorize_fc1"] + ["stages.prune.layers={fc1*:{sparsity:0.7},fc3:{sparsity:0.7}}"]
 
 
-AUTO_BITS = ["pipeline=[train,prune,quantize,distill]", "stages.quantize.bits=auto", "+stages.quantize.budget=3"]
-UNIFORM_BITS = ["pipeline=[train,prune,quantize,distill]", "stages.quantize.bits=3"]
 NO_FINETUNE = ["pipeline=[train,prune,quantize]", "stages.quantize.finetune.epochs=0"]
 
 
@@ -72,29 +70,45 @@ def quantized(overrides: list[str], seed: int, cache_dir: str) -> dict:
     return {"final": final, "quantize": quant, "bytes": final["compressed_bytes"]}
 
 
-def auto_bits(seed: int) -> None:
-    """bits: auto vs uniform 3 bits at the same average bits per kept weight."""
+def auto_bits(seed: int, budget: int) -> dict:
+    """bits: auto vs uniform `budget` bits at the same average bits per kept weight; returns both rows."""
+    arms = {f"uniform {budget}": [f"stages.quantize.bits={budget}"],
+            f"auto {budget}": ["stages.quantize.bits=auto", f"+stages.quantize.budget={budget}"]}
+    rows = {}
     with tempfile.TemporaryDirectory() as cache_dir:
-        rows = {}
-        for name, base in (("uniform 3", UNIFORM_BITS), ("auto 3", AUTO_BITS)):
-            before = quantized(base + NO_FINETUNE, seed, cache_dir)
-            after = quantized(base, seed, cache_dir)
+        for name, arm in arms.items():
+            before = quantized([*NO_FINETUNE, *arm], seed, cache_dir)
+            after = quantized(["pipeline=[train,prune,quantize,distill]", *arm], seed, cache_dir)
             q = after["quantize"]
-            rows[name] = {"before": before["final"]["accuracy"], "before_loss": before["final"]["loss"],
-                          "quantize": q["accuracy"], "distill": after["final"]["accuracy"],
-                          "bytes": after["bytes"], "avg_bits": q.get("avg_bits_per_weight", 3.0),
-                          "bits": q.get("bits_allotted", "all 3"), "predicted": q.get("predicted_loss_increase"),
-                          "measured": q.get("measured_loss_increase")}
-            r = rows[name]
+            rows[name] = r = {"before": before["final"]["accuracy"], "before_loss": before["final"]["loss"],
+                              "quantize": q["accuracy"], "distill": after["final"]["accuracy"],
+                              "bytes": after["bytes"], "avg_bits": q.get("avg_bits_per_weight", float(budget)),
+                              "bits": q.get("bits_allotted", f"all {budget}")}
             print(f"seed {seed} {name:9s} before fine-tune {r['before']:.4f} (loss {r['before_loss']:.4f})  "
                   f"after quantize fine-tune {r['quantize']:.4f}  after distill {r['distill']:.4f}  "
                   f"model.lwp {r['bytes']:6d} B  avg bits {r['avg_bits']:.3f}  bits {r['bits']}", flush=True)
-        u, a = rows["uniform 3"], rows["auto 3"]
-        print(f"  auto 3: predicted loss increase {a['predicted']:.4g}, measured (test set) {a['measured']:.4g}")
-        won = a["before"] > u["before"] and a["avg_bits"] <= 3.0
-        print(f"target auto bits: better than uniform 3 bits at the same size, before fine-tune "
-              f"({100 * a['before']:.2f}% vs {100 * u['before']:.2f}%; after distill {100 * a['distill']:.2f}% vs "
-              f"{100 * u['distill']:.2f}%; model.lwp {a['bytes']} vs {u['bytes']} B): {'met' if won else 'MISSED'}")
+            if "predicted_loss_increase" in q:
+                print(f"  {name}: loss increase predicted {q['predicted_loss_increase']:.4g}, measured (test set) "
+                      f"{q['measured_loss_increase']:.4g}")
+    return rows
+
+
+def auto_bits_target(results: list[dict], budget: int) -> None:
+    """Means over seeds, and the target: auto better than uniform before fine-tune at no more bits."""
+    def mean(name, key):
+        return sum(r[name][key] for r in results) / len(results)
+    u, a = f"uniform {budget}", f"auto {budget}"
+    for name in (u, a):
+        print(f"mean of {len(results)} seeds, {name:9s}: before fine-tune {100 * mean(name, 'before'):.2f}%  "
+              f"after quantize fine-tune {100 * mean(name, 'quantize'):.2f}%  after distill "
+              f"{100 * mean(name, 'distill'):.2f}%  model.lwp {mean(name, 'bytes'):.0f} B  "
+              f"avg bits {mean(name, 'avg_bits'):.3f}")
+    wins = sum(r[a]["before"] > r[u]["before"] for r in results)
+    ok = mean(a, "before") > mean(u, "before") and mean(a, "avg_bits") <= budget
+    print(f"target auto bits: bits: auto at {budget} bits per weight better than uniform {budget} before fine-tune "
+          f"(mean {100 * mean(a, 'before'):.2f}% vs {100 * mean(u, 'before'):.2f}%, better in {wins} of "
+          f"{len(results)} seeds): {'met' if ok else 'MISSED'}; after distill {100 * mean(a, 'distill'):.2f}% vs "
+          f"{100 * mean(u, 'distill'):.2f}%")
 
 
 def main() -> None:
@@ -102,13 +116,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--part", choices=["all", "methods", "auto_bits"], default="all")
+    p.add_argument("--budget", type=int, default=3, help="--part auto_bits: the bits per weight both arms get")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    for seed in a.seeds:
-        if a.part in ("all", "auto_bits"):
-            auto_bits(seed)
-        if a.part == "auto_bits":
-            continue
+    if a.part in ("all", "auto_bits"):
+        auto_bits_target([auto_bits(seed, a.budget) for seed in a.seeds], a.budget)
+    for seed in a.seeds if a.part != "auto_bits" else []:
         r = {}
         for name, overrides in RUNS.items():
             r[name] = one(overrides, seed)

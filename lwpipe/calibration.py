@@ -4,11 +4,13 @@
 calibration token / position: ||X_j||_2 in Wanda (Sun et al. 2023, "A Simple and
 Effective Pruning Approach for Large Language Models"), whose score is |W_ij| * ||X_j||_2.
 The forward callable says how a batch is fed to the model (a task's `forward`), so
-this module knows nothing of tasks or batch formats.
+this module knows nothing of tasks or batch formats. `weight_gradients` and `fisher_diagonal`
+give the task loss's gradients of each layer's effective weight and their mean squares (the
+diagonal empirical Fisher), for quantize's bits: auto.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -92,29 +94,35 @@ def wanda_scores(module: nn.Module, norms: torch.Tensor) -> torch.Tensor:
     return w * norms.to(w.device).view(shape)
 
 
-def fisher_diagonal(model: nn.Module, layers: list[nn.Module], batches: Iterable, loss_fn) -> tuple[list[torch.Tensor], int]:
-    """(per layer, the diagonal empirical Fisher F_ii = mean over batches of (dL/dw_i)^2 of its effective weight;
-    number of batches seen). `loss_fn(model, batch)` is the task's loss (Context.loss). Given batches of one
-    sample, this is the per-sample empirical Fisher, which a batch's mean gradient squared would shrink about
-    batch-size fold. Gradients of the effective weight (mask, codebook and grid applied), in float32."""
-    sums = [torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for m in layers]
+def weight_gradients(model: nn.Module, layers: list[nn.Module], batches: Iterable, loss_fn
+                     ) -> Iterator[list[torch.Tensor | None]]:
+    """Per batch, the gradient of the task loss `loss_fn(model, batch)` (Context.loss) with respect to each
+    layer's effective weight (mask, codebook and grid applied); None for a layer that takes none. Eval mode."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    seen = 0
     try:
-        with torch.enable_grad():
-            for batch in batches:
-                with parametrize.cached():
-                    ws = [m.weight for m in layers]
-                    live = [w for w in ws if w.requires_grad]
-                    loss = loss_fn(model, to_device(batch, device))
-                    grads = iter(torch.autograd.grad(loss, live, allow_unused=True) if live else [])
-                for s, w in zip(sums, ws):
-                    g = next(grads) if w.requires_grad else None
-                    if g is not None:
-                        s += g.detach().float().pow(2)
-                seen += 1
+        for batch in batches:
+            with torch.enable_grad(), parametrize.cached():
+                ws = [m.weight for m in layers]
+                live = [w for w in ws if w.requires_grad]
+                loss = loss_fn(model, to_device(batch, device))
+                grads = iter(torch.autograd.grad(loss, live, allow_unused=True) if live else [])
+                grads = [next(grads) if w.requires_grad else None for w in ws]
+            yield grads
     finally:
         model.train(was_training)
+
+
+def fisher_diagonal(model: nn.Module, layers: list[nn.Module], batches: Iterable, loss_fn) -> tuple[list[torch.Tensor], int]:
+    """(per layer, the diagonal empirical Fisher F_ii = mean over batches of (dL/dw_i)^2 of its effective weight;
+    number of batches seen). Given batches of one sample, this is the per-sample empirical Fisher, which a
+    batch's mean gradient squared would shrink about batch-size fold."""
+    sums = [torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for m in layers]
+    seen = 0
+    for grads in weight_gradients(model, layers, batches, loss_fn):
+        for s, g in zip(sums, grads):
+            if g is not None:
+                s += g.detach().float().pow(2)
+        seen += 1
     return [s / max(seen, 1) for s in sums], seen

@@ -42,7 +42,6 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from lwpipe.calibration import fisher_diagonal
 from lwpipe.config import Strict, TrainSettings
 from lwpipe.constraints import (NORMS, check_layer_patterns, compressible_layers, constraint, ensure_constraint,
                                 hold_half, layer_setting, out_axis, tied_layers)
@@ -50,7 +49,7 @@ from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.loggers.console import format_quality
 from lwpipe.metrics import evaluate
-from lwpipe.mixed_precision import DEFAULT_CANDIDATES, allot, sensitivity
+from lwpipe.mixed_precision import DEFAULT_CANDIDATES, allot, sensitivities
 from lwpipe.registry import register
 from lwpipe.training import fit
 
@@ -88,6 +87,7 @@ class QuantizeConfig(Strict):
     norms: Literal["float32", "float16"] = "float32"   # LayerNorm / BatchNorm weight and bias
     budget: Budget | None = None                       # bits: auto only: 3, {bits_per_weight: 3} or {bytes: N}
     candidates: list[int] | None = None                # bits: auto's widths; null: 1,2,3,4,5,6,8 (no 1 where binary can't)
+    sensitivity: Literal["fisher", "fisher_diagonal"] = "fisher"  # bits: auto's Omega: the layer's Fisher block or diagonal
     calibration_samples: int = Field(256, ge=1, le=1_000_000)  # bits: auto's Fisher, one sample per gradient
     finetune: TrainSettings = TrainSettings()          # quantization-aware, through the STE
 
@@ -340,6 +340,11 @@ class Quantize:
             pin_zeros(m)
         return model
 
+    def quantizer(self, lc: LayerQuant):
+        """How the stage puts one layer on a b-bit grid (its scheme, granularity and step), for sensitivities."""
+        step = lc.step if lc.step is not None else self.cfg.step
+        return lambda layer, bits: quantize_any(layer, bits, self.cfg, (), step)
+
     def allot(self, model: nn.Module, ctx: Context, settings: dict[str, LayerQuant]) -> dict:
         """bits: auto: the Fisher from calibration samples, Omega(l, b) per layer and candidate, then bits per
         layer (lwpipe/mixed_precision.py). A budget that cannot hold the fewest bits is a ConfigError, raised
@@ -357,18 +362,15 @@ class Quantize:
         chosen = None
         if least <= budget_bits:
             quantized = [n for n in layers if not settings[n].skip]
-            fisher, seen = fisher_diagonal(model, [layers[n] for n in quantized],
-                                           ctx.calibration_batches(cfg.calibration_samples, batch_size=1), ctx.loss)
+            widths = [cands[n] if n in cands else [fixed[n]] for n in quantized]
+            table, seen = sensitivities(model, [layers[n] for n in quantized], widths,
+                                        [self.quantizer(settings[n]) for n in quantized],
+                                        ctx.calibration_batches(cfg.calibration_samples, batch_size=1), ctx.loss,
+                                        diagonal=cfg.sensitivity == "fisher_diagonal")
             if not seen:
                 raise ConfigError(f"stages.{ctx.stage or 'quantize'}.bits", "auto",
                                   "needs training batches for the Fisher (squared gradients), and data.train gives none")
-            fisher = dict(zip(quantized, fisher))
-
-            def omega(n, bits):
-                step = settings[n].step if settings[n].step is not None else cfg.step
-                return sensitivity(layers[n], fisher[n], bits, lambda layer, b: quantize_any(layer, b, cfg, (), step))
-            table = {n: omega(n, cands[n]) for n in free}
-            table.update({n: omega(n, [fixed[n]]) for n in quantized if n in fixed})
+            table = dict(zip(quantized, table))
             chosen = allot([table[n] for n in free], [kept[n] for n in free], budget_bits - fixed_bits)
         if chosen is None:  # the DP's whole units can lose up to one unit a layer of a budget at its very edge
             raise budget_error(cfg, f"stages.{ctx.stage or 'quantize'}", least, total)

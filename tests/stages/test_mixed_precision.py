@@ -15,7 +15,7 @@ from lwpipe.config import validate
 from lwpipe.constraints import clone, compressible_layers, constraint
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError, LwpipeError
-from lwpipe.mixed_precision import allot, sensitivity
+from lwpipe.mixed_precision import allot, quantization_error, sensitivities
 from lwpipe.stages.prune import Prune, PruneConfig
 from lwpipe.stages.quantize import Quantize, QuantizeConfig, kept_count, quantize_any
 from tests.helpers import TINY, compose_recipe, run_recipe
@@ -85,49 +85,62 @@ def test_allot_in_coarse_units_still_holds_the_budget():
     assert best(budget) <= sum(o[b] for o, b in zip(omega, got)) <= best(budget - 3 * 7)  # a unit a layer at most
 
 
-def test_more_sensitive_layer_of_the_same_size_gets_at_least_as_many_bits():
-    torch.manual_seed(0)
-    a, b = nn.Linear(16, 16), nn.Linear(16, 16)
-    b.weight.data.copy_(a.weight.data)  # the same weights, so the same quantization errors
-    fisher = torch.rand(16, 16)
+class Twin(nn.Module):
+    """Two Linear layers with the same weights, side by side; the loss weighs the first `scale` times more."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.scale = nn.Linear(16, 16), nn.Linear(16, 16), scale
+        self.b.load_state_dict(self.a.state_dict())
+
+    def loss(self, _model, batch):
+        x, target = batch
+        return (self.scale * (self.a(x) - target).pow(2).sum() + (self.b(x) - target).pow(2).sum()) / 2
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_more_sensitive_layer_of_the_same_size_gets_at_least_as_many_bits(diagonal):
+    twin = Twin(scale=5.0)
+    torch.manual_seed(1)
+    batches = [(torch.randn(1, 16), torch.randn(1, 16)) for _ in range(32)]
     cfg = QuantizeConfig(bits="auto", budget=3)
-    q = lambda layer, bits: quantize_any(layer, bits, cfg)  # noqa: E731
     cands = [1, 2, 3, 4, 5, 6, 8]
-    sensitive, dull = sensitivity(a, 50 * fisher, cands, q), sensitivity(b, fisher, cands, q)
-    assert all(sensitive[c] == pytest.approx(50 * dull[c]) for c in cands)
-    for budget in (1.5, 3, 4, 5.5):
-        got = allot([dull, sensitive], [256, 256], budget * 512)
-        assert got[1] >= got[0], (budget, got)
-    assert allot([dull, sensitive], [256, 256], 3 * 512)[1] > allot([dull, sensitive], [256, 256], 3 * 512)[0]
+    q = lambda layer, bits: quantize_any(layer, bits, cfg)  # noqa: E731
+    (sensitive, dull), seen = sensitivities(twin, [twin.a, twin.b], [cands, cands], [q, q], batches, twin.loss,
+                                            diagonal=diagonal)
+    assert seen == 32
+    assert all(sensitive[c] == pytest.approx(25 * dull[c], rel=1e-6) for c in cands)  # gradients 5x: Omega 25x
+    got = {budget: allot([dull, sensitive], [256, 256], budget * 512) for budget in (1.5, 3, 4, 5.5)}
+    assert all(g[1] >= g[0] for g in got.values()), got
+    assert any(g[1] > g[0] for g in got.values()), got  # the budget is not just split evenly
 
 
-def test_sensitivity_uses_the_grid_the_stage_applies_and_only_kept_weights(model, ctx):
+def test_sensitivity_is_the_fisher_weighted_error_of_the_grid_the_stage_applies(model, ctx):
     Prune(PruneConfig(sparsity=0.5)).run(model, ctx)
     layer = model[1]
-    fisher = torch.rand_like(layer.weight)
+    batches = list(ctx.calibration_batches(6, batch_size=1))
+    grads = []
+    for batch in batches:
+        model.zero_grad()
+        with torch.nn.utils.parametrize.cached():
+            w = layer.weight
+            grads.append(torch.autograd.grad(ctx.loss(model, batch), w)[0])
+    grads = torch.stack(grads).double()
     for cfg in (QuantizeConfig(bits="auto", budget=3, granularity="per_channel"),
                 QuantizeConfig(bits="auto", budget=3, scheme="asymmetric", step=0.5)):
-        omega = sensitivity(layer, fisher, [2, 3], lambda m, b: quantize_any(m, b, cfg))
+        q = lambda m, b: quantize_any(m, b, cfg)  # noqa: E731
+        (block,), _ = sensitivities(model, [layer], [[2, 3]], [q], batches, ctx.loss)
+        (diag,), _ = sensitivities(model, [layer], [[2, 3]], [q], batches, ctx.loss, diagonal=True)
         for b in (2, 3):
             applied = clone(model)
             quantize_any(applied[1], b, cfg)
-            err = fisher * (layer.weight.detach() - applied[1].weight.detach()) ** 2
-            assert omega[b] == pytest.approx(float(err.sum()), rel=1e-5)
-            assert float(err[layer.weight.detach() == 0].sum()) == 0  # pruned weights add nothing
+            dw = (applied[1].weight.detach() - layer.weight.detach()).double()
+            assert torch.equal(dw, quantization_error(layer, b, q).double())
+            assert float(dw[layer.weight.detach() == 0].abs().sum()) == 0  # pruned weights add nothing
+            assert block[b] == pytest.approx(float(((grads * dw).sum((1, 2)) ** 2).mean()), rel=1e-6)
+            assert diag[b] == pytest.approx(float((grads.pow(2).mean(0) * dw ** 2).sum()), rel=1e-6)
     assert constraint(layer).quantized is False  # the measurement quantized copies, not the layer
-
-
-def test_fisher_is_the_mean_squared_per_sample_gradient(model, ctx):
-    layers = [model[1], model[3]]
-    batches = list(ctx.calibration_batches(5, batch_size=1))
-    fisher, seen = fisher_diagonal(model, layers, batches, ctx.loss)
-    assert seen == 5
-    expected = torch.zeros_like(model[3].weight)
-    for batch in batches:
-        model.zero_grad()
-        ctx.loss(model, batch).backward()
-        expected += model[3].weight.grad ** 2
-    assert torch.allclose(fisher[1], expected / 5, rtol=1e-5, atol=1e-12)
 
 
 def test_same_seed_gives_the_same_allotment(model, tmp_path):
