@@ -4,9 +4,9 @@
 calibration token / position: ||X_j||_2 in Wanda (Sun et al. 2023, "A Simple and
 Effective Pruning Approach for Large Language Models"), whose score is |W_ij| * ||X_j||_2.
 The forward callable says how a batch is fed to the model (a task's `forward`), so
-this module knows nothing of tasks or batch formats. `weight_gradients` and `fisher_diagonal`
-give the task loss's gradients of each layer's effective weight and their mean squares (the
-diagonal empirical Fisher), for quantize's bits: auto.
+this module knows nothing of tasks or batch formats. `weight_gradients` gives the task
+loss's gradient of each layer's effective weight per batch, from which quantize's bits: auto
+builds the empirical Fisher (lwpipe/mixed_precision.py).
 """
 from __future__ import annotations
 
@@ -113,16 +113,3 @@ def weight_gradients(model: nn.Module, layers: list[nn.Module], batches: Iterabl
     finally:
         model.train(was_training)
 
-
-def fisher_diagonal(model: nn.Module, layers: list[nn.Module], batches: Iterable, loss_fn) -> tuple[list[torch.Tensor], int]:
-    """(per layer, the diagonal empirical Fisher F_ii = mean over batches of (dL/dw_i)^2 of its effective weight;
-    number of batches seen). Given batches of one sample, this is the per-sample empirical Fisher, which a
-    batch's mean gradient squared would shrink about batch-size fold."""
-    sums = [torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for m in layers]
-    seen = 0
-    for grads in weight_gradients(model, layers, batches, loss_fn):
-        for s, g in zip(sums, grads):
-            if g is not None:
-                s += g.detach().float().pow(2)
-        seen += 1
-    return [s / max(seen, 1) for s in sums], seen

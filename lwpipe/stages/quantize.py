@@ -86,9 +86,9 @@ class QuantizeConfig(Strict):
     bias: Literal["float32", "float16"] = "float32"
     norms: Literal["float32", "float16"] = "float32"   # LayerNorm / BatchNorm weight and bias
     budget: Budget | None = None                       # bits: auto only: 3, {bits_per_weight: 3} or {bytes: N}
-    candidates: list[int] | None = None                # bits: auto's widths; null: 1,2,3,4,5,6,8 (no 1 where binary can't)
-    sensitivity: Literal["fisher", "fisher_diagonal"] = "fisher"  # bits: auto's Omega: the layer's Fisher block or diagonal
-    calibration_samples: int = Field(256, ge=1, le=1_000_000)  # bits: auto's Fisher, one sample per gradient
+    candidates: list[int] | None = None                # bits: auto's widths; null: 1..6 and 8 (no 1 where binary can't)
+    sensitivity: Literal["fisher", "fisher_diagonal"] = "fisher"  # bits: auto: the layer's Fisher block, or diagonal
+    calibration_samples: int = Field(256, ge=1, le=1_000_000)    # bits: auto's Fisher, one sample per gradient
     finetune: TrainSettings = TrainSettings()          # quantization-aware, through the STE
 
     @field_validator("bits", mode="before")
@@ -302,8 +302,8 @@ class Quantize:
         if any(s.type == "share" for s in before) and (
                 cfg.bits == 1 or cfg.scheme == "ternary" or any(lc.bits == 1 for lc in cfg.layers.values())
                 or (cfg.bits == "auto" and 1 in (cfg.candidates or ()))):
-            return ("binary / ternary weights (bits=1, candidates with 1, scheme=ternary) are their own 2- or 3-value codebook; "
-                    "a k-means codebook before them only costs index bits: drop share")
+            return ("binary / ternary weights (bits=1, candidates with 1, scheme=ternary) are their own 2- or "
+                    "3-value codebook; a k-means codebook before them only costs index bits: drop share")
         return None
 
     @staticmethod
@@ -368,8 +368,8 @@ class Quantize:
                                         ctx.calibration_batches(cfg.calibration_samples, batch_size=1), ctx.loss,
                                         diagonal=cfg.sensitivity == "fisher_diagonal")
             if not seen:
-                raise ConfigError(f"stages.{ctx.stage or 'quantize'}.bits", "auto",
-                                  "needs training batches for the Fisher (squared gradients), and data.train gives none")
+                raise ConfigError(f"stages.{ctx.stage or 'quantize'}.bits", "auto", "needs training batches for "
+                                  "the Fisher (squared gradients), and data.train gives none")
             table = dict(zip(quantized, table))
             chosen = allot([table[n] for n in free], [kept[n] for n in free], budget_bits - fixed_bits)
         if chosen is None:  # the DP's whole units can lose up to one unit a layer of a budget at its very edge

@@ -10,10 +10,10 @@ from torch import nn
 
 import lwpipe
 from lwpipe.artifact import encode_model
-from lwpipe.calibration import fisher_diagonal
 from lwpipe.config import validate
 from lwpipe.constraints import clone, compressible_layers, constraint
 from lwpipe.context import Context
+from lwpipe.data import load_blobs
 from lwpipe.errors import ConfigError, LwpipeError
 from lwpipe.mixed_precision import allot, quantization_error, sensitivities
 from lwpipe.stages.prune import Prune, PruneConfig
@@ -145,17 +145,12 @@ def test_sensitivity_is_the_fisher_weighted_error_of_the_grid_the_stage_applies(
 
 def test_same_seed_gives_the_same_allotment(model, tmp_path):
     def once():
-        ctx = Context(data=lwpipe_blobs(), seed=3, run_dir=tmp_path)
+        ctx = Context(data=load_blobs(n=256), seed=3, run_dir=tmp_path)
         rec = auto(clone(model), ctx, budget=2.5, calibration_samples=64)
         return rec["bits_allotted"], rec["predicted_loss_increase"]
     first = once()
     assert once() == first
     assert len(set(first[0].values())) > 1  # a real allotment, not all layers alike
-
-
-def lwpipe_blobs():
-    from lwpipe.data import load_blobs
-    return load_blobs(n=256)
 
 
 def test_the_record_has_predicted_and_measured_quality(model, ctx):
