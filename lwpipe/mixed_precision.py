@@ -53,7 +53,7 @@ def sensitivities(model: nn.Module, layers: list[nn.Module], candidates: list[li
     if diagonal:
         sums = [torch.zeros(m.weight.shape, dtype=torch.float64, device=m.weight.device) for m in layers]
     else:  # each candidate's error, flattened: one dot product per sample and candidate
-        deltas = [torch.stack([quantization_error(m, b, q).flatten() for b in bits]).double()
+        deltas = [torch.stack([quantization_error(m, b, q).flatten() for b in bits])  # float32: memory
                   for m, bits, q in zip(layers, candidates, quantizers)]
         sums = [torch.zeros(len(bits), dtype=torch.float64, device=m.weight.device)
                 for m, bits in zip(layers, candidates)]
@@ -61,7 +61,7 @@ def sensitivities(model: nn.Module, layers: list[nn.Module], candidates: list[li
     for grads in weight_gradients(model, layers, batches, loss_fn):
         for i, g in enumerate(grads):
             if g is not None:
-                sums[i] += g.double().pow(2) if diagonal else (deltas[i] @ g.double().flatten()).pow(2)
+                sums[i] += g.double().pow(2) if diagonal else (deltas[i] @ g.float().flatten()).double().pow(2)
         seen += 1
     out = []
     for m, bits, q, s in zip(layers, candidates, quantizers, sums):
