@@ -78,7 +78,7 @@ class Budget(Strict):
 
 
 class QuantizeConfig(Strict):
-    bits: int | str = 8                                # 1: binary weights, sign(W) * alpha; auto: by sensitivity
+    bits: int | Literal["auto"] = 8                    # 1: binary weights, sign(W) * alpha; auto: by sensitivity
     scheme: Scheme = "symmetric"                       # ternary: {-alpha, 0, +alpha}, bits not used
     granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
     step: float | None = Field(None, gt=0, le=10)      # grid step = step x the layer's std; null: the range
