@@ -39,6 +39,8 @@ class Context:
     snapshots: dict[str, nn.Module] = field(default_factory=dict)
     on_epoch: Callable[[nn.Module, int, float], None] | None = None
     on_batch: Callable[..., None] | None = None  # progress bar: (stage, epoch, epochs, batch, batches, loss)
+    # fields the running stage adds to its stage_end record (quantize's bits: auto allotment); the runner empties it
+    stage_record: dict = field(default_factory=dict)
     _test_batches: list | None = field(default=None, repr=False)
 
     def train_loader(self, batch_size: int | None = None) -> DataLoader:

@@ -170,7 +170,8 @@ def needs_reference(steps) -> bool:
     def one_shot(s) -> bool:
         cfg = s.config
         return (s.type in ONE_SHOT and getattr(getattr(cfg, "finetune", None), "epochs", 1) == 0
-                and getattr(cfg, "criterion", None) != "taylor")
+                and getattr(cfg, "criterion", None) not in ("taylor", "gradient", "saliency")
+                and getattr(cfg, "bits", None) != "auto")  # gradients of the task loss, which may need it
     return not all(one_shot(s) for s in steps)
 
 
@@ -259,6 +260,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
             ctx.step, ctx.stage = step, s.name
             key = cache.stage_key(key, step, s.name, s.type, s.config.model_dump(mode="json"))
             current.clear()
+            ctx.stage_record = {}
             restored = clone(initial) if initial is not None else None  # another job may have stored it
             replay = stage_cache.claim(key, restored) if restored is not None else None
             hit = replay is not None
@@ -281,7 +283,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
             if s.name in wanted:
                 ctx.snapshots[s.name] = clone(model).eval()
             if not hit:
-                current.append(snapshot(model, step, s.name, "stage_end", seconds, type=s.type))
+                current.append(snapshot(model, step, s.name, "stage_end", seconds, type=s.type, **ctx.stage_record))
                 warn_if_larger(s, records[-1], current[-1])
                 stage_cache.store(key, model, current)  # first: a logged stage_end is always resumable
                 emit(current[-1])

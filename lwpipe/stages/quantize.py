@@ -21,6 +21,12 @@ the ordinary grid (levels -1 / +1, scale alpha, zero point 0; the zeros are mask
 artifact stores one sign symbol per kept weight. Trained with the straight-through estimator
 (constraints._SignSTE); alpha and the ternary zeros are fixed when the stage runs.
 
+Mixed precision by sensitivity: `bits: auto` with a `budget` (average bits per kept weight, or bytes of
+the quantized weights) picks each layer's bits from `candidates` to minimise the summed Fisher-weighted
+quantization error under the budget (HAWQ-style; lwpipe/mixed_precision.py), then quantizes and
+fine-tunes as with per-layer bits. The allotment, the bits spent and the predicted vs measured loss
+increase go to the log and to the stage's record.
+
 `bias: float16` also holds every quantized layer's bias to float16 values
 (constraints.HalfBias), so the artifact can store biases in 2 bytes;
 `norms: float16` does the same for LayerNorm / GroupNorm / BatchNorm weights
@@ -28,19 +34,26 @@ and biases (running statistics are buffers and stay exact).
 """
 from __future__ import annotations
 
+import logging
+import math
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from lwpipe.config import Strict, TrainSettings
-from lwpipe.constraints import (NORMS, check_layer_patterns, compressible_layers, ensure_constraint, layer_setting,
-                                hold_half, out_axis, tied_layers)
+from lwpipe.constraints import (NORMS, check_layer_patterns, compressible_layers, constraint, ensure_constraint,
+                                hold_half, layer_setting, out_axis, tied_layers)
 from lwpipe.context import Context
+from lwpipe.errors import ConfigError
+from lwpipe.loggers.console import format_quality
+from lwpipe.metrics import evaluate
+from lwpipe.mixed_precision import DEFAULT_CANDIDATES, allot, sensitivities
 from lwpipe.registry import register
 from lwpipe.training import fit
 
+log = logging.getLogger("lwpipe")
 Scheme = Literal["symmetric", "asymmetric", "ternary"]
 
 
@@ -50,19 +63,58 @@ class LayerQuant(Strict):
     skip: bool = False
 
 
+class Budget(Strict):
+    """`bits: auto`'s budget, exactly one of: the average bits per kept weight, or the bytes of the quantized
+    weights (kept weights x their bits / 8, before entropy coding). A plain number is bits_per_weight."""
+    bits_per_weight: float | None = Field(None, gt=0, le=32)
+    bytes: int | None = Field(None, ge=1, le=1 << 50)
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("bits_per_weight", "bytes") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of bits_per_weight, bytes; got {', '.join(given) or 'none'}")
+        return self
+
+
 class QuantizeConfig(Strict):
-    bits: int = Field(8, ge=1, le=16)                  # 1: binary weights, sign(W) * alpha
+    bits: int | Literal["auto"] = 8                    # 1: binary weights, sign(W) * alpha; auto: by sensitivity
     scheme: Scheme = "symmetric"                       # ternary: {-alpha, 0, +alpha}, bits not used
     granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
     step: float | None = Field(None, gt=0, le=10)      # grid step = step x the layer's std; null: the range
     layers: dict[str, LayerQuant] = {}                 # by module name or glob: "fc3", "conv*"
     bias: Literal["float32", "float16"] = "float32"
     norms: Literal["float32", "float16"] = "float32"   # LayerNorm / BatchNorm weight and bias
+    budget: Budget | None = None                       # bits: auto only: 3, {bits_per_weight: 3} or {bytes: N}
+    candidates: list[int] | None = None                # bits: auto's widths; null: 1..6 and 8 (no 1 where binary can't)
+    sensitivity: Literal["fisher", "fisher_diagonal"] = "fisher"  # bits: auto: the layer's Fisher block, or diagonal
+    calibration_samples: int = Field(256, ge=1, le=1_000_000)    # bits: auto's Fisher, one sample per gradient
     finetune: TrainSettings = TrainSettings()          # quantization-aware, through the STE
 
+    @field_validator("bits", mode="before")
+    @classmethod
+    def _bits(cls, v):
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 16):
+            return v
+        raise ValueError("must be a whole number of bits 1..16, or auto (bits per layer by sensitivity, "
+                         "with a budget)")
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _plain_budget(cls, v):
+        return {"bits_per_weight": v} if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidates(cls, v):
+        if v is not None and (not v or any(not 1 <= b <= 16 for b in v) or len(set(v)) != len(v)):
+            raise ValueError("must be distinct whole numbers of bits 1..16, at least one")
+        return sorted(v) if v is not None else v
+
     @model_validator(mode="after")
-    def _binary_has_no_zero_point(self):
+    def _consistent(self):
         check_binary(self)
+        check_auto(self)
         return self
 
 
@@ -74,6 +126,39 @@ def check_binary(cfg: QuantizeConfig) -> None:
     if bad:
         raise ValueError(f"{bad[0][0]}=1 with scheme=asymmetric: binary weights are sign(W) * alpha, symmetric "
                          f"around 0 with no zero point; use scheme=symmetric (or ternary), or bits >= 2")
+
+
+def check_auto(cfg: QuantizeConfig) -> None:
+    """budget / candidates go with bits: auto and nothing else; auto needs a budget its fewest bits fit."""
+    auto = cfg.bits == "auto"
+    if not auto:
+        extra = [k for k in ("budget", "candidates") if getattr(cfg, k) is not None]
+        if extra:
+            raise ValueError(f"{extra[0]} is set but bits={cfg.bits}: {extra[0]} is only used by bits: auto "
+                             f"(bits per layer by sensitivity); set bits: auto or drop {extra[0]}")
+        return
+    if cfg.scheme == "ternary":
+        raise ValueError("bits=auto with scheme=ternary: ternary weights have three levels whatever the bits; "
+                         "use scheme=symmetric or asymmetric with bits: auto")
+    if cfg.budget is None:
+        raise ValueError("bits=auto needs a budget: budget: 3 (average bits per kept weight), "
+                         "budget: {bits_per_weight: 3} or budget: {bytes: N} (of the quantized weights)")
+    if cfg.scheme == "asymmetric" and 1 in (cfg.candidates or ()):
+        raise ValueError("candidates holds 1 with scheme=asymmetric: binary weights are sign(W) * alpha, with no "
+                         "zero point; drop 1 from candidates or use scheme=symmetric")
+    fewest = min(auto_candidates(cfg, shared=False))
+    bpw = cfg.budget.bits_per_weight
+    if bpw is not None and bpw < fewest:
+        raise ValueError(f"budget={bpw!r} bits per weight is below what the fewest candidate bits cost "
+                         f"({fewest} bit{'s' * (fewest > 1)} per kept weight); allowed: at least {fewest}")
+
+
+def auto_candidates(cfg: QuantizeConfig, shared: bool) -> list[int]:
+    """The widths bits: auto picks from for one layer: `candidates`, or the default less 1 where binary weights
+    cannot be (scheme=asymmetric, a shared layer)."""
+    if cfg.candidates is not None:
+        return list(cfg.candidates)
+    return [b for b in DEFAULT_CANDIDATES if b > 1 or not (shared or cfg.scheme == "asymmetric")]
 
 
 def quant_range(bits: int, scheme: Scheme) -> tuple[int, int]:
@@ -215,9 +300,10 @@ class Quantize:
                     "and per-channel scales would give each channel its own values (more than 2^bits per layer); "
                     "use granularity=per_tensor, which quantizes the codebook itself")
         if any(s.type == "share" for s in before) and (
-                cfg.bits == 1 or cfg.scheme == "ternary" or any(lc.bits == 1 for lc in cfg.layers.values())):
-            return ("binary / ternary weights (bits=1, scheme=ternary) are their own 2- or 3-value codebook; "
-                    "a k-means codebook before them only costs index bits: drop share")
+                cfg.bits == 1 or cfg.scheme == "ternary" or any(lc.bits == 1 for lc in cfg.layers.values())
+                or (cfg.bits == "auto" and 1 in (cfg.candidates or ()))):
+            return ("binary / ternary weights (bits=1, candidates with 1, scheme=ternary) are their own 2- or "
+                    "3-value codebook; a k-means codebook before them only costs index bits: drop share")
         return None
 
     @staticmethod
@@ -227,20 +313,106 @@ class Quantize:
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
         done, half = [], []
         ties = tied_layers(model)
+        settings = {}
         for name, m in compressible_layers(model):
             tied = ties.get(name, ())
-            lc = layer_setting(name, self.cfg.layers, LayerQuant(), [t for t, _ in tied])
+            settings[name] = layer_setting(name, self.cfg.layers, LayerQuant(), [t for t, _ in tied])
+        auto = self.cfg.bits == "auto"
+        if auto:
+            before, _ = evaluate(model, ctx.test_loader(), task=ctx.task)
+            plan = self.allot(model, ctx, settings)
+        for name, m in compressible_layers(model):
+            tied, lc = ties.get(name, ()), settings[name]
             if lc.skip:
                 continue
             step = lc.step if lc.step is not None else self.cfg.step
-            quantize_any(m, lc.bits, self.cfg, tied, step)
+            quantize_any(m, plan["bits"][name] if auto else lc.bits, self.cfg, tied, step)
             done.append(m)
             half += [(layer, "bias") for layer in [m] + [t for _, t in tied]] * (self.cfg.bias == "float16")
         if self.cfg.norms == "float16":
             half += [(m, a) for m in model.modules() if isinstance(m, NORMS) for a in ("weight", "bias")]
         hold_half(model, half)
+        if auto:
+            report_allotment(plan, before, evaluate(model, ctx.test_loader(), task=ctx.task)[0], ctx)
         fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune, loss_fn=ctx.loss,
             on_epoch=ctx.epoch_callback(model))
         for m in done:  # QAT may have moved more weights onto level 0: keep them there too
             pin_zeros(m)
         return model
+
+    def quantizer(self, lc: LayerQuant):
+        """How the stage puts one layer on a b-bit grid (its scheme, granularity and step), for sensitivities."""
+        step = lc.step if lc.step is not None else self.cfg.step
+        return lambda layer, bits: quantize_any(layer, bits, self.cfg, (), step)
+
+    def allot(self, model: nn.Module, ctx: Context, settings: dict[str, LayerQuant]) -> dict:
+        """bits: auto: the Fisher from calibration samples, Omega(l, b) per layer and candidate, then bits per
+        layer (lwpipe/mixed_precision.py). A budget that cannot hold the fewest bits is a ConfigError, raised
+        before any layer changes. Layers under `layers:` keep their bits (a skipped one counts 32 a weight)."""
+        cfg = self.cfg
+        layers = dict(compressible_layers(model))
+        kept = {n: kept_count(m) for n, m in layers.items()}
+        fixed = {n: 32 if lc.skip else lc.bits for n, lc in settings.items() if lc.skip or lc.bits is not None}
+        free = [n for n in layers if n not in fixed]
+        cands = {n: auto_candidates(cfg, shared=getattr(constraint(layers[n]), "shared", False)) for n in free}
+        total = sum(kept.values())
+        budget_bits = 8 * cfg.budget.bytes if cfg.budget.bytes is not None else cfg.budget.bits_per_weight * total
+        fixed_bits = sum(fixed[n] * kept[n] for n in fixed)
+        least = fixed_bits + sum(min(cands[n]) * kept[n] for n in free)
+        chosen = None
+        if least <= budget_bits:
+            quantized = [n for n in layers if not settings[n].skip]
+            widths = [cands[n] if n in cands else [fixed[n]] for n in quantized]
+            table, seen = sensitivities(model, [layers[n] for n in quantized], widths,
+                                        [self.quantizer(settings[n]) for n in quantized],
+                                        ctx.calibration_batches(cfg.calibration_samples, batch_size=1), ctx.loss,
+                                        diagonal=cfg.sensitivity == "fisher_diagonal")
+            if not seen:
+                raise ConfigError(f"stages.{ctx.stage or 'quantize'}.bits", "auto", "needs training batches for "
+                                  "the Fisher (squared gradients), and data.train gives none")
+            table = dict(zip(quantized, table))
+            chosen = allot([table[n] for n in free], [kept[n] for n in free], budget_bits - fixed_bits)
+        if chosen is None:  # the DP's whole units can lose up to one unit a layer of a budget at its very edge
+            raise budget_error(cfg, f"stages.{ctx.stage or 'quantize'}", least, total)
+        bits = {n: fixed[n] for n in quantized if n in fixed} | dict(zip(free, chosen))
+        bits = {n: bits[n] for n in quantized}  # in module order
+        return {"bits": bits, "kept": kept, "total": total, "budget_bits": budget_bits, "samples": seen,
+                "spent_bits": sum(b * kept[n] for n, b in bits.items()) + sum(32 * kept[n] for n in layers
+                                                                              if settings[n].skip),
+                "predicted": 0.5 * sum(table[n][b] for n, b in bits.items())}
+
+
+def kept_count(module: nn.Module) -> int:
+    """Weights the mask keeps (all of them without a mask)."""
+    c = constraint(module)
+    return int(c.mask.sum()) if c is not None and c.mask is not None else module.weight.numel()
+
+
+def budget_error(cfg: QuantizeConfig, path: str, least: float, total: int) -> ConfigError:
+    """The budget is below the fewest bits: name the key, its value and the least it may be here."""
+    if cfg.budget.bytes is not None:
+        key, value, minimum = "budget.bytes", cfg.budget.bytes, f"{math.ceil(least / 8)} bytes"
+    else:
+        key, value = "budget", cfg.budget.bits_per_weight
+        minimum = f"{math.ceil(1000 * least / total) / 1000:g} bits per weight"
+    return ConfigError(f"{path}.{key}", value,
+                       f"is below what the fewest bits cost on these {total:,} kept weights (the fewest candidate bits "
+                       f"per auto layer, the bits `layers` fixes, 32 a weight for a skipped layer); at least {minimum}")
+
+
+def report_allotment(plan: dict, before: dict, after: dict, ctx: Context) -> None:
+    """Log bits: auto's allotment and its predicted vs measured effect, and put them in the stage's record."""
+    measured = after["loss"] - before["loss"] if "loss" in after and "loss" in before else None
+    fields = {"bits_allotted": plan["bits"], "avg_bits_per_weight": plan["spent_bits"] / max(plan["total"], 1),
+              "budget_bits_per_weight": plan["budget_bits"] / max(plan["total"], 1),
+              "quantized_weight_bytes": math.ceil(plan["spent_bits"] / 8),
+              "predicted_loss_increase": plan["predicted"], "measured_loss_increase": measured,
+              "quality_before_quantize": before.get("quality"), "quality_before_finetune": after.get("quality")}
+    ctx.stage_record.update(fields)
+    metric = after.get("metric", "quality")
+    log.info("  bits auto: %s", ", ".join(f"{n}={b}" for n, b in plan["bits"].items()))
+    log.info("  bits auto: %.3f bits per kept weight (budget %.3f, %d Fisher samples); loss increase predicted "
+             "%.4g, measured %s (test set); %s %s before quantize, %s before fine-tune",
+             fields["avg_bits_per_weight"], fields["budget_bits_per_weight"], plan["samples"],
+             plan["predicted"], "-" if measured is None else f"{measured:.4g}", metric,
+             format_quality(metric, before.get("quality")), format_quality(metric, after.get("quality")))
