@@ -22,7 +22,8 @@ def test_shipped_recipe_validates(name):
 
 
 def test_compression_recipes_run_the_full_chain():
-    for name in ("default", "deep_compression_lenet300", "deep_compression_lenet5"):
+    for name in ("default", "deep_compression_lenet300", "deep_compression_lenet300_paper", "deep_compression_lenet5",
+                 "deep_compression_lenet5_paper"):
         steps = validate(compose_recipe([f"recipe={name}"])).steps
         assert [s.type for s in steps] == ["train", "prune", "share", "quantize", "distill"]
 
@@ -39,3 +40,15 @@ def test_recipe_runs_from_the_cli(name, tmp_path):
     share = next(r for r in summary["stages"] if r["stage"] == "share")
     assert share["max_unique_weights"] <= (256 if name.endswith("lenet5") else 64)
     assert summary["final"]["sparsity"] >= 0.9
+
+
+def test_paper_recipes_keep_the_papers_settings():
+    """Han et al. 2016, Table 1-2: the share of weights kept per layer and the codebook bits."""
+    kept = {"deep_compression_lenet300_paper": {"fc1": 0.08, "fc2": 0.09, "fc3": 0.26},
+            "deep_compression_lenet5_paper": {"conv1": 0.66, "conv2": 0.12, "fc1": 0.08, "fc2": 0.19}}
+    for name, layers in kept.items():
+        cfg = compose_recipe([f"recipe={name}"])
+        assert {n: round(1 - s.sparsity, 2) for n, s in cfg.stages.prune.layers.items()} == layers
+    assert compose_recipe(["recipe=deep_compression_lenet300_paper"]).stages.share.bits == 6
+    share = compose_recipe(["recipe=deep_compression_lenet5_paper"]).stages.share.layers
+    assert (share["conv*"].bits, share["fc*"].bits) == (8, 5)
