@@ -28,6 +28,7 @@ TABLES = {
     "deep_compression_lenet300": ("deep_compression_lenet300", False),
     "deep_compression_lenet300_paper": ("deep_compression_lenet300_paper", False),
     "deep_compression_lenet5": ("deep_compression_lenet5", False),
+    "deep_compression_lenet5_paper": ("deep_compression_lenet5_paper", False),
 }
 INSPECT = {"inspect:deep_compression_lenet300": "deep_compression_lenet300"}
 HEADER = ("| stage | accuracy | sparsity | max distinct | teacher agreement | model.lwp bytes | ratio |\n"

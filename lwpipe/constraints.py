@@ -210,6 +210,23 @@ class HalfBias(nn.Module):
         return rounded + (bias - bias.detach())  # value: exactly `rounded`; gradient: identity
 
 
+BIAS_LEVELS = 127  # `bias: int8`: levels -127..127 on one scale per tensor
+
+
+class GridBias(nn.Module):
+    """A bias computed as scale x an integer level in -127..127 (straight-through gradient). The scale is
+    fixed when the grid is set, so later training moves the levels only and the artifact stores one scale
+    and the levels, entropy-coded (~5-7 bits a bias instead of fp16's ~14)."""
+
+    def __init__(self, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale.detach().float().reshape(()).clone())
+
+    def forward(self, bias: torch.Tensor) -> torch.Tensor:
+        rounded = torch.clamp(torch.round(bias.detach().float() / self.scale), -BIAS_LEVELS, BIAS_LEVELS) * self.scale
+        return rounded.to(bias.dtype) + (bias - bias.detach())  # value: exactly `rounded`; gradient: identity
+
+
 def bias_dtype(module: nn.Module) -> torch.dtype | None:
     """The precision the layer's bias is held to: float16 under HalfBias, else its own dtype; None without bias."""
     if parametrize.is_parametrized(module, "bias"):
@@ -241,6 +258,36 @@ def hold_half(model: nn.Module, tensors) -> None:
         for a in ("weight", "bias"):
             if _stored(m, a) is not None and id(_stored(m, a)) in wanted:
                 set_half(m, a)
+
+
+def hold_grid(model: nn.Module, tensors) -> None:
+    """Put each float32 (module, attr) in `tensors` on an 8-bit grid (GridBias, scale = max |value| / 127),
+    and every other module holding that very tensor on the same one."""
+    scales = {}
+    for m, a in tensors:
+        t = _stored(m, a)
+        if t is not None and t.dtype == torch.float32 and a not in grid_attrs(m) and a not in half_attrs(m):
+            top = float(getattr(m, a).detach().abs().max()) if t.numel() else 0.0
+            scales[id(t)] = torch.tensor(top / BIAS_LEVELS if top > 0 else 1.0)
+    if not scales:
+        return
+    for m in model.modules():
+        for a in ("weight", "bias"):
+            t = _stored(m, a)
+            if t is not None and id(t) in scales and a not in grid_attrs(m):
+                set_grid(m, a, scales[id(t)])
+
+
+def set_grid(module: nn.Module, attr: str, scale: torch.Tensor) -> None:
+    parametrize.register_parametrization(module, attr, GridBias(scale))
+
+
+def grid_attrs(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's tensors held to an 8-bit grid by GridBias: name -> scale."""
+    if not parametrize.is_parametrized(module):
+        return {}
+    return {a: p.scale for a in sorted(module.parametrizations) for p in module.parametrizations[a]
+            if isinstance(p, GridBias)}
 
 
 def _stored(module: nn.Module, attr: str) -> torch.Tensor | None:
@@ -436,6 +483,8 @@ def model_spec(model: nn.Module) -> dict[str, dict]:
                 entry["tied"] = [t for t, _ in ties[n]]
         if half := half_attrs(m):
             entry["half"] = half
+        if grid := grid_attrs(m):
+            entry["grid"] = list(grid)  # the scales are buffers: the state dict carries them
         if entry:
             out[n] = entry
     return out
@@ -467,6 +516,8 @@ def apply_spec(model: nn.Module, spec: Mapping[str, dict]) -> None:
                 m.parametrizations.weight.original.requires_grad_(False)
         for attr in s.get("half", ["bias"] if s.get("bias") == "float16" else []):  # "bias": older specs
             set_half(m, attr)
+        for attr in s.get("grid", []):
+            set_grid(m, attr, torch.ones(()))
 
 
 def ensure_constraint_as(module: nn.Module, c: Compressed, tied=()) -> None:

@@ -25,8 +25,8 @@ from lwpipe.artifact.format import ArtifactError, unpack
 from lwpipe.artifact.positions import positions_from_gaps
 from lwpipe.artifact.limits import check_header
 from lwpipe.artifact.raw import DTYPES, FLOAT_FIELDS, RawReader, join_float, mantissa_bytes
-from lwpipe.constraints import (Compressed, grid_shape, constraint, dequantize, effective_tensors, ensure_constraint_as,
-                                index_dtype, is_compressible, set_half)
+from lwpipe.constraints import (BIAS_LEVELS, Compressed, grid_shape, constraint, dequantize, effective_tensors, ensure_constraint_as,
+                                index_dtype, is_compressible, set_grid, set_half)
 from lwpipe.lowrank import restore_factorized
 from lwpipe.structured import resize_to
 
@@ -46,6 +46,7 @@ class Artifact:
     tensors: dict[str, tuple[torch.Tensor, bool]]  # name -> (value, held to fp16 by HalfBias)
     tensor_bits: dict[str, float]                   # name -> what storing it costs
     size: int
+    grids: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> scale of its 8-bit grid (GridBias)
 
     @property
     def model_config(self) -> dict | None:
@@ -90,16 +91,20 @@ def read(data: bytes, source: str = "artifact", max_dense_bytes: int | None = No
         raw = RawReader(body[:raw_len])
         streams = StreamReader(body[raw_len:raw_len + bits_len], body[raw_len + bits_len:])
         layers = [read_layer(e, raw, streams) for e in header["layers"]]
-        tensors, tensor_bits = {}, {}
+        tensors, tensor_bits, grids = {}, {}, {}
         for name, how, shape, dtype, *flags in header["tensors"]:
             start, first = raw.pos, len(streams.stats)
-            tensors[name] = (take(how, shape, DTYPES[dtype], raw, streams), "half" in flags)
+            if how[0] == "levels":
+                grids[name], value = take_levels(shape, raw, streams)
+            else:
+                value = take(how, shape, DTYPES[dtype], raw, streams)
+            tensors[name] = (value, "half" in flags)
             tensor_bits[name] = 8.0 * (raw.pos - start) + sum(_stream_bits(s) for s in streams.stats[first:])
         if raw.pos != raw_len or not streams.done():
             raise ValueError("data left over after the last tensor")
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError, OverflowError) as e:
         raise ArtifactError(f"{source} cannot be decoded: {e}") from None
-    return Artifact(header, layers, tensors, tensor_bits, len(data))
+    return Artifact(header, layers, tensors, tensor_bits, len(data), grids)
 
 
 def take(how: list, shape, restore: torch.dtype, raw: RawReader, streams: StreamReader) -> torch.Tensor:
@@ -112,6 +117,15 @@ def take(how: list, shape, restore: torch.dtype, raw: RawReader, streams: Stream
                          f"{raw.remaining:,} are left")
     symbols = streams.symbols(n, 1 << (FLOAT_FIELDS[dtype][0] + 1))
     return join_float(symbols, int(how[1]), raw.take(mantissa_bytes(n, dtype)), dtype).reshape(shape).to(restore)
+
+
+def take_levels(shape, raw: RawReader, streams: StreamReader) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, scale x levels) of a tensor `encode.put_levels` stored as ["levels", 8]."""
+    scale = raw.tensor("float32", [])
+    if not bool(torch.isfinite(scale)) or float(scale) <= 0:
+        raise ValueError(f"an 8-bit grid's scale is {float(scale)}, not a positive number")
+    levels = torch.from_numpy(streams.symbols(math.prod(shape), 2 * BIAS_LEVELS + 1).astype("int64")) - BIAS_LEVELS
+    return scale, (levels.float() * scale).reshape(shape)
 
 
 def read_levels(streams: StreamReader, n: int, qmin: int, qmax: int) -> list[int]:
@@ -335,9 +349,13 @@ def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False,
         getattr(m, attr).copy_(value)
         if half:
             set_half(m, attr)
+        if name in art.grids:
+            set_grid(m, attr, art.grids[name])
     for alias, name in tied.items():  # a tied tensor held to float16 is held so under every name
         if name in art.tensors and art.tensors[name][1]:
             set_half(_owner(modules, alias, source), alias.rpartition(".")[2])
+        if name in art.grids:
+            set_grid(_owner(modules, alias, source), alias.rpartition(".")[2], art.grids[name])
     return model.eval()
 
 

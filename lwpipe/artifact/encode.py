@@ -27,7 +27,7 @@ from lwpipe.artifact.coding import StreamWriter, estimate_bits
 from lwpipe.artifact.format import pack
 from lwpipe.artifact.positions import choose_escape
 from lwpipe.artifact.raw import FLOAT_FIELDS, dtype_name, lossless_dtype, split_float, tensor_bytes
-from lwpipe.constraints import (Compressed, compressible_layers, constraint, half_attrs, original_weight,
+from lwpipe.constraints import (BIAS_LEVELS, Compressed, compressible_layers, constraint, grid_attrs, half_attrs, original_weight,
                                 parameter_shapes, tensor_aliases)
 from lwpipe.errors import LwpipeError
 
@@ -42,7 +42,7 @@ def encode(model: nn.Module, model_config: dict | None) -> tuple[bytes, list[dic
     """(file bytes, per-stream statistics: symbols, table bits, coded bits, entropy bits)."""
     config = None if model_config is None else {k: v for k, v in dict(model_config).items() if k != "checkpoint"}
     streams, raw = StreamWriter(), bytearray()
-    layers, half = [], set()
+    layers, half, grids = [], set(), {}
     for name, m in compressible_layers(model):
         prefix = f"{name}." if name else ""
         c = constraint(m)
@@ -50,12 +50,13 @@ def encode(model: nn.Module, model_config: dict | None) -> tuple[bytes, list[dic
             layers.append(encode_layer(prefix + "weight", m, c, streams, raw))
     for mname, m in model.named_modules():
         half.update(f"{mname}.{a}" if mname else a for a in half_attrs(m))
+        grids.update({f"{mname}.{a}" if mname else a: scale for a, scale in grid_attrs(m).items()})
     aliases = tensor_aliases(model)
     buffers = buffer_names(model)
     tensors = []
     for name, t in other_tensors(model, {e["name"] for e in layers} | set(aliases)):
         t = t.cpu()
-        how = put(t, streams, raw, name)
+        how = put_levels(t, grids[name], streams, raw, name) if name in grids else put(t, streams, raw, name)
         flags = ["half"] * (name in half) + ["buffer"] * (name in buffers)
         tensors.append([name, how, list(t.shape), dtype_name(t.dtype)] + flags)
     bits, words = streams.finish()
@@ -103,6 +104,18 @@ def put(t: torch.Tensor, streams: StreamWriter, raw: bytearray, label: str = "")
             return [dtype_name(stored), low]
     raw += tensor_bytes(t)
     return [dtype_name(stored)]
+
+
+def put_levels(t: torch.Tensor, scale: torch.Tensor, streams: StreamWriter, raw: bytearray, label: str = "") -> list:
+    """A tensor held to scale x level (constraints.GridBias): the scale raw, the levels entropy-coded;
+    ["levels", 8]. Falls back to `put` if t is not exactly on its grid (it always is through GridBias)."""
+    scale = scale.detach().cpu().float()
+    levels = torch.round(t.float() / scale)
+    if t.dtype != torch.float32 or not torch.equal(levels * scale, t) or bool((levels.abs() > BIAS_LEVELS).any()):
+        return put(t, streams, raw, label)
+    raw += tensor_bytes(scale)
+    streams.symbols(levels.reshape(-1).to(torch.int64).numpy() + BIAS_LEVELS, f"{label} levels")
+    return ["levels", 8]
 
 
 def parameter_count(model: nn.Module) -> int:

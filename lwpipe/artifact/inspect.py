@@ -49,7 +49,8 @@ def rows(art: Artifact) -> list[dict]:
         kept = None if "buffer" in flags else int(value.count_nonzero())  # a buffer is not a parameter
         others.append({"layer": name, "weights": numel, "kept": kept, "weight_bits": bits / max(numel, 1),
                        "index_bits": None, "bytes": round(bits / 8),
-                       "encoding": how[0] + (", sign+exponent coded" if len(how) > 1 else "") + _tied(also, name)})
+                       "encoding": ("8-bit grid, levels coded" if how[0] == "levels" else
+                                    how[0] + (", sign+exponent coded" if len(how) > 1 else "")) + _tied(also, name)})
     kept = sum(r["kept"] for r in layers)
     container = {"layer": "(container)", "weights": None, "kept": None, "weight_bits": None, "index_bits": None,
                  "bytes": art.size - sum(r["bytes"] for r in layers + others),

@@ -57,8 +57,10 @@ def check_shape(shape, what: str, limit: int) -> int:
 
 
 def check_how(how, what: str) -> None:
-    """A stored-tensor description: [dtype] or [float dtype, lowest exponent]."""
+    """A stored-tensor description: [dtype], [float dtype, lowest exponent] or ["levels", 8]."""
     how = _list(how, what)
+    if how == ["levels", 8]:  # an 8-bit grid (bias: int8): a float32 scale, then the levels
+        return
     if len(how) not in (1, 2) or how[0] not in DTYPES:
         raise HeaderError(f"{what} is {how!r}, not a stored dtype description")
     if len(how) == 2:

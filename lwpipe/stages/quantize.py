@@ -28,7 +28,9 @@ fine-tunes as with per-layer bits. The allotment, the bits spent and the predict
 increase go to the log and to the stage's record.
 
 `bias: float16` also holds every quantized layer's bias to float16 values
-(constraints.HalfBias), so the artifact can store biases in 2 bytes;
+(constraints.HalfBias), so the artifact can store biases in 2 bytes; `bias: int8` holds them
+to scale x an integer level in -127..127, one scale per bias (constraints.GridBias), and the
+artifact entropy-codes the levels;
 `norms: float16` does the same for LayerNorm / GroupNorm / BatchNorm weights
 and biases (running statistics are buffers and stay exact).
 """
@@ -44,7 +46,7 @@ from torch import nn
 
 from lwpipe.config import Strict, TrainSettings
 from lwpipe.constraints import (NORMS, check_layer_patterns, compressible_layers, constraint, ensure_constraint,
-                                hold_half, layer_setting, out_axis, tied_layers)
+                                hold_grid, hold_half, layer_setting, out_axis, tied_layers)
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.loggers.console import format_quality
@@ -83,7 +85,7 @@ class QuantizeConfig(Strict):
     granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
     step: float | None = Field(None, gt=0, le=10)      # grid step = step x the layer's std; null: the range
     layers: dict[str, LayerQuant] = {}                 # by module name or glob: "fc3", "conv*"
-    bias: Literal["float32", "float16"] = "float32"
+    bias: Literal["float32", "float16", "int8"] = "float32"  # int8: scale x level, levels entropy-coded
     norms: Literal["float32", "float16"] = "float32"   # LayerNorm / BatchNorm weight and bias
     budget: Budget | None = None                       # bits: auto only: 3, {bits_per_weight: 3} or {bytes: N}
     candidates: list[int] | None = None                # bits: auto's widths; null: 1..6 and 8 (no 1 where binary can't)
@@ -311,7 +313,7 @@ class Quantize:
         check_layer_patterns(model, cfg.layers, path)
 
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
-        done, half = [], []
+        done, biases = [], []
         ties = tied_layers(model)
         settings = {}
         for name, m in compressible_layers(model):
@@ -328,10 +330,12 @@ class Quantize:
             step = lc.step if lc.step is not None else self.cfg.step
             quantize_any(m, plan["bits"][name] if auto else lc.bits, self.cfg, tied, step)
             done.append(m)
-            half += [(layer, "bias") for layer in [m] + [t for _, t in tied]] * (self.cfg.bias == "float16")
+            biases += [(layer, "bias") for layer in [m] + [t for _, t in tied]]
+        half = biases * (self.cfg.bias == "float16")
         if self.cfg.norms == "float16":
             half += [(m, a) for m in model.modules() if isinstance(m, NORMS) for a in ("weight", "bias")]
         hold_half(model, half)
+        hold_grid(model, biases * (self.cfg.bias == "int8"))
         if auto:
             report_allotment(plan, before, evaluate(model, ctx.test_loader(), task=ctx.task)[0], ctx)
         fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune, loss_fn=ctx.loss,

@@ -6,7 +6,7 @@ import lwpipe
 from lwpipe.artifact import ArtifactError, encode_model, read
 from lwpipe.artifact.coding import entropy_bits
 from lwpipe.artifact.inspect import main as inspect_main
-from lwpipe.constraints import bias_dtype, constraint, effective_tensors, model_spec
+from lwpipe.constraints import bias_dtype, constraint, effective_tensors, grid_attrs, hold_grid, model_spec
 from lwpipe.models import LeNet300
 from tests.artifact.helpers import CONFIG, SmallConv, constrain, model_with
 
@@ -89,6 +89,23 @@ def test_half_bias_is_two_bytes_and_comes_back(tmp_path):
     path.write_bytes(blob)
     assert bias_dtype(lwpipe.load(path, constrained=True)[1]) == torch.float16
     assert lwpipe.load(path)[1].bias.dtype == torch.float32  # plain: the fp16 values as ordinary floats
+
+
+def test_int8_bias_is_stored_as_levels_and_comes_back(tmp_path):
+    m = model_with("pruned+shared+quant")
+    hold_grid(m, [(m[1], "bias"), (m[3], "bias")])
+    blob = encode_model(m, CONFIG)
+    tensors = {t[0]: t for t in read(blob).header["tensors"]}
+    assert tensors["1.bias"][1] == ["levels", 8] and tensors["3.bias"][1] == ["levels", 8]
+    path = tmp_path / "m.lwp"
+    path.write_bytes(blob)
+    x = torch.randn(8, 32)
+    back = lwpipe.load(path, constrained=True)
+    assert_same_model(m, back, x)
+    assert torch.equal(grid_attrs(back[1])["bias"], grid_attrs(m[1])["bias"])
+    assert encode_model(back, CONFIG) == blob  # decoded and encoded again: the same bytes
+    assert torch.equal(lwpipe.load(path)(x), m(x))
+    assert len(blob) < len(encode_model(model_with("pruned+shared+quant"), CONFIG)) - 24  # levels, not float32
 
 
 def test_conv_layers_with_a_module_passed_in(tmp_path):

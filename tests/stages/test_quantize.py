@@ -4,7 +4,7 @@ from torch import nn
 
 from lwpipe import checkpoint
 from lwpipe.config import TrainSettings, validate
-from lwpipe.constraints import HalfBias, bias_dtype, constraint, dequantize
+from lwpipe.constraints import GridBias, HalfBias, bias_dtype, constraint, dequantize, grid_attrs
 from lwpipe.errors import LwpipeError
 from lwpipe.models import TinyMLP
 from lwpipe.stages.prune import Prune, PruneConfig
@@ -118,6 +118,31 @@ def test_half_bias_gradient_is_identity():
     assert torch.equal(out, b.detach().half().float())
     (out * torch.tensor([2.0, 3.0])).sum().backward()
     assert b.grad.tolist() == [2.0, 3.0]
+
+
+def test_int8_bias_stays_on_its_grid_through_training_and_checkpoints(model, ctx, tmp_path):
+    before = model[1].bias.detach().clone()
+    Quantize(QuantizeConfig(bits=8, bias="int8", finetune=TrainSettings(epochs=3, lr=1e-2))).run(model, ctx)
+    for layer in (model[1], model[3]):
+        scale = grid_attrs(layer)["bias"]
+        b = layer.bias.detach()
+        levels = b / scale
+        assert torch.equal(levels.round() * scale, b) and levels.abs().max() <= 127
+        assert layer.parametrizations.bias.original.requires_grad  # still trained (straight through)
+    assert not torch.equal(model[1].bias.detach(), before)  # trained, not frozen
+    checkpoint.save_state(model, tmp_path / "m.safetensors")
+    fresh = checkpoint.load_state(TinyMLP(), tmp_path / "m.safetensors")
+    assert torch.equal(grid_attrs(fresh[1])["bias"], grid_attrs(model[1])["bias"])
+    x = torch.randn(5, 8)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_int8_bias_scale_spans_the_largest_bias():
+    b = torch.tensor([0.5, -2.54, 0.01], requires_grad=True)
+    out = GridBias(torch.tensor(2.54 / 127))(b)
+    assert out[1].item() == pytest.approx(-2.54) and out[2].item() == 0.0  # 0.01 is under half a step
+    out.sum().backward()
+    assert b.grad.tolist() == [1.0, 1.0, 1.0]
 
 
 def test_bias_dtype_without_constraint():
