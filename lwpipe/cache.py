@@ -13,7 +13,8 @@ stage's records and the files' sha256), all written atomically, the json last: a
 without its json, or whose files do not match their hashes, is a miss. The json carries a
 sha256 of its own key, file hashes and records, so that an edited record is recomputed
 (with a warning), never replayed. The baseline record (the input model evaluated and
-timed) is a records-only entry under baseline_key: a rerun replays it as it replays stages.
+timed) is a records-only entry under baseline_key: a rerun replays it as it replays stages;
+a report's report.png is an entry `<key>.png` + `<key>.json` keyed by what it draws (lwpipe/report.py).
 
 A process killed mid-write leaves `.<file>.tmp<pid>` behind (checkpoint.atomic_write);
 opening the cache removes those no running process can own.
@@ -132,8 +133,8 @@ def remove_stale_temporaries(directory: Path, pattern: str = "*") -> int:
     return removed
 
 
-def entry_sha256(key: str, state_sha256: str | None, records: list[dict], artifact_sha256: str | None = None) -> str:
-    parts = [key, state_sha256, records] + ([artifact_sha256] if artifact_sha256 else [])
+def entry_sha256(key: str, state_sha256: str | None, records: list[dict], files: dict | None = None) -> str:
+    parts = [key, state_sha256, records] + ([files] if files else [])
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -198,7 +199,7 @@ class StageCache:
         try:
             entry = json.loads(meta.read_text())
             if entry.get("entry_sha256") != entry_sha256(entry["key"], entry["state_sha256"], entry["records"],
-                                                         entry.get("artifact_sha256")):
+                                                         entry.get("files")):
                 raise ValueError("its records do not match their checksum: edited or damaged")
             if entry["key"] != key or (model is not None and file_sha256(state) != entry["state_sha256"]):
                 raise ValueError("state file does not match its record")
@@ -224,16 +225,23 @@ class StageCache:
         entry = self._entry(key, None)
         return None if entry is None else entry["records"]
 
-    def artifact(self, key: str) -> bytes | None:
-        """The entry's model.lwp bytes, if it has them and they match their hash; None otherwise."""
+    def file(self, key: str, suffix: str) -> bytes | None:
+        """The entry's `<key><suffix>` file (".lwp": its model encoded; ".png": a report), if it has one that
+        matches its hash; None otherwise."""
         entry = self._entry(key, None)
-        if entry is None or not entry.get("artifact_sha256"):
+        expected = (entry or {}).get("files", {}).get(suffix)
+        if expected is None:
             return None
         try:
-            blob = (self.dir / f"{key}.lwp").read_bytes()
+            blob = (self.dir / f"{key}{suffix}").read_bytes()
         except OSError:
             return None
-        return blob if hashlib.sha256(blob).hexdigest() == entry["artifact_sha256"] else None
+        return blob if hashlib.sha256(blob).hexdigest() == expected else None
+
+    def _write_files(self, key: str, files: dict[str, bytes]) -> dict[str, str]:
+        for suffix, blob in files.items():
+            checkpoint.atomic_write(self.dir / f"{key}{suffix}", lambda tmp, b=blob: Path(tmp).write_bytes(b))
+        return {suffix: hashlib.sha256(blob).hexdigest() for suffix, blob in files.items()}
 
     def claim(self, key: str, model: nn.Module) -> list[dict] | None:
         """load(), and on a miss make sure only one job computes the entry: None means this process now
@@ -275,21 +283,22 @@ class StageCache:
         entry = {"key": key, "state_sha256": file_sha256(state), "records": records}
         self.loaded[key] = entry["state_sha256"]
         if artifact is not None:
-            checkpoint.atomic_write(self.dir / f"{key}.lwp", lambda tmp: Path(tmp).write_bytes(artifact))
-            entry["artifact_sha256"] = hashlib.sha256(artifact).hexdigest()
-        entry["entry_sha256"] = entry_sha256(key, entry["state_sha256"], records, entry.get("artifact_sha256"))
+            entry["files"] = self._write_files(key, {".lwp": artifact})
+        entry["entry_sha256"] = entry_sha256(key, entry["state_sha256"], records, entry.get("files"))
         checkpoint.atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(entry)))
         self.computed += 1
         self.locks.release(key)
         self._bound(key)
 
-    def store_records(self, key: str, records: list[dict]) -> None:
-        """A records-only entry (the baseline's): no state, nothing to lock."""
+    def store_records(self, key: str, records: list[dict], files: dict[str, bytes] | None = None) -> None:
+        """An entry without a model state (the baseline's records; a report's png): nothing to lock."""
         if not self.enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         entry = {"key": key, "state_sha256": None, "records": records}
-        entry["entry_sha256"] = entry_sha256(key, None, records)
+        if files:
+            entry["files"] = self._write_files(key, files)
+        entry["entry_sha256"] = entry_sha256(key, None, records, entry.get("files"))
         checkpoint.atomic_write(self._paths(key)[1], lambda tmp: Path(tmp).write_text(json.dumps(entry)))
         self._bound(key)
 

@@ -1,7 +1,7 @@
 """The files of a stage cache directory, shared by many jobs: entry locks, listing, pruning, `lwpipe-cache`.
 
     <key>.safetensors + <key>.lwp + <key>.json    an entry (lwpipe/cache.py writes them, the json last;
-                                                  the baseline's entry is its json alone)
+                                                  the baseline's is its json alone, a report's json + .png)
     <key>.lock                        a job computing that entry: {"host", "pid", "time"}
 
 A lock is created with O_CREAT|O_EXCL, which is atomic on local file systems and on NFS (v3 on),
@@ -153,7 +153,7 @@ def entries(directory: Path) -> list[dict]:
     """Complete entries, least recently used first: key, bytes, last use (json mtime), stage."""
     out = []
     for meta in Path(directory).glob("*.json"):
-        files = [meta.with_suffix(".safetensors"), meta.with_suffix(".lwp")]  # written before the json
+        files = [meta.with_suffix(x) for x in (".safetensors", ".lwp", ".png")]  # written before the json
         try:
             stat = meta.stat()
         except OSError:  # removed meanwhile
@@ -172,7 +172,10 @@ def file_size(path: Path) -> int:
 
 def stage_of(entry: dict) -> str:
     try:
-        records = json.loads(entry["meta"].read_text())["records"]
+        saved = json.loads(entry["meta"].read_text())
+        records = saved["records"]
+        if ".png" in (saved.get("files") or {}):
+            return "report.png"
         ends = [r for r in records if r.get("event") == "stage_end"]
         if not ends and records and records[0].get("event") == "baseline":
             return "0 baseline"

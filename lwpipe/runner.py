@@ -310,7 +310,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         if top.artifact:  # before summary.json: a finished run has its artifact
             # the last stage_end already encoded this very model; from the cache, its entry holds that encoding
             blob = last_blob[1] if last_blob[0] == len(recipe.steps) else (
-                hit and recipe.steps and stage_cache.artifact(key)) or encode_model(model, rebuild_config(model, top.model))
+                hit and recipe.steps and stage_cache.file(key, ".lwp")) or encode_model(model, rebuild_config(model, top.model))
             save_tokenizer(data, run_dir)
             checkpoint.atomic_write(run_dir / "model.lwp", lambda tmp: Path(tmp).write_bytes(blob))
             final.update(size_metrics(len(blob), final["dense_bytes"]))
