@@ -99,7 +99,8 @@ def report_data(run_dir: str | Path) -> dict:
         k = max(step_of.values(), default=0)
         quality += [(k + (i + 1) / (len(running) + 1), headline(e)[1], "epoch") for i, e in enumerate(running)]
     lwp = run_dir / "model.lwp"
-    return {"run_dir": run_dir, "label": recipe_label(run_dir), "metric": metric, "baseline": base, "stage_ends": ends, "final": final,
+    return {"run_dir": run_dir, "label": recipe_label(run_dir), "metric": metric, "baseline": base,
+            "stage_ends": ends, "final": final,
             "sizes": [(k, v) for k, v in sizes if v is not None], "quality": quality,
             "layers": layer_rows(lwp) if lwp.is_file() else [], "finished": summary is not None}
 

@@ -248,10 +248,10 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         emit(current[-1])
         in_stage_overhead += time.perf_counter() - t
 
-    pending: list = [model, recipe.steps]  # the uncompressed model the reference is made of, and the steps after it
+    pending: list = [model, recipe.steps]  # the uncompressed model the reference is made of, the steps after it
 
     def settle_reference() -> None:
-        """Make the reference of the pending model: before a record is measured or a stage runs (and changes it)."""
+        """Make the pending model's reference: before a record is measured or a stage runs (and changes it)."""
         nonlocal reference_pred
         if pending[0] is not None:
             ctx.reference = frozen_copy(pending[0]) if needs_reference(pending[1]) else None
@@ -310,7 +310,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         if top.artifact:  # before summary.json: a finished run has its artifact
             # the last stage_end already encoded this very model; from the cache, its entry holds that encoding
             blob = last_blob[1] if last_blob[0] == len(recipe.steps) else (
-                hit and recipe.steps and stage_cache.file(key, ".lwp")) or encode_model(model, rebuild_config(model, top.model))
+                hit and recipe.steps and stage_cache.file(key, ".lwp")) or encode_model(
+                model, rebuild_config(model, top.model))
             save_tokenizer(data, run_dir)
             checkpoint.atomic_write(run_dir / "model.lwp", lambda tmp: Path(tmp).write_bytes(blob))
             final.update(size_metrics(len(blob), final["dense_bytes"]))
