@@ -177,6 +177,8 @@ class StageCache:
         longer matches the hash it had then (replaced or removed meanwhile): then save the model instead.
         A copy, not a second save_state: safetensors orders its metadata differently in every process."""
         expected = self.loaded.get(key)
+        if expected is None:  # cache off, or an entry this process never saw
+            return False
 
         def copy(tmp) -> None:
             shutil.copyfile(self._paths(key)[0], tmp)
