@@ -6,12 +6,15 @@
     key(step) = hash(key(step - 1), step, name, type, resolved stage settings)
 
 The seed enters key(0) and every stage is seeded from (seed, step, name), so an
-entry holds exactly what rerunning the stage would give. An entry is two files,
-`<key>.safetensors` (checkpoint.save_state) and `<key>.json` (the stage's records
-and the state file's sha256), both written atomically, the json last: an entry
-without its json, or whose state does not match the hash, is a miss. The json
-carries a sha256 of its own key, state hash and records, so that an edited
-record is recomputed (with a warning), never replayed.
+entry holds exactly what rerunning the stage would give. An entry is `<key>.safetensors`
+(checkpoint.save_state), `<key>.lwp` (that model encoded as model.lwp, so a run whose last
+stage is cached copies its artifact instead of encoding it again) and `<key>.json` (the
+stage's records and the files' sha256), all written atomically, the json last: an entry
+without its json, or whose files do not match their hashes, is a miss. The json carries a
+sha256 of its own key, file hashes and records, so that an edited record is recomputed
+(with a warning), never replayed. The baseline record (the input model evaluated and
+timed) is a records-only entry under baseline_key: a rerun replays it as it replays stages;
+a report's report.png is an entry `<key>.png` + `<key>.json` keyed by what it draws (lwpipe/report.py).
 
 A process killed mid-write leaves `.<file>.tmp<pid>` behind (checkpoint.atomic_write);
 opening the cache removes those no running process can own.
@@ -32,6 +35,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import time
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
@@ -101,6 +105,11 @@ def initial_key(top, data_identity: str) -> str:
                   torch.get_num_threads())  # the thread count changes the last bits of CPU reductions
 
 
+def baseline_key(initial: str, top) -> str:
+    """The key of the baseline record: the input model's key plus what evaluating and timing it depends on."""
+    return digest("baseline", initial, top.task.model_dump(), top.measure.model_dump())
+
+
 def stage_key(prev: str, step: int, name: str, type_: str, settings: dict) -> str:
     """A setting naming a file (a teacher's weights) contributes the file's contents, not just its name."""
     files = {v: file_sha256(v) for v in _strings(settings) if Path(v).expanduser().is_file()}
@@ -143,8 +152,9 @@ def remove_stale_temporaries(directory: Path, pattern: str = "*") -> int:
     return removed
 
 
-def entry_sha256(key: str, state_sha256: str, records: list[dict]) -> str:
-    return hashlib.sha256(json.dumps([key, state_sha256, records], sort_keys=True).encode()).hexdigest()
+def entry_sha256(key: str, state_sha256: str | None, records: list[dict], files: dict | None = None) -> str:
+    parts = [key, state_sha256, records] + ([files] if files else [])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def check_writable(directory: Path, key: str = "cache.dir") -> None:
@@ -173,6 +183,7 @@ class StageCache:
         self.wait_seconds = wait_seconds
         self.locks = cache_dir.Locks(self.dir)
         self.computed = 0  # entries this cache stored: what the racing-jobs test and benchmark count
+        self.loaded: dict[str, str] = {}  # key -> sha256 of the state file this process restored or stored
         if enabled:
             check_writable(self.dir)
             remove_stale_temporaries(self.dir)
@@ -180,8 +191,27 @@ class StageCache:
     def _paths(self, key: str) -> tuple[Path, Path]:
         return self.dir / f"{key}.safetensors", self.dir / f"{key}.json"
 
-    def load(self, key: str, model: nn.Module) -> list[dict] | None:
-        """Restore the entry's state into `model` and return its records; None on a miss or a bad entry."""
+    def copy_state(self, key: str, dest: Path) -> bool:
+        """Copy the state file of an entry this cache loaded or stored to dest (atomically); False when it no
+        longer matches the hash it had then (replaced or removed meanwhile): then save the model instead.
+        A copy, not a second save_state: safetensors orders its metadata differently in every process."""
+        expected = self.loaded.get(key)
+        if expected is None:  # cache off, or an entry this process never saw
+            return False
+
+        def copy(tmp) -> None:
+            shutil.copyfile(self._paths(key)[0], tmp)
+            if file_sha256(tmp) != expected:
+                raise OSError("changed since it was loaded")
+
+        try:
+            checkpoint.atomic_write(dest, copy)  # the copy is checked before it takes dest's name
+            return True
+        except OSError:
+            return False
+
+    def _entry(self, key: str, model: nn.Module | None) -> dict | None:
+        """The checked entry json (and its state restored into `model` when given); None on a miss."""
         if not self.enabled:
             return None
         state, meta = self._paths(key)
@@ -189,11 +219,14 @@ class StageCache:
             return None
         try:
             entry = json.loads(meta.read_text())
-            if entry.get("entry_sha256") != entry_sha256(entry["key"], entry["state_sha256"], entry["records"]):
+            if entry.get("entry_sha256") != entry_sha256(entry["key"], entry["state_sha256"], entry["records"],
+                                                         entry.get("files")):
                 raise ValueError("its records do not match their checksum: edited or damaged")
-            if entry["key"] != key or file_sha256(state) != entry["state_sha256"]:
+            if entry["key"] != key or (model is not None and file_sha256(state) != entry["state_sha256"]):
                 raise ValueError("state file does not match its record")
-            checkpoint.load_state(model, state)
+            if model is not None:
+                checkpoint.load_state(model, state)
+                self.loaded[key] = entry["state_sha256"]
         except Exception as e:  # a damaged entry is recomputed, never trusted
             log.warning("cache entry %s is unreadable (%s); recomputing", key, e)
             return None
@@ -201,7 +234,35 @@ class StageCache:
             os.utime(meta)  # last use: cache.max_bytes and `lwpipe-cache prune` remove the least recently used
         except OSError:
             pass
-        return entry["records"]
+        return entry
+
+    def load(self, key: str, model: nn.Module) -> list[dict] | None:
+        """Restore the entry's state into `model` and return its records; None on a miss or a bad entry."""
+        entry = self._entry(key, model)
+        return None if entry is None else entry["records"]
+
+    def load_records(self, key: str) -> list[dict] | None:
+        """A records-only entry's records (store_records); None on a miss or a bad entry."""
+        entry = self._entry(key, None)
+        return None if entry is None else entry["records"]
+
+    def file(self, key: str, suffix: str) -> bytes | None:
+        """The entry's `<key><suffix>` file (".lwp": its model encoded; ".png": a report), if it has one that
+        matches its hash; None otherwise."""
+        entry = self._entry(key, None)
+        expected = (entry or {}).get("files", {}).get(suffix)
+        if expected is None:
+            return None
+        try:
+            blob = (self.dir / f"{key}{suffix}").read_bytes()
+        except OSError:
+            return None
+        return blob if hashlib.sha256(blob).hexdigest() == expected else None
+
+    def _write_files(self, key: str, files: dict[str, bytes]) -> dict[str, str]:
+        for suffix, blob in files.items():
+            checkpoint.atomic_write(self.dir / f"{key}{suffix}", lambda tmp, b=blob: Path(tmp).write_bytes(b))
+        return {suffix: hashlib.sha256(blob).hexdigest() for suffix, blob in files.items()}
 
     def claim(self, key: str, model: nn.Module) -> list[dict] | None:
         """load(), and on a miss make sure only one job computes the entry: None means this process now
@@ -234,17 +295,35 @@ class StageCache:
         """Give up every lock still held (a failed or interrupted stage): waiting jobs compute it themselves."""
         self.locks.release()
 
-    def store(self, key: str, model: nn.Module, records: list[dict]) -> None:
+    def store(self, key: str, model: nn.Module, records: list[dict], artifact: bytes | None = None) -> None:
         if not self.enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         state, meta = self._paths(key)
         checkpoint.save_state(model, state)
         entry = {"key": key, "state_sha256": file_sha256(state), "records": records}
-        entry["entry_sha256"] = entry_sha256(key, entry["state_sha256"], records)
+        self.loaded[key] = entry["state_sha256"]
+        if artifact is not None:
+            entry["files"] = self._write_files(key, {".lwp": artifact})
+        entry["entry_sha256"] = entry_sha256(key, entry["state_sha256"], records, entry.get("files"))
         checkpoint.atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(entry)))
         self.computed += 1
         self.locks.release(key)
+        self._bound(key)
+
+    def store_records(self, key: str, records: list[dict], files: dict[str, bytes] | None = None) -> None:
+        """An entry without a model state (the baseline's records; a report's png): nothing to lock."""
+        if not self.enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        entry = {"key": key, "state_sha256": None, "records": records}
+        if files:
+            entry["files"] = self._write_files(key, files)
+        entry["entry_sha256"] = entry_sha256(key, None, records, entry.get("files"))
+        checkpoint.atomic_write(self._paths(key)[1], lambda tmp: Path(tmp).write_text(json.dumps(entry)))
+        self._bound(key)
+
+    def _bound(self, key: str) -> None:
         if self.max_bytes is not None:
             for e in cache_dir.prune(self.dir, max_bytes=self.max_bytes, keep={key}):
                 log.info("cache: removed entry %s (%d bytes, least recently used) to stay within cache.max_bytes",

@@ -1,6 +1,7 @@
 """The files of a stage cache directory, shared by many jobs: entry locks, listing, pruning, `lwpipe-cache`.
 
-    <key>.safetensors + <key>.json    an entry (lwpipe/cache.py writes them, the json last)
+    <key>.safetensors + <key>.lwp + <key>.json    an entry (lwpipe/cache.py writes them, the json last;
+                                                  the baseline's is its json alone, a report's json + .png)
     <key>.lock                        a job computing that entry: {"host", "pid", "time"}
 
 A lock is created with O_CREAT|O_EXCL, which is atomic on local file systems and on NFS (v3 on),
@@ -152,19 +153,32 @@ def entries(directory: Path) -> list[dict]:
     """Complete entries, least recently used first: key, bytes, last use (json mtime), stage."""
     out = []
     for meta in Path(directory).glob("*.json"):
-        state = meta.with_suffix(".safetensors")
+        files = [meta.with_suffix(x) for x in (".safetensors", ".lwp", ".png")]  # written before the json
         try:
-            used = meta.stat().st_mtime
-            size = meta.stat().st_size + state.stat().st_size
-        except OSError:  # no state file (yet, or any more): not an entry
+            stat = meta.stat()
+        except OSError:  # removed meanwhile
             continue
-        out.append({"key": meta.stem, "bytes": size, "used": used, "meta": meta, "state": state})
+        size = stat.st_size + sum(file_size(f) for f in files)
+        out.append({"key": meta.stem, "bytes": size, "used": stat.st_mtime, "meta": meta, "files": files})
     return sorted(out, key=lambda e: e["used"])
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # none (a records-only entry), or removed meanwhile
+        return 0
 
 
 def stage_of(entry: dict) -> str:
     try:
-        ends = [r for r in json.loads(entry["meta"].read_text())["records"] if r.get("event") == "stage_end"]
+        saved = json.loads(entry["meta"].read_text())
+        records = saved["records"]
+        if ".png" in (saved.get("files") or {}):
+            return "report.png"
+        ends = [r for r in records if r.get("event") == "stage_end"]
+        if not ends and records and records[0].get("event") == "baseline":
+            return "0 baseline"
         return f"{ends[-1]['step']} {ends[-1]['stage']}" if ends else "?"
     except (OSError, ValueError, KeyError, TypeError):
         return "?"
@@ -172,7 +186,8 @@ def stage_of(entry: dict) -> str:
 
 def remove(entry: dict) -> None:
     entry["meta"].unlink(missing_ok=True)  # the json first: from now on the entry is a miss
-    entry["state"].unlink(missing_ok=True)
+    for f in entry["files"]:
+        f.unlink(missing_ok=True)
 
 
 def prune(directory: Path, older_than: float | None = None, max_bytes: int | None = None,

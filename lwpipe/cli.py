@@ -29,6 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lwpipe.errors import LwpipeError
+from lwpipe.jobs import reuse_validated_configs
 
 RECIPES = str(Path(__file__).resolve().parent.parent / "recipes")
 log = logging.getLogger("lwpipe")
@@ -154,6 +155,7 @@ def check_presets(args: list[str]) -> None:
 
 def main() -> None:
     check_presets(sys.argv[1:])
+    reuse_validated_configs()  # a sweep composes each job's config once (lwpipe/jobs.py)
     if "" not in sys.path and "." not in sys.path:  # as `python -m`: model._target_=mypkg.build finds ./mypkg.py
         sys.path.insert(0, "")
     _main()
@@ -176,6 +178,7 @@ def rerun() -> None:
         if OmegaConf.select(OmegaConf.load(run_dir / "recipe.yaml"), "logger.console") is not None:
             overrides.append(f"logger.console.quiet={quiet[-1]}")
     sys.argv = [sys.argv[0], "--config-dir", str(run_dir), "--config-name", "recipe", *overrides]
+    reuse_validated_configs()
     _main()
 
 

@@ -69,6 +69,47 @@ def tag_console(tag: str) -> None:
             h.setFormatter(Tagged(inner, tag))
 
 
+def reuse_validated_configs() -> None:
+    """Compose each sweep job's config once, not twice.
+
+    A Hydra sweeper composes every job's config to validate the batch before launching it
+    (Sweeper.validate_batch_is_legal), and the basic launcher then composes it again (~0.25 s
+    each here, 10% of a 5-point distill sweep). Validation discards what it composed: it is kept
+    instead, and the launcher's compose of the same overrides from the same sweep takes it (once;
+    a config is then the launcher's to change). Launchers that compose in other processes (joblib,
+    submitit, Ray) compose as before; the kept configs are dropped when their sweep's validation
+    runs again."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.plugins.sweeper import Sweeper
+
+    if getattr(ConfigLoaderImpl.load_sweep_config, "lwpipe_reuses", False):
+        return
+    compose, validate = ConfigLoaderImpl.load_sweep_config, Sweeper.validate_batch_is_legal
+    validated: dict = {}
+    recording = [False]
+
+    def load_sweep_config(self, master_config, sweep_overrides):
+        key = (id(self), id(master_config), tuple(sweep_overrides))
+        if not recording[0] and key in validated:
+            return validated.pop(key)
+        config = compose(self, master_config, sweep_overrides)
+        if recording[0]:
+            validated[key] = config
+        return config
+
+    def validate_batch_is_legal(self, batch) -> None:
+        validated.clear()  # a batch is launched before the next is validated
+        recording[0] = True
+        try:
+            validate(self, batch)
+        finally:
+            recording[0] = False
+
+    load_sweep_config.lwpipe_reuses = True
+    ConfigLoaderImpl.load_sweep_config = load_sweep_config
+    Sweeper.validate_batch_is_legal = validate_batch_is_legal
+
+
 class PreflightCallback(Callback):
     """Before a multirun launches any job: the cache directory every job will write is writable."""
 

@@ -8,14 +8,24 @@
 Written at the end of every finished run by `ReportLogger` (logger.report; `logger.report=null` turns
 it off; a failure warns, the run is not failed) and again by `lwpipe-report RUN_DIR`. Everything comes
 from metrics.jsonl, summary.json and model.lwp; nothing is recomputed from the model.
+
+The picture names the run by its recipe and seed (recipe.yaml), not by its directory, so that it is
+a function of what it shows: a run with the stage cache on keeps report.png in the cache under a key
+of everything drawn (plus matplotlib's version, its rc files and lwpipe's source), and a run that
+would draw the same picture (an identical rerun) copies it instead of importing matplotlib and drawing
+it again (about 1.3 s). report.md, which names the run directory, is always written afresh.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import sys
+from importlib.metadata import version
 from pathlib import Path
+
+import yaml
 
 from lwpipe.errors import LwpipeError
 from lwpipe.loggers.console import format_quality, headline
@@ -89,9 +99,19 @@ def report_data(run_dir: str | Path) -> dict:
         k = max(step_of.values(), default=0)
         quality += [(k + (i + 1) / (len(running) + 1), headline(e)[1], "epoch") for i, e in enumerate(running)]
     lwp = run_dir / "model.lwp"
-    return {"run_dir": run_dir, "metric": metric, "baseline": base, "stage_ends": ends, "final": final,
+    return {"run_dir": run_dir, "label": recipe_label(run_dir), "metric": metric, "baseline": base,
+            "stage_ends": ends, "final": final,
             "sizes": [(k, v) for k, v in sizes if v is not None], "quality": quality,
             "layers": layer_rows(lwp) if lwp.is_file() else [], "finished": summary is not None}
+
+
+def recipe_label(run_dir: Path) -> str | None:
+    """'<recipe name>, seed <seed>' from the run's recipe.yaml; None when it cannot be read."""
+    try:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+        return f"{recipe['name']}, seed {recipe['seed']}"
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
 
 
 def human_bytes(n: float) -> str:
@@ -222,11 +242,30 @@ def draw(d: dict, path: Path) -> None:
     fig.savefig(path, format="png", dpi=100)
 
 
-def title(d: dict) -> str:
+def drawn(d: dict) -> dict:
+    """Everything draw() reads from d: two runs that agree on it get the same picture."""
+    return {"title": title(d), "metric": d["metric"], "sizes": d["sizes"], "quality": d["quality"],
+            "stage_ends": [(r["step"], r["stage"]) for r in d["stage_ends"]], "layers": d["layers"]}
+
+
+def picture_key(d: dict) -> str:
+    """The stage-cache key of report.png: what it draws, and what draws it."""
+    from lwpipe.cache import code_version, digest
+
+    rc = [os.environ.get("MATPLOTLIBRC", ""), "matplotlibrc",
+          os.path.join(os.environ.get("MPLCONFIGDIR", os.path.expanduser("~/.config/matplotlib")), "matplotlibrc")]
+    rc = [Path(f) / "matplotlibrc" if Path(f).is_dir() else Path(f) for f in rc if f]
+    return digest("report.png", drawn(d), version("matplotlib"), code_version(),
+                  [f.read_text(errors="replace") for f in rc if f.is_file()])
+
+
+def title(d: dict, picture: bool = True) -> str:
+    """The heading: the picture names the recipe and seed, report.md the run directory."""
     name = d["run_dir"].name if d["run_dir"].name else str(d["run_dir"])
     base, last = d["baseline"], d["final"] or (d["stage_ends"][-1] if d["stage_ends"] else d["baseline"])
     metric = d["metric"]
-    text = f"{d['run_dir'].parent.name}/{name}: {metric} {format_quality(metric, headline(base)[1])} -> " \
+    label = (picture and d.get("label")) or f"{d['run_dir'].parent.name}/{name}"
+    text = f"{label}: {metric} {format_quality(metric, headline(base)[1])} -> " \
            f"{format_quality(metric, headline(last)[1])}"
     if last.get("compressed_bytes"):
         text += f", {human_bytes(base['dense_bytes'])} fp32 -> {human_bytes(last['compressed_bytes'])} " \
@@ -242,7 +281,8 @@ def markdown(d: dict) -> str:
     extra = [(k, h, f) for k, h, f in OPTIONAL if any(r.get(k) is not None for r in [d["baseline"], *d["stage_ends"]])]
     head = ["step", "stage", metric, "loss", "sparsity", "max distinct", "teacher agreement", "model.lwp bytes",
             "ratio", "seconds", *[h for _, h, _ in extra]]
-    lines = [f"# {title(d).splitlines()[0]}", "", *title(d).splitlines()[1:], "", "![report](report.png)", "",
+    lines = [f"# {title(d, picture=False).splitlines()[0]}", "", *title(d).splitlines()[1:], "",
+             "![report](report.png)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cell(v, spec):
@@ -266,16 +306,38 @@ def markdown(d: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+def write_report(run_dir: str | Path, cache=None) -> tuple[Path, Path]:
+    """Write report.png and report.md; with a StageCache, report.png is copied from it when it holds
+    the same picture, and stored in it when drawn."""
     from lwpipe.checkpoint import atomic_write
 
     run_dir = Path(run_dir)
     d = report_data(run_dir)
     png, md = run_dir / "report.png", run_dir / "report.md"
-    atomic_write(png, lambda tmp: draw(d, Path(tmp)))
+    key = picture_key(d) if cache is not None and cache.enabled else None
+    picture = cache.file(key, ".png") if key else None
+    if picture is not None:
+        atomic_write(png, lambda tmp: Path(tmp).write_bytes(picture))
+    else:
+        atomic_write(png, lambda tmp: draw(d, Path(tmp)))
     text = markdown(d)
     atomic_write(md, lambda tmp: Path(tmp).write_text(text))
+    if key and picture is None:
+        cache.store_records(key, [], {".png": png.read_bytes()})
     return png, md
+
+
+def run_cache(run_dir: Path):
+    """The stage cache the run in run_dir used (its recipe.yaml's cache settings); None when it was off."""
+    from lwpipe.cache import StageCache
+
+    try:
+        settings = yaml.safe_load((run_dir / "recipe.yaml").read_text()).get("cache")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    if isinstance(settings, bool) or not isinstance(settings, dict) or not settings.get("enabled", True):
+        return None
+    return StageCache(settings.get("dir", "outputs/cache"), True)
 
 
 class ReportLogger:
@@ -289,7 +351,7 @@ class ReportLogger:
 
     def close(self) -> None:
         if (self.run_dir / "summary.json").is_file():
-            write_report(self.run_dir)
+            write_report(self.run_dir, run_cache(self.run_dir))
 
 
 def main(argv: list[str] | None = None) -> int:

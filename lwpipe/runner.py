@@ -4,24 +4,27 @@
     ctx.task = task(recipe.task)   # batch format, loss, metric; the loop below never asks which task
     check: the model accepts a batch, the task fits model and data, layer settings name real layers
     run_dir <- recipe.yaml (resolved recipe), run_info.json         # reproducibility (provenance.py)
-    record(step 0, event "baseline")                               # task.evaluate + measure the input model
     key = cache.initial_key(recipe)
+    record(step 0, event "baseline")           # task.evaluate + measure the input model; cached: replayed
     for step, stage in enumerate(recipe.pipeline, 1):
         key = cache.stage_key(key, stage)
         if every stage so far was cached and cache has key:        # model state + the stage's records
             model = cache.load(key); re-log its records with cached=true
         else:
             model = stage.run(model, ctx)                          # epoch records logged from inside
-            record(step, event "stage_end"); cache.store(key, model, records); log it
-        checkpoint(model) -> checkpoints/<step>_<name>.safetensors
+            record(step, event "stage_end"); cache.store(key, model, records, its model.lwp); log it
+        checkpoint(model) -> checkpoints/<step>_<name>.safetensors  # cache on: a copy of the entry's state file
         before any compression: ctx.reference = copy(model)        # teacher; only if a later stage trains
         a later stage names it as teacher: ctx.snapshots[name] = copy(model)
     model.lwp <- encode(model, model.lwpipe_rebuild or recipe.model)  # its size: every record's compressed_bytes
+                 (the last stage's encoding; cached: the entry's copy)
     tokenizer/ <- the data's tokenizer, if any (next to model.lwp)
     summary.json <- baseline, every stage_end, final, seconds       # written last, atomically
 
 A run directory without summary.json did not finish. A run killed mid-pipeline
-and started again takes its completed stages from the cache.
+and started again takes its completed stages from the cache. The reference (ctx.reference and
+the predictions teacher_agreement compares with) is made only when a stage is computed: an
+identical rerun evaluates and copies nothing.
 """
 from __future__ import annotations
 
@@ -219,6 +222,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     key = cache.initial_key(top, data.identity)
     initial = clone(model) if stage_cache.enabled else None  # cached states load into copies of the input;
     # kept through the run: a job beside this one may store a later stage meanwhile (cache=false saves the copy)
+    base_key = cache.baseline_key(key, top)
     loggers = build_loggers(top.logger, run_dir)
     records: list[dict] = []
     current: list[dict] = []  # the records of the stage now running
@@ -249,11 +253,26 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         emit(current[-1])
         in_stage_overhead += time.perf_counter() - t
 
+    pending: list = [model, recipe.steps]  # the uncompressed model the reference is made of, the steps after it
+
+    def settle_reference() -> None:
+        """Make the pending model's reference: before a record is measured or a stage runs (and changes it)."""
+        nonlocal reference_pred
+        if pending[0] is not None:
+            ctx.reference = frozen_copy(pending[0]) if needs_reference(pending[1]) else None
+            _, reference_pred = evaluate(pending[0], ctx.test_loader(), task=task)
+            pending[0] = None
+
     ctx.on_epoch, ctx.on_batch = on_epoch, progress_hook(loggers)
+    reference_pred = None
     try:
-        ctx.reference = frozen_copy(model) if needs_reference(recipe.steps) else None
-        _, reference_pred = evaluate(model, ctx.test_loader(), task=task)
-        records.append(snapshot(model, 0, "input", "baseline", 0.0))
+        replay = stage_cache.load_records(base_key)
+        if replay:
+            records.append({**replay[0], "cached": True})
+        else:
+            settle_reference()
+            records.append(snapshot(model, 0, "input", "baseline", 0.0))
+            stage_cache.store_records(base_key, records[-1:])
         emit(records[-1])
         compressed, hit, work_seconds, in_stage_overhead = False, True, 0.0, 0.0
         for step, s in enumerate(recipe.steps, 1):
@@ -271,6 +290,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                 for r in current:
                     emit(r)
             else:
+                settle_reference()
                 torch.manual_seed(stage_seed(top.seed, step, s.name))
                 stage_start, in_stage_overhead = time.perf_counter(), 0.0
                 model = s.cls(s.config).run(model, ctx)
@@ -278,22 +298,25 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                 work_seconds += seconds
             compressed = compressed or getattr(s.cls, "compresses", False)
             if not compressed:  # still uncompressed: this is the reference the compressed model is held to
-                ctx.reference = frozen_copy(model) if needs_reference(recipe.steps[step:]) else None
-                _, reference_pred = evaluate(model, ctx.test_loader(), task=task)
+                pending[:] = [model, recipe.steps[step:]]
             if s.name in wanted:
                 ctx.snapshots[s.name] = clone(model).eval()
             if not hit:
+                settle_reference()
                 current.append(snapshot(model, step, s.name, "stage_end", seconds, type=s.type, **ctx.stage_record))
                 warn_if_larger(s, records[-1], current[-1])
-                stage_cache.store(key, model, current)  # first: a logged stage_end is always resumable
+                stage_cache.store(key, model, current, last_blob[1])  # first: a logged stage_end is resumable
                 emit(current[-1])
             records.append(current[-1])
             (run_dir / "checkpoints").mkdir(exist_ok=True)
-            checkpoint.save_state(model, run_dir / "checkpoints" / f"{step:02d}_{s.name}.safetensors")
+            path = run_dir / "checkpoints" / f"{step:02d}_{s.name}.safetensors"
+            if not stage_cache.copy_state(key, path):  # the entry's file: byte-identical in every run
+                checkpoint.save_state(model, path)
         final = {**records[-1], "event": "final"}
         if top.artifact:  # before summary.json: a finished run has its artifact
-            # the last stage_end already encoded this very model, unless it came from the cache
-            blob = last_blob[1] if last_blob[0] == len(recipe.steps) else encode_model(
+            # the last stage_end already encoded this very model; from the cache, its entry holds that encoding
+            blob = last_blob[1] if last_blob[0] == len(recipe.steps) else (
+                hit and recipe.steps and stage_cache.file(key, ".lwp")) or encode_model(
                 model, rebuild_config(model, top.model))
             save_tokenizer(data, run_dir)
             checkpoint.atomic_write(run_dir / "model.lwp", lambda tmp: Path(tmp).write_bytes(blob))

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from lwpipe import cache, registry
+from lwpipe import cache, registry, runner
 from lwpipe.config import validate
 from lwpipe.errors import LwpipeError
 from lwpipe.runner import build_data
@@ -49,15 +49,28 @@ def cached_run(first, tmp_path):
     return go
 
 
-def test_identical_rerun_recomputes_nothing(first, cached_run, monkeypatch):
-    _, first = first
+def test_identical_rerun_recomputes_nothing(first, cached_run, tmp_path, monkeypatch):
+    cache_dir, first = first
     assert set(cached_steps(first).values()) == {False}
     for name in ("train", "prune", "share", "quantize", "distill"):  # any stage that runs fails the test
         monkeypatch.setattr(registry.get(name), "run", lambda *a, **k: pytest.fail("a cached stage ran"))
+    calls = []
+    for module, name in [(runner, "evaluate"), (runner, "measure"), (runner, "encode_model"),
+                         (runner, "frozen_copy"), (runner.speed, "speed_record"), (runner.checkpoint, "save_state")]:
+        monkeypatch.setattr(module, name, lambda *a, _f=getattr(module, name), _n=name, **k: calls.append(_n) or _f(*a, **k))
     _, again = cached_run()
     assert cached_steps(again) == {1: True, 2: True, 3: True, 4: True, 5: True}
-    assert [r["cached"] for r in again] == [False] + [True] * (len(again) - 1)  # only the baseline is evaluated
+    assert [r["cached"] for r in again] == [True] * len(again)  # the baseline is replayed too
     assert numbers(again) == numbers(first)  # epoch records are replayed too
+    assert calls == []  # nothing evaluated, timed, encoded, copied or serialised: records and files come from the cache
+    run1, run2 = cache_dir.parent / "run", tmp_path / "run0"
+    assert (run2 / "model.lwp").read_bytes() == (run1 / "model.lwp").read_bytes()
+    names = sorted(p.name for p in (run1 / "checkpoints").iterdir())
+    assert names == sorted(p.name for p in (run2 / "checkpoints").iterdir()) and len(names) == 5
+    for n in names:
+        assert (run2 / "checkpoints" / n).read_bytes() == (run1 / "checkpoints" / n).read_bytes()
+    summary = [json.loads((d / "summary.json").read_text()) for d in (run1, run2)]
+    assert numbers([summary[1]["final"]]) == numbers([summary[0]["final"]])
 
 
 def test_changing_stage_k_recomputes_from_k_on_and_matches_an_uncached_run(cached_run, tmp_path):

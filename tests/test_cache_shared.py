@@ -154,3 +154,19 @@ def test_a_held_lock_is_touched_until_released(tmp_path, monkeypatch):
         assert cache_dir.read_lock(tmp_path / f"{key}.lock")["age"] < 10
         locks.release(key)
         assert not (tmp_path / f"{key}.lock").exists()
+
+
+def test_entries_without_a_state_and_with_files_are_listed_sized_checked_and_pruned_whole(tmp_path):
+    c = StageCache(tmp_path)
+    c.store("stage", nn.Linear(8, 8), [{"step": 1, "stage": "s", "event": "stage_end"}], b"lwp-bytes")
+    c.store_records("base", [{"step": 0, "stage": "input", "event": "baseline"}])
+    c.store_records("pic", [], {".png": b"png-bytes"})
+    sizes = {e["key"]: e["bytes"] for e in cache_dir.entries(tmp_path)}
+    assert sizes["stage"] == sum((tmp_path / f"stage{x}").stat().st_size for x in (".json", ".safetensors", ".lwp"))
+    assert sizes["pic"] == sum((tmp_path / f"pic{x}").stat().st_size for x in (".json", ".png"))
+    assert {cache_dir.stage_of(e) for e in cache_dir.entries(tmp_path)} == {"1 s", "0 baseline", "report.png"}
+    assert c.file("stage", ".lwp") == b"lwp-bytes" and c.load_records("base")[0]["event"] == "baseline"
+    (tmp_path / "pic.png").write_bytes(b"png-bytez")  # damaged: not returned
+    assert c.file("pic", ".png") is None and c.file("base", ".png") is None
+    cache_dir.prune(tmp_path, older_than=-1)
+    assert list(tmp_path.iterdir()) == []  # every file of every entry went

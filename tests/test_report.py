@@ -88,3 +88,32 @@ def test_pareto_labels_are_the_overrides_that_differ():
     assert point_labels(rows) == ["prune.sparsity=0.8 share.bits=4", "prune.sparsity=0.9 share.bits=4",
                                   "prune.sparsity=0.9 share.bits=5"]
     assert point_labels(rows[:1]) == ["prune.sparsity=0.8 share.bits=4 seed=0"]
+
+
+def test_a_run_drawing_the_same_picture_copies_it_from_the_cache(tmp_path, monkeypatch):
+    cache = [f"cache.dir={tmp_path / 'cache'}"]
+    run_recipe(FAST + cache, tmp_path / "first")
+    first = (tmp_path / "first" / "report.png").read_bytes()
+    assert first[:8] == PNG and len(list((tmp_path / "cache").glob("*.png"))) == 1
+
+    def no_drawing(d, path):
+        raise AssertionError("drew a picture the cache holds")
+
+    monkeypatch.setattr(report, "draw", no_drawing)
+    run_recipe(FAST + cache, tmp_path / "again")  # an identical rerun: every stage and the picture cached
+    assert (tmp_path / "again" / "report.png").read_bytes() == first
+    md = (tmp_path / "again" / "report.md").read_text()
+    assert md.splitlines()[0].startswith(f"# {tmp_path.name}/again: ") and "| 1 | train (cached) |" in md
+    monkeypatch.undo()
+    run_recipe(FAST + cache + ["stages.share.bits=3"], tmp_path / "other")  # another picture: drawn, stored
+    assert (tmp_path / "other" / "report.png").read_bytes() not in (first, b"")
+    assert len(list((tmp_path / "cache").glob("*.png"))) == 2
+
+
+def test_a_damaged_cached_picture_is_drawn_again(tmp_path):
+    cache = [f"cache.dir={tmp_path / 'cache'}"]
+    run_recipe(FAST + cache, tmp_path / "first")
+    (stored,) = (tmp_path / "cache").glob("*.png")
+    stored.write_bytes(stored.read_bytes()[:100])
+    run_recipe(FAST + cache, tmp_path / "again")
+    assert (tmp_path / "again" / "report.png").read_bytes() == (tmp_path / "first" / "report.png").read_bytes()

@@ -113,3 +113,32 @@ def test_presets_compose_and_validate(preset):
     pytest.importorskip(plugin)  # the ray plugin is optional: without it the preset only composes
     launcher = instantiate(cfg.hydra.launcher)
     assert type(launcher).__name__ == target.rsplit(".", 1)[1]
+
+
+def test_a_validated_job_config_is_composed_once_and_is_what_a_fresh_compose_gives(monkeypatch):
+    from types import SimpleNamespace
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.plugins.sweeper import Sweeper
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from lwpipe.jobs import reuse_validated_configs
+
+    reuse_validated_configs()
+    reuse_validated_configs()  # installing twice wraps once
+    with initialize_config_dir(config_dir=RECIPES, version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration("config", TINY, run_mode=RunMode.MULTIRUN)
+        sweeper = SimpleNamespace(hydra_context=SimpleNamespace(config_loader=loader), config=master)
+        composed = []
+        real = type(loader).load_configuration
+        monkeypatch.setattr(type(loader), "load_configuration",
+                            lambda self, *a, **k: composed.append(1) or real(self, *a, **k))
+        Sweeper.validate_batch_is_legal(sweeper, [["seed=1"], ["seed=2"]])
+        assert len(composed) == 2
+        launched = loader.load_sweep_config(master, ["seed=1"])  # what the basic launcher does next
+        assert len(composed) == 2
+        again = loader.load_sweep_config(master, ["seed=1"])  # taken once: composed afresh from then on
+        assert len(composed) == 3 and again is not launched
+        assert OmegaConf.to_yaml(launched) == OmegaConf.to_yaml(again) and launched.seed == 1

@@ -53,7 +53,7 @@ class Worker:
             n = self.epochs[r["stage"]] = self.epochs.get(r["stage"], 0) + 1
             metrics = [Metric(f"{r['stage']}/{k}", v, t, n) for k, v in numbers(r).items()]
         else:
-            if r.get("cached") and r["stage"] not in self.cached:
+            if r.get("cached") and r.get("event") == "stage_end" and r["stage"] not in self.cached:  # not "input"
                 self.cached.append(r["stage"])
             values = {**numbers(r), "cached": 1.0 if r.get("cached") else 0.0}
             metrics = [Metric(k, v, t, int(r["step"])) for k, v in values.items()]
