@@ -253,7 +253,7 @@ class SparseChain(nn.Module):
         self.min_batch = min_batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
+        lead = list(x.shape[:-1])  # a list in eager mode too (TorchScript makes it one)
         h = x.reshape(-1, self.in_features)
         if h.shape[0] < self.min_batch:
             for layer in self.layers:
