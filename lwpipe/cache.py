@@ -100,7 +100,8 @@ def initial_key(top, data_identity: str) -> str:
     ckpt = top.model.get("checkpoint")
     ckpt_hash = file_sha256(Path(ckpt).expanduser()) if ckpt else None
     path = top.model.get("path")  # a model directory or file: retrained in place, it must not hit old entries
-    return digest("input", top.model, ckpt_hash, path_fingerprint(path) if path else None, top.data, data_identity, top.seed, top.device,
+    return digest("input", top.model, ckpt_hash, path_fingerprint(path) if path else None, top.data,
+                  top.task.model_dump(),  # the task's loss trains every stage: another task, other weights data_identity, top.seed, top.device,
                   top.eval.model_dump(), code_version(), torch.__version__, platform.machine(),
                   torch.get_num_threads())  # the thread count changes the last bits of CPU reductions
 

@@ -156,6 +156,14 @@ def test_initial_key_covers_the_checkpoint_contents(tmp_path):
     assert cache.initial_key(top, "data") != k1
 
 
+def test_initial_key_covers_the_task():
+    """The task's loss trains every stage: the same model and data under another task are other entries."""
+    top = validate(compose_recipe(TINY)).top
+    k1 = cache.initial_key(top, "data")
+    top.task.name = "embedding"
+    assert cache.initial_key(top, "data") != k1
+
+
 def test_initial_key_covers_what_model_path_holds(tmp_path, monkeypatch):
     """A model directory retrained in place (same model.path) must not replay the old model's entries."""
     model_dir = tmp_path / "m"
