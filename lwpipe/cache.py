@@ -101,7 +101,7 @@ def initial_key(top, data_identity: str) -> str:
     ckpt_hash = file_sha256(Path(ckpt).expanduser()) if ckpt else None
     path = top.model.get("path")  # a model directory or file: retrained in place, it must not hit old entries
     return digest("input", top.model, ckpt_hash, path_fingerprint(path) if path else None, top.data,
-                  top.task.model_dump(),  # the task's loss trains every stage: another task, other weights data_identity, top.seed, top.device,
+                  top.task.model_dump(), data_identity, top.seed, top.device,  # the task's loss trains every stage
                   top.eval.model_dump(), code_version(), torch.__version__, platform.machine(),
                   torch.get_num_threads())  # the thread count changes the last bits of CPU reductions
 
