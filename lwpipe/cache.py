@@ -300,14 +300,10 @@ class StageCache:
         if not self.enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        state, meta = self._paths(key)
+        state = self._paths(key)[0]
         checkpoint.save_state(model, state)
-        entry = {"key": key, "state_sha256": file_sha256(state), "records": records}
-        self.loaded[key] = entry["state_sha256"]
-        if artifact is not None:
-            entry["files"] = self._write_files(key, {".lwp": artifact})
-        entry["entry_sha256"] = entry_sha256(key, entry["state_sha256"], records, entry.get("files"))
-        checkpoint.atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(entry)))
+        self.loaded[key] = file_sha256(state)
+        self._write_entry(key, self.loaded[key], records, {".lwp": artifact} if artifact is not None else None)
         self.computed += 1
         self.locks.release(key)
         self._bound(key)
@@ -317,12 +313,17 @@ class StageCache:
         if not self.enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        entry = {"key": key, "state_sha256": None, "records": records}
+        self._write_entry(key, None, records, files)
+        self._bound(key)
+
+    def _write_entry(self, key: str, state_sha256: str | None, records: list[dict],
+                     files: dict[str, bytes] | None) -> None:
+        """The entry's other files, then its json (last: until it exists the entry is a miss)."""
+        entry = {"key": key, "state_sha256": state_sha256, "records": records}
         if files:
             entry["files"] = self._write_files(key, files)
-        entry["entry_sha256"] = entry_sha256(key, None, records, entry.get("files"))
+        entry["entry_sha256"] = entry_sha256(key, state_sha256, records, entry.get("files"))
         checkpoint.atomic_write(self._paths(key)[1], lambda tmp: Path(tmp).write_text(json.dumps(entry)))
-        self._bound(key)
 
     def _bound(self, key: str) -> None:
         if self.max_bytes is not None:
