@@ -337,7 +337,7 @@ def run_cache(run_dir: Path):
         return None
     if isinstance(settings, bool) or not isinstance(settings, dict) or not settings.get("enabled", True):
         return None
-    return StageCache(settings.get("dir", "outputs/cache"), True)
+    return StageCache(settings.get("dir", "outputs/cache"), True, settings.get("max_bytes"))  # bounded as the run's
 
 
 class ReportLogger:

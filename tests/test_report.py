@@ -117,3 +117,13 @@ def test_a_damaged_cached_picture_is_drawn_again(tmp_path):
     stored.write_bytes(stored.read_bytes()[:100])
     run_recipe(FAST + cache, tmp_path / "again")
     assert (tmp_path / "again" / "report.png").read_bytes() == (tmp_path / "first" / "report.png").read_bytes()
+
+
+def test_the_report_uses_the_runs_cache_with_its_bound(tmp_path):
+    from lwpipe.report import run_cache
+
+    (tmp_path / "recipe.yaml").write_text(f"cache:\n  dir: {tmp_path / 'c'}\n  enabled: true\n  max_bytes: 1000\n")
+    cache = run_cache(tmp_path)
+    assert cache.dir == tmp_path / "c" and cache.max_bytes == 1000  # report.png entries obey cache.max_bytes
+    (tmp_path / "recipe.yaml").write_text("cache:\n  enabled: false\n")
+    assert run_cache(tmp_path) is None
