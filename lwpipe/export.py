@@ -293,7 +293,7 @@ def _activation(node, mods) -> nn.Module | None:
 
 def _chains(gm, mods) -> list[list]:
     """Runs of Linear call nodes joined only through single-use elementwise activations:
-    [(linear node, activation node or None), ...]."""
+    [(linear node, activation node or None, its module or None), ...]."""
     def linear(n):
         return n.op == "call_module" and isinstance(mods.get(n.target), nn.Linear) and len(n.args) == 1 \
             and not n.kwargs
@@ -306,14 +306,14 @@ def _chains(gm, mods) -> list[list]:
         while True:
             seen.add(cur)
             nxt = next(iter(cur.users)) if len(cur.users) == 1 else None
-            act = nxt if nxt is not None and _activation(nxt, mods) is not None else None
-            after = act if act is not None else cur
+            module = _activation(nxt, mods) if nxt is not None else None
+            after = nxt if module is not None else cur
             step = next(iter(after.users)) if len(after.users) == 1 else None
             if step is not None and linear(step) and step.args[0] is after and step not in seen:
-                chain.append((cur, act))
+                chain.append((cur, after if module is not None else None, module))
                 cur = step
                 continue
-            chain.append((cur, None))
+            chain.append((cur, None, None))
             break
         chains.append(chain)
     return chains
@@ -327,7 +327,8 @@ def sparse_form(model: nn.Module, min_sparsity: float, min_batch: int = 16) -> t
 
     plain = dense_form(model)
     mods = dict(plain.named_modules())
-    sparse = {n for n, m in mods.items() if isinstance(m, nn.Linear) and float((m.weight == 0).float().mean()) >= min_sparsity}
+    sparse = {n for n, m in mods.items()
+              if isinstance(m, nn.Linear) and float((m.weight == 0).float().mean()) >= min_sparsity}
     if not sparse:
         return plain.eval(), []
     with warnings.catch_warnings():
@@ -339,16 +340,16 @@ def sparse_form(model: nn.Module, min_sparsity: float, min_batch: int = 16) -> t
                 parent, _, attr = name.rpartition(".")
                 setattr(mods[parent] if parent else plain, attr, torch.jit.script(SparseLinear(mods[name], min_batch)))
             return plain.eval(), sorted(sparse)
-        for i, chain in enumerate(c for c in _chains(gm, mods) if any(n.target in sparse for n, _ in c)):
-            names = [n.target for n, _ in chain]
-            acts = [_activation(a, mods) if a is not None else nn.Identity() for _, a in chain]
+        for i, chain in enumerate(c for c in _chains(gm, mods) if any(n.target in sparse for n, _, _ in c)):
+            names = [n.target for n, _, _ in chain]
+            acts = [module if module is not None else nn.Identity() for _, _, module in chain]
             fused = SparseChain([mods[n] for n in names], acts, [n in sparse for n in names], min_batch)
             gm.add_submodule(f"sparse_chain{i}", torch.jit.script(fused))
             first, last = chain[0][0], chain[-1][0]
             with gm.graph.inserting_after(last):
                 new = gm.graph.call_module(f"sparse_chain{i}", (first.args[0],))
             last.replace_all_uses_with(new)
-            for n, a in reversed(chain):
+            for n, a, _ in reversed(chain):
                 for dead in (a, n):
                     if dead is not None:
                         gm.graph.erase_node(dead)
@@ -402,7 +403,8 @@ def save_form(form: nn.Module, example, path) -> None:
                 ep = torch.export.export(form, args, dynamic_shapes=({0: auto},))
             torch.export.save(ep, str(path))
         else:
-            traced = torch.jit.trace(PlainOutput(form) if kwargs else form, args or None, example_kwarg_inputs=kwargs or None, check_trace=False,
+            traced = torch.jit.trace(PlainOutput(form) if kwargs else form, args or None,
+                                     example_kwarg_inputs=kwargs or None, check_trace=False,
                                      strict=False)  # strict=False: transformers models return dicts
             torch.jit.save(traced, str(path))
 
