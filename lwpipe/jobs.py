@@ -22,6 +22,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 log = logging.getLogger("lwpipe")
+SWEEP_PID = "LWPIPE_SWEEP_PID"  # the launching process of a multirun, for its workers (watch_parent)
 
 
 def launcher_threads(launcher, cores: int) -> int:
@@ -111,12 +112,18 @@ def reuse_validated_configs() -> None:
 
 
 class PreflightCallback(Callback):
-    """Before a multirun launches any job: the cache directory every job will write is writable."""
+    """Before a multirun launches any job, in the launching process: the sweep directory is named,
+    worker processes can tell that they are workers, and the cache directory every job will write
+    is writable."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
         from lwpipe.cache import check_writable
         from lwpipe.errors import LwpipeError
 
+        # ${now:} and ${lwpipe_pid:} are cached resolvers: resolved here, their values travel with every
+        # job's config to the workers (joblib, submitit, Ray), which would otherwise name a directory each
+        log.debug("sweep directory: %s", config.hydra.sweep.dir)
+        os.environ[SWEEP_PID] = str(os.getpid())
         settings = config.get("cache")
         enabled = settings if isinstance(settings, bool) else bool(settings.get("enabled", True))
         if enabled:
