@@ -47,9 +47,10 @@ def test_the_launching_process_and_single_runs_are_not_watched(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process groups from /proc")
-def test_joblib_workers_stop_when_the_sweep_process_is_killed(tmp_path):
-    """kill -9 of `lwpipe -m sweep=joblib` while both workers train: within seconds no worker is left,
-    and each interrupted job says so in its directory."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_joblib_workers_stop_when_the_sweep_process_is_killed(tmp_path, sig):
+    """kill -9 (or kill) of `lwpipe -m sweep=joblib` while both workers train: within seconds no worker
+    is left, and each interrupted job says so in its directory."""
     exe = shutil.which("lwpipe")
     cmd = [exe] if exe else [sys.executable, "-m", "lwpipe.cli"]
     args = ["-m", "sweep=joblib", *TINY, "pipeline=[train]", "stages.train.epochs=100000", "measure.latency=false",
@@ -61,8 +62,8 @@ def test_joblib_workers_stop_when_the_sweep_process_is_killed(tmp_path):
         started = wait_for(lambda: len(list(tmp_path.glob("outputs/multiruns/*/*/[01]/metrics.jsonl"))) == 2, 120)
         assert started, (tmp_path / "stderr.txt").read_text()[-3000:]
         assert len(alive_in_group(proc.pid)) >= 3  # the launching process and two workers at least
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=20)
         assert wait_for(lambda: not alive_in_group(proc.pid), 20), alive_in_group(proc.pid)
         failed = sorted(tmp_path.glob("outputs/multiruns/*/*/*/FAILED"))
         assert [f.parent.name for f in failed] == ["0", "1"]
