@@ -203,6 +203,6 @@ class MlflowLogger:
             self._proc.kill()
             self._proc.wait()
             self._warn(f"MLflow did not take the last records within close_timeout={self.close_timeout} s")
-        self._writer.join(timeout=1)
-        self._reader.join(timeout=1)
+        self._writer.join(timeout=10)  # the helper has exited: only a slow machine makes these wait
+        self._reader.join(timeout=10)  # (its last line may be the warning the run must show)
         self._proc.stdout.close()
