@@ -87,6 +87,21 @@ def test_the_default_store_is_a_database_mlflows_client_reads_without_a_switch(t
         ["mlartifacts", "mlflow.db", "mlflow.db.lock"]
 
 
+def test_sqlite_uris_are_read_as_sqlalchemy_reads_them(tmp_path, monkeypatch):
+    from lwpipe.loggers.mlflow import check_tracking_uri, sqlite_db
+
+    monkeypatch.chdir(tmp_path)
+    assert sqlite_db("sqlite:///outputs/mlflow.db") == tmp_path / "outputs" / "mlflow.db"  # relative
+    assert sqlite_db(f"sqlite:///{tmp_path}/a.db") == tmp_path / "a.db"  # four slashes: absolute
+    assert sqlite_db("sqlite://") is None and sqlite_db("sqlite:///:memory:") is None
+    assert check_tracking_uri("sqlite:///new/dir/m.db") == f"sqlite:///{tmp_path}/new/dir/m.db"
+    assert (tmp_path / "new" / "dir").is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LwpipeError, match=r"logger\.mlflow\.tracking_uri='sqlite:///file/m.db': cannot create the "
+                                          r"database's directory"):
+        check_tracking_uri("sqlite:///file/m.db")
+
+
 def test_tensorboard_scalars_per_step(tracked):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
