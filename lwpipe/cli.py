@@ -44,7 +44,8 @@ def dir_name(name) -> str:
     return str(name) if NAME.fullmatch(str(name)) else INVALID_NAME
 
 
-OmegaConf.register_new_resolver("lwpipe_pid", os.getpid, replace=True)
+# cached: a sweep is named once, in the launching process, and its workers get that name with their configs
+OmegaConf.register_new_resolver("lwpipe_pid", os.getpid, replace=True, use_cache=True)
 OmegaConf.register_new_resolver("lwpipe_dir_name", dir_name, replace=True)
 
 

@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
 log = logging.getLogger("lwpipe")
+SWEEP_PID = "LWPIPE_SWEEP_PID"  # the launching process of a multirun, for its workers (watch_parent)
+WATCHDOG = "lwpipe-parent-watchdog"
 
 
 def launcher_threads(launcher, cores: int) -> int:
@@ -48,7 +53,32 @@ def configure(threads: int, hydra_cfg, multirun: bool) -> None:
         torch.set_num_threads(chosen)
     if multirun:
         tag_console(f"[job {hydra_cfg.job.num}] ")
+        watch_parent()
     log.debug("torch threads: %d", torch.get_num_threads())
+
+
+def watch_parent(poll: float = 0.5, grace: float = 3.0) -> None:
+    """In a sweep's worker process (joblib, submitit_local, Ray), stop when the process that started it dies.
+
+    Workers outlive a launching process killed with -9 (no launcher watches for that): they would run
+    the jobs already handed to them, and a SIGTERM only ends the job at hand. Once per worker process
+    a daemon thread polls its parent; when the parent is gone the job gets SIGTERM (it fails as an
+    interrupted job, FAILED in its directory) and the process exits `grace` seconds later whatever it
+    is doing. Nothing happens in the launching process itself (a single run, the basic launcher)."""
+    launcher = os.environ.get(SWEEP_PID)
+    if not launcher or launcher == str(os.getpid()) or any(t.name == WATCHDOG for t in threading.enumerate()):
+        return
+    threading.Thread(target=_stop_with_parent, args=(os.getppid(), poll, grace), name=WATCHDOG,
+                     daemon=True).start()
+
+
+def _stop_with_parent(parent: int, poll: float, grace: float) -> None:
+    while os.getppid() == parent:
+        time.sleep(poll)
+    log.warning("the sweep's launching process (%d) is gone: this worker stops", parent)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace)
+    os._exit(143)  # 128 + SIGTERM, as if the signal had ended the process
 
 
 class Tagged(logging.Formatter):
@@ -111,12 +141,18 @@ def reuse_validated_configs() -> None:
 
 
 class PreflightCallback(Callback):
-    """Before a multirun launches any job: the cache directory every job will write is writable."""
+    """Before a multirun launches any job, in the launching process: the sweep directory is named,
+    worker processes can tell that they are workers, and the cache directory every job will write
+    is writable."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
         from lwpipe.cache import check_writable
         from lwpipe.errors import LwpipeError
 
+        # ${now:} and ${lwpipe_pid:} are cached resolvers: resolved here, their values travel with every
+        # job's config to the workers (joblib, submitit, Ray), which would otherwise name a directory each
+        log.debug("sweep directory: %s", config.hydra.sweep.dir)
+        os.environ[SWEEP_PID] = str(os.getpid())
         settings = config.get("cache")
         enabled = settings if isinstance(settings, bool) else bool(settings.get("enabled", True))
         if enabled:

@@ -70,6 +70,38 @@ def test_mlflow_run_has_params_metrics_per_step_and_artifacts(tracked):
     assert {"model.lwp", "summary.json", "recipe.yaml", "metrics.jsonl"} <= names
 
 
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")  # MLflow's SQL under SQLAlchemy 2.1
+def test_the_default_store_is_a_database_mlflows_client_reads_without_a_switch(tmp_path, monkeypatch):
+    """logger=mlflow alone: sqlite:///outputs/mlflow.db, artifacts in outputs/mlartifacts, no file store."""
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    _, records = run_recipe(FAST + ["logger=mlflow", "cache=false"], tmp_path / "run")
+    c = MlflowClient(tracking_uri="sqlite:///outputs/mlflow.db")
+    (r,) = c.search_runs([c.get_experiment_by_name("default").experiment_id])
+    assert r.info.status == "FINISHED" and r.data.params["stages.prune.sparsity"] == "0.5"
+    assert r.data.metrics["accuracy"] == records[-1]["accuracy"]
+    assert {"model.lwp", "summary.json"} <= {a.path for a in c.list_artifacts(r.info.run_id)}
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir() if p.name != "cache") == \
+        ["mlartifacts", "mlflow.db", "mlflow.db.lock"]
+
+
+def test_sqlite_uris_are_read_as_sqlalchemy_reads_them(tmp_path, monkeypatch):
+    from lwpipe.loggers.mlflow import check_tracking_uri, sqlite_db
+
+    monkeypatch.chdir(tmp_path)
+    assert sqlite_db("sqlite:///outputs/mlflow.db") == tmp_path / "outputs" / "mlflow.db"  # relative
+    assert sqlite_db(f"sqlite:///{tmp_path}/a.db") == tmp_path / "a.db"  # four slashes: absolute
+    assert sqlite_db("sqlite://") is None and sqlite_db("sqlite:///:memory:") is None
+    assert check_tracking_uri("sqlite:///new/dir/m.db") == f"sqlite:///{tmp_path}/new/dir/m.db"
+    assert (tmp_path / "new" / "dir").is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LwpipeError, match=r"logger\.mlflow\.tracking_uri='sqlite:///file/m.db': cannot create the "
+                                          r"database's directory"):
+        check_tracking_uri("sqlite:///file/m.db")
+
+
 def test_tensorboard_scalars_per_step(tracked):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -179,17 +211,22 @@ def test_every_shipped_logger_composes_with_the_defaults(name):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")  # MLflow's SQL under SQLAlchemy 2.1
 def test_a_multirun_is_one_experiment_with_runs_tagged_by_sweep_and_overrides(tmp_path, monkeypatch):
+    """Parallel jobs (sweep=joblib) on the default store: they build one new database together, no job loses."""
+    from mlflow import MlflowClient
+
     from tests.test_cli import lwpipe
 
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    sweep, store = tmp_path / "sweep", tmp_path / "mlruns"
-    p = lwpipe(["-m", *FAST, "stages.prune.sparsity=0.3,0.6", "logger=mlflow", f"logger.mlflow.tracking_uri={store}",
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    sweep = tmp_path / "sweep"
+    p = lwpipe(["-m", "sweep=joblib", *FAST, "stages.prune.sparsity=0.3,0.6", "logger=mlflow", "threads=1",
                 f"hydra.sweep.dir={sweep}"], tmp_path)
     assert p.returncode == 0, p.stderr
-    c = client(store)
-    (exp,) = c.search_experiments()
-    assert exp.name == f"default sweep {sweep.name}"
+    assert "logger.mlflow" not in p.stdout + p.stderr, p.stderr[-3000:]  # no job's tracking was switched off
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    assert sorted(e.name for e in c.search_experiments()) == ["Default", f"default sweep {sweep.name}"]
+    exp = c.get_experiment_by_name(f"default sweep {sweep.name}")
     runs = sorted(c.search_runs([exp.experiment_id]), key=lambda r: r.data.tags["lwpipe.job"])
     assert [r.data.tags["lwpipe.job"] for r in runs] == ["0", "1"]
     assert {r.data.tags["lwpipe.sweep"] for r in runs} == {str(sweep.resolve())}

@@ -69,7 +69,8 @@ def test_a_run_on_an_80_column_terminal_fits(tmp_path):
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     env = {**os.environ, "COLUMNS": "80", "LINES": "24"}
     args = TINY + ["pipeline=[train,prune]", "stages.train.epochs=2", "stages.prune.finetune.epochs=1",
-                   "data.n=8000", f"hydra.run.dir={tmp_path / 'run'}", "cache=false"]
+                   "data.n=8000", f"hydra.run.dir={tmp_path / 'run'}", "cache=false",
+                   "logger.console.refresh=0"]  # a bar at every batch: an epoch ends before 0.1 s on a fast machine
     proc = subprocess.Popen([sys.executable, "-c", "from lwpipe.cli import main; main()", *args], stdin=slave,
                             stdout=slave, stderr=slave, env=env, close_fds=True)
     os.close(slave)
@@ -110,3 +111,18 @@ def test_quiet_leaves_only_warnings_on_the_console_and_restores_it(monkeypatch):
         assert console.level == logging.NOTSET
     finally:
         root.removeHandler(console)
+
+
+def test_the_bar_redraws_at_every_batch_when_asked(monkeypatch):
+    """logger.console.refresh=0: every batch is drawn, so what a terminal shows does not depend on speed."""
+    from lwpipe.loggers import ConsoleLogger
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    monkeypatch.setattr(out, "isatty", lambda: True, raising=False)
+    c = ConsoleLogger(None, refresh=0)
+    for b in range(1, 6):  # five batches in well under the default 0.1 s
+        c.on_batch("train", 1, 1, b, 5, 1.0)
+    c.close()
+    shown = segments(out.getvalue())
+    assert [n for n in range(1, 5) if any(f"{n}/5 [" in s and "loss" in s for s in shown)] == [1, 2, 3, 4]

@@ -64,29 +64,39 @@ def numbers(sweep_dir):
         return [{k: r[k] for k in NUMBERS} for r in csv.DictReader(f)]
 
 
+def the_sweep_dir(cwd):
+    """The one sweep directory a sweep wrote under its default name (outputs/multiruns/default/<stamp>_<pid>)."""
+    dirs = list((cwd / "outputs" / "multiruns" / "default").iterdir())
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
 @pytest.fixture(scope="module")
 def basic(tmp_path_factory):
     """The reference: the same 2-point sweep on Hydra's basic launcher, one job after the other."""
     tmp = tmp_path_factory.mktemp("basic")
-    p = lwpipe(["-m", *QUICK, "stages.prune.sparsity=0.5,0.8", f"cache.dir={tmp / 'cache'}",
-                f"hydra.sweep.dir={tmp / 'sweep'}"], tmp)
+    p = lwpipe(["-m", *QUICK, "stages.prune.sparsity=0.5,0.8", f"cache.dir={tmp / 'cache'}"], tmp)
     assert p.returncode == 0, p.stderr
-    return numbers(tmp / "sweep")
+    return numbers(the_sweep_dir(tmp))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset, extra", [
+    ("joblib", []),
     ("submitit_local", []),
     ("ray", ["+hydra.launcher.ray.init.num_cpus=2"]),
 ])
 def test_a_sweep_on_another_launcher_gives_the_basic_launchers_numbers(basic, tmp_path, monkeypatch, preset, extra):
+    """Under the default directory name, whose ${lwpipe_pid:} each worker process would resolve to its own pid:
+    one sweep directory, holding every job and a summary row per job."""
     if preset == "ray" and importlib.util.find_spec("ray") is None:
         pytest.skip('Ray is not installed (pip install "lwpipe[ray]")')
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    sweep = tmp_path / "sweep"
     p = lwpipe(["-m", f"sweep={preset}", *extra, *QUICK, "stages.prune.sparsity=0.5,0.8",
-                f"cache.dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"], tmp_path)
+                f"cache.dir={tmp_path / 'cache'}"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
+    sweep = the_sweep_dir(tmp_path)
+    assert sorted(d.name for d in sweep.iterdir() if d.is_dir() and not d.name.startswith(".")) == ["0", "1"]
     assert numbers(sweep) == basic
     assert [r["status"] for r in basic] == ["completed", "completed"]
     assert (sweep / "pareto.png").exists()

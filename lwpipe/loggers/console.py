@@ -78,10 +78,11 @@ def console_handlers() -> list[logging.Handler]:
 
 class ConsoleLogger:
     """A row per stage, a line every `epoch_every` epochs (0: none), the table again at the end, and a
-    progress bar per stage and epoch on a terminal (`progress: false` turns the bar off)."""
+    progress bar per stage and epoch on a terminal (`progress: false` turns the bar off), redrawn at most
+    every `refresh` seconds (0: at every batch, whatever the machine's speed)."""
 
     def __init__(self, run_dir: str | Path | None = None, epoch_every: int = 1, progress: bool = True,
-                 quiet: bool = False):
+                 quiet: bool = False, refresh: float = 0.1):
         self.epoch_every = epoch_every
         self._header = False
         self._rows: list[dict] = []
@@ -91,7 +92,7 @@ class ConsoleLogger:
         self.on_batch = None
         if progress and not quiet and sys.stderr.isatty():
             from lwpipe.progress import Progress
-            self.on_batch = Progress(sys.stderr)
+            self.on_batch = Progress(sys.stderr, mininterval=refresh)
 
     def log(self, record: dict) -> None:
         if record["event"] == "epoch":

@@ -11,6 +11,10 @@ child process (mlflow_worker.py) fed through a pipe: the run never waits for MLf
 end for up to `close_timeout` seconds. The tracking URI is checked before the run starts (an
 unreachable server or an unwritable path is an error, exit 2); a failure later warns once and the
 run goes on: the run directory is the source of truth.
+
+The default store is a SQLite database, sqlite:///outputs/mlflow.db (MLflow 3's own default kind:
+its client and `mlflow ui` read it without MLFLOW_ALLOW_FILE_STORE), with the artifacts beside it in
+outputs/mlartifacts; a path asks for a file store, which still works.
 """
 from __future__ import annotations
 
@@ -51,6 +55,18 @@ def flatten(value, prefix: str = "") -> dict[str, str]:
     return {prefix: text[:6000]}  # MLflow's limit on a param's value
 
 
+DEFAULT_URI = "sqlite:///outputs/mlflow.db"
+
+
+def sqlite_db(uri: str) -> Path | None:
+    """The database file of a sqlite:// URI, made absolute as SQLAlchemy reads it (sqlite:///rel.db is relative
+    to the working directory, sqlite:////abs.db absolute); None for an in-memory database."""
+    rest = uri.split("?", 1)[0].removeprefix("sqlite://")
+    if not rest.startswith("/") or rest in ("/", "/:memory:"):
+        return None
+    return Path(rest[1:]).expanduser().resolve()
+
+
 def check_tracking_uri(value: str) -> str:
     """The URI MLflow is given; ConfigError when it cannot work (checked before the run starts)."""
     key = "logger.mlflow.tracking_uri"
@@ -72,12 +88,20 @@ def check_tracking_uri(value: str) -> str:
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise ConfigError(key, value, f"cannot reach the tracking server ({reason}); start it, or log to a "
-                                          "local store such as outputs/mlruns") from None
+                                          "local store such as sqlite:///outputs/mlflow.db") from None
         return value
     if scheme == "sqlite":
-        db = Path(urllib.parse.urlparse(value).path)
-        if not db.parent.is_dir():
-            raise ConfigError(key, value, f"the database's directory {db.parent} does not exist")
+        db = sqlite_db(value)
+        if db is None:
+            return value
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(key, value, f"cannot create the database's directory: {e.strerror or e}") from None
+        if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+            raise ConfigError(key, value, "the database or its directory is not writable")
+        query = value.partition("?")[1] + value.partition("?")[2]
+        return f"sqlite:///{db}{query}"  # absolute: the helper process does not depend on the working directory
     return value  # databricks, other plugins: MLflow itself decides
 
 
@@ -103,7 +127,7 @@ def job_identity(run_dir: Path) -> dict:
 
 
 class MlflowLogger:
-    def __init__(self, run_dir: str | Path, tracking_uri: str = "outputs/mlruns", experiment: str | None = None,
+    def __init__(self, run_dir: str | Path, tracking_uri: str = DEFAULT_URI, experiment: str | None = None,
                  close_timeout: float = 60.0):
         if importlib.util.find_spec("mlflow") is None:
             raise ConfigError("logger.mlflow", "mlflow", "needs the mlflow package (mlflow-skinny is enough): "
@@ -134,8 +158,12 @@ class MlflowLogger:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._writer.start()
         self._reader.start()
+        db = sqlite_db(uri) if uri.startswith("sqlite:") else None
         self._queue.put({"op": "start", "uri": uri, "experiment": experiment, "run_name": run_name,
-                         "tags": tags, "params": flatten(recipe)})
+                         "tags": tags, "params": flatten(recipe),
+                         # parallel jobs must not build one new database at once; artifacts beside it
+                         "lock": f"{db}.lock" if db else None,
+                         "artifact_location": (db.parent / "mlartifacts").as_uri() if db else None})
 
     def _write(self) -> None:  # a thread: the run never blocks on a full pipe
         try:
@@ -175,6 +203,6 @@ class MlflowLogger:
             self._proc.kill()
             self._proc.wait()
             self._warn(f"MLflow did not take the last records within close_timeout={self.close_timeout} s")
-        self._writer.join(timeout=1)
-        self._reader.join(timeout=1)
+        self._writer.join(timeout=10)  # the helper has exited: only a slow machine makes these wait
+        self._reader.join(timeout=10)  # (its last line may be the warning the run must show)
         self._proc.stdout.close()

@@ -5,6 +5,7 @@ Self-contained (standard library + mlflow) so that it starts without importing l
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -27,23 +28,26 @@ class Worker:
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
-        self.client = MlflowClient(tracking_uri=msg["uri"])
-        exp = self.client.get_experiment_by_name(msg["experiment"])
-        if exp is None:
-            try:
-                exp_id = self.client.create_experiment(msg["experiment"])
-            except Exception:  # a parallel job of the same sweep created it first
-                exp = self.client.get_experiment_by_name(msg["experiment"])
-                if exp is None:
-                    raise
-                exp_id = exp.experiment_id
-        else:
-            exp_id = exp.experiment_id
+        with exclusive(msg.get("lock")):  # the client's first use of a new SQLite store creates its tables
+            self.client = MlflowClient(tracking_uri=msg["uri"])
+            exp_id = self.experiment(msg["experiment"], msg.get("artifact_location"))
         run = self.client.create_run(exp_id, run_name=msg["run_name"], tags=msg["tags"])
         self.run_id = run.info.run_id
         params = [Param(k, v) for k, v in msg["params"].items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i:i + 100], synchronous=True)
+
+    def experiment(self, name: str, artifact_location: str | None) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except Exception:  # a parallel job of the same sweep created it first
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def log(self, msg: dict) -> None:
         from mlflow.entities import Metric
@@ -65,6 +69,24 @@ class Worker:
         self.client.set_tag(self.run_id, "lwpipe.cached_stages", ",".join(self.cached))
         self.client.set_terminated(self.run_id, msg["status"])
         self.run_id = None
+
+
+@contextlib.contextmanager
+def exclusive(path: str | None):
+    """An exclusive lock on the file `path` while the block runs (nothing when path is None or off POSIX)."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if path is None or fcntl is None:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def main() -> None:
