@@ -274,14 +274,15 @@ class StageCache:
             return records
         deadline, told = time.monotonic() + self.wait_seconds, False
         while not self.locks.try_acquire(key):
-            holder = cache_dir.read_lock(self.locks.path(key)) or {"age": 0.0}
+            holder = self.locks.holder(self.locks.path(key)) or {"age": 0.0}
             if not told:
-                log.info("cache: another job (%s) is computing this stage; waiting for its entry",
-                         cache_dir.describe(holder))
+                log.info("cache: another job is computing this stage (lock: %s); waiting for its entry, at most "
+                         "%.0f s (cache.wait_seconds), or until its lock is %.0f s untouched (then taken over)",
+                         cache_dir.describe(holder), self.wait_seconds, cache_dir.LOCK_STALE_SECONDS)
                 told = True
             if time.monotonic() > deadline:
-                raise LwpipeError(f"cache: waited {self.wait_seconds:.0f} s (cache.wait_seconds) for entry {key}, "
-                                  f"which {cache_dir.describe(holder)} is computing; raise cache.wait_seconds, "
+                raise LwpipeError(f"cache: waited {self.wait_seconds:.0f} s (cache.wait_seconds) for entry {key} "
+                                  f"(lock: {cache_dir.describe(holder)}); raise cache.wait_seconds, "
                                   f"or delete {self.locks.path(key)} if that job is gone")
             time.sleep(cache_dir.POLL_SECONDS)
             records = self.load(key, model) if self._paths(key)[1].exists() else None
