@@ -36,6 +36,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import time
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
@@ -185,6 +186,7 @@ class StageCache:
         self.locks = cache_dir.Locks(self.dir)
         self.computed = 0  # entries this cache stored: what the racing-jobs test and benchmark count
         self.loaded: dict[str, str] = {}  # key -> sha256 of the state file this process restored or stored
+        self.warned: set[str] = set()  # keys of the unreadable entries already warned about
         if enabled:
             check_writable(self.dir)
             remove_stale_temporaries(self.dir)
@@ -216,20 +218,24 @@ class StageCache:
         if not self.enabled:
             return None
         state, meta = self._paths(key)
-        if not meta.exists():
+        if not os.path.lexists(meta):
             return None
         try:
-            entry = json.loads(meta.read_text())
+            entry = json.loads(cache_dir.read_regular(meta))  # a directory or a FIFO there: a miss, no hang
             if entry.get("entry_sha256") != entry_sha256(entry["key"], entry["state_sha256"], entry["records"],
                                                          entry.get("files")):
                 raise ValueError("its records do not match their checksum: edited or damaged")
+            if model is not None and not stat.S_ISREG(os.stat(state).st_mode):
+                raise ValueError(f"{state.name} is not a regular file")
             if entry["key"] != key or (model is not None and file_sha256(state) != entry["state_sha256"]):
                 raise ValueError("state file does not match its record")
             if model is not None:
                 checkpoint.load_state(model, state)
                 self.loaded[key] = entry["state_sha256"]
         except Exception as e:  # a damaged entry is recomputed, never trusted
-            log.warning("cache entry %s is unreadable (%s); recomputing", key, e)
+            if key not in self.warned:  # once: a job waiting for the entry looks again every POLL_SECONDS
+                self.warned.add(key)
+                log.warning("cache entry %s is unreadable (%s); recomputing", key, e)
             return None
         try:
             os.utime(meta)  # last use: cache.max_bytes and `lwpipe-cache prune` remove the least recently used
@@ -255,13 +261,14 @@ class StageCache:
         if expected is None:
             return None
         try:
-            blob = (self.dir / f"{key}{suffix}").read_bytes()
+            blob = cache_dir.read_regular(self.dir / f"{key}{suffix}")
         except OSError:
             return None
         return blob if hashlib.sha256(blob).hexdigest() == expected else None
 
     def _write_files(self, key: str, files: dict[str, bytes]) -> dict[str, str]:
         for suffix, blob in files.items():
+            self._make_room(self.dir / f"{key}{suffix}")
             checkpoint.atomic_write(self.dir / f"{key}{suffix}", lambda tmp, b=blob: Path(tmp).write_bytes(b))
         return {suffix: hashlib.sha256(blob).hexdigest() for suffix, blob in files.items()}
 
@@ -302,6 +309,7 @@ class StageCache:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         state = self._paths(key)[0]
+        self._make_room(state)
         checkpoint.save_state(model, state)
         self.loaded[key] = file_sha256(state)
         self._write_entry(key, self.loaded[key], records, {".lwp": artifact} if artifact is not None else None)
@@ -324,7 +332,16 @@ class StageCache:
         if files:
             entry["files"] = self._write_files(key, files)
         entry["entry_sha256"] = entry_sha256(key, state_sha256, records, entry.get("files"))
+        self._make_room(self._paths(key)[1])
         checkpoint.atomic_write(self._paths(key)[1], lambda tmp: Path(tmp).write_text(json.dumps(entry)))
+
+    @staticmethod
+    def _make_room(path: Path) -> None:
+        """A directory where an entry's file belongs (a file can replace anything else): removed, with a
+        warning, so that the entry can be written again."""
+        if path.is_dir():
+            log.warning("cache: %s is a directory, not an entry file; removing it to store the entry again", path)
+            cache_dir.discard(path)
 
     def _bound(self, key: str) -> None:
         if self.max_bytes is not None:

@@ -246,9 +246,9 @@ def stage_of(entry: dict) -> str:
 
 
 def remove(entry: dict) -> None:
-    entry["meta"].unlink(missing_ok=True)  # the json first: from now on the entry is a miss
+    discard(entry["meta"])  # the json first: from now on the entry is a miss
     for f in entry["files"]:
-        f.unlink(missing_ok=True)
+        discard(f)
 
 
 def prune(directory: Path, older_than: float | None = None, max_bytes: int | None = None,
