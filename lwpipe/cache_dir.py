@@ -1,7 +1,8 @@
 """The files of a stage cache directory, shared by many jobs: entry locks, listing, pruning, `lwpipe-cache`.
 
     <key>.safetensors + <key>.lwp + <key>.json    an entry (lwpipe/cache.py writes them, the json last;
-                                                  the baseline's is its json alone, a report's json + .png)
+      [+ <key>.out.<name> ...]                    the baseline's is its json alone, a report's json + .png;
+                                                  .out.<name>: a file the stage wrote, e.g. export.pt)
     <key>.lock                        a job computing that entry: {"host", "pid", "time"}
 
 A lock is created with O_CREAT|O_EXCL, which is atomic on local file systems and on NFS (v3 on),
@@ -211,16 +212,22 @@ class Locks:
 # entries: listing and pruning
 
 def entries(directory: Path) -> list[dict]:
-    """Complete entries, least recently used first: key, bytes, last use (json mtime), stage."""
+    """Complete entries, least recently used first: key, bytes, last use (json mtime), files, stage.
+    An entry's files are every `<key>.<suffix>` (written before its json) but its json and lock."""
+    directory, files = Path(directory), {}
+    for name in os.listdir(directory):  # once: a glob per entry would make listing quadratic
+        key, _, rest = name.partition(".")  # `.<name>.tmp<pid>` temporaries have no key
+        if key and rest and rest != "json" and rest.split(".")[0] != "lock":
+            files.setdefault(key, []).append(directory / name)
     out = []
-    for meta in Path(directory).glob("*.json"):
-        files = [meta.with_suffix(x) for x in (".safetensors", ".lwp", ".png")]  # written before the json
+    for meta in directory.glob("*.json"):
         try:
-            stat = meta.stat()
+            st = meta.stat()
         except OSError:  # removed meanwhile
             continue
-        size = stat.st_size + sum(file_size(f) for f in files)
-        out.append({"key": meta.stem, "bytes": size, "used": stat.st_mtime, "meta": meta, "files": files})
+        own = files.get(meta.stem, [])
+        size = st.st_size + sum(file_size(f) for f in own)
+        out.append({"key": meta.stem, "bytes": size, "used": st.st_mtime, "meta": meta, "files": own})
     return sorted(out, key=lambda e: e["used"])
 
 

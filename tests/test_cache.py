@@ -272,3 +272,18 @@ def test_an_entry_file_that_is_a_fifo_is_a_miss_without_blocking(tmp_path):
     reader.start()
     reader.join(5)
     assert found == [None]
+
+
+def test_a_cached_export_stage_restores_the_files_it_wrote(tmp_path):
+    args = TINY + ["pipeline=[train,export]", "stages.train.epochs=1", "+stages.export.format=sparse",
+                   f"cache.dir={tmp_path / 'cache'}"]
+    run_recipe(args, tmp_path / "a")
+    _, records = run_recipe(args, tmp_path / "b")
+    assert cached_steps(records) == {1: True, 2: True}
+    for name in ("export.pt", "export.json"):  # the run reported them; a cached run had neither
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+    (tmp_path / "cache" / f"{stage_keys(args)[1]}.out.export.pt").write_bytes(b"damaged")
+    _, records = run_recipe(args, tmp_path / "c")
+    assert cached_steps(records) == {1: True, 2: False}  # a lost file is no hit: the stage runs again
+    assert (tmp_path / "c" / "export.pt").is_file() and (tmp_path / "c" / "export.json").is_file()
+    assert not (tmp_path / "a" / "export.pt2").exists() and not (tmp_path / "b" / "export.pt2").exists()
