@@ -19,6 +19,7 @@
     model.lwp <- encode(model, model.lwpipe_rebuild or recipe.model)  # its size: every record's compressed_bytes
                  (the last stage's encoding; cached: the entry's copy)
     tokenizer/ <- the data's tokenizer, if any (next to model.lwp)
+    loggers.finish(summary)                                         # report.png, report.md
     summary.json <- baseline, every stage_end, final, seconds       # written last, atomically
 
 A run directory without summary.json did not finish. A run killed mid-pipeline
@@ -333,6 +334,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         summary = {"recipe": top.name, "seed": top.seed, "baseline": records[0],
                    "stages": records[1:], "final": final, "seconds": time.perf_counter() - started,
                    "stage_seconds": work_seconds}
+        for lg in loggers:  # what loggers write into the run directory (report.png), before summary.json
+            getattr(lg, "finish", lambda _: None)(summary)
         checkpoint.atomic_write(run_dir / "summary.json",
                                 lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
         return final
