@@ -121,6 +121,7 @@ class Locks:
         self._stop = threading.Event()  # the current touching thread's; set: it ends
         self._thread: threading.Thread | None = None
         self._seen: dict[Path, tuple] = {}  # lock -> (its read_lock id, when this process first saw it so)
+        self._stuck: set[Path] = set()  # stale locks this process could not move away (warned once)
 
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.lock"
@@ -167,7 +168,9 @@ class Locks:
         except FileNotFoundError:
             return True  # someone else removed it
         except OSError as e:  # not ours to move: the bound the waiting job prints still ends the wait
-            log.warning("cache: cannot take over %s (%s)", path.name, e.strerror or e)
+            if path not in self._stuck:  # once, not every poll
+                self._stuck.add(path)
+                log.warning("cache: cannot take over %s (%s)", path.name, e.strerror or e)
             return False
         moved = read_lock(aside) or {}
         if (moved.get("id"), moved.get("host"), moved.get("pid"), moved.get("time")) != \

@@ -5,9 +5,10 @@
     per layer  kept fraction, distinct values, coded bits per kept weight (Deep Compression's Table 2),
                read by decoding the run's model.lwp
 
-Written at the end of every finished run, just before its summary.json, by `ReportLogger` (logger.report;
-`logger.report=null` turns it off; a failure warns, the run is not failed) and again by `lwpipe-report RUN_DIR`. Everything comes
-from metrics.jsonl, summary.json and model.lwp; nothing is recomputed from the model.
+Written at the end of every finished run, just before its summary.json, by `ReportLogger`
+(logger.report; `logger.report=null` turns it off; a failure warns, the run is not failed) and
+again by `lwpipe-report RUN_DIR`. Everything comes from metrics.jsonl, summary.json (the runner
+hands it over before writing it) and model.lwp; nothing is recomputed from the model.
 
 The picture names the run by its recipe and seed (recipe.yaml), not by its directory, so that it is
 a function of what it shows: a run with the stage cache on keeps report.png in the cache under a key
