@@ -218,6 +218,8 @@ def entries(directory: Path) -> list[dict]:
     """Complete entries, least recently used first: key, bytes, last use (json mtime), files, stage.
     An entry's files are every `<key>.<suffix>` (written before its json) but its json and lock."""
     directory, files = Path(directory), {}
+    if not directory.is_dir():
+        return []
     for name in os.listdir(directory):  # once: a glob per entry would make listing quadratic
         key, _, rest = name.partition(".")  # `.<name>.tmp<pid>` temporaries have no key
         if key and rest and rest != "json" and rest.split(".")[0] != "lock":
@@ -243,7 +245,7 @@ def file_size(path: Path) -> int:
 
 def stage_of(entry: dict) -> str:
     try:
-        saved = json.loads(entry["meta"].read_text())
+        saved = json.loads(read_regular(entry["meta"]))  # a FIFO in its place must not hang the listing
         records = saved["records"]
         if ".png" in (saved.get("files") or {}):
             return "report.png"
@@ -251,7 +253,7 @@ def stage_of(entry: dict) -> str:
         if not ends and records and records[0].get("event") == "baseline":
             return "0 baseline"
         return f"{ends[-1]['step']} {ends[-1]['stage']}" if ends else "?"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         return "?"
 
 

@@ -230,3 +230,17 @@ def test_a_lock_dated_in_the_future_still_goes_stale_and_the_wait_names_its_boun
     assert "at most 10 s (cache.wait_seconds), or until its lock is 0 s untouched" in caplog.text
     assert json.loads((tmp_path / "k.lock").read_text())["host"] == cache_dir.HOST
     c.release()
+
+
+def test_lwpipe_cache_lists_and_prunes_hostile_entries_and_locks(tmp_path):
+    StageCache(tmp_path).store("good", nn.Linear(4, 4), [{"step": 1, "stage": "s", "event": "stage_end"}])
+    (tmp_path / "dir.json").mkdir()
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    make_unreadable_lock(tmp_path / "junk.lock", "garbage")
+    listed = subprocess.run([sys.executable, "-m", "lwpipe.cache_dir", "list", "--dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)  # a FIFO read would hang here
+    assert listed.returncode == 0 and "4 entries" in listed.stderr, listed.stderr
+    assert "1 s" in listed.stdout and "lock: an unreadable lock (not JSON)" in listed.stdout
+    assert len(cache_dir.prune(tmp_path, older_than=-1)) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.lock"]
