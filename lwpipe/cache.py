@@ -8,7 +8,9 @@
 The seed enters key(0) and every stage is seeded from (seed, step, name), so an
 entry holds exactly what rerunning the stage would give. An entry is `<key>.safetensors`
 (checkpoint.save_state), `<key>.lwp` (that model encoded as model.lwp, so a run whose last
-stage is cached copies its artifact instead of encoding it again) and `<key>.json` (the
+stage is cached copies its artifact instead of encoding it again), `<key>.out.<name>` (each file the
+stage wrote into its run directory, as declared by its class's `writes`: export.pt, export.json; a run
+that replays the stage gets copies, and a copy that is lost makes the entry a miss) and `<key>.json` (the
 stage's records and the files' sha256), all written atomically, the json last: an entry
 without its json, or whose files do not match their hashes, is a miss. The json carries a
 sha256 of its own key, file hashes and records, so that an edited record is recomputed
@@ -36,6 +38,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import time
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
@@ -158,6 +161,20 @@ def entry_sha256(key: str, state_sha256: str | None, records: list[dict], files:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+def copy_checked(src: Path, expected: str, dest: Path) -> bool:
+    """Copy src to dest atomically if the copy's sha256 is `expected`; False otherwise (dest untouched)."""
+    def copy(tmp) -> None:
+        shutil.copyfile(src, tmp)  # refuses a FIFO or a directory: OSError
+        if file_sha256(tmp) != expected:
+            raise OSError("changed since it was stored")
+
+    try:
+        checkpoint.atomic_write(dest, copy)  # the copy is checked before it takes dest's name
+        return True
+    except OSError:
+        return False
+
+
 def check_writable(directory: Path, key: str = "cache.dir") -> None:
     """ConfigError unless files can be created in directory (made if missing): checked before any work."""
     try:
@@ -185,6 +202,7 @@ class StageCache:
         self.locks = cache_dir.Locks(self.dir)
         self.computed = 0  # entries this cache stored: what the racing-jobs test and benchmark count
         self.loaded: dict[str, str] = {}  # key -> sha256 of the state file this process restored or stored
+        self.warned: set[str] = set()  # keys of the unreadable entries already warned about
         if enabled:
             check_writable(self.dir)
             remove_stale_temporaries(self.dir)
@@ -199,37 +217,44 @@ class StageCache:
         expected = self.loaded.get(key)
         if expected is None:  # cache off, or an entry this process never saw
             return False
+        return copy_checked(self._paths(key)[0], expected, dest)
 
-        def copy(tmp) -> None:
-            shutil.copyfile(self._paths(key)[0], tmp)
-            if file_sha256(tmp) != expected:
-                raise OSError("changed since it was loaded")
-
-        try:
-            checkpoint.atomic_write(dest, copy)  # the copy is checked before it takes dest's name
+    def restore_outputs(self, key: str, names, run_dir: Path) -> bool:
+        """Copy the files among `names` that the stage wrote into its run directory, kept in its entry
+        (`<key>.out.<name>`), into run_dir; False (with a warning) when one is missing or damaged."""
+        if not names:  # most stages write nothing there: no second look at the entry
             return True
-        except OSError:
-            return False
+        files = (self._entry(key, None) or {}).get("files", {})
+        for name in names:
+            expected = files.get(f".out.{name}")
+            if expected is not None and not copy_checked(self.dir / f"{key}.out.{name}", expected, run_dir / name):
+                log.warning("cache entry %s: its copy of %s is missing or damaged; recomputing", key, name)
+                return False
+        return True
 
     def _entry(self, key: str, model: nn.Module | None) -> dict | None:
         """The checked entry json (and its state restored into `model` when given); None on a miss."""
         if not self.enabled:
             return None
         state, meta = self._paths(key)
-        if not meta.exists():
+        if not os.path.lexists(meta):
             return None
         try:
-            entry = json.loads(meta.read_text())
+            entry = json.loads(cache_dir.read_regular(meta))  # a directory or a FIFO there: a miss, no hang
             if entry.get("entry_sha256") != entry_sha256(entry["key"], entry["state_sha256"], entry["records"],
                                                          entry.get("files")):
                 raise ValueError("its records do not match their checksum: edited or damaged")
+            if model is not None and not stat.S_ISREG(os.stat(state).st_mode):
+                raise ValueError(f"{state.name} is not a regular file")
             if entry["key"] != key or (model is not None and file_sha256(state) != entry["state_sha256"]):
                 raise ValueError("state file does not match its record")
             if model is not None:
                 checkpoint.load_state(model, state)
                 self.loaded[key] = entry["state_sha256"]
         except Exception as e:  # a damaged entry is recomputed, never trusted
-            log.warning("cache entry %s is unreadable (%s); recomputing", key, e)
+            if key not in self.warned:  # once: a job waiting for the entry looks again every POLL_SECONDS
+                self.warned.add(key)
+                log.warning("cache entry %s is unreadable (%s); recomputing", key, e)
             return None
         try:
             os.utime(meta)  # last use: cache.max_bytes and `lwpipe-cache prune` remove the least recently used
@@ -255,15 +280,26 @@ class StageCache:
         if expected is None:
             return None
         try:
-            blob = (self.dir / f"{key}{suffix}").read_bytes()
+            blob = cache_dir.read_regular(self.dir / f"{key}{suffix}")
         except OSError:
             return None
         return blob if hashlib.sha256(blob).hexdigest() == expected else None
 
-    def _write_files(self, key: str, files: dict[str, bytes]) -> dict[str, str]:
+    def _write_files(self, key: str, files: dict[str, bytes | Path]) -> dict[str, str]:
+        """Each `<key><suffix>`: bytes, or a file's contents (copied, never held in memory); their sha256."""
+        hashes = {}
         for suffix, blob in files.items():
-            checkpoint.atomic_write(self.dir / f"{key}{suffix}", lambda tmp, b=blob: Path(tmp).write_bytes(b))
-        return {suffix: hashlib.sha256(blob).hexdigest() for suffix, blob in files.items()}
+            dest = self.dir / f"{key}{suffix}"
+            self._make_room(dest)
+            if isinstance(blob, Path):
+                def copy(tmp, src=blob, suffix=suffix) -> None:
+                    shutil.copyfile(src, tmp)
+                    hashes[suffix] = file_sha256(tmp)
+                checkpoint.atomic_write(dest, copy)
+            else:
+                checkpoint.atomic_write(dest, lambda tmp, b=blob: Path(tmp).write_bytes(b))
+                hashes[suffix] = hashlib.sha256(blob).hexdigest()
+        return hashes
 
     def claim(self, key: str, model: nn.Module) -> list[dict] | None:
         """load(), and on a miss make sure only one job computes the entry: None means this process now
@@ -274,14 +310,15 @@ class StageCache:
             return records
         deadline, told = time.monotonic() + self.wait_seconds, False
         while not self.locks.try_acquire(key):
-            holder = cache_dir.read_lock(self.locks.path(key)) or {"age": 0.0}
+            holder = self.locks.holder(self.locks.path(key)) or {"age": 0.0}
             if not told:
-                log.info("cache: another job (%s) is computing this stage; waiting for its entry",
-                         cache_dir.describe(holder))
+                log.info("cache: another job is computing this stage (lock: %s); waiting for its entry, at most "
+                         "%.0f s (cache.wait_seconds), or until its lock is %.0f s untouched (then taken over)",
+                         cache_dir.describe(holder), self.wait_seconds, cache_dir.LOCK_STALE_SECONDS)
                 told = True
             if time.monotonic() > deadline:
-                raise LwpipeError(f"cache: waited {self.wait_seconds:.0f} s (cache.wait_seconds) for entry {key}, "
-                                  f"which {cache_dir.describe(holder)} is computing; raise cache.wait_seconds, "
+                raise LwpipeError(f"cache: waited {self.wait_seconds:.0f} s (cache.wait_seconds) for entry {key} "
+                                  f"(lock: {cache_dir.describe(holder)}); raise cache.wait_seconds, "
                                   f"or delete {self.locks.path(key)} if that job is gone")
             time.sleep(cache_dir.POLL_SECONDS)
             records = self.load(key, model) if self._paths(key)[1].exists() else None
@@ -296,14 +333,20 @@ class StageCache:
         """Give up every lock still held (a failed or interrupted stage): waiting jobs compute it themselves."""
         self.locks.release()
 
-    def store(self, key: str, model: nn.Module, records: list[dict], artifact: bytes | None = None) -> None:
+    def store(self, key: str, model: nn.Module, records: list[dict], artifact: bytes | None = None,
+              outputs: dict[str, Path] | None = None) -> None:
+        """The stage's model, records, its model encoded (`artifact`) and the files it wrote into the run
+        directory (`outputs`, name -> path: restore_outputs copies them into a run that replays it)."""
         if not self.enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         state = self._paths(key)[0]
+        self._make_room(state)
         checkpoint.save_state(model, state)
         self.loaded[key] = file_sha256(state)
-        self._write_entry(key, self.loaded[key], records, {".lwp": artifact} if artifact is not None else None)
+        files = {**({".lwp": artifact} if artifact is not None else {}),
+                 **{f".out.{name}": Path(path) for name, path in (outputs or {}).items()}}
+        self._write_entry(key, self.loaded[key], records, files or None)
         self.computed += 1
         self.locks.release(key)
         self._bound(key)
@@ -317,13 +360,22 @@ class StageCache:
         self._bound(key)
 
     def _write_entry(self, key: str, state_sha256: str | None, records: list[dict],
-                     files: dict[str, bytes] | None) -> None:
+                     files: dict[str, bytes | Path] | None) -> None:
         """The entry's other files, then its json (last: until it exists the entry is a miss)."""
         entry = {"key": key, "state_sha256": state_sha256, "records": records}
         if files:
             entry["files"] = self._write_files(key, files)
         entry["entry_sha256"] = entry_sha256(key, state_sha256, records, entry.get("files"))
+        self._make_room(self._paths(key)[1])
         checkpoint.atomic_write(self._paths(key)[1], lambda tmp: Path(tmp).write_text(json.dumps(entry)))
+
+    @staticmethod
+    def _make_room(path: Path) -> None:
+        """A directory where an entry's file belongs (a file can replace anything else): removed, with a
+        warning, so that the entry can be written again."""
+        if path.is_dir():
+            log.warning("cache: %s is a directory, not an entry file; removing it to store the entry again", path)
+            cache_dir.discard(path)
 
     def _bound(self, key: str) -> None:
         if self.max_bytes is not None:

@@ -1,7 +1,8 @@
 """The files of a stage cache directory, shared by many jobs: entry locks, listing, pruning, `lwpipe-cache`.
 
     <key>.safetensors + <key>.lwp + <key>.json    an entry (lwpipe/cache.py writes them, the json last;
-                                                  the baseline's is its json alone, a report's json + .png)
+      [+ <key>.out.<name> ...]                    the baseline's is its json alone, a report's json + .png;
+                                                  .out.<name>: a file the stage wrote, e.g. export.pt)
     <key>.lock                        a job computing that entry: {"host", "pid", "time"}
 
 A lock is created with O_CREAT|O_EXCL, which is atomic on local file systems and on NFS (v3 on),
@@ -22,7 +23,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
+import stat
 import sys
 import threading
 import time
@@ -46,16 +49,43 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+LOCK_MAX_BYTES = 1 << 16  # a lock lwpipe writes is under 100 bytes
+
+
+def read_regular(path: Path, limit: int | None = None) -> bytes:
+    """A regular file's bytes (at most `limit`). OSError for anything else: a directory, a FIFO (opened
+    without blocking, so it cannot hang the reader), a device, a dangling symlink; FileNotFoundError if none."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path.name} is not a regular file")
+        return f.read() if limit is None else f.read(limit)
+
+
 def read_lock(path: Path) -> dict | None:
-    """The lock's holder, with its age in seconds; None when there is no lock (any more)."""
+    """The lock's holder, with "age": seconds since its file was last touched; None when there is no lock.
+
+    A lock that is not a JSON object (garbage, a directory, a symlink, one being written this instant)
+    has only "age", by the mtime of the lock itself, and "unreadable" (why): young, it is not stale; once
+    nobody has touched it for LOCK_STALE_SECONDS it is, and is taken over like any other."""
     try:
-        holder = json.loads(path.read_text() or "{}")
-        holder["age"] = time.time() - path.stat().st_mtime
-        return holder
+        st = os.lstat(path)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):  # being written this instant: young, so not stale
-        return {"age": 0.0}
+    except OSError as e:
+        return {"age": 0.0, "unreadable": e.strerror or str(e), "id": None}
+    found = {"age": time.time() - st.st_mtime, "id": (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)}
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        return {**found, "unreadable": "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"}
+    try:
+        holder = json.loads(read_regular(path, LOCK_MAX_BYTES) or b"{}")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {**found, "unreadable": "not JSON"}
+    if not isinstance(holder, dict):
+        return {**found, "unreadable": "not a JSON object"}
+    return {**holder, **found}
 
 
 def is_stale(holder: dict) -> bool:
@@ -65,7 +95,20 @@ def is_stale(holder: dict) -> bool:
 
 
 def describe(holder: dict) -> str:
+    if "unreadable" in holder:
+        return f"an unreadable lock ({holder['unreadable']}), last touched {holder['age']:.0f} s ago"
     return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, last seen {holder['age']:.0f} s ago"
+
+
+def discard(path: Path) -> None:
+    """Remove a file, symlink or directory tree at path (gone already: fine)."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 class Locks:
@@ -77,9 +120,25 @@ class Locks:
         self._guard = threading.Lock()
         self._stop = threading.Event()  # the current touching thread's; set: it ends
         self._thread: threading.Thread | None = None
+        self._seen: dict[Path, tuple] = {}  # lock -> (its read_lock id, when this process first saw it so)
+        self._stuck: set[Path] = set()  # stale locks this process could not move away (warned once)
 
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.lock"
+
+    def holder(self, path: Path) -> dict | None:
+        """read_lock(path), its age at least the time this process has seen the lock unchanged: a lock
+        whose mtime lies in the future (a clock far ahead, a forged file) still goes stale."""
+        found = read_lock(path)
+        if found is None:
+            self._seen.pop(path, None)
+            return None
+        now = time.monotonic()
+        seen = self._seen.get(path)
+        if seen is None or seen[0] != found["id"]:
+            self._seen[path] = seen = (found["id"], now)
+        found["age"] = max(found["age"], now - seen[1])
+        return found
 
     def try_acquire(self, key: str) -> bool:
         """True when this process now holds key's lock; a stale lock is taken over."""
@@ -88,7 +147,7 @@ class Locks:
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = read_lock(path)
+                holder = self.holder(path)
                 if holder is None or (is_stale(holder) and self._take_over(path, holder)):
                     continue  # gone, or removed as stale: try to create it again
                 return False
@@ -96,27 +155,33 @@ class Locks:
                 json.dump({"host": HOST, "pid": os.getpid(), "time": time.time()}, f)
             with self._guard:
                 self.held.add(path)
+                self._seen.pop(path, None)
             self._start_touching()
             return True
         return False
 
     def _take_over(self, path: Path, holder: dict) -> bool:
-        """Remove a stale lock, unless another job replaced it in the meantime."""
+        """Remove a stale lock, unless another job replaced or touched it in the meantime."""
         aside = path.with_name(f"{path.name}.stale{os.getpid()}")
         try:
             os.rename(path, aside)
         except FileNotFoundError:
             return True  # someone else removed it
+        except OSError as e:  # not ours to move: the bound the waiting job prints still ends the wait
+            if path not in self._stuck:  # once, not every poll
+                self._stuck.add(path)
+                log.warning("cache: cannot take over %s (%s)", path.name, e.strerror or e)
+            return False
         moved = read_lock(aside) or {}
-        if (moved.get("host"), moved.get("pid"), moved.get("time")) != \
-                (holder.get("host"), holder.get("pid"), holder.get("time")):
+        if (moved.get("id"), moved.get("host"), moved.get("pid"), moved.get("time")) != \
+                (holder.get("id"), holder.get("host"), holder.get("pid"), holder.get("time")):
             try:
                 os.link(aside, path)  # a fresh lock was renamed by mistake: put it back unless replaced
             except OSError:
                 pass
         else:
-            log.warning("cache: taking over %s from %s (stale)", path.name, describe(holder))
-        aside.unlink(missing_ok=True)
+            log.warning("cache: taking over %s (lock: %s): stale", path.name, describe(holder))
+        discard(aside)
         return True
 
     def release(self, key: str | None = None) -> None:
@@ -150,16 +215,24 @@ class Locks:
 # entries: listing and pruning
 
 def entries(directory: Path) -> list[dict]:
-    """Complete entries, least recently used first: key, bytes, last use (json mtime), stage."""
+    """Complete entries, least recently used first: key, bytes, last use (json mtime), files, stage.
+    An entry's files are every `<key>.<suffix>` (written before its json) but its json and lock."""
+    directory, files = Path(directory), {}
+    if not directory.is_dir():
+        return []
+    for name in os.listdir(directory):  # once: a glob per entry would make listing quadratic
+        key, _, rest = name.partition(".")  # `.<name>.tmp<pid>` temporaries have no key
+        if key and rest and rest != "json" and rest.split(".")[0] != "lock":
+            files.setdefault(key, []).append(directory / name)
     out = []
-    for meta in Path(directory).glob("*.json"):
-        files = [meta.with_suffix(x) for x in (".safetensors", ".lwp", ".png")]  # written before the json
+    for meta in directory.glob("*.json"):
         try:
-            stat = meta.stat()
+            st = meta.stat()
         except OSError:  # removed meanwhile
             continue
-        size = stat.st_size + sum(file_size(f) for f in files)
-        out.append({"key": meta.stem, "bytes": size, "used": stat.st_mtime, "meta": meta, "files": files})
+        own = files.get(meta.stem, [])
+        size = st.st_size + sum(file_size(f) for f in own)
+        out.append({"key": meta.stem, "bytes": size, "used": st.st_mtime, "meta": meta, "files": own})
     return sorted(out, key=lambda e: e["used"])
 
 
@@ -172,7 +245,7 @@ def file_size(path: Path) -> int:
 
 def stage_of(entry: dict) -> str:
     try:
-        saved = json.loads(entry["meta"].read_text())
+        saved = json.loads(read_regular(entry["meta"]))  # a FIFO in its place must not hang the listing
         records = saved["records"]
         if ".png" in (saved.get("files") or {}):
             return "report.png"
@@ -180,14 +253,14 @@ def stage_of(entry: dict) -> str:
         if not ends and records and records[0].get("event") == "baseline":
             return "0 baseline"
         return f"{ends[-1]['step']} {ends[-1]['stage']}" if ends else "?"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         return "?"
 
 
 def remove(entry: dict) -> None:
-    entry["meta"].unlink(missing_ok=True)  # the json first: from now on the entry is a miss
+    discard(entry["meta"])  # the json first: from now on the entry is a miss
     for f in entry["files"]:
-        f.unlink(missing_ok=True)
+        discard(f)
 
 
 def prune(directory: Path, older_than: float | None = None, max_bytes: int | None = None,
@@ -260,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     for lock in locks:
         holder = read_lock(lock)
         if holder:
-            print(f"{lock.stem:<32}  {'computing':>10}  by {describe(holder)}")
+            print(f"{lock.stem:<32}  {'computing':>10}  lock: {describe(holder)}")
     print(f"{len(listed)} entries, {human(sum(e['bytes'] for e in listed))} in {directory}", file=sys.stderr)
 
 

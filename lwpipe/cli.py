@@ -4,7 +4,9 @@ Errors in the user's input print one message and exit with status 2; the
 run directory of a run that failed before doing any work is removed, and
 one that failed later holds FAILED and no summary.json. A run first claims
 its directory (`claim`): one that another run, or anything else, already
-holds is refused, and a refused run deletes or marks nothing there. In a multirun a
+holds is refused, and a refused run deletes or marks nothing there. A single run claims
+it before Hydra writes .hydra/ and lwpipe.log into it (`ClaimRunDir`, a Hydra callback),
+so a refused run leaves not even its config or a log line there. In a multirun a
 failing job keeps its directory, holds FAILED, and returns NaN, so that the
 sweep goes on and its summary (lwpipe/sweep.py) lists the job as failed.
 
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -35,6 +38,7 @@ RECIPES = str(Path(__file__).resolve().parent.parent / "recipes")
 log = logging.getLogger("lwpipe")
 OWNER = ".lwpipe-owner"
 HYDRA_FILES = {".hydra", "lwpipe.log"}  # what Hydra writes into the run directory before lwpipe runs
+CLAIM_CALLBACK = "lwpipe.cli.ClaimRunDir"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # config.Top.name's pattern
 INVALID_NAME = "invalid-name"
 
@@ -61,6 +65,35 @@ def claim(run_dir: Path) -> bool:
         return True
     except FileExistsError:
         return False
+
+
+def refused(run_dir: Path) -> str:
+    return (f"the run directory {run_dir} already holds another run or other files; "
+            f"lwpipe writes each run into a new directory (set hydra.run.dir to a new one)")
+
+
+class ClaimRunDir(Callback):
+    """hydra.callbacks.claim: a single run claims hydra.run.dir before Hydra writes .hydra/ (the config and
+    overrides) and lwpipe.log there; a directory another run holds is refused before it is touched."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        HydraConfig.instance().set_config(config)  # hydra.run.dir may name ${hydra:...}; run_job sets it again
+        run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()  # `now` resolves once per config
+        try:
+            owned = claim(run_dir)
+        except OSError as e:
+            print(f"lwpipe: error: cannot create the run directory {run_dir}: {e.strerror or e}", file=sys.stderr)
+            sys.exit(2)
+        if not owned:
+            print(f"lwpipe: error: {refused(run_dir)}", file=sys.stderr)
+            sys.exit(2)
+
+
+def claimed_before_hydra(hc) -> bool:
+    """Whether ClaimRunDir claimed this run's directory (a single run with the callback configured): it
+    either owns the directory or stopped the run."""
+    return hc.mode == RunMode.RUN and any(
+        (c or {}).get("_target_") == CLAIM_CALLBACK for c in (hc.callbacks or {}).values())
 
 
 def _fail(run_dir: Path, err, multirun: bool = False, owned: bool = True, name=None) -> None:
@@ -104,12 +137,11 @@ def _main(cfg: DictConfig):
     wanted = cfg.get("objective")
     n_objectives = len(wanted) if isinstance(wanted, ListConfig) else 1
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` leaves a FAILED marker, as Ctrl-C does
-    owned = claim(run_dir)
+    owned = claimed_before_hydra(hc) or claim(run_dir)
     fail = functools.partial(_fail, owned=owned, name=cfg.get("name"))
     try:
         if not owned:
-            raise LwpipeError(f"the run directory {run_dir} already holds another run or other files; "
-                              f"lwpipe writes each run into a new directory (set hydra.run.dir to a new one)")
+            raise LwpipeError(refused(run_dir))
         recipe = validate(cfg)
         configure_job(recipe.top.threads, hc, multirun)  # torch threads and console tag (lwpipe/jobs.py)
         for pattern in ("*/.*.tmp*", "*/checkpoints/.*.tmp*"):  # left by killed runs of the same name

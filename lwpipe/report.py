@@ -5,9 +5,10 @@
     per layer  kept fraction, distinct values, coded bits per kept weight (Deep Compression's Table 2),
                read by decoding the run's model.lwp
 
-Written at the end of every finished run by `ReportLogger` (logger.report; `logger.report=null` turns
-it off; a failure warns, the run is not failed) and again by `lwpipe-report RUN_DIR`. Everything comes
-from metrics.jsonl, summary.json and model.lwp; nothing is recomputed from the model.
+Written at the end of every finished run, just before its summary.json, by `ReportLogger`
+(logger.report; `logger.report=null` turns it off; a failure warns, the run is not failed) and
+again by `lwpipe-report RUN_DIR`. Everything comes from metrics.jsonl, summary.json (the runner
+hands it over before writing it) and model.lwp; nothing is recomputed from the model.
 
 The picture names the run by its recipe and seed (recipe.yaml), not by its directory, so that it is
 a function of what it shows: a run with the stage cache on keeps report.png in the cache under a key
@@ -75,11 +76,13 @@ def layer_rows(lwp: Path) -> list[dict]:
     return rows
 
 
-def report_data(run_dir: str | Path) -> dict:
-    """What the report shows, taken from the run's files (tests compare it with them)."""
+def report_data(run_dir: str | Path, summary: dict | None = None) -> dict:
+    """What the report shows, taken from the run's files (tests compare it with them); `summary`: the
+    finished run's summary.json, given by the runner before it writes the file."""
     run_dir = Path(run_dir)
     records = read_records(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else None
+    if summary is None and (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
     base = next((r for r in records if r["event"] == "baseline"), records[0])
     ends = [r for r in records if r["event"] == "stage_end"]
     metric = headline(base)[0]
@@ -306,13 +309,13 @@ def markdown(d: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dir: str | Path, cache=None) -> tuple[Path, Path]:
+def write_report(run_dir: str | Path, cache=None, summary: dict | None = None) -> tuple[Path, Path]:
     """Write report.png and report.md; with a StageCache, report.png is copied from it when it holds
     the same picture, and stored in it when drawn."""
     from lwpipe.checkpoint import atomic_write
 
     run_dir = Path(run_dir)
-    d = report_data(run_dir)
+    d = report_data(run_dir, summary)
     png, md = run_dir / "report.png", run_dir / "report.md"
     key = picture_key(d) if cache is not None and cache.enabled else None
     picture = cache.file(key, ".png") if key else None
@@ -341,7 +344,8 @@ def run_cache(run_dir: Path):
 
 
 class ReportLogger:
-    """logger.report: writes the report when the run has finished (its summary.json exists)."""
+    """logger.report: writes the report of a finished run, before its summary.json (a run killed while
+    drawing has no summary.json, so it reads as unfinished); an unfinished run gets none."""
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
@@ -349,9 +353,11 @@ class ReportLogger:
     def log(self, record: dict) -> None:
         pass  # the report reads metrics.jsonl, the run's own record, at the end
 
+    def finish(self, summary: dict) -> None:
+        write_report(self.run_dir, run_cache(self.run_dir), summary)
+
     def close(self) -> None:
-        if (self.run_dir / "summary.json").is_file():
-            write_report(self.run_dir, run_cache(self.run_dir))
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

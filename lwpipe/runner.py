@@ -9,7 +9,7 @@
     for step, stage in enumerate(recipe.pipeline, 1):
         key = cache.stage_key(key, stage)
         if every stage so far was cached and cache has key:        # model state + the stage's records
-            model = cache.load(key); re-log its records with cached=true
+            model = cache.load(key); re-log its records with cached=true; copy the files it wrote (export.pt)
         else:
             model = stage.run(model, ctx)                          # epoch records logged from inside
             record(step, event "stage_end"); cache.store(key, model, records, its model.lwp); log it
@@ -19,6 +19,7 @@
     model.lwp <- encode(model, model.lwpipe_rebuild or recipe.model)  # its size: every record's compressed_bytes
                  (the last stage's encoding; cached: the entry's copy)
     tokenizer/ <- the data's tokenizer, if any (next to model.lwp)
+    loggers.finish(summary)                                         # report.png, report.md
     summary.json <- baseline, every stage_end, final, seconds       # written last, atomically
 
 A run directory without summary.json did not finish. A run killed mid-pipeline
@@ -186,6 +187,12 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return ref
 
 
+def written_by(s) -> tuple[str, ...]:
+    """The files a stage may write into the run directory (its class's `writes`): kept in its cache entry
+    and copied into the run directory of a run that replays the stage."""
+    return tuple(getattr(s.cls, "writes", ()))
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -282,6 +289,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
             ctx.stage_record = {}
             restored = clone(initial) if initial is not None else None  # another job may have stored it
             replay = stage_cache.claim(key, restored) if restored is not None else None
+            if replay is not None and not stage_cache.restore_outputs(key, written_by(s), run_dir):
+                replay = None  # the files it wrote into the run directory are lost: computed again
             hit = replay is not None
             log.info("[%d/%d] %s (%s)%s", step, len(recipe.steps), s.name, s.type, " from cache" if hit else "")
             if hit:
@@ -305,7 +314,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                 settle_reference()
                 current.append(snapshot(model, step, s.name, "stage_end", seconds, type=s.type, **ctx.stage_record))
                 warn_if_larger(s, records[-1], current[-1])
-                stage_cache.store(key, model, current, last_blob[1])  # first: a logged stage_end is resumable
+                stage_cache.store(key, model, current, last_blob[1],  # first: a logged stage_end is resumable
+                                  {n: run_dir / n for n in written_by(s) if (run_dir / n).is_file()})
                 emit(current[-1])
             records.append(current[-1])
             (run_dir / "checkpoints").mkdir(exist_ok=True)
@@ -324,6 +334,8 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         summary = {"recipe": top.name, "seed": top.seed, "baseline": records[0],
                    "stages": records[1:], "final": final, "seconds": time.perf_counter() - started,
                    "stage_seconds": work_seconds}
+        for lg in loggers:  # what loggers write into the run directory (report.png), before summary.json
+            getattr(lg, "finish", lambda _: None)(summary)
         checkpoint.atomic_write(run_dir / "summary.json",
                                 lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
         return final

@@ -5,11 +5,13 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
+from torch import nn
 
-from lwpipe import cache, registry, runner
+from lwpipe import cache, cache_dir, registry, runner
 from lwpipe.config import validate
 from lwpipe.errors import LwpipeError
 from lwpipe.runner import build_data
@@ -86,7 +88,8 @@ def test_a_distill_sweep_point_reuses_every_earlier_stage(cached_run):
     assert cached_steps(point) == {1: True, 2: True, 3: True, 4: True, 5: False}
 
 
-@pytest.mark.parametrize("damage", ["truncated state", "missing record", "garbage record", "other state"])
+@pytest.mark.parametrize("damage", ["truncated state", "missing record", "garbage record", "other state",
+                                    "record is a directory", "state is a directory"])
 def test_damaged_entries_are_recomputed(first, cached_run, tmp_path, damage):
     _, first = first
     keys = stage_keys(CHAIN + [f"cache.dir={tmp_path / 'cache'}"])
@@ -97,6 +100,10 @@ def test_damaged_entries_are_recomputed(first, cached_run, tmp_path, damage):
         record.unlink()
     elif damage == "garbage record":
         record.write_text(record.read_text()[:50])
+    elif damage.endswith("a directory"):  # rerun exited 1 with IsADirectoryError, and never recomputed
+        damaged = record if damage.startswith("record") else state
+        damaged.unlink()
+        (damaged / "inside").mkdir(parents=True)
     else:
         state.write_bytes((tmp_path / "cache" / f"{keys[1]}.safetensors").read_bytes())
     _, again = cached_run()
@@ -236,3 +243,47 @@ def test_unwritable_cache_dir_is_refused_before_any_work(tmp_path, directory):
     with pytest.raises(LwpipeError, match=f"cache.dir='{directory}': cannot write there"):
         run_recipe(TINY + [f"cache.dir={directory}"], tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "recipe.yaml").exists()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".safetensors", ".lwp"])
+def test_an_entry_file_that_is_a_directory_is_a_miss_and_the_entry_is_stored_again(tmp_path, suffix, caplog):
+    records, model = [{"step": 1, "stage": "s", "event": "stage_end"}], nn.Linear(4, 4)
+    cache.StageCache(tmp_path).store("k", model, records, b"lwp")
+    (tmp_path / f"k{suffix}").unlink()
+    (tmp_path / f"k{suffix}" / "inside").mkdir(parents=True)
+    again = cache.StageCache(tmp_path)
+    with caplog.at_level("WARNING", logger="lwpipe"):
+        hit = again.claim("k", nn.Linear(4, 4))
+        assert (again.file("k", ".lwp") is None) == (suffix != ".safetensors")
+        again.store("k", model, records, b"lwp")  # over the directory
+    assert hit == (records if suffix == ".lwp" else None)  # only the artifact copy lost: encoded again
+    assert "is a directory" in caplog.text
+    assert cache.StageCache(tmp_path).load("k", nn.Linear(4, 4)) == records and again.file("k", ".lwp") == b"lwp"
+    (tmp_path / "k.json").unlink()
+    (tmp_path / "k.json" / "inside").mkdir(parents=True)
+    assert [e["key"] for e in cache_dir.prune(tmp_path, older_than=-1)] == ["k"]  # pruned, not IsADirectoryError
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_entry_file_that_is_a_fifo_is_a_miss_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "k.json")
+    found = []
+    reader = threading.Thread(target=lambda: found.append(cache.StageCache(tmp_path).load_records("k")), daemon=True)
+    reader.start()
+    reader.join(5)
+    assert found == [None]
+
+
+def test_a_cached_export_stage_restores_the_files_it_wrote(tmp_path):
+    args = TINY + ["pipeline=[train,export]", "stages.train.epochs=1", "+stages.export.format=sparse",
+                   f"cache.dir={tmp_path / 'cache'}"]
+    run_recipe(args, tmp_path / "a")
+    _, records = run_recipe(args, tmp_path / "b")
+    assert cached_steps(records) == {1: True, 2: True}
+    for name in ("export.pt", "export.json"):  # the run reported them; a cached run had neither
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+    (tmp_path / "cache" / f"{stage_keys(args)[1]}.out.export.pt").write_bytes(b"damaged")
+    _, records = run_recipe(args, tmp_path / "c")
+    assert cached_steps(records) == {1: True, 2: False}  # a lost file is no hit: the stage runs again
+    assert (tmp_path / "c" / "export.pt").is_file() and (tmp_path / "c" / "export.json").is_file()
+    assert not (tmp_path / "a" / "export.pt2").exists() and not (tmp_path / "b" / "export.pt2").exists()

@@ -1,8 +1,10 @@
 """One cache, many jobs: entry locks, racing processes, cache.max_bytes and `lwpipe-cache`."""
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -170,3 +172,75 @@ def test_entries_without_a_state_and_with_files_are_listed_sized_checked_and_pru
     assert c.file("pic", ".png") is None and c.file("base", ".png") is None
     cache_dir.prune(tmp_path, older_than=-1)
     assert list(tmp_path.iterdir()) == []  # every file of every entry went
+
+
+def make_unreadable_lock(path, kind):
+    if kind == "garbage":
+        path.write_bytes(b"\x00{not json")
+    elif kind == "a JSON list":
+        path.write_text("[1, 2]")
+    elif kind == "directory":
+        path.mkdir()
+        (path / "inside").write_text("x")
+    elif kind == "symlink to garbage":
+        (path.parent / "target").write_text("garbage")
+        path.symlink_to(path.parent / "target")
+    elif kind == "dangling symlink":
+        path.symlink_to(path.parent / "nowhere")
+    old = time.time() - cache_dir.LOCK_STALE_SECONDS - 5
+    os.utime(path, (old, old), follow_symlinks=False)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "a JSON list", "directory", "symlink to garbage", "dangling symlink"])
+def test_an_unreadable_lock_nobody_touched_is_taken_over_with_a_warning(tmp_path, kind, caplog):
+    (tmp_path / "cache").mkdir()
+    c = StageCache(tmp_path / "cache", wait_seconds=3)
+    make_unreadable_lock(tmp_path / "cache" / "k.lock", kind)
+    with caplog.at_level(logging.WARNING, logger="lwpipe"):
+        assert c.claim("k", nn.Linear(2, 2)) is None  # ours to compute, not a wait of cache.wait_seconds
+    assert json.loads((tmp_path / "cache" / "k.lock").read_text())["pid"] == os.getpid()
+    assert "taking over k.lock (lock: an unreadable lock" in caplog.text
+    assert not list((tmp_path / "cache").glob("k.lock.*"))  # the lock set aside is gone
+    assert kind != "symlink to garbage" or (tmp_path / "cache" / "target").read_text() == "garbage"  # not followed
+    c.release()
+
+
+def test_a_young_unreadable_lock_is_waited_for_as_one_being_written(tmp_path):
+    c = StageCache(tmp_path, wait_seconds=0.5)
+    (tmp_path / "k.lock").write_text('{"host": "h')  # a lock half written this instant
+    with pytest.raises(LwpipeError, match=r"\(lock: an unreadable lock \(not JSON\), last touched [01] s ago\)"):
+        c.claim("k", nn.Linear(2, 2))
+
+
+def test_a_fifo_lock_is_read_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "k.lock")
+    found = []
+    reader = threading.Thread(target=lambda: found.append(cache_dir.read_lock(tmp_path / "k.lock")), daemon=True)
+    reader.start()
+    reader.join(5)
+    assert found and found[0]["unreadable"] == "not a regular file"
+
+
+def test_a_lock_dated_in_the_future_still_goes_stale_and_the_wait_names_its_bounds(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(cache_dir, "LOCK_STALE_SECONDS", 0.5)
+    write_lock(tmp_path / "k.lock", "another-host", 4242, age=-86400)  # touched "tomorrow": age < 0 for a day
+    c = StageCache(tmp_path, wait_seconds=10)
+    with caplog.at_level(logging.INFO, logger="lwpipe"):
+        assert c.claim("k", nn.Linear(2, 2)) is None  # unchanged for 0.5 s while watched: stale
+    assert "at most 10 s (cache.wait_seconds), or until its lock is 0 s untouched" in caplog.text
+    assert json.loads((tmp_path / "k.lock").read_text())["host"] == cache_dir.HOST
+    c.release()
+
+
+def test_lwpipe_cache_lists_and_prunes_hostile_entries_and_locks(tmp_path):
+    StageCache(tmp_path).store("good", nn.Linear(4, 4), [{"step": 1, "stage": "s", "event": "stage_end"}])
+    (tmp_path / "dir.json").mkdir()
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    make_unreadable_lock(tmp_path / "junk.lock", "garbage")
+    listed = subprocess.run([sys.executable, "-m", "lwpipe.cache_dir", "list", "--dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)  # a FIFO read would hang here
+    assert listed.returncode == 0 and "4 entries" in listed.stderr, listed.stderr
+    assert "1 s" in listed.stdout and "lock: an unreadable lock (not JSON)" in listed.stdout
+    assert len(cache_dir.prune(tmp_path, older_than=-1)) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.lock"]

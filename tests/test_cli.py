@@ -87,7 +87,22 @@ def test_refused_run_leaves_an_existing_directory_alone(tmp_path):
     (run_dir / "notes.txt").write_text("keep me")
     p = lwpipe(["stages.prune.sparsity=2", f"hydra.run.dir={run_dir}"], tmp_path)
     assert p.returncode == 2 and "already holds another run" in p.stderr, p.stderr
-    assert (run_dir / "notes.txt").read_text() == "keep me" and not (run_dir / "FAILED").exists()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]  # no .hydra/, no lwpipe.log, no FAILED
+    assert (run_dir / "notes.txt").read_text() == "keep me"
+
+
+def test_a_run_refused_by_a_running_run_touches_nothing_of_its_directory(tmp_path):
+    run_dir = tmp_path / "shared"  # what a run started with seed 0 holds while it runs
+    (run_dir / ".hydra").mkdir(parents=True)
+    for name, text in {".lwpipe-owner": "4242\n", ".hydra/overrides.yaml": "- seed=0\n",
+                       ".hydra/config.yaml": "seed: 0\n", ".hydra/hydra.yaml": "hydra: {}\n",
+                       "lwpipe.log": "[the winner's log]\n"}.items():
+        (run_dir / name).write_text(text)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
+    p = lwpipe([*QUICK, "seed=7", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert p.returncode == 2 and "already holds another run" in p.stderr, p.stderr
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in run_dir.rglob("*")) == sorted([p.name for p in before] + [".hydra"])
 
 
 def test_name_outside_outputs_deletes_and_leaves_nothing(tmp_path):

@@ -77,3 +77,40 @@ def test_a_target_that_cannot_be_imported_is_one_line_naming_why(tmp_path, monke
     with pytest.raises(ConfigError) as e:
         _instantiate({"_target_": target}, "model")
     assert message in str(e.value) and f"model._target_='{target}'" in str(e.value) and "\n" not in str(e.value)
+
+
+QUICK = TINY + ["pipeline=[train,prune]", "stages.train.epochs=2", "stages.prune.finetune.epochs=0"]
+
+
+def files_of(run_dir):
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_summary_json_is_written_after_every_other_file_of_the_run(tmp_path, monkeypatch):
+    from lwpipe import checkpoint
+
+    seen, real = {}, checkpoint.atomic_write
+
+    def atomic_write(path, write):
+        if path.name == "summary.json":
+            seen.update(files_of(path.parent))  # what the run directory holds the moment it "finishes"
+        real(path, write)
+
+    monkeypatch.setattr(checkpoint, "atomic_write", atomic_write)
+    run_recipe(QUICK + ["logger=tensorboard"], tmp_path)
+    after = files_of(tmp_path)
+    assert {"report.png", "report.md", "model.lwp", "metrics.jsonl"} <= set(seen)
+    assert any(name.startswith("tensorboard/") for name in seen)
+    assert after.pop("summary.json") and after == seen  # nothing written, or changed, after it
+
+
+def test_a_run_killed_while_drawing_its_report_has_no_summary_json(tmp_path, monkeypatch):
+    from lwpipe import report
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "draw", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(QUICK, tmp_path)
+    assert (tmp_path / "model.lwp").is_file() and not (tmp_path / "summary.json").exists()

@@ -22,6 +22,8 @@ KNOWN = "console, jsonl, report, mlflow, tensorboard (recipes/logger/; any class
 
 
 class MetricLogger(Protocol):
+    """Optionally also finish(summary): a finished run's last files, written before summary.json."""
+
     def log(self, record: dict) -> None: ...
     def close(self) -> None: ...
 
@@ -44,6 +46,10 @@ class WarnOnce:
 
     def log(self, record: dict) -> None:
         self._call("log", record)
+
+    def finish(self, summary: dict) -> None:
+        if hasattr(self.inner, "finish"):
+            self._call("finish", summary)
 
     def close(self) -> None:
         self._call("close")

@@ -41,5 +41,8 @@ class TensorBoardLogger:
             for k, v in {**numbers(record), "cached": float(bool(record.get("cached")))}.items():
                 self.writer.add_scalar(k, v, int(record["step"]))
 
+    def finish(self, summary: dict) -> None:
+        self.writer.flush()  # before summary.json: a finished run has all its events on disk
+
     def close(self) -> None:
         self.writer.close()

@@ -45,6 +45,7 @@ class Export:
     Config = ExportConfig
     compresses = False
     last_only = True  # config.validate refuses it anywhere but last
+    writes = ("export.pt", "export.pt2", "export.json")  # a run that takes it from the cache gets them too
 
     def __init__(self, cfg: ExportConfig):
         self.cfg = cfg
