@@ -108,3 +108,14 @@ def test_a_word_tokenizer_that_fits_still_loads(tmp_path):
     (tmp_path / "a.txt").write_text("apple pear plum\n")
     d = load_text(str(tmp_path / "a.txt"), str(tmp_path / "a.txt"), str(tmp_path / "tok"), task="causal_lm")
     assert d.train.tensors["attention_mask"].sum() == 3
+
+
+def test_a_bert_directory_without_tokenizer_files_says_which_files_it_lacks(tmp_path):
+    """From a BERT config alone transformers builds a 5-token tokenizer: every word becomes [UNK]."""
+    empty = tmp_path / "bert"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "a.txt").write_text("apple pear plum\n")
+    with pytest.raises(ConfigError, match=rf"data.tokenizer='{empty}': turns 100% of the tokens of data.train into "
+                                          rf"its unknown token .*does {empty} hold its files: tokenizer.json"):
+        load_text(str(tmp_path / "a.txt"), str(tmp_path / "a.txt"), str(empty), task="causal_lm")

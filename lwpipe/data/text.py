@@ -151,7 +151,8 @@ def check_unknown(tok, ds: DictDataset, key: str, path: str | None) -> None:
     share = int(((ids == unk) & text).sum()) / n if n else 0.0
     if share >= UNKNOWN_LIMIT:
         raise ConfigError("data.tokenizer", path, f"turns {share:.0%} of the tokens of {key} into its unknown token "
-                          f"{tok.unk_token!r}: it does not fit these texts (use the model's own tokenizer)")
+                          f"{tok.unk_token!r}: it does not fit these texts (use the model's own tokenizer; does "
+                          f"{path} hold its files: {TOKENIZER_FILES}?)")
     if share >= 0.2:
         log.warning("data.tokenizer %s turns %.0f%% of the tokens of %s into %r", path, 100 * share, key,
                     tok.unk_token)
