@@ -158,11 +158,9 @@ def check_teacher(teacher: nn.Module, student: nn.Module, ctx: Context) -> None:
                     "stages")
         return
     task, batches = ctx.task, ctx.test_loader()
-    t = task.evaluate(teacher, batches)[0]
-    s = task.evaluate(student, batches)[0]
-    if task.metric == "cosine":  # measured against the teacher itself: no independent score
+    if task.metric == "cosine":  # measured against the teacher itself: no score of its own
         return
-    tq, sq = t["quality"], s["quality"]
+    tq, sq = (task.evaluate(m, batches)[0]["quality"] for m in (teacher, student))
     worse = tq < sq * (1 - WORSE_BY) if task.higher_is_better else tq > sq * (1 + WORSE_BY)
     if worse:
         log.warning("distill: the teacher scores %s %.4g, below the student's %.4g: it would teach the student "
