@@ -55,7 +55,7 @@ def unaddressed_factors(before, layers) -> list[str]:
     for s in before:
         if s.type == "factorize":
             out += [p for p in s.config.layers if not any(
-                fnmatch.fnmatchcase(f"{p}.{i}", q) or q == p for q in layers for i in (0, 1))]
+                fnmatch.fnmatchcase(f"{p}.{i}", q) for q in layers for i in (0, 1))]  # `fc1` itself: gone
     return out
 
 
