@@ -115,6 +115,8 @@ def test_resnet_shortcut_1x1_convs_factorize_and_the_artifact_rebuilds_them(tmp_
     (["++stages.factorize.layers=[fc1]"], "factors of the layers 'fc1'"),
     (["++stages.prune.quality=1.0"], "its quality/threshold rule"),
     (["stages.prune.sparsity=0.5"], None),                                  # measured to keep accuracy
+    (["++stages.prune.granularity=nm"], None),                             # 2:4 is sparsity 0.5
+    (["++stages.prune.granularity=nm", "++stages.prune.n=1"], "sparsity=0.75"),
     (["++stages.factorize.layers=[fc1]", "++stages.prune.layers={fc1*: {sparsity: 0.6}}"], None),  # own setting
     (["++stages.factorize.layers=[fc1]", "++stages.prune.layers={fc1: {sparsity: 0.6}}"],  # names fc1, not its
      "factors of the layers 'fc1'"),                                                         # factors fc1.0/.1
