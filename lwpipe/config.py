@@ -7,8 +7,9 @@ settings checked by pydantic, and the pipeline resolved to
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -114,7 +115,40 @@ class Recipe:
     raw: dict          # the resolved recipe, as saved next to the run
 
 
-def _format(prefix: str, err: ValidationError) -> str:
+def _model_in(annotation) -> type[BaseModel] | None:
+    """The pydantic model a field holds: itself, inside Optional/Union, or as a dict's values / a list's items."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    args = get_args(annotation)
+    if get_origin(annotation) is dict:
+        args = args[1:]
+    elif get_origin(annotation) not in (Union, list, None) and type(annotation).__name__ != "UnionType":
+        return None
+    return next((m for m in map(_model_in, args) if m is not None), None)
+
+
+def keys_at(cls: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """The keys allowed at `loc` inside `cls` (a path of field names, dict keys and list indexes)."""
+    for part in loc:
+        if cls is None:
+            return []
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            continue  # a dict key or list index: the model is the same one level down
+        cls = _model_in(field.annotation)
+    return list(cls.model_fields) if cls is not None else []
+
+
+def unknown_key(path: str, loc: tuple, value, cls: type[BaseModel] | None) -> str:
+    """'unknown key' with the nearest allowed key, as unknown stage names get the nearest stage."""
+    keys = keys_at(cls, tuple(loc[:-1]))
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6) if loc else []
+    hint = f"did you mean {close[0]!r}?" if close else "check its spelling"
+    known = f" (the keys there: {', '.join(keys)})" if keys else ""
+    return f"{path}: unknown key (value {value!r}); {hint}{known}"
+
+
+def _format(prefix: str, err: ValidationError, cls: type[BaseModel] | None = None) -> str:
     lines = []
     for e in err.errors():
         path = ".".join([prefix] + [str(x) for x in e["loc"]]) if prefix else ".".join(str(x) for x in e["loc"])
@@ -122,7 +156,7 @@ def _format(prefix: str, err: ValidationError) -> str:
         if e["type"] == "missing":
             lines.append(f"{path}: required key is missing")
         elif e["type"] == "extra_forbidden":
-            lines.append(f"{path}: unknown key (value {value!r}); check its spelling")
+            lines.append(unknown_key(path, e["loc"], value, cls))
         elif not e["loc"] or isinstance(value, dict):  # a check across several keys: the message names them
             lines.append(f"{path or 'recipe'}: {e['msg'].removeprefix('Value error, ')}")
         elif isinstance(value, float) and value != value:  # NaN fails every bound; say what it is
@@ -136,7 +170,7 @@ def _check(cls: type[BaseModel], data: Any, prefix: str) -> BaseModel:
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise LwpipeError(_format(prefix, e)) from None
+        raise LwpipeError(_format(prefix, e, cls)) from None
 
 
 def _stage_config(name: str, settings: dict | None) -> Step:

@@ -75,3 +75,20 @@ def test_inconsistent_prune_settings_refused():
 def test_unknown_top_level_key():
     msg = error_of(["+sed=1"])
     assert "sed" in msg and "unknown key" in msg
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("+stages.prune.sparsty=0.9", "stages.prune.sparsty: unknown key (value 0.9); did you mean 'sparsity'?"),
+    ("+stages.prune.finetune.epoch=3", "stages.prune.finetune.epoch: unknown key (value 3); did you mean 'epochs'?"),
+    ("+stages.prune.layers={fc3: {sparsty: 0.5}}", "stages.prune.layers.fc3.sparsty: unknown key (value 0.5); "
+                                                   "did you mean 'sparsity'?"),
+    ("+measure.repeat=3", "measure.repeat: unknown key (value 3); did you mean 'repeats'?"),
+])
+def test_unknown_key_suggests_the_nearest_key(override, suggestion):
+    msg = error_of([override])
+    assert suggestion in msg and "\n" not in msg
+
+
+def test_unknown_key_without_a_near_one_lists_the_keys():
+    msg = error_of(["+stages.prune.zzzzzz=1"])
+    assert "check its spelling" in msg and "did you mean" not in msg and "sparsity, quality" in msg

@@ -142,3 +142,43 @@ def test_runner_checks_labels_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="the model scores 2 classes"):
         run_recipe(TINY + ["model.num_classes=2"], tmp_path / "run")
     assert not any((tmp_path / "run").iterdir())
+
+
+def test_mnist_gzip_bomb_is_refused_while_streaming(mnist_dir, monkeypatch):
+    """A .gz decompressing far beyond its IDX header's size: refused after reading the declared bytes + 1."""
+    path = mnist_dir / "train-images-idx3-ubyte.gz"
+    header = b"\x00\x00\x08\x03" + struct.pack(">3I", 20, 28, 28)
+    with gzip.open(path, "wb") as f:
+        f.write(header + bytes(20 * 28 * 28))
+        for _ in range(64):
+            f.write(bytes(1 << 16))  # 4 MiB more than declared, about 4 KB compressed
+    read = []
+    original = gzip.GzipFile.read
+
+    def counting(self, size=-1):
+        out = original(self, size)
+        read.append(len(out))
+        return out
+    monkeypatch.setattr(gzip.GzipFile, "read", counting)
+    with pytest.raises(LwpipeError, match=r"train-images-idx3-ubyte.gz: decompresses to more than the 15,680 "
+                                          r"bytes its header \(20, 28, 28\) declares"):
+        load_mnist(str(mnist_dir))
+    assert sum(read) <= 16 + 20 * 28 * 28 + 1
+
+
+def test_mnist_header_larger_than_a_gzip_file_can_hold(mnist_dir):
+    write_idx(mnist_dir / "train-labels-idx1-ubyte.gz", np.zeros(0))
+    path = mnist_dir / "train-labels-idx1-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b"\x00\x00\x08\x01" + struct.pack(">I", 4_000_000_000) + bytes(20))
+    with pytest.raises(LwpipeError, match=r"header says \(4000000000,\) \(4,000,000,000 bytes\), more than a "
+                                          r"\d+-byte gzip file can hold"):
+        load_mnist(str(mnist_dir))
+
+
+def test_mnist_plain_file_longer_than_its_header(mnist_dir):
+    p = mnist_dir / "t10k-labels-idx1-ubyte"
+    p.write_bytes(p.read_bytes() + bytes(100))
+    with pytest.raises(LwpipeError, match=r"t10k-labels-idx1-ubyte: header says \(7,\) \(7 bytes\) but the file "
+                                          r"holds more after them"):
+        load_mnist(str(mnist_dir))

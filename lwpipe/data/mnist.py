@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import gzip
+import math
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,28 +23,54 @@ FILES = {
 EXPECTED = "the MNIST IDX files " + ", ".join(f"{f}[.gz]" for f in FILES.values())
 
 
-def read_idx(path: Path, ndim_expected: int | None = None) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:  # a cut-off .gz too
-        raise LwpipeError(f"{path}: cannot be read: {e}") from None
-    if len(raw) < 4 or raw[0:2] != b"\x00\x00" or raw[2] != 0x08:
-        raise LwpipeError(f"{path}: not an unsigned-byte IDX file (bad magic {raw[:4].hex()}, expected 00000801 "
+GZIP_MAX_RATIO = 1100  # deflate expands at most ~1032x: a .gz cannot hold more than this times its size
+
+
+def _header(f, path: Path, ndim_expected: int | None) -> tuple[int, ...]:
+    magic = f.read(4)
+    if len(magic) < 4 or magic[0:2] != b"\x00\x00" or magic[2] != 0x08:
+        raise LwpipeError(f"{path}: not an unsigned-byte IDX file (bad magic {magic.hex()}, expected 00000801 "
                           f"for labels or 00000803 for images)")
-    ndim = raw[3]
-    if len(raw) < 4 + 4 * ndim:
-        raise LwpipeError(f"{path}: truncated header: {len(raw)} bytes, but its magic announces {ndim} dimensions, "
-                          f"so the header takes {4 + 4 * ndim} bytes")
+    ndim = magic[3]
+    raw = f.read(4 * ndim)
+    if len(raw) < 4 * ndim:
+        raise LwpipeError(f"{path}: truncated header: {4 + len(raw)} bytes, but its magic announces {ndim} "
+                          f"dimensions, so the header takes {4 + 4 * ndim} bytes")
     if ndim_expected is not None and ndim != ndim_expected:
         kind = "labels (1 dimension)" if ndim_expected == 1 else f"images ({ndim_expected} dimensions)"
         raise LwpipeError(f"{path}: holds a {ndim}-dimensional array, expected {kind}; are the files swapped?")
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise LwpipeError(f"{path}: header says {dims} but holds {data.size} bytes (truncated?)")
-    return data.reshape(dims)
+    return struct.unpack(f">{ndim}I", raw)
+
+
+def _body(f, path: Path, dims: tuple[int, ...], gz: bool) -> bytes:
+    """The declared number of bytes, read while streaming: a file (or a .gz decompressing to) more or less
+    than the header declares is refused before anything beyond the declared size is held."""
+    size, stored = math.prod(dims), path.stat().st_size
+    if gz and size > GZIP_MAX_RATIO * stored:
+        raise LwpipeError(f"{path}: header says {dims} ({size:,} bytes), more than a {stored:,}-byte gzip file "
+                          f"can hold")
+    if not gz and stored != 4 + 4 * len(dims) + size:
+        raise LwpipeError(f"{path}: header says {dims} but holds {stored - 4 - 4 * len(dims)} bytes "
+                          f"(truncated?)" if stored < 4 + 4 * len(dims) + size else
+                          f"{path}: header says {dims} ({size:,} bytes) but the file holds more after them")
+    data = f.read(size)
+    if len(data) < size:
+        raise LwpipeError(f"{path}: header says {dims} but holds {len(data)} bytes (truncated?)")
+    if f.read(1):
+        raise LwpipeError(f"{path}: decompresses to more than the {size:,} bytes its header {dims} declares "
+                          f"(a damaged or hostile file); stopped reading there")
+    return data
+
+
+def read_idx(path: Path, ndim_expected: int | None = None) -> np.ndarray:
+    gz = path.suffix == ".gz"
+    try:
+        with (gzip.open if gz else open)(path, "rb") as f:
+            dims = _header(f, path, ndim_expected)
+            data = _body(f, path, dims, gz)
+    except (OSError, EOFError, zlib.error) as e:  # a cut-off or corrupt .gz too
+        raise LwpipeError(f"{path}: cannot be read: {e}") from None
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def _find(root: Path, stem: str) -> Path:

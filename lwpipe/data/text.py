@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lwpipe.data.bundle import DataBundle
+from lwpipe.data.text_checks import TOKENIZER_FILES, check_encodes, clip_long, number_labels
 from lwpipe.errors import ConfigError, LwpipeError
 
 log = logging.getLogger("lwpipe")
@@ -65,6 +66,15 @@ def builtin_corpus(labelled: bool) -> list[tuple[str, int | None]]:
     return out
 
 
+def read_csv(p: Path, key: str, path: str) -> list[dict]:
+    with open(p, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        try:
+            return list(reader)
+        except csv.Error as e:  # e.g. a field over csv's 128 KiB limit
+            raise ConfigError(key, path, f"line {reader.line_num} is not CSV that can be read: {e}") from None
+
+
 def read_texts(path: str, key: str, text_column: str, label_column: str | None) -> list[tuple[str, object]]:
     p = Path(path).expanduser()
     if p.suffix not in SUFFIXES:
@@ -77,8 +87,7 @@ def read_texts(path: str, key: str, text_column: str, label_column: str | None) 
                               f"file with the columns {text_column!r} and {label_column!r}")
         return [(line, None) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     if p.suffix == ".csv":
-        with open(p, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        rows = read_csv(p, key, path)
         columns = list(rows[0]) if rows else []
     else:
         rows = []
@@ -93,19 +102,6 @@ def read_texts(path: str, key: str, text_column: str, label_column: str | None) 
         if col and any(col not in r for r in rows):
             raise ConfigError(ckey, col, f"no such column in {path} (its columns: {', '.join(columns) or 'none'})")
     return [(str(r[text_column]), r[label_column] if label_column else None) for r in rows]
-
-
-def number_labels(pairs: list[list[tuple[str, object]]]) -> list[list[tuple[str, int]]]:
-    """Whole-number labels stay; names are numbered in sorted order (over train and test together)."""
-    values = {v for part in pairs for _, v in part}
-    if all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in values):
-        index = {v: int(v) for v in values}
-        bad = [v for v in values if index[v] < 0]
-        if bad:
-            raise ConfigError("data.label_column", bad[0], "labels must be >= 0")
-    else:
-        index = {v: i for i, v in enumerate(sorted(values, key=str))}
-    return [[(t, index[v]) for t, v in part] for part in pairs]
 
 
 def load_tokenizer(path: str | None):
@@ -155,7 +151,8 @@ def check_unknown(tok, ds: DictDataset, key: str, path: str | None) -> None:
     share = int(((ids == unk) & text).sum()) / n if n else 0.0
     if share >= UNKNOWN_LIMIT:
         raise ConfigError("data.tokenizer", path, f"turns {share:.0%} of the tokens of {key} into its unknown token "
-                          f"{tok.unk_token!r}: it does not fit these texts (use the model's own tokenizer)")
+                          f"{tok.unk_token!r}: it does not fit these texts (use the model's own tokenizer; does "
+                          f"{path} hold its files: {TOKENIZER_FILES}?)")
     if share >= 0.2:
         log.warning("data.tokenizer %s turns %.0f%% of the tokens of %s into %r", path, 100 * share, key,
                     tok.unk_token)
@@ -188,11 +185,13 @@ def load_text(train: str | None = None, test: str | None = None, tokenizer: str 
         parts[part] = parts[part][:limit] if limit else parts[part]
         if not parts[part]:
             raise ConfigError(key, train if part == 0 else test, "holds no text")
+        parts[part] = clip_long(parts[part], key, max_length)
     if labelled:
         parts = number_labels(parts)
     tok = load_tokenizer(tokenizer)
     train_ds, test_ds = (encode(tok, p, max_length, labelled) for p in parts)
     for ds, key in ((train_ds, "data.train"), (test_ds, "data.test")):
+        check_encodes(tok, ds.tensors["attention_mask"], ds.tensors["input_ids"], key, tokenizer)
         check_unknown(tok, ds, key, tokenizer)
     h = hashlib.sha256(json.dumps([parts, max_length, tok.__class__.__name__, len(tok)]).encode())
     bundle = DataBundle(train_ds, test_ds, name=name, identity=h.hexdigest()[:16])

@@ -20,6 +20,7 @@ through every constraint it carries, so masks, codebooks and grids hold.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Literal
 
@@ -37,7 +38,9 @@ from lwpipe.registry import register
 from lwpipe.tasks.classification import Classification, kd_loss  # noqa: F401  (kd_loss: the public name)
 from lwpipe.training import fit
 
+log = logging.getLogger("lwpipe")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+WORSE_BY = 0.05  # relative: a teacher this much below the student teaches it to be worse
 
 
 class Schedule(Strict):
@@ -127,6 +130,44 @@ class _Activations:
             h.remove()
 
 
+def untrained_teacher(before) -> str | None:
+    """The default teacher is the model before the first compression stage; when a `train` stage only comes
+    after that, the teacher is the input before training (pipeline=[prune,train,distill])."""
+    first = next((i for i, s in enumerate(before) if getattr(s.cls, "compresses", False)), None)
+    if first is None or any(s.type == "train" for s in before[:first]):
+        return None
+    trains = [s.name for s in before[first + 1:] if s.type == "train"]
+    if not trains:
+        return None
+    return (f"distill's teacher (teacher: null) is the model before {before[first].name}, the first compression "
+            f"stage: the input model, untrained until {trains[0]} runs after {before[first].name}; put "
+            f"{trains[0]} before {before[first].name}, or give distill a trained teacher (a weights file)")
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    return pa.keys() == pb.keys() and all(pa[k].shape == pb[k].shape and torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def check_teacher(teacher: nn.Module, student: nn.Module, ctx: Context) -> None:
+    """Warn when distill would teach nothing or teach worse: the teacher is the student itself (distill
+    before any stage changed the model), or it scores clearly below the student on the held-out data."""
+    if same_weights(teacher, student):
+        log.warning("distill: the teacher is the model distill starts from (no stage changed it before "
+                    "distill), so it teaches nothing beyond the task loss; put distill after the compression "
+                    "stages")
+        return
+    task, batches = ctx.task, ctx.test_loader()
+    if task.metric == "cosine":  # measured against the teacher itself: no score of its own
+        return
+    tq, sq = (task.evaluate(m, batches)[0]["quality"] for m in (teacher, student))
+    worse = tq < sq * (1 - WORSE_BY) if task.higher_is_better else tq > sq * (1 + WORSE_BY)
+    if worse:
+        log.warning("distill: the teacher scores %s %.4g, below the student's %.4g: it would teach the student "
+                    "to be worse (is it the untrained input? set distill's teacher to a trained stage or "
+                    "weights file, or train before compressing)", task.metric, tq, sq)
+
+
 def epoch_weights(cfg: DistillConfig, epoch: int) -> dict[str, float]:
     """The alpha and temperature epoch `epoch` (1-based) of cfg.epochs trains with."""
     return {"alpha": scheduled(cfg.alpha, epoch, cfg.epochs), "temperature": scheduled(cfg.temperature, epoch,
@@ -161,6 +202,9 @@ class Distill:
 
     @staticmethod
     def check_order(cfg: DistillConfig, before) -> str | None:
+        why = untrained_teacher(before) if cfg.teacher is None else None
+        if why:
+            log.warning("%s", why)
         if cfg.teacher is None or is_path(cfg.teacher):
             return None
         if cfg.teacher not in [s.name for s in before]:
@@ -205,6 +249,7 @@ class Distill:
 
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
         teacher = self.teacher(ctx, f"stages.{ctx.stage}")
+        check_teacher(teacher, model, ctx)
         s_acts = _Activations(model, self.cfg.features) if self.cfg.features else None
         t_acts = _Activations(teacher, self.cfg.features) if self.cfg.features else None
         try:

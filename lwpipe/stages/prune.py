@@ -249,6 +249,11 @@ class Prune:
 
     @staticmethod
     def check_order(cfg: PruneConfig, before) -> str | None:
+        from lwpipe.stages.factorize import warn_factor_pruning
+
+        by_rule = cfg.quality is not None or cfg.threshold is not None
+        sparsity = 1 - cfg.n / cfg.m if cfg.granularity == "nm" else cfg.sparsity
+        warn_factor_pruning(None if by_rule else sparsity, cfg.layers, before)
         if cfg.granularity == "structured" and any(s.type in ("share", "quantize") for s in before):
             return ("granularity=structured shrinks layers, which a codebook or grid cannot follow; "
                     "prune before share/quantize")

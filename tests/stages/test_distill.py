@@ -105,3 +105,44 @@ def test_teacher_named_stage_is_used_in_a_run(tmp_path):
     from lwpipe.models import TinyMLP
     weights = sum(p.numel() for n, p in TinyMLP().named_parameters() if n.endswith("weight"))
     assert final["sparsity"] >= 0.5 * weights / final["params"] - 1e-6  # sparsity counts the biases too
+
+
+def teacher_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "teacher" in r.getMessage() and r.levelname == "WARNING"]
+
+
+def test_an_untrained_default_teacher_is_warned_before_any_work(caplog):
+    with caplog.at_level("WARNING", logger="lwpipe"):
+        validate(compose_recipe(TINY + ["pipeline=[prune,train,distill]"]))
+        assert "is the model before prune, the first compression stage: the input model, untrained until train " \
+               "runs after prune" in teacher_warnings(caplog)[0]
+        caplog.clear()
+        for fine in ("pipeline=[train,prune,distill]", "pipeline=[train,prune,train,distill]",
+                     "pipeline=[prune,distill]"):  # a pretrained input needs no train stage
+            validate(compose_recipe(TINY + [fine]))
+    assert teacher_warnings(caplog) == []
+
+
+def test_a_teacher_below_the_student_is_warned(model, ctx, caplog):
+    torch.manual_seed(1)
+    ctx.reference = TinyMLP().eval()  # untrained: chance accuracy against the trained student's
+    with caplog.at_level("WARNING", logger="lwpipe"):
+        Distill(DistillConfig(epochs=1)).run(model, ctx)
+    (msg,) = teacher_warnings(caplog)
+    assert msg.startswith("distill: the teacher scores accuracy ") and "below the student's" in msg
+
+
+def test_a_teacher_that_is_the_student_is_warned(model, ctx, caplog):
+    ctx.reference = copy.deepcopy(model).eval()  # distill first: the reference is the model itself
+    with caplog.at_level("WARNING", logger="lwpipe"):
+        Distill(DistillConfig(epochs=1)).run(model, ctx)
+    assert teacher_warnings(caplog) == ["distill: the teacher is the model distill starts from (no stage changed "
+                                        "it before distill), so it teaches nothing beyond the task loss; put "
+                                        "distill after the compression stages"]
+
+
+def test_a_good_teacher_is_not_warned(model, ctx, caplog):
+    Prune(PruneConfig(sparsity=0.5)).run(model, ctx)  # the fixture's reference is the trained dense model
+    with caplog.at_level("WARNING", logger="lwpipe"):
+        Distill(DistillConfig(epochs=1)).run(model, ctx)
+    assert teacher_warnings(caplog) == []

@@ -1,4 +1,6 @@
 """Low-rank factorization: ranks, the SVD factors, order and rank checks, and the artifact round trip."""
+import logging
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -106,3 +108,28 @@ def test_resnet_shortcut_1x1_convs_factorize_and_the_artifact_rebuilds_them(tmp_
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x), again.eval()(x))
+
+
+@pytest.mark.parametrize("extra, warned", [
+    ([], "sparsity=0.9, meant for whole layers, also prunes the low-rank factors of the layers '*'"),
+    (["++stages.factorize.layers=[fc1]"], "factors of the layers 'fc1'"),
+    (["++stages.prune.quality=1.0"], "its quality/threshold rule"),
+    (["stages.prune.sparsity=0.5"], None),                                  # measured to keep accuracy
+    (["++stages.prune.granularity=nm"], None),                             # 2:4 is sparsity 0.5
+    (["++stages.prune.granularity=nm", "++stages.prune.n=1"], "sparsity=0.75"),
+    (["++stages.factorize.layers=[fc1]", "++stages.prune.layers={fc1*: {sparsity: 0.6}}"], None),  # own setting
+    (["++stages.factorize.layers=[fc1]", "++stages.prune.layers={fc1: {sparsity: 0.6}}"],  # names fc1, not its
+     "factors of the layers 'fc1'"),                                                         # factors fc1.0/.1
+    (["pipeline=[train,prune,factorize]"], "refused"),
+])
+def test_prune_after_factorize_at_whole_layer_settings_warns(caplog, extra, warned):
+    overrides = ["pipeline=[train,factorize,prune,share,quantize,distill]", "++stages.factorize.energy=0.9", *extra]
+    with caplog.at_level(logging.WARNING, logger="lwpipe"):
+        if warned == "refused":  # the other order stays refused, without the warning
+            with pytest.raises(LwpipeError, match="put factorize before prune"):
+                validate(compose_recipe(overrides))
+            warned = None
+        else:
+            validate(compose_recipe(overrides))
+    notes = [r.getMessage() for r in caplog.records if "prune after factorize" in r.getMessage()]
+    assert (warned in notes[0] and len(notes) == 1) if warned else not notes, notes
