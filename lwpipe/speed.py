@@ -27,6 +27,7 @@ from torch.nn.utils import parametrize
 from lwpipe.errors import ConfigError
 from lwpipe.tasks import batch_len, head, model_device, to_device
 
+
 @dataclass
 class Exported:
     """The file an `export` stage wrote of `model`, loaded back (ctx.exported): timed in its record."""
