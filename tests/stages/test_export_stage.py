@@ -193,3 +193,22 @@ def test_the_summary_times_the_baked_model_and_the_exported_file(tmp_path, caplo
     assert "speedup vs input (baked plain model):" in text and "speedup vs input (export.pt2 dense):" in text
     assert "agree: vs the uncompressed model" in text
     assert all(len(line) <= 80 for line in text.splitlines() if "speedup" in line or "uncompressed" in line)
+
+
+def test_a_text_models_export_holds_two_rows_of_token_ids_not_the_test_set(tmp_path):
+    import zipfile
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 4)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.embed(input_ids).mean(1)
+
+    ids = torch.randint(0, 50, (20000, 16))  # a tokenized test set; the example is a slice of it
+    example = {"input_ids": ids[:2], "attention_mask": torch.ones_like(ids)[:2]}
+    export.save_form(Encoder().eval(), example, tmp_path / "e.pt2")
+    with zipfile.ZipFile(tmp_path / "e.pt2") as z:
+        samples = sum(i.file_size for i in z.infolist() if "sample_inputs" in i.filename)
+    assert samples < 4_000 < ids.numel() * 8
