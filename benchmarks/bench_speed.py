@@ -127,8 +127,9 @@ def encoder(a, tmp):
                     "+stages.export.format=int8"], tmp)
     info = json.loads((tmp / "export.json").read_text())
     print(f"{Path(a.encoder).name} after sentence_embedding_minilm + export int8 ({info['activations']}): "
-          f"model.lwp {s['final']['compression_ratio']:.1f}x, quantize stage cosine {s['final']['quality']:.4f}, "
-          f"export.pt cosine to fp32 {info['quality']:.4f} on the test texts, "
+          f"model.lwp {s['final']['compression_ratio']:.1f}x, quantize stage cosine {s['stages'][-2]['quality']:.4f}, "
+          f"export.pt cosine {info['quality']:.4f} (both to the {info['reference']} fp32 model), "
+          f"export.pt to the quantize stage's model {info['agreement_with_model']:.4f}, on the test texts, "
           f"threads {torch.get_num_threads()}")
     fp32 = load_sentence_transformer(a.encoder).eval()
     tok = AutoTokenizer.from_pretrained(a.encoder)

@@ -5,7 +5,7 @@ import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -35,12 +35,17 @@ class Context:
     # the model as it was before the first compression stage: distill's default teacher
     # and the reference for `teacher_agreement`
     reference: nn.Module | None = None
+    # that uncompressed model's held-out outputs (predictions, embeddings): every figure that compares a
+    # model with another (teacher_agreement, an embedding's cosine, export.json) compares with these
+    reference_outputs: Any = None
     # models after named stages, kept only for the names a later stage asks for
     snapshots: dict[str, nn.Module] = field(default_factory=dict)
     on_epoch: Callable[[nn.Module, int, float], None] | None = None
     on_batch: Callable[..., None] | None = None  # progress bar: (stage, epoch, epochs, batch, batches, loss)
     # fields the running stage adds to its stage_end record (quantize's bits: auto allotment); the runner empties it
     stage_record: dict = field(default_factory=dict)
+    # the file an `export` stage wrote, loaded back (lwpipe.speed.Exported): its record times and scores it
+    exported: Any = None
     _test_batches: list | None = field(default=None, repr=False)
 
     def train_loader(self, batch_size: int | None = None) -> DataLoader:

@@ -11,6 +11,8 @@ from lwpipe.constraints import compressible_layers, constraint, parameter_shapes
 from lwpipe.tasks import evaluating, to_device
 from lwpipe.tasks.classification import Classification
 
+NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)  # the float dtypes numpy has
+
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable, task=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,4 +71,6 @@ def distinct_nonzero(m: nn.Module) -> int:
         values = c.codebook_values()[used]
         return int(torch.unique(values[values != 0]).numel())
     w = m.weight.detach()
+    if w.is_floating_point() and w.dtype not in NUMPY_FLOATS:  # bf16, float8: float32 holds each exactly
+        w = w.float()
     return int(np.unique(w[w != 0].cpu().numpy()).size)  # 10x torch.unique on CPU

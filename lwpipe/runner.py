@@ -24,8 +24,8 @@
 
 A run directory without summary.json did not finish. A run killed mid-pipeline
 and started again takes its completed stages from the cache. The reference (ctx.reference and
-the predictions teacher_agreement compares with) is made only when a stage is computed: an
-identical rerun evaluates and copies nothing.
+its outputs ctx.reference_outputs, which teacher_agreement and export.json compare with) is made only
+when a stage is computed: an identical rerun evaluates and copies nothing.
 """
 from __future__ import annotations
 
@@ -241,9 +241,9 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
 
     def snapshot(model: nn.Module, step: int, stage: str, event: str, seconds: float, **extra) -> dict:
         t = time.perf_counter()
-        quality, _ = evaluate(model, ctx.test_loader(), reference_pred, task)
-        rec = {"step": step, "stage": stage, "event": event, **quality, **measure(model), "seconds": seconds,
-               **extra, "cached": False}
+        quality, _ = evaluate(model, ctx.test_loader(), ctx.reference_outputs, task)
+        rec = {"step": step, "stage": stage, "event": event, **quality, "reference": "uncompressed",
+               **measure(model), "seconds": seconds, **extra, "cached": False}
         if event != "epoch":  # the real size: this step's model encoded as model.lwp
             last_blob[:] = [step, encode_model(model, rebuild_config(model, top.model))]
             # against the input model's fp32 bytes: structured pruning and factorize shrink dense_bytes itself
@@ -264,14 +264,12 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
 
     def settle_reference() -> None:
         """Make the pending model's reference: before a record is measured or a stage runs (and changes it)."""
-        nonlocal reference_pred
         if pending[0] is not None:
             ctx.reference = frozen_copy(pending[0]) if needs_reference(pending[1]) else None
-            _, reference_pred = evaluate(pending[0], ctx.test_loader(), task=task)
+            _, ctx.reference_outputs = evaluate(pending[0], ctx.test_loader(), task=task)
             pending[0] = None
 
     ctx.on_epoch, ctx.on_batch = on_epoch, progress_hook(loggers)
-    reference_pred = None
     try:
         replay = stage_cache.load_records(base_key)
         if replay:

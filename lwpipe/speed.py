@@ -1,9 +1,11 @@
 """Compute cost in every record: latency of the deployable form and multiply-accumulates per example.
 
     latency_ms  {"1": ms, "<measure.batch>": ms}: median of `repeats` timed forwards after `warmup`
-                untimed ones, on the run's device, under inference_mode; a constrained model runs
-                with its effective weights computed once (parametrize.cached), as a baked model
-                would; after `export` the exported module itself is timed (see `deployable`).
+                untimed ones, on the run's device, under inference_mode, of the form `latency_form` names:
+                "plain" (a model without constraints, as it is: the input model, a structurally pruned
+                one), "baked" (a copy with every constraint baked into plain weights: what is deployed,
+                not the parametrized training form, which recomputes its weights on every call), or
+                after `export` the exported file itself, e.g. "export.pt int8" (see `Exported`).
     macs        multiply-accumulates per example of Linear / Conv / transformers' Conv1D layers at
                 their current shapes (dense: masked zeros still cost; structured pruning shrinks it).
     speedup     {"1": x, ...}: the input model's median ms / this one's.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import statistics
 import time
-import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,16 +27,30 @@ from torch.nn.utils import parametrize
 from lwpipe.errors import ConfigError
 from lwpipe.tasks import batch_len, head, model_device, to_device
 
-# model -> the faster module an `export` stage made of it: what latency is measured on from then on
-_DEPLOYABLE: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+
+@dataclass
+class Exported:
+    """The file an `export` stage wrote of `model`, loaded back (ctx.exported): timed in its record."""
+    model: nn.Module
+    form: nn.Module
+    name: str  # e.g. "export.pt int8"
 
 
-def set_deployable(model: nn.Module, form: nn.Module) -> None:
-    _DEPLOYABLE[model] = form
+def exported_form(model: nn.Module, ctx) -> Exported | None:
+    exported = getattr(ctx, "exported", None)
+    return exported if exported is not None and exported.model is model else None
 
 
-def deployable(model: nn.Module) -> nn.Module:
-    return _DEPLOYABLE.get(model, model)
+def timed_form(model: nn.Module, ctx) -> tuple[nn.Module, str]:
+    """(what latency is measured on, its name for the record's `latency_form`)."""
+    exported = exported_form(model, ctx)
+    if exported is not None:
+        return exported.form, exported.name
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        from lwpipe.export import plain_copy  # a copy for the timing only: the model keeps its constraints
+
+        return plain_copy(model), "baked"
+    return model, "plain"
 
 
 DEFAULT_BATCH = 256
@@ -149,12 +165,14 @@ def count_macs(model: nn.Module, run, batch) -> int:
 
 
 def speed_record(model: nn.Module, ctx, settings, baseline: dict | None) -> dict:
-    """The record fields: macs always; latency_ms, speedup and latency_seconds unless latency is off."""
-    run, form = forward_fn(ctx), deployable(model)
+    """The record fields: macs always; latency_ms, latency_form, speedup and latency_seconds unless
+    latency is off."""
+    run = forward_fn(ctx)
     device = model_device(model)  # the run's, except after an int8 export (CPU kernels: the model moved there)
     one = first_examples(ctx, 1, device)
+    exported = exported_form(model, ctx)
     try:
-        macs = count_macs(form, run, one) if form is not model else 0
+        macs = count_macs(exported.form, run, one) if exported is not None else 0
     except Exception:
         macs = 0
     # an exported graph (TorchScript, int8) calls no hookable modules: count on the model it was made from
@@ -162,6 +180,7 @@ def speed_record(model: nn.Module, ctx, settings, baseline: dict | None) -> dict
     if not settings.latency:
         return out
     t, threads = time.perf_counter(), torch.get_num_threads()
+    form, out["latency_form"] = timed_form(model, ctx)
     lat = {}
     try:
         if settings.threads:
@@ -179,4 +198,3 @@ def speed_record(model: nn.Module, ctx, settings, baseline: dict | None) -> dict
     out["speedup"] = {k: base[k] / v for k, v in lat.items() if k in base and v > 0}
     out["latency_seconds"] = time.perf_counter() - t
     return out
-

@@ -49,8 +49,32 @@ def test_records_carry_macs_and_latency_and_console_shows_speedup(tmp_path):
     for r in [summary["baseline"], *summary["stages"]]:
         assert r["macs"] == 8 * 16 + 16 * 4 and set(r["latency_ms"]) == {"1", "16"}
         assert set(r["speedup"]) == {"1", "16"}
-    line = format_speed(final)  # the console's summary ends with it
-    assert "batch 1 " in line and "batch 16 " in line and len(line) <= 80
+    assert [r["latency_form"] for r in [summary["baseline"], *summary["stages"]]] == ["plain", "plain", "baked"]
+    text = format_speed(final)  # the console's summary ends with it
+    assert "batch 1 " in text and "batch 16 " in text and "(baked plain model)" in text
+    assert all(len(line) <= 80 for line in text.splitlines())
+
+
+def test_a_constrained_model_is_timed_as_a_baked_plain_copy(tmp_path, monkeypatch):
+    """What is deployed has plain weights: the parametrized training form recomputes them on every call."""
+    from torch.nn.utils import parametrize
+
+    from lwpipe import speed
+    from lwpipe.constraints import ensure_constraint
+
+    ctx = Context(data=load_blobs(n=64, num_features=16), seed=0, run_dir=tmp_path)
+    model = LeNet300(16, 4).eval()
+    ensure_constraint(model.fc1).set_mask(model.fc1.weight.detach().abs() > 0.02)
+    timed = []
+    monkeypatch.setattr(speed, "median_ms", lambda form, run, batch, *a: timed.append((form, batch)) or 1.0)
+    record = speed_record(model, ctx, MeasureSettings(batch=8), None)
+    assert record["latency_form"] == "baked" and len(timed) == 2
+    x = ctx.test_loader()[0][0]
+    for form, _ in timed:
+        assert form is not model and not any(parametrize.is_parametrized(m) for m in form.modules())
+        with torch.no_grad():
+            assert torch.equal(form(x), model(x))
+    assert parametrize.is_parametrized(model.fc1)  # the model itself keeps its constraint
 
 
 def test_latency_off_and_batch_larger_than_the_test_set(tmp_path):

@@ -62,12 +62,33 @@ def format_epoch(record: dict) -> str:
             f"{name[:12]} {format_quality(name, value)}")
 
 
+FORMS = {"plain": "plain model", "baked": "baked plain model"}  # lwpipe/speed.py's latency_form
+
+
 def format_speed(record: dict) -> str:
-    """The last record's speed against the input model (lwpipe/speed.py), one line; '' without timing."""
+    """A record's speed against the input model (lwpipe/speed.py), naming the form that was timed;
+    one line, two when that does not fit 80 columns; '' without timing."""
     if not record.get("speedup"):
         return ""
     cells = [f"batch {b} {x:.2f}x ({record['latency_ms'][b]:.2g} ms)" for b, x in list(record["speedup"].items())[:2]]
-    return "speedup vs input: " + ", ".join(cells)
+    form = record.get("latency_form")
+    head = f"speedup vs input ({FORMS.get(form, form)}):" if form else "speedup vs input:"
+    line = f"{head} {', '.join(cells)}"
+    return line if len(line) <= 80 else f"{head}\n  {', '.join(cells)}"
+
+
+def speed_rows(rows: list[dict]) -> list[dict]:
+    """The records the summary's speed lines come from: the last one, and after an export the model it
+    was made from too (its baked form), so both deployable forms are compared with the input."""
+    if len(rows) > 1 and rows[-1].get("type") == "export":
+        return rows[-2:]
+    return rows[-1:]
+
+
+def format_reference(metric: str) -> str:
+    """What the table's comparisons are against (lwpipe/runner.py: ctx.reference_outputs)."""
+    what = "cosine, agree" if metric == "cosine" else "agree"
+    return f"{what}: vs the uncompressed model (before the first compression stage)"
 
 
 def console_handlers() -> list[logging.Handler]:
@@ -110,9 +131,9 @@ class ConsoleLogger:
             self.on_batch.close()
         if len(self._rows) > 1:
             metric = headline(self._rows[0])[0]
-            log.info("summary:\n%s", "\n".join([format_header(metric), *map(format_row, self._rows)]))
-            speed = format_speed(self._rows[-1])
-            if speed:
+            log.info("summary:\n%s", "\n".join([format_header(metric), *map(format_row, self._rows),
+                                                  format_reference(metric)]))
+            for speed in filter(None, map(format_speed, speed_rows(self._rows))):
                 log.info(speed)
         for h, level in self._quieted:
             h.setLevel(level)

@@ -8,9 +8,11 @@
     format: sparse  CSR kernels for Linear layers at least `min_sparsity` sparse, dense for the rest;
                     TorchScript -> export.pt
 
-The model passed on is unchanged (model.lwp still stores it); the runner times the exported form
-for this stage's record (speed.set_deployable), so its `speedup` is against the fp32 input model.
-export.json holds the form's held-out accuracy and agreement with the model's predictions.
+The model passed on is unchanged (model.lwp still stores it); this stage's record times the exported
+file (ctx.exported), so its `speedup` is against the fp32 input model, and holds the file's quality.
+export.json holds the file's held-out quality and agreement, both against the uncompressed reference
+(ctx.reference_outputs: the model before the first compression stage), and `agreement_with_model`,
+how closely the file follows the compressed model it was made from.
 """
 from __future__ import annotations
 
@@ -97,15 +99,29 @@ class Export:
         path = ctx.run_dir / f"export{suffix}"
         export.save_form(form, example, path)
         loaded = export.load_form(path)  # what a user gets: timed and scored, not the in-memory copy
-        _, reference = ctx.task.evaluate(model, batches)
-        scored, _ = ctx.task.evaluate(Deployed(loaded, device), batches, reference)
-        info.update(file=path.name, bytes=path.stat().st_size, metric=scored["metric"], quality=scored["quality"],
-                    accuracy=scored["accuracy"], agreement=scored["teacher_agreement"])
+        info.update(file=path.name, bytes=path.stat().st_size, **score(model, Deployed(loaded, device), ctx))
         (ctx.run_dir / "export.json").write_text(json.dumps(info, indent=2))
-        log.info("  export %s -> %s: %s %.4f, agreement with the model %.4f", self.cfg.format, path.name,
-                 info["metric"], info["quality"], info["agreement"])
-        speed.set_deployable(model, loaded)
+        log.info("  export %s -> %s: %s %.4f", self.cfg.format, path.name, info["metric"], info["quality"])
+        log.info("  agreement %.4f with the %s model, %.4f with the model exported", info["agreement"],
+                 info["reference"], info["agreement_with_model"])
+        ctx.exported = speed.Exported(model, loaded, f"{path.name} {self.cfg.format}")
         return model
+
+
+def score(model: nn.Module, deployed: nn.Module, ctx: Context) -> dict:
+    """export.json's scores of the loaded file; the file's quality also goes into this stage's record
+    (the model it was made from would only repeat the previous stage's)."""
+    batches = ctx.test_loader()
+    reference, against = ctx.reference_outputs, "uncompressed"
+    if reference is None:  # called outside the runner, which keeps the reference's outputs
+        _, reference = ctx.task.evaluate(model, batches)
+        against = "compressed"
+    scored, outputs = ctx.task.evaluate(deployed, batches, reference)
+    ctx.stage_record.update(scored, reference=against)
+    follows, _ = ctx.task.evaluate(model, batches, outputs)  # agreement is symmetric: the model vs the file
+    return {"reference": against, "metric": scored["metric"], "quality": scored["quality"],
+            "accuracy": scored["accuracy"], "agreement": scored["teacher_agreement"],
+            "agreement_with_model": follows["teacher_agreement"]}
 
 
 class Deployed(nn.Module):

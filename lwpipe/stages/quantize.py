@@ -321,7 +321,7 @@ class Quantize:
             settings[name] = layer_setting(name, self.cfg.layers, LayerQuant(), [t for t, _ in tied])
         auto = self.cfg.bits == "auto"
         if auto:
-            before, _ = evaluate(model, ctx.test_loader(), task=ctx.task)
+            before, _ = evaluate(model, ctx.test_loader(), ctx.reference_outputs, task=ctx.task)  # vs uncompressed
             plan = self.allot(model, ctx, settings)
         for name, m in compressible_layers(model):
             tied, lc = ties.get(name, ()), settings[name]
@@ -337,7 +337,8 @@ class Quantize:
         hold_half(model, half)
         hold_grid(model, biases * (self.cfg.bias == "int8"))
         if auto:
-            report_allotment(plan, before, evaluate(model, ctx.test_loader(), task=ctx.task)[0], ctx)
+            report_allotment(plan, before, evaluate(model, ctx.test_loader(), ctx.reference_outputs, task=ctx.task)[0],
+                             ctx)
         fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune, loss_fn=ctx.loss,
             on_epoch=ctx.epoch_callback(model))
         for m in done:  # QAT may have moved more weights onto level 0: keep them there too

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from lwpipe import export
+from lwpipe import checkpoint, export
 from lwpipe.config import validate
 from lwpipe.errors import ConfigError
 from lwpipe.models import ResNet
@@ -31,7 +31,7 @@ def test_export_forms_load_without_lwpipe_and_keep_predictions(fmt, tmp_path):
     ends = [r for r in records if r["event"] == "stage_end"]
     assert final["macs"] == ends[-2]["macs"] > 0  # a scripted form has no hookable layers: counted on the model
     info = json.loads((tmp_path / "export.json").read_text())
-    assert info["agreement"] >= 0.995 and info["format"] == fmt
+    assert info["agreement_with_model"] >= 0.995 and info["format"] == fmt  # the file follows its model
     if fmt == "sparse":
         assert info["sparse_layers"]
     path = tmp_path / info["file"]
@@ -106,3 +106,109 @@ def test_int8_dynamic_keeps_8_bit_activations_only_where_levels_cannot_saturate(
             layer.reduce_range = True
         err_7bit = (narrow(x) - ref).abs().mean()
     assert err_full < err_7bit  # the 8th bit of the activations is real precision
+
+
+def test_a_dense_export_holds_the_model_not_the_test_set(tmp_path):
+    """The example batch is a slice of the test set: torch.export would save the storage behind it."""
+    import zipfile
+
+    final, _ = run_recipe([*TINY, "pipeline=[export]", "data.n=20000", "data.test_fraction=0.9"], tmp_path)
+    test_bytes = 18000 * 8 * 4
+    info = json.loads((tmp_path / "export.json").read_text())
+    assert info["bytes"] < final["dense_bytes"] + 32_000 < test_bytes  # the model and torch.export's own files
+    with zipfile.ZipFile(tmp_path / info["file"]) as z:
+        samples = sum(i.file_size for i in z.infolist() if "sample_inputs" in i.filename)
+    assert samples < 4_000  # two examples of 8 floats, and the pickle around them
+
+
+def test_export_scores_the_file_against_the_uncompressed_model(tmp_path):
+    """export.json and the export stage's record: the loaded file's accuracy, its agreement with the model
+    before any compression, and (agreement_with_model) with the compressed model it was made from."""
+    import lwpipe
+    from lwpipe.models import TinyMLP
+    from lwpipe.runner import build_data
+
+    overrides = [*CHAIN, "pipeline=[train,prune,quantize,export]", "+stages.export.format=sparse",
+                 "+stages.export.min_sparsity=0.3", "stages.prune.sparsity=0.85", "++stages.prune.finetune.epochs=0",
+                 "++stages.quantize.finetune.epochs=0", "++stages.quantize.bits=3"]
+    final, records = run_recipe(overrides, tmp_path)
+    info = json.loads((tmp_path / "export.json").read_text())
+    x, y = build_data(validate(compose_recipe(overrides)).top.data).test.tensors[:2]
+    uncompressed = checkpoint.load_state(TinyMLP(), tmp_path / "checkpoints" / "01_train.safetensors").eval()
+    with torch.no_grad():
+        before = uncompressed(x).argmax(1)
+        model = lwpipe.load(tmp_path / "model.lwp")(x).argmax(1)
+        file = export.load_form(tmp_path / info["file"])(x).argmax(1)
+    assert (model != before).any()  # compression changed predictions: the two references differ here
+    assert info["reference"] == "uncompressed" and all(r["reference"] == "uncompressed" for r in records)
+    assert info["agreement"] == pytest.approx((file == before).float().mean().item())
+    assert info["agreement_with_model"] == pytest.approx((file == model).float().mean().item())
+    assert info["accuracy"] == pytest.approx((file == y).float().mean().item())
+    assert (final["accuracy"], final["teacher_agreement"]) == (info["accuracy"], info["agreement"])
+
+
+@pytest.mark.slow
+def test_a_sentence_encoders_int8_file_is_scored_against_the_original(tmp_path):
+    """Cosine of the int8 file's embeddings to the uncompressed encoder's, in export.json and in the
+    export stage's record (not the quantized model's cosine repeated, nor the file against that model)."""
+    from torch.nn.functional import cosine_similarity
+
+    from lwpipe.runner import build_data, build_model
+    from lwpipe.tasks import inputs
+    from tests.hf_helpers import make_texts, save_sentence_model, write_txt
+
+    rows = make_texts(48)
+    files = [save_sentence_model(tmp_path / "st"), write_txt(tmp_path / "a.txt", rows[:32]),
+             write_txt(tmp_path / "b.txt", rows[32:])]
+    overrides = ["recipe=sentence_embedding", f"model.path={files[0]}", f"data.train={files[1]}",
+                 f"data.test={files[2]}", "data.batch_size=8", "data.max_length=16", "eval.batch_size=16",
+                 "pipeline=[quantize,export]", "++stages.quantize.bits=6", "++stages.quantize.scheme=symmetric",
+                 "+stages.export.format=int8"]
+    final, records = run_recipe(overrides, tmp_path / "run")
+    info = json.loads((tmp_path / "run" / "export.json").read_text())
+    top = validate(compose_recipe(overrides)).top
+    data, original = build_data(top.data), build_model(top.model).eval()
+    file = export.load_form(tmp_path / "run" / info["file"])
+    with torch.no_grad():
+        batches = data.test.batches(16)
+        want = torch.cat([original(**inputs(b)) for b in batches])
+        got = torch.cat([file(**inputs(b)) for b in batches])
+    cosine = cosine_similarity(got, want, dim=-1).mean().item()
+    quantized = [r for r in records if r.get("type") == "quantize"][-1]["quality"]
+    assert info["reference"] == "uncompressed" and info["quality"] == pytest.approx(cosine, abs=1e-5)
+    assert final["quality"] == final["cosine"] == info["quality"] != quantized
+    assert info["agreement_with_model"] > info["quality"]  # closer to the model it was made from
+
+
+def test_the_summary_times_the_baked_model_and_the_exported_file(tmp_path, caplog):
+    """Each speed figure names its form: the export's record times the file, the stage before it a baked copy."""
+    import logging
+
+    caplog.set_level(logging.INFO, "lwpipe")
+    final, records = run_recipe([*CHAIN, "pipeline=[train,prune,export]", "measure.batch=16", "measure.repeats=3",
+                                 "measure.warmup=1"], tmp_path)
+    ends = [r for r in records if r["event"] != "epoch"]
+    assert [r["latency_form"] for r in ends] == ["plain", "plain", "baked", "export.pt2 dense"]
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "speedup vs input (baked plain model):" in text and "speedup vs input (export.pt2 dense):" in text
+    assert "agree: vs the uncompressed model" in text
+    assert all(len(line) <= 80 for line in text.splitlines() if "speedup" in line or "uncompressed" in line)
+
+
+def test_a_text_models_export_holds_two_rows_of_token_ids_not_the_test_set(tmp_path):
+    import zipfile
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 4)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.embed(input_ids).mean(1)
+
+    ids = torch.randint(0, 50, (20000, 16))  # a tokenized test set; the example is a slice of it
+    example = {"input_ids": ids[:2], "attention_mask": torch.ones_like(ids)[:2]}
+    export.save_form(Encoder().eval(), example, tmp_path / "e.pt2")
+    with zipfile.ZipFile(tmp_path / "e.pt2") as z:
+        samples = sum(i.file_size for i in z.infolist() if "sample_inputs" in i.filename)
+    assert samples < 4_000 < ids.numel() * 8
