@@ -91,6 +91,15 @@ def test_a_conv1d_grid_runs_along_its_output_axis():
     assert c.axis == 1 and c.scale.shape == (1, 6)  # weight [in, out]: one scale per output channel
 
 
+def test_inspect_names_a_conv1d_grid_per_channel():
+    from lwpipe.artifact.inspect import encoding
+
+    model = hf_conv1d()
+    quantize_layer(model[0], 8, "symmetric", per_channel=True)
+    (layer,) = read(encode_model(model, None)).header["layers"]
+    assert encoding(layer).endswith("8-bit per-channel")  # not "per-tensor"
+
+
 def test_int8_export_levels_follow_the_grid_axis():
     from lwpipe.export import weight_levels
 
