@@ -25,8 +25,8 @@ from lwpipe.artifact.format import ArtifactError, unpack
 from lwpipe.artifact.positions import positions_from_gaps
 from lwpipe.artifact.limits import check_grid_values, check_header
 from lwpipe.artifact.raw import DTYPES, FLOAT_FIELDS, RawReader, join_float, mantissa_bytes
-from lwpipe.constraints import (BIAS_LEVELS, Compressed, grid_axis, constraint, dequantize, effective_tensors, ensure_constraint_as,
-                                index_dtype, is_compressible, set_grid, set_half)
+from lwpipe.constraints import (BIAS_LEVELS, Compressed, constraint, dequantize, effective_tensors, ensure_constraint_as,
+                                grid_axis, index_dtype, is_compressible, set_grid, set_half)
 from lwpipe.lowrank import restore_factorized
 from lwpipe.structured import resize_to
 

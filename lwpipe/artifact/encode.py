@@ -27,8 +27,8 @@ from lwpipe.artifact.coding import StreamWriter, estimate_bits
 from lwpipe.artifact.format import pack
 from lwpipe.artifact.positions import choose_escape
 from lwpipe.artifact.raw import FLOAT_FIELDS, dtype_name, lossless_dtype, split_float, tensor_bytes
-from lwpipe.constraints import (BIAS_LEVELS, Compressed, compressible_layers, constraint, grid_attrs, grid_axis, half_attrs,
-                                original_weight,
+from lwpipe.constraints import (BIAS_LEVELS, Compressed, compressible_layers, constraint, grid_attrs, grid_axis,
+                                half_attrs, original_weight,
                                 parameter_shapes, tensor_aliases)
 from lwpipe.errors import LwpipeError
 

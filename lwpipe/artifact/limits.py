@@ -7,6 +7,9 @@ one repeated symbol is free). `check_header` checks every field's type and
 every count against the layer it belongs to and against the file's declared
 dense size, so that decoding needs memory proportional to that size; the
 readers (coding.py, raw.py) check what they take against the bytes left.
+A grid's scale and zero point must have the shape its layer and granularity
+give (constraints.scale_shape), and `check_grid_values` checks, once read,
+that every level of the grid is a finite weight.
 Fields this module does not know are left to the code that reads them.
 """
 from __future__ import annotations
@@ -127,7 +130,8 @@ def check_layer(e, i: int, budget: int) -> int:
     shape = e.get("shape")
     numel = check_shape(shape, what, budget)
     if e.get("dtype") not in LAYER_DTYPES:
-        raise HeaderError(f"{what} has dtype {e.get('dtype')!r}; a compressed layer is one of {', '.join(LAYER_DTYPES)}")
+        raise HeaderError(f"{what} has dtype {e.get('dtype')!r}; a compressed layer is one of "
+                          f"{', '.join(LAYER_DTYPES)}")
     if e.get("shared") is not None and e["dtype"] != "float32":
         raise HeaderError(f"{what} has dtype {e['dtype']!r}; a shared layer computes from a float32 codebook")
     if e.get("mask") is not None:
