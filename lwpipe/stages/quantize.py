@@ -46,8 +46,7 @@ from torch import nn
 
 from lwpipe.config import Strict, TrainSettings
 from lwpipe.constraints import (NORMS, check_layer_patterns, compressible_layers, constraint, ensure_constraint,
-                                grid_axis, hold_grid, hold_half, layer_setting, out_axis,
-                                tied_layers)
+                                grid_axis, hold_grid, hold_half, layer_setting, out_axis, tied_layers)
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.loggers.console import format_quality
