@@ -144,7 +144,7 @@ class Compressed(nn.Module):
             c.set_codebook(torch.zeros(c.shape, dtype=index_dtype(spec["k"])), torch.zeros(spec["k"]))
         q = spec["quant"]
         if q:
-            shape = () if q["axis"] is None else grid_shape(c.shape, q["axis"])
+            shape = scale_shape(c.shape, q["axis"])
             c.set_quant(q["bits"], q["qmin"], q["qmax"], torch.ones(shape), torch.zeros(shape), q["axis"])
         return c
 
@@ -199,6 +199,21 @@ class Compressed(nn.Module):
 def grid_shape(shape, axis: int) -> tuple[int, ...]:
     """Shape of a per-channel scale along `axis` of a weight of `shape`."""
     return tuple(n if i == axis else 1 for i, n in enumerate(shape))
+
+
+GRID_AXES = (0, 1)  # the output axes of the layouts lwpipe knows: out_axis of every compressible layer type
+
+
+def grid_axis(module: nn.Module, per_channel: bool) -> int | None:
+    """The axis a layer's grid scales run along: None per tensor, else the layer type's output axis
+    (out_axis: 1 for transformers' Conv1D). The quantize stage, the encoder, the decoder and the int8
+    export all ask this one function, so a grid the writer stores is one the reader accepts."""
+    return out_axis(module) if per_channel else None
+
+
+def scale_shape(shape, axis: int | None) -> tuple[int, ...]:
+    """The shape of a grid's scale and zero point for a weight of `shape`: () per tensor."""
+    return () if axis is None else grid_shape(shape, axis)
 
 
 class HalfBias(nn.Module):

@@ -114,7 +114,7 @@ def dense_form(model: nn.Module) -> nn.Module:
 def weight_levels(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Layer -> (int8 levels, per-output-channel scale) from the quantize stage's own grid: the
     effective weight is exactly levels x scale, so no second rounding happens here."""
-    from lwpipe.constraints import compressible_layers, constraint
+    from lwpipe.constraints import compressible_layers, constraint, grid_axis
 
     out = {}
     for name, m in compressible_layers(model):
@@ -125,10 +125,9 @@ def weight_levels(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tenso
             raise ValueError(f"{name}: levels {c.qmin}..{c.qmax} with zero point do not fit int8; "
                              f"quantize with scheme=symmetric and bits<=8")
         w = m.weight.detach()
-        scale = c.scale.reshape(-1).float()
-        scale = scale.expand(w.shape[0]) if scale.numel() == 1 else scale
-        levels = torch.round(w / scale.view(-1, *[1] * (w.dim() - 1)))
-        out[name] = (levels.to(torch.int8), scale.clone())
+        levels = torch.round(w / c.scale.float())  # the scale has the grid's shape: it broadcasts along its axis
+        channels = w.shape[grid_axis(m, True)]  # the output channels, wherever the layer type keeps them
+        out[name] = (levels.to(torch.int8), c.scale.reshape(-1).float().expand(channels).clone())
     return out
 
 

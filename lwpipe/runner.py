@@ -18,6 +18,7 @@
         a later stage names it as teacher: ctx.snapshots[name] = copy(model)
     model.lwp <- encode(model, model.lwpipe_rebuild or recipe.model)  # its size: every record's compressed_bytes
                  (the last stage's encoding; cached: the entry's copy)
+    verify: lwpipe.load(model.lwp) computes exactly what model does, else the run fails (no summary.json)
     tokenizer/ <- the data's tokenizer, if any (next to model.lwp)
     loggers.finish(summary)                                         # report.png, report.md
     summary.json <- baseline, every stage_end, final, seconds       # written last, atomically
@@ -43,7 +44,7 @@ from lwpipe import cache, checkpoint, provenance, speed
 from lwpipe.artifact import encode_model, size_metrics
 from lwpipe.cache import StageCache
 from lwpipe.config import Recipe
-from lwpipe.constraints import clone
+from lwpipe.constraints import clone, effective_tensors
 from lwpipe.context import Context, stage_seed
 from lwpipe.data import DataBundle
 from lwpipe.errors import ConfigError, LwpipeError
@@ -193,6 +194,44 @@ def written_by(s) -> tuple[str, ...]:
     return tuple(getattr(s.cls, "writes", ()))
 
 
+def verify_artifact(path: Path, model: nn.Module) -> None:
+    """The written model.lwp loads (lwpipe.load, as a user loads it) to exactly the weights `model` computes
+    with; LwpipeError otherwise, so a run never reports success with a file nothing can read."""
+    from lwpipe.artifact import ArtifactError, load
+
+    try:
+        loaded = load(path, trusted=True)  # the run built this very config itself
+    except ArtifactError as e:
+        raise LwpipeError(f"the run's own {path.name} does not load, so the run failed: {e}") from None
+    wrong = artifact_mismatch(loaded, model)
+    if wrong:
+        raise LwpipeError(f"the run's own {path.name} decodes to other weights than the model it was written "
+                          f"from ({wrong}), so the run failed")
+
+
+@torch.no_grad()
+def artifact_mismatch(loaded: nn.Module, model: nn.Module) -> str | None:
+    """The first tensor of `loaded` that `model` (constraints applied) does not compute bit for bit; None."""
+    modules = dict(model.named_modules())
+    for name, got in effective_tensors(loaded).items():
+        owner, _, attr = name.rpartition(".")
+        want = getattr(modules.get(owner), attr, None)
+        if not isinstance(want, torch.Tensor):
+            return f"{name}: the model has no such tensor"
+        if not same_values(want.detach().cpu(), got):
+            return f"{name} differs"
+    return None
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes and values (NaN where the other has NaN; a float16-stored bias equals its float32 value)."""
+    if a.shape != b.shape:
+        return False
+    if a.dtype != b.dtype:
+        a, b = a.double(), b.double()
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -328,6 +367,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                 model, rebuild_config(model, top.model))
             save_tokenizer(data, run_dir)
             checkpoint.atomic_write(run_dir / "model.lwp", lambda tmp: Path(tmp).write_bytes(blob))
+            verify_artifact(run_dir / "model.lwp", model)
             final.update(size_metrics(len(blob), records[0]["dense_bytes"]))
         summary = {"recipe": top.name, "seed": top.seed, "baseline": records[0],
                    "stages": records[1:], "final": final, "seconds": time.perf_counter() - started,

@@ -23,10 +23,10 @@ from torch.nn.utils import parametrize
 from lwpipe.artifact.coding import StreamReader
 from lwpipe.artifact.format import ArtifactError, unpack
 from lwpipe.artifact.positions import positions_from_gaps
-from lwpipe.artifact.limits import check_header
+from lwpipe.artifact.limits import check_grid_values, check_header
 from lwpipe.artifact.raw import DTYPES, FLOAT_FIELDS, RawReader, join_float, mantissa_bytes
-from lwpipe.constraints import (BIAS_LEVELS, Compressed, grid_shape, constraint, dequantize, effective_tensors, ensure_constraint_as,
-                                index_dtype, is_compressible, set_grid, set_half)
+from lwpipe.constraints import (BIAS_LEVELS, Compressed, constraint, dequantize, effective_tensors, ensure_constraint_as,
+                                grid_axis, index_dtype, is_compressible, set_grid, set_half)
 from lwpipe.lowrank import restore_factorized
 from lwpipe.structured import resize_to
 
@@ -98,6 +98,8 @@ def read(data: bytes, source: str = "artifact", max_dense_bytes: int | None = No
                 grids[name], value = take_levels(shape, raw, streams)
             else:
                 value = take(how, shape, DTYPES[dtype], raw, streams)
+            if "half" in flags and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} is held to float16 but holds NaN or Inf")
             tensors[name] = (value, "half" in flags)
             tensor_bits[name] = 8.0 * (raw.pos - start) + sum(_stream_bits(s) for s in streams.stats[first:])
         if raw.pos != raw_len or not streams.done():
@@ -159,7 +161,7 @@ def read_layer(e: dict, raw: RawReader, streams: StreamReader) -> Layer:
         return full.view(shape)
 
     if e.get("quant") is not None:
-        read_grid(c, e["quant"], raw, streams)
+        read_grid(c, e["quant"], raw, streams, e["name"])
     dtype = DTYPES[e["dtype"]]
     original = torch.zeros((), dtype=dtype).expand(shape)  # no memory: a shared layer computes from its codebook
     if e.get("shared") is not None:
@@ -191,7 +193,8 @@ def _stream_bits(stat: dict) -> float:
     return float(stat["table_bits"] + stat["coded_bits"])
 
 
-def read_grid(c: Compressed, q: dict, raw: RawReader, streams: StreamReader) -> None:
+def read_grid(c: Compressed, q: dict, raw: RawReader, streams: StreamReader, name: str) -> None:
+    """The layer's grid (limits.check_grid has checked its axis and shapes); its values are checked here."""
     qmin, qmax = int(q["qmin"]), int(q["qmax"])
     scale = take(q["scale"][0], q["scale"][1], torch.float32, raw, streams)
     mode, shape = q["zp"]
@@ -201,11 +204,8 @@ def read_grid(c: Compressed, q: dict, raw: RawReader, streams: StreamReader) -> 
         zp = torch.tensor(read_levels(streams, math.prod(shape), qmin, qmax), dtype=torch.float32).reshape(shape)
     else:
         zp = take(mode, shape, torch.float32, raw, streams)
-    axis = q["axis"]
-    if axis is not None and not (isinstance(axis, int) and 0 <= axis < len(c.shape)
-                                 and list(shape) == list(grid_shape(c.shape, axis))):
-        raise ValueError(f"quantization axis {axis!r} with scales of shape {shape} for a weight of {list(c.shape)}")
-    c.set_quant(int(q["bits"]), qmin, qmax, scale, zp, axis)
+    check_grid_values(scale, zp, qmin, qmax, name)
+    c.set_quant(int(q["bits"]), qmin, qmax, scale, zp, q["axis"])
 
 
 # -- building the module -------------------------------------------------------------------
@@ -333,6 +333,7 @@ def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False,
             raise ArtifactError(f"{source}: {layer.name} is a compressed layer, the model's is a {type(m).__name__}")
         _release(m, "weight")
         _check_shape(m.weight, layer.original, layer.name, source)
+        _check_grid_axis(m, layer, source)
         if layer.constraint.shared:  # computes from its codebook: no dense weight kept (release_original)
             m.weight.data = layer.original.to(m.weight.device)
         else:
@@ -388,6 +389,14 @@ def _release(m: nn.Module, attr: str) -> None:
     """Drop a constraint the target module already has: the file's own replaces it."""
     if parametrize.is_parametrized(m, attr):
         parametrize.remove_parametrizations(m, attr, leave_parametrized=False)
+
+
+def _check_grid_axis(m: nn.Module, layer: Layer, source: str) -> None:
+    """A per-channel grid runs along the output axis of the layer type it fills (constraints.grid_axis)."""
+    c = layer.constraint
+    if c.quantized and c.axis is not None and c.axis != grid_axis(m, True):
+        raise ArtifactError(f"{source}: {layer.name} has a grid along axis {c.axis}, but its layer, a "
+                            f"{type(m).__name__}, has its output channels on axis {grid_axis(m, True)}")
 
 
 def _check_shape(have: torch.Tensor, stored: torch.Tensor, name: str, source: str) -> None:

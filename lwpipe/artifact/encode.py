@@ -27,7 +27,8 @@ from lwpipe.artifact.coding import StreamWriter, estimate_bits
 from lwpipe.artifact.format import pack
 from lwpipe.artifact.positions import choose_escape
 from lwpipe.artifact.raw import FLOAT_FIELDS, dtype_name, lossless_dtype, split_float, tensor_bytes
-from lwpipe.constraints import (BIAS_LEVELS, Compressed, compressible_layers, constraint, grid_attrs, half_attrs, original_weight,
+from lwpipe.constraints import (BIAS_LEVELS, Compressed, compressible_layers, constraint, grid_attrs, grid_axis,
+                                half_attrs, original_weight,
                                 parameter_shapes, tensor_aliases)
 from lwpipe.errors import LwpipeError
 
@@ -139,6 +140,9 @@ def encode_layer(name: str, module: nn.Module, c: Compressed, streams: StreamWri
         return flat if keep is None else flat[keep]
 
     if c.quantized:
+        if c.axis != grid_axis(module, c.axis is not None):  # the reader takes no other axis
+            raise LwpipeError(f"layer {name}: its grid runs along axis {c.axis}, not along its output axis "
+                              f"{grid_axis(module, True)}; the artifact cannot store it")
         entry["quant"] = encode_grid(c, streams, raw, name)
     if c.shared:
         streams.symbols(kept(c.index), f"{name} codebook index")

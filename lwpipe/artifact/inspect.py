@@ -27,7 +27,7 @@ def encoding(e: dict) -> str:
         parts.append(f"shared k={e['shared']['k']}")
     if e.get("quant"):
         q = e["quant"]
-        parts.append(f"{q['bits']}-bit {'per-channel' if q['axis'] == 0 else 'per-tensor'}")
+        parts.append(f"{q['bits']}-bit {'per-tensor' if q['axis'] is None else 'per-channel'}")  # Conv1D: axis 1
     return " + ".join(parts)
 
 

@@ -7,18 +7,25 @@ one repeated symbol is free). `check_header` checks every field's type and
 every count against the layer it belongs to and against the file's declared
 dense size, so that decoding needs memory proportional to that size; the
 readers (coding.py, raw.py) check what they take against the bytes left.
+A grid's scale and zero point must have the shape its layer and granularity
+give (constraints.scale_shape), and `check_grid_values` checks, once read,
+that every level of the grid is a finite weight.
 Fields this module does not know are left to the code that reads them.
 """
 from __future__ import annotations
 
 import math
 
+import torch
+
 from lwpipe.artifact.raw import DTYPES, FLOAT_FIELDS
+from lwpipe.constraints import GRID_AXES, dequantize, scale_shape
 
 MAX_DIMS = 8
 MAX_ESCAPE = 1 << 16
 MAX_LEVEL = 1 << 32        # |qmin|, |qmax|, an integer zero point
 MAX_CODEBOOK = 1 << 16     # a codebook may exceed its layer's weights only up to this (files of lwpipe < 0.2)
+LAYER_DTYPES = ("float32", "float64", "float16", "bfloat16")  # a compressed layer's weight is a float
 
 
 class HeaderError(ValueError):
@@ -79,14 +86,18 @@ def check_grid(q, what: str, shape: list[int]) -> int:
     if qmin >= qmax:
         raise HeaderError(f"{what} has qmin {qmin} >= qmax {qmax}: a grid needs at least two levels")
     axis = q.get("axis")
-    if axis is not None and (axis != 0 or isinstance(axis, bool) or not shape):
-        raise HeaderError(f"{what} axis is {axis!r} (this lwpipe knows None and 0)")
-    channels = 1 if axis is None else shape[0]
+    if axis is not None and (type(axis) is not int or axis not in GRID_AXES or axis >= len(shape)):
+        raise HeaderError(f"{what} axis is {axis!r}: a grid is per tensor (null) or along the weight's "
+                          f"output axis ({' or '.join(map(str, GRID_AXES))}, within its {len(shape)} dimensions)")
+    want = list(scale_shape(shape, axis))
     for part in ("scale", "zp"):
         pair = _list(q.get(part), f"{what} {part}")
         if len(pair) != 2:
             raise HeaderError(f"{what} {part} is {pair!r}, not [how, shape]")
-        check_shape(pair[1], f"{what} {part}", channels)
+        check_shape(pair[1], f"{what} {part}", math.prod(want))
+        if pair[1] != want:  # a scale broadcast to any other shape would change the weight's shape
+            raise HeaderError(f"{what} {part} has shape {pair[1]}; a {'per-tensor' if axis is None else f'axis-{axis}'}"
+                              f" grid of a {shape} weight has {want}")
     scale_how, mode = q["scale"][0], q["zp"][0]
     check_how(scale_how, f"{what} scale")
     if isinstance(mode, int) and not isinstance(mode, bool):
@@ -94,6 +105,19 @@ def check_grid(q, what: str, shape: list[int]) -> int:
     elif mode != "levels":
         check_how(mode, f"{what} zero point")
     return qmax - qmin
+
+
+def check_grid_values(scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int, name: str) -> None:
+    """Every level of the grid is a finite float32 weight: scales positive and finite, and the extreme
+    levels (qmin - zp) x scale, (qmax - zp) x scale finite, so no NaN, Inf, 0 or overflowing scale loads."""
+    if not bool((scale > 0).all() & torch.isfinite(scale).all()):  # NaN > 0 is False
+        bad = scale[~((scale > 0) & torch.isfinite(scale))].reshape(-1)[0]
+        raise ValueError(f"layer {name!r}: a grid scale is {float(bad)}, not a positive finite number")
+    ends = torch.stack(torch.broadcast_tensors(dequantize(torch.tensor(float(qmin)), scale, zp),
+                                               dequantize(torch.tensor(float(qmax)), scale, zp)))
+    if not bool(torch.isfinite(ends).all()):
+        raise ValueError(f"layer {name!r}: its grid's levels {qmin}..{qmax} (scale up to {float(scale.max())}, "
+                         f"zero point {float(zp.reshape(-1)[0]) if zp.numel() else 0}) give non-finite weights")
 
 
 def check_layer(e, i: int, budget: int) -> int:
@@ -105,8 +129,11 @@ def check_layer(e, i: int, budget: int) -> int:
     what = f"layer {e['name']!r}"
     shape = e.get("shape")
     numel = check_shape(shape, what, budget)
-    if e.get("dtype") not in DTYPES:
-        raise HeaderError(f"{what} has dtype {e.get('dtype')!r}")
+    if e.get("dtype") not in LAYER_DTYPES:
+        raise HeaderError(f"{what} has dtype {e.get('dtype')!r}; a compressed layer is one of "
+                          f"{', '.join(LAYER_DTYPES)}")
+    if e.get("shared") is not None and e["dtype"] != "float32":
+        raise HeaderError(f"{what} has dtype {e['dtype']!r}; a shared layer computes from a float32 codebook")
     if e.get("mask") is not None:
         m = _dict(e["mask"], f"{what} mask")
         nnz = _int(m.get("nnz"), f"{what} kept weights", 0, numel)

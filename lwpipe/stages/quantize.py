@@ -46,7 +46,7 @@ from torch import nn
 
 from lwpipe.config import Strict, TrainSettings
 from lwpipe.constraints import (NORMS, check_layer_patterns, compressible_layers, constraint, ensure_constraint,
-                                hold_grid, hold_half, layer_setting, out_axis, tied_layers)
+                                grid_axis, hold_grid, hold_half, layer_setting, out_axis, tied_layers)
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.loggers.console import format_quality
@@ -225,7 +225,7 @@ def quantize_layer(module: nn.Module, bits: int, scheme: Scheme = "symmetric", p
             raise ValueError("a shared layer has one codebook for all channels; use per_tensor")
         values, axis = c.centroids.detach(), None
     else:
-        values, axis = module.weight.detach(), (out_axis(module) if per_channel else None)
+        values, axis = module.weight.detach(), grid_axis(module, per_channel)
     if step is None:
         qmin, qmax, scale, zero_point = quant_grid(values, bits, scheme, per_channel, axis or 0)
     else:  # a codebook's spread is not the weights': take the std of the (masked) weights it gives
@@ -258,7 +258,7 @@ def binarize_layer(module: nn.Module, per_channel: bool = False, ternary: bool =
         c.set_mask(w.abs() > 0.7 * binary_scale(w, keep, per_channel, axis))
         keep = c.mask
     alpha = binary_scale(w, keep, per_channel, axis)
-    c.set_quant(1, -1, 1, alpha, torch.zeros_like(alpha), axis if per_channel else None)
+    c.set_quant(1, -1, 1, alpha, torch.zeros_like(alpha), grid_axis(module, per_channel))
     pin_zeros(module)
 
 

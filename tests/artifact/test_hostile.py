@@ -115,7 +115,8 @@ def test_hostile_files_are_refused_quickly_within_memory(tmp_path, blob):
         "qmin == qmax, k=1e10": (crafted([grid_layer(0, 0, 10**10)], bits=one_symbol_table(), raw=bytes(4)), "qmin"),
         "1-bit levels, k=1e10": (crafted([grid_layer(0, 1, 10**10)], bits=one_symbol_table(), raw=bytes(4)),
                                  "codebook size"),
-        "1-bit levels, k=60000": (crafted([grid_layer(0, 1, 60_000)], bits=one_symbol_table(), raw=bytes(4)),
+        "1-bit levels, k=60000": (crafted([grid_layer(0, 1, 60_000)], bits=one_symbol_table(),
+                                          raw=bytes.fromhex("0000803f")),  # scale 1.0: a zero one is refused first
                                   "levels of 1 bits"),
         "1e10 zero-point levels": (crafted([grid_layer(0, 1, 0, 10**10)], raw=bytes(4)), "elements"),
         "layer of 1e9 weights": (crafted([mask_layer([10**9], 1, 1)], bits=table_bits(2, True)), "elements"),
