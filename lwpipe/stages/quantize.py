@@ -45,8 +45,10 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from lwpipe.config import Strict, TrainSettings
+from lwpipe import gptq
+from lwpipe.calibration import task_forward
 from lwpipe.constraints import (NORMS, check_layer_patterns, compressible_layers, constraint, ensure_constraint,
-                                hold_grid, hold_half, layer_setting, out_axis, tied_layers)
+                                hold_grid, hold_half, layer_setting, original_weight, out_axis, tied_layers)
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.loggers.console import format_quality
@@ -90,7 +92,11 @@ class QuantizeConfig(Strict):
     budget: Budget | None = None                       # bits: auto only: 3, {bits_per_weight: 3} or {bytes: N}
     candidates: list[int] | None = None                # bits: auto's widths; null: 1..6 and 8 (no 1 where binary can't)
     sensitivity: Literal["fisher", "fisher_diagonal"] = "fisher"  # bits: auto: the layer's Fisher block, or diagonal
-    calibration_samples: int = Field(256, ge=1, le=1_000_000)    # bits: auto's Fisher, one sample per gradient
+    calibration_samples: int = Field(256, ge=1, le=1_000_000)    # bits: auto's Fisher / gptq's Hessians: examples
+    method: Literal["rtn", "gptq"] = "rtn"             # rtn: round to nearest; gptq: levels by the input Hessian
+    damp: float = Field(0.01, gt=0, le=1)              # gptq: H + damp x mean(diag H) x I
+    block: int = Field(128, ge=1, le=1 << 20)          # gptq: columns per lazy-update block
+    act_order: bool = False                            # gptq: columns in order of decreasing H_jj
     finetune: TrainSettings = TrainSettings()          # quantization-aware, through the STE
 
     @field_validator("bits", mode="before")
@@ -117,7 +123,22 @@ class QuantizeConfig(Strict):
     def _consistent(self):
         check_binary(self)
         check_auto(self)
+        check_gptq(self)
         return self
+
+
+def check_gptq(cfg: QuantizeConfig) -> None:
+    """damp / block / act_order go with method: gptq; gptq needs a grid of levels to choose from."""
+    if cfg.method != "gptq":
+        extra = sorted({"damp", "block", "act_order"} & cfg.model_fields_set)
+        if extra:
+            raise ValueError(f"{extra[0]} is set but method={cfg.method}: {extra[0]} is only used by method: gptq; "
+                             f"set method: gptq or drop {extra[0]}")
+        return
+    binary = cfg.bits == 1 or cfg.scheme == "ternary" or any(lc.bits == 1 for lc in cfg.layers.values())
+    if binary or (cfg.bits == "auto" and 1 in (cfg.candidates or ())):
+        raise ValueError("method=gptq with binary / ternary weights (bits=1, scheme=ternary): GPTQ chooses levels "
+                         "on a grid of 2 bits or more; use method: rtn, or bits >= 2")
 
 
 def check_binary(cfg: QuantizeConfig) -> None:
@@ -217,8 +238,10 @@ def std_grid(x: torch.Tensor, step: float, bits: int, scheme: Scheme, per_channe
 
 @torch.no_grad()
 def quantize_layer(module: nn.Module, bits: int, scheme: Scheme = "symmetric", per_channel: bool = False,
-                   tied=(), step: float | None = None) -> None:
-    """Put the layer's weights (or its codebook, when shared) on a `bits`-bit grid."""
+                   tied=(), step: float | None = None, hessian: dict | None = None) -> float | None:
+    """Put the layer's weights (or its codebook, when shared) on a `bits`-bit grid: each weight to its nearest
+    level, or, given `hessian` ({"h": H, "damp", "block", "act_order", "name"}), the levels GPTQ picks (its
+    weighted error is returned)."""
     c = ensure_constraint(module, tied)
     if c.shared:
         if per_channel:
@@ -232,7 +255,31 @@ def quantize_layer(module: nn.Module, bits: int, scheme: Scheme = "symmetric", p
         spread = module.weight.detach() if c.shared else values
         qmin, qmax, scale, zero_point = std_grid(spread, step, bits, scheme, per_channel, axis or 0)
     c.set_quant(bits, qmin, qmax, scale, zero_point, axis)
+    error = None
+    if hessian is not None and not c.shared:  # check_order refuses gptq after share
+        error = gptq_levels(module, c, hessian)
     pin_zeros(module)
+    return error
+
+
+def gptq_levels(module: nn.Module, c, hessian: dict) -> float:
+    """Move the layer's weight onto the levels GPTQ chooses; the constraint's rounding then keeps exactly them."""
+    w = original_weight(module).detach().float()  # before the grid (module.weight is already rounded)
+    if c.mask is not None:
+        w = w * c.mask
+    rows = gptq.as_rows(module, w)
+    mask = gptq.as_rows(module, c.mask) if c.mask is not None else None
+    scale, zero = row_grid(module, c.scale, w.shape), row_grid(module, c.zero_point, w.shape)
+    q, error = gptq.gptq_weight(rows, hessian["h"], scale, zero, c.qmin, c.qmax, mask, hessian["block"],
+                                hessian["damp"], hessian["act_order"], hessian["name"])
+    values = gptq.from_rows(module, (q - zero) * scale, w.shape)
+    original_weight(module).data.copy_(values.to(original_weight(module).dtype))
+    return error
+
+
+def row_grid(module: nn.Module, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A grid tensor (a scalar, or per output channel in the weight's layout) as [outputs, 1] or a scalar."""
+    return gptq.as_rows(module, t.expand(shape))[:, :1] if t.dim() else t
 
 
 def binary_scale(w: torch.Tensor, keep: torch.Tensor, per_channel: bool, axis: int) -> torch.Tensor:
@@ -262,9 +309,10 @@ def binarize_layer(module: nn.Module, per_channel: bool = False, ternary: bool =
     pin_zeros(module)
 
 
-def quantize_any(module: nn.Module, bits: int | None, cfg: QuantizeConfig, tied=(), step: float | None = None) -> None:
+def quantize_any(module: nn.Module, bits: int | None, cfg: QuantizeConfig, tied=(), step: float | None = None,
+                 hessian: dict | None = None) -> float | None:
     """One layer at its own `bits` (None: the stage's) and the stage's scheme; a layer with its own
-    bits >= 2 under scheme=ternary gets the symmetric grid."""
+    bits >= 2 under scheme=ternary gets the symmetric grid. Returns GPTQ's error when `hessian` is given."""
     per_channel = cfg.granularity == "per_channel"
     if bits is None and cfg.scheme == "ternary":
         binarize_layer(module, per_channel, ternary=True, tied=tied)
@@ -272,7 +320,8 @@ def quantize_any(module: nn.Module, bits: int | None, cfg: QuantizeConfig, tied=
         binarize_layer(module, per_channel, tied=tied)
     else:
         scheme = "symmetric" if cfg.scheme == "ternary" else cfg.scheme
-        quantize_layer(module, bits or cfg.bits, scheme, per_channel, tied, step)
+        return quantize_layer(module, bits or cfg.bits, scheme, per_channel, tied, step, hessian)
+    return None
 
 
 @torch.no_grad()
@@ -297,6 +346,9 @@ class Quantize:
 
     @staticmethod
     def check_order(cfg: QuantizeConfig, before) -> str | None:
+        if cfg.method == "gptq" and any(s.type == "share" for s in before):
+            return ("method=gptq after share: a shared layer's values are its codebook, which has no input Hessian "
+                    "to minimise against; use method: rtn after share, or drop share")
         if cfg.granularity == "per_channel" and any(s.type == "share" for s in before):
             return ("granularity=per_channel after share: a shared layer has one codebook for the whole tensor, "
                     "and per-channel scales would give each channel its own values (more than 2^bits per layer); "
@@ -323,12 +375,19 @@ class Quantize:
         if auto:
             before, _ = evaluate(model, ctx.test_loader(), task=ctx.task)
             plan = self.allot(model, ctx, settings)
+        hessians = self.hessians(model, ctx, settings) if self.cfg.method == "gptq" else {}
+        errors = {}
         for name, m in compressible_layers(model):
             tied, lc = ties.get(name, ()), settings[name]
             if lc.skip:
                 continue
             step = lc.step if lc.step is not None else self.cfg.step
-            quantize_any(m, plan["bits"][name] if auto else lc.bits, self.cfg, tied, step)
+            h = hessians.pop(name, None)
+            hessian = None if h is None else {"h": h, "damp": self.cfg.damp, "block": self.cfg.block,
+                                              "act_order": self.cfg.act_order, "name": name}
+            error = quantize_any(m, plan["bits"][name] if auto else lc.bits, self.cfg, tied, step, hessian)
+            if error is not None:
+                errors[name] = error
             done.append(m)
             biases += [(layer, "bias") for layer in [m] + [t for _, t in tied]]
         half = biases * (self.cfg.bias == "float16")
@@ -338,11 +397,28 @@ class Quantize:
         hold_grid(model, biases * (self.cfg.bias == "int8"))
         if auto:
             report_allotment(plan, before, evaluate(model, ctx.test_loader(), task=ctx.task)[0], ctx)
+        if self.cfg.method == "gptq":
+            report_gptq(errors, [n for n, lc in settings.items() if not lc.skip and n not in errors], ctx)
         fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune, loss_fn=ctx.loss,
             on_epoch=ctx.epoch_callback(model))
         for m in done:  # QAT may have moved more weights onto level 0: keep them there too
             pin_zeros(m)
         return model
+
+    def hessians(self, model: nn.Module, ctx: Context, settings: dict[str, LayerQuant]) -> dict[str, torch.Tensor]:
+        """method: gptq: every GPTQ-able layer's input Hessian, from `calibration_samples` training examples in
+        one pass over the model as it is before this stage changes any layer."""
+        layers = {n: m for n, m in compressible_layers(model) if not settings[n].skip and gptq.supports(m)}
+        if not layers:
+            return {}
+        bs = self.cfg.finetune.batch_size or ctx.batch_size
+        batches = ctx.calibration_batches(math.ceil(self.cfg.calibration_samples / bs), batch_size=bs)
+        hs, seen = gptq.input_hessians(model, layers, batches, task_forward(ctx))
+        if not seen:
+            raise ConfigError(f"stages.{ctx.stage or 'quantize'}.method", "gptq", "needs calibration batches "
+                              "(the layers' input Hessians), and data.train gives none; use method: rtn")
+        log.info("  gptq: input Hessians of %d layers from %d calibration batches", len(hs), seen)
+        return hs
 
     def quantizer(self, lc: LayerQuant):
         """How the stage puts one layer on a b-bit grid (its scheme, granularity and step), for sensitivities."""
@@ -420,3 +496,10 @@ def report_allotment(plan: dict, before: dict, after: dict, ctx: Context) -> Non
              fields["avg_bits_per_weight"], fields["budget_bits_per_weight"], plan["samples"],
              plan["predicted"], "-" if measured is None else f"{measured:.4g}", metric,
              format_quality(metric, before.get("quality")), format_quality(metric, after.get("quality")))
+
+
+def report_gptq(errors: dict[str, float], rounded: list[str], ctx: Context) -> None:
+    """GPTQ's per-layer weighted error into the stage record; layers it could not take were rounded."""
+    ctx.stage_record.update({"gptq_error": errors, "gptq_rounded_layers": rounded})
+    if rounded:
+        log.info("  gptq: rounded to nearest (no input activation GPTQ can use): %s", ", ".join(rounded))

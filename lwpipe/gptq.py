@@ -1,0 +1,147 @@
+"""GPTQ: choose a layer's grid levels to minimise its output error on calibration data.
+
+Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers". For a layer y = W x, rounding W to a grid adds the error ||(W - Q) X||^2 over the
+calibration inputs X. With H = 2 X X^T (the layer's input Hessian), GPTQ quantizes one input column
+at a time and spreads that column's rounding error over the columns not yet quantized, weighted by
+H^-1 (the Optimal Brain Surgeon update), in blocks of `block` columns with lazy updates of the rest.
+The grid itself (scale, zero point, qmin..qmax) is fixed beforehand, so the levels GPTQ picks are the
+quantize stage's ordinary grid levels: masks, the artifact and export see nothing new.
+
+`input_hessians` gathers H for many layers in one pass with forward hooks (float32 sums, whatever
+the model's dtype); `gptq_weight` is the algorithm on one weight matrix, a pure function.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lwpipe.calibration import Forward, default_forward
+from lwpipe.constraints import is_hf_conv1d
+from lwpipe.errors import LwpipeError
+
+
+class HessianError(LwpipeError):
+    """H + damping is not positive definite: names the layer and the damping that might help."""
+
+
+def supports(module: nn.Module) -> bool:
+    """Layers whose output is W times an input vector GPTQ can gather: Linear, transformers' Conv1D and
+    ungrouped Conv2d (its inputs as unfolded patches). Embeddings have no input activation."""
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+
+
+def as_rows(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """The weight as [outputs, inputs] (Conv1D stores [in, out]; a conv's inputs are in x kh x kw)."""
+    if is_hf_conv1d(module):
+        return w.t()
+    return w.reshape(w.shape[0], -1)
+
+
+def from_rows(module: nn.Module, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return rows.t().contiguous() if is_hf_conv1d(module) else rows.reshape(shape)
+
+
+def input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as [tokens, inputs], in the order of as_rows' columns."""
+    if isinstance(module, nn.Conv2d):
+        patches = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+@torch.no_grad()
+def input_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable,
+                   forward: Forward = default_forward) -> tuple[dict[str, torch.Tensor], int]:
+    """(name -> H = 2/n X^T X over every calibration token, number of batches seen), in float32.
+
+    One [inputs x inputs] matrix per layer is alive at a time of the pass: memory is the layers'
+    Hessians plus one batch's activations."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def hook(name: str, module: nn.Module):
+        def gather(_module, args, kwargs):
+            x = (args[0] if args else next(iter(kwargs.values()))).detach()
+            cols = input_columns(module, x).float()
+            xtx = cols.t() @ cols
+            sums[name] = xtx if name not in sums else sums[name].add_(xtx)
+            counts[name] = counts.get(name, 0) + cols.shape[0]
+        return gather
+
+    for name, m in layers.items():
+        hooks.append(m.register_forward_pre_hook(hook(name, m), with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        with parametrize.cached():
+            for batch in batches:
+                forward(model, batch)
+                seen += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {n: s.mul_(2.0 / max(counts[n], 1)) for n, s in sums.items()}, seen
+
+
+def inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, as GPTQ's reference computes it."""
+    h = h.clone()
+    diag = torch.arange(h.shape[0], device=h.device)
+    h[diag, diag] += damp * torch.mean(torch.diag(h))
+    try:
+        lower = torch.linalg.cholesky(h)
+        return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+    except torch.linalg.LinAlgError:
+        raise HessianError(f"layer {name}: its input Hessian plus damping {damp:g} x its mean diagonal is not "
+                           f"positive definite; raise damp (for example to {min(1.0, damp * 10):g}) or give more "
+                           f"calibration samples") from None
+
+
+@torch.no_grad()
+def gptq_weight(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                qmin: int, qmax: int, mask: torch.Tensor | None = None, block: int = 128,
+                damp: float = 0.01, act_order: bool = False, name: str = "") -> tuple[torch.Tensor, float]:
+    """(levels q [rows, cols], summed weighted squared error) for w [rows, cols] on the grid
+    round(w / scale) + zero_point clamped to qmin..qmax, scale and zero_point per row ([rows, 1]) or
+    scalar. Weights the mask drops are level `zero_point` (value 0) and their error is compensated
+    like any other. Columns whose input never fires (H_jj = 0) are quantized by rounding alone."""
+    w = w.detach().float().clone()
+    h = h.detach().float().clone()
+    rows, cols = w.shape
+    scale = scale.float().reshape(-1, 1) if scale.numel() > 1 else scale.float().reshape(1, 1)
+    zero_point = zero_point.float().reshape(scale.shape)
+    keep = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
+    if perm is not None:
+        w, h, keep = w[:, perm], h[perm][:, perm], keep[:, perm]
+    hinv = inverse_cholesky(h, damp, name)
+    q = torch.zeros_like(w)
+    loss = 0.0
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            col, d = w1[:, i], hinv1[i, i]
+            level = torch.clamp(torch.round(col.unsqueeze(1) / scale) + zero_point, qmin, qmax).squeeze(1)
+            level = torch.where(keep[:, i1 + i], level, zero_point.squeeze(1).expand(rows))
+            q[:, i1 + i] = level
+            e = (col - ((level.unsqueeze(1) - zero_point) * scale).squeeze(1)) / d
+            loss += float((e * e).sum()) / 2
+            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
+    return q, loss
