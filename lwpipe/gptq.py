@@ -145,3 +145,50 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_poin
     if perm is not None:
         q = q[:, torch.argsort(perm)]
     return q, loss
+
+
+@torch.no_grad()
+def sparsegpt_weight(w: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
+                     keep: torch.Tensor | None = None, block: int = 128, damp: float = 0.01,
+                     name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(reconstructed weights, keep mask) for w [rows, cols]: SparseGPT (Frantar & Alistarh 2023).
+
+    Within each block of `block` columns the weights with the lowest w^2 / [H^-1]_jj^2 are dropped
+    (`sparsity` of the block, or with nm=(n, m) all but n of every m consecutive inputs of a row), and
+    each dropped weight's error is spread over the row's later columns by the same OBS update as GPTQ,
+    so the kept weights absorb what the dropped ones did. Weights `keep` already drops stay dropped."""
+    w = w.detach().float().clone()
+    h = h.detach().float().clone()
+    rows, cols = w.shape
+    keep = torch.ones_like(w, dtype=torch.bool) if keep is None else keep.to(torch.bool).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0
+    hinv = inverse_cholesky(h, damp, name)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        score = w1 ** 2 / torch.diag(hinv1).reshape(1, -1) ** 2
+        drop = ~keep[:, i1:i2]
+        if nm is None:
+            score = score.masked_fill(drop, -1.0)  # already-dropped weights go first
+            k = int(round(sparsity * score.numel()))
+            if k:
+                drop.view(-1)[torch.topk(score.view(-1), k, largest=False).indices] = True
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                group = score[:, i:i + nm[1]].masked_fill(drop[:, i:i + nm[1]], -1.0)
+                n_drop = max(group.shape[1] - nm[0], 0)
+                if n_drop:
+                    drop[:, i:i + nm[1]].scatter_(1, torch.topk(group, n_drop, dim=1, largest=False).indices, True)
+            col, d = w1[:, i], hinv1[i, i]
+            q = torch.where(drop[:, i], torch.zeros_like(col), col)
+            e = (col - q) / d
+            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            w1[:, i] = q
+            err1[:, i] = e
+        w[:, i1:i2] = w1
+        keep[:, i1:i2] = ~drop
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return w * keep, keep

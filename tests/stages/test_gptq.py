@@ -121,3 +121,44 @@ def test_gptq_through_the_runner_decodes_and_refuses_it_after_share(tmp_path):
     with pytest.raises(ConfigError, match="method=gptq after share"):
         validate(compose_recipe([*TINY, "pipeline=[train,share,quantize]", "++stages.quantize.method=gptq",
                                  "++stages.quantize.granularity=per_tensor"]))
+
+
+def test_sparsegpt_reconstruction_beats_magnitude_masks_at_the_same_sparsity():
+    torch.manual_seed(2)
+    w, x = torch.randn(16, 32), correlated_inputs(512, 32, seed=2)
+    h = 2 * x.t() @ x / len(x)
+    values, keep = gptq.sparsegpt_weight(w, h, sparsity=0.5, block=16)
+    assert abs(1 - keep.float().mean().item() - 0.5) < 0.02 and (values[~keep] == 0).all()
+    magnitude = w.abs() >= w.abs().flatten().kthvalue(w.numel() // 2).values
+    assert output_error(w, values, x) < 0.5 * output_error(w, w * magnitude, x)
+
+
+def test_sparsegpt_n_m_keeps_n_of_every_m_and_respects_an_earlier_mask():
+    torch.manual_seed(3)
+    w, x = torch.randn(8, 16), correlated_inputs(256, 16, seed=3)
+    earlier = torch.ones(8, 16, dtype=torch.bool)
+    earlier[:, 0] = False
+    values, keep = gptq.sparsegpt_weight(w, 2 * x.t() @ x / len(x), nm=(2, 4), keep=earlier, block=8)
+    assert (keep.view(8, 4, 4).sum(2) == 2).all()
+    assert not keep[:, 0].any() and (values[~keep] == 0).all()
+
+
+def test_stage_sparsegpt_is_closer_to_the_dense_model_than_magnitude(model, ctx):
+    import copy
+    errs = {}
+    for criterion in ("magnitude", "sparsegpt"):
+        m = copy.deepcopy(model)
+        Prune(PruneConfig(criterion=criterion, sparsity=0.6, finetune=TrainSettings(epochs=0))).run(m, ctx)
+        for layer in (m[1], m[3]):
+            assert abs((layer.weight == 0).float().mean().item() - 0.6) < 0.05
+        errs[criterion] = outputs_error(m, model, ctx)
+    assert errs["sparsegpt"] < errs["magnitude"]
+
+
+def test_sparsegpt_settings_are_checked():
+    with pytest.raises(ValueError, match="use scope=layer"):
+        PruneConfig(criterion="sparsegpt", scope="global")
+    with pytest.raises(ValueError, match="granularity=unstructured or nm"):
+        PruneConfig(criterion="sparsegpt", granularity="structured")
+    with pytest.raises(ValueError, match="damp is set but criterion=magnitude"):
+        PruneConfig(damp=0.1)
