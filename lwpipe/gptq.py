@@ -109,22 +109,32 @@ def inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
 @torch.no_grad()
 def gptq_weight(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                 qmin: int, qmax: int, mask: torch.Tensor | None = None, block: int = 128,
-                damp: float = 0.01, act_order: bool = False, name: str = "") -> tuple[torch.Tensor, float]:
-    """(levels q [rows, cols], summed weighted squared error) for w [rows, cols] on the grid
-    round(w / scale) + zero_point clamped to qmin..qmax, scale and zero_point per row ([rows, 1]) or
-    scalar. Weights the mask drops are level `zero_point` (value 0) and their error is compensated
-    like any other. Columns whose input never fires (H_jj = 0) are quantized by rounding alone."""
+                damp: float = 0.01, act_order: bool = False, name: str = "", group: int | None = None,
+                regrid=None) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
+    """(levels q [rows, cols], summed weighted squared error, scale, zero point) for w [rows, cols] on the
+    grid round(w / scale) + zero_point clamped to qmin..qmax.
+
+    scale and zero_point are a scalar or one per row ([rows, 1]); with `group`, one per row and group of
+    `group` consecutive columns ([rows, ceil(cols / group)]). `regrid(columns) -> (scale, zero_point)`
+    recomputes a group's grid from its columns as GPTQ reaches them (already carrying the error of the
+    columns before; not with act_order, whose groups keep the grid they were given). Weights the mask
+    drops are level `zero_point` (value 0) and their error is compensated like any other. Columns
+    whose input never fires (H_jj = 0) are quantized by rounding alone."""
     w = w.detach().float().clone()
     h = h.detach().float().clone()
     rows, cols = w.shape
-    scale = scale.float().reshape(-1, 1) if scale.numel() > 1 else scale.float().reshape(1, 1)
-    zero_point = zero_point.float().reshape(scale.shape)
+    if group is None:
+        scale = scale.float().reshape(-1, 1) if scale.numel() > 1 else scale.float().reshape(1, 1)
+        zero_point = zero_point.float().reshape(scale.shape)
+    else:
+        scale, zero_point = scale.float().clone(), zero_point.float().clone()
     keep = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.to(torch.bool)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
-    if perm is not None:
-        w, h, keep = w[:, perm], h[perm][:, perm], keep[:, perm]
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
+    if act_order:
+        w, h, keep = w[:, order], h[order][:, order], keep[:, order]
+    col_group = order // group if group is not None else torch.zeros(cols, dtype=torch.long)
     hinv = inverse_cholesky(h, damp, name)
     q = torch.zeros_like(w)
     loss = 0.0
@@ -133,18 +143,24 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_poin
         w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
-            col, d = w1[:, i], hinv1[i, i]
-            level = torch.clamp(torch.round(col.unsqueeze(1) / scale) + zero_point, qmin, qmax).squeeze(1)
-            level = torch.where(keep[:, i1 + i], level, zero_point.squeeze(1).expand(rows))
-            q[:, i1 + i] = level
-            e = (col - ((level.unsqueeze(1) - zero_point) * scale).squeeze(1)) / d
+            j = i1 + i
+            g = int(col_group[j])
+            if regrid is not None and not act_order and j % group == 0:
+                ahead = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :group] * keep[:, j:j + group]
+                scale[:, g:g + 1], zero_point[:, g:g + 1] = regrid(ahead)
+            s, z = scale[:, g:g + 1], zero_point[:, g:g + 1]
+            col, d = w1[:, i:i + 1], hinv1[i, i]
+            level = torch.clamp(torch.round(col / s) + z, qmin, qmax)
+            level = torch.where(keep[:, j:j + 1], level, z.expand_as(level))
+            q[:, j] = level.squeeze(1)
+            e = ((col - (level - z) * s) / d).squeeze(1)
             loss += float((e * e).sum()) / 2
             w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    if perm is not None:
-        q = q[:, torch.argsort(perm)]
-    return q, loss
+    if act_order:
+        q = q[:, torch.argsort(order)]
+    return q, loss, scale, zero_point
 
 
 @torch.no_grad()

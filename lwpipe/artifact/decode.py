@@ -175,7 +175,7 @@ def read_layer(e: dict, raw: RawReader, streams: StreamReader) -> Layer:
     elif c.quantized and "values" not in e:
         levels = torch.from_numpy(streams.symbols(n, c.qmax - c.qmin + 1)) + c.qmin
         cost["values"] = _stream_bits(streams.stats[-1])
-        weights = dequantize(scatter(levels.to(torch.float32)), c.scale, c.zero_point)
+        weights = dequantize(scatter(levels.to(torch.float32)), *c.grid())
         original = (weights if c.mask is None else torch.where(c.mask, weights, torch.zeros(()))).to(dtype)
     else:
         start, coded = raw.pos, len(streams.stats)
@@ -201,11 +201,15 @@ def read_grid(c: Compressed, q: dict, raw: RawReader, streams: StreamReader) -> 
         zp = torch.tensor(read_levels(streams, math.prod(shape), qmin, qmax), dtype=torch.float32).reshape(shape)
     else:
         zp = take(mode, shape, torch.float32, raw, streams)
-    axis = q["axis"]
+    axis, group = q["axis"], q.get("group")
+    if group is not None and (axis is None or len(c.shape) != 2):
+        raise ValueError(f"per-group scales (group {group!r}) need a per-channel grid on a 2-D weight, "
+                         f"not axis {axis!r} of a weight of {list(c.shape)}")
     if axis is not None and not (isinstance(axis, int) and 0 <= axis < len(c.shape)
-                                 and list(shape) == list(grid_shape(c.shape, axis))):
+                                 and list(shape) == list(grid_shape(c.shape, axis, group))
+                                 and list(q["scale"][1]) == list(shape)):
         raise ValueError(f"quantization axis {axis!r} with scales of shape {shape} for a weight of {list(c.shape)}")
-    c.set_quant(int(q["bits"]), qmin, qmax, scale, zp, axis)
+    c.set_quant(int(q["bits"]), qmin, qmax, scale, zp, axis, group)
 
 
 # -- building the module -------------------------------------------------------------------

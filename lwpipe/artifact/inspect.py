@@ -27,7 +27,8 @@ def encoding(e: dict) -> str:
         parts.append(f"shared k={e['shared']['k']}")
     if e.get("quant"):
         q = e["quant"]
-        parts.append(f"{q['bits']}-bit {'per-channel' if q['axis'] == 0 else 'per-tensor'}")
+        kind = f"per-group of {q['group']}" if q.get("group") else "per-channel" if q["axis"] == 0 else "per-tensor"
+        parts.append(f"{q['bits']}-bit {kind}")
     return " + ".join(parts)
 
 

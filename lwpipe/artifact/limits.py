@@ -82,6 +82,13 @@ def check_grid(q, what: str, shape: list[int]) -> int:
     if axis is not None and (axis != 0 or isinstance(axis, bool) or not shape):
         raise HeaderError(f"{what} axis is {axis!r} (this lwpipe knows None and 0)")
     channels = 1 if axis is None else shape[0]
+    group = q.get("group")
+    if group is not None:
+        if axis is None or len(shape) != 2:
+            raise HeaderError(f"{what} has per-group scales (group {group!r}) without a per-channel grid on a 2-D "
+                              f"weight")
+        group = _int(group, f"{what} group", 1, shape[1 - axis])
+        channels = shape[axis] * -(-shape[1 - axis] // group)
     for part in ("scale", "zp"):
         pair = _list(q.get(part), f"{what} {part}")
         if len(pair) != 2:

@@ -48,7 +48,8 @@ from lwpipe.config import Strict, TrainSettings
 from lwpipe import gptq
 from lwpipe.calibration import task_forward
 from lwpipe.constraints import (NORMS, check_layer_patterns, compressible_layers, constraint, ensure_constraint,
-                                hold_grid, hold_half, layer_setting, original_weight, out_axis, tied_layers)
+                                hold_grid, hold_half, in_axis, layer_setting, original_weight, out_axis,
+                                tied_layers)
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.loggers.console import format_quality
@@ -85,6 +86,7 @@ class QuantizeConfig(Strict):
     bits: int | Literal["auto"] = 8                    # 1: binary weights, sign(W) * alpha; auto: by sensitivity
     scheme: Scheme = "symmetric"                       # ternary: {-alpha, 0, +alpha}, bits not used
     granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
+    group_size: int | None = Field(None, ge=1, le=1 << 20)  # per_channel: one scale per group of N inputs too
     step: float | None = Field(None, gt=0, le=10)      # grid step = step x the layer's std; null: the range
     layers: dict[str, LayerQuant] = {}                 # by module name or glob: "fc3", "conv*"
     bias: Literal["float32", "float16", "int8"] = "float32"  # int8: scale x level, levels entropy-coded
@@ -124,7 +126,23 @@ class QuantizeConfig(Strict):
         check_binary(self)
         check_auto(self)
         check_gptq(self)
+        check_group(self)
         return self
+
+
+def check_group(cfg: QuantizeConfig) -> None:
+    """group_size splits a per-channel grid along the inputs: it needs per-channel scales and a grid of levels."""
+    if cfg.group_size is None:
+        return
+    if cfg.granularity != "per_channel":
+        raise ValueError(f"group_size={cfg.group_size} splits each output channel's scale into groups of inputs; "
+                         f"it needs granularity=per_channel, not {cfg.granularity}")
+    if cfg.step is not None or any(lc.step is not None for lc in cfg.layers.values()):
+        raise ValueError("group_size with step: a step grid is set by the layer's spread, not per group; "
+                         "drop step or group_size")
+    if cfg.bits == 1 or cfg.scheme == "ternary" or any(lc.bits == 1 for lc in cfg.layers.values()):
+        raise ValueError("group_size with binary / ternary weights: their scale is the mean |w|, per channel; "
+                         "drop group_size or use bits >= 2")
 
 
 def check_gptq(cfg: QuantizeConfig) -> None:
@@ -238,10 +256,12 @@ def std_grid(x: torch.Tensor, step: float, bits: int, scheme: Scheme, per_channe
 
 @torch.no_grad()
 def quantize_layer(module: nn.Module, bits: int, scheme: Scheme = "symmetric", per_channel: bool = False,
-                   tied=(), step: float | None = None, hessian: dict | None = None) -> float | None:
+                   tied=(), step: float | None = None, hessian: dict | None = None,
+                   group: int | None = None) -> float | None:
     """Put the layer's weights (or its codebook, when shared) on a `bits`-bit grid: each weight to its nearest
     level, or, given `hessian` ({"h": H, "damp", "block", "act_order", "name"}), the levels GPTQ picks (its
-    weighted error is returned)."""
+    weighted error is returned). `group`: per-channel scales per `group` inputs too, on layers that can
+    have them (grouped_layer); others keep one scale per channel."""
     c = ensure_constraint(module, tied)
     if c.shared:
         if per_channel:
@@ -249,29 +269,66 @@ def quantize_layer(module: nn.Module, bits: int, scheme: Scheme = "symmetric", p
         values, axis = c.centroids.detach(), None
     else:
         values, axis = module.weight.detach(), (out_axis(module) if per_channel else None)
-    if step is None:
+    group = group if per_channel and not c.shared and grouped_layer(module) else None
+    if group is not None:
+        qmin, qmax, scale, zero_point = group_grid(module, values, bits, scheme, group)
+    elif step is None:
         qmin, qmax, scale, zero_point = quant_grid(values, bits, scheme, per_channel, axis or 0)
     else:  # a codebook's spread is not the weights': take the std of the (masked) weights it gives
         spread = module.weight.detach() if c.shared else values
         qmin, qmax, scale, zero_point = std_grid(spread, step, bits, scheme, per_channel, axis or 0)
-    c.set_quant(bits, qmin, qmax, scale, zero_point, axis)
+    c.set_quant(bits, qmin, qmax, scale, zero_point, axis, group)
     error = None
     if hessian is not None and not c.shared:  # check_order refuses gptq after share
-        error = gptq_levels(module, c, hessian)
+        error = gptq_levels(module, c, hessian, scheme)
     pin_zeros(module)
     return error
 
 
-def gptq_levels(module: nn.Module, c, hessian: dict) -> float:
+def grouped_layer(module: nn.Module) -> bool:
+    """Per-group scales: 2-D weights with an input axis (Linear, transformers' Conv1D), not Embedding or conv."""
+    return module.weight.dim() == 2 and in_axis(module) is not None
+
+
+def group_grid(module: nn.Module, w: torch.Tensor, bits: int, scheme: Scheme, group: int):
+    """(qmin, qmax, scale, zero_point) with one scale per output channel and `group` inputs, in the layer's layout
+    (grid_shape(shape, out_axis, group)); the last group may be shorter."""
+    rows = gptq.as_rows(module, w.detach().float())
+    qmin, qmax, scale, zero_point = rows_group_grid(rows, bits, scheme, group)
+    flip = gptq.is_hf_conv1d(module)
+    return qmin, qmax, scale.t().contiguous() if flip else scale, zero_point.t().contiguous() if flip else zero_point
+
+
+def rows_group_grid(rows: torch.Tensor, bits: int, scheme: Scheme, group: int):
+    """quant_grid per row and group of `group` columns of rows [outputs, inputs]: scales [outputs, groups]."""
+    n = rows.shape[1]
+    padded = torch.nn.functional.pad(rows, (0, (-n) % group)).reshape(-1, group)  # zeros: the grid holds 0 anyway
+    qmin, qmax, scale, zero_point = quant_grid(padded, bits, scheme, True, 0)
+    return qmin, qmax, scale.view(rows.shape[0], -1), zero_point.view(rows.shape[0], -1)
+
+
+def gptq_levels(module: nn.Module, c, hessian: dict, scheme: Scheme) -> float:
     """Move the layer's weight onto the levels GPTQ chooses; the constraint's rounding then keeps exactly them."""
     w = original_weight(module).detach().float()  # before the grid (module.weight is already rounded)
     if c.mask is not None:
         w = w * c.mask
     rows = gptq.as_rows(module, w)
     mask = gptq.as_rows(module, c.mask) if c.mask is not None else None
-    scale, zero = row_grid(module, c.scale, w.shape), row_grid(module, c.zero_point, w.shape)
-    q, error = gptq.gptq_weight(rows, hessian["h"], scale, zero, c.qmin, c.qmax, mask, hessian["block"],
-                                hessian["damp"], hessian["act_order"], hessian["name"])
+    if c.group is None:
+        scale, zero = row_grid(module, c.scale, w.shape), row_grid(module, c.zero_point, w.shape)
+        regrid = None
+    else:  # [outputs, groups]; each group's grid is recomputed from its columns as GPTQ reaches them
+        flip = gptq.is_hf_conv1d(module)
+        scale, zero = (t.t() if flip else t for t in (c.scale, c.zero_point))
+        regrid = lambda cols: rows_group_grid(cols, c.bits, scheme, cols.shape[1])[2:]  # noqa: E731
+    q, error, scale, zero = gptq.gptq_weight(rows, hessian["h"], scale, zero, c.qmin, c.qmax, mask, hessian["block"],
+                                             hessian["damp"], hessian["act_order"], hessian["name"], c.group, regrid)
+    if c.group is not None:
+        scale = scale.reshape(rows.shape[0], -1)
+        zero = zero.reshape(rows.shape[0], -1)
+        c.set_quant(c.bits, c.qmin, c.qmax, scale.t() if flip else scale, zero.t() if flip else zero, c.axis, c.group)
+        scale = scale.repeat_interleave(c.group, 1)[:, :rows.shape[1]]
+        zero = zero.repeat_interleave(c.group, 1)[:, :rows.shape[1]]
     values = gptq.from_rows(module, (q - zero) * scale, w.shape)
     original_weight(module).data.copy_(values.to(original_weight(module).dtype))
     return error
@@ -320,7 +377,7 @@ def quantize_any(module: nn.Module, bits: int | None, cfg: QuantizeConfig, tied=
         binarize_layer(module, per_channel, tied=tied)
     else:
         scheme = "symmetric" if cfg.scheme == "ternary" else cfg.scheme
-        return quantize_layer(module, bits or cfg.bits, scheme, per_channel, tied, step, hessian)
+        return quantize_layer(module, bits or cfg.bits, scheme, per_channel, tied, step, hessian, cfg.group_size)
     return None
 
 

@@ -32,7 +32,7 @@ def test_gptq_output_error_is_below_rounding_on_the_same_grid(act_order):
     torch.manual_seed(0)
     w, x = torch.randn(16, 32), correlated_inputs(512, 32)
     qmin, qmax, scale, zp = quant_grid(w, 3, "symmetric", True, 0)
-    q, _ = gptq.gptq_weight(w, 2 * x.t() @ x / len(x), scale, zp, qmin, qmax, block=8, act_order=act_order)
+    q, *_ = gptq.gptq_weight(w, 2 * x.t() @ x / len(x), scale, zp, qmin, qmax, block=8, act_order=act_order)
     assert torch.equal(q, q.round()) and q.min() >= qmin and q.max() <= qmax
     e_gptq = output_error(w, (q - zp) * scale, x)
     e_rtn = output_error(w, (rtn(w, scale, zp, qmin, qmax) - zp) * scale, x)
@@ -44,7 +44,7 @@ def test_gptq_keeps_masked_weights_at_zero_and_compensates_them():
     w, x = torch.randn(8, 24), correlated_inputs(256, 24, seed=1)
     mask = torch.rand(8, 24) > 0.5
     qmin, qmax, scale, zp = quant_grid(w * mask, 4, "asymmetric", True, 0)
-    q, _ = gptq.gptq_weight(w * mask, 2 * x.t() @ x / len(x), scale, zp, qmin, qmax, mask=mask, block=5)
+    q, *_ = gptq.gptq_weight(w * mask, 2 * x.t() @ x / len(x), scale, zp, qmin, qmax, mask=mask, block=5)
     values = (q - zp) * scale
     assert (values[~mask] == 0).all()
     target = w * mask
@@ -57,6 +57,20 @@ def test_a_hessian_that_damping_cannot_fix_names_the_layer_and_a_damping():
     qmin, qmax, scale, zp = quant_grid(w, 4, "symmetric", False)
     with pytest.raises(LwpipeError, match=r"layer fc9: .*not positive definite; raise damp \(for example to 0.1\)"):
         gptq.gptq_weight(w, -torch.eye(6), scale, zp, qmin, qmax, name="fc9")
+
+
+def test_gptq_with_groups_regrids_each_group_and_beats_rounding_on_group_grids():
+    from lwpipe.stages.quantize import rows_group_grid
+    torch.manual_seed(4)
+    w, x = torch.randn(16, 40), correlated_inputs(512, 40, seed=4)
+    qmin, qmax, scale, zp = rows_group_grid(w, 3, "symmetric", 16)  # groups 16 + 16 + 8
+    assert scale.shape == (16, 3)
+    regrid = lambda cols: rows_group_grid(cols, 3, "symmetric", cols.shape[1])[2:]  # noqa: E731
+    q, _, s, z = gptq.gptq_weight(w, 2 * x.t() @ x / len(x), scale, zp, qmin, qmax, block=8, group=16, regrid=regrid)
+    full = lambda t: t.repeat_interleave(16, 1)[:, :40]  # noqa: E731
+    e_gptq = output_error(w, (q - full(z)) * full(s), x)
+    e_rtn = output_error(w, (rtn(w, full(scale), full(zp), qmin, qmax) - full(zp)) * full(scale), x)
+    assert e_gptq < 0.7 * e_rtn and q.min() >= qmin and q.max() <= qmax
 
 
 def test_hessians_match_the_inputs_for_linear_and_conv():
@@ -162,3 +176,35 @@ def test_sparsegpt_settings_are_checked():
         PruneConfig(criterion="sparsegpt", granularity="structured")
     with pytest.raises(ValueError, match="damp is set but criterion=magnitude"):
         PruneConfig(damp=0.1)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_group_scales_go_through_the_artifact_exactly_and_beat_per_channel(model, ctx, tmp_path, method):
+    """group_size: one scale per output channel and group of inputs (8 = 3+3+2: a ragged last group)."""
+    import copy
+
+    import lwpipe
+    from lwpipe.artifact import encode_model
+    from lwpipe.constraints import model_spec
+    errs = {}
+    for group in (None, 3):
+        m = copy.deepcopy(model)
+        Quantize(QuantizeConfig(bits=2, granularity="per_channel", group_size=group, method=method,
+                                finetune=TrainSettings(epochs=0))).run(m, ctx)
+        errs[group] = outputs_error(m, model, ctx)
+        blob = encode_model(m, {"_target_": "lwpipe.models.TinyMLP"})
+        assert blob[4] == (2 if group else 1)  # format version 2 only where a grid has groups
+        (tmp_path / "m.lwp").write_bytes(blob)
+        loaded = lwpipe.load(tmp_path / "m.lwp", constrained=True)
+        x = torch.randn(16, 8)
+        assert torch.equal(loaded(x), m(x)) and model_spec(loaded) == model_spec(m)
+    c = constraint(m[1])
+    assert c.group == 3 and c.scale.shape == (16, 3) and constraint(m[3]).scale.shape == (4, 6)
+    q = m[1].weight.detach() / c.grid()[0] + c.grid()[1]
+    assert (q - q.round()).abs().max() < 1e-4
+    assert errs[3] < errs[None]
+
+
+def test_group_size_needs_per_channel_scales():
+    with pytest.raises(ValueError, match="group_size=64 .*needs granularity=per_channel"):
+        QuantizeConfig(group_size=64)
