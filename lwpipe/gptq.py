@@ -58,7 +58,8 @@ def input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def input_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable,
                    forward: Forward = default_forward) -> tuple[dict[str, torch.Tensor], int]:
-    """(name -> H = 2/n X^T X over every calibration token, number of batches seen), in float32.
+    """(name -> H = 2/n X^T X over every calibration token, number of batches seen), in float32. Positions
+    a dict batch's attention_mask marks as padding are left out of layers that see [batch, tokens, features].
 
     One [inputs x inputs] matrix per layer is alive at a time of the pass: memory is the layers'
     Hessians plus one batch's activations."""
@@ -66,9 +67,14 @@ def input_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: Iter
     counts: dict[str, int] = {}
     hooks = []
 
+    tokens: list[torch.Tensor | None] = [None]  # the batch's attention mask: padding is no calibration data
+
     def hook(name: str, module: nn.Module):
         def gather(_module, args, kwargs):
             x = (args[0] if args else next(iter(kwargs.values()))).detach()
+            real = tokens[0]
+            if real is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(real.shape):
+                x = x[real.to(x.device)]
             cols = input_columns(module, x).float()
             xtx = cols.t() @ cols
             sums[name] = xtx if name not in sums else sums[name].add_(xtx)
@@ -83,6 +89,8 @@ def input_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: Iter
     try:
         with parametrize.cached():
             for batch in batches:
+                mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+                tokens[0] = mask.bool() if mask is not None else None
                 forward(model, batch)
                 seen += 1
     finally:
@@ -208,3 +216,29 @@ def sparsegpt_weight(w: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5, nm
         keep[:, i1:i2] = ~drop
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return w * keep, keep
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's repeated blocks: the longest nn.ModuleList of two or more modules of one class that hold
+    layers GPTQ can take (a transformers model's `layers` / `h` / `encoder.layer`), by qualified name."""
+    best: list[tuple[str, nn.Module]] = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) < 2 or len({type(b) for b in m}) != 1:
+            continue
+        if not any(supports(x) for x in m[0].modules()):
+            continue
+        if len(m) > len(best):
+            best = [(f"{name}.{i}" if name else str(i), b) for i, b in enumerate(m)]
+    return best
+
+
+def sequential_groups(layers: list[str], blocks: list[str]) -> list[list[str]]:
+    """Layer names in the order GPTQ compresses them: those before the first block, then block by block, then the
+    rest; each group's Hessians are gathered after the groups before it are compressed."""
+    def block_of(name: str) -> int | None:
+        return next((i for i, b in enumerate(blocks) if name == b or name.startswith(b + ".")), None)
+    first = min((i for i, n in enumerate(layers) if block_of(n) is not None), default=len(layers))
+    groups: list[list[str]] = [[n for n in layers[:first] if block_of(n) is None]]
+    groups += [[n for n in layers if block_of(n) == i] for i in range(len(blocks))]
+    groups.append([n for n in layers[first:] if block_of(n) is None])
+    return [g for g in groups if g]

@@ -60,6 +60,7 @@ from lwpipe.training import fit
 
 log = logging.getLogger("lwpipe")
 Scheme = Literal["symmetric", "asymmetric", "ternary"]
+# internally also "symmetric_full": symmetric levels over the whole signed range (-2^(b-1)..2^(b-1)-1, full_range)
 
 
 class LayerQuant(Strict):
@@ -87,6 +88,7 @@ class QuantizeConfig(Strict):
     scheme: Scheme = "symmetric"                       # ternary: {-alpha, 0, +alpha}, bits not used
     granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
     group_size: int | None = Field(None, ge=1, le=1 << 20)  # per_channel: one scale per group of N inputs too
+    full_range: bool = False                           # symmetric: levels -2^(b-1)..2^(b-1)-1 (compressed-tensors')
     step: float | None = Field(None, gt=0, le=10)      # grid step = step x the layer's std; null: the range
     layers: dict[str, LayerQuant] = {}                 # by module name or glob: "fc3", "conv*"
     bias: Literal["float32", "float16", "int8"] = "float32"  # int8: scale x level, levels entropy-coded
@@ -99,6 +101,7 @@ class QuantizeConfig(Strict):
     damp: float = Field(0.01, gt=0, le=1)              # gptq: H + damp x mean(diag H) x I
     block: int = Field(128, ge=1, le=1 << 20)          # gptq: columns per lazy-update block
     act_order: bool = False                            # gptq: columns in order of decreasing H_jj
+    sequential: bool = True                            # gptq: block by block, each calibrated on the blocks before
     finetune: TrainSettings = TrainSettings()          # quantization-aware, through the STE
 
     @field_validator("bits", mode="before")
@@ -127,6 +130,7 @@ class QuantizeConfig(Strict):
         check_auto(self)
         check_gptq(self)
         check_group(self)
+        check_full_range(self)
         return self
 
 
@@ -145,10 +149,17 @@ def check_group(cfg: QuantizeConfig) -> None:
                          "drop group_size or use bits >= 2")
 
 
+def check_full_range(cfg: QuantizeConfig) -> None:
+    """full_range widens the symmetric grid by its one extra negative level; other schemes have no such level."""
+    if cfg.full_range and (cfg.scheme != "symmetric" or cfg.bits == 1 or any(lc.bits == 1 for lc in cfg.layers.values())):
+        raise ValueError(f"full_range=true uses the signed range -2^(b-1)..2^(b-1)-1 of a symmetric grid; it needs "
+                         f"scheme=symmetric and bits >= 2, not scheme={cfg.scheme}, bits={cfg.bits}")
+
+
 def check_gptq(cfg: QuantizeConfig) -> None:
     """damp / block / act_order go with method: gptq; gptq needs a grid of levels to choose from."""
     if cfg.method != "gptq":
-        extra = sorted({"damp", "block", "act_order"} & cfg.model_fields_set)
+        extra = sorted({"damp", "block", "act_order", "sequential"} & cfg.model_fields_set)
         if extra:
             raise ValueError(f"{extra[0]} is set but method={cfg.method}: {extra[0]} is only used by method: gptq; "
                              f"set method: gptq or drop {extra[0]}")
@@ -205,6 +216,8 @@ def auto_candidates(cfg: QuantizeConfig, shared: bool) -> list[int]:
 def quant_range(bits: int, scheme: Scheme) -> tuple[int, int]:
     if scheme == "symmetric":  # restricted range: the grid is symmetric around an exact 0
         return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    if scheme == "symmetric_full":  # the whole signed range, as compressed-tensors and GGUF store 4-bit weights
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
 
 
@@ -218,8 +231,8 @@ def quant_grid(x: torch.Tensor, bits: int, scheme: Scheme, per_channel: bool, ax
     else:
         lo, hi = x.min(), x.max()
     lo, hi = lo.clamp(max=0).float(), hi.clamp(min=0).float()  # the grid always holds 0
-    if scheme == "symmetric":
-        scale = torch.maximum(-lo, hi) / qmax
+    if scheme.startswith("symmetric"):  # full range: max |x| at (qmax - qmin) / 2 = 2^(b-1) - 1/2 steps
+        scale = torch.maximum(-lo, hi) / (qmax if scheme == "symmetric" else (qmax - qmin) / 2)
         zero_point = torch.zeros_like(scale)
     else:
         scale = (hi - lo) / (qmax - qmin)
@@ -246,7 +259,7 @@ def std_grid(x: torch.Tensor, step: float, bits: int, scheme: Scheme, per_channe
     var = (((x - mean) * kept) ** 2).sum(dims, keepdim=per_channel) / n
     scale = step * var.sqrt()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero slice: any scale works
-    if scheme == "symmetric":
+    if scheme.startswith("symmetric"):
         zero_point = torch.zeros_like(scale)
     else:  # the lowest value on level qmin, as far as the grid reaches; an integer, so 0.0 is exact
         lo = (x.amin(dims, keepdim=True) if per_channel else x.min()).clamp(max=0)
@@ -377,6 +390,7 @@ def quantize_any(module: nn.Module, bits: int | None, cfg: QuantizeConfig, tied=
         binarize_layer(module, per_channel, tied=tied)
     else:
         scheme = "symmetric" if cfg.scheme == "ternary" else cfg.scheme
+        scheme = "symmetric_full" if cfg.full_range else scheme
         return quantize_layer(module, bits or cfg.bits, scheme, per_channel, tied, step, hessian, cfg.group_size)
     return None
 
@@ -424,6 +438,7 @@ class Quantize:
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
         done, biases = [], []
         ties = tied_layers(model)
+        layers = dict(compressible_layers(model))
         settings = {}
         for name, m in compressible_layers(model):
             tied = ties.get(name, ())
@@ -432,21 +447,20 @@ class Quantize:
         if auto:
             before, _ = evaluate(model, ctx.test_loader(), task=ctx.task)
             plan = self.allot(model, ctx, settings)
-        hessians = self.hessians(model, ctx, settings) if self.cfg.method == "gptq" else {}
         errors = {}
-        for name, m in compressible_layers(model):
-            tied, lc = ties.get(name, ()), settings[name]
-            if lc.skip:
-                continue
-            step = lc.step if lc.step is not None else self.cfg.step
-            h = hessians.pop(name, None)
-            hessian = None if h is None else {"h": h, "damp": self.cfg.damp, "block": self.cfg.block,
-                                              "act_order": self.cfg.act_order, "name": name}
-            error = quantize_any(m, plan["bits"][name] if auto else lc.bits, self.cfg, tied, step, hessian)
-            if error is not None:
-                errors[name] = error
-            done.append(m)
-            biases += [(layer, "bias") for layer in [m] + [t for _, t in tied]]
+        for group in self.order(model, settings):
+            hessians = self.hessians(model, ctx, group) if self.cfg.method == "gptq" else {}
+            for name in group:
+                m, tied, lc = layers[name], ties.get(name, ()), settings[name]
+                step = lc.step if lc.step is not None else self.cfg.step
+                h = hessians.pop(name, None)
+                hessian = None if h is None else {"h": h, "damp": self.cfg.damp, "block": self.cfg.block,
+                                                  "act_order": self.cfg.act_order, "name": name}
+                error = quantize_any(m, plan["bits"][name] if auto else lc.bits, self.cfg, tied, step, hessian)
+                if error is not None:
+                    errors[name] = error
+                done.append(m)
+                biases += [(layer, "bias") for layer in [m] + [t for _, t in tied]]
         half = biases * (self.cfg.bias == "float16")
         if self.cfg.norms == "float16":
             half += [(m, a) for m in model.modules() if isinstance(m, NORMS) for a in ("weight", "bias")]
@@ -462,10 +476,17 @@ class Quantize:
             pin_zeros(m)
         return model
 
-    def hessians(self, model: nn.Module, ctx: Context, settings: dict[str, LayerQuant]) -> dict[str, torch.Tensor]:
-        """method: gptq: every GPTQ-able layer's input Hessian, from `calibration_samples` training examples in
-        one pass over the model as it is before this stage changes any layer."""
-        layers = {n: m for n, m in compressible_layers(model) if not settings[n].skip and gptq.supports(m)}
+    def order(self, model: nn.Module, settings: dict[str, LayerQuant]) -> list[list[str]]:
+        """The layers to quantize, in groups: one group (rtn), or block by block (gptq with sequential)."""
+        names = [n for n, _ in compressible_layers(model) if not settings[n].skip]
+        if self.cfg.method != "gptq" or not self.cfg.sequential:
+            return [names]
+        return gptq.sequential_groups(names, [b for b, _ in gptq.find_blocks(model)])
+
+    def hessians(self, model: nn.Module, ctx: Context, names: list[str]) -> dict[str, torch.Tensor]:
+        """method: gptq: the input Hessians of the GPTQ-able layers among `names`, from `calibration_samples`
+        training examples, through the model as it is now (earlier groups already quantized)."""
+        layers = {n: m for n, m in compressible_layers(model) if n in names and gptq.supports(m)}
         if not layers:
             return {}
         bs = self.cfg.finetune.batch_size or ctx.batch_size
