@@ -112,6 +112,7 @@ class Compressed(nn.Module):
         self.qmin = 0
         self.qmax = 0
         self.axis: int | None = None  # None: per-tensor; else the weight's axis of output channels
+        self.group: int | None = None  # per-group: one scale per output channel and `group` consecutive inputs
 
     # -- state -----------------------------------------------------------------
     @property
@@ -130,6 +131,7 @@ class Compressed(nn.Module):
             "shared": self.shared,
             "k": int(self.centroids.numel()) if self.shared else 0,
             "quant": {"bits": self.bits, "qmin": self.qmin, "qmax": self.qmax, "axis": self.axis}
+            | ({"group": self.group} if self.group is not None else {})
             if self.quantized
             else None,
         }
@@ -144,8 +146,8 @@ class Compressed(nn.Module):
             c.set_codebook(torch.zeros(c.shape, dtype=index_dtype(spec["k"])), torch.zeros(spec["k"]))
         q = spec["quant"]
         if q:
-            shape = scale_shape(c.shape, q["axis"])
-            c.set_quant(q["bits"], q["qmin"], q["qmax"], torch.ones(shape), torch.zeros(shape), q["axis"])
+            shape = scale_shape(c.shape, q["axis"], q.get("group"))
+            c.set_quant(q["bits"], q["qmin"], q["qmax"], torch.ones(shape), torch.zeros(shape), q["axis"], q.get("group"))
         return c
 
     def set_mask(self, mask: torch.Tensor) -> None:
@@ -158,10 +160,19 @@ class Compressed(nn.Module):
         self.index = index.to(index_dtype(centroids.numel()))
         self.centroids = nn.Parameter(centroids.detach().clone().float())
 
-    def set_quant(self, bits, qmin, qmax, scale, zero_point, axis) -> None:
-        self.bits, self.qmin, self.qmax, self.axis = int(bits), int(qmin), int(qmax), axis
+    def set_quant(self, bits, qmin, qmax, scale, zero_point, axis, group: int | None = None) -> None:
+        self.bits, self.qmin, self.qmax, self.axis, self.group = int(bits), int(qmin), int(qmax), axis, group
         self.scale = scale.detach().clone().float()
         self.zero_point = zero_point.detach().clone().float()
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero point) broadcastable to the weight: per-group ones repeated over their inputs."""
+        if self.group is None:
+            return self.scale, self.zero_point
+        inputs = 1 - self.axis  # groups are 2-D weights' only: the input axis is the other one
+        n = self.shape[inputs]
+        return tuple(t.repeat_interleave(self.group, dim=inputs).narrow(inputs, 0, n)
+                     for t in (self.scale, self.zero_point))
 
     @torch.no_grad()
     def codebook_values(self) -> torch.Tensor:
@@ -174,12 +185,13 @@ class Compressed(nn.Module):
         """Integer levels q of x on this layer's grid (no gradient); bits=1: the sign, levels -1 / +1."""
         if self.bits == 1:
             return torch.sign(x)
-        return torch.clamp(torch.round(x / self.scale) + self.zero_point, self.qmin, self.qmax)
+        scale, zero_point = self.grid()
+        return torch.clamp(torch.round(x / scale) + zero_point, self.qmin, self.qmax)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == 1:  # binary: the sign, not the nearest level (0 is not a level; pruned zeros are masked)
             return _SignSTE.apply(x, self.scale)
-        return _RoundSTE.apply(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        return _RoundSTE.apply(x, *self.grid(), self.qmin, self.qmax)
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         if self.shared:
@@ -196,8 +208,11 @@ class Compressed(nn.Module):
         return w
 
 
-def grid_shape(shape, axis: int) -> tuple[int, ...]:
-    """Shape of a per-channel scale along `axis` of a weight of `shape`."""
+def grid_shape(shape, axis: int, group: int | None = None) -> tuple[int, ...]:
+    """Shape of a per-channel scale along `axis` of a weight of `shape`; with `group` (2-D weights), also one
+    per `group` consecutive inputs along the other axis (the last group may be shorter)."""
+    if group is not None:
+        return tuple(n if i == axis else -(-n // group) for i, n in enumerate(shape))
     return tuple(n if i == axis else 1 for i, n in enumerate(shape))
 
 
@@ -211,9 +226,9 @@ def grid_axis(module: nn.Module, per_channel: bool) -> int | None:
     return out_axis(module) if per_channel else None
 
 
-def scale_shape(shape, axis: int | None) -> tuple[int, ...]:
+def scale_shape(shape, axis: int | None, group: int | None = None) -> tuple[int, ...]:
     """The shape of a grid's scale and zero point for a weight of `shape`: () per tensor."""
-    return () if axis is None else grid_shape(shape, axis)
+    return () if axis is None else grid_shape(shape, axis, group)
 
 
 class HalfBias(nn.Module):

@@ -121,6 +121,9 @@ def weight_levels(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tenso
         c = constraint(m)
         if c is None or not c.quantized:
             continue
+        if c.group is not None:
+            raise ValueError(f"{name}: per-group scales (group_size {c.group}) have no int8 per-channel form; "
+                             f"export format=dense, or quantize without group_size")
         if c.qmin < -128 or c.qmax > 127 or bool((c.zero_point != 0).any()):
             raise ValueError(f"{name}: levels {c.qmin}..{c.qmax} with zero point do not fit int8; "
                              f"quantize with scheme=symmetric and bits<=8")

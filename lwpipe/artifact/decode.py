@@ -177,7 +177,7 @@ def read_layer(e: dict, raw: RawReader, streams: StreamReader) -> Layer:
     elif c.quantized and "values" not in e:
         levels = torch.from_numpy(streams.symbols(n, c.qmax - c.qmin + 1)) + c.qmin
         cost["values"] = _stream_bits(streams.stats[-1])
-        weights = dequantize(scatter(levels.to(torch.float32)), c.scale, c.zero_point)
+        weights = dequantize(scatter(levels.to(torch.float32)), *c.grid())
         original = (weights if c.mask is None else torch.where(c.mask, weights, torch.zeros(()))).to(dtype)
     else:
         start, coded = raw.pos, len(streams.stats)
@@ -205,7 +205,7 @@ def read_grid(c: Compressed, q: dict, raw: RawReader, streams: StreamReader, nam
     else:
         zp = take(mode, shape, torch.float32, raw, streams)
     check_grid_values(scale, zp, qmin, qmax, name)
-    c.set_quant(int(q["bits"]), qmin, qmax, scale, zp, q["axis"])
+    c.set_quant(int(q["bits"]), qmin, qmax, scale, zp, q["axis"], q.get("group"))  # shapes: limits.check_grid
 
 
 # -- building the module -------------------------------------------------------------------

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lwpipe.artifact.coding import StreamWriter, estimate_bits
-from lwpipe.artifact.format import pack
+from lwpipe.artifact.format import FIRST_VERSION, VERSION, pack
 from lwpipe.artifact.positions import choose_escape
 from lwpipe.artifact.raw import FLOAT_FIELDS, dtype_name, lossless_dtype, split_float, tensor_bytes
 from lwpipe.constraints import (BIAS_LEVELS, Compressed, compressible_layers, constraint, grid_attrs, grid_axis,
@@ -67,7 +67,8 @@ def encode(model: nn.Module, model_config: dict | None) -> tuple[bytes, list[dic
         header["tied"] = aliases
     if getattr(model, "lwpipe_resized", False):  # structurally pruned: layers smaller than the config builds
         header["resized"] = True
-    return pack(header, bytes(raw) + bits + words), streams.stats
+    grouped = any((e.get("quant") or {}).get("group") is not None for e in layers)
+    return pack(header, bytes(raw) + bits + words, VERSION if grouped else FIRST_VERSION), streams.stats
 
 
 def buffer_names(model: nn.Module) -> set[str]:
@@ -177,6 +178,8 @@ def encode_grid(c: Compressed, streams: StreamWriter, raw: bytearray, name: str)
     scale, zp = c.scale.detach().cpu(), c.zero_point.detach().cpu()
     grid = {"bits": c.bits, "qmin": c.qmin, "qmax": c.qmax, "axis": c.axis,
             "scale": [put(scale, streams, raw, f"{name} scale"), list(scale.shape)]}
+    if c.group is not None:
+        grid["group"] = c.group
     as_int = zp.to(torch.int64)
     exact = zp.dtype == torch.float32 and torch.equal(as_int.to(zp.dtype).view(torch.int32), zp.view(torch.int32))
     if exact and zp.numel() and bool((as_int == as_int.reshape(-1)[0]).all()):

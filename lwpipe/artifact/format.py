@@ -22,7 +22,8 @@ import zlib
 from lwpipe.errors import LwpipeError
 
 MAGIC = b"\x89LWP"
-VERSION = 1
+VERSION = 2  # 2: grids may have per-group scales ("group" in a layer's grid). Files without them are written as 1,
+FIRST_VERSION = 1  # so that an older lwpipe still reads them; this lwpipe reads both.
 # Deflate's preset dictionary: the words every header repeats, so that a small model's header
 # costs ~130 bytes instead of ~360. Part of format version 1: changing it needs a new VERSION.
 HEADER_WORDS = (
@@ -82,14 +83,14 @@ def _inflate(data: bytes) -> bytes:
     return out
 
 
-def pack(header: dict, body: bytes) -> bytes:
-    return pack_json(json.dumps(header, separators=(",", ":")).encode(), body)
+def pack(header: dict, body: bytes, version: int = FIRST_VERSION) -> bytes:
+    return pack_json(json.dumps(header, separators=(",", ":")).encode(), body, version)
 
 
-def pack_json(header: bytes, body: bytes) -> bytes:
+def pack_json(header: bytes, body: bytes, version: int = FIRST_VERSION) -> bytes:
     head = _deflate(header)
     rest = _leb128(len(head)) + head + body
-    prefix = MAGIC + bytes([VERSION])
+    prefix = MAGIC + bytes([version])
     size = len(prefix) + len(rest) + 4
     while len(prefix) + len(_leb128(size)) + len(rest) + 4 != size:  # the length counts its own bytes
         size = len(prefix) + len(_leb128(size)) + len(rest) + 4
@@ -108,10 +109,10 @@ def unpack(data: bytes, source: str = "artifact") -> tuple[dict, bytes]:
                             f"an artifact with {MAGIC!r}")
     if len(data) < 5:
         raise ArtifactError(f"{source} is truncated: {len(data)} bytes, not even the format version")
-    if data[4] != VERSION:
+    if not FIRST_VERSION <= data[4] <= VERSION:
         newer = "a newer lwpipe; upgrade lwpipe" if data[4] > VERSION else "an older lwpipe"
-        raise ArtifactError(f"{source} has format version {data[4]}, this lwpipe reads version {VERSION} "
-                            f"(the file was written by {newer})")
+        raise ArtifactError(f"{source} has format version {data[4]}, this lwpipe reads versions "
+                            f"{FIRST_VERSION}..{VERSION} (the file was written by {newer})")
     try:
         size, pos = _read_leb128(data, 5)
     except ValueError:

@@ -27,7 +27,8 @@ def encoding(e: dict) -> str:
         parts.append(f"shared k={e['shared']['k']}")
     if e.get("quant"):
         q = e["quant"]
-        parts.append(f"{q['bits']}-bit {'per-tensor' if q['axis'] is None else 'per-channel'}")  # Conv1D: axis 1
+        kind = f"per-group of {q['group']}" if q.get("group") else "per-tensor" if q["axis"] is None else "per-channel"
+        parts.append(f"{q['bits']}-bit {kind}")  # Conv1D's per-channel axis is 1
     return " + ".join(parts)
 
 

@@ -89,7 +89,13 @@ def check_grid(q, what: str, shape: list[int]) -> int:
     if axis is not None and (type(axis) is not int or axis not in GRID_AXES or axis >= len(shape)):
         raise HeaderError(f"{what} axis is {axis!r}: a grid is per tensor (null) or along the weight's "
                           f"output axis ({' or '.join(map(str, GRID_AXES))}, within its {len(shape)} dimensions)")
-    want = list(scale_shape(shape, axis))
+    group = q.get("group")
+    if group is not None:
+        if axis is None or len(shape) != 2:
+            raise HeaderError(f"{what} has per-group scales (group {group!r}) without a per-channel grid on a 2-D "
+                              f"weight")
+        group = _int(group, f"{what} group", 1, shape[1 - axis])
+    want = list(scale_shape(shape, axis, group))
     for part in ("scale", "zp"):
         pair = _list(q.get(part), f"{what} {part}")
         if len(pair) != 2:

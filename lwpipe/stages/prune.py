@@ -12,6 +12,8 @@ falls back to magnitude). Granularity: unstructured, structured (whole output
 rows / channels; Embedding: whole tokens) or N:M along the input dimension.
 Ranking per layer or global. One-shot, or gradual over `steps` with the cubic
 schedule of Zhu & Gupta (2017), fine-tuning after each step.
+`sparsegpt` (Frantar & Alistarh 2023) drops the weights with the lowest w^2 / [H^-1]_jj^2 of the layer's
+input Hessian and updates the kept ones to make up for them (lwpipe/gptq.py); unstructured or N:M, per layer.
 `threshold: eps` (unstructured, one-shot) prunes every weight whose score is below eps
 instead of a target sparsity; the sparsity it reaches is logged.
 """
@@ -27,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from lwpipe import structured
+from lwpipe import gptq, structured
 from lwpipe.bn import recalibrate_bn
 from lwpipe.calibration import input_channel_norms, task_forward, wanda_scores
 from lwpipe.config import Strict, TrainSettings
@@ -49,7 +51,7 @@ class LayerPrune(Strict):
 
 
 class PruneConfig(Strict):
-    criterion: Literal["magnitude", "taylor", "wanda", "gradient", "saliency"] = "magnitude"
+    criterion: Literal["magnitude", "taylor", "wanda", "gradient", "saliency", "sparsegpt"] = "magnitude"
     granularity: Literal["unstructured", "structured", "nm"] = "unstructured"
     sparsity: float = Field(0.5, ge=0, lt=1)
     quality: float | None = Field(None, gt=0, le=100)  # set: threshold = quality * std(W), per layer
@@ -62,6 +64,8 @@ class PruneConfig(Strict):
     steps: int = Field(1, ge=1, le=1000)
     calibration_batches: int = Field(8, ge=1, le=100_000)  # taylor, gradient, saliency and wanda statistics
     untraceable: Literal["error", "mask"] = "error"      # structured on a model torch.fx cannot trace
+    damp: float = Field(0.01, gt=0, le=1)                # sparsegpt: H + damp x mean(diag H) x I
+    block: int = Field(128, ge=1, le=1 << 20)            # sparsegpt: columns whose mask is chosen together
     finetune: TrainSettings = TrainSettings()            # after each pruning step
 
     @model_validator(mode="after")
@@ -79,7 +83,25 @@ class PruneConfig(Strict):
             raise ValueError("N:M sparsity is fixed by n and m; use schedule=oneshot")
         if self.threshold is not None:
             check_threshold(self)
+        check_sparsegpt(self)
         return self
+
+
+def check_sparsegpt(cfg: PruneConfig) -> None:
+    """sparsegpt ranks and reconstructs one layer at a time, weight by weight: no global or structured ranking."""
+    if cfg.criterion != "sparsegpt":
+        extra = sorted({"damp", "block"} & cfg.model_fields_set)
+        if extra:
+            raise ValueError(f"{extra[0]} is set but criterion={cfg.criterion}: {extra[0]} is only used by "
+                             f"criterion: sparsegpt; set criterion: sparsegpt or drop {extra[0]}")
+        return
+    if cfg.scope == "global":
+        raise ValueError("criterion=sparsegpt chooses each layer's mask from its own input Hessian; use scope=layer")
+    if cfg.granularity == "structured":
+        raise ValueError("criterion=sparsegpt drops single weights; use granularity=unstructured or nm")
+    if cfg.threshold is not None:
+        raise ValueError("criterion=sparsegpt chooses a fraction of each block, not a score bound; use sparsity "
+                         "instead of threshold")
 
 
 def check_threshold(cfg: PruneConfig) -> None:
@@ -254,6 +276,9 @@ class Prune:
         by_rule = cfg.quality is not None or cfg.threshold is not None
         sparsity = 1 - cfg.n / cfg.m if cfg.granularity == "nm" else cfg.sparsity
         warn_factor_pruning(None if by_rule else sparsity, cfg.layers, before)
+        if cfg.criterion == "sparsegpt" and any(s.type in ("share", "quantize") for s in before):
+            return ("criterion=sparsegpt moves the weights it keeps, off a codebook or grid an earlier stage left; "
+                    "prune with sparsegpt before share/quantize")
         if cfg.granularity == "structured" and any(s.type in ("share", "quantize") for s in before):
             return ("granularity=structured shrinks layers, which a codebook or grid cannot follow; "
                     "prune before share/quantize")
@@ -304,6 +329,15 @@ class Prune:
             with torch.enable_grad():
                 scores = gradient_scores(model, batches, list(mods.values()), ctx.loss, self.cfg.criterion)
             return dict(zip(mods, scores)), None
+        if self.cfg.criterion == "sparsegpt":
+            hs, seen = gptq.input_hessians(model, {n: m for n, m in mods.items() if gptq.supports(m)}, batches,
+                                           task_forward(ctx))
+            if not seen:
+                raise self._no_data()
+            rounded = [n for n in mods if n not in hs]
+            if rounded:  # Embedding (no input activation), grouped convs, layers no forward reached
+                log.info("  sparsegpt: no input Hessian for %s; ranked by magnitude", ", ".join(rounded))
+            return None, hs
         if self.cfg.criterion == "wanda":
             norms, seen = input_channel_norms(model, mods, batches, task_forward(ctx))
             if not seen:
@@ -359,6 +393,9 @@ class Prune:
             if n in pooled:
                 continue
             m = layers[n]
+            if self.cfg.criterion == "sparsegpt" and n in norms:
+                self._sparsegpt(n, m, norms.pop(n), targets[n])
+                continue
             score = self._score(n, m, taylor, norms)
             if self.cfg.granularity == "nm":
                 mask = nm_mask(score, self.cfg.n, self.cfg.m, in_axis(m) if in_axis(m) is not None else 1)
@@ -388,6 +425,17 @@ class Prune:
         reached = {n: 1 - int(torch.count_nonzero(layers[n].weight)) / layers[n].weight.numel() for n in names}
         log.info("  prune threshold %g (%s): reached sparsity %s", eps, self.cfg.criterion,
                  ", ".join(f"{n}={v:.3f}" for n, v in reached.items()))
+
+    def _sparsegpt(self, name: str, m: nn.Module, h: torch.Tensor, sparsity: float) -> None:
+        """The layer's mask and its kept weights' new values, from its input Hessian."""
+        c = ensure_constraint(m)
+        w = original_weight(m).detach().float()
+        keep = gptq.as_rows(m, c.mask) if c.mask is not None else None
+        nm = (self.cfg.n, self.cfg.m) if self.cfg.granularity == "nm" else None
+        block = max(self.cfg.m, self.cfg.block // self.cfg.m * self.cfg.m) if nm else self.cfg.block
+        values, keep = gptq.sparsegpt_weight(gptq.as_rows(m, w), h, sparsity, nm, keep, block, self.cfg.damp, name)
+        original_weight(m).copy_(gptq.from_rows(m, values, w.shape).to(original_weight(m).dtype))
+        self._apply(m, gptq.from_rows(m, keep, w.shape))
 
     @staticmethod
     def _apply(module: nn.Module, mask: torch.Tensor) -> None:

@@ -45,8 +45,11 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from lwpipe.config import Strict, TrainSettings
+from lwpipe import gptq
+from lwpipe.calibration import task_forward
 from lwpipe.constraints import (NORMS, check_layer_patterns, compressible_layers, constraint, ensure_constraint,
-                                grid_axis, hold_grid, hold_half, layer_setting, out_axis, tied_layers)
+                                grid_axis, hold_grid, hold_half, in_axis, layer_setting, original_weight, out_axis,
+                                tied_layers)
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.loggers.console import format_quality
@@ -57,6 +60,7 @@ from lwpipe.training import fit
 
 log = logging.getLogger("lwpipe")
 Scheme = Literal["symmetric", "asymmetric", "ternary"]
+# internally also "symmetric_full": symmetric levels over the whole signed range (-2^(b-1)..2^(b-1)-1, full_range)
 
 
 class LayerQuant(Strict):
@@ -83,6 +87,8 @@ class QuantizeConfig(Strict):
     bits: int | Literal["auto"] = 8                    # 1: binary weights, sign(W) * alpha; auto: by sensitivity
     scheme: Scheme = "symmetric"                       # ternary: {-alpha, 0, +alpha}, bits not used
     granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
+    group_size: int | None = Field(None, ge=1, le=1 << 20)  # per_channel: one scale per group of N inputs too
+    full_range: bool = False                           # symmetric: levels -2^(b-1)..2^(b-1)-1 (compressed-tensors')
     step: float | None = Field(None, gt=0, le=10)      # grid step = step x the layer's std; null: the range
     layers: dict[str, LayerQuant] = {}                 # by module name or glob: "fc3", "conv*"
     bias: Literal["float32", "float16", "int8"] = "float32"  # int8: scale x level, levels entropy-coded
@@ -90,7 +96,12 @@ class QuantizeConfig(Strict):
     budget: Budget | None = None                       # bits: auto only: 3, {bits_per_weight: 3} or {bytes: N}
     candidates: list[int] | None = None                # bits: auto's widths; null: 1..6 and 8 (no 1 where binary can't)
     sensitivity: Literal["fisher", "fisher_diagonal"] = "fisher"  # bits: auto: the layer's Fisher block, or diagonal
-    calibration_samples: int = Field(256, ge=1, le=1_000_000)    # bits: auto's Fisher, one sample per gradient
+    calibration_samples: int = Field(256, ge=1, le=1_000_000)    # bits: auto's Fisher / gptq's Hessians: examples
+    method: Literal["rtn", "gptq"] = "rtn"             # rtn: round to nearest; gptq: levels by the input Hessian
+    damp: float = Field(0.01, gt=0, le=1)              # gptq: H + damp x mean(diag H) x I
+    block: int = Field(128, ge=1, le=1 << 20)          # gptq: columns per lazy-update block
+    act_order: bool = False                            # gptq: columns in order of decreasing H_jj
+    sequential: bool = True                            # gptq: block by block, each calibrated on the blocks before
     finetune: TrainSettings = TrainSettings()          # quantization-aware, through the STE
 
     @field_validator("bits", mode="before")
@@ -117,7 +128,46 @@ class QuantizeConfig(Strict):
     def _consistent(self):
         check_binary(self)
         check_auto(self)
+        check_gptq(self)
+        check_group(self)
+        check_full_range(self)
         return self
+
+
+def check_group(cfg: QuantizeConfig) -> None:
+    """group_size splits a per-channel grid along the inputs: it needs per-channel scales and a grid of levels."""
+    if cfg.group_size is None:
+        return
+    if cfg.granularity != "per_channel":
+        raise ValueError(f"group_size={cfg.group_size} splits each output channel's scale into groups of inputs; "
+                         f"it needs granularity=per_channel, not {cfg.granularity}")
+    if cfg.step is not None or any(lc.step is not None for lc in cfg.layers.values()):
+        raise ValueError("group_size with step: a step grid is set by the layer's spread, not per group; "
+                         "drop step or group_size")
+    if cfg.bits == 1 or cfg.scheme == "ternary" or any(lc.bits == 1 for lc in cfg.layers.values()):
+        raise ValueError("group_size with binary / ternary weights: their scale is the mean |w|, per channel; "
+                         "drop group_size or use bits >= 2")
+
+
+def check_full_range(cfg: QuantizeConfig) -> None:
+    """full_range widens the symmetric grid by its one extra negative level; other schemes have no such level."""
+    if cfg.full_range and (cfg.scheme != "symmetric" or cfg.bits == 1 or any(lc.bits == 1 for lc in cfg.layers.values())):
+        raise ValueError(f"full_range=true uses the signed range -2^(b-1)..2^(b-1)-1 of a symmetric grid; it needs "
+                         f"scheme=symmetric and bits >= 2, not scheme={cfg.scheme}, bits={cfg.bits}")
+
+
+def check_gptq(cfg: QuantizeConfig) -> None:
+    """damp / block / act_order go with method: gptq; gptq needs a grid of levels to choose from."""
+    if cfg.method != "gptq":
+        extra = sorted({"damp", "block", "act_order", "sequential"} & cfg.model_fields_set)
+        if extra:
+            raise ValueError(f"{extra[0]} is set but method={cfg.method}: {extra[0]} is only used by method: gptq; "
+                             f"set method: gptq or drop {extra[0]}")
+        return
+    binary = cfg.bits == 1 or cfg.scheme == "ternary" or any(lc.bits == 1 for lc in cfg.layers.values())
+    if binary or (cfg.bits == "auto" and 1 in (cfg.candidates or ())):
+        raise ValueError("method=gptq with binary / ternary weights (bits=1, scheme=ternary): GPTQ chooses levels "
+                         "on a grid of 2 bits or more; use method: rtn, or bits >= 2")
 
 
 def check_binary(cfg: QuantizeConfig) -> None:
@@ -166,6 +216,8 @@ def auto_candidates(cfg: QuantizeConfig, shared: bool) -> list[int]:
 def quant_range(bits: int, scheme: Scheme) -> tuple[int, int]:
     if scheme == "symmetric":  # restricted range: the grid is symmetric around an exact 0
         return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    if scheme == "symmetric_full":  # the whole signed range, as compressed-tensors and GGUF store 4-bit weights
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
 
 
@@ -179,8 +231,8 @@ def quant_grid(x: torch.Tensor, bits: int, scheme: Scheme, per_channel: bool, ax
     else:
         lo, hi = x.min(), x.max()
     lo, hi = lo.clamp(max=0).float(), hi.clamp(min=0).float()  # the grid always holds 0
-    if scheme == "symmetric":
-        scale = torch.maximum(-lo, hi) / qmax
+    if scheme.startswith("symmetric"):  # full range: max |x| at (qmax - qmin) / 2 = 2^(b-1) - 1/2 steps
+        scale = torch.maximum(-lo, hi) / (qmax if scheme == "symmetric" else (qmax - qmin) / 2)
         zero_point = torch.zeros_like(scale)
     else:
         scale = (hi - lo) / (qmax - qmin)
@@ -207,7 +259,7 @@ def std_grid(x: torch.Tensor, step: float, bits: int, scheme: Scheme, per_channe
     var = (((x - mean) * kept) ** 2).sum(dims, keepdim=per_channel) / n
     scale = step * var.sqrt()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero slice: any scale works
-    if scheme == "symmetric":
+    if scheme.startswith("symmetric"):
         zero_point = torch.zeros_like(scale)
     else:  # the lowest value on level qmin, as far as the grid reaches; an integer, so 0.0 is exact
         lo = (x.amin(dims, keepdim=True) if per_channel else x.min()).clamp(max=0)
@@ -217,8 +269,12 @@ def std_grid(x: torch.Tensor, step: float, bits: int, scheme: Scheme, per_channe
 
 @torch.no_grad()
 def quantize_layer(module: nn.Module, bits: int, scheme: Scheme = "symmetric", per_channel: bool = False,
-                   tied=(), step: float | None = None) -> None:
-    """Put the layer's weights (or its codebook, when shared) on a `bits`-bit grid."""
+                   tied=(), step: float | None = None, hessian: dict | None = None,
+                   group: int | None = None) -> float | None:
+    """Put the layer's weights (or its codebook, when shared) on a `bits`-bit grid: each weight to its nearest
+    level, or, given `hessian` ({"h": H, "damp", "block", "act_order", "name"}), the levels GPTQ picks (its
+    weighted error is returned). `group`: per-channel scales per `group` inputs too, on layers that can
+    have them (grouped_layer); others keep one scale per channel."""
     c = ensure_constraint(module, tied)
     if c.shared:
         if per_channel:
@@ -226,13 +282,74 @@ def quantize_layer(module: nn.Module, bits: int, scheme: Scheme = "symmetric", p
         values, axis = c.centroids.detach(), None
     else:
         values, axis = module.weight.detach(), grid_axis(module, per_channel)
-    if step is None:
+    group = group if per_channel and not c.shared and grouped_layer(module) else None
+    if group is not None:
+        qmin, qmax, scale, zero_point = group_grid(module, values, bits, scheme, group)
+    elif step is None:
         qmin, qmax, scale, zero_point = quant_grid(values, bits, scheme, per_channel, axis or 0)
     else:  # a codebook's spread is not the weights': take the std of the (masked) weights it gives
         spread = module.weight.detach() if c.shared else values
         qmin, qmax, scale, zero_point = std_grid(spread, step, bits, scheme, per_channel, axis or 0)
-    c.set_quant(bits, qmin, qmax, scale, zero_point, axis)
+    c.set_quant(bits, qmin, qmax, scale, zero_point, axis, group)
+    error = None
+    if hessian is not None and not c.shared:  # check_order refuses gptq after share
+        error = gptq_levels(module, c, hessian, scheme)
     pin_zeros(module)
+    return error
+
+
+def grouped_layer(module: nn.Module) -> bool:
+    """Per-group scales: 2-D weights with an input axis (Linear, transformers' Conv1D), not Embedding or conv."""
+    return module.weight.dim() == 2 and in_axis(module) is not None
+
+
+def group_grid(module: nn.Module, w: torch.Tensor, bits: int, scheme: Scheme, group: int):
+    """(qmin, qmax, scale, zero_point) with one scale per output channel and `group` inputs, in the layer's layout
+    (grid_shape(shape, out_axis, group)); the last group may be shorter."""
+    rows = gptq.as_rows(module, w.detach().float())
+    qmin, qmax, scale, zero_point = rows_group_grid(rows, bits, scheme, group)
+    flip = gptq.is_hf_conv1d(module)
+    return qmin, qmax, scale.t().contiguous() if flip else scale, zero_point.t().contiguous() if flip else zero_point
+
+
+def rows_group_grid(rows: torch.Tensor, bits: int, scheme: Scheme, group: int):
+    """quant_grid per row and group of `group` columns of rows [outputs, inputs]: scales [outputs, groups]."""
+    n = rows.shape[1]
+    padded = torch.nn.functional.pad(rows, (0, (-n) % group)).reshape(-1, group)  # zeros: the grid holds 0 anyway
+    qmin, qmax, scale, zero_point = quant_grid(padded, bits, scheme, True, 0)
+    return qmin, qmax, scale.view(rows.shape[0], -1), zero_point.view(rows.shape[0], -1)
+
+
+def gptq_levels(module: nn.Module, c, hessian: dict, scheme: Scheme) -> float:
+    """Move the layer's weight onto the levels GPTQ chooses; the constraint's rounding then keeps exactly them."""
+    w = original_weight(module).detach().float()  # before the grid (module.weight is already rounded)
+    if c.mask is not None:
+        w = w * c.mask
+    rows = gptq.as_rows(module, w)
+    mask = gptq.as_rows(module, c.mask) if c.mask is not None else None
+    if c.group is None:
+        scale, zero = row_grid(module, c.scale, w.shape), row_grid(module, c.zero_point, w.shape)
+        regrid = None
+    else:  # [outputs, groups]; each group's grid is recomputed from its columns as GPTQ reaches them
+        flip = gptq.is_hf_conv1d(module)
+        scale, zero = (t.t() if flip else t for t in (c.scale, c.zero_point))
+        regrid = lambda cols: rows_group_grid(cols, c.bits, scheme, cols.shape[1])[2:]  # noqa: E731
+    q, error, scale, zero = gptq.gptq_weight(rows, hessian["h"], scale, zero, c.qmin, c.qmax, mask, hessian["block"],
+                                             hessian["damp"], hessian["act_order"], hessian["name"], c.group, regrid)
+    if c.group is not None:
+        scale = scale.reshape(rows.shape[0], -1)
+        zero = zero.reshape(rows.shape[0], -1)
+        c.set_quant(c.bits, c.qmin, c.qmax, scale.t() if flip else scale, zero.t() if flip else zero, c.axis, c.group)
+        scale = scale.repeat_interleave(c.group, 1)[:, :rows.shape[1]]
+        zero = zero.repeat_interleave(c.group, 1)[:, :rows.shape[1]]
+    values = gptq.from_rows(module, (q - zero) * scale, w.shape)
+    original_weight(module).data.copy_(values.to(original_weight(module).dtype))
+    return error
+
+
+def row_grid(module: nn.Module, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A grid tensor (a scalar, or per output channel in the weight's layout) as [outputs, 1] or a scalar."""
+    return gptq.as_rows(module, t.expand(shape))[:, :1] if t.dim() else t
 
 
 def binary_scale(w: torch.Tensor, keep: torch.Tensor, per_channel: bool, axis: int) -> torch.Tensor:
@@ -262,9 +379,10 @@ def binarize_layer(module: nn.Module, per_channel: bool = False, ternary: bool =
     pin_zeros(module)
 
 
-def quantize_any(module: nn.Module, bits: int | None, cfg: QuantizeConfig, tied=(), step: float | None = None) -> None:
+def quantize_any(module: nn.Module, bits: int | None, cfg: QuantizeConfig, tied=(), step: float | None = None,
+                 hessian: dict | None = None) -> float | None:
     """One layer at its own `bits` (None: the stage's) and the stage's scheme; a layer with its own
-    bits >= 2 under scheme=ternary gets the symmetric grid."""
+    bits >= 2 under scheme=ternary gets the symmetric grid. Returns GPTQ's error when `hessian` is given."""
     per_channel = cfg.granularity == "per_channel"
     if bits is None and cfg.scheme == "ternary":
         binarize_layer(module, per_channel, ternary=True, tied=tied)
@@ -272,7 +390,9 @@ def quantize_any(module: nn.Module, bits: int | None, cfg: QuantizeConfig, tied=
         binarize_layer(module, per_channel, tied=tied)
     else:
         scheme = "symmetric" if cfg.scheme == "ternary" else cfg.scheme
-        quantize_layer(module, bits or cfg.bits, scheme, per_channel, tied, step)
+        scheme = "symmetric_full" if cfg.full_range else scheme
+        return quantize_layer(module, bits or cfg.bits, scheme, per_channel, tied, step, hessian, cfg.group_size)
+    return None
 
 
 @torch.no_grad()
@@ -297,6 +417,9 @@ class Quantize:
 
     @staticmethod
     def check_order(cfg: QuantizeConfig, before) -> str | None:
+        if cfg.method == "gptq" and any(s.type == "share" for s in before):
+            return ("method=gptq after share: a shared layer's values are its codebook, which has no input Hessian "
+                    "to minimise against; use method: rtn after share, or drop share")
         if cfg.granularity == "per_channel" and any(s.type == "share" for s in before):
             return ("granularity=per_channel after share: a shared layer has one codebook for the whole tensor, "
                     "and per-channel scales would give each channel its own values (more than 2^bits per layer); "
@@ -315,6 +438,7 @@ class Quantize:
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
         done, biases = [], []
         ties = tied_layers(model)
+        layers = dict(compressible_layers(model))
         settings = {}
         for name, m in compressible_layers(model):
             tied = ties.get(name, ())
@@ -323,14 +447,20 @@ class Quantize:
         if auto:
             before, _ = evaluate(model, ctx.test_loader(), ctx.reference_outputs, task=ctx.task)  # vs uncompressed
             plan = self.allot(model, ctx, settings)
-        for name, m in compressible_layers(model):
-            tied, lc = ties.get(name, ()), settings[name]
-            if lc.skip:
-                continue
-            step = lc.step if lc.step is not None else self.cfg.step
-            quantize_any(m, plan["bits"][name] if auto else lc.bits, self.cfg, tied, step)
-            done.append(m)
-            biases += [(layer, "bias") for layer in [m] + [t for _, t in tied]]
+        errors = {}
+        for group in self.order(model, settings):
+            hessians = self.hessians(model, ctx, group) if self.cfg.method == "gptq" else {}
+            for name in group:
+                m, tied, lc = layers[name], ties.get(name, ()), settings[name]
+                step = lc.step if lc.step is not None else self.cfg.step
+                h = hessians.pop(name, None)
+                hessian = None if h is None else {"h": h, "damp": self.cfg.damp, "block": self.cfg.block,
+                                                  "act_order": self.cfg.act_order, "name": name}
+                error = quantize_any(m, plan["bits"][name] if auto else lc.bits, self.cfg, tied, step, hessian)
+                if error is not None:
+                    errors[name] = error
+                done.append(m)
+                biases += [(layer, "bias") for layer in [m] + [t for _, t in tied]]
         half = biases * (self.cfg.bias == "float16")
         if self.cfg.norms == "float16":
             half += [(m, a) for m in model.modules() if isinstance(m, NORMS) for a in ("weight", "bias")]
@@ -339,11 +469,35 @@ class Quantize:
         if auto:
             report_allotment(plan, before, evaluate(model, ctx.test_loader(), ctx.reference_outputs, task=ctx.task)[0],
                              ctx)
+        if self.cfg.method == "gptq":
+            report_gptq(errors, [n for n, lc in settings.items() if not lc.skip and n not in errors], ctx)
         fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune, loss_fn=ctx.loss,
             on_epoch=ctx.epoch_callback(model))
         for m in done:  # QAT may have moved more weights onto level 0: keep them there too
             pin_zeros(m)
         return model
+
+    def order(self, model: nn.Module, settings: dict[str, LayerQuant]) -> list[list[str]]:
+        """The layers to quantize, in groups: one group (rtn), or block by block (gptq with sequential)."""
+        names = [n for n, _ in compressible_layers(model) if not settings[n].skip]
+        if self.cfg.method != "gptq" or not self.cfg.sequential:
+            return [names]
+        return gptq.sequential_groups(names, [b for b, _ in gptq.find_blocks(model)])
+
+    def hessians(self, model: nn.Module, ctx: Context, names: list[str]) -> dict[str, torch.Tensor]:
+        """method: gptq: the input Hessians of the GPTQ-able layers among `names`, from `calibration_samples`
+        training examples, through the model as it is now (earlier groups already quantized)."""
+        layers = {n: m for n, m in compressible_layers(model) if n in names and gptq.supports(m)}
+        if not layers:
+            return {}
+        bs = self.cfg.finetune.batch_size or ctx.batch_size
+        batches = ctx.calibration_batches(math.ceil(self.cfg.calibration_samples / bs), batch_size=bs)
+        hs, seen = gptq.input_hessians(model, layers, batches, task_forward(ctx))
+        if not seen:
+            raise ConfigError(f"stages.{ctx.stage or 'quantize'}.method", "gptq", "needs calibration batches "
+                              "(the layers' input Hessians), and data.train gives none; use method: rtn")
+        log.info("  gptq: input Hessians of %d layers from %d calibration batches", len(hs), seen)
+        return hs
 
     def quantizer(self, lc: LayerQuant):
         """How the stage puts one layer on a b-bit grid (its scheme, granularity and step), for sensitivities."""
@@ -421,3 +575,10 @@ def report_allotment(plan: dict, before: dict, after: dict, ctx: Context) -> Non
              fields["avg_bits_per_weight"], fields["budget_bits_per_weight"], plan["samples"],
              plan["predicted"], "-" if measured is None else f"{measured:.4g}", metric,
              format_quality(metric, before.get("quality")), format_quality(metric, after.get("quality")))
+
+
+def report_gptq(errors: dict[str, float], rounded: list[str], ctx: Context) -> None:
+    """GPTQ's per-layer weighted error into the stage record; layers it could not take were rounded."""
+    ctx.stage_record.update({"gptq_error": errors, "gptq_rounded_layers": rounded})
+    if rounded:
+        log.info("  gptq: rounded to nearest (no input activation GPTQ can use): %s", ", ".join(rounded))

@@ -71,8 +71,10 @@ def test_trailing_bytes(tmp_path, blob):
 def test_wrong_version(tmp_path, blob, capsys):
     data = bytearray(blob)
     data[4] = VERSION + 1
-    assert_refused(tmp_path, with_crc(bytes(data)), f"format version {VERSION + 1}", f"reads version {VERSION}",
+    assert_refused(tmp_path, with_crc(bytes(data)), f"format version {VERSION + 1}", f"reads versions 1..{VERSION}",
                    "newer", capsys=capsys)
+    data[4] = 0
+    assert_refused(tmp_path, with_crc(bytes(data)), "format version 0", "an older lwpipe", capsys=capsys)
 
 
 @pytest.mark.parametrize("data", [b"", b"PK\x03\x04 a zip, say", b'{"not": "an artifact"}'])

@@ -1,0 +1,68 @@
+"""llm-compressor's side of bench_gptq.py, run with the Python of a venv that has llmcompressor.
+
+    VENV/bin/python benchmarks/peer_llmcompressor.py MODEL_DIR calib.txt test.txt --max-length 64
+
+Prints one JSON line: {"rtn": cosine, "gptq": cosine, "seconds": {...}}: mean cosine of the
+mean-pooled, normalised embeddings (all-MiniLM-L6-v2's pooling) of the quantized BertModel to the
+original's on test.txt, after llm-compressor's oneshot with QuantizationModifier (round to nearest)
+or GPTQModifier, scheme W4A16 (4-bit symmetric weights, groups of 128) on every Linear layer,
+calibrated on calib.txt. Kept apart from lwpipe's venv: llmcompressor pins its own packages.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+
+def embed(model, batches) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for b in batches:
+            h = model(**b).last_hidden_state
+            m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1))
+    return torch.cat(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("calib")
+    p.add_argument("test")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(a.model)
+    lines = lambda f: [t for t in open(f, encoding="utf-8").read().splitlines() if t.strip()]  # noqa: E731
+    calib, test = lines(a.calib), lines(a.test)
+    enc = lambda texts: tok(texts, truncation=True, max_length=a.max_length, padding=True, return_tensors="pt")  # noqa: E731
+    test_batches = [enc(test[i:i + 64]) for i in range(0, len(test), 64)]
+    rows = [tok(t, truncation=True, max_length=a.max_length) for t in calib]
+    ds = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
+                            "attention_mask": [r["attention_mask"] for r in rows]})
+    original = AutoModel.from_pretrained(a.model, torch_dtype=torch.float32).eval()
+    reference = embed(original, test_batches)
+    result, seconds = {}, {}
+    for name, modifier in (("rtn", QuantizationModifier(targets="Linear", scheme="W4A16", ignore=[])),
+                           ("gptq", GPTQModifier(targets="Linear", scheme="W4A16", ignore=[]))):
+        model = copy.deepcopy(original)
+        t = time.perf_counter()
+        oneshot(model=model, dataset=ds, recipe=modifier, max_seq_length=a.max_length,
+                num_calibration_samples=len(calib))
+        seconds[name] = round(time.perf_counter() - t, 1)
+        result[name] = torch.nn.functional.cosine_similarity(embed(model.eval(), test_batches), reference).mean().item()
+    print(json.dumps({**result, "seconds": seconds, "test_texts": len(test), "calibration_texts": len(calib)}))
+
+
+if __name__ == "__main__":
+    main()
