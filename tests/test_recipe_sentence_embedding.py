@@ -71,10 +71,12 @@ def test_the_recipe_on_a_tiny_sentence_model(recipe, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_encoder_without_word_embeddings_is_refused_before_any_work_and_the_documented_fix_runs(tmp_path):
+def test_an_embedding_name_the_model_lacks_is_refused_before_any_work_and_dropping_it_runs(tmp_path):
+    """What a user of an encoder that does not call its table word_embeddings meets, and the README's fix."""
     st = save_sentence_model(tmp_path / "st")
     rows = make_texts(24)
-    data = [f"data.train={write_txt(tmp_path / 'a.txt', rows[:12])}", f"data.test={write_txt(tmp_path / 'b.txt', rows[12:])}"]
+    train, test = write_txt(tmp_path / "a.txt", rows[:12]), write_txt(tmp_path / "b.txt", rows[12:])
+    data = [f"data.train={train}", f"data.test={test}"]
     base = ["recipe=sentence_embedding", f"model.path={st}", *data, *SMALL, "cache=false", "measure.latency=false"]
     # the same recipe with the embedding table under another name: as if the model called it embed_tokens
     renamed = [*base, "~stages.quantize.layers", "+stages.quantize.layers={embed_tokens:{step:0.8}}"]
