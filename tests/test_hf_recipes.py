@@ -84,7 +84,7 @@ def test_sentence_embedding(files, tmp_path):
     assert final["compression_ratio"] > 2
     batch = {"input_ids": torch.tensor([[2, 5, 7, 9, 3]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
     assert_artifact_is_the_final_model(tmp_path, load_sentence_transformer(str(files["st"])), batch,
-                                       "04_distill.safetensors")
+                                       "01_quantize.safetensors")
 
 
 def test_builtin_corpus_without_data_files(files, tmp_path):
