@@ -14,7 +14,7 @@ def test_bits_auto_reports_an_encoders_cosine_to_the_uncompressed_model(tmp_path
         f"data.train={write_txt(tmp_path / 'a.txt', rows[:32])}",
         f"data.test={write_txt(tmp_path / 'b.txt', rows[32:])}",
         "data.batch_size=8", "data.max_length=16", "eval.batch_size=16", "pipeline=[prune,quantize]",
-        "stages.prune.sparsity=0.6", "stages.quantize.bits=auto", "+stages.quantize.budget={bits_per_weight:4}",
+        "++stages.prune.sparsity=0.6", "stages.quantize.bits=auto", "+stages.quantize.budget={bits_per_weight:4}",
         "++stages.quantize.candidates=[2,4,8]"], tmp_path / "run")
     pruned = [r for r in records if r["event"] == "stage_end" and r["stage"] == "prune"][0]
     assert pruned["cosine"] < 0.999
