@@ -170,29 +170,39 @@ def read_file(path, check) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))  # a FIFO opens at once
     except OSError as e:
         raise ArtifactError(f"cannot read {source}: {e.strerror or e}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ArtifactError(f"{source} is {_kind(info.st_mode)}, not a regular file: lwpipe reads artifacts "
+                                "only from regular files")
+    except BaseException:
+        os.close(fd)
+        raise
     with os.fdopen(fd, "rb", buffering=0) as f:
         try:
-            info = os.fstat(fd)
-            mode, size = info.st_mode, info.st_size
-            if not stat.S_ISREG(mode):
-                raise ArtifactError(f"{source} is {_kind(mode)}, not a regular file: lwpipe reads artifacts only "
-                                    "from regular files")
-            head = f.read(min(size, 16))
-            declared, pos = _prefix(head, source)
-            _check_length(size, declared, source)
-            f.seek(0)
-            head = f.read(min(size, pos + 10 + MAX_DEFLATED))
-            try:
-                header, start = _header(head, pos, source)
-                check(header, size - start - 4)
-            except ArtifactError:
-                f.seek(0)
-                _crc_matches(f, size, source)  # a damaged file is named damaged, as unpack would
-                raise
-            f.seek(0)
-            return f.read(size + 1)
+            return _read_checked(f, info.st_size, source, check)
         except OSError as e:
             raise ArtifactError(f"cannot read {source}: {e.strerror or e}") from None
+
+
+def _read_checked(f, size: int, source: str, check) -> bytes:
+    declared, pos = _prefix(f.read(min(size, 16)), source)
+    _check_length(size, declared, source)
+    f.seek(0)
+    head = f.read(min(size, pos + 10 + MAX_DEFLATED))
+    try:
+        header, start = _header(head, pos, source)
+        check(header, size - start - 4)
+    except ArtifactError:
+        if size <= CRC_SCAN_LIMIT:  # a damaged file is named damaged, as unpack would
+            f.seek(0)
+            _crc_matches(f, size, source)
+        raise
+    f.seek(0)
+    return f.read(size + 1)
+
+
+CRC_SCAN_LIMIT = 64 << 20  # a refused file up to this size is checked for damage first (streamed, 1 MiB at a time)
 
 
 def _crc_matches(f, size: int, source: str) -> None:

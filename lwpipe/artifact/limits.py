@@ -26,6 +26,19 @@ BODY_PER_DENSE_BYTE = 4
 ENTRY_BYTES = 8 << 10
 
 
+MEMORY_FACTOR = 4  # reading takes at most this many times the declared dense size (benchmarks/bench_fuzz.py)
+
+
+def memory_available() -> int:
+    """Bytes this process may use at most: physical memory, or less under an address-space limit."""
+    import os
+    import resource
+
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return total if soft == resource.RLIM_INFINITY else min(total, soft)
+
+
 class HeaderError(ValueError):
     """A header field that is missing, of the wrong type, or out of bounds; decode turns it into ArtifactError."""
 
@@ -139,6 +152,10 @@ def check_header(header: dict, body_len: int, max_dense_bytes: int | None = None
     dense = _int(header.get("dense_bytes"), "dense_bytes")
     if max_dense_bytes is not None and dense > max_dense_bytes:
         raise HeaderError(f"the model's dense size is {dense:,} bytes, above the limit of {max_dense_bytes:,}")
+    if max_dense_bytes is None and MEMORY_FACTOR * dense > memory_available():
+        raise HeaderError(f"the model's dense size is {dense:,} bytes: reading it takes up to {MEMORY_FACTOR}x that, "
+                          f"more than the {memory_available():,} bytes of memory this process may use "
+                          "(max_dense_bytes= / --max-dense-bytes sets the limit instead)")
     if header.get("model") is not None:
         _dict(header["model"], "model config")
     sections = _list(header.get("sections"), "sections")
