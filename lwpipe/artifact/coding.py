@@ -104,11 +104,13 @@ class BitReader:
         if n * nbits > self.remaining:
             raise ValueError("bit section ends early")
         out = np.zeros(n, dtype=np.int64)
-        if n and nbits:
-            bits = self._bits(n * nbits).reshape(n, nbits).astype(np.int64)
+        step = max(1, CHUNK_BITS // max(nbits, 1))  # values a chunk: its bits as one byte each, ~256 KB
+        for start in range(0, n if nbits else 0, step):
+            m = min(step, n - start)
+            bits = self._bits(m * nbits).reshape(m, nbits)
             for i in range(nbits):
-                out = (out << 1) | bits[:, i]
-            self.pos += n * nbits
+                out[start:start + m] = (out[start:start + m] << 1) | bits[:, i]
+            self.pos += m * nbits
         return out
 
     def read_exp_golomb_many(self, count: int, k: int, limit: int) -> np.ndarray:

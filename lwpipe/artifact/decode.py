@@ -140,12 +140,12 @@ def take_levels(shape, raw: RawReader, streams: StreamReader) -> tuple[torch.Ten
     return scale, (levels.float() * scale).reshape(shape)
 
 
-def read_levels(streams: StreamReader, n: int, qmin: int, qmax: int) -> list[int]:
-    """n integer levels packed at the grid's bit width; the bits left bound n before the loop."""
+def read_levels(streams: StreamReader, n: int, qmin: int, qmax: int) -> torch.Tensor:
+    """n integer levels packed at the grid's bit width, as float32; the bits left bound n before reading."""
     width = (qmax - qmin).bit_length()
     if n * width > streams.bits.remaining:
         raise ValueError(f"{n:,} levels of {width} bits, {streams.bits.remaining:,} bits are left")
-    return [v + qmin for v in streams.bits.read_many(n, width).tolist()]
+    return torch.from_numpy(streams.bits.read_many(n, width) + qmin).float()
 
 
 def read_layer(e: dict, raw: RawReader, streams: StreamReader) -> Layer:
@@ -179,7 +179,7 @@ def read_layer(e: dict, raw: RawReader, streams: StreamReader) -> Layer:
         index = torch.from_numpy(streams.symbols(n, k)).to(index_dtype(k))
         cost["values"] = _stream_bits(streams.stats[-1])
         if e["shared"]["codebook"] == "levels":
-            levels = torch.tensor(read_levels(streams, k, c.qmin, c.qmax), dtype=torch.float32)
+            levels = read_levels(streams, k, c.qmin, c.qmax)
             centroids = dequantize(levels, c.scale, c.zero_point)
         else:
             centroids = take(e["shared"]["codebook"], [k], torch.float32, raw, streams)
@@ -210,7 +210,7 @@ def read_grid(c: Compressed, q: dict, raw: RawReader, streams: StreamReader) -> 
     if isinstance(mode, int):
         zp = torch.full(shape, float(mode))
     elif mode == "levels":
-        zp = torch.tensor(read_levels(streams, math.prod(shape), qmin, qmax), dtype=torch.float32).reshape(shape)
+        zp = read_levels(streams, math.prod(shape), qmin, qmax).reshape(shape)
     else:
         zp = take(mode, shape, torch.float32, raw, streams)
     axis = q["axis"]

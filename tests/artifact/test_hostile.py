@@ -46,7 +46,7 @@ def read_all(tmp_path, cases: dict[str, bytes | str]) -> dict[str, dict]:
         if not isinstance(data, str):
             paths[name].write_bytes(data)
     p = subprocess.run([sys.executable, "-c", CHILD, *map(str, paths.values())], capture_output=True, text=True,
-                       timeout=300)
+                       timeout=150)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
     out = json.loads(p.stdout)
     return {name: {r: out[f"{path} {r}"] for r in ("inspect", "load")} | {"seconds": out[f"{path} seconds"]}
