@@ -190,3 +190,13 @@ def test_a_table_of_two_million_entries_is_read(tmp_path):
     got = read_all(tmp_path, {"table": data})["table"]
     assert got["inspect"] == "LOADED", got
     assert np.isfinite(got["seconds"])
+
+
+def test_inspect_takes_the_same_dense_size_limit_as_load(tmp_path, capsys, blob):
+    path = tmp_path / "model.lwp"
+    path.write_bytes(blob)
+    with pytest.raises(SystemExit) as exit_:
+        inspect_main([str(path), "--max-dense-bytes", "1000"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "dense size is 10,528 bytes, above the limit of 1,000" in err
+    assert inspect_main([str(path), "--max-dense-bytes", "10528"]) == 0
