@@ -114,7 +114,6 @@ def declared_size(blob: bytes, size: int) -> bytes:
     """The file's prefix rewritten to declare `size` bytes (the rest of the 4 GiB is the sparse zeros)."""
     from lwpipe.artifact.format import MAGIC, VERSION, _leb128
 
-    _, body = unpack(blob)
     return MAGIC + bytes([VERSION]) + _leb128(size) + blob[5 + len(_leb128(len(blob))):]
 
 
