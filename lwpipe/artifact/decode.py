@@ -108,7 +108,7 @@ def read(data: bytes, source: str = "artifact", max_dense_bytes: int | None = No
                 value = take(how, shape, DTYPES[dtype], raw, streams)
             tensors[name] = (value, "half" in flags)
             tensor_bits[name] = 8.0 * (raw.pos - start) + sum(_stream_bits(s) for s in streams.stats[first:])
-        if raw.pos != raw_len or not streams.done():
+        if raw.pos != raw_len or not streams.done() or streams.bits.remaining >= 8:  # the writer pads < 1 byte
             raise ValueError("data left over after the last tensor")
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError, OverflowError) as e:
         raise ArtifactError(f"{source} cannot be decoded: {e}") from None

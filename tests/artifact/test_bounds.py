@@ -85,6 +85,14 @@ def test_a_body_longer_than_its_header_can_explain_is_refused_before_it_is_read(
         assert "more than the" in got[reader] and "its declared content can take" in got[reader], got
 
 
+def test_bytes_left_in_the_bit_section_are_refused(blob):
+    header, body = unpack(blob)
+    header["sections"][1] += 1024
+    cut = header["sections"][0] + header["sections"][1] - 1024
+    with pytest.raises(ArtifactError, match="data left over after the last tensor"):
+        read(pack(header, body[:cut] + bytes(range(256)) * 4 + body[cut:]))
+
+
 def test_a_one_symbol_stream_of_a_trillion_levels_is_refused_by_inspect(tmp_path):
     """lwpipe-inspect tried to allocate 7.28 TiB here (np.full) and printed a traceback."""
     got = read_all(tmp_path, {"1e12": forge.memory({}, random.Random(3))})["1e12"]
