@@ -18,6 +18,7 @@ flush per file); a stream with a single distinct symbol costs only its table.
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 from constriction import stream
@@ -27,6 +28,7 @@ Categorical = stream.model.Categorical
 
 MAX_PRECISION = 20  # bits of the frequency table; constriction's coder has 24
 UNIFORM_PRECISION = 20
+UNIFORM_LIMIT = 1 << (UNIFORM_PRECISION - 4)  # the widest alphabet a uniform table serves
 
 
 # -- bits --------------------------------------------------------------------------------
@@ -54,27 +56,143 @@ class BitWriter:
 
 
 class BitReader:
+    """MSB-first reads from the bit section's bytes as they are (no copy, no per-bit expansion)."""
+
     def __init__(self, data: bytes):
-        self._bits = "".join(format(b, "08b") for b in data)
+        self._data, self._nbits = data, 8 * len(data)
         self.pos = 0
 
     @property
     def remaining(self) -> int:
-        return len(self._bits) - self.pos
+        return self._nbits - self.pos
 
     def read(self, nbits: int) -> int:
-        if nbits < 0 or self.pos + nbits > len(self._bits):
+        if nbits < 0 or self.pos + nbits > self._nbits:
             raise ValueError("bit section ends early")
-        value = int(self._bits[self.pos:self.pos + nbits] or "0", 2)
+        if nbits == 0:
+            return 0
+        first, last = self.pos >> 3, (self.pos + nbits + 7) >> 3
+        word = int.from_bytes(self._data[first:last], "big")
         self.pos += nbits
-        return value
+        return (word >> (8 * last - self.pos)) & ((1 << nbits) - 1)
 
     def read_exp_golomb(self, k: int = 0) -> int:
-        zeros = self._bits.find("1", self.pos) - self.pos
-        if zeros < 0:
-            raise ValueError("bit section ends early")
-        self.pos += zeros
+        one = self._next_one()
+        zeros = one - self.pos
+        self.pos = one
         return self.read(zeros + k + 1) - (1 << k)
+
+    def _next_one(self) -> int:
+        """Position of the first 1 bit at or after pos (a regex scan: C speed, no copy)."""
+        byte = self.pos >> 3
+        if byte < len(self._data) and self._data[byte] & (0xFF >> (self.pos & 7)):
+            return 8 * byte + 8 - (self._data[byte] & (0xFF >> (self.pos & 7))).bit_length()
+        found = _NONZERO.search(self._data, byte + 1)
+        if found is None:
+            raise ValueError("bit section ends early")
+        return 8 * found.start() + 8 - self._data[found.start()].bit_length()
+
+    def _bits(self, count: int) -> np.ndarray:
+        """The next `count` bits (at most) as a uint8 array of 0/1, without moving pos."""
+        first = self.pos >> 3
+        raw = np.frombuffer(self._data, dtype=np.uint8, count=min(len(self._data) - first, (count + 15) >> 3),
+                            offset=first)
+        return np.unpackbits(raw)[self.pos & 7:][:count]
+
+    def read_many(self, n: int, nbits: int) -> np.ndarray:
+        """n values of nbits bits each (nbits <= 62), as int64."""
+        if n * nbits > self.remaining:
+            raise ValueError("bit section ends early")
+        out = np.zeros(n, dtype=np.int64)
+        step = max(1, CHUNK_BITS // max(nbits, 1))  # values a chunk: its bits as one byte each, ~256 KB
+        for start in range(0, n if nbits else 0, step):
+            m = min(step, n - start)
+            bits = self._bits(m * nbits).reshape(m, nbits)
+            for i in range(nbits):
+                out[start:start + m] = (out[start:start + m] << 1) | bits[:, i]
+            self.pos += m * nbits
+        return out
+
+    def read_exp_golomb_many(self, count: int, k: int, limit: int) -> np.ndarray:
+        """`count` Exp-Golomb codes of order k, each at most `limit`; ValueError on a longer code.
+
+        Read in chunks of CHUNK_BITS (~20 MB of work arrays at most, whatever the count): linear in the bits
+        read."""
+        out, done = np.zeros(count, dtype=np.int64), 0
+        longest = 2 * (limit + (1 << k)).bit_length() - 1 - k
+        while done < count:
+            bits = self._bits(min(CHUNK_BITS, (count - done) * longest + 8))
+            got = _exp_golomb_chain(bits, k, count - done, longest)
+            if got is None:
+                raise ValueError("frequency table is corrupt" if len(bits) > longest else "bit section ends early")
+            values, used = got
+            out[done:done + len(values)] = values
+            done, self.pos = done + len(values), self.pos + used
+        return out
+
+
+_NONZERO = re.compile(rb"[^\x00]")
+CHUNK_BITS = 1 << 18
+SEGMENT = 256  # longer than any code a table may hold (~2 x 21 bits at precision 20)
+
+
+def _exp_golomb_chain(bits: np.ndarray, k: int, want: int, longest: int) -> tuple[np.ndarray, int] | None:
+    """(values, bits used) of up to `want` whole codes from bits[0]; None when not even the first is whole
+    and at most `longest` (< SEGMENT) bits.
+
+    Every position is parsed as if a code started there (numpy), then the chain of real code starts is found
+    segment by segment: each segment's chain is followed from its first bit, all segments at once; a code
+    chain re-synchronises within a few codes, so the chain entering a segment almost always lands on that
+    segment's chain and takes the rest of it as it is (else the segment is followed again from there)."""
+    size = len(bits)
+    idx = np.arange(size + 1, dtype=np.int64)
+    nxt = np.full(size + 1, size, dtype=np.int64)
+    ones = np.flatnonzero(bits)
+    nxt[ones] = ones
+    nxt = np.minimum.accumulate(nxt[::-1])[::-1]
+    end = 2 * nxt - idx + k + 1  # z zeros, the 1, then z + k bits
+    ok = (nxt < size) & (end <= size) & (end - idx <= longest)
+    jump = np.where(ok, end, idx)  # where no whole code starts, the chain stops
+    heads = np.arange(0, size, SEGMENT)
+    tails = np.minimum(heads + SEGMENT, size)
+    pos, mark = heads.copy(), np.zeros(size + 1, dtype=bool)
+    for _ in range(SEGMENT):
+        inside = pos < tails
+        if not inside.any():
+            break
+        mark[pos[inside]] = True
+        pos = np.where(inside, jump[pos], pos)
+    _join_segments(mark, pos.tolist(), ok, jump)
+    starts = np.flatnonzero(mark[:size])
+    bad = ~ok[starts]
+    starts = starts[:min(want, int(np.argmax(bad)) if bad.any() else len(starts))]
+    if len(starts) == 0:
+        return None
+    first = nxt[starts]  # each value's bits start at its leading 1
+    length = end[starts] - first
+    values = np.zeros(len(starts), dtype=np.int64)
+    for i in range(int(length.max())):
+        values = np.where(i < length, (values << 1) | bits[np.minimum(first + i, size - 1)], values)
+    return values - (1 << k), int(jump[starts[-1]])
+
+
+def _join_segments(mark: np.ndarray, exits: list[int], ok: np.ndarray, jump: np.ndarray) -> None:
+    """Leave marked only the chain from bit 0: each segment's marks from where the chain enters it."""
+    size, entry = len(ok) - 1, 0
+    for c, exit_ in enumerate(exits):
+        lo, hi = c * SEGMENT, min(c * SEGMENT + SEGMENT, size)
+        if not mark[entry]:  # the chain did not land on this segment's chain: follow it here by hand
+            mark[lo:hi] = False
+            exit_ = entry
+            while exit_ < hi and ok[exit_]:
+                mark[exit_] = True
+                exit_ = int(jump[exit_])
+        mark[lo:entry] = False
+        if exit_ < hi:  # the chain stops inside this segment (no whole code at exit_)
+            mark[exit_] = True
+            mark[exit_ + 1:] = False
+            return
+        entry = exit_
 
 
 def exp_golomb_bits(n: np.ndarray, k: int) -> np.ndarray:
@@ -128,7 +246,7 @@ def choose_table(counts: np.ndarray) -> tuple[np.ndarray, int, int, float]:
         bits, k = table_cost(f)
         return f, 0, k, float(bits + 1)
     best = (None, 0, 0, np.inf)
-    if len(counts) <= 1 << (UNIFORM_PRECISION - 4):
+    if len(counts) <= UNIFORM_LIMIT:
         f = uniform_table(len(counts))
         head = int(exp_golomb_bits(np.array([len(f)]), 0)[0]) + 1
         best = (f, -1, 0, head - float((counts * np.log2(f / (1 << UNIFORM_PRECISION))).sum()))
@@ -238,7 +356,7 @@ class StreamReader:
         if n == 0:
             return np.zeros(0, dtype=np.int64)
         start = self.bits.pos
-        f, precision = self._table(alphabet)
+        f, precision = self._table(alphabet, n)
         stat["table_bits"] = self.bits.pos - start
         support = np.flatnonzero(f)
         if len(support) == 1:
@@ -252,24 +370,31 @@ class StreamReader:
         stat["coded_bits"] = before - self._coder.num_valid_bits()
         return ranks if len(support) == len(f) else support[ranks]  # every symbol live: ranks are the symbols
 
-    def _table(self, alphabet: int | None) -> tuple[np.ndarray, int]:
+    def _table(self, alphabet: int | None, n: int) -> tuple[np.ndarray, int]:
+        """The stream's frequencies, bounded by its symbol count n: a stored table costs less than the
+        uniform one it replaces (~n x log2(size) bits, choose_table), so it has fewer than 16 n + 64 entries
+        when the uniform table was possible; above that size it has at most n symbols live."""
         size = self.bits.read_exp_golomb()
         if size < 1 or (alphabet is not None and size > alphabet):
             raise ValueError(f"frequency table of {size:,} symbols for an alphabet of {alphabet:,}")
         if self.bits.read(1):
-            if size > 1 << (UNIFORM_PRECISION - 4):  # the writer's own limit (choose_table)
+            if size > UNIFORM_LIMIT:  # the writer's own limit (choose_table)
                 raise ValueError(f"uniform table of {size:,} symbols")
             return uniform_table(size), UNIFORM_PRECISION
         precision, k = self.bits.read(5), self.bits.read(4)
-        if precision > MAX_PRECISION or size - 1 > self.bits.remaining:  # each frequency takes >= 1 bit
+        if size <= UNIFORM_LIMIT and size > 16 * n + 64:
+            raise ValueError(f"frequency table of {size:,} symbols for a stream of {n:,}: it costs more than "
+                             "the uniform table (no writer stores it)")
+        if precision > MAX_PRECISION or (size - 1) * (k + 1) > self.bits.remaining:  # each takes >= k + 1 bits
             raise ValueError("frequency table is corrupt")
         f = np.zeros(size, dtype=np.int64)
-        for i in range(size - 1):
-            f[i] = min(self.bits.read_exp_golomb(k), 1 << 62)  # clipped: the sum check below refuses it
+        f[:-1] = self.bits.read_exp_golomb_many(size - 1, k, 1 << precision)  # a longer code is refused
         rest = (1 << precision) - int(f.sum())
         if rest < 1 or f.max() > 1 << precision:
             raise ValueError("frequency table is corrupt")
         f[-1] = rest
+        if np.count_nonzero(f) > n:
+            raise ValueError(f"frequency table with {np.count_nonzero(f):,} live symbols for a stream of {n:,}")
         return f, precision
 
     def done(self) -> bool:

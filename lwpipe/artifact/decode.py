@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from lwpipe.artifact.coding import StreamReader
-from lwpipe.artifact.format import ArtifactError, unpack
+from lwpipe.artifact.format import ArtifactError, read_file, unpack
 from lwpipe.artifact.positions import positions_from_gaps
-from lwpipe.artifact.limits import check_grid_values, check_header
+from lwpipe.artifact.limits import HeaderError, check_arguments, check_grid_values, check_header
 from lwpipe.artifact.raw import DTYPES, FLOAT_FIELDS, RawReader, join_float, mantissa_bytes
 from lwpipe.constraints import (BIAS_LEVELS, Compressed, constraint, dequantize, effective_tensors, ensure_constraint_as,
                                 grid_axis, index_dtype, is_compressible, set_grid, set_half)
@@ -68,23 +67,32 @@ def load(path, *, module: nn.Module | None = None, trusted: bool = False, constr
     A file is either loaded or refused with ArtifactError; reading it takes memory proportional to the
     model's dense size as the file declares it (`max_dense_bytes` refuses files that declare more).
     """
-    data = read_bytes(path)
-    header, _ = unpack(data, str(path))
+    data = read_bytes(path, max_dense_bytes)
+    header, _ = unpack(data, str(path), view=True)
     if module is None:
         constructor(header, trusted, str(path))  # refuse before any decoding work
-    model = build(read(data, str(path), max_dense_bytes), module=module, trusted=trusted, source=str(path))
-    return model if constrained else bake_in_place(model)
-
-
-def read_bytes(path) -> bytes:
     try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise ArtifactError(f"cannot read {path}: {e.strerror or e}") from None
+        model = build(read(data, str(path), max_dense_bytes), module=module, trusted=trusted, source=str(path))
+        return model if constrained else bake_in_place(model)
+    except MemoryError:
+        raise ArtifactError(f"{path}: not enough memory to build the model it declares "
+                            f"({header.get('dense_bytes')} dense bytes); see max_dense_bytes") from None
+
+
+def read_bytes(path, max_dense_bytes: int | None = None) -> bytes:
+    """The file's bytes, read only when it is a regular file whose header passes `check_header` (and whose
+    length is what that header can explain)."""
+    def check(header: dict, body_len: int) -> None:
+        try:
+            check_header(header, body_len, max_dense_bytes)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ArtifactError(f"{path} cannot be decoded: {e}") from None
+
+    return read_file(path, check)
 
 
 def read(data: bytes, source: str = "artifact", max_dense_bytes: int | None = None) -> Artifact:
-    header, body = unpack(data, source)
+    header, body = unpack(data, source, view=True)  # views: the body is not copied
     try:
         check_header(header, len(body), max_dense_bytes)  # every declared count, before anything is allocated
         raw_len, bits_len, words_len = header["sections"]
@@ -102,10 +110,13 @@ def read(data: bytes, source: str = "artifact", max_dense_bytes: int | None = No
                 raise ValueError(f"{name} is held to float16 but holds NaN or Inf")
             tensors[name] = (value, "half" in flags)
             tensor_bits[name] = 8.0 * (raw.pos - start) + sum(_stream_bits(s) for s in streams.stats[first:])
-        if raw.pos != raw_len or not streams.done():
+        if raw.pos != raw_len or not streams.done() or streams.bits.remaining >= 8:  # the writer pads < 1 byte
             raise ValueError("data left over after the last tensor")
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError, OverflowError) as e:
         raise ArtifactError(f"{source} cannot be decoded: {e}") from None
+    except MemoryError:
+        raise ArtifactError(f"{source} cannot be decoded: not enough memory for the {header.get('dense_bytes')} "
+                            "dense bytes it declares (max_dense_bytes refuses such files first)") from None
     return Artifact(header, layers, tensors, tensor_bits, len(data), grids)
 
 
@@ -130,12 +141,12 @@ def take_levels(shape, raw: RawReader, streams: StreamReader) -> tuple[torch.Ten
     return scale, (levels.float() * scale).reshape(shape)
 
 
-def read_levels(streams: StreamReader, n: int, qmin: int, qmax: int) -> list[int]:
-    """n integer levels packed at the grid's bit width; the bits left bound n before the loop."""
+def read_levels(streams: StreamReader, n: int, qmin: int, qmax: int) -> torch.Tensor:
+    """n integer levels packed at the grid's bit width, as float32; the bits left bound n before reading."""
     width = (qmax - qmin).bit_length()
     if n * width > streams.bits.remaining:
         raise ValueError(f"{n:,} levels of {width} bits, {streams.bits.remaining:,} bits are left")
-    return [streams.bits.read(width) + qmin for _ in range(n)]
+    return torch.from_numpy(streams.bits.read_many(n, width) + qmin).float()
 
 
 def read_layer(e: dict, raw: RawReader, streams: StreamReader) -> Layer:
@@ -169,7 +180,7 @@ def read_layer(e: dict, raw: RawReader, streams: StreamReader) -> Layer:
         index = torch.from_numpy(streams.symbols(n, k)).to(index_dtype(k))
         cost["values"] = _stream_bits(streams.stats[-1])
         if e["shared"]["codebook"] == "levels":
-            levels = torch.tensor(read_levels(streams, k, c.qmin, c.qmax), dtype=torch.float32)
+            levels = read_levels(streams, k, c.qmin, c.qmax)
             centroids = dequantize(levels, c.scale, c.zero_point)
         else:
             centroids = take(e["shared"]["codebook"], [k], torch.float32, raw, streams)
@@ -201,7 +212,7 @@ def read_grid(c: Compressed, q: dict, raw: RawReader, streams: StreamReader, nam
     if isinstance(mode, int):
         zp = torch.full(shape, float(mode))
     elif mode == "levels":
-        zp = torch.tensor(read_levels(streams, math.prod(shape), qmin, qmax), dtype=torch.float32).reshape(shape)
+        zp = read_levels(streams, math.prod(shape), qmin, qmax).reshape(shape)
     else:
         zp = take(mode, shape, torch.float32, raw, streams)
     check_grid_values(scale, zp, qmin, qmax, name)
@@ -247,6 +258,10 @@ def build_model(header: dict, trusted: bool, source: str) -> nn.Module:
     cls = constructor(header, trusted, source)
     config = header["model"]
     if cls is not None:  # the file's arguments are tried without memory first: they must give the file's shapes
+        try:
+            check_arguments(cls, config, header)  # before constructing even on meta: a million blocks take minutes
+        except HeaderError as e:
+            raise ArtifactError(f"{source}: the model's arguments do not fit the file: {e}") from None
         meta = _construct(cls, config, source, torch.device("meta"))
         stored = stored_shapes(header)
         built = {n: list(t.shape) for n, t in effective_tensors(meta).items()}
@@ -272,8 +287,9 @@ def _construct(cls, config: dict, source: str, device: torch.device | None = Non
 
                 return instantiate(config, _convert_="all")
             return cls(**{k: v for k, v in config.items() if k != "_target_"})
-    except Exception as e:
-        raise ArtifactError(f"{source}: building the model {config['_target_']} failed: {e}") from None
+    except Exception as e:  # MemoryError included
+        raise ArtifactError(f"{source}: building the model {config['_target_']} failed: "
+                            f"{str(e).strip() or type(e).__name__}") from None
 
 
 def stored_shapes(header: dict) -> dict[str, list]:

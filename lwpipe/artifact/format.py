@@ -17,6 +17,8 @@ and the model is built only from an allowlist (see decode.py).
 from __future__ import annotations
 
 import json
+import os
+import stat
 import zlib
 
 from lwpipe.errors import LwpipeError
@@ -42,6 +44,8 @@ HEADER_WORDS = (
 
 # A header is ~150 bytes of JSON per stored tensor: 16 MiB holds ~100,000 tensors.
 MAX_HEADER = 16 << 20
+# deflate adds at most 5 bytes per 16 KiB stored block: a header's compressed form is below this
+MAX_DEFLATED = MAX_HEADER + MAX_HEADER // 1000 + 1024
 
 
 class ArtifactError(LwpipeError):
@@ -98,8 +102,8 @@ def pack_json(header: bytes, body: bytes, version: int = FIRST_VERSION) -> bytes
     return data + zlib.crc32(data).to_bytes(4, "little")
 
 
-def unpack(data: bytes, source: str = "artifact") -> tuple[dict, bytes]:
-    """(header, body) of a whole file; ArtifactError naming what is wrong."""
+def _prefix(data: bytes, source: str) -> tuple[int, int]:
+    """(declared file length, offset of the header length) from the first bytes of a file."""
     if not data:
         raise ArtifactError(f"{source} is empty, not an lwpipe artifact")
     if len(data) < 4 and MAGIC.startswith(bytes(data)):
@@ -114,18 +118,26 @@ def unpack(data: bytes, source: str = "artifact") -> tuple[dict, bytes]:
         raise ArtifactError(f"{source} has format version {data[4]}, this lwpipe reads versions "
                             f"{FIRST_VERSION}..{VERSION} (the file was written by {newer})")
     try:
-        size, pos = _read_leb128(data, 5)
+        return _read_leb128(data, 5)
     except ValueError:
         raise ArtifactError(f"{source} is truncated: {len(data)} bytes, cut inside the length field") from None
-    if len(data) < size:
-        raise ArtifactError(f"{source} is truncated: {len(data)} of {size} bytes")
-    if len(data) > size:
-        raise ArtifactError(f"{source} has {len(data) - size} unexpected bytes after its end (at byte {size})")
-    if zlib.crc32(data[:-4]) != int.from_bytes(data[-4:], "little"):
-        raise ArtifactError(f"{source} is damaged: its CRC-32 checksum does not match its contents "
-                            "(the file was altered or corrupted after it was written)")
+
+
+def _check_length(have: int, size: int, source: str) -> None:
+    if have < size:
+        raise ArtifactError(f"{source} is truncated: {have} of {size} bytes")
+    if have > size:
+        raise ArtifactError(f"{source} has {have - size} unexpected bytes after its end (at byte {size})")
+
+
+def _header(data: bytes, pos: int, source: str) -> tuple[dict, int]:
+    """(header, offset of the body): the header's compressed bytes start at data[pos] with their length."""
     try:
         length, pos = _read_leb128(data, pos)
+        if length > MAX_DEFLATED:
+            raise ValueError(f"it takes {length:,} compressed bytes, more than a header may ({MAX_DEFLATED:,})")
+        if pos + length > len(data):
+            raise ValueError("the compressed header is cut off")
         header = json.loads(_inflate(data[pos:pos + length]))
     except (ValueError, zlib.error) as e:
         raise ArtifactError(f"{source} has an unreadable header: {e}") from None
@@ -133,4 +145,80 @@ def unpack(data: bytes, source: str = "artifact") -> tuple[dict, bytes]:
         raise ArtifactError(f"{source} has an unreadable header: JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise ArtifactError(f"{source} has an unreadable header: not a JSON object")
-    return header, data[pos + length:-4]
+    return header, pos + length
+
+
+def unpack(data: bytes, source: str = "artifact", view: bool = False) -> tuple[dict, bytes]:
+    """(header, body) of a whole file; ArtifactError naming what is wrong. `view`: the body as a memoryview
+    of `data` (no copy)."""
+    size, pos = _prefix(data, source)
+    _check_length(len(data), size, source)
+    if zlib.crc32(data[:-4]) != int.from_bytes(data[-4:], "little"):
+        raise ArtifactError(f"{source} is damaged: its CRC-32 checksum does not match its contents "
+                            "(the file was altered or corrupted after it was written)")
+    header, start = _header(data, pos, source)
+    return header, (memoryview(data) if view else data)[start:-4]
+
+
+def read_file(path, check) -> bytes:
+    """The bytes of an artifact file, read only after `check(header, body_length)` accepted its header.
+
+    Anything but a regular file (a FIFO would block, /dev/zero never ends) is refused unread, as is a
+    file whose length differs from the one it declares; `check` (decode's header limits) refuses a body
+    longer than its declared content can take, so nothing the size of the file is allocated before."""
+    source = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))  # a FIFO opens at once
+    except OSError as e:
+        raise ArtifactError(f"cannot read {source}: {e.strerror or e}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ArtifactError(f"{source} is {_kind(info.st_mode)}, not a regular file: lwpipe reads artifacts "
+                                "only from regular files")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        try:
+            return _read_checked(f, info.st_size, source, check)
+        except OSError as e:
+            raise ArtifactError(f"cannot read {source}: {e.strerror or e}") from None
+
+
+def _read_checked(f, size: int, source: str, check) -> bytes:
+    declared, pos = _prefix(f.read(min(size, 16)), source)
+    _check_length(size, declared, source)
+    f.seek(0)
+    head = f.read(min(size, pos + 10 + MAX_DEFLATED))
+    try:
+        header, start = _header(head, pos, source)
+        check(header, size - start - 4)
+    except ArtifactError:
+        if size <= CRC_SCAN_LIMIT:  # a damaged file is named damaged, as unpack would
+            f.seek(0)
+            _crc_matches(f, size, source)
+        raise
+    f.seek(0)
+    return f.read(size + 1)
+
+
+CRC_SCAN_LIMIT = 64 << 20  # a refused file up to this size is checked for damage first (streamed, 1 MiB at a time)
+
+
+def _crc_matches(f, size: int, source: str) -> None:
+    crc, left = 0, size - 4
+    while left > 0:
+        chunk = f.read(min(left, 1 << 20))
+        if not chunk:
+            break
+        crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+    if crc != int.from_bytes(f.read(4), "little"):
+        raise ArtifactError(f"{source} is damaged: its CRC-32 checksum does not match its contents "
+                            "(the file was altered or corrupted after it was written)")
+
+
+def _kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")

@@ -91,15 +91,16 @@ def format_table(art: Artifact) -> str:
     return "\n".join(lines)
 
 
-def describe(path: str, trusted: bool = False) -> str:
-    data = read_bytes(path)
-    header, _ = unpack(data, path)
+def describe(path: str, trusted: bool = False, max_dense_bytes: int | None = None) -> str:
+    """The report lwpipe-inspect prints; the file is read under lwpipe.load's limits (ArtifactError)."""
+    data = read_bytes(path, max_dense_bytes)
+    header, _ = unpack(data, path, view=True)
     model = "no config stored (load it with module=)"
     if header.get("model") is not None:
         constructor(header, trusted, path)
         cfg = dict(header["model"])
         model = f"{cfg.pop('_target_')}({', '.join(f'{k}={_short(v)}' for k, v in cfg.items())})"
-    art = read(data, path)
+    art = read(data, path, max_dense_bytes)
     return (f"{path}: lwpipe artifact, format version {VERSION}, {art.size:,} bytes, checksum ok\n"
             f"model: {model}\n\n" + format_table(art))
 
@@ -117,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", help="a model.lwp file")
     p.add_argument("--trusted", action="store_true",
                    help="accept a model constructor outside lwpipe.models (inspect never builds the model)")
+    p.add_argument("--max-dense-bytes", type=int, default=None, metavar="N",
+                   help="refuse a file that declares a model of more than N dense bytes")
     a = p.parse_args(argv)
     try:
-        text = describe(a.path, a.trusted)
+        text = describe(a.path, a.trusted, a.max_dense_bytes)
     except LwpipeError as e:
         print(f"lwpipe-inspect: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -26,6 +26,24 @@ MAX_ESCAPE = 1 << 16
 MAX_LEVEL = 1 << 32        # |qmin|, |qmax|, an integer zero point
 MAX_CODEBOOK = 1 << 16     # a codebook may exceed its layer's weights only up to this (files of lwpipe < 0.2)
 LAYER_DTYPES = ("float32", "float64", "float16", "bfloat16")  # a compressed layer's weight is a float
+# The body a header can explain: a stored value takes at most 8 bytes (float64) where the dense size counts 4, and
+# its position, index or level symbols, scales and tables fit in as much again; buffers are counted at 8 bytes an
+# element, and each stored tensor may add a few KB of tables and coder state.
+BODY_PER_DENSE_BYTE = 4
+ENTRY_BYTES = 8 << 10
+
+
+MEMORY_FACTOR = 4  # reading takes at most this many times the declared dense size (benchmarks/bench_fuzz.py)
+
+
+def memory_available() -> int:
+    """Bytes this process may use at most: physical memory, or less under an address-space limit."""
+    import os
+    import resource
+
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return total if soft == resource.RLIM_INFINITY else min(total, soft)
 
 
 class HeaderError(ValueError):
@@ -167,6 +185,10 @@ def check_header(header: dict, body_len: int, max_dense_bytes: int | None = None
     dense = _int(header.get("dense_bytes"), "dense_bytes")
     if max_dense_bytes is not None and dense > max_dense_bytes:
         raise HeaderError(f"the model's dense size is {dense:,} bytes, above the limit of {max_dense_bytes:,}")
+    if max_dense_bytes is None and MEMORY_FACTOR * dense > memory_available():
+        raise HeaderError(f"the model's dense size is {dense:,} bytes: reading it takes up to {MEMORY_FACTOR}x that, "
+                          f"more than the {memory_available():,} bytes of memory this process may use "
+                          "(max_dense_bytes= / --max-dense-bytes sets the limit instead)")
     if header.get("model") is not None:
         _dict(header["model"], "model config")
     sections = _list(header.get("sections"), "sections")
@@ -178,11 +200,76 @@ def check_header(header: dict, body_len: int, max_dense_bytes: int | None = None
         if e["name"] in names:
             raise HeaderError(f"layer {e['name']!r} is stored twice")
         names.add(e["name"])
+    buffers = 0  # bytes of non-parameter tensors (BatchNorm statistics): the dense size does not count them
     for i, t in enumerate(_list(header.get("tensors"), "tensors")):
         t = _list(t, f"tensor {i}")
         if len(t) < 4 or not isinstance(t[0], str) or t[3] not in DTYPES or t[0] in names:
             raise HeaderError(f"tensor {i} is {str(t)[:80]}, not [name, how, shape, dtype, ...] with a new name")
         check_how(t[1], f"tensor {t[0]!r}")
         # stored bytes bound a tensor: at least 7 bits of each element (bfloat16's mantissa) are in the body
-        check_shape(t[2], f"tensor {t[0]!r}", 8 * body_len // 7)
+        n = check_shape(t[2], f"tensor {t[0]!r}", 8 * body_len // 7)
+        buffers += 8 * n if "buffer" in t[4:] else 0
         names.add(t[0])
+    check_tied(header.get("tied"), names)
+    most = BODY_PER_DENSE_BYTE * dense + buffers + ENTRY_BYTES * (1 + len(names))
+    if body_len > most:
+        raise HeaderError(f"the body is {body_len:,} bytes, more than the {most:,} its declared content can take "
+                          f"({dense:,} dense bytes, {len(names)} tensors)")
+
+
+def check_tied(tied, names: set[str]) -> None:
+    """`tied` maps another name of a module's weight to the stored tensor it computes with."""
+    if tied is None:
+        return
+    for alias, name in _dict(tied, "tied").items():
+        if not isinstance(name, str):
+            raise HeaderError(f"tied[{alias!r}] is {str(name)[:40]}, not the name of a stored tensor")
+        if alias in names or alias == name:
+            raise HeaderError(f"tied[{alias!r}]: {alias!r} is itself stored, it cannot be tied to {name!r}")
+        if name not in names:
+            raise HeaderError(f"tied[{alias!r}] is {name!r}, which the file does not store")
+
+
+# -- model construction ----------------------------------------------------------------------------------------
+LAYER_COUNTS = ("n_layer", "n_layers", "num_layers", "num_hidden_layers", "num_decoder_layers",
+                "num_encoder_layers", "encoder_layers", "decoder_layers", "blocks")
+LABEL_COUNTS = ("num_labels",)
+SMALL_INT = 4096  # token ids, generation settings and the like: any int up to this is let through
+
+
+def check_arguments(cls, config: dict, header: dict) -> None:
+    """HeaderError unless every constructor argument fits what the file stores, checked BEFORE constructing
+    (on the meta device a module costs no memory, but a million of them still take minutes).
+
+    A count of layers or blocks is at most the number of tensors the file stores (each layer stores at least
+    one); a label count at most the largest stored dimension (the head stores one row a label); any other
+    whole number at most max(4 x the largest stored dimension, the declared weight count, 4,096); a list or
+    object at most as long as that. A model class may bound itself further (`least_tensors`)."""
+    shapes = [list(e["shape"]) for e in header["layers"]] + [list(t[2]) for t in header["tensors"]]
+    entries = len(shapes) + len(header.get("tied") or {})
+    widest = max((d for s in shapes for d in s), default=0)
+    limit = max(4 * widest, entries, SMALL_INT)
+    for path, value in _walk(config, "model"):
+        key = path.rpartition(".")[2]
+        if isinstance(value, (list, dict)) and len(value) > limit:
+            raise HeaderError(f"{path} has {len(value):,} entries, more than the {limit:,} the file's "
+                              f"{entries} tensors can use")
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        most = entries if key in LAYER_COUNTS else widest if key in LABEL_COUNTS else limit
+        if value > most:
+            raise HeaderError(f"{path} is {value:,}, more than the {most:,} the file's {entries} stored tensors "
+                              f"(largest dimension {widest:,}) can hold")
+    least = getattr(cls, "least_tensors", None)
+    if least is not None:
+        need = least({k: v for k, v in config.items() if k != "_target_"})
+        if need > entries:
+            raise HeaderError(f"model {config.get('_target_')} with these arguments has at least {need:,} "
+                              f"tensors, the file stores {entries}")
+
+
+def _walk(node, path: str):
+    yield path, node
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        yield from _walk(v, f"{path}.{k}")

@@ -48,6 +48,14 @@ class ResNet(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(cin, num_classes)
 
+    @staticmethod
+    def least_tensors(args: dict) -> int:
+        """How many weight tensors these arguments build at least (two convolutions a block, the stem and
+        the head), counted without building anything: model.lwp's reader checks it first."""
+        widths, blocks = args.get("widths", (16, 32, 64)), args.get("blocks", 1)
+        n = len(widths) if isinstance(widths, (list, tuple)) else 0
+        return 2 * blocks * n + 2 if isinstance(blocks, int) and not isinstance(blocks, bool) else 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layers(x)

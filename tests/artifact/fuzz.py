@@ -1,8 +1,12 @@
-"""Seeded mutations of a real artifact, and a loop that reads each one: refused or loaded, nothing else.
+"""Seeded hostile files, and a loop that reads each one with lwpipe.load and with lwpipe-inspect's reader:
+refused (ArtifactError) or loaded, nothing else, within a time limit per file, in a process limited to 3 GiB of
+address space.
 
-Used by tests/artifact/test_fuzz.py (a child process, ~1,500 cases) and benchmarks/bench_fuzz.py (>= 5,000).
-Peak memory is resident set size, per case: the kernel's high-water mark (VmHWM, reset before each case
-through /proc/self/clear_refs) minus the resident size before the case. It counts torch's and constriction's
+Classes: "mutation" (header fields, body bits and raw bytes of a real artifact, checksum fixed) and one
+generator per class of tests/artifact/forge.py. Used by tests/artifact/test_fuzz.py (child processes) and
+benchmarks/bench_fuzz.py (>= 10,000 cases a reader).
+Peak memory is resident set size, per read: the kernel's high-water mark (VmHWM, reset before each read
+through /proc/self/clear_refs) minus the resident size before it. It counts torch's and constriction's
 allocations, which tracemalloc does not see.
 """
 from __future__ import annotations
@@ -11,16 +15,25 @@ import copy
 import json
 import random
 import resource
+import signal
+import tempfile
 import time
 import traceback
 import zlib
+from pathlib import Path
 
 import torch
 
+import lwpipe
 from lwpipe.artifact import ArtifactError
-from lwpipe.artifact.decode import build, read
 from lwpipe.artifact.format import pack, unpack
-from lwpipe.artifact.inspect import format_table
+from lwpipe.artifact.inspect import describe
+from tests.artifact import forge
+
+CLASSES = ("mutation", *forge.GENERATORS)
+READERS = {"load": lwpipe.load, "inspect": describe}  # describe: all lwpipe-inspect does but print
+ADDRESS_SPACE = 3 << 30
+ALLOWANCE = 32 << 20  # interpreter, allocator and torch overheads that do not grow with the model
 
 HOSTILE = [0, 1, -1, 2, 3, 7, 255, 2**16, 2**20 + 1, 2**28, 2**31, 2**32 + 5, 10**9, 10**12, 2**63, 2**64, -2**63,
            0.5, float("nan"), 1e308, "", "x", "levels", "float32", "float16", None, True, False, [], {}, [0], [[1]],
@@ -95,42 +108,96 @@ def peak_rss_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def fuzz(blob: bytes, cases: int, seed: int) -> dict:
-    """Read `cases` mutations of blob; counts of each outcome, unexpected errors, slowest case, and the largest
-    growth of resident memory during one case."""
-    rng = random.Random(seed)
+def limit_address_space(limit: int = ADDRESS_SPACE) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
+class CaseTimeout(BaseException):
+    """Raised by the per-file alarm; a BaseException, so no `except Exception` in the reader swallows it."""
+
+
+def _alarm(signum, frame):
+    raise CaseTimeout()
+
+
+def make_case(kind: str, blob: bytes, bases: dict, rng: random.Random, folder: Path, i: int) -> str:
+    if kind == "not_regular":
+        return forge.not_regular(bases, rng, folder)
+    data = mutate(blob, rng) if kind == "mutation" else forge.GENERATORS[kind](bases, rng)
+    path = folder / f"case{i % 16}.lwp"
+    path.write_bytes(data)
+    return str(path)
+
+
+def declared_dense(path: str, default: int) -> int:
+    try:
+        return int(unpack(Path(path).read_bytes())[0]["dense_bytes"]) if Path(path).is_file() else default
+    except Exception:
+        return default
+
+
+def read_case(path: str, reader: str, time_limit: float) -> str:
+    """loaded, refused, hang, nonfinite (loaded with NaN/Inf weights), or the traceback of anything else."""
+    signal.setitimer(signal.ITIMER_REAL, time_limit)
+    try:
+        model = READERS[reader](path)
+        if reader == "load" and not all(bool(t.isfinite().all()) for t in model.state_dict().values()
+                                        if t.is_floating_point()):
+            return "nonfinite"  # loaded silently with NaN or Inf weights
+        return "loaded"
+    except ArtifactError:
+        return "refused"
+    except CaseTimeout:
+        return "hang"
+    except Exception:  # what the fuzz exists to catch
+        return traceback.format_exc(limit=4)[-1500:]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def fuzz(blob: bytes, cases: int, seed: int, classes=CLASSES, readers=tuple(READERS), time_limit: float = 20.0) -> dict:
+    """Read `cases` hostile files (classes in turn) with each reader; counts of each outcome per class and
+    reader, the unexpected errors and hangs, the slowest read, and the largest growth of resident memory
+    during one read (and any read that grew past 4 x its declared dense size + ALLOWANCE)."""
+    rng, bases = random.Random(seed), forge.bases()
     dense = unpack(blob)[0]["dense_bytes"]
-    # torch's one-time set-up of meta -> real materialisation (~35 MiB, once per process) is not the file's doing
-    torch.nn.Linear(2, 2, device="meta").to_empty(device="cpu")
-    out = {"cases": cases, "loaded": 0, "refused": 0, "unexpected": [], "slowest_s": 0.0, "dense_bytes": dense,
-           "peak_rss_growth_bytes": 0}
-    for i in range(cases):
-        data = mutate(blob, rng)
-        reset_peak()
-        before = rss_bytes()
-        t = time.perf_counter()
-        try:
-            art = read(data, "case")
-            format_table(art)  # what lwpipe-inspect prints
-            build(art, source="case")
-            out["loaded"] += 1
-        except ArtifactError:
-            out["refused"] += 1
-        except Exception:  # what the test exists to catch
-            out["unexpected"].append({"case": i, "error": traceback.format_exc(limit=3)[-1500:]})
-        out["slowest_s"] = max(out["slowest_s"], time.perf_counter() - t)
-        out["peak_rss_growth_bytes"] = max(out["peak_rss_growth_bytes"], peak_rss_bytes() - before)
+    torch.nn.Linear(2, 2, device="meta").to_empty(device="cpu")  # torch's one-time meta set-up (~35 MiB)
+    signal.signal(signal.SIGALRM, _alarm)
+    counts = {c: {r: {"loaded": 0, "refused": 0, "unexpected": 0, "hang": 0, "nonfinite": 0} for r in readers} for c in classes}
+    out = {"cases": cases, "by_class": counts, "unexpected": [], "hangs": [], "nonfinite": [], "over_memory": [], "dense_bytes": dense,
+           "slowest_s": {r: 0.0 for r in readers}, "peak_rss_growth_bytes": 0, "address_space_limit":
+           resource.getrlimit(resource.RLIMIT_AS)[0], "time_limit_s": time_limit}
+    with tempfile.TemporaryDirectory() as folder:
+        for i in range(cases):
+            kind = classes[i % len(classes)]
+            path = make_case(kind, blob, bases, rng, Path(folder), i)
+            bound = 4 * declared_dense(path, dense) + ALLOWANCE
+            for reader in readers:
+                reset_peak()
+                before, t = rss_bytes(), time.perf_counter()
+                result = read_case(path, reader, time_limit)
+                seconds, growth = time.perf_counter() - t, peak_rss_bytes() - before
+                key = result if result in ("loaded", "refused", "hang", "nonfinite") else "unexpected"
+                counts[kind][reader][key] += 1
+                case = {"case": i, "class": kind, "reader": reader}
+                if key == "unexpected":
+                    out["unexpected"].append(case | {"error": result})
+                elif key in ("hang", "nonfinite"):
+                    out["hangs" if key == "hang" else "nonfinite"].append(case)
+                if growth > bound:
+                    out["over_memory"].append(case | {"growth": growth, "bound": bound})
+                out["slowest_s"][reader] = max(out["slowest_s"][reader], seconds)
+                out["peak_rss_growth_bytes"] = max(out["peak_rss_growth_bytes"], growth)
     return out
 
 
-if __name__ == "__main__":  # python -m tests.artifact.fuzz CASES SEED: the child process the test starts
+if __name__ == "__main__":  # python -m tests.artifact.fuzz CASES SEED [CLASS ...]: the child process of the test
     import sys
-
-    import torch
 
     from tests.artifact.helpers import CONFIG, model_with
     from lwpipe.artifact import encode_model
 
     torch.set_num_threads(1)
+    limit_address_space()
     blob = encode_model(model_with("pruned+shared+quant+half_bias", "pruned+quant_channel"), CONFIG)
-    print(json.dumps(fuzz(blob, int(sys.argv[1]), int(sys.argv[2]))))
+    print(json.dumps(fuzz(blob, int(sys.argv[1]), int(sys.argv[2]), tuple(sys.argv[3:]) or CLASSES)))
