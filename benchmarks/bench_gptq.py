@@ -15,6 +15,8 @@ Also prints GPTQ on one 4096 x 4096 layer (a random weight; 4096 correlated rand
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -72,15 +74,17 @@ def cosine(path: Path, method: str, bits: int, group: int | None, samples: int, 
 
 
 def one_layer(n: int = 4096) -> float:
+    """Seconds for GPTQ on one n x n layer: 4-bit levels -8..7, groups of 128 (static), act_order, as
+    llm-compressor's W4A16 default (peer_llmcompressor.py --layer times the same tensors there)."""
     from lwpipe.gptq import gptq_weight
-    from lwpipe.stages.quantize import quant_grid
+    from lwpipe.stages.quantize import rows_group_grid
     torch.manual_seed(0)
     w = torch.randn(n, n) * 0.02
     x = torch.randn(n, n // 8).repeat_interleave(8, 1) + 0.1 * torch.randn(n, n)
     h = 2 * x.t() @ x / n
-    qmin, qmax, scale, zp = quant_grid(w, 4, "symmetric", True, 0)
+    qmin, qmax, scale, zp = rows_group_grid(w, 4, "symmetric_full", 128)
     t = time.perf_counter()
-    gptq_weight(w, h, scale, zp, qmin, qmax)
+    gptq_weight(w, h, scale, zp, qmin, qmax, act_order=True, group=128)
     return time.perf_counter() - t
 
 
@@ -110,8 +114,6 @@ def main() -> None:
             cos, secs = cosine(path, method, a.bits, a.group or None, a.samples, scratch, files, a.act_order, a.full_range)
             print(f"  lwpipe {method:5s} {cos:.4f}  ({secs:.0f} s)", flush=True)
         if a.peer_python:
-            import json
-            import subprocess
             out = subprocess.run([a.peer_python, str(Path(__file__).parent / "peer_llmcompressor.py"), str(path),
                                   *map(str, files), "--threads", str(a.threads)], capture_output=True, text=True)
             if out.returncode:
@@ -120,7 +122,12 @@ def main() -> None:
             for method in ("rtn", "gptq"):
                 print(f"  llm-compressor {method:5s} W4A16 {peer[method]:.4f}  ({peer['seconds'][method]:.0f} s)")
     if not a.skip_layer:
-        print(f"GPTQ on one 4096 x 4096 layer (4-bit, per channel, blocks of 128): {one_layer():.1f} s")
+        line = f"GPTQ on one 4096 x 4096 layer (4-bit, groups of 128, act_order): lwpipe {one_layer():.1f} s"
+        if a.peer_python:
+            out = subprocess.run([a.peer_python, str(Path(__file__).parent / "peer_llmcompressor.py"), "--layer",
+                                  "4096", "--threads", str(a.threads)], capture_output=True, text=True, check=True)
+            line += f", llm-compressor {json.loads(out.stdout.strip().splitlines()[-1])['layer_seconds']:.1f} s"
+        print(line)
 
 
 if __name__ == "__main__":

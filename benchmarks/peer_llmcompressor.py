@@ -28,15 +28,37 @@ def embed(model, batches) -> torch.Tensor:
     return torch.cat(out)
 
 
+def one_layer(n: int) -> float:
+    """Seconds for llm-compressor's quantize_weight on bench_gptq.one_layer's weight and Hessian (same seed and
+    ops, so the same tensors): 4-bit symmetric, groups of 128, actorder static."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+
+    torch.manual_seed(0)
+    w = torch.randn(n, n) * 0.02
+    x = torch.randn(n, n // 8).repeat_interleave(8, 1) + 0.1 * torch.randn(n, n)
+    h = 2 * x.t() @ x / n
+    args = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=128, symmetric=True,
+                            actorder="static")
+    scale = (w.view(n, -1, 128).abs().amax(2) / 7.5).clamp(min=1e-8)
+    t = time.perf_counter()
+    quantize_weight(w[None], h[None], scale[None], torch.zeros_like(scale)[None], None, args)
+    return time.perf_counter() - t
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("model")
-    p.add_argument("calib")
-    p.add_argument("test")
+    p.add_argument("model", nargs="?")
+    p.add_argument("calib", nargs="?")
+    p.add_argument("test", nargs="?")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--layer", type=int, help="only time one n x n layer")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    if a.layer:
+        print(json.dumps({"layer_seconds": one_layer(a.layer)}))
+        return
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier

@@ -554,3 +554,16 @@ def ensure_constraint_as(module: nn.Module, c: Compressed, tied=()) -> None:
     """Register `c` on module and every tied module (the same instance)."""
     for m in [module] + [t for _, t in tied]:
         parametrize.register_parametrization(m, "weight", c, unsafe=True)
+
+
+def kept_kinds(model: nn.Module, kinds: list[str]) -> set[str]:
+    """Names of the compressible layers `keep` leaves alone: Embedding tables, and the output head
+    (transformers' get_output_embeddings(); tied to the token table in GPT-2, so one layer)."""
+    head = model.get_output_embeddings() if "output_head" in kinds and hasattr(model, "get_output_embeddings") else None
+    out = set()
+    ties = tied_layers(model)
+    for name, m in compressible_layers(model):
+        group = [m] + [t for _, t in ties.get(name, ())]
+        if ("embeddings" in kinds and isinstance(m, nn.Embedding)) or (head is not None and any(x is head for x in group)):
+            out.add(name)
+    return out

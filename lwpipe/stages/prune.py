@@ -34,7 +34,7 @@ from lwpipe.bn import recalibrate_bn
 from lwpipe.calibration import input_channel_norms, task_forward, wanda_scores
 from lwpipe.config import Strict, TrainSettings
 from lwpipe.constraints import (check_layer_patterns, compressible_layers, constraint, ensure_constraint, in_axis,
-                                layer_setting, original_weight, out_axis, tied_layers)
+                                kept_kinds, layer_setting, original_weight, out_axis, tied_layers)
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.registry import register
@@ -64,6 +64,7 @@ class PruneConfig(Strict):
     steps: int = Field(1, ge=1, le=1000)
     calibration_batches: int = Field(8, ge=1, le=100_000)  # taylor, gradient, saliency and wanda statistics
     untraceable: Literal["error", "mask"] = "error"      # structured on a model torch.fx cannot trace
+    keep: list[Literal["embeddings", "output_head"]] = []  # layer kinds left unpruned (a `layers` entry overrides)
     damp: float = Field(0.01, gt=0, le=1)                # sparsegpt: H + damp x mean(diag H) x I
     block: int = Field(128, ge=1, le=1 << 20)            # sparsegpt: columns whose mask is chosen together
     finetune: TrainSettings = TrainSettings()            # after each pruning step
@@ -268,6 +269,7 @@ class Prune:
 
     def __init__(self, cfg: PruneConfig):
         self.cfg = cfg
+        self._kept: set[str] = set()  # names `keep` leaves alone, found when the stage runs
 
     @staticmethod
     def check_order(cfg: PruneConfig, before) -> str | None:
@@ -298,7 +300,8 @@ class Prune:
             raise ConfigError(f"{path}.criterion", cfg.criterion, NO_DATA)
 
     def _setting(self, name: str, ties: dict) -> LayerPrune:
-        return layer_setting(name, self.cfg.layers, LayerPrune(), [t for t, _ in ties.get(name, ())])
+        default = LayerPrune(skip=name in self._kept)
+        return layer_setting(name, self.cfg.layers, default, [t for t, _ in ties.get(name, ())])
 
     def _targets(self, layers: dict[str, nn.Module], ties: dict) -> dict[str, float]:
         """Final sparsity per layer (quality thresholds turned into the sparsity they give)."""
@@ -445,6 +448,7 @@ class Prune:
             original_weight(module).mul_(c.mask)  # keep the stored weights honest too
 
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
+        self._kept = kept_kinds(model, self.cfg.keep)
         if self.cfg.granularity == "structured" and structured.traceable(model):
             return structured.run(self, model, ctx)
         layers = dict(compressible_layers(model))

@@ -48,8 +48,8 @@ from lwpipe.config import Strict, TrainSettings
 from lwpipe import gptq
 from lwpipe.calibration import task_forward
 from lwpipe.constraints import (NORMS, check_layer_patterns, compressible_layers, constraint, ensure_constraint,
-                                grid_axis, hold_grid, hold_half, in_axis, layer_setting, original_weight, out_axis,
-                                tied_layers)
+                                grid_axis, hold_grid, hold_half, in_axis, kept_kinds, layer_setting, original_weight,
+                                out_axis, tied_layers)
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.loggers.console import format_quality
@@ -89,6 +89,7 @@ class QuantizeConfig(Strict):
     granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
     group_size: int | None = Field(None, ge=1, le=1 << 20)  # per_channel: one scale per group of N inputs too
     full_range: bool = False                           # symmetric: levels -2^(b-1)..2^(b-1)-1 (compressed-tensors')
+    keep: list[Literal["embeddings", "output_head"]] = []  # layer kinds left as they are (a `layers` entry overrides)
     step: float | None = Field(None, gt=0, le=10)      # grid step = step x the layer's std; null: the range
     layers: dict[str, LayerQuant] = {}                 # by module name or glob: "fc3", "conv*"
     bias: Literal["float32", "float16", "int8"] = "float32"  # int8: scale x level, levels entropy-coded
@@ -440,9 +441,13 @@ class Quantize:
         ties = tied_layers(model)
         layers = dict(compressible_layers(model))
         settings = {}
+        kept = kept_kinds(model, self.cfg.keep)
         for name, m in compressible_layers(model):
             tied = ties.get(name, ())
-            settings[name] = layer_setting(name, self.cfg.layers, LayerQuant(), [t for t, _ in tied])
+            default = LayerQuant(skip=name in kept)
+            settings[name] = layer_setting(name, self.cfg.layers, default, [t for t, _ in tied])
+        if kept:
+            log.info("  quantize keeps as they are (keep: %s): %s", ", ".join(self.cfg.keep), ", ".join(sorted(kept)))
         auto = self.cfg.bits == "auto"
         if auto:
             before, _ = evaluate(model, ctx.test_loader(), ctx.reference_outputs, task=ctx.task)  # vs uncompressed

@@ -1,0 +1,69 @@
+"""recipe=gptq_w4 and recipe=sparsegpt_24_w4 end to end on tiny transformers models built from configs."""
+import pytest
+import torch
+
+import lwpipe
+from lwpipe.constraints import compressible_layers, constraint
+from tests.hf_helpers import make_texts, save_gpt2, word_tokenizer, write_txt
+from tests.helpers import run_recipe
+
+pytestmark = pytest.mark.slow
+SMALL = ["cache=false", "logger.console=null", "data.batch_size=8", "data.max_length=16", "eval.batch_size=16",
+         "stages.quantize.group_size=16", "stages.quantize.calibration_samples=32"]
+
+
+def save_llama(path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok = word_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gptq")
+    rows = make_texts(96)
+    return {"gpt2": save_gpt2(root / "gpt2"), "llama": save_llama(root / "llama"),
+            "train": write_txt(root / "train.txt", rows[:64]), "test": write_txt(root / "test.txt", rows[64:])}
+
+
+def args(files, recipe, model):
+    return [f"recipe={recipe}", "model=hf", "task=causal_lm", f"model.path={files[model]}",
+            f"data.train={files['train']}", f"data.test={files['test']}", *SMALL]
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_gptq_w4_quantizes_the_linear_layers_in_groups_and_keeps_embeddings_and_head(files, tmp_path, model):
+    final, records = run_recipe(args(files, "gptq_w4", model), tmp_path)
+    end = [r for r in records if r.get("event") == "stage_end" and r["stage"] == "quantize"][0]
+    assert end["gptq_error"] and end["gptq_rounded_layers"] == []
+    loaded = lwpipe.load(tmp_path / "model.lwp", constrained=True)
+    kinds = {}
+    for name, m in compressible_layers(loaded):
+        c = constraint(m)
+        kinds[name] = None if c is None or not c.quantized else (c.qmin, c.qmax, c.group)
+    embeddings = [n for n, m in compressible_layers(loaded) if isinstance(m, torch.nn.Embedding)]
+    assert embeddings and all(kinds[n] is None for n in embeddings)
+    quantized = [k for k in kinds.values() if k is not None]
+    assert quantized and set(quantized) == {(-8, 7, 16)}
+    if model == "llama":
+        assert kinds["lm_head"] is None  # the output head stays as it is
+    assert 1 < records[0]["perplexity"] and final["perplexity"] < 10 * records[0]["perplexity"]
+
+
+def test_sparsegpt_24_w4_keeps_two_of_every_four_and_quantizes_them(files, tmp_path):
+    final, records = run_recipe(args(files, "sparsegpt_24_w4", "llama"), tmp_path)
+    loaded = lwpipe.load(tmp_path / "model.lwp", constrained=True)
+    proj = dict(loaded.named_modules())["model.layers.0.mlp.down_proj"]
+    w = proj.weight.detach()
+    assert ((w != 0).view(w.shape[0], -1, 4).sum(2) <= 2).all()
+    assert constraint(proj).group == 16
+    assert constraint(dict(loaded.named_modules())["model.embed_tokens"]) is None
+    assert final["sparsity"] > 0.3
