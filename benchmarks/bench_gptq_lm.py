@@ -1,0 +1,103 @@
+"""GPTQ and SparseGPT on a causal language model trained here on real English text.
+
+    python benchmarks/bench_gptq_lm.py [--minutes 4] [--threads 1] [--keep DIR]
+
+Trains a small GPT-2 (4 layers, 256 wide, a 2,000-token BPE vocabulary trained on the same text) for
+`--minutes` on the sentences of Python's language reference (pydoc_data.topics: the standard library,
+no download), split as lwpipe splits its built-in corpus (seed 0, 20% held out). Then, through
+`lwpipe` on the saved model directory with 128 training sentences for calibration and the held-out
+ones for perplexity: round to nearest (gptq_w4 with method=rtn), gptq_w4, and sparsegpt_24_w4.
+Targets: GPTQ's perplexity increase at most half of round-to-nearest's; SparseGPT 2:4 + GPTQ's at
+most 2x GPTQ's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def corpus() -> tuple[list[str], list[str]]:
+    from lwpipe.data.text import builtin_corpus
+    pairs = builtin_corpus(False)
+    random.Random(0).shuffle(pairs)
+    n = int(round(len(pairs) * 0.2))
+    return [t for t, _ in pairs[n:]], [t for t, _ in pairs[:n]]
+
+
+def train_model(out: Path, train: list[str], minutes: float) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(train, trainers.BpeTrainer(vocab_size=2000, special_tokens=["<eos>", "<unk>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(fast), n_embd=256, n_layer=4, n_head=4, n_positions=128,
+                                       bos_token_id=0, eos_token_id=0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    rng = random.Random(0)
+    start, steps = time.perf_counter(), 0
+    while time.perf_counter() - start < 60 * minutes:
+        batch = fast(rng.sample(train, 16), truncation=True, max_length=64, padding=True, return_tensors="pt")
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+    print(f"trained {steps} steps in {time.perf_counter() - start:.0f} s, last loss {loss.item():.3f}", flush=True)
+    model.save_pretrained(str(out))
+    fast.save_pretrained(str(out))
+
+
+def lwpipe_run(model: Path, calib: Path, test: Path, run_dir: Path, recipe: str, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "lwpipe.cli", f"recipe={recipe}", "model=hf", "task=causal_lm",
+           f"model.path={model}", f"data.train={calib}", f"data.test={test}", "data.max_length=64", "cache=false",
+           "threads=1", f"hydra.run.dir={run_dir}", *extra]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=4.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--keep", help="keep (or reuse) the trained model directory here")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    train, test = corpus()
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        model = Path(a.keep) if a.keep else scratch / "model"
+        if not (model / "config.json").exists():
+            train_model(model, train, a.minutes)
+        calib, held = scratch / "calib.txt", scratch / "test.txt"
+        calib.write_text("\n".join(train[:128]) + "\n", encoding="utf-8")
+        held.write_text("\n".join(test) + "\n", encoding="utf-8")
+        rows = {}
+        for name, recipe, extra in (("round to nearest", "gptq_w4", ["stages.quantize.method=rtn",
+                                                                      "~stages.quantize.damp",
+                                                                      "~stages.quantize.act_order",
+                                                                      "~stages.quantize.sequential"]),
+                                    ("gptq_w4", "gptq_w4", []), ("sparsegpt_24_w4", "sparsegpt_24_w4", [])):
+            summary = lwpipe_run(model, calib, held, scratch / name.replace(" ", "_"), recipe, extra)
+            base, final = summary["baseline"]["perplexity"], summary["final"]["perplexity"]
+            rows[name] = final - base
+            print(f"  {name:17s} perplexity {base:.3f} -> {final:.3f} (+{final - base:.3f}), "
+                  f"{summary['final']['compression_ratio']:.2f}x smaller than fp32", flush=True)
+        rtn, gptq, sparse = rows["round to nearest"], rows["gptq_w4"], rows["sparsegpt_24_w4"]
+        print(f"GPTQ's increase / round to nearest's: {gptq / rtn:.2f} (target <= 0.5); "
+              f"SparseGPT 2:4 + GPTQ's / GPTQ's: {sparse / gptq:.2f} (target <= 2)")
+
+
+if __name__ == "__main__":
+    main()
