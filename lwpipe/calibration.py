@@ -50,7 +50,6 @@ def input_channel_norms(model: nn.Module, layers: dict[str, nn.Module], batches:
     float64 per layer (one vector of in_channels each), so memory stays near one model copy.
     """
     sums: dict[str, torch.Tensor] = {}
-    hooks = []
 
     def hook(name: str, module: nn.Module):
         axis = channel_axis(module)
@@ -62,22 +61,32 @@ def input_channel_norms(model: nn.Module, layers: dict[str, nn.Module], batches:
             sums[name] = sq if name not in sums else sums[name] + sq
         return gather
 
-    for name, m in layers.items():
-        if in_axis(m) is not None:
-            hooks.append(m.register_forward_pre_hook(hook(name, m), with_kwargs=True))
+    seen = gather_inputs(model, {n: m for n, m in layers.items() if in_axis(m) is not None}, hook, batches, forward)
+    return {n: s.sqrt().float() for n, s in sums.items()}, seen
+
+
+@torch.no_grad()
+def gather_inputs(model: nn.Module, layers: dict[str, nn.Module], make_hook, batches: Iterable,
+                  forward: Forward = default_forward, before_batch=None) -> int:
+    """One eval pass over `batches` with a forward pre-hook `make_hook(name, module)(module, args, kwargs)` on
+    each layer (hooks removed and the training mode restored afterwards, whatever happens); `before_batch(batch)`
+    runs before each forward. Returns the number of batches seen."""
+    hooks = [m.register_forward_pre_hook(make_hook(name, m), with_kwargs=True) for name, m in layers.items()]
     was_training = model.training
     model.eval()
     seen = 0
     try:
         with parametrize.cached():
             for batch in batches:
+                if before_batch is not None:
+                    before_batch(batch)
                 forward(model, batch)
                 seen += 1
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return {n: s.sqrt().float() for n, s in sums.items()}, seen
+    return seen
 
 
 def wanda_scores(module: nn.Module, norms: torch.Tensor) -> torch.Tensor:

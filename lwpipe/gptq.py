@@ -17,9 +17,8 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from lwpipe.calibration import Forward, default_forward
+from lwpipe.calibration import Forward, default_forward, gather_inputs
 from lwpipe.constraints import is_hf_conv1d
 from lwpipe.errors import LwpipeError
 
@@ -65,8 +64,6 @@ def input_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: Iter
     Hessians plus one batch's activations."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    hooks = []
-
     tokens: list[torch.Tensor | None] = [None]  # the batch's attention mask: padding is no calibration data
 
     def hook(name: str, module: nn.Module):
@@ -81,22 +78,11 @@ def input_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: Iter
             counts[name] = counts.get(name, 0) + cols.shape[0]
         return gather
 
-    for name, m in layers.items():
-        hooks.append(m.register_forward_pre_hook(hook(name, m), with_kwargs=True))
-    was_training = model.training
-    model.eval()
-    seen = 0
-    try:
-        with parametrize.cached():
-            for batch in batches:
-                mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-                tokens[0] = mask.bool() if mask is not None else None
-                forward(model, batch)
-                seen += 1
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    def note_mask(batch) -> None:
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        tokens[0] = mask.bool() if mask is not None else None
+
+    seen = gather_inputs(model, layers, hook, batches, forward, note_mask)
     return {n: s.mul_(2.0 / max(counts[n], 1)) for n, s in sums.items()}, seen
 
 
