@@ -1,0 +1,110 @@
+"""`prune.criterion: entropy`, unstructured: the prune stage's path through sparse variational dropout.
+
+    for each step (1, or `steps` with schedule: gradual):
+        train with a posterior per weight (lwpipe/variational.py) for `variational.epochs`
+        mask: score <= threshold (or, with sparsity, all but the highest-scoring fraction)
+        fine-tune the plain masked model for `finetune.epochs`
+
+The posteriors exist only inside the variational training; the model leaves as it came, plus masks.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from lwpipe.bn import recalibrate_bn
+from lwpipe.constraints import compressible_layers, constraint, ensure_constraint, tied_layers
+from lwpipe.errors import ConfigError
+from lwpipe.training import fit
+from lwpipe.variational import kl_schedule, train_variational, unsupported_layer
+
+log = logging.getLogger("lwpipe")
+DEFAULT_THRESHOLD = 3.0  # log alpha = 3 (alpha ~ 20): Molchanov et al.'s threshold
+
+
+def threshold_of(cfg) -> float | None:
+    """The threshold in force: the given one; else 3.0 unless `sparsity` was given."""
+    if cfg.threshold is not None:
+        return cfg.threshold
+    return None if "sparsity" in cfg.model_fields_set else DEFAULT_THRESHOLD
+
+
+def check_layers(cfg, model: nn.Module, path: str) -> None:
+    """Before any work: every layer entropy pruning would parametrize is one it can."""
+    for name, m in compressible_layers(model):
+        if layer_skipped(cfg, name):
+            continue
+        why = unsupported_layer(m)
+        if why:
+            raise ConfigError(f"{path}.criterion", "entropy", f"cannot parametrize layer {name}: {why}; "
+                              f"leave it out with {path}.layers={{{name}: {{skip: true}}}}")
+
+
+def layer_skipped(cfg, name: str) -> bool:
+    from lwpipe.constraints import layer_setting
+    from lwpipe.stages.prune import LayerPrune
+    return layer_setting(name, cfg.layers, LayerPrune()).skip
+
+
+def _masks(cfg, scores: dict[str, torch.Tensor], layers: dict, eps: float | None, targets: dict[str, float]
+           ) -> dict[str, torch.Tensor]:
+    """Every mask first: a layer emptied by the threshold is refused before any layer changes."""
+    from lwpipe.stages.prune import lowest_mask
+    masks = {}
+    for n, s in scores.items():
+        c = constraint(layers[n])
+        if c is not None and c.mask is not None:  # already pruned: highest score, goes first, stays gone
+            s = s.masked_fill(~c.mask, float("inf"))
+        if n in targets:
+            masks[n] = lowest_mask(-s, targets[n])
+            continue
+        masks[n] = s <= eps
+        if not bool(masks[n].any()):
+            live = s[torch.isfinite(s)]
+            lo, hi = (float(live.min()), float(live.max())) if live.numel() else (float("nan"),) * 2
+            raise ConfigError("stages.prune.threshold", eps,
+                              f"removes every weight of layer {n} after variational training (its {cfg.score} "
+                              f"scores range over [{lo:.4g}, {hi:.4g}]); a layer may never be pruned to nothing: "
+                              f"use a threshold of at least {lo:.4g}, or give {n} its own sparsity under layers")
+    return masks
+
+
+def run(stage, model: nn.Module, ctx) -> nn.Module:
+    from lwpipe.stages.prune import cubic_schedule
+    cfg = stage.cfg
+    ties = tied_layers(model)
+    layers = {n: m for n, m in compressible_layers(model) if not stage._setting(n, ties).skip}
+    eps = threshold_of(cfg)
+    sparsities = {n: stage._setting(n, ties).sparsity for n in layers}
+    finals = {n: s if s is not None else cfg.sparsity for n, s in sparsities.items()
+              if s is not None or eps is None}
+    initial = {n: 1 - int(torch.count_nonzero(layers[n].weight)) / layers[n].weight.numel() for n in finals}
+    loader = ctx.train_loader(cfg.variational.batch_size)
+    kl_at = kl_schedule(cfg.kl_weight, cfg.kl_warmup * len(loader))
+    steps = cfg.steps if cfg.schedule == "gradual" else 1
+    for n, m in layers.items():
+        ensure_constraint(m, ties.get(n, ()))
+    step = 0
+
+    def train(loss, groups):
+        fit(model, loader, cfg.variational, loss_fn=loss, on_epoch=ctx.epoch_callback(model), params=groups)
+
+    for t in range(1, steps + 1):
+        scores, step = train_variational(model, layers, train, ctx.loss, len(ctx.data.train), kl_at, cfg.score,
+                                         cfg.sigma_lr, step)
+        targets = {n: max(initial[n], cubic_schedule(initial[n], f, t, steps)) for n, f in finals.items()}
+        masks = _masks(cfg, scores, layers, eps, targets)
+        cutoffs = {n: (eps if n not in targets else float(scores[n][masks[n]].max())) for n in masks}
+        with torch.no_grad():
+            for n, mask in masks.items():
+                stage._apply(layers[n], mask)
+        kept = {n: int(torch.count_nonzero(layers[n].weight)) / layers[n].weight.numel() for n in masks}
+        log.info("  entropy prune step %d/%d (%s): kept %s", t, steps, cfg.score,
+                 ", ".join(f"{n}={v:.4f}" for n, v in kept.items()))
+        recalibrate_bn(model, ctx.calibration_batches(cfg.calibration_batches))
+        fit(model, ctx.train_loader(cfg.finetune.batch_size), cfg.finetune, loss_fn=ctx.loss,
+            on_epoch=ctx.epoch_callback(model))
+    ctx.stage_record.update(entropy_score=cfg.score, entropy_threshold=cutoffs, kept_fraction=kept)
+    return model
