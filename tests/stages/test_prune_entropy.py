@@ -1,0 +1,94 @@
+"""prune.criterion=entropy: sparse variational dropout (unstructured) and activation entropy (structured)."""
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from lwpipe.constraints import constraint
+from lwpipe.context import Context
+from lwpipe.data import DataBundle
+from lwpipe.errors import ConfigError
+from lwpipe.stages.prune import Prune, PruneConfig
+
+QUICK = {"criterion": "entropy", "variational": {"epochs": 3, "lr": 1e-2}, "sigma_lr": 0.1}
+
+
+def kept(m: nn.Module) -> float:
+    return int(torch.count_nonzero(m.weight)) / m.weight.numel()
+
+
+def test_threshold_keeps_low_scores_and_leaves_a_plain_masked_model(model, ctx):
+    names = set(dict(model.named_parameters()))
+    Prune(PruneConfig(**QUICK, threshold=-2.0)).run(model, ctx)  # default log alpha; -2: a visible cut
+    record = ctx.stage_record
+    assert record["entropy_score"] == "log_alpha" and record["entropy_threshold"] == {"1": -2.0, "3": -2.0}
+    for n in ("1", "3"):
+        assert record["kept_fraction"][n] == pytest.approx(kept(model[int(n)]))
+        assert 0 < record["kept_fraction"][n] < 1
+        assert constraint(model[int(n)]).mask is not None
+        assert not model[int(n)]._forward_hooks  # the posteriors are gone
+    assert {n.replace("parametrizations.weight.original", "weight") for n, _ in model.named_parameters()} == names
+
+
+def test_default_threshold_is_three(model, ctx):
+    Prune(PruneConfig(**QUICK)).run(model, ctx)
+    assert ctx.stage_record["entropy_threshold"] == {"1": 3.0, "3": 3.0}
+
+
+def test_sparsity_removes_the_highest_scoring_fraction_and_layers_apply(model, ctx):
+    Prune(PruneConfig(**QUICK, score="entropy", sparsity=0.75, layers={"3": {"sparsity": 0.5}})).run(model, ctx)
+    assert kept(model[1]) == pytest.approx(0.25) and kept(model[3]) == pytest.approx(0.5)
+
+
+def test_gradual_reaches_the_target_and_masks_only_grow(model, ctx):
+    Prune(PruneConfig(**QUICK, sparsity=0.8, schedule="gradual", steps=3, layers={"3": {"skip": True}})).run(model, ctx)
+    assert kept(model[1]) == pytest.approx(0.2, abs=1 / 128)
+    assert kept(model[3]) == 1.0 and constraint(model[3]) is None  # skipped: never parametrized
+
+
+def test_threshold_that_empties_a_layer_names_it_and_its_score_range(model, ctx):
+    with pytest.raises(ConfigError, match=r"stages.prune.threshold=-20.0: removes every weight of layer 1 .*"
+                                          r"log_alpha scores range over \[-?[0-9.]+, -?[0-9.]+\]"):
+        Prune(PruneConfig(**QUICK, threshold=-20.0)).run(model, ctx)
+
+
+def test_threshold_with_sparsity_is_refused():
+    with pytest.raises(ValidationError, match=r"threshold=3.0 and sparsity=0.9 both say what goes; give one"):
+        PruneConfig(criterion="entropy", threshold=3.0, sparsity=0.9)
+
+
+def test_negative_kl_weight_is_refused():
+    with pytest.raises(ValidationError, match=r"kl_weight"):
+        PruneConfig(criterion="entropy", kl_weight=-0.1)
+
+
+def test_negative_threshold_only_for_entropy():
+    assert PruneConfig(criterion="entropy", score="entropy", threshold=-3.0).threshold == -3.0
+    with pytest.raises(ValidationError, match=r"threshold=-3.0 prunes scores below it; it needs threshold >= 0"):
+        PruneConfig(criterion="magnitude", threshold=-3.0)
+
+
+def test_a_layer_it_cannot_parametrize_is_named_before_any_work():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2))
+    with pytest.raises(ConfigError, match=r"stages.prune.criterion='entropy': cannot parametrize layer 0: "
+                                          r"Embedding .*layers=\{0: \{skip: true\}\}"):
+        Prune.check_model(PruneConfig(criterion="entropy"), model, "stages.prune")
+    Prune.check_model(PruneConfig(criterion="entropy", layers={"0": {"skip": True}}), model, "stages.prune")
+
+
+def test_structured_without_calibration_data_is_refused(tmp_path):
+    empty = TensorDataset(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long))
+    ctx = Context(data=DataBundle(empty, empty, name="empty"), seed=0, run_dir=tmp_path)
+    cfg = PruneConfig(criterion="entropy", granularity="structured", sparsity=0.5)
+    with pytest.raises(ConfigError, match=r"stages.prune.criterion='entropy': needs calibration data"):
+        Prune.check_context(cfg, ctx, "stages.prune")
+
+
+def test_structured_removes_the_lowest_entropy_channels(model, ctx):
+    with torch.no_grad():
+        model[1].weight[:4] = 0  # hidden units 0-3 output their bias whatever the input: entropy 0
+    survivors = model[1].weight[4:].detach().clone()
+    Prune(PruneConfig(criterion="entropy", granularity="structured", sparsity=0.25, bins=16)).run(model, ctx)
+    assert model[1].out_features == 12 and model[3].in_features == 12
+    assert torch.equal(model[1].weight.detach(), survivors)
