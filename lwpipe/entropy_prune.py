@@ -31,6 +31,22 @@ def threshold_of(cfg) -> float | None:
     return None if "sparsity" in cfg.model_fields_set else DEFAULT_THRESHOLD
 
 
+def settle_threshold(cfg, overrides) -> None:
+    """criterion=entropy takes `threshold` or `sparsity`, not both. One given on the command line replaces the
+    other where only the recipe set it (the default recipe's sparsity under `++stages.prune.threshold=3.0`);
+    both given anywhere else is refused when the stage's settings are validated."""
+    from omegaconf import DictConfig, open_dict
+    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides if "=" in o}
+    for name, s in (cfg.get("stages") or {}).items():
+        if not isinstance(s, DictConfig) or s.get("criterion") != "entropy":
+            continue
+        for key, other in (("threshold", "sparsity"), ("sparsity", "threshold")):
+            mine, theirs = f"stages.{name}.{key}" in given, f"stages.{name}.{other}" in given
+            if mine and not theirs and other in s:
+                with open_dict(s):
+                    del s[other]
+
+
 def check_layers(cfg, model: nn.Module, path: str) -> None:
     """Before any work: every layer entropy pruning would parametrize is one it can."""
     for name, m in compressible_layers(model):

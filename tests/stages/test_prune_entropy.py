@@ -92,3 +92,37 @@ def test_structured_removes_the_lowest_entropy_channels(model, ctx):
     Prune(PruneConfig(criterion="entropy", granularity="structured", sparsity=0.25, bins=16)).run(model, ctx)
     assert model[1].out_features == 12 and model[3].in_features == 12
     assert torch.equal(model[1].weight.detach(), survivors)
+
+
+ENTROPY_BAD = {
+    "kl_weight negative": (["stages.prune.criterion=entropy", "+stages.prune.kl_weight=-1"],
+                           "stages.prune.kl_weight=-1"),
+    "threshold with sparsity": (["stages.prune.criterion=entropy", "++stages.prune.threshold=3.0",
+                                 "stages.prune.sparsity=0.9"], "both say what goes; give one of them"),
+    "structured threshold": (["stages.prune.criterion=entropy", "+stages.prune.granularity=structured",
+                              "+stages.prune.threshold=3.0"], "threshold=3.0 prunes scores above it; it needs"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(ENTROPY_BAD))
+def test_bad_entropy_settings_fail_in_one_line_before_any_work(tmp_path, case):
+    from tests.test_cli import lwpipe
+    args, expected = ENTROPY_BAD[case]
+    p = lwpipe(["model=tiny", "data=blobs", "pipeline=[train,prune]", *args], tmp_path)
+    assert p.returncode == 2 and expected in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr + p.stdout and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+@pytest.mark.slow
+def test_command_line_threshold_replaces_the_recipes_sparsity(tmp_path):
+    """The documented command: the default recipe's sparsity gives way to the threshold typed."""
+    import json
+    from tests.test_cli import lwpipe
+    p = lwpipe(["model=tiny", "data=blobs", "pipeline=[train,prune]", "stages.train.epochs=2", "cache=false",
+                "stages.prune.criterion=entropy", "++stages.prune.threshold=3.0", "measure.latency=false",
+                "++stages.prune.variational.epochs=2", "stages.prune.finetune.epochs=1", "hydra.run.dir=run"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    prune = next(r for r in json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]
+                 if r["stage"] == "prune")
+    assert prune["entropy_threshold"] == {"1": 3.0, "3": 3.0} and set(prune["kept_fraction"]) == {"1", "3"}
