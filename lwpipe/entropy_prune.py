@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lwpipe.bn import recalibrate_bn
-from lwpipe.constraints import compressible_layers, constraint, ensure_constraint, tied_layers
+from lwpipe.constraints import compressible_layers, constraint, ensure_constraint, original_weight, tied_layers
 from lwpipe.errors import ConfigError
 from lwpipe.training import fit
 from lwpipe.variational import kl_schedule, train_variational, unsupported_layer
@@ -87,6 +87,46 @@ def _masks(cfg, scores: dict[str, torch.Tensor], layers: dict, eps: float | None
     return masks
 
 
+@torch.no_grad()
+def clear_dead_units(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """A unit whose every outgoing weight is pruned computes nothing that is read: mask its incoming weights
+    and zero its bias (the model's outputs do not change; the artifact stores fewer weights and a zero).
+    Channels are followed through the dependency graph of lwpipe/structured.py; untraceable models: nothing.
+    Returns producer layer -> units cleared."""
+    from lwpipe import structured
+    if not structured.traceable(model):
+        return {}
+    modules, cleared = dict(model.named_modules()), {}
+    for group in structured.channel_groups(model, example):
+        read = None
+        for name, per in group.consumers:
+            w = modules[name].weight
+            used = (w != 0).transpose(0, 1).reshape(w.shape[1] // per, -1).any(1)  # per input channel
+            read = used if read is None else read | used
+        if read is None or bool(read.all()):
+            continue
+        for name in group.producers:
+            m = modules[name]
+            mask = (m.weight != 0) & read.view(-1, *[1] * (m.weight.dim() - 1))
+            stage_apply(m, mask)
+            if m.bias is not None:
+                stored_bias(m)[~read] = 0
+            cleared[name] = int((~read).sum())
+    return cleared
+
+
+def stored_bias(m: nn.Module) -> torch.Tensor:
+    from torch.nn.utils import parametrize
+    return m.parametrizations.bias.original if parametrize.is_parametrized(m, "bias") else m.bias
+
+
+def stage_apply(module: nn.Module, mask: torch.Tensor) -> None:
+    c = ensure_constraint(module)
+    c.set_mask(mask if c.mask is None else c.mask & mask)
+    if not c.shared:
+        original_weight(module).mul_(c.mask)
+
+
 def run(stage, model: nn.Module, ctx) -> nn.Module:
     from lwpipe.stages.prune import cubic_schedule
     cfg = stage.cfg
@@ -116,11 +156,12 @@ def run(stage, model: nn.Module, ctx) -> nn.Module:
         with torch.no_grad():
             for n, mask in masks.items():
                 stage._apply(layers[n], mask)
+        dead = clear_dead_units(model, ctx.test_loader()[0][0][:2].to(ctx.device)) if cfg.dead_units else {}
         kept = {n: int(torch.count_nonzero(layers[n].weight)) / layers[n].weight.numel() for n in masks}
-        log.info("  entropy prune step %d/%d (%s): kept %s", t, steps, cfg.score,
-                 ", ".join(f"{n}={v:.4f}" for n, v in kept.items()))
+        log.info("  entropy prune step %d/%d (%s): kept %s; units with no weight out cleared: %s", t, steps,
+                 cfg.score, ", ".join(f"{n}={v:.4f}" for n, v in kept.items()), dead or "none")
         recalibrate_bn(model, ctx.calibration_batches(cfg.calibration_batches))
         fit(model, ctx.train_loader(cfg.finetune.batch_size), cfg.finetune, loss_fn=ctx.loss,
             on_epoch=ctx.epoch_callback(model))
-    ctx.stage_record.update(entropy_score=cfg.score, entropy_threshold=cutoffs, kept_fraction=kept)
+    ctx.stage_record.update(entropy_score=cfg.score, entropy_threshold=cutoffs, kept_fraction=kept, dead_units=dead)
     return model

@@ -73,6 +73,7 @@ class PruneConfig(Strict):
     variational: TrainSettings = TrainSettings(epochs=10)
     sigma_lr: float | None = Field(None, gt=0, le=10)
     bins: int = Field(32, ge=2, le=1 << 16)
+    dead_units: bool = True  # entropy: clear units whose outgoing weights are all pruned (outputs unchanged)
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -37,7 +37,8 @@ def test_default_threshold_is_three(model, ctx):
 
 
 def test_sparsity_removes_the_highest_scoring_fraction_and_layers_apply(model, ctx):
-    Prune(PruneConfig(**QUICK, score="entropy", sparsity=0.75, layers={"3": {"sparsity": 0.5}})).run(model, ctx)
+    cfg = PruneConfig(**QUICK, score="entropy", sparsity=0.75, layers={"3": {"sparsity": 0.5}}, dead_units=False)
+    Prune(cfg).run(model, ctx)
     assert kept(model[1]) == pytest.approx(0.25) and kept(model[3]) == pytest.approx(0.5)
 
 
@@ -126,3 +127,15 @@ def test_command_line_threshold_replaces_the_recipes_sparsity(tmp_path):
     prune = next(r for r in json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]
                  if r["stage"] == "prune")
     assert prune["entropy_threshold"] == {"1": 3.0, "3": 3.0} and set(prune["kept_fraction"]) == {"1", "3"}
+
+
+def test_units_nothing_reads_are_cleared_without_changing_outputs(model, ctx):
+    from lwpipe.entropy_prune import clear_dead_units
+    with torch.no_grad():
+        model[3].weight[:, [2, 5]] = 0  # hidden units 2 and 5: no weight out
+    x = ctx.test_loader()[0][0]
+    before = model(x)
+    assert clear_dead_units(model, x[:2]) == {"1": 2}
+    assert torch.allclose(model(x), before)
+    assert not model[1].weight[[2, 5]].any() and not model[1].bias[[2, 5]].any()
+    assert bool(constraint(model[1]).mask[[0, 1, 3, 4]].all()) and not constraint(model[1]).mask[[2, 5]].any()
