@@ -60,7 +60,8 @@ def one(name: str, seed: int, overrides: list[str]) -> dict:
     base = records["train"]["accuracy"]
     return {"ratio": final["compression_ratio"], "bytes": final["compressed_bytes"], "baseline": base, "accuracy": final["accuracy"],
             "drop": 100 * (base - final["accuracy"]), "kept": records["prune"]["kept_fraction"],
-            "prune_s": records["prune"]["seconds"], "plain_s": plain, "epochs": epochs}
+            "prune_s": records["prune"]["seconds"], "plain_s": plain, "epochs": epochs,
+            "stages": " ".join(f"{n} {100 * r['accuracy']:.2f}" for n, r in records.items())}
 
 
 def line(name: str, seed: int, r: dict) -> str:
@@ -68,7 +69,7 @@ def line(name: str, seed: int, r: dict) -> str:
     return (f"{name:18s} seed {seed}  ratio {r['ratio']:6.1f}x  model.lwp {r['bytes']:5d} B  baseline "
             f"{100 * r['baseline']:.2f}%  final {100 * r['accuracy']:.2f}%  drop {r['drop']:+.2f}  kept {kept}  "
             f"prune {r['prune_s']:.1f} s vs {r['epochs']} plain epochs {r['plain_s']:.1f} s "
-            f"({r['prune_s'] / r['plain_s']:.2f}x)")
+            f"({r['prune_s'] / r['plain_s']:.2f}x)  [{r['stages']}]")
 
 
 def verdict(name: str, runs: dict[int, dict]) -> str:

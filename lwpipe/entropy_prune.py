@@ -108,6 +108,8 @@ def clear_dead_units(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
         for name in group.producers:
             m = modules[name]
             mask = (m.weight != 0) & read.view(-1, *[1] * (m.weight.dim() - 1))
+            if not bool(mask.any()):  # never empty a layer: its bias alone still reaches the output
+                continue
             stage_apply(m, mask)
             if m.bias is not None:
                 stored_bias(m)[~read] = 0

@@ -139,3 +139,24 @@ def test_units_nothing_reads_are_cleared_without_changing_outputs(model, ctx):
     assert torch.allclose(model(x), before)
     assert not model[1].weight[[2, 5]].any() and not model[1].bias[[2, 5]].any()
     assert bool(constraint(model[1]).mask[[0, 1, 3, 4]].all()) and not constraint(model[1]).mask[[2, 5]].any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["entropy_lenet5", "entropy_lenet300"])
+def test_entropy_recipes_run_and_leave_a_plain_model(name, tmp_path):
+    import json
+    import lwpipe
+    from lwpipe.models import LeNet5, LeNet300
+    from tests.test_cli import lwpipe as cli
+    short = ["stages.train.epochs=2", "stages.prune.variational.epochs=2", "stages.prune.finetune.epochs=1",
+             "stages.share.finetune.epochs=1", "stages.quantize.finetune.epochs=1", "stages.distill.epochs=1",
+             "cache=false", "measure.latency=false", "hydra.run.dir=run"]
+    p = cli([f"recipe={name}", *short], tmp_path)
+    assert p.returncode == 0, p.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [r["stage"] for r in summary["stages"]] == ["train", "prune", "share", "quantize", "distill"]
+    prune = summary["stages"][1]
+    assert set(prune["entropy_threshold"].values()) == {3.0} and all(0 < v < 1 for v in prune["kept_fraction"].values())
+    plain = (LeNet5(image_size=8) if name == "entropy_lenet5" else LeNet300(in_features=64)).state_dict()
+    loaded = lwpipe.load(tmp_path / "run" / "model.lwp")
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in plain.items()}
