@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695  # Molchanov et al. 2017, eq. 14
 LOG_ALPHA_CLIP = 10.0  # |log alpha| beyond this changes neither the KL nor which weights go
@@ -34,6 +35,32 @@ SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def log_alpha(theta: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
     """log alpha = log sigma^2 - log theta^2, clipped to [-10, 10] (a zero theta gives the clip)."""
     return (log_sigma2 - torch.log(theta * theta + 1e-8)).clamp(-LOG_ALPHA_CLIP, LOG_ALPHA_CLIP)
+
+
+class _KL(torch.autograd.Function):
+    """kl_approx(log_alpha(theta, log_sigma2)) with its gradient written out: one autograd node instead of ~15
+    (on small layers the per-op cost, not arithmetic, is what variational training pays for)."""
+
+    @staticmethod
+    def forward(ctx, theta, log_sigma2):
+        t2 = theta * theta + 1e-8
+        raw = log_sigma2 - torch.log(t2)
+        la = raw.clamp(-LOG_ALPHA_CLIP, LOG_ALPHA_CLIP)
+        s = torch.sigmoid(K2 + K3 * la)
+        ctx.save_for_backward(theta, t2, la, s, (raw > -LOG_ALPHA_CLIP) & (raw < LOG_ALPHA_CLIP))
+        return -(K1 * s - 0.5 * F.softplus(-la) - K1).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        theta, t2, la, s, inside = ctx.saved_tensors
+        # dKL/dla = -(k1 k3 s (1 - s) + 1/2 sigmoid(-la)), zero where clipped
+        d = -(K1 * K3 * s * (1 - s) + 0.5 * torch.sigmoid(-la)) * inside * grad
+        return d * (-2 * theta / t2), d
+
+
+def kl_of(theta: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
+    """Summed kl_approx(log_alpha(theta, log_sigma2)), as one autograd node."""
+    return _KL.apply(theta, log_sigma2)
 
 
 def kl_approx(log_alpha_: torch.Tensor) -> torch.Tensor:
@@ -67,17 +94,21 @@ class Posterior(nn.Module):
     def __init__(self, layer: nn.Module, init_log_sigma2: float = INIT_LOG_SIGMA2):
         super().__init__()
         self.log_sigma2 = nn.Parameter(torch.full_like(layer.weight.detach(), init_log_sigma2))
+        kept = layer.weight.detach() != 0  # masks do not change during variational training
+        self.register_buffer("kept", None if bool(kept.all()) else kept.to(layer.weight.dtype))
 
     def noise(self, layer: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
         if not layer.training:
             return out
         x = inputs[0]
-        sigma2 = torch.exp(self.log_sigma2) * (layer.weight != 0)  # a pruned weight carries no noise either
+        sigma2 = torch.exp(self.log_sigma2)
+        if self.kept is not None:  # a pruned weight carries no noise either
+            sigma2 = sigma2 * self.kept
         var = F.linear(x * x, sigma2) if isinstance(layer, nn.Linear) else layer._conv_forward(x * x, sigma2, None)
         return out + torch.sqrt(var + 1e-8) * torch.randn_like(out)
 
     def kl(self, layer: nn.Module) -> torch.Tensor:
-        return kl_approx(log_alpha(layer.weight, self.log_sigma2))
+        return kl_of(layer.weight, self.log_sigma2)
 
     @torch.no_grad()
     def scores(self, layer: nn.Module, score: str) -> torch.Tensor:
@@ -101,8 +132,9 @@ def train_variational(model: nn.Module, layers: dict[str, nn.Module], train: Cal
 
     def loss(m: nn.Module, batch) -> torch.Tensor:
         step[0] += 1
-        kl = sum(p.kl(layers[n]) for n, p in posts.items())
-        return loss_fn(m, batch) + kl_at(step[0]) * kl / n_train
+        with parametrize.cached():  # each constrained weight computed once a step, not in forward, hook and KL
+            kl = sum(p.kl(layers[n]) for n, p in posts.items())
+            return loss_fn(m, batch) + kl_at(step[0]) * kl / n_train
 
     handles = [layers[n].register_forward_hook(p.noise) for n, p in posts.items()]
     try:

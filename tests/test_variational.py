@@ -84,3 +84,16 @@ def test_irrelevant_inputs_get_wide_posteriors_and_the_model_gains_nothing():
     assert s.shape == model[0].weight.shape
     assert s[:, 4:].mean() > s[:, :4].mean() + 3
     assert set(dict(model.named_parameters())) == before and not model[0]._forward_hooks
+
+
+def test_kl_gradient_written_out_matches_autograd():
+    from lwpipe.variational import kl_of
+    torch.manual_seed(0)
+    theta = (torch.randn(50) * 0.3).requires_grad_()
+    ls2 = (torch.randn(50) * 4 - 4).requires_grad_()
+    ours = torch.autograd.grad(kl_of(theta, ls2), [theta, ls2])
+    ref = torch.autograd.grad(kl_approx(log_alpha(theta, ls2)), [theta, ls2])
+    with torch.no_grad():
+        assert float(kl_of(theta, ls2)) == pytest.approx(float(kl_approx(log_alpha(theta, ls2))), rel=1e-5)
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
