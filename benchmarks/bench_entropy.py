@@ -8,9 +8,9 @@ the drop in points, the prune stage's kept fraction per layer, and the prune sta
 seconds the same number of ordinary fine-tuning epochs take (a plain `fit` of the same model on the same
 data, timed right after the run: on a shared CPU the load changes between the two), and, steadier, one
 variational epoch's cost in ordinary epochs, the two alternated three times, with the stage's cost it
-implies ((variational epochs x that + fine-tune epochs) / all its epochs). Then per recipe the targets: ratio >= TARGET and a drop of at most 0.5
-point on every seed; the prune stage at most 3x ordinary fine-tuning. Extra `key=value` arguments are
-lwpipe overrides for every run.
+implies ((variational epochs x that + fine-tune epochs) / all its epochs). Then per recipe the targets:
+ratio >= TARGET and a drop of at most 0.5 point on every seed; the prune stage at most 3x ordinary
+fine-tuning. Extra `key=value` arguments are lwpipe overrides for every run.
 """
 from __future__ import annotations
 
@@ -59,10 +59,11 @@ def epoch_cost(recipe, seed: int, rounds: int = 3) -> float:
     layers, loader = dict(compressible_layers(model)), ctx.train_loader()
     one_epoch = TrainSettings(epochs=1, lr=cfg.variational.lr)
     vd = plain = 0.0
+    train = lambda loss, groups: fit(model, loader, one_epoch, loss_fn=loss, params=groups)  # noqa: E731
     for _ in range(rounds):
         start = time.perf_counter()
-        train_variational(model, layers, lambda loss, groups: fit(model, loader, one_epoch, loss_fn=loss, params=groups),
-                          ctx.loss, len(data.train), kl_schedule(cfg.kl_weight, 0), cfg.score, cfg.sigma_lr)
+        train_variational(model, layers, train, ctx.loss, len(data.train), kl_schedule(cfg.kl_weight, 0), cfg.score,
+                          cfg.sigma_lr)
         mid = time.perf_counter()
         fit(model, loader, one_epoch, loss_fn=ctx.loss)
         vd, plain = vd + mid - start, plain + time.perf_counter() - mid
@@ -85,7 +86,8 @@ def one(name: str, seed: int, overrides: list[str]) -> dict:
     ft = p.get("finetune", {}).get("epochs", 0)
     stage_cost = (p.variational.epochs * per_epoch + ft) / (p.variational.epochs + ft)
     base = records["train"]["accuracy"]
-    return {"ratio": final["compression_ratio"], "bytes": final["compressed_bytes"], "baseline": base, "accuracy": final["accuracy"],
+    return {"ratio": final["compression_ratio"], "bytes": final["compressed_bytes"], "baseline": base,
+            "accuracy": final["accuracy"],
             "drop": 100 * (base - final["accuracy"]), "kept": records["prune"]["kept_fraction"],
             "prune_s": records["prune"]["seconds"], "plain_s": plain, "epochs": epochs,
             "per_epoch": per_epoch, "cost": stage_cost,

@@ -187,4 +187,5 @@ def pooled_outputs(model: nn.Module, layers: dict[str, nn.Module], batches: Iter
 def channel_entropy(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable, forward, bins: int
                     ) -> dict[str, torch.Tensor]:
     """Per producer layer, each output channel's activation entropy as a [C, 1] score (higher: kept)."""
-    return {n: histogram_entropy(v, bins).unsqueeze(1) for n, v in pooled_outputs(model, layers, batches, forward).items()}
+    pooled = pooled_outputs(model, layers, batches, forward)
+    return {n: histogram_entropy(v, bins).unsqueeze(1) for n, v in pooled.items()}
