@@ -90,6 +90,9 @@ class PruneConfig(Strict):
             raise ValueError("N:M sparsity is fixed by n and m; use schedule=oneshot")
         if self.threshold is not None:
             check_threshold(self)
+        if self.criterion == "entropy" and (self.granularity == "nm" or self.untraceable == "mask"):
+            raise ValueError("criterion=entropy scores single weights (unstructured) or traced channels "
+                             "(structured, untraceable=error); not N:M groups or masked rows")
         if self.criterion == "entropy" and self.scope == "global":
             raise ValueError("criterion=entropy scores each layer's weights by its own posteriors; use scope=layer")
         if self.criterion == "entropy" and self.threshold is not None and "sparsity" in self.model_fields_set:

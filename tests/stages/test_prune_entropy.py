@@ -160,3 +160,10 @@ def test_entropy_recipes_run_and_leave_a_plain_model(name, tmp_path):
     plain = (LeNet5(image_size=8) if name == "entropy_lenet5" else LeNet300(in_features=64)).state_dict()
     loaded = lwpipe.load(tmp_path / "run" / "model.lwp")
     assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in plain.items()}
+
+
+@pytest.mark.parametrize("extra", [{"granularity": "nm"}, {"granularity": "structured", "untraceable": "mask"},
+                                   {"scope": "global"}])
+def test_entropy_with_a_grouping_it_cannot_score_is_refused(extra):
+    with pytest.raises(ValidationError, match=r"criterion=entropy"):
+        PruneConfig(criterion="entropy", **extra)
