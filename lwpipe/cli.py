@@ -128,6 +128,7 @@ def _interrupt(signum, frame):
 def _main(cfg: DictConfig):
     from lwpipe.cache import remove_stale_temporaries
     from lwpipe.config import validate  # imported here so --help stays fast
+    from lwpipe.entropy_prune import settle_threshold
     from lwpipe.jobs import configure as configure_job
     from lwpipe.runner import run
 
@@ -142,6 +143,7 @@ def _main(cfg: DictConfig):
     try:
         if not owned:
             raise LwpipeError(refused(run_dir))
+        settle_threshold(cfg, hc.overrides.task)  # a command-line threshold replaces the recipe's sparsity
         recipe = validate(cfg)
         configure_job(recipe.top.threads, hc, multirun)  # torch threads and console tag (lwpipe/jobs.py)
         for pattern in ("*/.*.tmp*", "*/checkpoints/.*.tmp*"):  # left by killed runs of the same name

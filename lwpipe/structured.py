@@ -335,6 +335,11 @@ def run(stage, model: nn.Module, ctx) -> nn.Module:
             with torch.enable_grad():
                 raw = taylor_scores(model, ctx.calibration_batches(cfg.calibration_batches), list(mods.values()), ctx.loss)
             scores = dict(zip(names, raw))
+        elif cfg.criterion == "entropy":  # Luo & Wu 2017: the entropy of each channel's activations
+            from lwpipe.calibration import task_forward
+            from lwpipe.variational import channel_entropy
+            scores = channel_entropy(model, dict(compressible_layers(model)),
+                                     ctx.calibration_batches(cfg.calibration_batches), task_forward(ctx), cfg.bins)
         widths = prune_channels(model, example, targets, original, scores)
         model.lwpipe_resized = True  # model.lwp says so (artifact/decode.build_model)
         recalibrate_bn(model, ctx.calibration_batches(cfg.calibration_batches))

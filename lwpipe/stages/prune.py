@@ -16,6 +16,8 @@ schedule of Zhu & Gupta (2017), fine-tuning after each step.
 input Hessian and updates the kept ones to make up for them (lwpipe/gptq.py); unstructured or N:M, per layer.
 `threshold: eps` (unstructured, one-shot) prunes every weight whose score is below eps
 instead of a target sparsity; the sparsity it reaches is logged.
+`entropy` (sparse variational dropout, lwpipe/entropy_prune.py; structured: activation entropy) prunes
+the weights whose score is *above* `threshold` (default 3.0), or the highest-scoring `sparsity`.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from lwpipe import gptq, structured
+from lwpipe import entropy_prune, gptq, structured
 from lwpipe.bn import recalibrate_bn
 from lwpipe.calibration import input_channel_norms, task_forward, wanda_scores
 from lwpipe.config import Strict, TrainSettings
@@ -51,11 +53,11 @@ class LayerPrune(Strict):
 
 
 class PruneConfig(Strict):
-    criterion: Literal["magnitude", "taylor", "wanda", "gradient", "saliency", "sparsegpt"] = "magnitude"
+    criterion: Literal["magnitude", "taylor", "wanda", "gradient", "saliency", "sparsegpt", "entropy"] = "magnitude"
     granularity: Literal["unstructured", "structured", "nm"] = "unstructured"
     sparsity: float = Field(0.5, ge=0, lt=1)
     quality: float | None = Field(None, gt=0, le=100)  # set: threshold = quality * std(W), per layer
-    threshold: float | None = Field(None, ge=0, le=1e30)  # set: prune scores below it, instead of `sparsity`
+    threshold: float | None = Field(None, ge=-1e30, le=1e30)  # set: prune scores below it (entropy: above)
     n: int = Field(2, ge=1, le=64)                       # N:M keeps n of every m consecutive weights
     m: int = Field(4, ge=2, le=64)
     scope: Literal["layer", "global"] = "layer"
@@ -68,6 +70,15 @@ class PruneConfig(Strict):
     damp: float = Field(0.01, gt=0, le=1)                # sparsegpt: H + damp x mean(diag H) x I
     block: int = Field(128, ge=1, le=1 << 20)            # sparsegpt: columns whose mask is chosen together
     finetune: TrainSettings = TrainSettings()            # after each pruning step
+    # criterion=entropy (lwpipe/variational.py): score, KL weight and its warm-up (epochs), the variational
+    # training before each pruning step (its own lr for log sigma^2: sigma_lr), histogram bins (structured)
+    score: Literal["log_alpha", "entropy"] = "log_alpha"
+    kl_weight: float = Field(1.0, ge=0, le=1e6)
+    kl_warmup: int = Field(0, ge=0, le=100_000)
+    variational: TrainSettings = TrainSettings(epochs=10)
+    sigma_lr: float | None = Field(None, gt=0, le=10)
+    bins: int = Field(32, ge=2, le=1 << 16)
+    dead_units: bool = True  # entropy: clear units whose outgoing weights are all pruned (outputs unchanged)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -85,6 +96,14 @@ class PruneConfig(Strict):
         if self.threshold is not None:
             check_threshold(self)
         check_sparsegpt(self)
+        if self.criterion == "entropy" and (self.granularity == "nm" or self.untraceable == "mask"):
+            raise ValueError("criterion=entropy scores single weights (unstructured) or traced channels "
+                             "(structured, untraceable=error); not N:M groups or masked rows")
+        if self.criterion == "entropy" and self.scope == "global":
+            raise ValueError("criterion=entropy scores each layer's weights by its own posteriors; use scope=layer")
+        if self.criterion == "entropy" and self.threshold is not None and "sparsity" in self.model_fields_set:
+            raise ValueError(f"threshold={self.threshold!r} and sparsity={self.sparsity!r} both say what goes; "
+                             f"give one of them")
         return self
 
 
@@ -109,11 +128,14 @@ def check_threshold(cfg: PruneConfig) -> None:
     """`threshold` compares single weights' scores once: say which other setting cannot go with it."""
     why = ("granularity=unstructured (N:M and structured pruning choose a count, not a score bound)"
            if cfg.granularity != "unstructured" else
-           "schedule=oneshot (a gradual schedule moves a target sparsity)" if cfg.schedule != "oneshot" else
+           "schedule=oneshot (a gradual schedule moves a target sparsity)"
+           if cfg.schedule != "oneshot" and cfg.criterion != "entropy" else
+           "threshold >= 0 (scores are non-negative)" if cfg.threshold < 0 and cfg.criterion != "entropy" else
            "scope=layer (one threshold already applies to every layer alike)" if cfg.scope != "layer" else
            "no quality (quality is magnitude's own threshold, quality x std)" if cfg.quality is not None else None)
     if why:
-        raise ValueError(f"threshold={cfg.threshold!r} prunes scores below it; it needs {why}")
+        side = "above" if cfg.criterion == "entropy" else "below"
+        raise ValueError(f"threshold={cfg.threshold!r} prunes scores {side} it; it needs {why}")
 
 
 # -- scores and masks: pure functions ------------------------------------------------
@@ -290,6 +312,8 @@ class Prune:
     def check_model(cfg: PruneConfig, model: nn.Module, path: str) -> None:
         check_layer_patterns(model, cfg.layers, path)
         check_not_emptied(cfg, model, path)
+        if cfg.criterion == "entropy" and cfg.granularity == "unstructured":
+            entropy_prune.check_layers(cfg, model, path)
         if cfg.granularity == "structured":  # shrinks layers: the graph must trace (lwpipe/structured.py)
             structured.check(model, path, cfg.untraceable)
 
@@ -451,6 +475,8 @@ class Prune:
         self._kept = kept_kinds(model, self.cfg.keep)
         if self.cfg.granularity == "structured" and structured.traceable(model):
             return structured.run(self, model, ctx)
+        if self.cfg.criterion == "entropy":
+            return entropy_prune.run(self, model, ctx)
         layers = dict(compressible_layers(model))
         ties = tied_layers(model)
         finals = self._targets(layers, ties)
