@@ -82,7 +82,7 @@ def test_waiting_for_a_live_lock_times_out_with_a_clear_message(tmp_path):
     t = time.monotonic()
     with pytest.raises(LwpipeError, match=r"waited 0 s \(cache.wait_seconds\).*pid 4242 on another-host.*k.lock"):
         c.claim("k", nn.Linear(2, 2))
-    assert 0.4 < time.monotonic() - t < 5
+    assert 0.4 < time.monotonic() - t < 60  # waited its 0.5 s, and then stopped (60: a hang, not a slow machine)
     assert (tmp_path / "k.lock").exists()  # not ours: left alone
 
 

@@ -54,11 +54,11 @@ def read_all(tmp_path, cases: dict[str, bytes | str]) -> dict[str, dict]:
 
 
 def refusals(tmp_path, cases: dict[str, bytes], reader: str = "inspect") -> dict[str, str]:
-    """Each file refused by `reader` and by lwpipe.load (within 5 s); case -> `reader`'s refusal."""
+    """Each file refused by `reader` and by lwpipe.load, without hanging; case -> `reader`'s refusal."""
     got = read_all(tmp_path, cases)
     for name, out in got.items():
         assert out[reader].startswith("REFUSED") and out["load"].startswith("REFUSED"), (name, out)
-        assert out["seconds"] < 5, name
+        assert out["seconds"] < 60, name  # a hang, not a slow machine (bench_fuzz.py times them)
     return {name: out[reader] for name, out in got.items()}
 
 
