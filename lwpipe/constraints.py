@@ -205,7 +205,7 @@ class Compressed(nn.Module):
                 w = self.fake_quant(w)
         if self.mask is not None:
             w = torch.where(self.mask, w, torch.zeros((), dtype=w.dtype))
-        return w
+        return w.to(original.dtype)  # grids and codebooks are float32: a bf16 / fp16 layer computes in its dtype
 
 
 def grid_shape(shape, axis: int, group: int | None = None) -> tuple[int, ...]:

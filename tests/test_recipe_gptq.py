@@ -67,3 +67,22 @@ def test_sparsegpt_24_w4_keeps_two_of_every_four_and_quantizes_them(files, tmp_p
     assert constraint(proj).group == 16
     assert constraint(dict(loaded.named_modules())["model.embed_tokens"]) is None
     assert final["sparsity"] > 0.3
+
+
+def test_a_bf16_checkpoint_stays_bf16_through_gptq_w4_and_its_file(files, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    bf16 = tmp_path / "llama-bf16"
+    LlamaForCausalLM.from_pretrained(str(files["llama"])).to(torch.bfloat16).save_pretrained(str(bf16))
+    from tests.hf_helpers import word_tokenizer
+    word_tokenizer().save_pretrained(str(bf16))
+    final, records = run_recipe([*args(files, "gptq_w4", "llama")[:3], f"model.path={bf16}", *args(files, "gptq_w4",
+                                                                                                   "llama")[4:]],
+                                tmp_path / "run")
+    assert final["perplexity"] > 1  # the run verified its own model.lwp before reporting
+    loaded = lwpipe.load(tmp_path / "run" / "model.lwp")
+    proj = dict(loaded.named_modules())["model.layers.1.mlp.up_proj"]
+    assert proj.weight.dtype == torch.bfloat16
+    batch = {"input_ids": torch.tensor([[2, 5, 7, 9]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with torch.no_grad():
+        assert torch.isfinite(loaded(**batch).logits.float()).all()

@@ -318,6 +318,11 @@ def check_fit(model: nn.Module, header: dict, source: str) -> None:
 def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False, source: str = "artifact") -> nn.Module:
     """The constrained model: each stored layer carries its Compressed constraint (see bake_in_place)."""
     model = module if module is not None else build_model(art.header, trusted, source)
+    dtypes = {layer.original.dtype for layer in art.layers}
+    if module is None and len(dtypes) == 1 and dtypes != {torch.float32}:
+        dtype = dtypes.pop()  # a bf16 / fp16 model computes in its own dtype, as it did when it was encoded
+        for p in model.parameters():  # parameters only: buffers (rotary inv_freq) keep the dtype they are built in
+            p.data = p.data.to(dtype)
     tied = art.header.get("tied") or {}
     restore_factorized(model, {**{n: v.shape for n, (v, _) in art.tensors.items()},
                                **{layer.name: layer.original.shape for layer in art.layers}})
