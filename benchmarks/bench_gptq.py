@@ -43,7 +43,7 @@ def split_texts(scratch: Path, samples: int) -> tuple[Path, Path]:
 
 
 def cosine(path: Path, method: str, bits: int, group: int | None, samples: int, scratch: Path,
-           files: tuple[Path, Path], act_order: bool, full_range: bool) -> tuple[float, float]:
+           files: tuple[Path, Path], act_order: bool, full_range: bool, clip: bool) -> tuple[float, float]:
     from hydra import compose, initialize_config_dir
 
     from lwpipe.cli import RECIPES
@@ -60,6 +60,8 @@ def cosine(path: Path, method: str, bits: int, group: int | None, samples: int, 
         overrides.append(f"++stages.quantize.group_size={group}")
     if full_range:
         overrides.append("++stages.quantize.full_range=true")
+    if clip and group:
+        overrides.append("++stages.quantize.clip_search=true")
     if act_order and method == "gptq":
         overrides.append("++stages.quantize.act_order=true")
     with initialize_config_dir(config_dir=RECIPES, version_base="1.3"):
@@ -98,6 +100,7 @@ def main() -> None:
                    "default, 'static')")
     p.add_argument("--methods", default="rtn,gptq")
     p.add_argument("--full-range", action="store_true", help="levels -8..7 (compressed-tensors' int4), not -7..7")
+    p.add_argument("--clip-search", action="store_true", help="each group's scale by least squared error")
     p.add_argument("--peer-python", help="python of a venv with llmcompressor installed")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-layer", action="store_true", help="skip the 4096 x 4096 timing")
@@ -111,7 +114,8 @@ def main() -> None:
         print(f"{path.name}: {a.bits}-bit symmetric weights ({grid}) on the Linear layers, {a.samples} calibration "
               f"texts, held-out test texts, {a.threads} thread(s); mean cosine to the original model")
         for method in a.methods.split(","):
-            cos, secs = cosine(path, method, a.bits, a.group or None, a.samples, scratch, files, a.act_order, a.full_range)
+            cos, secs = cosine(path, method, a.bits, a.group or None, a.samples, scratch, files, a.act_order, a.full_range,
+                               a.clip_search)
             print(f"  lwpipe {method:5s} {cos:.4f}  ({secs:.0f} s)", flush=True)
         if a.peer_python:
             out = subprocess.run([a.peer_python, str(Path(__file__).parent / "peer_llmcompressor.py"), str(path),
@@ -119,8 +123,8 @@ def main() -> None:
             if out.returncode:
                 sys.exit(f"peer_llmcompressor.py failed:\n{out.stderr[-2000:]}")
             peer = json.loads(out.stdout.strip().splitlines()[-1])
-            for method in ("rtn", "gptq"):
-                print(f"  llm-compressor {method:5s} W4A16 {peer[method]:.4f}  ({peer['seconds'][method]:.0f} s)")
+            for method in ("rtn", "gptq", "gptq_mse"):
+                print(f"  llm-compressor {method:8s} W4A16 {peer[method]:.4f}  ({peer['seconds'][method]:.0f} s)")
     if not a.skip_layer:
         line = f"GPTQ on one 4096 x 4096 layer (4-bit, groups of 128, act_order): lwpipe {one_layer():.1f} s"
         if a.peer_python:

@@ -2,11 +2,11 @@
 
     VENV/bin/python benchmarks/peer_llmcompressor.py MODEL_DIR calib.txt test.txt --max-length 64
 
-Prints one JSON line: {"rtn": cosine, "gptq": cosine, "seconds": {...}}: mean cosine of the
+Prints one JSON line: {"rtn": cosine, "gptq": cosine, "gptq_mse": cosine, "seconds": {...}}: mean cosine of the
 mean-pooled, normalised embeddings (all-MiniLM-L6-v2's pooling) of the quantized BertModel to the
 original's on test.txt, after llm-compressor's oneshot with QuantizationModifier (round to nearest)
 or GPTQModifier, scheme W4A16 (4-bit symmetric weights, groups of 128) on every Linear layer,
-calibrated on calib.txt. Kept apart from lwpipe's venv: llmcompressor pins its own packages.
+calibrated on calib.txt; gptq_mse: the same with its MSE weight observer instead of min-max. Kept apart from lwpipe's venv: llmcompressor pins its own packages.
 """
 from __future__ import annotations
 
@@ -75,8 +75,11 @@ def main() -> None:
     original = AutoModel.from_pretrained(a.model, torch_dtype=torch.float32).eval()
     reference = embed(original, test_batches)
     result, seconds = {}, {}
+    mse = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                                          "strategy": "group", "group_size": 128, "observer": "mse"}}}
     for name, modifier in (("rtn", QuantizationModifier(targets="Linear", scheme="W4A16", ignore=[])),
-                           ("gptq", GPTQModifier(targets="Linear", scheme="W4A16", ignore=[]))):
+                           ("gptq", GPTQModifier(targets="Linear", scheme="W4A16", ignore=[])),
+                           ("gptq_mse", GPTQModifier(config_groups=mse, ignore=[]))):
         model = copy.deepcopy(original)
         t = time.perf_counter()
         oneshot(model=model, dataset=ds, recipe=modifier, max_seq_length=a.max_length,

@@ -89,6 +89,7 @@ class QuantizeConfig(Strict):
     granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
     group_size: int | None = Field(None, ge=1, le=1 << 20)  # per_channel: one scale per group of N inputs too
     full_range: bool = False                           # symmetric: levels -2^(b-1)..2^(b-1)-1 (compressed-tensors')
+    clip_search: bool = False                          # group_size, symmetric: each group's scale by least MSE
     keep: list[Literal["embeddings", "output_head"]] = []  # layer kinds left as they are (a `layers` entry overrides)
     step: float | None = Field(None, gt=0, le=10)      # grid step = step x the layer's std; null: the range
     layers: dict[str, LayerQuant] = {}                 # by module name or glob: "fc3", "conv*"
@@ -132,6 +133,7 @@ class QuantizeConfig(Strict):
         check_gptq(self)
         check_group(self)
         check_full_range(self)
+        check_clip(self)
         return self
 
 
@@ -148,6 +150,12 @@ def check_group(cfg: QuantizeConfig) -> None:
     if cfg.bits == 1 or cfg.scheme == "ternary" or any(lc.bits == 1 for lc in cfg.layers.values()):
         raise ValueError("group_size with binary / ternary weights: their scale is the mean |w|, per channel; "
                          "drop group_size or use bits >= 2")
+
+
+def check_clip(cfg: QuantizeConfig) -> None:
+    if cfg.clip_search and (cfg.group_size is None or cfg.scheme != "symmetric"):
+        raise ValueError(f"clip_search=true shrinks each group's symmetric scale; it needs group_size and "
+                         f"scheme=symmetric (here group_size={cfg.group_size}, scheme={cfg.scheme})")
 
 
 def check_full_range(cfg: QuantizeConfig) -> None:
@@ -271,7 +279,7 @@ def std_grid(x: torch.Tensor, step: float, bits: int, scheme: Scheme, per_channe
 @torch.no_grad()
 def quantize_layer(module: nn.Module, bits: int, scheme: Scheme = "symmetric", per_channel: bool = False,
                    tied=(), step: float | None = None, hessian: dict | None = None,
-                   group: int | None = None) -> float | None:
+                   group: int | None = None, clip: bool = False) -> float | None:
     """Put the layer's weights (or its codebook, when shared) on a `bits`-bit grid: each weight to its nearest
     level, or, given `hessian` ({"h": H, "damp", "block", "act_order", "name"}), the levels GPTQ picks (its
     weighted error is returned). `group`: per-channel scales per `group` inputs too, on layers that can
@@ -285,7 +293,7 @@ def quantize_layer(module: nn.Module, bits: int, scheme: Scheme = "symmetric", p
         values, axis = module.weight.detach(), grid_axis(module, per_channel)
     group = group if per_channel and not c.shared and grouped_layer(module) else None
     if group is not None:
-        qmin, qmax, scale, zero_point = group_grid(module, values, bits, scheme, group)
+        qmin, qmax, scale, zero_point = group_grid(module, values, bits, scheme, group, clip)
     elif step is None:
         qmin, qmax, scale, zero_point = quant_grid(values, bits, scheme, per_channel, axis or 0)
     else:  # a codebook's spread is not the weights': take the std of the (masked) weights it gives
@@ -294,7 +302,7 @@ def quantize_layer(module: nn.Module, bits: int, scheme: Scheme = "symmetric", p
     c.set_quant(bits, qmin, qmax, scale, zero_point, axis, group)
     error = None
     if hessian is not None and not c.shared:  # check_order refuses gptq after share
-        error = gptq_levels(module, c, hessian, scheme)
+        error = gptq_levels(module, c, hessian, scheme, clip)
     pin_zeros(module)
     return error
 
@@ -304,24 +312,41 @@ def grouped_layer(module: nn.Module) -> bool:
     return module.weight.dim() == 2 and in_axis(module) is not None
 
 
-def group_grid(module: nn.Module, w: torch.Tensor, bits: int, scheme: Scheme, group: int):
+def group_grid(module: nn.Module, w: torch.Tensor, bits: int, scheme: Scheme, group: int, clip: bool = False):
     """(qmin, qmax, scale, zero_point) with one scale per output channel and `group` inputs, in the layer's layout
     (grid_shape(shape, out_axis, group)); the last group may be shorter."""
     rows = gptq.as_rows(module, w.detach().float())
-    qmin, qmax, scale, zero_point = rows_group_grid(rows, bits, scheme, group)
+    qmin, qmax, scale, zero_point = rows_group_grid(rows, bits, scheme, group, clip)
     flip = gptq.is_hf_conv1d(module)
     return qmin, qmax, scale.t().contiguous() if flip else scale, zero_point.t().contiguous() if flip else zero_point
 
 
-def rows_group_grid(rows: torch.Tensor, bits: int, scheme: Scheme, group: int):
-    """quant_grid per row and group of `group` columns of rows [outputs, inputs]: scales [outputs, groups]."""
+CLIP_FACTORS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8)
+
+
+def rows_group_grid(rows: torch.Tensor, bits: int, scheme: Scheme, group: int, clip: bool = False):
+    """quant_grid per row and group of `group` columns of rows [outputs, inputs]: scales [outputs, groups].
+    clip (symmetric grids): each group's scale shrunk by the factor of CLIP_FACTORS whose rounding leaves the
+    least squared error on the group's weights (an MSE observer: the extremes clip a little, the rest gain)."""
     n = rows.shape[1]
     padded = torch.nn.functional.pad(rows, (0, (-n) % group)).reshape(-1, group)  # zeros: the grid holds 0 anyway
     qmin, qmax, scale, zero_point = quant_grid(padded, bits, scheme, True, 0)
+    if clip and scheme.startswith("symmetric"):
+        x = padded.float()
+        best, best_err = scale, None
+        for f in CLIP_FACTORS:
+            s = scale * f
+            err = ((torch.clamp(torch.round(x / s), qmin, qmax) * s - x) ** 2).sum(1, keepdim=True)
+            if best_err is None:
+                best_err = err
+            else:
+                better = err < best_err
+                best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+        scale = best
     return qmin, qmax, scale.view(rows.shape[0], -1), zero_point.view(rows.shape[0], -1)
 
 
-def gptq_levels(module: nn.Module, c, hessian: dict, scheme: Scheme) -> float:
+def gptq_levels(module: nn.Module, c, hessian: dict, scheme: Scheme, clip: bool = False) -> float:
     """Move the layer's weight onto the levels GPTQ chooses; the constraint's rounding then keeps exactly them."""
     w = original_weight(module).detach().float()  # before the grid (module.weight is already rounded)
     if c.mask is not None:
@@ -334,7 +359,7 @@ def gptq_levels(module: nn.Module, c, hessian: dict, scheme: Scheme) -> float:
     else:  # [outputs, groups]; each group's grid is recomputed from its columns as GPTQ reaches them
         flip = gptq.is_hf_conv1d(module)
         scale, zero = (t.t() if flip else t for t in (c.scale, c.zero_point))
-        regrid = lambda cols: rows_group_grid(cols, c.bits, scheme, cols.shape[1])[2:]  # noqa: E731
+        regrid = lambda cols: rows_group_grid(cols, c.bits, scheme, cols.shape[1], clip)[2:]  # noqa: E731
     q, error, scale, zero = gptq.gptq_weight(rows, hessian["h"], scale, zero, c.qmin, c.qmax, mask, hessian["block"],
                                              hessian["damp"], hessian["act_order"], hessian["name"], c.group, regrid)
     if c.group is not None:
@@ -392,7 +417,8 @@ def quantize_any(module: nn.Module, bits: int | None, cfg: QuantizeConfig, tied=
     else:
         scheme = "symmetric" if cfg.scheme == "ternary" else cfg.scheme
         scheme = "symmetric_full" if cfg.full_range else scheme
-        return quantize_layer(module, bits or cfg.bits, scheme, per_channel, tied, step, hessian, cfg.group_size)
+        return quantize_layer(module, bits or cfg.bits, scheme, per_channel, tied, step, hessian, cfg.group_size,
+                              cfg.clip_search)
     return None
 
 

@@ -208,3 +208,17 @@ def test_group_scales_go_through_the_artifact_exactly_and_beat_per_channel(model
 def test_group_size_needs_per_channel_scales():
     with pytest.raises(ValueError, match="group_size=64 .*needs granularity=per_channel"):
         QuantizeConfig(group_size=64)
+
+
+def test_clip_search_lowers_each_groups_rounding_error_and_needs_groups():
+    from lwpipe.stages.quantize import rows_group_grid
+    torch.manual_seed(5)
+    w = torch.randn(8, 64) * torch.rand(8, 64) ** 2  # heavy tails: the min-max scale wastes levels on outliers
+    errs = {}
+    for clip in (False, True):
+        qmin, qmax, s, z = rows_group_grid(w, 3, "symmetric_full", 16, clip)
+        full = s.repeat_interleave(16, 1)
+        errs[clip] = ((torch.clamp(torch.round(w / full), qmin, qmax) * full - w) ** 2).view(8, 4, 16).sum(2)
+    assert (errs[True] <= errs[False] + 1e-7).all() and errs[True].sum() < errs[False].sum()
+    with pytest.raises(ValueError, match="clip_search=true .*needs group_size"):
+        QuantizeConfig(clip_search=True)
