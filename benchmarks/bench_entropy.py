@@ -14,7 +14,6 @@ fine-tuning. Extra `key=value` arguments are lwpipe overrides for every run.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_push import COMMON, MAX_DROP  # noqa: E402
+from bench_push import COMMON, MAX_DROP, seeds_main  # noqa: E402
 
 from lwpipe.cli import RECIPES  # noqa: E402
 from lwpipe.config import TrainSettings, validate  # noqa: E402
@@ -113,21 +112,5 @@ def verdict(name: str, runs: dict[int, dict]) -> str:
             f"{'MET' if cost <= MAX_COST else 'MISSED'} (worst {cost:.2f}x, interleaved)")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipes", nargs="+", default=list(TARGETS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("overrides", nargs="*", help="lwpipe overrides for every run")
-    a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    for name in a.recipes:
-        runs = {}
-        for seed in a.seeds:
-            runs[seed] = one(name, seed, a.overrides)
-            print(line(name, seed, runs[seed]), flush=True)
-        print(verdict(name, runs), flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    seeds_main(__doc__, TARGETS, one, line, verdict)

@@ -65,9 +65,11 @@ def verdict(recipe: str, runs: dict[int, dict]) -> str:
             f"mean drop {drop:+.2f}, lowest ratio {ratio:.1f}x: {'MET' if mean else 'MISSED'}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipes", nargs="+", default=list(TARGETS))
+def seeds_main(doc: str, targets: dict, one, line, verdict) -> None:
+    """The command line of a per-seed recipe benchmark: each recipe once per seed (`one`), a `line` a run,
+    then the recipe's `verdict` over its seeds (bench_entropy.py uses it too)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--recipes", nargs="+", default=list(targets))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("overrides", nargs="*", help="lwpipe overrides for every run")
@@ -82,4 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    seeds_main(__doc__, TARGETS, one, line, verdict)

@@ -14,6 +14,7 @@ import pytest
 from lwpipe.artifact import ArtifactError, encode_model, read
 from lwpipe.artifact.coding import BitWriter
 from lwpipe.artifact.format import pack, pack_json, unpack
+from tests.artifact.forge import one_symbol_table
 from tests.artifact.helpers import CONFIG, model_with
 
 CHILD = textwrap.dedent("""
@@ -88,15 +89,6 @@ def table_bits(size: int, uniform: bool) -> bytes:
 @pytest.fixture(scope="module")
 def blob() -> bytes:
     return encode_model(model_with("pruned+shared+quant+half_bias", "pruned+quant_channel"), CONFIG)
-
-
-def one_symbol_table() -> bytes:
-    w = BitWriter()
-    w.write_exp_golomb(1)  # a table of one symbol: the stream itself costs nothing
-    w.write(0, 1)
-    w.write(0, 5)
-    w.write(0, 4)
-    return w.getvalue()
 
 
 def grid_layer(qmin: int, qmax: int, k: int, zp_levels: int | None = None) -> dict:
