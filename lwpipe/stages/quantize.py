@@ -47,9 +47,9 @@ from torch import nn
 from lwpipe.config import Strict, TrainSettings
 from lwpipe import gptq
 from lwpipe.calibration import task_forward
-from lwpipe.constraints import (NORMS, check_layer_patterns, compressible_layers, constraint, ensure_constraint,
-                                grid_axis, hold_grid, hold_half, in_axis, kept_kinds, layer_setting, original_weight,
-                                out_axis, tied_layers)
+from lwpipe.constraints import (NORMS, check_layer_patterns, compressible_layers, constraint, dequantize,
+                                ensure_constraint, grid_axis, hold_grid, hold_half, in_axis, kept_kinds, layer_setting,
+                                original_weight, out_axis, tied_layers)
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.loggers.console import format_quality
@@ -160,7 +160,8 @@ def check_clip(cfg: QuantizeConfig) -> None:
 
 def check_full_range(cfg: QuantizeConfig) -> None:
     """full_range widens the symmetric grid by its one extra negative level; other schemes have no such level."""
-    if cfg.full_range and (cfg.scheme != "symmetric" or cfg.bits == 1 or any(lc.bits == 1 for lc in cfg.layers.values())):
+    binary = cfg.bits == 1 or any(lc.bits == 1 for lc in cfg.layers.values())
+    if cfg.full_range and (cfg.scheme != "symmetric" or binary):
         raise ValueError(f"full_range=true uses the signed range -2^(b-1)..2^(b-1)-1 of a symmetric grid; it needs "
                          f"scheme=symmetric and bits >= 2, not scheme={cfg.scheme}, bits={cfg.bits}")
 
@@ -315,10 +316,8 @@ def grouped_layer(module: nn.Module) -> bool:
 def group_grid(module: nn.Module, w: torch.Tensor, bits: int, scheme: Scheme, group: int, clip: bool = False):
     """(qmin, qmax, scale, zero_point) with one scale per output channel and `group` inputs, in the layer's layout
     (grid_shape(shape, out_axis, group)); the last group may be shorter."""
-    rows = gptq.as_rows(module, w.detach().float())
-    qmin, qmax, scale, zero_point = rows_group_grid(rows, bits, scheme, group, clip)
-    flip = gptq.is_hf_conv1d(module)
-    return qmin, qmax, scale.t().contiguous() if flip else scale, zero_point.t().contiguous() if flip else zero_point
+    qmin, qmax, scale, zero_point = rows_group_grid(gptq.as_rows(module, w.detach().float()), bits, scheme, group, clip)
+    return qmin, qmax, gptq.from_rows(module, scale, scale.shape), gptq.from_rows(module, zero_point, scale.shape)
 
 
 CLIP_FACTORS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8)
@@ -333,15 +332,15 @@ def rows_group_grid(rows: torch.Tensor, bits: int, scheme: Scheme, group: int, c
     qmin, qmax, scale, zero_point = quant_grid(padded, bits, scheme, True, 0)
     if clip and scheme.startswith("symmetric"):
         x = padded.float()
-        best, best_err = scale, None
-        for f in CLIP_FACTORS:
-            s = scale * f
-            err = ((torch.clamp(torch.round(x / s), qmin, qmax) * s - x) ** 2).sum(1, keepdim=True)
-            if best_err is None:
-                best_err = err
-            else:
-                better = err < best_err
-                best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+
+        def error(s: torch.Tensor) -> torch.Tensor:
+            return ((torch.clamp(torch.round(x / s), qmin, qmax) * s - x) ** 2).sum(1, keepdim=True)
+
+        best, best_err = scale, error(scale)
+        for f in CLIP_FACTORS[1:]:
+            s, err = scale * f, error(scale * f)
+            better = err < best_err
+            best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
         scale = best
     return qmin, qmax, scale.view(rows.shape[0], -1), zero_point.view(rows.shape[0], -1)
 
@@ -357,18 +356,14 @@ def gptq_levels(module: nn.Module, c, hessian: dict, scheme: Scheme, clip: bool 
         scale, zero = row_grid(module, c.scale, w.shape), row_grid(module, c.zero_point, w.shape)
         regrid = None
     else:  # [outputs, groups]; each group's grid is recomputed from its columns as GPTQ reaches them
-        flip = gptq.is_hf_conv1d(module)
-        scale, zero = (t.t() if flip else t for t in (c.scale, c.zero_point))
+        scale, zero = gptq.as_rows(module, c.scale), gptq.as_rows(module, c.zero_point)
         regrid = lambda cols: rows_group_grid(cols, c.bits, scheme, cols.shape[1], clip)[2:]  # noqa: E731
     q, error, scale, zero = gptq.gptq_weight(rows, hessian["h"], scale, zero, c.qmin, c.qmax, mask, hessian["block"],
                                              hessian["damp"], hessian["act_order"], hessian["name"], c.group, regrid)
-    if c.group is not None:
-        scale = scale.reshape(rows.shape[0], -1)
-        zero = zero.reshape(rows.shape[0], -1)
-        c.set_quant(c.bits, c.qmin, c.qmax, scale.t() if flip else scale, zero.t() if flip else zero, c.axis, c.group)
-        scale = scale.repeat_interleave(c.group, 1)[:, :rows.shape[1]]
-        zero = zero.repeat_interleave(c.group, 1)[:, :rows.shape[1]]
-    values = gptq.from_rows(module, (q - zero) * scale, w.shape)
+    if c.group is not None:  # the grids GPTQ settled on, back in the layer's layout
+        c.set_quant(c.bits, c.qmin, c.qmax, gptq.from_rows(module, scale, c.scale.shape),
+                    gptq.from_rows(module, zero, c.scale.shape), c.axis, c.group)
+    values = dequantize(gptq.from_rows(module, q, w.shape), *c.grid())
     original_weight(module).data.copy_(values.to(original_weight(module).dtype))
     return error
 
