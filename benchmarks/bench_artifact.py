@@ -11,6 +11,7 @@
 3. The recipe run (on the default 8x8 digits), its accuracy against the
    trained baseline, and the lwpipe-inspect table of its model.lwp.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,10 @@ def huffman_bits(symbols: np.ndarray) -> int:
 
 
 def stream_table(stats: list[dict], symbols: dict[str, np.ndarray] | None = None) -> str:
-    head = (f"{'stream':34} {'symbols':>8} {'alph.':>5} {'entropy':>8} {'coded':>7} {'+table':>7} "
-            f"{'over H':>7} {'over H+T':>8}" + (f" {'Huffman':>8}" if symbols else ""))
+    head = (
+        f"{'stream':34} {'symbols':>8} {'alph.':>5} {'entropy':>8} {'coded':>7} {'+table':>7} "
+        f"{'over H':>7} {'over H+T':>8}" + (f" {'Huffman':>8}" if symbols else "")
+    )
     lines = [head, " " * 44 + "bits per symbol" + (" " * 40 if symbols else "")]
     for s in stats:
         if s["n"] == 0:
@@ -57,8 +60,10 @@ def stream_table(stats: list[dict], symbols: dict[str, np.ndarray] | None = None
         n, h = s["n"], s["entropy_bits"]
         over = 100 * (s["coded_bits"] - h) / h if h else 0.0
         over_t = 100 * (s["coded_bits"] - h) / (h + s["table_bits"]) if h else 0.0
-        line = (f"{s['label'][:34]:34} {n:>8,} {s['alphabet']:>5} {h / n:>8.3f} {s['coded_bits'] / n:>7.3f} "
-                f"{(s['coded_bits'] + s['table_bits']) / n:>7.3f} {over:>6.2f}% {over_t:>7.2f}%")
+        line = (
+            f"{s['label'][:34]:34} {n:>8,} {s['alphabet']:>5} {h / n:>8.3f} {s['coded_bits'] / n:>7.3f} "
+            f"{(s['coded_bits'] + s['table_bits']) / n:>7.3f} {over:>6.2f}% {over_t:>7.2f}%"
+        )
         if symbols:
             line += f" {huffman_bits(symbols[s['label']]) / n:>8.3f}"
         lines.append(line)
@@ -117,9 +122,11 @@ def throughput(repeats: int) -> str:
             build(read(blob))
             dec.append(time.perf_counter() - t)
         mb = dense / 1e6
-        lines.append(f"{f'LeNet-300-100, {in_features} inputs':34} {mb:>8.3f} "
-                     f"{len(blob) / 1e3:>8.2f} {dense / len(blob):>6.1f} {mb / statistics.median(enc):>11.1f} "
-                     f"{mb / statistics.median(dec):>11.1f}")
+        lines.append(
+            f"{f'LeNet-300-100, {in_features} inputs':34} {mb:>8.3f} "
+            f"{len(blob) / 1e3:>8.2f} {dense / len(blob):>6.1f} {mb / statistics.median(enc):>11.1f} "
+            f"{mb / statistics.median(dec):>11.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -140,12 +147,16 @@ def run_recipe(recipe: str, overrides: list[str], run_dir: Path) -> str:
     trained = next((r for r in records if r["stage"] == "train"), records[0])
     art = read((run_dir / "model.lwp").read_bytes(), "model.lwp")
     _, stats = encode(build(art), art.model_config)
-    return (f"lwpipe recipe={recipe} {' '.join(overrides)}   ({seconds:.0f} s, run dir {run_dir})\n"
-            f"accuracy: trained {trained['accuracy']:.4f} -> final {final['accuracy']:.4f} "
-            f"({100 * (final['accuracy'] - trained['accuracy']):+.2f} points); "
-            f"model.lwp {final['compressed_bytes']:,} bytes, {final['compression_ratio']:.1f}x smaller than "
-            f"dense float32 ({final['dense_bytes']:,} bytes)\n\n" + format_table(art) +
-            "\n\nits coded streams:\n" + stream_table(stats))
+    return (
+        f"lwpipe recipe={recipe} {' '.join(overrides)}   ({seconds:.0f} s, run dir {run_dir})\n"
+        f"accuracy: trained {trained['accuracy']:.4f} -> final {final['accuracy']:.4f} "
+        f"({100 * (final['accuracy'] - trained['accuracy']):+.2f} points); "
+        f"model.lwp {final['compressed_bytes']:,} bytes, {final['compression_ratio']:.1f}x smaller than "
+        f"dense float32 ({final['dense_bytes']:,} bytes)\n\n"
+        + format_table(art)
+        + "\n\nits coded streams:\n"
+        + stream_table(stats)
+    )
 
 
 def read_records(run_dir: Path) -> list[dict]:

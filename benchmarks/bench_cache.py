@@ -21,6 +21,7 @@ Wall-clock times of whole processes, interpreter start-up included; with
 --in-process, of lwpipe.runner.run calls in this process (what the cache itself
 controls, without start-up and without noise from other processes' imports).
 """
+
 from __future__ import annotations
 
 import json
@@ -94,25 +95,43 @@ def race_and_launchers(extra: list[str]) -> None:
     import csv
     import importlib.util
 
-    quick = ["model=tiny", "data=blobs", "~stages.prune.layers", "pipeline=[train,prune,share]",
-             "stages.train.epochs=20", "measure.latency=false", "threads=1", *extra]
+    quick = [
+        "model=tiny",
+        "data=blobs",
+        "~stages.prune.layers",
+        "pipeline=[train,prune,share]",
+        "stages.train.epochs=20",
+        "measure.latency=false",
+        "threads=1",
+        *extra,
+    ]
     exe = shutil.which("lwpipe")
     base = [exe] if exe else [sys.executable, "-m", "lwpipe.cli"]
     quick.append("logger.console=null")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        procs = [subprocess.Popen(base + quick + [f"cache.dir={tmp / 'race'}", f"hydra.run.dir={tmp / f'r{i}'}"],
-                                  cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                 for i in range(2)]
+        procs = [
+            subprocess.Popen(
+                base + quick + [f"cache.dir={tmp / 'race'}", f"hydra.run.dir={tmp / f'r{i}'}"],
+                cwd=tmp,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
         codes = [p.wait() for p in procs]
-        ends = [[json.loads(line) for line in (tmp / f"r{i}" / "metrics.jsonl").read_text().splitlines()]
-                for i in range(2)]
+        ends = [
+            [json.loads(line) for line in (tmp / f"r{i}" / "metrics.jsonl").read_text().splitlines()] for i in range(2)
+        ]
         ends = [[r for r in e if r["event"] == "stage_end"] for e in ends]
         computed = [sum(not r["cached"] for r in step) for step in zip(*ends)]
         same = [r["accuracy"] for r in ends[0]] == [r["accuracy"] for r in ends[1]]
-        print(f"two jobs racing on a cold cache: exit codes {codes}; times each stage was computed "
-              f"{dict(zip([r['stage'] for r in ends[0]], computed))}  target: 1 each: "
-              f"{'ok' if computed == [1] * len(computed) else 'MISSED'}; same numbers: {same}")
+        print(
+            f"two jobs racing on a cold cache: exit codes {codes}; times each stage was computed "
+            f"{dict(zip([r['stage'] for r in ends[0]], computed))}  target: 1 each: "
+            f"{'ok' if computed == [1] * len(computed) else 'MISSED'}; same numbers: {same}"
+        )
 
         def table(sweep_dir: Path) -> list[tuple]:
             with open(sweep_dir / "summary.csv", newline="") as f:
@@ -127,13 +146,26 @@ def race_and_launchers(extra: list[str]) -> None:
         tables = {}
         for name, args in presets:
             t = time.perf_counter()
-            p = subprocess.run(base + ["-m", *args, *quick, points, f"cache.dir={tmp / name}",
-                                       f"hydra.sweep.dir={tmp / ('sweep_' + name)}"],
-                               cwd=tmp, capture_output=True, text=True)
+            p = subprocess.run(
+                base
+                + [
+                    "-m",
+                    *args,
+                    *quick,
+                    points,
+                    f"cache.dir={tmp / name}",
+                    f"hydra.sweep.dir={tmp / ('sweep_' + name)}",
+                ],
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+            )
             tables[name] = table(tmp / f"sweep_{name}") if p.returncode == 0 else p.stderr[-500:]
-            print(f"4-point sweep, shared cache, {name:<15} {time.perf_counter() - t:7.1f} s  "
-                  f"summary.csv numbers {'= basic: ok' if tables[name] == tables['basic'] else 'DIFFER: MISSED'}"
-                  f"  {tables[name]}")
+            print(
+                f"4-point sweep, shared cache, {name:<15} {time.perf_counter() - t:7.1f} s  "
+                f"summary.csv numbers {'= basic: ok' if tables[name] == tables['basic'] else 'DIFFER: MISSED'}"
+                f"  {tables[name]}"
+            )
 
 
 def main() -> None:
@@ -148,8 +180,11 @@ def main() -> None:
         if "--in-process" in sys.argv:
             job, sweep_ = in_process(tmp)
             full, rerun = job(extra + cache), job(extra + cache)
-            rows = [("one full run, cold cache", full, None), ("identical rerun", rerun, 0.10),
-                    ("5-point distill sweep, warm cache", sweep_(extra + cache), 1.5)]
+            rows = [
+                ("one full run, cold cache", full, None),
+                ("identical rerun", rerun, 0.10),
+                ("5-point distill sweep, warm cache", sweep_(extra + cache), 1.5),
+            ]
             if uncached:
                 rows.append(("5-point distill sweep, cache=false", sweep_(extra + ["cache=false"]), None))
             report(rows, extra, "in-process runner.run")
@@ -157,26 +192,46 @@ def main() -> None:
         startup = startup_seconds(tmp)
         full = lwpipe(extra + cache + [f"hydra.run.dir={tmp / 'full'}"], tmp)
         rerun = lwpipe(extra + cache + [f"hydra.run.dir={tmp / 'rerun'}"], tmp)
-        sweep = lwpipe(["-m", f"stages.distill.alpha={ALPHAS}", *extra, *cache,
-                        f"hydra.sweep.dir={tmp / 'sweep'}"], tmp)
-        rows = [("one full run, cold cache", full, None),
-                (f"identical rerun ({cached_stages(tmp / 'rerun')})", rerun, 0.10),
-                (f"5-point distill sweep, warm cache ({cached_stages(tmp / 'sweep')})", sweep, 1.5)]
+        sweep = lwpipe(
+            ["-m", f"stages.distill.alpha={ALPHAS}", *extra, *cache, f"hydra.sweep.dir={tmp / 'sweep'}"], tmp
+        )
+        rows = [
+            ("one full run, cold cache", full, None),
+            (f"identical rerun ({cached_stages(tmp / 'rerun')})", rerun, 0.10),
+            (f"5-point distill sweep, warm cache ({cached_stages(tmp / 'sweep')})", sweep, 1.5),
+        ]
         if uncached:
-            rows.append(("5-point distill sweep, cache=false",
-                         lwpipe(["-m", f"stages.distill.alpha={ALPHAS}", *extra, "cache=false",
-                                 f"hydra.sweep.dir={tmp / 'sweep_uncached'}"], tmp), None))
+            rows.append(
+                (
+                    "5-point distill sweep, cache=false",
+                    lwpipe(
+                        [
+                            "-m",
+                            f"stages.distill.alpha={ALPHAS}",
+                            *extra,
+                            "cache=false",
+                            f"hydra.sweep.dir={tmp / 'sweep_uncached'}",
+                        ],
+                        tmp,
+                    ),
+                    None,
+                )
+            )
     report(rows, extra, "lwpipe processes")
     over = rerun - startup
     print(f"{'start-up (python -c ' + repr(STARTUP) + ')':<58} {startup:8.2f} s")
-    print(f"{'identical rerun minus start-up':<58} {over:8.2f} s         target <= 1.00 s: "
-          f"{'ok' if over <= 1.0 else 'MISSED'}")
+    print(
+        f"{'identical rerun minus start-up':<58} {over:8.2f} s         target <= 1.00 s: "
+        f"{'ok' if over <= 1.0 else 'MISSED'}"
+    )
 
 
 def report(rows, extra: list[str], how: str) -> None:
     full = rows[0][1]
-    print(f"recipe: default{(' + ' + ' '.join(extra)) if extra else ''}; timed: {how}; cores: {os.cpu_count()}; "
-          f"load average now: {os.getloadavg()[0]:.2f}")
+    print(
+        f"recipe: default{(' + ' + ' '.join(extra)) if extra else ''}; timed: {how}; cores: {os.cpu_count()}; "
+        f"load average now: {os.getloadavg()[0]:.2f}"
+    )
     for name, seconds, target in rows:
         ratio = seconds / full
         verdict = "" if target is None else f"  target <= {target:.2f}x: {'ok' if ratio <= target else 'MISSED'}"

@@ -12,6 +12,7 @@ implies ((variational epochs x that + fine-tune epochs) / all its epochs). Then 
 ratio >= TARGET and a drop of at most 0.5 point on every seed; the prune stage at most 3x ordinary
 fine-tuning. Extra `key=value` arguments are lwpipe overrides for every run.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,9 @@ def epoch_cost(recipe, seed: int, rounds: int = 3) -> float:
     train = lambda loss, groups: fit(model, loader, one_epoch, loss_fn=loss, params=groups)  # noqa: E731
     for _ in range(rounds):
         start = time.perf_counter()
-        train_variational(model, layers, train, ctx.loss, len(data.train), kl_schedule(cfg.kl_weight, 0), cfg.score,
-                          cfg.sigma_lr)
+        train_variational(
+            model, layers, train, ctx.loss, len(data.train), kl_schedule(cfg.kl_weight, 0), cfg.score, cfg.sigma_lr
+        )
         mid = time.perf_counter()
         fit(model, loader, one_epoch, loss_fn=ctx.loss)
         vd, plain = vd + mid - start, plain + time.perf_counter() - mid
@@ -85,31 +87,43 @@ def one(name: str, seed: int, overrides: list[str]) -> dict:
     ft = p.get("finetune", {}).get("epochs", 0)
     stage_cost = (p.variational.epochs * per_epoch + ft) / (p.variational.epochs + ft)
     base = records["train"]["accuracy"]
-    return {"ratio": final["compression_ratio"], "bytes": final["compressed_bytes"], "baseline": base,
-            "accuracy": final["accuracy"],
-            "drop": 100 * (base - final["accuracy"]), "kept": records["prune"]["kept_fraction"],
-            "prune_s": records["prune"]["seconds"], "plain_s": plain, "epochs": epochs,
-            "per_epoch": per_epoch, "cost": stage_cost,
-            "stages": " ".join(f"{n} {100 * r['accuracy']:.2f}" for n, r in records.items())}
+    return {
+        "ratio": final["compression_ratio"],
+        "bytes": final["compressed_bytes"],
+        "baseline": base,
+        "accuracy": final["accuracy"],
+        "drop": 100 * (base - final["accuracy"]),
+        "kept": records["prune"]["kept_fraction"],
+        "prune_s": records["prune"]["seconds"],
+        "plain_s": plain,
+        "epochs": epochs,
+        "per_epoch": per_epoch,
+        "cost": stage_cost,
+        "stages": " ".join(f"{n} {100 * r['accuracy']:.2f}" for n, r in records.items()),
+    }
 
 
 def line(name: str, seed: int, r: dict) -> str:
     kept = " ".join(f"{n}={v:.3f}" for n, v in r["kept"].items())
-    return (f"{name:18s} seed {seed}  ratio {r['ratio']:6.1f}x  model.lwp {r['bytes']:5d} B  baseline "
-            f"{100 * r['baseline']:.2f}%  final {100 * r['accuracy']:.2f}%  drop {r['drop']:+.2f}  kept {kept}  "
-            f"prune {r['prune_s']:.1f} s vs {r['epochs']} plain epochs {r['plain_s']:.1f} s "
-            f"({r['prune_s'] / r['plain_s']:.2f}x back to back; interleaved: a variational epoch = "
-            f"{r['per_epoch']:.2f} plain ones, the stage {r['cost']:.2f}x)  [{r['stages']}]")
+    return (
+        f"{name:18s} seed {seed}  ratio {r['ratio']:6.1f}x  model.lwp {r['bytes']:5d} B  baseline "
+        f"{100 * r['baseline']:.2f}%  final {100 * r['accuracy']:.2f}%  drop {r['drop']:+.2f}  kept {kept}  "
+        f"prune {r['prune_s']:.1f} s vs {r['epochs']} plain epochs {r['plain_s']:.1f} s "
+        f"({r['prune_s'] / r['plain_s']:.2f}x back to back; interleaved: a variational epoch = "
+        f"{r['per_epoch']:.2f} plain ones, the stage {r['cost']:.2f}x)  [{r['stages']}]"
+    )
 
 
 def verdict(name: str, runs: dict[int, dict]) -> str:
     target = TARGETS.get(name, 0.0)
     size = all(r["ratio"] >= target and r["drop"] <= MAX_DROP for r in runs.values())
     cost = max(r["cost"] for r in runs.values())
-    return (f"target {name}: >= {target:.0f}x within {MAX_DROP} point on every seed: {'MET' if size else 'MISSED'} "
-            f"(lowest {min(r['ratio'] for r in runs.values()):.1f}x, worst drop "
-            f"{max(r['drop'] for r in runs.values()):+.2f}); prune stage <= {MAX_COST:.0f}x plain fine-tuning: "
-            f"{'MET' if cost <= MAX_COST else 'MISSED'} (worst {cost:.2f}x, interleaved)")
+    return (
+        f"target {name}: >= {target:.0f}x within {MAX_DROP} point on every seed: {'MET' if size else 'MISSED'} "
+        f"(lowest {min(r['ratio'] for r in runs.values()):.1f}x, worst drop "
+        f"{max(r['drop'] for r in runs.values()):+.2f}); prune stage <= {MAX_COST:.0f}x plain fine-tuning: "
+        f"{'MET' if cost <= MAX_COST else 'MISSED'} (worst {cost:.2f}x, interleaved)"
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Peak memory is resident set size (RSS), per read: the kernel's high-water mark V
 through /proc/self/clear_refs, minus the RSS before it; the largest over all reads is printed, with every
 read that grew past 4 x its own declared dense size + 32 MiB.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,16 +49,22 @@ print(json.dumps(out | {'file_bytes': len(blob)}))
 
 
 def report(name: str, r: dict) -> None:
-    print(f"{name}: {r['cases']:,} files ({r['dense_bytes']:,}-byte dense base file of {r['file_bytes']:,} bytes), "
-          f"address space limit {r['address_space_limit'] / 2**30:.1f} GiB, {r['time_limit_s']:.0f} s a read")
+    print(
+        f"{name}: {r['cases']:,} files ({r['dense_bytes']:,}-byte dense base file of {r['file_bytes']:,} bytes), "
+        f"address space limit {r['address_space_limit'] / 2**30:.1f} GiB, {r['time_limit_s']:.0f} s a read"
+    )
     for kind, readers in r["by_class"].items():
-        cells = "; ".join(f"{reader}: {c['loaded']} loaded, {c['refused']} refused, {c['unexpected']} other "
-                          f"exceptions, {c['hang']} hangs, {c['nonfinite']} non-finite loads"
-                          for reader, c in readers.items())
+        cells = "; ".join(
+            f"{reader}: {c['loaded']} loaded, {c['refused']} refused, {c['unexpected']} other "
+            f"exceptions, {c['hang']} hangs, {c['nonfinite']} non-finite loads"
+            for reader, c in readers.items()
+        )
         print(f"  {kind:12s} {cells}")
     slowest = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["slowest_s"].items())
-    print(f"  slowest read: {slowest}; largest RSS growth in one read {r['peak_rss_growth_bytes'] / 2**20:.1f} MiB; "
-          f"reads over 4 x their declared dense size + 32 MiB: {len(r['over_memory'])}")
+    print(
+        f"  slowest read: {slowest}; largest RSS growth in one read {r['peak_rss_growth_bytes'] / 2**20:.1f} MiB; "
+        f"reads over 4 x their declared dense size + 32 MiB: {len(r['over_memory'])}"
+    )
     for u in r["unexpected"][:5]:
         print(f"  [{u['class']} / {u['reader']}] {u['error'].strip().splitlines()[-1]}")
 
@@ -72,8 +79,23 @@ def main() -> None:
     p.add_argument("--classes", nargs="+", default=list(CLASSES), choices=CLASSES)
     a = p.parse_args()
     for name, cases, classes in (("tiny", a.cases, a.classes), ("lenet300", max(a.cases // 5, 1), ["mutation"])):
-        out = subprocess.run([sys.executable, "-W", "ignore", "-c", CHILD, name, str(cases), str(a.seed),
-                              str(a.time_limit), ",".join(classes)], capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-W",
+                "ignore",
+                "-c",
+                CHILD,
+                name,
+                str(cases),
+                str(a.seed),
+                str(a.time_limit),
+                ",".join(classes),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         if out.returncode:
             sys.exit(f"{name}: the fuzz process failed:\n{out.stderr[-3000:]}")
         report(name, json.loads(out.stdout))

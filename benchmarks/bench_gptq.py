@@ -12,6 +12,7 @@ With --peer-python, llm-compressor's QuantizationModifier and GPTQModifier (W4A1
 128) run on the same files in that venv (benchmarks/peer_llmcompressor.py) and print beside them.
 Also prints GPTQ on one 4096 x 4096 layer (a random weight; 4096 correlated random inputs) with its time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,29 +34,52 @@ def split_texts(scratch: Path, samples: int) -> tuple[Path, Path]:
     import random
 
     from lwpipe.data.text import builtin_corpus
+
     pairs = builtin_corpus(False)
     random.Random(0).shuffle(pairs)
     n = int(round(len(pairs) * 0.2))
     calib, test = scratch / "calib.txt", scratch / "test.txt"
-    calib.write_text("\n".join(t for t, _ in pairs[n:n + samples]) + "\n", encoding="utf-8")
+    calib.write_text("\n".join(t for t, _ in pairs[n : n + samples]) + "\n", encoding="utf-8")
     test.write_text("\n".join(t for t, _ in pairs[:n]) + "\n", encoding="utf-8")
     return calib, test
 
 
-def cosine(path: Path, method: str, bits: int, group: int | None, samples: int, scratch: Path,
-           files: tuple[Path, Path], act_order: bool, full_range: bool, clip: bool) -> tuple[float, float]:
+def cosine(
+    path: Path,
+    method: str,
+    bits: int,
+    group: int | None,
+    samples: int,
+    scratch: Path,
+    files: tuple[Path, Path],
+    act_order: bool,
+    full_range: bool,
+    clip: bool,
+) -> tuple[float, float]:
     from hydra import compose, initialize_config_dir
 
     from lwpipe.cli import RECIPES
     from lwpipe.config import validate
     from lwpipe.runner import run
 
-    overrides = ["recipe=sentence_embedding_minilm", f"model.path={path}", "cache=false", "artifact=false",
-                 "stages.quantize.step=null", f"stages.quantize.bits={bits}", "~stages.quantize.layers",
-                 "stages.quantize.bias=float32", "stages.quantize.norms=float32",
-                 "++stages.quantize.granularity=per_channel", f"++stages.quantize.method={method}",
-                 f"++stages.quantize.calibration_samples={samples}", "quiet=true",
-                 f"data.train={files[0]}", f"data.test={files[1]}", "data.max_length=64"]
+    overrides = [
+        "recipe=sentence_embedding_minilm",
+        f"model.path={path}",
+        "cache=false",
+        "artifact=false",
+        "stages.quantize.step=null",
+        f"stages.quantize.bits={bits}",
+        "~stages.quantize.layers",
+        "stages.quantize.bias=float32",
+        "stages.quantize.norms=float32",
+        "++stages.quantize.granularity=per_channel",
+        f"++stages.quantize.method={method}",
+        f"++stages.quantize.calibration_samples={samples}",
+        "quiet=true",
+        f"data.train={files[0]}",
+        f"data.test={files[1]}",
+        "data.max_length=64",
+    ]
     if group:
         overrides.append(f"++stages.quantize.group_size={group}")
     if full_range:
@@ -67,9 +91,13 @@ def cosine(path: Path, method: str, bits: int, group: int | None, samples: int, 
     with initialize_config_dir(config_dir=RECIPES, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     from omegaconf import open_dict
+
     with open_dict(cfg):
-        cfg.stages.quantize.layers = {"*word_embeddings": {"skip": True}, "*position_embeddings": {"skip": True},
-                                      "*token_type_embeddings": {"skip": True}}
+        cfg.stages.quantize.layers = {
+            "*word_embeddings": {"skip": True},
+            "*position_embeddings": {"skip": True},
+            "*token_type_embeddings": {"skip": True},
+        }
     t = time.perf_counter()
     final = run(validate(cfg), scratch / f"{method}-{group}")
     return final["cosine"], time.perf_counter() - t
@@ -80,6 +108,7 @@ def one_layer(n: int = 4096) -> float:
     llm-compressor's W4A16 default (peer_llmcompressor.py --layer times the same tensors there)."""
     from lwpipe.gptq import gptq_weight
     from lwpipe.stages.quantize import rows_group_grid
+
     torch.manual_seed(0)
     w = torch.randn(n, n) * 0.02
     x = torch.randn(n, n // 8).repeat_interleave(8, 1) + 0.1 * torch.randn(n, n)
@@ -96,8 +125,11 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--group", type=int, default=128, help="0: one scale per output channel")
-    p.add_argument("--act-order", action="store_true", help="GPTQ's columns by decreasing H_jj (llm-compressor's "
-                   "default, 'static')")
+    p.add_argument(
+        "--act-order",
+        action="store_true",
+        help="GPTQ's columns by decreasing H_jj (llm-compressor's default, 'static')",
+    )
     p.add_argument("--methods", default="rtn,gptq")
     p.add_argument("--full-range", action="store_true", help="levels -8..7 (compressed-tensors' int4), not -7..7")
     p.add_argument("--clip-search", action="store_true", help="each group's scale by least squared error")
@@ -111,15 +143,37 @@ def main() -> None:
         path = model_dir(a.model, scratch)
         files = split_texts(scratch, a.samples)
         grid = f"groups of {a.group}" if a.group else "one scale per channel"
-        print(f"{path.name}: {a.bits}-bit symmetric weights ({grid}) on the Linear layers, {a.samples} calibration "
-              f"texts, held-out test texts, {a.threads} thread(s); mean cosine to the original model")
+        print(
+            f"{path.name}: {a.bits}-bit symmetric weights ({grid}) on the Linear layers, {a.samples} calibration "
+            f"texts, held-out test texts, {a.threads} thread(s); mean cosine to the original model"
+        )
         for method in a.methods.split(","):
-            cos, secs = cosine(path, method, a.bits, a.group or None, a.samples, scratch, files, a.act_order, a.full_range,
-                               a.clip_search)
+            cos, secs = cosine(
+                path,
+                method,
+                a.bits,
+                a.group or None,
+                a.samples,
+                scratch,
+                files,
+                a.act_order,
+                a.full_range,
+                a.clip_search,
+            )
             print(f"  lwpipe {method:5s} {cos:.4f}  ({secs:.0f} s)", flush=True)
         if a.peer_python:
-            out = subprocess.run([a.peer_python, str(Path(__file__).parent / "peer_llmcompressor.py"), str(path),
-                                  *map(str, files), "--threads", str(a.threads)], capture_output=True, text=True)
+            out = subprocess.run(
+                [
+                    a.peer_python,
+                    str(Path(__file__).parent / "peer_llmcompressor.py"),
+                    str(path),
+                    *map(str, files),
+                    "--threads",
+                    str(a.threads),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if out.returncode:
                 sys.exit(f"peer_llmcompressor.py failed:\n{out.stderr[-2000:]}")
             peer = json.loads(out.stdout.strip().splitlines()[-1])
@@ -128,8 +182,19 @@ def main() -> None:
     if not a.skip_layer:
         line = f"GPTQ on one 4096 x 4096 layer (4-bit, groups of 128, act_order): lwpipe {one_layer():.1f} s"
         if a.peer_python:
-            out = subprocess.run([a.peer_python, str(Path(__file__).parent / "peer_llmcompressor.py"), "--layer",
-                                  "4096", "--threads", str(a.threads)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    a.peer_python,
+                    str(Path(__file__).parent / "peer_llmcompressor.py"),
+                    "--layer",
+                    "4096",
+                    "--threads",
+                    str(a.threads),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             line += f", llm-compressor {json.loads(out.stdout.strip().splitlines()[-1])['layer_seconds']:.1f} s"
         print(line)
 

@@ -11,6 +11,7 @@ sparsegpt_24_w4.
 Targets: GPTQ's perplexity increase at most half of round-to-nearest's; SparseGPT 2:4 + GPTQ's at
 most 2x GPTQ's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,7 @@ import torch
 
 def corpus() -> tuple[list[str], list[str]]:
     from lwpipe.data.text import builtin_corpus
+
     pairs = builtin_corpus(False)
     random.Random(0).shuffle(pairs)
     n = int(round(len(pairs) * 0.2))
@@ -42,8 +44,11 @@ def train_model(out: Path, train: list[str], minutes: float) -> None:
     tok.train_from_iterator(train, trainers.BpeTrainer(vocab_size=2000, special_tokens=["<eos>", "<unk>"]))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(fast), n_embd=256, n_layer=4, n_head=4, n_positions=128,
-                                       bos_token_id=0, eos_token_id=0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(fast), n_embd=256, n_layer=4, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0
+        )
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     rng = random.Random(0)
     start, steps = time.perf_counter(), 0
@@ -61,9 +66,22 @@ def train_model(out: Path, train: list[str], minutes: float) -> None:
 
 
 def lwpipe_run(model: Path, calib: Path, test: Path, run_dir: Path, recipe: str, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "lwpipe.cli", f"recipe={recipe}", "model=hf", "task=causal_lm",
-           f"model.path={model}", f"data.train={calib}", f"data.test={test}", "data.max_length=64", "cache=false",
-           "threads=1", f"hydra.run.dir={run_dir}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lwpipe.cli",
+        f"recipe={recipe}",
+        "model=hf",
+        "task=causal_lm",
+        f"model.path={model}",
+        f"data.train={calib}",
+        f"data.test={test}",
+        "data.max_length=64",
+        "cache=false",
+        "threads=1",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     return json.loads((run_dir / "summary.json").read_text())
 
@@ -85,21 +103,35 @@ def main() -> None:
         calib.write_text("\n".join(train[:128]) + "\n", encoding="utf-8")
         held.write_text("\n".join(test) + "\n", encoding="utf-8")
         rows = {}
-        for name, recipe, extra in (("round to nearest", "gptq_w4", ["stages.quantize.method=rtn",
-                                                                      "~stages.quantize.damp",
-                                                                      "~stages.quantize.act_order",
-                                                                      "~stages.quantize.sequential"]),
-                                    ("gptq_w4", "gptq_w4", []), ("sparsegpt_24_w4", "sparsegpt_24_w4", [])):
+        for name, recipe, extra in (
+            (
+                "round to nearest",
+                "gptq_w4",
+                [
+                    "stages.quantize.method=rtn",
+                    "~stages.quantize.damp",
+                    "~stages.quantize.act_order",
+                    "~stages.quantize.sequential",
+                ],
+            ),
+            ("gptq_w4", "gptq_w4", []),
+            ("sparsegpt_24_w4", "sparsegpt_24_w4", []),
+        ):
             summary = lwpipe_run(model, calib, held, scratch / name.replace(" ", "_"), recipe, extra)
             base, final = summary["baseline"]["perplexity"], summary["final"]["perplexity"]
             rows[name] = final - base
-            print(f"  {name:17s} perplexity {base:.3f} -> {final:.3f} (+{final - base:.3f}), "
-                  f"{summary['final']['compression_ratio']:.2f}x smaller than fp32", flush=True)
+            print(
+                f"  {name:17s} perplexity {base:.3f} -> {final:.3f} (+{final - base:.3f}), "
+                f"{summary['final']['compression_ratio']:.2f}x smaller than fp32",
+                flush=True,
+            )
         rtn, gptq, sparse = rows["round to nearest"], rows["gptq_w4"], rows["sparsegpt_24_w4"]
         first = "MET" if gptq <= 0.5 * rtn else "MISSED"
         second = "MET" if sparse <= 2 * max(gptq, 0.0) else "MISSED"
-        print(f"GPTQ's increase {gptq:+.3f} vs round to nearest's {rtn:+.3f} (target: at most half): {first}; "
-              f"SparseGPT 2:4 + GPTQ's {sparse:+.3f} vs GPTQ's (target: at most 2x): {second}")
+        print(
+            f"GPTQ's increase {gptq:+.3f} vs round to nearest's {rtn:+.3f} (target: at most half): {first}; "
+            f"SparseGPT 2:4 + GPTQ's {sparse:+.3f} vs GPTQ's (target: at most 2x): {second}"
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ IDX images file whose header declares MNIST's 60,000 x 28 x 28 images (47 MB), f
 GB of zeros, gzip level 9 (about 1 MB per GB). The long line is one `.txt` line of `--line-mb` MB of
 words, loaded with data=text (task causal_lm, max_length 128) and the test suite's tiny BERT tokenizer.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,13 @@ def write_idx_gz(path: Path, dims: tuple[int, ...], payload_bytes: int) -> None:
 
 
 def run(case: str, path: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, case, str(path)], cwd=ROOT, capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, case, str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     lines = out.stdout.strip().splitlines()
     return json.loads(lines[-1]) if lines else {"outcome": f"exit {out.returncode}: {out.stderr.strip()[-200:]}"}
 
@@ -66,12 +72,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         write_idx_gz(root / "train-images-idx3-ubyte.gz", (60000, 28, 28), int(a.bomb_gb * (1 << 30)))
-        for name, dims in (("train-labels-idx1-ubyte.gz", (60000,)), ("t10k-images-idx3-ubyte.gz", (10000, 28, 28)),
-                           ("t10k-labels-idx1-ubyte.gz", (10000,))):
+        for name, dims in (
+            ("train-labels-idx1-ubyte.gz", (60000,)),
+            ("t10k-images-idx3-ubyte.gz", (10000, 28, 28)),
+            ("t10k-labels-idx1-ubyte.gz", (10000,)),
+        ):
             write_idx_gz(root / name, dims, 0)
         size = (root / "train-images-idx3-ubyte.gz").stat().st_size
-        print(f"gzip bomb ({size / 1e6:.1f} MB .gz, {a.bomb_gb:g} GB of zeros after the header):",
-              json.dumps(run("bomb", root)))
+        print(
+            f"gzip bomb ({size / 1e6:.1f} MB .gz, {a.bomb_gb:g} GB of zeros after the header):",
+            json.dumps(run("bomb", root)),
+        )
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         words = "apple pear plum grape melon lemon cherry peach mango fig "

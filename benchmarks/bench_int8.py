@@ -11,10 +11,10 @@ quantization deprecated in favour of torchao's pt2e; its warnings are silenced
 here. With a checkpoint, the compressed weights are baked in first (the int8
 converter re-derives its own per-channel scales, so it is one more rounding).
 """
+
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 import warnings
 
@@ -54,8 +54,10 @@ def main() -> None:
         acc32 = (model(xs).argmax(1) == ys).float().mean().item()
         acc8 = (q(xs).argmax(1) == ys).float().mean().item()
         agree = (model(xs).argmax(1) == q(xs).argmax(1)).float().mean().item()
-    print(f"threads={torch.get_num_threads()} accuracy fp32 {acc32:.4f} int8 {acc8:.4f} "
-          f"agreement with the fp32 model it was made from {agree:.4f}")
+    print(
+        f"threads={torch.get_num_threads()} accuracy fp32 {acc32:.4f} int8 {acc8:.4f} "
+        f"agreement with the fp32 model it was made from {agree:.4f}"
+    )
     for bs in (1, 256):
         x = xs[:bs] if bs <= len(xs) else xs.repeat(bs // len(xs) + 1, 1, 1, 1)[:bs]
         f, i = latency_us(model, x, a.repeats), latency_us(q, x, a.repeats)

@@ -1,7 +1,8 @@
 """Time kmeans_1d on 10 M weights at 5 bits (32 centroids): the share stage's hot loop.
 
-    python benchmarks/bench_kmeans.py [--n 10000000] [--bits 5] [--init linear]
+python benchmarks/bench_kmeans.py [--n 10000000] [--bits 5] [--init linear]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,10 @@ def main() -> None:
         c, idx = kmeans_1d(w, 1 << a.bits, a.init)
         times.append(time.perf_counter() - t)
     err = (c[idx] - w).pow(2).mean().sqrt().item()
-    print(f"kmeans_1d: n={a.n:,} bits={a.bits} init={a.init} threads={torch.get_num_threads()} "
-          f"best {min(times):.3f} s, median {sorted(times)[len(times) // 2]:.3f} s, rms error {err:.2e}")
+    print(
+        f"kmeans_1d: n={a.n:,} bits={a.bits} init={a.init} threads={torch.get_num_threads()} "
+        f"best {min(times):.3f} s, median {sorted(times)[len(times) // 2]:.3f} s, rms error {err:.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Each repeat runs, back to back (so that machine noise hits the variants alike), 
 (a fresh local MLflow store), and the same with logger.report=null. Medians are compared.
 --in-process times what the run itself spends inside each logger instead (less sensitive to load).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,11 @@ def one_run(extra: list[str], tmp: Path) -> tuple[float, float, int]:
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=tmp))
     exe = shutil.which("lwpipe")
     cmd = ([exe] if exe else [sys.executable, "-m", "lwpipe.cli"]) + [
-        "cache=false", f"hydra.run.dir={run_dir}", f"logger.mlflow.tracking_uri={tmp / 'mlruns'}", *extra]
+        "cache=false",
+        f"hydra.run.dir={run_dir}",
+        f"logger.mlflow.tracking_uri={tmp / 'mlruns'}",
+        *extra,
+    ]
     if not any(e.startswith("logger=") for e in extra):
         cmd.remove(f"logger.mlflow.tracking_uri={tmp / 'mlruns'}")
     t, cpu = time.perf_counter(), children_cpu()
@@ -87,7 +92,12 @@ def in_process(extra: list[str], repeats: int) -> None:
     runner.build_loggers = timed_build
     for i in range(repeats):
         with tempfile.TemporaryDirectory(prefix="lwpipe-bench-logging-") as tmp:
-            overrides = ["cache=false", "logger=[mlflow,tensorboard]", f"logger.mlflow.tracking_uri={tmp}/mlruns", *extra]
+            overrides = [
+                "cache=false",
+                "logger=[mlflow,tensorboard]",
+                f"logger.mlflow.tracking_uri={tmp}/mlruns",
+                *extra,
+            ]
             with initialize_config_dir(config_dir=RECIPES, version_base="1.3"):
                 recipe = validate(compose(config_name="config", overrides=overrides))
             spent: dict[str, float] = {}
@@ -97,8 +107,11 @@ def in_process(extra: list[str], repeats: int) -> None:
             parts = "  ".join(f"{k} {v:.2f} s" for k, v in spent.items())
             tracking = spent.get("mlflow", 0.0) + spent.get("tensorboard", 0.0)
             print(f"in-process run {i + 1}: runner.run {wall:.2f} s; inside loggers: {parts}")
-            print(f"  MLflow + TensorBoard on the run's path: {tracking:.2f} s = {100 * tracking / wall:.1f}% "
-                  f"(target <= 5%); the report: {100 * spent.get('report', 0.0) / wall:.1f}%", flush=True)
+            print(
+                f"  MLflow + TensorBoard on the run's path: {tracking:.2f} s = {100 * tracking / wall:.1f}% "
+                f"(target <= 5%); the report: {100 * spent.get('report', 0.0) / wall:.1f}%",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -119,8 +132,10 @@ def main() -> None:
                 walls[name].append(wall)
                 cpus[name].append(cpu)
                 widths.append(width)
-                print(f"repeat {i + 1}: {name:<20} wall {wall:6.2f} s  cpu {cpu:6.2f} s  widest console line {width}",
-                      flush=True)
+                print(
+                    f"repeat {i + 1}: {name:<20} wall {wall:6.2f} s  cpu {cpu:6.2f} s  widest console line {width}",
+                    flush=True,
+                )
     med = {k: statistics.median(v) for k, v in walls.items()}
     for k, v in med.items():
         print(f"median wall, {k:<20} {v:6.2f} s   cpu {statistics.median(cpus[k]):6.2f} s")
@@ -128,7 +143,10 @@ def main() -> None:
     print(f"logging to MLflow + TensorBoard adds {100 * added:+.1f}% to the default run's wall (target <= 5%)")
     cpu_added = statistics.median(cpus["mlflow+tensorboard"]) / statistics.median(cpus["default"]) - 1
     print(f"  in CPU time (the MLflow helper process included, which runs beside the run): {100 * cpu_added:+.1f}%")
-    print(f"the report adds {med['default'] - med['no report']:+.2f} s ({100 * (med['default'] / med['no report'] - 1):+.1f}%)")
+    print(
+        f"the report adds {med['default'] - med['no report']:+.2f} s "
+        f"({100 * (med['default'] / med['no report'] - 1):+.1f}%)"
+    )
     print(f"widest console line (not a terminal: no bars): {max(widths)} columns (target <= 80)")
 
 

@@ -16,6 +16,7 @@ and overall, as a multiple of the model's fp32 size (target <= 4x), and encode /
 decode throughput in MB/s of fp32 weights (target >= 20 MB/s). The peak of each
 phase is measured by resetting the kernel's high-water mark (/proc/self/clear_refs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,7 @@ def main() -> None:
         return through_runner(a)
 
     import transformers
+
     from lwpipe.artifact import encode_model
     from lwpipe.artifact.decode import bake_in_place, build, read
     from lwpipe.context import Context
@@ -64,8 +66,10 @@ def main() -> None:
     from lwpipe.stages.share import Share, ShareConfig
 
     base, _ = rss()
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
-          f"process after imports: {base:.0f} MiB")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
+        f"process after imports: {base:.0f} MiB"
+    )
     cfg = transformers.GPT2Config(n_layer=a.layers)
     torch.manual_seed(0)
     reset_peak()
@@ -73,18 +77,25 @@ def main() -> None:
     model = transformers.GPT2LMHeadModel(cfg).eval()
     params = model.num_parameters()
     fp32 = 4 * params / MB
-    print(f"GPT-2 ({a.layers} layers): {params / 1e6:.1f} M parameters, fp32 {fp32:.0f} MiB "
-          f"(lm_head tied to wte: {model.lm_head.weight is model.transformer.wte.weight}); "
-          f"built in {time.perf_counter() - t:.1f} s")
+    print(
+        f"GPT-2 ({a.layers} layers): {params / 1e6:.1f} M parameters, fp32 {fp32:.0f} MiB "
+        f"(lm_head tied to wte: {model.lm_head.weight is model.transformer.wte.weight}); "
+        f"built in {time.perf_counter() - t:.1f} s"
+    )
     phases = [("build (transformers' random init)", *rss())]
 
     ids = torch.zeros(8, 16, dtype=torch.long)  # never read: no fine-tuning, magnitude criterion
-    ctx = Context(data=DataBundle(TensorDataset(ids, ids[:, 0]), TensorDataset(ids, ids[:, 0]), "none", "none"),
-                  seed=0, run_dir=Path(tempfile.gettempdir()))
+    ctx = Context(
+        data=DataBundle(TensorDataset(ids, ids[:, 0]), TensorDataset(ids, ids[:, 0]), "none", "none"),
+        seed=0,
+        run_dir=Path(tempfile.gettempdir()),
+    )
     one_shot = {"finetune": {"epochs": 0}}
-    stages = [("prune", Prune(PruneConfig(sparsity=a.sparsity, **one_shot))),
-              ("share", Share(ShareConfig(bits=a.share_bits, **one_shot))),
-              ("quantize", Quantize(QuantizeConfig(bits=a.quant_bits, **one_shot)))]
+    stages = [
+        ("prune", Prune(PruneConfig(sparsity=a.sparsity, **one_shot))),
+        ("share", Share(ShareConfig(bits=a.share_bits, **one_shot))),
+        ("quantize", Quantize(QuantizeConfig(bits=a.quant_bits, **one_shot))),
+    ]
     for name, stage in stages:
         reset_peak()
         t = time.perf_counter()
@@ -118,18 +129,24 @@ def main() -> None:
     with torch.no_grad():
         exact = torch.equal(loaded(x).logits, expected)
 
-    print(f"\nmodel.lwp: {len(blob) / MB:.1f} MiB, {4 * params / len(blob):.1f}x smaller than fp32; "
-          f"decoded model's logits identical: {exact}")
+    print(
+        f"\nmodel.lwp: {len(blob) / MB:.1f} MiB, {4 * params / len(blob):.1f}x smaller than fp32; "
+        f"decoded model's logits identical: {exact}"
+    )
     for what, wall, cpu in (("encode", encode_s, encode_cpu), ("decode", decode_s, decode_cpu)):
-        print(f"{what}: {wall:5.1f} s wall = {4 * params / MB / wall:6.1f} MB/s of fp32 weights (target >= 20); "
-              f"{cpu:5.1f} s CPU time = {4 * params / MB / cpu:6.1f} MB/s per CPU-second (a shared machine "
-              f"stretches wall time)")
+        print(
+            f"{what}: {wall:5.1f} s wall = {4 * params / MB / wall:6.1f} MB/s of fp32 weights (target >= 20); "
+            f"{cpu:5.1f} s CPU time = {4 * params / MB / cpu:6.1f} MB/s per CPU-second (a shared machine "
+            f"stretches wall time)"
+        )
     print(f"\n{'phase':<36}{'RSS after':>11}{'peak':>9}{'peak / fp32':>13}")
     for name, now, peak in phases:
         print(f"{name:<36}{now:>9.0f} M{peak:>7.0f} M{peak / fp32:>12.2f}x")
     top = max(peak for _, _, peak in phases)  # ru_maxrss forgets peaks before a reset
-    print(f"{'whole run':<36}{'':>11}{top:>7.0f} M{top / fp32:>12.2f}x   (target <= 4x; "
-          f"{base:.0f} M of it is torch + transformers before any model)")
+    print(
+        f"{'whole run':<36}{'':>11}{top:>7.0f} M{top / fp32:>12.2f}x   (target <= 4x; "
+        f"{base:.0f} M of it is torch + transformers before any model)"
+    )
 
 
 def word_tokenizer(vocab_size: int):
@@ -146,8 +163,9 @@ def word_tokenizer(vocab_size: int):
     words = ["<|endoftext|>", "<unk>", *[w for w, _ in counts.most_common(vocab_size - 2)]]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>",
-                                   pad_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>", pad_token="<|endoftext|>"
+    )
 
 
 def through_runner(a) -> None:
@@ -169,10 +187,20 @@ def through_runner(a) -> None:
         del model
         gc.collect()
         fp32 = 4 * params / MB
-        overrides = ["recipe=gpt2_causal_lm", f"model.path={path}", "pipeline=[prune,share,quantize]",
-                     f"stages.prune.sparsity={a.sparsity}", f"stages.share.bits={a.share_bits}",
-                     f"stages.quantize.bits={a.quant_bits}", "cache=false", "measure.latency=false",
-                     "logger.console=null", "data.limit_train=16", "data.limit_test=8", "eval.batch_size=4"]
+        overrides = [
+            "recipe=gpt2_causal_lm",
+            f"model.path={path}",
+            "pipeline=[prune,share,quantize]",
+            f"stages.prune.sparsity={a.sparsity}",
+            f"stages.share.bits={a.share_bits}",
+            f"stages.quantize.bits={a.quant_bits}",
+            "cache=false",
+            "measure.latency=false",
+            "logger.console=null",
+            "data.limit_train=16",
+            "data.limit_test=8",
+            "eval.batch_size=4",
+        ]
         with initialize_config_dir(config_dir=RECIPES, version_base="1.3"):
             recipe = validate(compose(config_name="config", overrides=overrides))
         base, _ = rss()
@@ -182,12 +210,16 @@ def through_runner(a) -> None:
         wall = time.perf_counter() - t
         now, peak = rss()
         lwp = (Path(tmp) / "run" / "model.lwp").stat().st_size
-    print(f"GPT-2 ({a.layers} layers, {params / 1e6:.1f} M parameters, fp32 {fp32:.0f} MiB) through "
-          f"lwpipe.runner.run, recipe gpt2_causal_lm, pipeline [prune, share, quantize], one-shot, cache off: "
-          f"{wall:.0f} s")
+    print(
+        f"GPT-2 ({a.layers} layers, {params / 1e6:.1f} M parameters, fp32 {fp32:.0f} MiB) through "
+        f"lwpipe.runner.run, recipe gpt2_causal_lm, pipeline [prune, share, quantize], one-shot, cache off: "
+        f"{wall:.0f} s"
+    )
     print(f"model.lwp {lwp / MB:.1f} MiB ({4 * params / lwp:.1f}x); final perplexity {final['perplexity']:.1f}")
-    print(f"peak RSS during the run {peak:.0f} MiB = {peak / fp32:.2f}x fp32 (target <= 4x; {base:.0f} MiB "
-          f"of it is the process before the run: torch, transformers, Hydra); RSS after the run {now:.0f} MiB")
+    print(
+        f"peak RSS during the run {peak:.0f} MiB = {peak / fp32:.2f}x fp32 (target <= 4x; {base:.0f} MiB "
+        f"of it is the process before the run: torch, transformers, Hydra); RSS after the run {now:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ the bytes biases take in model.lwp and the seconds the run took; then per recipe
 and on the mean: ratio >= TARGET and a drop of at most 0.5 point.
 Extra `key=value` arguments are lwpipe overrides applied to every run (for trying settings).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,17 +41,26 @@ def one(recipe: str, seed: int, overrides: list[str], common: list[str] = COMMON
         summary = json.loads((Path(d) / "summary.json").read_text())
         table = rows(read(read_bytes(Path(d) / "model.lwp")))
     base = next(r for r in summary["stages"] if r["stage"] == "train")["accuracy"]
-    return {"ratio": final["compression_ratio"], "bytes": final["compressed_bytes"], "baseline": base,
-            "accuracy": final["accuracy"], "drop": 100 * (base - final["accuracy"]),
-            "bias_bytes": sum(r["bytes"] for r in table if r["layer"].endswith(".bias")),
-            "layers": {r["layer"]: r["bytes"] for r in table},
-            "stages": {r["stage"]: round(100 * r["accuracy"], 2) for r in summary["stages"]}, "seconds": time.perf_counter() - start}
+    return {
+        "ratio": final["compression_ratio"],
+        "bytes": final["compressed_bytes"],
+        "baseline": base,
+        "accuracy": final["accuracy"],
+        "drop": 100 * (base - final["accuracy"]),
+        "bias_bytes": sum(r["bytes"] for r in table if r["layer"].endswith(".bias")),
+        "layers": {r["layer"]: r["bytes"] for r in table},
+        "stages": {r["stage"]: round(100 * r["accuracy"], 2) for r in summary["stages"]},
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def line(recipe: str, seed: int, r: dict) -> str:
-    return (f"{recipe:28s} seed {seed}  ratio {r['ratio']:5.1f}x  model.lwp {r['bytes']:6d} B (biases {r['bias_bytes']:4d})  "
-            f"baseline {100 * r['baseline']:.2f}%  final {100 * r['accuracy']:.2f}%  drop {r['drop']:+.2f}  "
-            f"{r['seconds']:5.0f} s")
+    return (
+        f"{recipe:28s} seed {seed}  ratio {r['ratio']:5.1f}x  model.lwp {r['bytes']:6d} B "
+        f"(biases {r['bias_bytes']:4d})  "
+        f"baseline {100 * r['baseline']:.2f}%  final {100 * r['accuracy']:.2f}%  drop {r['drop']:+.2f}  "
+        f"{r['seconds']:5.0f} s"
+    )
 
 
 def verdict(recipe: str, runs: dict[int, dict]) -> str:
@@ -61,8 +71,10 @@ def verdict(recipe: str, runs: dict[int, dict]) -> str:
     ratio = min(r["ratio"] for r in runs.values())
     drop = sum(r["drop"] for r in runs.values()) / len(runs)
     mean = ratio >= target and drop <= MAX_DROP
-    return (f"target {recipe}: >= {target:.0f}x within {MAX_DROP} point: each seed {'MET' if each else 'MISSED'}; "
-            f"mean drop {drop:+.2f}, lowest ratio {ratio:.1f}x: {'MET' if mean else 'MISSED'}")
+    return (
+        f"target {recipe}: >= {target:.0f}x within {MAX_DROP} point: each seed {'MET' if each else 'MISSED'}; "
+        f"mean drop {drop:+.2f}, lowest ratio {ratio:.1f}x: {'MET' if mean else 'MISSED'}"
+    )
 
 
 def seeds_main(doc: str, targets: dict, one, line, verdict) -> None:

@@ -4,6 +4,7 @@ stages' own time (< 10%).
 
     python benchmarks/bench_runner.py [--repeats 3] [extra lwpipe overrides...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,11 @@ def main() -> None:
         evals = sum(r.get("eval_seconds", 0) for r in [s["baseline"], *s["stages"]])
         walls.append(wall)
         ratios.append(overhead / stages)
-        print(f"run {i + 1}: wall {wall:.1f} s (process start + imports + run); runner.run {runner:.2f} s = "
-              f"stages {stages:.2f} s + overhead {overhead:.2f} s ({100 * overhead / stages:.1f}%; "
-              f"stage_end/baseline evaluation+encoding {evals:.2f} s)")
+        print(
+            f"run {i + 1}: wall {wall:.1f} s (process start + imports + run); runner.run {runner:.2f} s = "
+            f"stages {stages:.2f} s + overhead {overhead:.2f} s ({100 * overhead / stages:.1f}%; "
+            f"stage_end/baseline evaluation+encoding {evals:.2f} s)"
+        )
     print(f"default run wall: median {statistics.median(walls):.1f} s (target < 60 s)")
     print(f"runner overhead: median {100 * statistics.median(ratios):.1f}% of stage time (target < 10%)")
 

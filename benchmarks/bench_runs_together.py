@@ -5,6 +5,7 @@ separate, complete run directories came out and how many FAILED markers (the tar
 
 Each run is TinyMLP on blobs, one training epoch, in a fresh temporary folder per round.
 """
+
 from __future__ import annotations
 
 import sys

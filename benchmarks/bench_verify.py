@@ -7,6 +7,7 @@ an 8-bit grid on the codebook, and a random BERT of all-MiniLM-L6-v2's shape (6 
 22.7 M parameters) on 8-bit per-channel grids. Prints the encode time and the best of `--repeats`
 verification times (runner.verify_artifact: lwpipe.load on the written file, then a bitwise comparison).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,9 @@ def minilm_shaped():
 
     from lwpipe.models.hf import with_rebuild
 
-    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                     intermediate_size=1536)
+    cfg = BertConfig(
+        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
+    )
     model = with_rebuild(BertModel(cfg), "AutoModel")
     ties = tied_layers(model)
     for name, layer in list(compressible_layers(model)):
@@ -67,8 +69,10 @@ def main() -> None:
             verify_artifact(path, model)
             times.append(time.perf_counter() - t)
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"{name}: {params:.1f} M parameters, model.lwp {len(blob):,} B, encode {encode_s:.2f} s, "
-              f"verify {min(times):.2f} s (best of {args.repeats}, {args.threads} thread)")
+        print(
+            f"{name}: {params:.1f} M parameters, model.lwp {len(blob):,} B, encode {encode_s:.2f} s, "
+            f"verify {min(times):.2f} s (best of {args.repeats}, {args.threads} thread)"
+        )
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ Prints one JSON line: {"rtn": cosine, "gptq": cosine, "gptq_mse": cosine, "secon
 mean-pooled, normalised embeddings (all-MiniLM-L6-v2's pooling) of the quantized BertModel to the
 original's on test.txt, after llm-compressor's oneshot with QuantizationModifier (round to nearest)
 or GPTQModifier, scheme W4A16 (4-bit symmetric weights, groups of 128) on every Linear layer,
-calibrated on calib.txt; gptq_mse: the same with its MSE weight observer instead of min-max. Kept apart from lwpipe's venv: llmcompressor pins its own packages.
+calibrated on calib.txt; gptq_mse: the same with its MSE weight observer instead of min-max.
+Kept apart from lwpipe's venv: llmcompressor pins its own packages.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +40,7 @@ def one_layer(n: int) -> float:
     w = torch.randn(n, n) * 0.02
     x = torch.randn(n, n // 8).repeat_interleave(8, 1) + 0.1 * torch.randn(n, n)
     h = 2 * x.t() @ x / n
-    args = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=128, symmetric=True,
-                            actorder="static")
+    args = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=128, symmetric=True, actorder="static")
     scale = (w.view(n, -1, 128).abs().amax(2) / 7.5).clamp(min=1e-8)
     t = time.perf_counter()
     quantize_weight(w[None], h[None], scale[None], torch.zeros_like(scale)[None], None, args)
@@ -68,22 +69,37 @@ def main() -> None:
     lines = lambda f: [t for t in open(f, encoding="utf-8").read().splitlines() if t.strip()]  # noqa: E731
     calib, test = lines(a.calib), lines(a.test)
     enc = lambda texts: tok(texts, truncation=True, max_length=a.max_length, padding=True, return_tensors="pt")  # noqa: E731
-    test_batches = [enc(test[i:i + 64]) for i in range(0, len(test), 64)]
+    test_batches = [enc(test[i : i + 64]) for i in range(0, len(test), 64)]
     rows = [tok(t, truncation=True, max_length=a.max_length) for t in calib]
-    ds = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
-                            "attention_mask": [r["attention_mask"] for r in rows]})
+    ds = Dataset.from_dict(
+        {"input_ids": [r["input_ids"] for r in rows], "attention_mask": [r["attention_mask"] for r in rows]}
+    )
     original = AutoModel.from_pretrained(a.model, torch_dtype=torch.float32).eval()
     reference = embed(original, test_batches)
     result, seconds = {}, {}
-    mse = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
-                                                          "strategy": "group", "group_size": 128, "observer": "mse"}}}
-    for name, modifier in (("rtn", QuantizationModifier(targets="Linear", scheme="W4A16", ignore=[])),
-                           ("gptq", GPTQModifier(targets="Linear", scheme="W4A16", ignore=[])),
-                           ("gptq_mse", GPTQModifier(config_groups=mse, ignore=[]))):
+    mse = {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {
+                "num_bits": 4,
+                "type": "int",
+                "symmetric": True,
+                "strategy": "group",
+                "group_size": 128,
+                "observer": "mse",
+            },
+        }
+    }
+    for name, modifier in (
+        ("rtn", QuantizationModifier(targets="Linear", scheme="W4A16", ignore=[])),
+        ("gptq", GPTQModifier(targets="Linear", scheme="W4A16", ignore=[])),
+        ("gptq_mse", GPTQModifier(config_groups=mse, ignore=[])),
+    ):
         model = copy.deepcopy(original)
         t = time.perf_counter()
-        oneshot(model=model, dataset=ds, recipe=modifier, max_seq_length=a.max_length,
-                num_calibration_samples=len(calib))
+        oneshot(
+            model=model, dataset=ds, recipe=modifier, max_seq_length=a.max_length, num_calibration_samples=len(calib)
+        )
         seconds[name] = round(time.perf_counter() - t, 1)
         result[name] = torch.nn.functional.cosine_similarity(embed(model.eval(), test_batches), reference).mean().item()
     print(json.dumps({**result, "seconds": seconds, "test_texts": len(test), "calibration_texts": len(calib)}))

@@ -9,6 +9,7 @@ NAME is a key of TABLES. A table is `summary.json` of `lwpipe recipe=RECIPE cach
 thread) run in a temporary directory; the `inspect:` tables are `lwpipe-inspect` of that run's model.lwp.
 Everything outside the markers is left as it is (prose quoting a figure must be checked by hand).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,20 +32,25 @@ TABLES = {
     "deep_compression_lenet5_paper": ("deep_compression_lenet5_paper", False),
 }
 INSPECT = {"inspect:deep_compression_lenet300": "deep_compression_lenet300"}
-HEADER = ("| stage | accuracy | sparsity | max distinct | teacher agreement | model.lwp bytes | ratio |\n"
-          "|---|---|---|---|---|---|---|")
+HEADER = (
+    "| stage | accuracy | sparsity | max distinct | teacher agreement | model.lwp bytes | ratio |\n"
+    "|---|---|---|---|---|---|---|"
+)
 
 
 def marked(name: str) -> re.Pattern:
-    return re.compile(rf"(<!-- readme_tables:{re.escape(name)} -->\n)(.*?)(<!-- /readme_tables:{re.escape(name)} -->)",
-                      re.S)
+    return re.compile(
+        rf"(<!-- readme_tables:{re.escape(name)} -->\n)(.*?)(<!-- /readme_tables:{re.escape(name)} -->)", re.S
+    )
 
 
 def table(summary: dict, with_input: bool) -> str:
     records = ([summary["baseline"]] if with_input else []) + summary["stages"]
-    rows = [f"| {r['stage']} | {100 * r['accuracy']:.2f}% | {r['sparsity']:.4f} | {r['max_unique_weights']} | "
-            f"{r['teacher_agreement']:.4f} | {r['compressed_bytes']} | {r['compression_ratio']:.1f}× |"
-            for r in records]
+    rows = [
+        f"| {r['stage']} | {100 * r['accuracy']:.2f}% | {r['sparsity']:.4f} | {r['max_unique_weights']} | "
+        f"{r['teacher_agreement']:.4f} | {r['compressed_bytes']} | {r['compression_ratio']:.1f}× |"
+        for r in records
+    ]
     return "\n".join([HEADER, *rows])
 
 
@@ -59,7 +65,11 @@ def run_recipe(recipe: str, work: Path, extra: list[str]) -> Path:
     run_dir = work / recipe
     exe = shutil.which("lwpipe")
     cmd = ([exe] if exe else [sys.executable, "-m", "lwpipe.cli"]) + [
-        f"recipe={recipe}", "cache=false", f"hydra.run.dir={run_dir}", *extra]
+        f"recipe={recipe}",
+        "cache=false",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     p = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     if p.returncode != 0:

@@ -3,6 +3,7 @@
 `lwpipe.load(path)` reads a compressed artifact `model.lwp` back into a plain model (constraints
 baked into ordinary weights); `lwpipe.load(path, constrained=True)` gives the trainable constrained form.
 """
+
 from __future__ import annotations
 
 __all__ = ["load"]

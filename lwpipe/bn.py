@@ -6,9 +6,10 @@ mis-normalises until enough fine-tuning steps have moved them (and not at all
 with `finetune.epochs: 0`). `recalibrate_bn` resets them and recomputes exact
 averages over a few batches (momentum=None: cumulative mean), weights untouched.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -29,6 +29,7 @@ pid is dead on this host, or that nobody touched for LOCK_STALE_SECONDS (its hos
 over, so the waiting job computes the stage itself. `cache.max_bytes` bounds the directory: after
 a store the least recently used entries are removed (`lwpipe-cache` lists and prunes by hand).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -89,8 +90,12 @@ def path_fingerprint(path: str) -> list | None:
     out = []
     for f in files:
         st = f.stat()
-        out.append([str(f.relative_to(root)) if root.is_dir() else f.name,
-                    file_sha256(f) if st.st_size < HASH_BELOW else [st.st_size, st.st_mtime_ns]])
+        out.append(
+            [
+                str(f.relative_to(root)) if root.is_dir() else f.name,
+                file_sha256(f) if st.st_size < HASH_BELOW else [st.st_size, st.st_mtime_ns],
+            ]
+        )
     return out
 
 
@@ -103,10 +108,22 @@ def initial_key(top, data_identity: str) -> str:
     ckpt = top.model.get("checkpoint")
     ckpt_hash = file_sha256(Path(ckpt).expanduser()) if ckpt else None
     path = top.model.get("path")  # a model directory or file: retrained in place, it must not hit old entries
-    return digest("input", top.model, ckpt_hash, path_fingerprint(path) if path else None, top.data,
-                  top.task.model_dump(), data_identity, top.seed, top.device,  # the task's loss trains every stage
-                  top.eval.model_dump(), code_version(), torch.__version__, platform.machine(),
-                  torch.get_num_threads())  # the thread count changes the last bits of CPU reductions
+    return digest(
+        "input",
+        top.model,
+        ckpt_hash,
+        path_fingerprint(path) if path else None,
+        top.data,
+        top.task.model_dump(),
+        data_identity,
+        top.seed,
+        top.device,  # the task's loss trains every stage
+        top.eval.model_dump(),
+        code_version(),
+        torch.__version__,
+        platform.machine(),
+        torch.get_num_threads(),
+    )  # the thread count changes the last bits of CPU reductions
 
 
 def baseline_key(initial: str, top) -> str:
@@ -163,6 +180,7 @@ def entry_sha256(key: str, state_sha256: str | None, records: list[dict], files:
 
 def copy_checked(src: Path, expected: str, dest: Path) -> bool:
     """Copy src to dest atomically if the copy's sha256 is `expected`; False otherwise (dest untouched)."""
+
     def copy(tmp) -> None:
         shutil.copyfile(src, tmp)  # refuses a FIFO or a directory: OSError
         if file_sha256(tmp) != expected:
@@ -183,8 +201,11 @@ def check_writable(directory: Path, key: str = "cache.dir") -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(key, str(directory), f"cannot write there ({e.strerror or e}); name a writable "
-                                               f"directory, or set cache.enabled=false") from None
+        raise ConfigError(
+            key,
+            str(directory),
+            f"cannot write there ({e.strerror or e}); name a writable directory, or set cache.enabled=false",
+        ) from None
 
 
 class StageCache:
@@ -193,8 +214,9 @@ class StageCache:
     An enabled cache checks at once that its directory is writable (ConfigError otherwise) and removes
     temporaries left by killed processes."""
 
-    def __init__(self, directory: str | Path, enabled: bool = True, max_bytes: int | None = None,
-                 wait_seconds: float = 86400.0):
+    def __init__(
+        self, directory: str | Path, enabled: bool = True, max_bytes: int | None = None, wait_seconds: float = 86400.0
+    ):
         self.dir = Path(directory)
         self.enabled = enabled
         self.max_bytes = max_bytes
@@ -241,8 +263,9 @@ class StageCache:
             return None
         try:
             entry = json.loads(cache_dir.read_regular(meta))  # a directory or a FIFO there: a miss, no hang
-            if entry.get("entry_sha256") != entry_sha256(entry["key"], entry["state_sha256"], entry["records"],
-                                                         entry.get("files")):
+            if entry.get("entry_sha256") != entry_sha256(
+                entry["key"], entry["state_sha256"], entry["records"], entry.get("files")
+            ):
                 raise ValueError("its records do not match their checksum: edited or damaged")
             if model is not None and not stat.S_ISREG(os.stat(state).st_mode):
                 raise ValueError(f"{state.name} is not a regular file")
@@ -292,9 +315,11 @@ class StageCache:
             dest = self.dir / f"{key}{suffix}"
             self._make_room(dest)
             if isinstance(blob, Path):
+
                 def copy(tmp, src=blob, suffix=suffix) -> None:
                     shutil.copyfile(src, tmp)
                     hashes[suffix] = file_sha256(tmp)
+
                 checkpoint.atomic_write(dest, copy)
             else:
                 checkpoint.atomic_write(dest, lambda tmp, b=blob: Path(tmp).write_bytes(b))
@@ -312,14 +337,20 @@ class StageCache:
         while not self.locks.try_acquire(key):
             holder = self.locks.holder(self.locks.path(key)) or {"age": 0.0}
             if not told:
-                log.info("cache: another job is computing this stage (lock: %s); waiting for its entry, at most "
-                         "%.0f s (cache.wait_seconds), or until its lock is %.0f s untouched (then taken over)",
-                         cache_dir.describe(holder), self.wait_seconds, cache_dir.LOCK_STALE_SECONDS)
+                log.info(
+                    "cache: another job is computing this stage (lock: %s); waiting for its entry, at most "
+                    "%.0f s (cache.wait_seconds), or until its lock is %.0f s untouched (then taken over)",
+                    cache_dir.describe(holder),
+                    self.wait_seconds,
+                    cache_dir.LOCK_STALE_SECONDS,
+                )
                 told = True
             if time.monotonic() > deadline:
-                raise LwpipeError(f"cache: waited {self.wait_seconds:.0f} s (cache.wait_seconds) for entry {key} "
-                                  f"(lock: {cache_dir.describe(holder)}); raise cache.wait_seconds, "
-                                  f"or delete {self.locks.path(key)} if that job is gone")
+                raise LwpipeError(
+                    f"cache: waited {self.wait_seconds:.0f} s (cache.wait_seconds) for entry {key} "
+                    f"(lock: {cache_dir.describe(holder)}); raise cache.wait_seconds, "
+                    f"or delete {self.locks.path(key)} if that job is gone"
+                )
             time.sleep(cache_dir.POLL_SECONDS)
             records = self.load(key, model) if self._paths(key)[1].exists() else None
             if records is not None:
@@ -333,8 +364,14 @@ class StageCache:
         """Give up every lock still held (a failed or interrupted stage): waiting jobs compute it themselves."""
         self.locks.release()
 
-    def store(self, key: str, model: nn.Module, records: list[dict], artifact: bytes | None = None,
-              outputs: dict[str, Path] | None = None) -> None:
+    def store(
+        self,
+        key: str,
+        model: nn.Module,
+        records: list[dict],
+        artifact: bytes | None = None,
+        outputs: dict[str, Path] | None = None,
+    ) -> None:
         """The stage's model, records, its model encoded (`artifact`) and the files it wrote into the run
         directory (`outputs`, name -> path: restore_outputs copies them into a run that replays it)."""
         if not self.enabled:
@@ -344,8 +381,10 @@ class StageCache:
         self._make_room(state)
         checkpoint.save_state(model, state)
         self.loaded[key] = file_sha256(state)
-        files = {**({".lwp": artifact} if artifact is not None else {}),
-                 **{f".out.{name}": Path(path) for name, path in (outputs or {}).items()}}
+        files = {
+            **({".lwp": artifact} if artifact is not None else {}),
+            **{f".out.{name}": Path(path) for name, path in (outputs or {}).items()},
+        }
         self._write_entry(key, self.loaded[key], records, files or None)
         self.computed += 1
         self.locks.release(key)
@@ -359,8 +398,9 @@ class StageCache:
         self._write_entry(key, None, records, files)
         self._bound(key)
 
-    def _write_entry(self, key: str, state_sha256: str | None, records: list[dict],
-                     files: dict[str, bytes | Path] | None) -> None:
+    def _write_entry(
+        self, key: str, state_sha256: str | None, records: list[dict], files: dict[str, bytes | Path] | None
+    ) -> None:
         """The entry's other files, then its json (last: until it exists the entry is a miss)."""
         entry = {"key": key, "state_sha256": state_sha256, "records": records}
         if files:
@@ -380,5 +420,8 @@ class StageCache:
     def _bound(self, key: str) -> None:
         if self.max_bytes is not None:
             for e in cache_dir.prune(self.dir, max_bytes=self.max_bytes, keep={key}):
-                log.info("cache: removed entry %s (%d bytes, least recently used) to stay within cache.max_bytes",
-                         e["key"], e["bytes"])
+                log.info(
+                    "cache: removed entry %s (%d bytes, least recently used) to stay within cache.max_bytes",
+                    e["key"],
+                    e["bytes"],
+                )

@@ -16,6 +16,7 @@ what was renamed is the lock judged stale, so two jobs taking over at once canno
 
 This module does not import torch: `lwpipe-cache` starts in a fraction of a second.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -173,8 +174,12 @@ class Locks:
                 log.warning("cache: cannot take over %s (%s)", path.name, e.strerror or e)
             return False
         moved = read_lock(aside) or {}
-        if (moved.get("id"), moved.get("host"), moved.get("pid"), moved.get("time")) != \
-                (holder.get("id"), holder.get("host"), holder.get("pid"), holder.get("time")):
+        if (moved.get("id"), moved.get("host"), moved.get("pid"), moved.get("time")) != (
+            holder.get("id"),
+            holder.get("host"),
+            holder.get("pid"),
+            holder.get("time"),
+        ):
             try:
                 os.link(aside, path)  # a fresh lock was renamed by mistake: put it back unless replaced
             except OSError:
@@ -198,8 +203,9 @@ class Locks:
     def _start_touching(self) -> None:
         if self._thread is None or not self._thread.is_alive() or self._stop.is_set():
             self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._touch, args=(self._stop,), name="lwpipe-cache-locks",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._touch, args=(self._stop,), name="lwpipe-cache-locks", daemon=True
+            )
             self._thread.start()
 
     def _touch(self, stop: threading.Event) -> None:
@@ -213,6 +219,7 @@ class Locks:
 
 
 # entries: listing and pruning
+
 
 def entries(directory: Path) -> list[dict]:
     """Complete entries, least recently used first: key, bytes, last use (json mtime), files, stage.
@@ -263,8 +270,9 @@ def remove(entry: dict) -> None:
         discard(f)
 
 
-def prune(directory: Path, older_than: float | None = None, max_bytes: int | None = None,
-          keep: set[str] = frozenset()) -> list[dict]:
+def prune(
+    directory: Path, older_than: float | None = None, max_bytes: int | None = None, keep: set[str] = frozenset()
+) -> list[dict]:
     """Remove entries last used more than older_than seconds ago, then the least recently used until the
     rest fit in max_bytes; entries in `keep` or locked by a running job stay. Returns what was removed."""
     now, removed = time.time(), []
@@ -322,8 +330,10 @@ def main(argv: list[str] | None = None) -> None:
             p.exit(2, f"lwpipe-cache: error: --older-than {a.older_than}: must be >= 0 days\n")
         gone = prune(directory, None if a.older_than is None else a.older_than * 86400, a.max_bytes)
         left = entries(directory)
-        print(f"removed {len(gone)} entries ({human(sum(e['bytes'] for e in gone))}); "
-              f"{len(left)} left ({human(sum(e['bytes'] for e in left))})")
+        print(
+            f"removed {len(gone)} entries ({human(sum(e['bytes'] for e in gone))}); "
+            f"{len(left)} left ({human(sum(e['bytes'] for e in left))})"
+        )
         return
     listed, now = entries(directory)[::-1], time.time()
     print(f"{'key':<32}  {'size':>10}  {'unused':>7}  stage")

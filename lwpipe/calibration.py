@@ -8,9 +8,10 @@ this module knows nothing of tasks or batch formats. `weight_gradients` gives th
 loss's gradient of each layer's effective weight per batch, from which quantize's bits: auto
 builds the empirical Fisher (lwpipe/mixed_precision.py).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -42,8 +43,9 @@ def channel_axis(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def input_channel_norms(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable,
-                        forward: Forward = default_forward) -> tuple[dict[str, torch.Tensor], int]:
+def input_channel_norms(
+    model: nn.Module, layers: dict[str, nn.Module], batches: Iterable, forward: Forward = default_forward
+) -> tuple[dict[str, torch.Tensor], int]:
     """(name -> L2 norm of each input channel over all batches, number of batches seen).
 
     Layers without an input activation (Embedding) are left out. Sums of squares are kept in
@@ -59,6 +61,7 @@ def input_channel_norms(model: nn.Module, layers: dict[str, nn.Module], batches:
             x = x.movedim(axis, -1).reshape(-1, x.shape[axis]).double()
             sq = x.pow(2).sum(0)
             sums[name] = sq if name not in sums else sums[name] + sq
+
         return gather
 
     seen = gather_inputs(model, {n: m for n, m in layers.items() if in_axis(m) is not None}, hook, batches, forward)
@@ -66,8 +69,14 @@ def input_channel_norms(model: nn.Module, layers: dict[str, nn.Module], batches:
 
 
 @torch.no_grad()
-def gather_inputs(model: nn.Module, layers: dict[str, nn.Module], make_hook, batches: Iterable,
-                  forward: Forward = default_forward, before_batch=None) -> int:
+def gather_inputs(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    make_hook,
+    batches: Iterable,
+    forward: Forward = default_forward,
+    before_batch=None,
+) -> int:
     """One eval pass over `batches` with a forward pre-hook `make_hook(name, module)(module, args, kwargs)` on
     each layer (hooks removed and the training mode restored afterwards, whatever happens); `before_batch(batch)`
     runs before each forward. Returns the number of batches seen."""
@@ -103,8 +112,9 @@ def wanda_scores(module: nn.Module, norms: torch.Tensor) -> torch.Tensor:
     return w * norms.to(w.device).view(shape)
 
 
-def weight_gradients(model: nn.Module, layers: list[nn.Module], batches: Iterable, loss_fn
-                     ) -> Iterator[list[torch.Tensor | None]]:
+def weight_gradients(
+    model: nn.Module, layers: list[nn.Module], batches: Iterable, loss_fn
+) -> Iterator[list[torch.Tensor | None]]:
     """Per batch, the gradient of the task loss `loss_fn(model, batch)` (Context.loss) with respect to each
     layer's effective weight (mask, codebook and grid applied); None for a layer that takes none. Eval mode."""
     device = next(model.parameters()).device
@@ -121,4 +131,3 @@ def weight_gradients(model: nn.Module, layers: list[nn.Module], batches: Iterabl
             yield grads
     finally:
         model.train(was_training)
-

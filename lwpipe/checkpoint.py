@@ -1,4 +1,5 @@
 """Pickle-free model state files: safetensors, with the constraint layout in its metadata."""
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,7 @@ def save_state(model: nn.Module, path: Path) -> None:
         first[id(v)] = k
         v = v.detach()
         if v.dim() and v.numel() > 1 and all(st == 0 for st in v.stride()):  # one value broadcast (a shared
-            broadcast[k] = list(v.shape)                                    # layer's released original)
+            broadcast[k] = list(v.shape)  # layer's released original)
             v = v.reshape(-1)[:1]
         state[k] = v.contiguous().cpu()
     meta = {"lwpipe.constraints": json.dumps(model_spec(model))}
@@ -57,8 +58,9 @@ def save_state(model: nn.Module, path: Path) -> None:
 def load_state(model: nn.Module, path: Path) -> nn.Module:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        shapes = {k.replace("parametrizations.", "").removesuffix(".original"): f.get_slice(k).get_shape()
-                  for k in f.keys()}
+        shapes = {
+            k.replace("parametrizations.", "").removesuffix(".original"): f.get_slice(k).get_shape() for k in f.keys()
+        }
     restore_factorized(model, shapes)  # a factorized layer is two Linear layers (lwpipe/lowrank.py)
     resize_to(model, shapes)  # a structurally pruned model has smaller layers than a fresh one
     apply_spec(model, json.loads(meta.get("lwpipe.constraints", "{}")))
@@ -87,14 +89,19 @@ def load_weights(model: nn.Module, path: str, key: str = "model.checkpoint") -> 
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
     except Exception as e:
-        raise ConfigError(key, path, f"not a readable weights file (.safetensors, or a torch state dict): {e}") from None
+        raise ConfigError(
+            key, path, f"not a readable weights file (.safetensors, or a torch state dict): {e}"
+        ) from None
     if not isinstance(state, dict):
         raise ConfigError(key, path, f"holds a {type(state).__name__}, expected a state dict")
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or wrong:
         parts = []
         if wrong:
@@ -106,5 +113,3 @@ def load_weights(model: nn.Module, path: str, key: str = "model.checkpoint") -> 
         raise ConfigError(key, path, f"does not fit the model {type(model).__name__}: " + "; ".join(parts))
     model.load_state_dict(state)
     return model
-
-

@@ -13,6 +13,7 @@ sweep goes on and its summary (lwpipe/sweep.py) lists the job as failed.
 `lwpipe-rerun DIR [overrides]` runs a past run again from the recipe.yaml in
 its directory.
 """
+
 from __future__ import annotations
 
 import functools
@@ -68,8 +69,10 @@ def claim(run_dir: Path) -> bool:
 
 
 def refused(run_dir: Path) -> str:
-    return (f"the run directory {run_dir} already holds another run or other files; "
-            f"lwpipe writes each run into a new directory (set hydra.run.dir to a new one)")
+    return (
+        f"the run directory {run_dir} already holds another run or other files; "
+        f"lwpipe writes each run into a new directory (set hydra.run.dir to a new one)"
+    )
 
 
 class ClaimRunDir(Callback):
@@ -93,7 +96,8 @@ def claimed_before_hydra(hc) -> bool:
     """Whether ClaimRunDir claimed this run's directory (a single run with the callback configured): it
     either owns the directory or stopped the run."""
     return hc.mode == RunMode.RUN and any(
-        (c or {}).get("_target_") == CLAIM_CALLBACK for c in (hc.callbacks or {}).values())
+        (c or {}).get("_target_") == CLAIM_CALLBACK for c in (hc.callbacks or {}).values()
+    )
 
 
 def _fail(run_dir: Path, err, multirun: bool = False, owned: bool = True, name=None) -> None:
@@ -153,8 +157,7 @@ def _main(cfg: DictConfig):
         fail(run_dir, "interrupted", multirun)
         if multirun:
             raise
-        print("lwpipe: interrupted; finished stages are cached: run the same command again to go on",
-              file=sys.stderr)
+        print("lwpipe: interrupted; finished stages are cached: run the same command again to go on", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
         if multirun:  # Hydra's sweepers stop the whole sweep on a raised job error: report, go on
@@ -183,8 +186,11 @@ def check_presets(args: list[str]) -> None:
     for arg in args:
         key, eq, value = arg.lstrip("+").partition("=")
         if eq and key == "sweep" and value not in presets and value not in ("null", ""):
-            print(f"lwpipe: error: sweep={value!r}: no such preset; the presets are {', '.join(presets)} "
-                  f"(recipes/sweep/)", file=sys.stderr)
+            print(
+                f"lwpipe: error: sweep={value!r}: no such preset; the presets are {', '.join(presets)} "
+                f"(recipes/sweep/)",
+                file=sys.stderr,
+            )
             sys.exit(2)
 
 
@@ -199,8 +205,9 @@ def main() -> None:
 def rerun() -> None:
     """lwpipe-rerun DIR [overrides]: the run in DIR again, from its resolved recipe.yaml."""
     if len(sys.argv) < 2 or sys.argv[1].startswith("-") or not (Path(sys.argv[1]) / "recipe.yaml").is_file():
-        print("usage: lwpipe-rerun RUN_DIR [overrides...]  (RUN_DIR holds the recipe.yaml of a past run)",
-              file=sys.stderr)
+        print(
+            "usage: lwpipe-rerun RUN_DIR [overrides...]  (RUN_DIR holds the recipe.yaml of a past run)", file=sys.stderr
+        )
         sys.exit(2)
     run_dir = Path(sys.argv[1]).resolve()
     overrides = sys.argv[2:]

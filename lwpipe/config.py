@@ -5,6 +5,7 @@ settings checked by pydantic, and the pipeline resolved to
 (name, stage class, stage config) triples. Every problem becomes a
 `ConfigError` naming the key path, the bad value and what is allowed.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -45,8 +46,8 @@ class CacheSettings(Strict):
 
     enabled: bool = True
     dir: str = Field("outputs/cache", min_length=1)
-    max_bytes: int | None = Field(None, ge=1)        # after a store, least recently used entries go beyond this
-    wait_seconds: float = Field(86400.0, gt=0)      # how long a job waits for a stage another job is computing
+    max_bytes: int | None = Field(None, ge=1)  # after a store, least recently used entries go beyond this
+    wait_seconds: float = Field(86400.0, gt=0)  # how long a job waits for a stage another job is computing
 
 
 class TaskSettings(Strict):
@@ -58,18 +59,27 @@ class TaskSettings(Strict):
 class MeasureSettings(Strict):
     """Compute cost in every baseline / stage_end record (lwpipe/speed.py)."""
 
-    latency: bool = True                                # false: no timing (fast tests)
-    batch: int | None = Field(None, ge=1, le=1 << 16)   # the larger batch timed besides 1; None: 256 or the test set
-    repeats: int = Field(30, ge=1, le=100_000)          # timed forwards per batch size (median)
-    warmup: int = Field(3, ge=0, le=10_000)             # untimed forwards first
-    max_seconds: float = Field(2.0, gt=0, le=3600)      # per batch size: fewer repeats for slow models
-    threads: int = Field(0, ge=0, le=1024)              # CPU threads while timing; 0: torch's setting
+    latency: bool = True  # false: no timing (fast tests)
+    batch: int | None = Field(None, ge=1, le=1 << 16)  # the larger batch timed besides 1; None: 256 or the test set
+    repeats: int = Field(30, ge=1, le=100_000)  # timed forwards per batch size (median)
+    warmup: int = Field(3, ge=0, le=10_000)  # untimed forwards first
+    max_seconds: float = Field(2.0, gt=0, le=3600)  # per batch size: fewer repeats for slow models
+    threads: int = Field(0, ge=0, le=1024)  # CPU threads while timing; 0: torch's setting
 
 
 # what the entry point returns, for sweepers that optimise it (one value, or a tuple of them);
 # `quality` is the task's headline metric (accuracy, perplexity or cosine)
-Objective = Literal["accuracy", "loss", "teacher_agreement", "sparsity", "compression_ratio", "compressed_bytes",
-                    "quality", "perplexity", "cosine"]
+Objective = Literal[
+    "accuracy",
+    "loss",
+    "teacher_agreement",
+    "sparsity",
+    "compression_ratio",
+    "compressed_bytes",
+    "quality",
+    "perplexity",
+    "cosine",
+]
 
 
 class TopLevel(Strict):
@@ -102,8 +112,8 @@ class TopLevel(Strict):
 
 @dataclass
 class Step:
-    name: str          # the name in `pipeline` (and key under `stages`)
-    type: str          # the registered plugin it uses
+    name: str  # the name in `pipeline` (and key under `stages`)
+    type: str  # the registered plugin it uses
     cls: type
     config: BaseModel
 
@@ -112,7 +122,7 @@ class Step:
 class Recipe:
     top: TopLevel
     steps: list[Step]
-    raw: dict          # the resolved recipe, as saved next to the run
+    raw: dict  # the resolved recipe, as saved next to the run
 
 
 def _model_in(annotation) -> type[BaseModel] | None:
@@ -181,9 +191,9 @@ def _stage_config(name: str, settings: dict | None) -> Step:
         if type_ != name:
             raise ConfigError(f"stages.{name}.type", type_, f"no stage plugin of that name; {registry.suggest(type_)}")
         raise ConfigError(
-            f"stages.{name}", name,
-            f"no stage plugin named {name!r}; set stages.{name}.type to one of them "
-            f"({registry.suggest(name)})",
+            f"stages.{name}",
+            name,
+            f"no stage plugin named {name!r}; set stages.{name}.type to one of them ({registry.suggest(name)})",
         )
     return Step(name, type_, cls, _check(cls.Config, settings, f"stages.{name}"))
 
@@ -199,8 +209,11 @@ def _missing(raw, prefix: str = ""):
 
 def validate(cfg: DictConfig | dict) -> Recipe:
     try:
-        raw = (OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False) if isinstance(cfg, DictConfig)
-               else dict(cfg))
+        raw = (
+            OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+            if isinstance(cfg, DictConfig)
+            else dict(cfg)
+        )
     except Exception as e:  # an interpolation that does not resolve
         raise LwpipeError(f"recipe does not resolve: {e}") from None
     raw.pop("hydra", None)
@@ -210,8 +223,11 @@ def validate(cfg: DictConfig | dict) -> Recipe:
     headline = TASK_METRICS[top.task.name]
     for i, name in enumerate(top.objective):  # causal_lm also records next-token accuracy
         if name in TASK_METRICS.values() and name != headline and (name, top.task.name) != ("accuracy", "causal_lm"):
-            raise ConfigError(f"objective[{i}]", name, f"task {top.task.name} does not record it; its metric is "
-                              f"{headline} (or use quality)")
+            raise ConfigError(
+                f"objective[{i}]",
+                name,
+                f"task {top.task.name} does not record it; its metric is {headline} (or use quality)",
+            )
     for key in ("model", "data"):
         if "_target_" not in getattr(top, key):
             raise ConfigError(f"{key}._target_", None, f"required: the import path of the {key} builder")
@@ -226,12 +242,13 @@ def validate(cfg: DictConfig | dict) -> Recipe:
             steps.append(_stage_config(name, {}))
         else:
             raise ConfigError(
-                f"pipeline[{i}]", name,
+                f"pipeline[{i}]",
+                name,
                 f"no settings under stages.{name} and no stage plugin of that name; {registry.suggest(name)}",
             )
     for i, step in enumerate(steps):
         if getattr(step.cls, "last_only", False) and i != len(steps) - 1:
-            raise ConfigError(f"pipeline[{i}]", step.name, f"must be the last stage; {top.pipeline[i + 1:]} follow it")
+            raise ConfigError(f"pipeline[{i}]", step.name, f"must be the last stage; {top.pipeline[i + 1 :]} follow it")
         check = getattr(step.cls, "check_order", None)
         why = check(step.config, steps[:i]) if check else None  # the earlier Steps: .name, .type, .config
         if why:

@@ -21,11 +21,12 @@ shared weight (GPT-2's `lm_head.weight is transformer.wte.weight`) are one layer
 is registered on all of them (`ensure_constraint(module, tied)`), so they compute
 with one constrained weight and the artifact stores it once.
 """
+
 from __future__ import annotations
 
 import copy
 import fnmatch
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -137,7 +138,7 @@ class Compressed(nn.Module):
         }
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "Compressed":
+    def from_spec(cls, spec: dict) -> Compressed:
         """Empty placeholders of the right shapes, filled by load_state_dict."""
         c = cls(torch.Size(spec["shape"]))
         if spec["mask"]:
@@ -147,7 +148,9 @@ class Compressed(nn.Module):
         q = spec["quant"]
         if q:
             shape = scale_shape(c.shape, q["axis"], q.get("group"))
-            c.set_quant(q["bits"], q["qmin"], q["qmax"], torch.ones(shape), torch.zeros(shape), q["axis"], q.get("group"))
+            c.set_quant(
+                q["bits"], q["qmin"], q["qmax"], torch.ones(shape), torch.zeros(shape), q["axis"], q.get("group")
+            )
         return c
 
     def set_mask(self, mask: torch.Tensor) -> None:
@@ -171,8 +174,9 @@ class Compressed(nn.Module):
             return self.scale, self.zero_point
         inputs = 1 - self.axis  # groups are 2-D weights' only: the input axis is the other one
         n = self.shape[inputs]
-        return tuple(t.repeat_interleave(self.group, dim=inputs).narrow(inputs, 0, n)
-                     for t in (self.scale, self.zero_point))
+        return tuple(
+            t.repeat_interleave(self.group, dim=inputs).narrow(inputs, 0, n) for t in (self.scale, self.zero_point)
+        )
 
     @torch.no_grad()
     def codebook_values(self) -> torch.Tensor:
@@ -316,8 +320,12 @@ def grid_attrs(module: nn.Module) -> dict[str, torch.Tensor]:
     """The module's tensors held to an 8-bit grid by GridBias: name -> scale."""
     if not parametrize.is_parametrized(module):
         return {}
-    return {a: p.scale for a in sorted(module.parametrizations) for p in module.parametrizations[a]
-            if isinstance(p, GridBias)}
+    return {
+        a: p.scale
+        for a in sorted(module.parametrizations)
+        for p in module.parametrizations[a]
+        if isinstance(p, GridBias)
+    }
 
 
 def _stored(module: nn.Module, attr: str) -> torch.Tensor | None:
@@ -331,7 +339,9 @@ def half_attrs(module: nn.Module) -> list[str]:
     """Names of the module's tensors held to float16 by HalfBias."""
     if not parametrize.is_parametrized(module):
         return []
-    return sorted(a for a in module.parametrizations if any(isinstance(p, HalfBias) for p in module.parametrizations[a]))
+    return sorted(
+        a for a in module.parametrizations if any(isinstance(p, HalfBias) for p in module.parametrizations[a])
+    )
 
 
 # -- helpers over a model ---------------------------------------------------------
@@ -457,8 +467,9 @@ def tensor_aliases(model: nn.Module) -> dict[str, str]:
         if "parametrizations" in mname.split("."):
             continue
         prefix = f"{mname}." if mname else ""
-        found = list(m.named_parameters(recurse=False)) + [(n, b) for n, b in m.named_buffers(recurse=False)
-                                                           if b is not None]
+        found = list(m.named_parameters(recurse=False)) + [
+            (n, b) for n, b in m.named_buffers(recurse=False) if b is not None
+        ]
         if parametrize.is_parametrized(m):
             found += [(pname, m.parametrizations[pname].original) for pname in m.parametrizations]
         for pname, p in found:
@@ -564,6 +575,8 @@ def kept_kinds(model: nn.Module, kinds: list[str]) -> set[str]:
     ties = tied_layers(model)
     for name, m in compressible_layers(model):
         group = [m] + [t for _, t in ties.get(name, ())]
-        if ("embeddings" in kinds and isinstance(m, nn.Embedding)) or (head is not None and any(x is head for x in group)):
+        if ("embeddings" in kinds and isinstance(m, nn.Embedding)) or (
+            head is not None and any(x is head for x in group)
+        ):
             out.add(name)
     return out

@@ -1,11 +1,13 @@
 """Runtime state a stage may use. Configs hold settings only; state lives here."""
+
 from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +60,7 @@ class Context:
             ds, bs = self.data.test, self.eval_batch_size
             if isinstance(ds, TensorDataset):  # slicing beats collating item by item
                 x, y = ds.tensors[:2]
-                self._test_batches = [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
+                self._test_batches = [(x[i : i + bs], y[i : i + bs]) for i in range(0, len(x), bs)]
             elif hasattr(ds, "batches"):  # lwpipe.data.text.DictDataset: dict batches, sliced
                 self._test_batches = ds.batches(bs)
             else:
@@ -81,8 +83,10 @@ class Context:
         `fields()`: more fields for the epoch's record (distill's alpha and temperature)."""
         if self.on_epoch is None:
             return None
+
         def callback(epoch, loss):
             self.on_epoch(model, epoch, loss, **(fields() if fields else {}))
+
         if self.on_batch is not None:  # training.fit calls it after every batch
             callback.on_batch = functools.partial(self.on_batch, self.stage)
         return callback

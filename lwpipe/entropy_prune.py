@@ -7,6 +7,7 @@
 
 The posteriors exist only inside the variational training; the model leaves as it came, plus masks.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,6 +37,7 @@ def settle_threshold(cfg, overrides) -> None:
     other where only the recipe set it (the default recipe's sparsity under `++stages.prune.threshold=3.0`);
     both given anywhere else is refused when the stage's settings are validated."""
     from omegaconf import DictConfig, open_dict
+
     given = {o.lstrip("+~").split("=", 1)[0] for o in overrides if "=" in o}
     for name, s in (cfg.get("stages") or {}).items():
         if not isinstance(s, DictConfig) or s.get("criterion") != "entropy":
@@ -54,20 +56,26 @@ def check_layers(cfg, model: nn.Module, path: str) -> None:
             continue
         why = unsupported_layer(m)
         if why:
-            raise ConfigError(f"{path}.criterion", "entropy", f"cannot parametrize layer {name}: {why}; "
-                              f"leave it out with {path}.layers={{{name}: {{skip: true}}}}")
+            raise ConfigError(
+                f"{path}.criterion",
+                "entropy",
+                f"cannot parametrize layer {name}: {why}; leave it out with {path}.layers={{{name}: {{skip: true}}}}",
+            )
 
 
 def layer_skipped(cfg, name: str) -> bool:
     from lwpipe.constraints import layer_setting
     from lwpipe.stages.prune import LayerPrune
+
     return layer_setting(name, cfg.layers, LayerPrune()).skip
 
 
-def _masks(cfg, scores: dict[str, torch.Tensor], layers: dict, eps: float | None, targets: dict[str, float]
-           ) -> dict[str, torch.Tensor]:
+def _masks(
+    cfg, scores: dict[str, torch.Tensor], layers: dict, eps: float | None, targets: dict[str, float]
+) -> dict[str, torch.Tensor]:
     """Every mask first: a layer emptied by the threshold is refused before any layer changes."""
     from lwpipe.stages.prune import lowest_mask
+
     masks = {}
     for n, s in scores.items():
         c = constraint(layers[n])
@@ -80,10 +88,13 @@ def _masks(cfg, scores: dict[str, torch.Tensor], layers: dict, eps: float | None
         if not bool(masks[n].any()):
             live = s[torch.isfinite(s)]
             lo, hi = (float(live.min()), float(live.max())) if live.numel() else (float("nan"),) * 2
-            raise ConfigError("stages.prune.threshold", eps,
-                              f"removes every weight of layer {n} after variational training (its {cfg.score} "
-                              f"scores range over [{lo:.4g}, {hi:.4g}]); a layer may never be pruned to nothing: "
-                              f"use a threshold of at least {lo:.4g}, or give {n} its own sparsity under layers")
+            raise ConfigError(
+                "stages.prune.threshold",
+                eps,
+                f"removes every weight of layer {n} after variational training (its {cfg.score} "
+                f"scores range over [{lo:.4g}, {hi:.4g}]); a layer may never be pruned to nothing: "
+                f"use a threshold of at least {lo:.4g}, or give {n} its own sparsity under layers",
+            )
     return masks
 
 
@@ -94,6 +105,7 @@ def clear_dead_units(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     Channels are followed through the dependency graph of lwpipe/structured.py; untraceable models: nothing.
     Returns producer layer -> units cleared."""
     from lwpipe import structured
+
     if not structured.traceable(model):
         return {}
     modules, cleared = dict(model.named_modules()), {}
@@ -119,6 +131,7 @@ def clear_dead_units(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
 
 def stored_bias(m: nn.Module) -> torch.Tensor:
     from torch.nn.utils import parametrize
+
     return m.parametrizations.bias.original if parametrize.is_parametrized(m, "bias") else m.bias
 
 
@@ -131,13 +144,13 @@ def stage_apply(module: nn.Module, mask: torch.Tensor) -> None:
 
 def run(stage, model: nn.Module, ctx) -> nn.Module:
     from lwpipe.stages.prune import cubic_schedule
+
     cfg = stage.cfg
     ties = tied_layers(model)
     layers = {n: m for n, m in compressible_layers(model) if not stage._setting(n, ties).skip}
     eps = threshold_of(cfg)
     sparsities = {n: stage._setting(n, ties).sparsity for n in layers}
-    finals = {n: s if s is not None else cfg.sparsity for n, s in sparsities.items()
-              if s is not None or eps is None}
+    finals = {n: s if s is not None else cfg.sparsity for n, s in sparsities.items() if s is not None or eps is None}
     initial = {n: 1 - int(torch.count_nonzero(layers[n].weight)) / layers[n].weight.numel() for n in finals}
     loader = ctx.train_loader(cfg.variational.batch_size)
     kl_at = kl_schedule(cfg.kl_weight, cfg.kl_warmup * len(loader))
@@ -150,8 +163,9 @@ def run(stage, model: nn.Module, ctx) -> nn.Module:
         fit(model, loader, cfg.variational, loss_fn=loss, on_epoch=ctx.epoch_callback(model), params=groups)
 
     for t in range(1, steps + 1):
-        scores, step = train_variational(model, layers, train, ctx.loss, len(ctx.data.train), kl_at, cfg.score,
-                                         cfg.sigma_lr, step)
+        scores, step = train_variational(
+            model, layers, train, ctx.loss, len(ctx.data.train), kl_at, cfg.score, cfg.sigma_lr, step
+        )
         targets = {n: max(initial[n], cubic_schedule(initial[n], f, t, steps)) for n, f in finals.items()}
         masks = _masks(cfg, scores, layers, eps, targets)
         cutoffs = {n: (eps if n not in targets else float(scores[n][masks[n]].max())) for n in masks}
@@ -160,10 +174,21 @@ def run(stage, model: nn.Module, ctx) -> nn.Module:
                 stage._apply(layers[n], mask)
         dead = clear_dead_units(model, ctx.test_loader()[0][0][:2].to(ctx.device)) if cfg.dead_units else {}
         kept = {n: int(torch.count_nonzero(layers[n].weight)) / layers[n].weight.numel() for n in masks}
-        log.info("  entropy prune step %d/%d (%s): kept %s; units with no weight out cleared: %s", t, steps,
-                 cfg.score, ", ".join(f"{n}={v:.4f}" for n, v in kept.items()), dead or "none")
+        log.info(
+            "  entropy prune step %d/%d (%s): kept %s; units with no weight out cleared: %s",
+            t,
+            steps,
+            cfg.score,
+            ", ".join(f"{n}={v:.4f}" for n, v in kept.items()),
+            dead or "none",
+        )
         recalibrate_bn(model, ctx.calibration_batches(cfg.calibration_batches))
-        fit(model, ctx.train_loader(cfg.finetune.batch_size), cfg.finetune, loss_fn=ctx.loss,
-            on_epoch=ctx.epoch_callback(model))
+        fit(
+            model,
+            ctx.train_loader(cfg.finetune.batch_size),
+            cfg.finetune,
+            loss_fn=ctx.loss,
+            on_epoch=ctx.epoch_callback(model),
+        )
     ctx.stage_record.update(entropy_score=cfg.score, entropy_threshold=cutoffs, kept_fraction=kept, dead_units=dead)
     return model

@@ -6,6 +6,7 @@ whose Linear/Conv layers run torch.ao's x86 (fbgemm) int8 kernels, with
 activation ranges calibrated on data you pass. `benchmarks/bench_int8.py`
 times it against fp32.
 """
+
 from __future__ import annotations
 
 import copy
@@ -77,8 +78,12 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(mods[node.target], nn.modules.batchnorm._BatchNorm):
             src = node.args[0]
-            if isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1 \
-                    and isinstance(mods[src.target], (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if (
+                isinstance(src, fx.Node)
+                and src.op == "call_module"
+                and len(src.users) == 1
+                and isinstance(mods[src.target], (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            ):
                 pairs.append((src.target, node.target))
     return pairs
 
@@ -93,10 +98,10 @@ def fold_batchnorm(model: nn.Module) -> dict[str, torch.Tensor]:
     factors = {}
     for conv_name, bn_name in conv_bn_pairs(model):
         conv, bn = mods[conv_name], mods[bn_name]
-        factors[conv_name] = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
-            1 / torch.sqrt(bn.running_var + bn.eps)
-        w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
-                                    bn.weight, bn.bias)
+        factors[conv_name] = (
+            bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
+        )
+        w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
         conv.weight, conv.bias = nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False)
         parent, _, attr = bn_name.rpartition(".")
         setattr(mods[parent] if parent else model, attr, nn.Identity())
@@ -122,11 +127,15 @@ def weight_levels(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tenso
         if c is None or not c.quantized:
             continue
         if c.group is not None:
-            raise ValueError(f"{name}: per-group scales (group_size {c.group}) have no int8 per-channel form; "
-                             f"export format=dense, or quantize without group_size")
+            raise ValueError(
+                f"{name}: per-group scales (group_size {c.group}) have no int8 per-channel form; "
+                f"export format=dense, or quantize without group_size"
+            )
         if c.qmin < -128 or c.qmax > 127 or bool((c.zero_point != 0).any()):
-            raise ValueError(f"{name}: levels {c.qmin}..{c.qmax} with zero point do not fit int8; "
-                             f"quantize with scheme=symmetric and bits<=8")
+            raise ValueError(
+                f"{name}: levels {c.qmin}..{c.qmax} with zero point do not fit int8; "
+                f"quantize with scheme=symmetric and bits<=8"
+            )
         w = m.weight.detach()
         levels = torch.round(w / c.scale.float())  # the scale has the grid's shape: it broadcasts along its axis
         channels = w.shape[grid_axis(m, True)]  # the output channels, wherever the layer type keeps them
@@ -137,8 +146,9 @@ def weight_levels(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tenso
 def _qweight(levels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     sign = torch.where(scale < 0, -1, 1).to(torch.int8)  # a folded BN with negative gamma flips the levels
     levels = levels * sign.view(-1, *[1] * (levels.dim() - 1))
-    return torch._make_per_channel_quantized_tensor(levels, scale.abs().double(),
-                                                    torch.zeros(len(scale), dtype=torch.long), 0)
+    return torch._make_per_channel_quantized_tensor(
+        levels, scale.abs().double(), torch.zeros(len(scale), dtype=torch.long), 0
+    )
 
 
 FULL_RANGE_LEVEL = 64  # |level| <= 64: a pair of u8 x s8 products fits int16 (255 * 128 < 32768)
@@ -159,8 +169,9 @@ def _dynamic_linear():
         reduce_range = True
 
         def forward(self, x):
-            y = torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params,
-                                                   reduce_range=self.reduce_range)
+            y = torch.ops.quantized.linear_dynamic(
+                x, self._packed_params._packed_params, reduce_range=self.reduce_range
+            )
             return y.to(x.dtype)
 
     return DynamicLinear
@@ -231,8 +242,9 @@ class SparseLayer(nn.Module):
     def cols(self, h: torch.Tensor) -> torch.Tensor:
         """(in, batch) -> (out, batch): W @ h, the layout a CSR kernel streams best."""
         if self.sparse:
-            w = torch.sparse_csr_tensor(self.crow, self.col, self.values, self.size,
-                                        device=self.values.device)  # TorchScript would default to the CPU
+            w = torch.sparse_csr_tensor(
+                self.crow, self.col, self.values, self.size, device=self.values.device
+            )  # TorchScript would default to the CPU
             return self.act(torch.addmm(self.bias.unsqueeze(1), w, h))
         return self.act(torch.addmm(self.bias.unsqueeze(1), self.weight, h))
 
@@ -285,8 +297,14 @@ def _activation(node, mods) -> nn.Module | None:
         return nn.Identity() if isinstance(m, (nn.Dropout, nn.Identity)) else copy.deepcopy(m)
     kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
     if node.op == "call_function" and len(node.args) == 1:
-        simple = {F.relu: nn.ReLU, torch.relu: nn.ReLU, torch.tanh: nn.Tanh, torch.sigmoid: nn.Sigmoid,
-                  F.silu: nn.SiLU, F.gelu: nn.GELU}
+        simple = {
+            F.relu: nn.ReLU,
+            torch.relu: nn.ReLU,
+            torch.tanh: nn.Tanh,
+            torch.sigmoid: nn.Sigmoid,
+            F.silu: nn.SiLU,
+            F.gelu: nn.GELU,
+        }
         if node.target in simple and set(kwargs) <= ({"approximate"} if node.target is F.gelu else set()):
             return simple[node.target](**kwargs)
     if node.op == "call_method" and node.target in ("relu", "tanh", "sigmoid") and len(node.args) == 1 and not kwargs:
@@ -297,9 +315,9 @@ def _activation(node, mods) -> nn.Module | None:
 def _chains(gm, mods) -> list[list]:
     """Runs of Linear call nodes joined only through single-use elementwise activations:
     [(linear node, activation node or None, its module or None), ...]."""
+
     def linear(n):
-        return n.op == "call_module" and isinstance(mods.get(n.target), nn.Linear) and len(n.args) == 1 \
-            and not n.kwargs
+        return n.op == "call_module" and isinstance(mods.get(n.target), nn.Linear) and len(n.args) == 1 and not n.kwargs
 
     seen, chains = set(), []
     for node in gm.graph.nodes:
@@ -330,8 +348,9 @@ def sparse_form(model: nn.Module, min_sparsity: float, min_batch: int = 16) -> t
 
     plain = dense_form(model)
     mods = dict(plain.named_modules())
-    sparse = {n for n, m in mods.items()
-              if isinstance(m, nn.Linear) and float((m.weight == 0).float().mean()) >= min_sparsity}
+    sparse = {
+        n for n, m in mods.items() if isinstance(m, nn.Linear) and float((m.weight == 0).float().mean()) >= min_sparsity
+    }
     if not sparse:
         return plain.eval(), []
     with warnings.catch_warnings():
@@ -371,8 +390,12 @@ class PlainOutput(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None):  # named: torch.export maps kwargs to parameters
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ):  # named: torch.export maps kwargs to parameters
         given = {"attention_mask": attention_mask, "token_type_ids": token_type_ids}
         out = self.model(input_ids=input_ids, **{k: v for k, v in given.items() if v is not None})
         if isinstance(out, torch.Tensor) or not hasattr(out, "items"):
@@ -408,15 +431,18 @@ def save_form(form: nn.Module, example, path) -> None:
         if path.suffix == ".pt2":
             if kwargs:
                 dyn = {k: {0: auto, 1: auto} if v.dim() > 1 else {0: auto} for k, v in kwargs.items()}
-                ep = torch.export.export(PlainOutput(form), (), kwargs=kwargs, dynamic_shapes=dyn,
-                                         strict=False)
+                ep = torch.export.export(PlainOutput(form), (), kwargs=kwargs, dynamic_shapes=dyn, strict=False)
             else:
                 ep = torch.export.export(form, args, dynamic_shapes=({0: auto},))
             torch.export.save(ep, str(path))
         else:
-            traced = torch.jit.trace(PlainOutput(form) if kwargs else form, args or None,
-                                     example_kwarg_inputs=kwargs or None, check_trace=False,
-                                     strict=False)  # strict=False: transformers models return dicts
+            traced = torch.jit.trace(
+                PlainOutput(form) if kwargs else form,
+                args or None,
+                example_kwarg_inputs=kwargs or None,
+                check_trace=False,
+                strict=False,
+            )  # strict=False: transformers models return dicts
             torch.jit.save(traced, str(path))
 
 

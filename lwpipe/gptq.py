@@ -11,9 +11,10 @@ quantize stage's ordinary grid levels: masks, the artifact and export see nothin
 `input_hessians` gathers H for many layers in one pass with forward hooks (float32 sums, whatever
 the model's dtype); `gptq_weight` is the algorithm on one weight matrix, a pure function.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -55,8 +56,9 @@ def input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def input_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable,
-                   forward: Forward = default_forward) -> tuple[dict[str, torch.Tensor], int]:
+def input_hessians(
+    model: nn.Module, layers: dict[str, nn.Module], batches: Iterable, forward: Forward = default_forward
+) -> tuple[dict[str, torch.Tensor], int]:
     """(name -> H = 2/n X^T X over every calibration token, number of batches seen), in float32. Positions
     a dict batch's attention_mask marks as padding are left out of layers that see [batch, tokens, features].
 
@@ -76,6 +78,7 @@ def input_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: Iter
             xtx = cols.t() @ cols
             sums[name] = xtx if name not in sums else sums[name].add_(xtx)
             counts[name] = counts.get(name, 0) + cols.shape[0]
+
         return gather
 
     def note_mask(batch) -> None:
@@ -95,16 +98,29 @@ def inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
         lower = torch.linalg.cholesky(h)
         return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
     except torch.linalg.LinAlgError:
-        raise HessianError(f"layer {name}: its input Hessian plus damping {damp:g} x its mean diagonal is not "
-                           f"positive definite; raise damp (for example to {min(1.0, damp * 10):g}) or give more "
-                           f"calibration samples") from None
+        raise HessianError(
+            f"layer {name}: its input Hessian plus damping {damp:g} x its mean diagonal is not "
+            f"positive definite; raise damp (for example to {min(1.0, damp * 10):g}) or give more "
+            f"calibration samples"
+        ) from None
 
 
 @torch.no_grad()
-def gptq_weight(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                qmin: int, qmax: int, mask: torch.Tensor | None = None, block: int = 128,
-                damp: float = 0.01, act_order: bool = False, name: str = "", group: int | None = None,
-                regrid=None) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
+def gptq_weight(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    mask: torch.Tensor | None = None,
+    block: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    name: str = "",
+    group: int | None = None,
+    regrid=None,
+) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
     """(levels q [rows, cols], summed weighted squared error, scale, zero point) for w [rows, cols] on the
     grid round(w / scale) + zero_point clamped to qmin..qmax.
 
@@ -140,12 +156,12 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_poin
             j = i1 + i
             g = int(col_group[j])
             if regrid is not None and not act_order and j % group == 0:
-                ahead = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :group] * keep[:, j:j + group]
-                scale[:, g:g + 1], zero_point[:, g:g + 1] = regrid(ahead)
-            s, z = scale[:, g:g + 1], zero_point[:, g:g + 1]
-            col, d = w1[:, i:i + 1], hinv1[i, i]
+                ahead = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :group] * keep[:, j : j + group]
+                scale[:, g : g + 1], zero_point[:, g : g + 1] = regrid(ahead)
+            s, z = scale[:, g : g + 1], zero_point[:, g : g + 1]
+            col, d = w1[:, i : i + 1], hinv1[i, i]
             level = torch.clamp(torch.round(col / s) + z, qmin, qmax)
-            level = torch.where(keep[:, j:j + 1], level, z.expand_as(level))
+            level = torch.where(keep[:, j : j + 1], level, z.expand_as(level))
             q[:, j] = level.squeeze(1)
             e = ((col - (level - z) * s) / d).squeeze(1)
             loss += float((e * e).sum()) / 2
@@ -158,9 +174,16 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_poin
 
 
 @torch.no_grad()
-def sparsegpt_weight(w: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
-                     keep: torch.Tensor | None = None, block: int = 128, damp: float = 0.01,
-                     name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+def sparsegpt_weight(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    sparsity: float = 0.5,
+    nm: tuple[int, int] | None = None,
+    keep: torch.Tensor | None = None,
+    block: int = 128,
+    damp: float = 0.01,
+    name: str = "",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(reconstructed weights, keep mask) for w [rows, cols]: SparseGPT (Frantar & Alistarh 2023).
 
     Within each block of `block` columns the weights with the lowest w^2 / [H^-1]_jj^2 are dropped
@@ -179,7 +202,7 @@ def sparsegpt_weight(w: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5, nm
         i2 = min(i1 + block, cols)
         w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
         err1 = torch.zeros_like(w1)
-        score = w1 ** 2 / torch.diag(hinv1).reshape(1, -1) ** 2
+        score = w1**2 / torch.diag(hinv1).reshape(1, -1) ** 2
         drop = ~keep[:, i1:i2]
         if nm is None:
             score = score.masked_fill(drop, -1.0)  # already-dropped weights go first
@@ -188,10 +211,10 @@ def sparsegpt_weight(w: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5, nm
                 drop.view(-1)[torch.topk(score.view(-1), k, largest=False).indices] = True
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
-                group = score[:, i:i + nm[1]].masked_fill(drop[:, i:i + nm[1]], -1.0)
+                group = score[:, i : i + nm[1]].masked_fill(drop[:, i : i + nm[1]], -1.0)
                 n_drop = max(group.shape[1] - nm[0], 0)
                 if n_drop:
-                    drop[:, i:i + nm[1]].scatter_(1, torch.topk(group, n_drop, dim=1, largest=False).indices, True)
+                    drop[:, i : i + nm[1]].scatter_(1, torch.topk(group, n_drop, dim=1, largest=False).indices, True)
             col, d = w1[:, i], hinv1[i, i]
             q = torch.where(drop[:, i], torch.zeros_like(col), col)
             e = (col - q) / d
@@ -221,8 +244,10 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def sequential_groups(layers: list[str], blocks: list[str]) -> list[list[str]]:
     """Layer names in the order GPTQ compresses them: those before the first block, then block by block, then the
     rest; each group's Hessians are gathered after the groups before it are compressed."""
+
     def block_of(name: str) -> int | None:
         return next((i for i, b in enumerate(blocks) if name == b or name.startswith(b + ".")), None)
+
     first = min((i for i, n in enumerate(layers) if block_of(n) is not None), default=len(layers))
     groups: list[list[str]] = [[n for n in layers[:first] if block_of(n) is None]]
     groups += [[n for n in layers if block_of(n) == i] for i in range(len(blocks))]

@@ -12,6 +12,7 @@ slower than with one thread each):
 Threads enter the stage cache's key (they change the last bits of CPU sums), so runs meant to
 share entries across launchers set `threads` explicitly.
 """
+
 from __future__ import annotations
 
 import logging
@@ -68,8 +69,7 @@ def watch_parent(poll: float = 0.5, grace: float = 3.0) -> None:
     launcher = os.environ.get(SWEEP_PID)
     if not launcher or launcher == str(os.getpid()) or any(t.name == WATCHDOG for t in threading.enumerate()):
         return
-    threading.Thread(target=_stop_with_parent, args=(os.getppid(), poll, grace), name=WATCHDOG,
-                     daemon=True).start()
+    threading.Thread(target=_stop_with_parent, args=(os.getppid(), poll, grace), name=WATCHDOG, daemon=True).start()
 
 
 def _stop_with_parent(parent: int, poll: float, grace: float) -> None:

@@ -10,6 +10,7 @@ bins that contain a midpoint. Centroids are the means of their bins' members
 Memory per value: an int32 bin and an int32 index (it indexes like int64), so
 a 38 M-weight embedding needs no int64 copies.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -39,8 +40,9 @@ class _Histogram:
         self.center = self.total / self.count  # the mean of each non-empty bin's members
 
 
-def init_centroids(values: torch.Tensor, k: int, init: Init = "linear", seed: int = 0,
-                   hist: _Histogram | None = None) -> torch.Tensor:
+def init_centroids(
+    values: torch.Tensor, k: int, init: Init = "linear", seed: int = 0, hist: _Histogram | None = None
+) -> torch.Tensor:
     """Initial centroids: linear (evenly over [min, max]; Deep Compression's best), density
     (quantiles of the values), random (Forgy: k distinct samples), or kmeans++ (D^2 sampling)."""
     g = torch.Generator().manual_seed(seed)
@@ -86,8 +88,9 @@ def _assign_binned(flat: torch.Tensor, h: _Histogram, c: torch.Tensor) -> torch.
     return index
 
 
-def kmeans_1d(values: torch.Tensor, k: int, init: Init = "linear", iters: int = 30, seed: int = 0,
-              tol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans_1d(
+    values: torch.Tensor, k: int, init: Init = "linear", iters: int = 30, seed: int = 0, tol: float = 1e-12
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster 1-D `values` into k centroids. Returns (centroids float32 [k], index int32, values' shape).
 
     An empty cluster keeps its previous centroid, so the result always has k entries.

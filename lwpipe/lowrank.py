@@ -7,6 +7,7 @@ stages prune, share and quantize the factors like any layer. `restore_factorized
 that structure in a freshly built model from the stored tensor names and shapes (lwpipe.load,
 checkpoints, the stage cache).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,12 @@ def saves(out_f: int, in_f: int, r: int) -> bool:
 
 def is_pointwise(m: nn.Module) -> bool:
     """A 1x1 convolution: a Linear over channels at every position, so it factorizes the same way."""
-    return isinstance(m, (nn.Conv1d, nn.Conv2d)) and all(k == 1 for k in m.kernel_size) and m.groups == 1 \
+    return (
+        isinstance(m, (nn.Conv1d, nn.Conv2d))
+        and all(k == 1 for k in m.kernel_size)
+        and m.groups == 1
         and m.padding_mode == "zeros"
+    )
 
 
 def factorable(m: nn.Module) -> bool:
@@ -52,8 +57,9 @@ def factor_pair(m: nn.Module, r: int, bias: bool) -> nn.Sequential:
     if isinstance(m, nn.Linear):
         return nn.Sequential(nn.Linear(in_f, r, bias=False, **kw), nn.Linear(r, out_f, bias=bias, **kw))
     conv = type(m)
-    return nn.Sequential(conv(in_f, r, 1, stride=m.stride, padding=m.padding, bias=False, **kw),
-                         conv(r, out_f, 1, bias=bias, **kw))
+    return nn.Sequential(
+        conv(in_f, r, 1, stride=m.stride, padding=m.padding, bias=False, **kw), conv(r, out_f, 1, bias=bias, **kw)
+    )
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """What the runner records after every step: held-out quality and the model's size."""
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch

@@ -19,10 +19,11 @@ estimate of the loss increase, which leaves out the first-order term (zero only 
 Allotment: minimise sum_l Omega(l, b_l) subject to sum_l b_l * kept_l <= budget, a multiple-choice
 knapsack solved exactly by dynamic programming over the budget (`allot`).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -46,17 +47,27 @@ def quantization_error(module: nn.Module, bits: int, quantize: Quantizer) -> tor
 
 
 @torch.no_grad()
-def sensitivities(model: nn.Module, layers: list[nn.Module], candidates: list[list[int]], quantizers: list[Quantizer],
-                  batches: Iterable, loss_fn, diagonal: bool = False) -> tuple[list[dict[int, float]], int]:
+def sensitivities(
+    model: nn.Module,
+    layers: list[nn.Module],
+    candidates: list[list[int]],
+    quantizers: list[Quantizer],
+    batches: Iterable,
+    loss_fn,
+    diagonal: bool = False,
+) -> tuple[list[dict[int, float]], int]:
     """(per layer, bits -> Omega(l, bits); samples seen), from one pass of per-sample gradients over `batches`
     (batches of one sample: `Context.calibration_batches(n, batch_size=1)`)."""
     if diagonal:
         sums = [torch.zeros(m.weight.shape, dtype=torch.float64, device=m.weight.device) for m in layers]
     else:  # each candidate's error, flattened: one dot product per sample and candidate
-        deltas = [torch.stack([quantization_error(m, b, q).flatten() for b in bits])  # float32: memory
-                  for m, bits, q in zip(layers, candidates, quantizers)]
-        sums = [torch.zeros(len(bits), dtype=torch.float64, device=m.weight.device)
-                for m, bits in zip(layers, candidates)]
+        deltas = [
+            torch.stack([quantization_error(m, b, q).flatten() for b in bits])  # float32: memory
+            for m, bits, q in zip(layers, candidates, quantizers)
+        ]
+        sums = [
+            torch.zeros(len(bits), dtype=torch.float64, device=m.weight.device) for m, bits in zip(layers, candidates)
+        ]
     seen = 0
     for grads in weight_gradients(model, layers, batches, loss_fn):
         for i, g in enumerate(grads):
@@ -91,7 +102,7 @@ def allot(omega: list[dict[int, float]], kept: list[int], budget_bits: float) ->
             if c > cap:
                 continue
             cand = np.full(cap + 1, np.inf)
-            cand[c:] = best[:cap + 1 - c] + table[b]
+            cand[c:] = best[: cap + 1 - c] + table[b]
             better = cand < new  # strict: an equal Omega keeps the fewer bits found first
             new[better], pick[better] = cand[better], i
         best = new

@@ -8,6 +8,7 @@ per epoch is the progress. While a bar is open, log lines go through tqdm.write,
 tear it. tqdm rather than rich: it is already imported with torch's stack (no import cost), writes
 plain text that fits a fixed width, and ships the logging redirect this needs.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,11 +49,18 @@ class Progress:
         if batch == 1 or self.bar is None:
             self._close_bar()
             self._total, self._n = 0.0, 0
-            self.bar = tqdm(total=batches or None, desc=f"{stage[:16]} {epoch}/{epochs}", leave=False,
-                            file=self.stream, ncols=self.width, nrows=self.rows, dynamic_ncols=False, unit="batch",
-                            mininterval=self.mininterval,
-                            bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                                       "[{elapsed}<{remaining}{postfix}]")
+            self.bar = tqdm(
+                total=batches or None,
+                desc=f"{stage[:16]} {epoch}/{epochs}",
+                leave=False,
+                file=self.stream,
+                ncols=self.width,
+                nrows=self.rows,
+                dynamic_ncols=False,
+                unit="batch",
+                mininterval=self.mininterval,
+                bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
+            )
         self._total, self._n = self._total + loss, self._n + 1
         self.bar.set_postfix_str(f"loss {self._total / self._n:.4f}", refresh=False)
         self.bar.update(1)

@@ -4,6 +4,7 @@ recipe.yaml     the fully resolved recipe (every swept value materialised); it i
                 primary config: `lwpipe-rerun DIR` runs it again
 run_info.json   seed, git commit, versions of python / torch / lwpipe, the command line
 """
+
 from __future__ import annotations
 
 import json
@@ -21,12 +22,15 @@ from lwpipe import checkpoint
 from lwpipe.cache import code_version
 
 REPO = Path(__file__).resolve().parent.parent
-HEADER = ("# The fully resolved recipe of this run. Rerun it: lwpipe-rerun {dir}\n"
-          "# (same as: lwpipe --config-dir {dir} --config-name recipe)\n")
+HEADER = (
+    "# The fully resolved recipe of this run. Rerun it: lwpipe-rerun {dir}\n"
+    "# (same as: lwpipe --config-dir {dir} --config-name recipe)\n"
+)
 
 
 def git_commit(repo: Path = REPO) -> dict | None:
     """The commit lwpipe's source is at, and whether it has uncommitted changes; None outside git."""
+
     def git(*args):
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
 

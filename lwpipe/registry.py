@@ -10,6 +10,7 @@ flag (does it leave a constraint on the weights?), optionally
 (``before``: the earlier ``config.Step``s, each with ``.name``, ``.type``, ``.config``),
 and ``run(model, ctx) -> model``; it is built as ``StageClass(config)``.
 """
+
 from __future__ import annotations
 
 import difflib

@@ -16,6 +16,7 @@ of everything drawn (plus matplotlib's version, its rc files and lwpipe's source
 would draw the same picture (an identical rerun) copies it instead of importing matplotlib and drawing
 it again (about 1.3 s). report.md, which names the run directory, is always written afresh.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,10 @@ def fmt(value, spec: str) -> str:
 def read_records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file() or not path.read_text().strip():
-        raise LwpipeError(f"{run_dir}: no records (metrics.jsonl missing or empty); a report needs a run "
-                          "directory whose run logged at least its baseline")
+        raise LwpipeError(
+            f"{run_dir}: no records (metrics.jsonl missing or empty); a report needs a run "
+            "directory whose run logged at least its baseline"
+        )
     records = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
@@ -70,9 +73,17 @@ def layer_rows(lwp: Path) -> list[dict]:
             w = layer.constraint(layer.original.float())
         nz = w[w != 0]
         c, n = layer.cost, max(layer.cost["nnz"], 1)
-        rows.append({"layer": layer.name, "weights": c["weights"], "kept": c["nnz"],
-                     "distinct": int(torch.unique(nz).numel()), "value_bits": c["values"] / n,
-                     "position_bits": c["positions"] / n, "bytes": c["total"] / 8})
+        rows.append(
+            {
+                "layer": layer.name,
+                "weights": c["weights"],
+                "kept": c["nnz"],
+                "distinct": int(torch.unique(nz).numel()),
+                "value_bits": c["values"] / n,
+                "position_bits": c["positions"] / n,
+                "bytes": c["total"] / 8,
+            }
+        )
     return rows
 
 
@@ -102,10 +113,18 @@ def report_data(run_dir: str | Path, summary: dict | None = None) -> dict:
         k = max(step_of.values(), default=0)
         quality += [(k + (i + 1) / (len(running) + 1), headline(e)[1], "epoch") for i, e in enumerate(running)]
     lwp = run_dir / "model.lwp"
-    return {"run_dir": run_dir, "label": recipe_label(run_dir), "metric": metric, "baseline": base,
-            "stage_ends": ends, "final": final,
-            "sizes": [(k, v) for k, v in sizes if v is not None], "quality": quality,
-            "layers": layer_rows(lwp) if lwp.is_file() else [], "finished": summary is not None}
+    return {
+        "run_dir": run_dir,
+        "label": recipe_label(run_dir),
+        "metric": metric,
+        "baseline": base,
+        "stage_ends": ends,
+        "final": final,
+        "sizes": [(k, v) for k, v in sizes if v is not None],
+        "quality": quality,
+        "layers": layer_rows(lwp) if lwp.is_file() else [],
+        "finished": summary is not None,
+    }
 
 
 def recipe_label(run_dir: Path) -> str | None:
@@ -134,8 +153,15 @@ def _draw_sizes(ax, sizes: list) -> None:
             lo, hi = sorted((values[i - 1], v))
             ax.bar(i, max(hi - lo, hi * 1e-3), bottom=lo, color="C2" if v <= values[i - 1] else "C3", width=0.6)
             ax.plot([i - 1.3, i + 0.3], [values[i - 1]] * 2, color="0.4", lw=0.8, ls=":")
-        ax.annotate(f"{human_bytes(v)}\n{values[0] / v:.1f}x", (i, v), xytext=(0, -4 if i else 3),
-                    textcoords="offset points", ha="center", va="top" if i else "bottom", fontsize=7)
+        ax.annotate(
+            f"{human_bytes(v)}\n{values[0] / v:.1f}x",
+            (i, v),
+            xytext=(0, -4 if i else 3),
+            textcoords="offset points",
+            ha="center",
+            va="top" if i else "bottom",
+            fontsize=7,
+        )
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.set_yscale("log")
@@ -143,8 +169,13 @@ def _draw_sizes(ax, sizes: list) -> None:
     ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: human_bytes(v)))
     ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_xticks(range(len(labels)), [lb if len(lb) <= 12 else lb[:11] + "~" for lb in labels],
-                  rotation=30 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center", fontsize=8)
+    ax.set_xticks(
+        range(len(labels)),
+        [lb if len(lb) <= 12 else lb[:11] + "~" for lb in labels],
+        rotation=30 if len(labels) > 6 else 0,
+        ha="right" if len(labels) > 6 else "center",
+        fontsize=8,
+    )
     ax.set_ylabel("size (log scale)")
     ax.set_title("size after each stage (x: times smaller than fp32)", fontsize=10)
     ax.grid(axis="y", alpha=0.3, which="both")
@@ -157,23 +188,43 @@ def _draw_quality(ax, d: dict) -> None:
     for i, r in enumerate(d["stage_ends"]):
         if i % 2 == 0:
             ax.axvspan(r["step"] - 1, r["step"], color="0.93", lw=0)
-        ax.text(r["step"] - 0.5, 1.0, r["stage"][:12], transform=ax.get_xaxis_transform(), ha="center",
-                va="bottom", fontsize=8)
+        ax.text(
+            r["step"] - 0.5,
+            1.0,
+            r["stage"][:12],
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     xs, ys = [p[0] for p in pts], [p[1] * scale for p in pts]
     ax.plot(xs, ys, color="C0", lw=1, marker=".", ms=3, label="after each epoch")
     ends = [(x, y * scale) for x, y, kind in pts if kind != "epoch"]
     ax.plot(*zip(*ends), "o", color="C1", ms=6, label="baseline / stage end")
     for x, y in ends[1:]:
-        ax.annotate(format_quality(metric, y / scale), (x, y), xytext=(-3, 6), textcoords="offset points",
-                    ha="right", fontsize=7)
+        ax.annotate(
+            format_quality(metric, y / scale),
+            (x, y),
+            xytext=(-3, 6),
+            textcoords="offset points",
+            ha="right",
+            fontsize=7,
+        )
     # zoom on the stage results when an untrained input would flatten them
     end_vals = [y for _, y in ends[1:]] or [y for _, y in ends]
     lo, hi = min(end_vals), max(end_vals)
     pad = max((hi - lo) * 0.6, abs(hi) * 0.02, 1e-9)
     if min(ys) < lo - 4 * pad or max(ys) > hi + 4 * pad:
         ax.set_ylim(lo - 4 * pad, hi + 1.5 * pad)
-        ax.text(0.01, 0.98, f"zoomed on the stage results; input: {format_quality(metric, ends[0][1] / scale)}",
-                transform=ax.transAxes, fontsize=7, color="0.35", va="top")
+        ax.text(
+            0.01,
+            0.98,
+            f"zoomed on the stage results; input: {format_quality(metric, ends[0][1] / scale)}",
+            transform=ax.transAxes,
+            fontsize=7,
+            color="0.35",
+            va="top",
+        )
     ax.margins(y=0.12)
     ax.set_xlim(-0.1, max(xs) + 0.1)
     ax.set_xticks(range(0, math.ceil(max(xs)) + 1))
@@ -184,9 +235,10 @@ def _draw_quality(ax, d: dict) -> None:
 
 
 def short_name(layer: str, width: int = 30) -> str:
-    """'encoder.layer.0.attention.self.query.weight' -> '~layer.0.attention.self.query' (the tail tells layers apart)."""
+    """'encoder.layer.0.attention.self.query.weight' -> '~layer.0.attention.self.query'
+    (the tail tells layers apart)."""
     name = layer.removesuffix(".weight")
-    return name if len(name) <= width else "~" + name[-(width - 1):].lstrip(".")
+    return name if len(name) <= width else "~" + name[-(width - 1) :].lstrip(".")
 
 
 def _draw_layers(axes, rows: list[dict]) -> None:
@@ -204,8 +256,11 @@ def _draw_layers(axes, rows: list[dict]) -> None:
     axes[2].barh(y, [r["value_bits"] for r in rows], color="C1")
     axes[2].barh(y, [r["position_bits"] for r in rows], left=[r["value_bits"] for r in rows], color="C2")
     axes[2].set_xlabel("coded bits per kept weight\n(orange: value, green: position)")
-    for ax, vals, fmt in ((axes[0], kept, "{:.1f}%"), (axes[1], [r["distinct"] for r in rows], "{:,}"),
-                          (axes[2], bits, "{:.2f}")):
+    for ax, vals, fmt in (
+        (axes[0], kept, "{:.1f}%"),
+        (axes[1], [r["distinct"] for r in rows], "{:,}"),
+        (axes[2], bits, "{:.2f}"),
+    ):
         for i, v in enumerate(vals):
             ax.annotate(fmt.format(v), (v, i), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
         ax.set_yticks(y, names if ax is axes[0] else [""] * len(y), fontsize=8)
@@ -223,8 +278,8 @@ def draw(d: dict, path: Path) -> None:
 
     rows = d["layers"][:40]  # beyond that the chart stops being readable; report.md lists them all
     heading = title(d)
-    width, panel, gap = 12.0, 3.3, 1.05                    # inches: top panels, their labels + the next title
-    top = 0.4 + 0.22 * len(heading.splitlines())            # the title's lines and the panels' own titles
+    width, panel, gap = 12.0, 3.3, 1.05  # inches: top panels, their labels + the next title
+    top = 0.4 + 0.22 * len(heading.splitlines())  # the title's lines and the panels' own titles
     layers_h, bottom = (0.3 * len(rows) + 0.2, 0.75) if rows else (0.0, 0.0)
     height = top + panel + (gap + layers_h + bottom if rows else 0.95)
     fig = Figure(figsize=(width, height))
@@ -235,31 +290,52 @@ def draw(d: dict, path: Path) -> None:
     _draw_quality(fig.add_subplot(upper[0, 1:]), d)
     if rows:
         left = max(0.85, 0.3 + 0.065 * max(len(short_name(r["layer"])) for r in rows)) / width
-        lower = fig.add_gridspec(1, 3, left=left, right=1 - 0.2 / width, top=y_mid - gap / height,
-                                 bottom=bottom / height, wspace=0.12)
+        lower = fig.add_gridspec(
+            1, 3, left=left, right=1 - 0.2 / width, top=y_mid - gap / height, bottom=bottom / height, wspace=0.12
+        )
         _draw_layers([fig.add_subplot(lower[0, i]) for i in range(3)], rows)
         if len(d["layers"]) > len(rows):
-            fig.text(0.99, 0.0, f"first {len(rows)} of {len(d['layers'])} layers; report.md lists all",
-                     ha="right", va="bottom", fontsize=7)
+            fig.text(
+                0.99,
+                0.0,
+                f"first {len(rows)} of {len(d['layers'])} layers; report.md lists all",
+                ha="right",
+                va="bottom",
+                fontsize=7,
+            )
     fig.suptitle(heading, fontsize=11, y=1 - 0.08 / height)
     fig.savefig(path, format="png", dpi=100)
 
 
 def drawn(d: dict) -> dict:
     """Everything draw() reads from d: two runs that agree on it get the same picture."""
-    return {"title": title(d), "metric": d["metric"], "sizes": d["sizes"], "quality": d["quality"],
-            "stage_ends": [(r["step"], r["stage"]) for r in d["stage_ends"]], "layers": d["layers"]}
+    return {
+        "title": title(d),
+        "metric": d["metric"],
+        "sizes": d["sizes"],
+        "quality": d["quality"],
+        "stage_ends": [(r["step"], r["stage"]) for r in d["stage_ends"]],
+        "layers": d["layers"],
+    }
 
 
 def picture_key(d: dict) -> str:
     """The stage-cache key of report.png: what it draws, and what draws it."""
     from lwpipe.cache import code_version, digest
 
-    rc = [os.environ.get("MATPLOTLIBRC", ""), "matplotlibrc",
-          os.path.join(os.environ.get("MPLCONFIGDIR", os.path.expanduser("~/.config/matplotlib")), "matplotlibrc")]
+    rc = [
+        os.environ.get("MATPLOTLIBRC", ""),
+        "matplotlibrc",
+        os.path.join(os.environ.get("MPLCONFIGDIR", os.path.expanduser("~/.config/matplotlib")), "matplotlibrc"),
+    ]
     rc = [Path(f) / "matplotlibrc" if Path(f).is_dir() else Path(f) for f in rc if f]
-    return digest("report.png", drawn(d), version("matplotlib"), code_version(),
-                  [f.read_text(errors="replace") for f in rc if f.is_file()])
+    return digest(
+        "report.png",
+        drawn(d),
+        version("matplotlib"),
+        code_version(),
+        [f.read_text(errors="replace") for f in rc if f.is_file()],
+    )
 
 
 def title(d: dict, picture: bool = True) -> str:
@@ -268,43 +344,81 @@ def title(d: dict, picture: bool = True) -> str:
     base, last = d["baseline"], d["final"] or (d["stage_ends"][-1] if d["stage_ends"] else d["baseline"])
     metric = d["metric"]
     label = (picture and d.get("label")) or f"{d['run_dir'].parent.name}/{name}"
-    text = f"{label}: {metric} {format_quality(metric, headline(base)[1])} -> " \
-           f"{format_quality(metric, headline(last)[1])}"
+    text = (
+        f"{label}: {metric} {format_quality(metric, headline(base)[1])} -> {format_quality(metric, headline(last)[1])}"
+    )
     if last.get("compressed_bytes"):
-        text += f", {human_bytes(base['dense_bytes'])} fp32 -> {human_bytes(last['compressed_bytes'])} " \
-                f"({base['dense_bytes'] / last['compressed_bytes']:.1f}x smaller)"
+        text += (
+            f", {human_bytes(base['dense_bytes'])} fp32 -> {human_bytes(last['compressed_bytes'])} "
+            f"({base['dense_bytes'] / last['compressed_bytes']:.1f}x smaller)"
+        )
     text += "" if d["finished"] else "  [run did not finish]"
-    speed = [f"{h} {fmt(base[k], f)} -> {fmt(last[k], f)}" for k, h, f in OPTIONAL
-             if base.get(k) is not None and last.get(k) is not None]
+    speed = [
+        f"{h} {fmt(base[k], f)} -> {fmt(last[k], f)}"
+        for k, h, f in OPTIONAL
+        if base.get(k) is not None and last.get(k) is not None
+    ]
     return text + ("\n" + ", ".join(speed) if speed else "")
 
 
 def markdown(d: dict) -> str:
     metric = d["metric"]
     extra = [(k, h, f) for k, h, f in OPTIONAL if any(r.get(k) is not None for r in [d["baseline"], *d["stage_ends"]])]
-    head = ["step", "stage", metric, "loss", "sparsity", "max distinct", "teacher agreement", "model.lwp bytes",
-            "ratio", "seconds", *[h for _, h, _ in extra]]
-    lines = [f"# {title(d, picture=False).splitlines()[0]}", "", *title(d).splitlines()[1:], "",
-             "![report](report.png)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = [
+        "step",
+        "stage",
+        metric,
+        "loss",
+        "sparsity",
+        "max distinct",
+        "teacher agreement",
+        "model.lwp bytes",
+        "ratio",
+        "seconds",
+        *[h for _, h, _ in extra],
+    ]
+    lines = [
+        f"# {title(d, picture=False).splitlines()[0]}",
+        "",
+        *title(d).splitlines()[1:],
+        "",
+        "![report](report.png)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
 
     def cell(v, spec):
         return "-" if v is None else fmt(v, spec)
 
     for r in [d["baseline"], *d["stage_ends"]]:
-        cells = [str(r["step"]), r["stage"] + (" (cached)" if r.get("cached") else ""),
-                 format_quality(metric, headline(r)[1]), cell(r.get("loss"), ".4f"), cell(r.get("sparsity"), ".4f"),
-                 cell(r.get("max_unique_weights"), "d"), cell(r.get("teacher_agreement"), ".4f"),
-                 cell(r.get("compressed_bytes"), "d"),
-                 "-" if r.get("compression_ratio") is None else f"{r['compression_ratio']:.1f}x",
-                 cell(r.get("seconds"), ".2f"), *[cell(r.get(k), f) for k, _, f in extra]]
+        cells = [
+            str(r["step"]),
+            r["stage"] + (" (cached)" if r.get("cached") else ""),
+            format_quality(metric, headline(r)[1]),
+            cell(r.get("loss"), ".4f"),
+            cell(r.get("sparsity"), ".4f"),
+            cell(r.get("max_unique_weights"), "d"),
+            cell(r.get("teacher_agreement"), ".4f"),
+            cell(r.get("compressed_bytes"), "d"),
+            "-" if r.get("compression_ratio") is None else f"{r['compression_ratio']:.1f}x",
+            cell(r.get("seconds"), ".2f"),
+            *[cell(r.get(k), f) for k, _, f in extra],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if d["layers"]:
-        lines += ["", "Per layer (model.lwp):", "", "| layer | weights | % kept | distinct | value bits | "
-                  "position bits | bytes |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Per layer (model.lwp):",
+            "",
+            "| layer | weights | % kept | distinct | value bits | position bits | bytes |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in d["layers"]:
-            lines.append(f"| {r['layer']} | {r['weights']:,} | {100 * r['kept'] / max(r['weights'], 1):.1f}% | "
-                         f"{r['distinct']:,} | {r['value_bits']:.2f} | {r['position_bits']:.2f} | {r['bytes']:,.0f} |")
+            lines.append(
+                f"| {r['layer']} | {r['weights']:,} | {100 * r['kept'] / max(r['weights'], 1):.1f}% | "
+                f"{r['distinct']:,} | {r['value_bits']:.2f} | {r['position_bits']:.2f} | {r['bytes']:,.0f} |"
+            )
     lines += ["", f"Regenerate with `lwpipe-report {d['run_dir']}`."]
     return "\n".join(lines) + "\n"
 
@@ -368,8 +482,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(2)
     run_dir = Path(args[0])
     if (run_dir / "multirun.yaml").is_file():
-        print(f"lwpipe-report: {run_dir} is a sweep directory; give one job's directory, or run "
-              f"`lwpipe-summary {run_dir}` for the sweep's pareto.png", file=sys.stderr)
+        print(
+            f"lwpipe-report: {run_dir} is a sweep directory; give one job's directory, or run "
+            f"`lwpipe-summary {run_dir}` for the sweep's pareto.png",
+            file=sys.stderr,
+        )
         sys.exit(2)
     try:
         png, md = write_report(run_dir)

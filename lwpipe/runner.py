@@ -28,6 +28,7 @@ and started again takes its completed stages from the cache. The reference (ctx.
 its outputs ctx.reference_outputs, which teacher_agreement and export.json compare with) is made only
 when a stage is computed: an identical rerun evaluates and copies nothing.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -111,7 +112,9 @@ def _import_problem(target) -> str | None:
     try:
         found = importlib.import_module(module)
     except ModuleNotFoundError as e:
-        return f"no module named {e.name!r} (lwpipe imports from the working directory, PYTHONPATH and installed packages)"
+        return (
+            f"no module named {e.name!r} (lwpipe imports from the working directory, PYTHONPATH and installed packages)"
+        )
     except Exception as e:
         return f"importing {module} failed: {type(e).__name__}: {' '.join(str(e).split())}"
     return None if hasattr(found, attr) else f"module {module!r} has no attribute {attr!r}"
@@ -130,11 +133,14 @@ def check_fit(model: nn.Module, ctx: Context, top) -> None:
             ctx.task.forward(model.eval(), batch)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0]
-        shapes = {k: tuple(v.shape[1:]) for k, v in batch.items()} if isinstance(batch, dict) \
-            else tuple(batch[0].shape[1:])
-        raise ConfigError("model", top.model["_target_"],
-                          f"does not accept the data {ctx.data.name!r} for task {ctx.task.name} "
-                          f"(inputs of shape {shapes}): {first}") from None
+        shapes = (
+            {k: tuple(v.shape[1:]) for k, v in batch.items()} if isinstance(batch, dict) else tuple(batch[0].shape[1:])
+        )
+        raise ConfigError(
+            "model",
+            top.model["_target_"],
+            f"does not accept the data {ctx.data.name!r} for task {ctx.task.name} (inputs of shape {shapes}): {first}",
+        ) from None
 
 
 def check_vocabulary(model: nn.Module, data) -> None:
@@ -143,8 +149,12 @@ def check_vocabulary(model: nn.Module, data) -> None:
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     rows = getattr(embed, "num_embeddings", None)
     if size is not None and rows is not None and size > rows:
-        raise ConfigError("data.tokenizer", tokenizer_name(data), f"has {size} tokens but the model embeds {rows}: "
-                          "the tokenizer does not match the model (use the model's own directory)")
+        raise ConfigError(
+            "data.tokenizer",
+            tokenizer_name(data),
+            f"has {size} tokens but the model embeds {rows}: "
+            "the tokenizer does not match the model (use the model's own directory)",
+        )
 
 
 def tokenizer_name(data) -> str:
@@ -162,8 +172,12 @@ def warn_if_larger(s, before: dict, after: dict) -> None:
     """A compression stage whose model.lwp is larger than the one before it gained nothing (share.bits=16)."""
     larger = after.get("compressed_bytes", 0) > before.get("compressed_bytes", float("inf"))
     if getattr(s.cls, "compresses", False) and larger:
-        log.warning("stage %s made model.lwp larger: %s -> %s bytes; its settings buy nothing here", s.name,
-                    f"{before['compressed_bytes']:,}", f"{after['compressed_bytes']:,}")
+        log.warning(
+            "stage %s made model.lwp larger: %s -> %s bytes; its settings buy nothing here",
+            s.name,
+            f"{before['compressed_bytes']:,}",
+            f"{after['compressed_bytes']:,}",
+        )
 
 
 ONE_SHOT = ("prune", "share", "quantize")  # with finetune.epochs 0 (and no taylor scores) they never train
@@ -172,11 +186,16 @@ ONE_SHOT = ("prune", "share", "quantize")  # with finetune.epochs 0 (and no tayl
 def needs_reference(steps) -> bool:
     """Whether a stage among `steps` may use ctx.reference (a teacher, or a task loss that trains towards
     it). One-shot prune/share/quantize do not: without the copy a large model's run keeps one copy fewer."""
+
     def one_shot(s) -> bool:
         cfg = s.config
-        return (s.type in ONE_SHOT and getattr(getattr(cfg, "finetune", None), "epochs", 1) == 0
-                and getattr(cfg, "criterion", None) not in ("taylor", "gradient", "saliency")
-                and getattr(cfg, "bits", None) != "auto")  # gradients of the task loss, which may need it
+        return (
+            s.type in ONE_SHOT
+            and getattr(getattr(cfg, "finetune", None), "epochs", 1) == 0
+            and getattr(cfg, "criterion", None) not in ("taylor", "gradient", "saliency")
+            and getattr(cfg, "bits", None) != "auto"
+        )  # gradients of the task loss, which may need it
+
     return not all(one_shot(s) for s in steps)
 
 
@@ -205,8 +224,10 @@ def verify_artifact(path: Path, model: nn.Module) -> None:
         raise LwpipeError(f"the run's own {path.name} does not load, so the run failed: {e}") from None
     wrong = artifact_mismatch(loaded, model)
     if wrong:
-        raise LwpipeError(f"the run's own {path.name} decodes to other weights than the model it was written "
-                          f"from ({wrong}), so the run failed")
+        raise LwpipeError(
+            f"the run's own {path.name} decodes to other weights than the model it was written "
+            f"from ({wrong}), so the run failed"
+        )
 
 
 @torch.no_grad()
@@ -250,8 +271,15 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     model = build_model(top.model).to(device)  # first: a bad model.path is named as such, not as data.tokenizer
     data = build_data(top.data)
     task: Task = make_task(top.task.name)
-    ctx = Context(data=data, seed=top.seed, run_dir=run_dir, batch_size=top.data.get("batch_size", 64),
-                  eval_batch_size=top.eval.batch_size, device=device, task=task)
+    ctx = Context(
+        data=data,
+        seed=top.seed,
+        run_dir=run_dir,
+        batch_size=top.data.get("batch_size", 64),
+        eval_batch_size=top.eval.batch_size,
+        device=device,
+        task=task,
+    )
     check_fit(model, ctx, top)
     speed.check_settings(top.measure, ctx)
     for s in recipe.steps:  # settings that name layers are checked before any work
@@ -262,8 +290,12 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         if check:
             check(s.config, ctx, f"stages.{s.name}")
     wanted = {getattr(s.config, "teacher", None) for s in recipe.steps}
-    stage_cache = StageCache(top.cache.dir, top.cache.enabled, top.cache.max_bytes,  # checks it is writable
-                             top.cache.wait_seconds)
+    stage_cache = StageCache(
+        top.cache.dir,
+        top.cache.enabled,
+        top.cache.max_bytes,  # checks it is writable
+        top.cache.wait_seconds,
+    )
     provenance.write_run_files(run_dir, recipe)
     key = cache.initial_key(top, data.identity)
     initial = clone(model) if stage_cache.enabled else None  # cached states load into copies of the input;
@@ -281,8 +313,17 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     def snapshot(model: nn.Module, step: int, stage: str, event: str, seconds: float, **extra) -> dict:
         t = time.perf_counter()
         quality, _ = evaluate(model, ctx.test_loader(), ctx.reference_outputs, task)
-        rec = {"step": step, "stage": stage, "event": event, **quality, "reference": "uncompressed",
-               **measure(model), "seconds": seconds, **extra, "cached": False}
+        rec = {
+            "step": step,
+            "stage": stage,
+            "event": event,
+            **quality,
+            "reference": "uncompressed",
+            **measure(model),
+            "seconds": seconds,
+            **extra,
+            "cached": False,
+        }
         if event != "epoch":  # the real size: this step's model encoded as model.lwp
             last_blob[:] = [step, encode_model(model, rebuild_config(model, top.model))]
             # against the input model's fp32 bytes: structured pruning and factorize shrink dense_bytes itself
@@ -294,8 +335,18 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     def on_epoch(model: nn.Module, epoch: int, train_loss: float, **fields) -> None:
         nonlocal in_stage_overhead
         t = time.perf_counter()
-        current.append(snapshot(model, ctx.step, ctx.stage, "epoch", t - stage_start - in_stage_overhead,
-                                epoch=epoch, train_loss=train_loss, **fields))
+        current.append(
+            snapshot(
+                model,
+                ctx.step,
+                ctx.stage,
+                "epoch",
+                t - stage_start - in_stage_overhead,
+                epoch=epoch,
+                train_loss=train_loss,
+                **fields,
+            )
+        )
         emit(current[-1])
         in_stage_overhead += time.perf_counter() - t
 
@@ -351,8 +402,13 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                 settle_reference()
                 current.append(snapshot(model, step, s.name, "stage_end", seconds, type=s.type, **ctx.stage_record))
                 warn_if_larger(s, records[-1], current[-1])
-                stage_cache.store(key, model, current, last_blob[1],  # first: a logged stage_end is resumable
-                                  {n: run_dir / n for n in written_by(s) if (run_dir / n).is_file()})
+                stage_cache.store(
+                    key,
+                    model,
+                    current,
+                    last_blob[1],  # first: a logged stage_end is resumable
+                    {n: run_dir / n for n in written_by(s) if (run_dir / n).is_file()},
+                )
                 emit(current[-1])
             records.append(current[-1])
             (run_dir / "checkpoints").mkdir(exist_ok=True)
@@ -362,20 +418,30 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         final = {**records[-1], "event": "final"}
         if top.artifact:  # before summary.json: a finished run has its artifact
             # the last stage_end already encoded this very model; from the cache, its entry holds that encoding
-            blob = last_blob[1] if last_blob[0] == len(recipe.steps) else (
-                hit and recipe.steps and stage_cache.file(key, ".lwp")) or encode_model(
-                model, rebuild_config(model, top.model))
+            blob = (
+                last_blob[1]
+                if last_blob[0] == len(recipe.steps)
+                else (hit and recipe.steps and stage_cache.file(key, ".lwp"))
+                or encode_model(model, rebuild_config(model, top.model))
+            )
             save_tokenizer(data, run_dir)
             checkpoint.atomic_write(run_dir / "model.lwp", lambda tmp: Path(tmp).write_bytes(blob))
             verify_artifact(run_dir / "model.lwp", model)
             final.update(size_metrics(len(blob), records[0]["dense_bytes"]))
-        summary = {"recipe": top.name, "seed": top.seed, "baseline": records[0],
-                   "stages": records[1:], "final": final, "seconds": time.perf_counter() - started,
-                   "stage_seconds": work_seconds}
+        summary = {
+            "recipe": top.name,
+            "seed": top.seed,
+            "baseline": records[0],
+            "stages": records[1:],
+            "final": final,
+            "seconds": time.perf_counter() - started,
+            "stage_seconds": work_seconds,
+        }
         for lg in loggers:  # what loggers write into the run directory (report.png), before summary.json
             getattr(lg, "finish", lambda _: None)(summary)
-        checkpoint.atomic_write(run_dir / "summary.json",
-                                lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+        checkpoint.atomic_write(
+            run_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2))
+        )
         return final
     finally:
         stage_cache.release()  # a stage that failed: jobs waiting for it compute it themselves

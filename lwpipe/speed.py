@@ -14,6 +14,7 @@
 The batches are the first test examples, fed through `ctx.task.forward(model, batch)` when the
 context has a task (text models) and `model(x)` otherwise.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -31,6 +32,7 @@ from lwpipe.tasks import batch_len, head, model_device, to_device
 @dataclass
 class Exported:
     """The file an `export` stage wrote of `model`, loaded back (ctx.exported): timed in its record."""
+
     model: nn.Module
     form: nn.Module
     name: str  # e.g. "export.pt int8"
@@ -150,8 +152,11 @@ def count_macs(model: nn.Module, run, batch) -> int:
         else:  # transformers' Conv1D: weight (in, out)
             total[0] += out.numel() * m.weight.shape[0]
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or type(m).__name__ == "Conv1D"]
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or type(m).__name__ == "Conv1D"
+    ]
     was_training = model.training
     try:
         _eval(model, False)
@@ -187,8 +192,7 @@ def speed_record(model: nn.Module, ctx, settings, baseline: dict | None) -> dict
             torch.set_num_threads(settings.threads)
         for n in batch_sizes(settings, ctx):
             batch = one if n == 1 else first_examples(ctx, n, device)
-            lat[str(n)] = median_ms(form, run, batch, settings.repeats, settings.warmup, settings.max_seconds,
-                                    device)
+            lat[str(n)] = median_ms(form, run, batch, settings.repeats, settings.warmup, settings.max_seconds, device)
     finally:
         torch.set_num_threads(threads)
     base = (baseline or {}).get("latency_ms") or lat

@@ -19,6 +19,7 @@ per-producer-normalised L2 norms of the output rows, or Taylor scores), and ever
 producer, BatchNorm and consumer gets smaller tensors: a smaller dense model.
 `resize_to` rebuilds such shapes in a freshly built model (lwpipe.load, checkpoints).
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,15 +39,59 @@ log = logging.getLogger("lwpipe")
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-SAME_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Identity,
-                nn.Dropout, nn.Dropout2d, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
-                nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-SAME_FUNCTIONS = {F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, torch.relu, torch.sigmoid, torch.tanh, F.dropout,
-                  F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
-                  F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.hardswish}
+SAME_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+SAME_FUNCTIONS = {
+    F.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.gelu,
+    F.silu,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    F.dropout,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.hardswish,
+}
 SAME_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "detach"}
-MERGE = {operator.add, operator.iadd, operator.sub, operator.mul, torch.add, torch.sub, torch.mul,
-         "add", "add_", "sub", "mul"}
+MERGE = {
+    operator.add,
+    operator.iadd,
+    operator.sub,
+    operator.mul,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    "add",
+    "add_",
+    "sub",
+    "mul",
+}
 
 
 class Untraceable(Exception):
@@ -86,7 +131,7 @@ class Group:
 
     def __init__(self):
         self.producers: list[str] = []
-        self.consumers: list[tuple[str, int]] = []   # (module, features per channel)
+        self.consumers: list[tuple[str, int]] = []  # (module, features per channel)
         self.norms: list[str] = []
         self.blocked = False
 
@@ -185,16 +230,23 @@ def channel_groups(model: nn.Module, example: torch.Tensor) -> list[Group]:
                 if space[node] is None:
                     block_inputs(node)
                     space[node] = (g.new(blocked=True), 1)
-            elif node.target in MERGE and all(shape(a) == shape(node) for a in ins) and \
-                    len({space[a][1] for a in ins}) == 1:
+            elif (
+                node.target in MERGE
+                and all(shape(a) == shape(node) for a in ins)
+                and len({space[a][1] for a in ins}) == 1
+            ):
                 root = first[0]
                 for a in ins[1:]:
                     root = g.union(root, space[a][0])
                 space[node] = (root, first[1])
             elif node.target in (torch.flatten, "flatten") and _flatten_from_1(node):
                 space[node] = (first[0], first[1] * math.prod(shape(ins[0])[2:]))
-            elif node.target in ("view", "reshape") and shape(node) is not None and len(shape(node)) == 2 \
-                    and shape(ins[0])[0] == shape(node)[0]:
+            elif (
+                node.target in ("view", "reshape")
+                and shape(node) is not None
+                and len(shape(node)) == 2
+                and shape(ins[0])[0] == shape(node)[0]
+            ):
                 space[node] = (first[0], first[1] * math.prod(shape(ins[0])[2:]))
             elif shape(node) is None and node.target in (getattr, "size", "dim"):
                 continue  # shape queries: no tensor comes out
@@ -290,8 +342,13 @@ def width(model: nn.Module, group: Group) -> int:
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
 
-def prune_channels(model: nn.Module, example: torch.Tensor, targets: dict[str, float],
-                   original: dict[str, int], scores: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
+def prune_channels(
+    model: nn.Module,
+    example: torch.Tensor,
+    targets: dict[str, float],
+    original: dict[str, int],
+    scores: dict[str, torch.Tensor] | None = None,
+) -> dict[str, int]:
     """Remove channels so that each group keeps (1 - target) of its original width (at least 1 channel).
 
     targets: producer layer -> fraction of its original output channels to remove (a layer left out is
@@ -333,20 +390,37 @@ def run(stage, model: nn.Module, ctx) -> nn.Module:
             mods = dict(compressible_layers(model))
             names = list(mods)
             with torch.enable_grad():
-                raw = taylor_scores(model, ctx.calibration_batches(cfg.calibration_batches), list(mods.values()), ctx.loss)
+                raw = taylor_scores(
+                    model, ctx.calibration_batches(cfg.calibration_batches), list(mods.values()), ctx.loss
+                )
             scores = dict(zip(names, raw))
         elif cfg.criterion == "entropy":  # Luo & Wu 2017: the entropy of each channel's activations
             from lwpipe.calibration import task_forward
             from lwpipe.variational import channel_entropy
-            scores = channel_entropy(model, dict(compressible_layers(model)),
-                                     ctx.calibration_batches(cfg.calibration_batches), task_forward(ctx), cfg.bins)
+
+            scores = channel_entropy(
+                model,
+                dict(compressible_layers(model)),
+                ctx.calibration_batches(cfg.calibration_batches),
+                task_forward(ctx),
+                cfg.bins,
+            )
         widths = prune_channels(model, example, targets, original, scores)
         model.lwpipe_resized = True  # model.lwp says so (artifact/decode.build_model)
         recalibrate_bn(model, ctx.calibration_batches(cfg.calibration_batches))
-        log.info("  structured prune step %d/%d: channels kept %s", t, steps,
-                 ", ".join(f"{n}={w}/{original[n]}" for n, w in widths.items()))
-        fit(model, ctx.train_loader(cfg.finetune.batch_size), cfg.finetune, loss_fn=ctx.loss,
-            on_epoch=ctx.epoch_callback(model))
+        log.info(
+            "  structured prune step %d/%d: channels kept %s",
+            t,
+            steps,
+            ", ".join(f"{n}={w}/{original[n]}" for n, w in widths.items()),
+        )
+        fit(
+            model,
+            ctx.train_loader(cfg.finetune.batch_size),
+            cfg.finetune,
+            loss_fn=ctx.loss,
+            on_epoch=ctx.epoch_callback(model),
+        )
     return model
 
 
@@ -356,9 +430,12 @@ def check(model: nn.Module, path: str, fallback: str) -> None:
         trace(model)
     except Untraceable as e:
         if fallback != "mask":
-            raise ConfigError(f"{path}.granularity", "structured",
-                              f"needs a model torch.fx can trace, and module {e.module} does not ({e.why}); "
-                              f"set {path}.untraceable=mask to mask whole rows instead of shrinking layers") from None
+            raise ConfigError(
+                f"{path}.granularity",
+                "structured",
+                f"needs a model torch.fx can trace, and module {e.module} does not ({e.why}); "
+                f"set {path}.untraceable=mask to mask whole rows instead of shrinking layers",
+            ) from None
         log.warning("%s: module %s does not trace (%s): structured pruning masks rows instead", path, e.module, e.why)
 
 

@@ -3,11 +3,13 @@
 Training runs through whatever constraints the layers carry (see
 constraints.py), so masks, codebooks and grids survive it by construction.
 """
+
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,5 +86,10 @@ def warn_if_diverging(epoch: int, loss: float, first: float | None) -> None:
     if not math.isfinite(loss):
         log.warning("training loss is %s at epoch %d: training diverged (lower the learning rate)", loss, epoch)
     elif first is not None and first > 0 and loss > 100 * first:
-        log.warning("training loss grew from %.4g (first batch) to %.4g (epoch %d mean): training is diverging "
-                    "(lower the learning rate)", first, loss, epoch)
+        log.warning(
+            "training loss grew from %.4g (first batch) to %.4g (epoch %d mean): training is diverging "
+            "(lower the learning rate)",
+            first,
+            loss,
+            epoch,
+        )

@@ -16,10 +16,11 @@ Structured (Luo & Wu 2017, "An Entropy-based Pruning Method for CNN Compression"
 whose activations over the calibration batches (spatially averaged) fall into few histogram bins
 carries little information; `channel_entropy` scores it by that histogram's entropy.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -120,9 +121,17 @@ def kl_schedule(kl_weight: float, warmup_steps: int) -> Callable[[int], float]:
     return lambda t: kl_weight * (min(1.0, t / warmup_steps) if warmup_steps > 0 else 1.0)
 
 
-def train_variational(model: nn.Module, layers: dict[str, nn.Module], train: Callable[[Callable, list], None],
-                      loss_fn: Callable, n_train: int, kl_at: Callable[[int], float], score: str,
-                      sigma_lr: float | None = None, step0: int = 0) -> tuple[dict[str, torch.Tensor], int]:
+def train_variational(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    train: Callable[[Callable, list], None],
+    loss_fn: Callable,
+    n_train: int,
+    kl_at: Callable[[int], float],
+    score: str,
+    sigma_lr: float | None = None,
+    step0: int = 0,
+) -> tuple[dict[str, torch.Tensor], int]:
     """Give `layers` posteriors (forward hooks), run `train(loss, param_groups)`, take the hooks off.
 
     The loss is loss_fn(model, batch) + kl_at(step) * sum of KLs / n_train (the ELBO per example).
@@ -159,8 +168,9 @@ def histogram_entropy(values: torch.Tensor, bins: int) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-30))).sum(0)
 
 
-def pooled_outputs(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable,
-                   forward: Callable[[nn.Module, object], object]) -> dict[str, torch.Tensor]:
+def pooled_outputs(
+    model: nn.Module, layers: dict[str, nn.Module], batches: Iterable, forward: Callable[[nn.Module, object], object]
+) -> dict[str, torch.Tensor]:
     """Each layer's outputs over the batches, averaged over spatial positions: name -> [N, C_out]."""
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
 
@@ -168,6 +178,7 @@ def pooled_outputs(model: nn.Module, layers: dict[str, nn.Module], batches: Iter
         def record(_m, _inp, out):
             o = out.detach().float()
             seen[name].append(o.flatten(2).mean(2) if o.dim() > 2 else o.reshape(-1, o.shape[-1]))
+
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
@@ -184,8 +195,9 @@ def pooled_outputs(model: nn.Module, layers: dict[str, nn.Module], batches: Iter
     return {n: torch.cat(v) for n, v in seen.items() if v}
 
 
-def channel_entropy(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable, forward, bins: int
-                    ) -> dict[str, torch.Tensor]:
+def channel_entropy(
+    model: nn.Module, layers: dict[str, nn.Module], batches: Iterable, forward, bins: int
+) -> dict[str, torch.Tensor]:
     """Per producer layer, each output channel's activation entropy as a [C, 1] score (higher: kept)."""
     pooled = pooled_outputs(model, layers, batches, forward)
     return {n: histogram_entropy(v, bins).unsqueeze(1) for n, v in pooled.items()}

@@ -1,4 +1,5 @@
 """Compose recipes the way the CLI does, and run them in-process on tiny models."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Tiny transformers models, tokenizers and text files built in-process (no download)."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,10 @@ from pathlib import Path
 
 import torch
 
-WORDS = {0: "apple pear plum grape melon lemon cherry peach mango fig".split(),
-         1: "engine wheel brake piston gear clutch axle motor valve pump".split()}
+WORDS = {
+    0: "apple pear plum grape melon lemon cherry peach mango fig".split(),
+    1: "engine wheel brake piston gear clutch axle motor valve pump".split(),
+}
 COMMON = "the a of and with is was my your this that very red small big old new".split()
 
 
@@ -44,15 +47,23 @@ def word_tokenizer():
     vocab = {w: i for i, w in enumerate(["<|endoftext|>", "<unk>", *vocabulary()[5:]])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>",
-                                   pad_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>", pad_token="<|endoftext|>"
+    )
 
 
 def bert_config(vocab_size: int, **kw):
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=64, **kw)
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        **kw,
+    )
 
 
 def save_bert(path: Path, kind: str = "classifier", num_labels: int = 2, seed: int = 0) -> Path:
@@ -75,8 +86,16 @@ def save_gpt2(path: Path, seed: int = 0, tied: bool = True) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     tok = word_tokenizer()
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=tied)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=tied,
+    )
     GPT2LMHeadModel(cfg).save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return path
@@ -85,17 +104,26 @@ def save_gpt2(path: Path, seed: int = 0, tied: bool = True) -> Path:
 def save_sentence_model(path: Path, seed: int = 0, normalize: bool = True, pooling: str = "mean") -> Path:
     """A sentence-transformers directory: the BERT encoder at the root, 1_Pooling, 2_Normalize."""
     save_bert(path, "encoder", seed=seed)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
     if normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
         (path / "2_Normalize").mkdir(exist_ok=True)
     (path / "modules.json").write_text(json.dumps(modules))
     (path / "1_Pooling").mkdir(exist_ok=True)
-    (path / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": 32, "pooling_mode_cls_token": pooling == "cls",
-         "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": pooling == "max",
-         "pooling_mode_mean_sqrt_len_tokens": False}))
+    (path / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": 32,
+                "pooling_mode_cls_token": pooling == "cls",
+                "pooling_mode_mean_tokens": pooling == "mean",
+                "pooling_mode_max_tokens": pooling == "max",
+                "pooling_mode_mean_sqrt_len_tokens": False,
+            }
+        )
+    )
     (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
     return path
 

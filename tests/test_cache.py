@@ -1,5 +1,6 @@
 """The stage cache: a hit recomputes nothing, a change recomputes from the changed stage on,
 damaged entries are never trusted, and cached prefixes give the numbers a full run gives."""
+
 import json
 import os
 import shutil
@@ -17,9 +18,16 @@ from lwpipe.errors import LwpipeError
 from lwpipe.runner import build_data
 from tests.helpers import TINY, compose_recipe, run_recipe
 
-CHAIN = TINY + ["pipeline=[train,prune,share,quantize,distill]", "stages.train.epochs=6", "stages.train.lr=0.01",
-                "stages.prune.sparsity=0.5", "stages.prune.finetune.epochs=1", "stages.share.finetune.epochs=1",
-                "stages.quantize.finetune.epochs=1", "stages.distill.epochs=2"]
+CHAIN = TINY + [
+    "pipeline=[train,prune,share,quantize,distill]",
+    "stages.train.epochs=6",
+    "stages.train.lr=0.01",
+    "stages.prune.sparsity=0.5",
+    "stages.prune.finetune.epochs=1",
+    "stages.share.finetune.epochs=1",
+    "stages.quantize.finetune.epochs=1",
+    "stages.distill.epochs=2",
+]
 TIMING = {"seconds", "eval_seconds", "cached"}
 
 
@@ -57,9 +65,21 @@ def test_identical_rerun_recomputes_nothing(first, cached_run, tmp_path, monkeyp
     for name in ("train", "prune", "share", "quantize", "distill"):  # any stage that runs fails the test
         monkeypatch.setattr(registry.get(name), "run", lambda *a, **k: pytest.fail("a cached stage ran"))
     calls = []
-    for module, name in [(runner, "evaluate"), (runner, "measure"), (runner, "encode_model"),
-                         (runner, "frozen_copy"), (runner.speed, "speed_record"), (runner.checkpoint, "save_state")]:
-        monkeypatch.setattr(module, name, lambda *a, _f=getattr(module, name), _n=name, **k: calls.append(_n) or _f(*a, **k))
+    for module, name in [
+        (runner, "evaluate"),
+        (runner, "measure"),
+        (runner, "encode_model"),
+        (runner, "frozen_copy"),
+        (runner.speed, "speed_record"),
+        (runner.checkpoint, "save_state"),
+    ]:
+        monkeypatch.setattr(
+            module,
+            name,
+            lambda *a, _f=getattr(module, name), _n=name, **k: (  # noqa: B008
+                calls.append(_n) or _f(*a, **k)
+            ),
+        )
     _, again = cached_run()
     assert cached_steps(again) == {1: True, 2: True, 3: True, 4: True, 5: True}
     assert [r["cached"] for r in again] == [True] * len(again)  # the baseline is replayed too
@@ -88,8 +108,17 @@ def test_a_distill_sweep_point_reuses_every_earlier_stage(cached_run):
     assert cached_steps(point) == {1: True, 2: True, 3: True, 4: True, 5: False}
 
 
-@pytest.mark.parametrize("damage", ["truncated state", "missing record", "garbage record", "other state",
-                                    "record is a directory", "state is a directory"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "truncated state",
+        "missing record",
+        "garbage record",
+        "other state",
+        "record is a directory",
+        "state is a directory",
+    ],
+)
 def test_damaged_entries_are_recomputed(first, cached_run, tmp_path, damage):
     _, first = first
     keys = stage_keys(CHAIN + [f"cache.dir={tmp_path / 'cache'}"])
@@ -114,8 +143,9 @@ def test_damaged_entries_are_recomputed(first, cached_run, tmp_path, damage):
 
 
 def test_cache_false_neither_reads_nor_writes(tmp_path):
-    _, records = run_recipe(TINY + ["stages.train.epochs=2", "stages.prune.finetune.epochs=0", "cache=false"],
-                            tmp_path / "run")
+    _, records = run_recipe(
+        TINY + ["stages.train.epochs=2", "stages.prune.finetune.epochs=0", "cache=false"], tmp_path / "run"
+    )
     assert not any(r["cached"] for r in records)
     assert not (tmp_path / "cache").exists()
 
@@ -190,11 +220,14 @@ def test_initial_key_covers_what_model_path_holds(tmp_path, monkeypatch):
     assert cache.initial_key(top, "data") != k3
 
 
-@pytest.mark.parametrize("override, message", [
-    ("cache.dir=''", "cache.dir='': String should have at least 1 character"),
-    ("cache.enabled=maybe", "cache.enabled='maybe': Input should be a valid boolean"),
-    ("objective=[acc]", "objective.0='acc': Input should be 'accuracy', 'loss'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("cache.dir=''", "cache.dir='': String should have at least 1 character"),
+        ("cache.enabled=maybe", "cache.enabled='maybe': Input should be a valid boolean"),
+        ("objective=[acc]", "objective.0='acc': Input should be 'accuracy', 'loss'"),
+    ],
+)
 def test_bad_settings_name_key_value_and_what_is_allowed(override, message):
     with pytest.raises(LwpipeError) as e:
         validate(compose_recipe(TINY + [override]))
@@ -221,12 +254,17 @@ def test_an_edited_record_is_recomputed_with_a_warning(first, cached_run, tmp_pa
 
 
 def test_stale_temporaries_are_removed(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()  # a pid that has exited
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()  # a pid that has exited
     old, fresh = 3 * 3600, 5
-    files = {f".a.safetensors.tmp{dead}": (old, True), f".b.json.tmp{dead}": (fresh, False),  # a minute's grace
-             f".c.safetensors.tmp{os.getpid()}": (fresh, False), f".d.safetensors.tmp{os.getpid()}": (old, True),
-             "e.safetensors": (old, False)}
+    files = {
+        f".a.safetensors.tmp{dead}": (old, True),
+        f".b.json.tmp{dead}": (fresh, False),  # a minute's grace
+        f".c.safetensors.tmp{os.getpid()}": (fresh, False),
+        f".d.safetensors.tmp{os.getpid()}": (old, True),
+        "e.safetensors": (old, False),
+    }
     for name, (age, _) in files.items():
         (tmp_path / name).write_bytes(b"x")
         t = time.time() - age
@@ -275,8 +313,12 @@ def test_an_entry_file_that_is_a_fifo_is_a_miss_without_blocking(tmp_path):
 
 
 def test_a_cached_export_stage_restores_the_files_it_wrote(tmp_path):
-    args = TINY + ["pipeline=[train,export]", "stages.train.epochs=1", "+stages.export.format=sparse",
-                   f"cache.dir={tmp_path / 'cache'}"]
+    args = TINY + [
+        "pipeline=[train,export]",
+        "stages.train.epochs=1",
+        "+stages.export.format=sparse",
+        f"cache.dir={tmp_path / 'cache'}",
+    ]
     run_recipe(args, tmp_path / "a")
     _, records = run_recipe(args, tmp_path / "b")
     assert cached_steps(records) == {1: True, 2: True}

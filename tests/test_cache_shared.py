@@ -1,4 +1,5 @@
 """One cache, many jobs: entry locks, racing processes, cache.max_bytes and `lwpipe-cache`."""
+
 import json
 import logging
 import os
@@ -15,8 +16,13 @@ from lwpipe.cache import StageCache
 from lwpipe.errors import LwpipeError
 from tests.helpers import TINY, run_recipe
 
-CHAIN = TINY + ["pipeline=[train,prune]", "stages.train.epochs=30", "stages.prune.sparsity=0.5",
-                "stages.prune.finetune.epochs=1", "measure.latency=false"]
+CHAIN = TINY + [
+    "pipeline=[train,prune]",
+    "stages.train.epochs=30",
+    "stages.prune.sparsity=0.5",
+    "stages.prune.finetune.epochs=1",
+    "measure.latency=false",
+]
 RACER = """
 import json, sys, time
 from pathlib import Path
@@ -45,8 +51,16 @@ def test_two_processes_racing_for_a_stage_compute_it_once(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     go = tmp_path / "go"
     args = CHAIN + [f"cache.dir={tmp_path / 'cache'}"]
-    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(go), str(tmp_path / f"run{i}"), *args],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in (0, 1)]
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, str(go), str(tmp_path / f"run{i}"), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in (0, 1)
+    ]
     time.sleep(3)  # both have imported torch and wait for the start signal
     go.touch()
     outs = [p.communicate(timeout=600) for p in racers]
@@ -93,6 +107,7 @@ def test_a_waiting_job_loads_the_entry_the_lock_holder_stores(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])  # stores in 1 s
     records = [{"step": 1, "stage": "s", "event": "stage_end"}]
     import threading
+
     threading.Timer(1.0, holder.store, ("k", model, records)).start()
     target = nn.Linear(2, 2)
     assert waiter.claim("k", target) == records
@@ -123,8 +138,9 @@ def test_lwpipe_cache_lists_and_prunes(tmp_path):
     os.utime(tmp_path / "k0.json", (old, old))
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "lwpipe.cache_dir", *args, "--dir", str(tmp_path)],
-                              capture_output=True, text=True)
+        return subprocess.run(
+            [sys.executable, "-m", "lwpipe.cache_dir", *args, "--dir", str(tmp_path)], capture_output=True, text=True
+        )
 
     listed = cli("list")
     assert listed.returncode == 0 and "3 entries" in listed.stderr
@@ -139,9 +155,17 @@ def test_lwpipe_cache_lists_and_prunes(tmp_path):
 
 
 def test_a_failed_stage_releases_its_lock(tmp_path):
-    with pytest.raises(Exception):
-        run_recipe(CHAIN + [f"cache.dir={tmp_path / 'cache'}", "stages.train.lr=1e30", "stages.train.epochs=1",
-                            "+stages.train.no_such_key=1"], tmp_path / "run")
+    with pytest.raises(Exception):  # noqa: B017  (whatever the failing stage raises)
+        run_recipe(
+            CHAIN
+            + [
+                f"cache.dir={tmp_path / 'cache'}",
+                "stages.train.lr=1e30",
+                "stages.train.epochs=1",
+                "+stages.train.no_such_key=1",
+            ],
+            tmp_path / "run",
+        )
     assert not list((tmp_path / "cache").glob("*.lock"))
 
 
@@ -238,8 +262,12 @@ def test_lwpipe_cache_lists_and_prunes_hostile_entries_and_locks(tmp_path):
     os.mkfifo(tmp_path / "fifo.json")
     (tmp_path / "list.json").write_text("[1, 2]")
     make_unreadable_lock(tmp_path / "junk.lock", "garbage")
-    listed = subprocess.run([sys.executable, "-m", "lwpipe.cache_dir", "list", "--dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=60)  # a FIFO read would hang here
+    listed = subprocess.run(
+        [sys.executable, "-m", "lwpipe.cache_dir", "list", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # a FIFO read would hang here
     assert listed.returncode == 0 and "4 entries" in listed.stderr, listed.stderr
     assert "1 s" in listed.stdout and "lock: an unreadable lock (not JSON)" in listed.stdout
     assert len(cache_dir.prune(tmp_path, older_than=-1)) == 4

@@ -1,4 +1,5 @@
 """The `lwpipe` command as a user runs it: clean errors, complete run directories."""
+
 import json
 import shutil
 import subprocess
@@ -43,9 +44,15 @@ BAD = {
     "unknown key": (["+stages.prune.sparsty=0.5"], "stages.prune.sparsty: unknown key"),
     "sparsity out of range": (["stages.prune.sparsity=1.0"], "stages.prune.sparsity=1.0: Input should be less than 1"),
     "no settings no plugin": (["pipeline=[train,prune_b]"], "pipeline[1]='prune_b': no settings under stages.prune_b"),
-    "missing data dir": (["data=mnist", "data.root=/no/such/mnist"], "data.root='/no/such/mnist': directory does not exist"),
+    "missing data dir": (
+        ["data=mnist", "data.root=/no/such/mnist"],
+        "data.root='/no/such/mnist': directory does not exist",
+    ),
     "checkpoint mismatch": (None, "does not fit the model LeNet300"),
-    "layer that does not exist": (["+stages.prune.layers.fc9.sparsity=0.5"], "stages.prune.layers='fc9': matches no compressible layer"),
+    "layer that does not exist": (
+        ["+stages.prune.layers.fc9.sparsity=0.5"],
+        "stages.prune.layers='fc9': matches no compressible layer",
+    ),
 }
 
 
@@ -65,8 +72,10 @@ def test_bad_input_is_one_clear_message(tmp_path, case):
 MORE_BAD = {
     "model does not fit data": (["recipe=deep_compression_lenet5", "data=blobs"], "does not accept the data 'blobs'"),
     "batch size": (["data.batch_size=0"], "data.batch_size=0: must be a whole number >= 1"),
-    "nm check names keys": (["+stages.prune.granularity=nm", "+stages.prune.n=4", "+stages.prune.m=4"],
-                            "stages.prune: n=4 must be smaller than m=4"),
+    "nm check names keys": (
+        ["+stages.prune.granularity=nm", "+stages.prune.n=4", "+stages.prune.m=4"],
+        "stages.prune: n=4 must be smaller than m=4",
+    ),
     "name escapes outputs": (["name=../../x"], "name='../../x'"),
     "teacher file checked first": (["+stages.distill.teacher=/no/such.pt"], "stages.distill.teacher='/no/such.pt'"),
 }
@@ -94,9 +103,13 @@ def test_refused_run_leaves_an_existing_directory_alone(tmp_path):
 def test_a_run_refused_by_a_running_run_touches_nothing_of_its_directory(tmp_path):
     run_dir = tmp_path / "shared"  # what a run started with seed 0 holds while it runs
     (run_dir / ".hydra").mkdir(parents=True)
-    for name, text in {".lwpipe-owner": "4242\n", ".hydra/overrides.yaml": "- seed=0\n",
-                       ".hydra/config.yaml": "seed: 0\n", ".hydra/hydra.yaml": "hydra: {}\n",
-                       "lwpipe.log": "[the winner's log]\n"}.items():
+    for name, text in {
+        ".lwpipe-owner": "4242\n",
+        ".hydra/overrides.yaml": "- seed=0\n",
+        ".hydra/config.yaml": "seed: 0\n",
+        ".hydra/hydra.yaml": "hydra: {}\n",
+        "lwpipe.log": "[the winner's log]\n",
+    }.items():
         (run_dir / name).write_text(text)
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
     p = lwpipe([*QUICK, "seed=7", f"hydra.run.dir={run_dir}"], tmp_path)
@@ -112,8 +125,13 @@ def test_name_outside_outputs_deletes_and_leaves_nothing(tmp_path):
     p = lwpipe(["name=../../X"], work)
     assert p.returncode == 2 and "name='../../X'" in p.stderr
     assert (tmp_path / "X").is_dir()
-    assert sorted(str(f.relative_to(tmp_path)) for f in tmp_path.rglob("*")) == ["X", "a", "a/b", "a/b/outputs",
-                                                                                "a/b/outputs/runs"]
+    assert sorted(str(f.relative_to(tmp_path)) for f in tmp_path.rglob("*")) == [
+        "X",
+        "a",
+        "a/b",
+        "a/b/outputs",
+        "a/b/outputs/runs",
+    ]
 
 
 def runs_together(tmp_path, n: int) -> tuple[int, int]:  # benchmarks/bench_runs_together.py runs 2, 5, 20
@@ -121,10 +139,15 @@ def runs_together(tmp_path, n: int) -> tuple[int, int]:  # benchmarks/bench_runs
     exe = shutil.which("lwpipe")
     cmd = [exe] if exe else [sys.executable, "-m", "lwpipe.cli"]
     args = TINY + ["pipeline=[train]", "stages.train.epochs=1", "cache=false"]
-    procs = [subprocess.Popen(cmd + args + [f"seed={i}"], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for i in range(n)]
-    refused = subprocess.Popen(cmd + args + ["stages.train.lr=-1"], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    procs = [
+        subprocess.Popen(
+            cmd + args + [f"seed={i}"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for i in range(n)
+    ]
+    refused = subprocess.Popen(
+        cmd + args + ["stages.train.lr=-1"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     for p in procs:
         assert p.communicate(timeout=600)[1] is not None and p.returncode == 0
     refused.communicate(timeout=600)
@@ -134,8 +157,12 @@ def runs_together(tmp_path, n: int) -> tuple[int, int]:  # benchmarks/bench_runs
         records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((d / "summary.json").read_text())
         seed = json.loads((d / "run_info.json").read_text())["seed"]
-        if len(records) == 3 and summary["seed"] == seed and (d / "model.lwp").exists() \
-                and summary["final"]["accuracy"] == records[-1]["accuracy"]:  # one run's records, whole
+        if (
+            len(records) == 3
+            and summary["seed"] == seed
+            and (d / "model.lwp").exists()
+            and summary["final"]["accuracy"] == records[-1]["accuracy"]
+        ):  # one run's records, whole
             seeds.add(seed)
     return len(seeds), len(list((tmp_path / "outputs").rglob("FAILED")))
 

@@ -1,4 +1,5 @@
 """Recipe validation: every bad input is one clear message naming key, value and what is allowed."""
+
 import pytest
 
 from lwpipe.config import validate
@@ -43,11 +44,16 @@ def test_pipeline_entry_without_settings_or_plugin():
 
 
 def test_type_key_lets_two_entries_share_a_plugin():
-    recipe = validate(compose_recipe(TINY + [
-        "pipeline=[prune_a,prune_b]",
-        "+stages.prune_a={type: prune, sparsity: 0.5}",
-        "+stages.prune_b={type: prune, sparsity: 0.8, criterion: taylor}",
-    ]))
+    recipe = validate(
+        compose_recipe(
+            TINY
+            + [
+                "pipeline=[prune_a,prune_b]",
+                "+stages.prune_a={type: prune, sparsity: 0.5}",
+                "+stages.prune_b={type: prune, sparsity: 0.8, criterion: taylor}",
+            ]
+        )
+    )
     assert [(s.name, s.type) for s in recipe.steps] == [("prune_a", "prune"), ("prune_b", "prune")]
     assert recipe.steps[1].config.criterion == "taylor"
 
@@ -77,13 +83,21 @@ def test_unknown_top_level_key():
     assert "sed" in msg and "unknown key" in msg
 
 
-@pytest.mark.parametrize("override, suggestion", [
-    ("+stages.prune.sparsty=0.9", "stages.prune.sparsty: unknown key (value 0.9); did you mean 'sparsity'?"),
-    ("+stages.prune.finetune.epoch=3", "stages.prune.finetune.epoch: unknown key (value 3); did you mean 'epochs'?"),
-    ("+stages.prune.layers={fc3: {sparsty: 0.5}}", "stages.prune.layers.fc3.sparsty: unknown key (value 0.5); "
-                                                   "did you mean 'sparsity'?"),
-    ("+measure.repeat=3", "measure.repeat: unknown key (value 3); did you mean 'repeats'?"),
-])
+@pytest.mark.parametrize(
+    "override, suggestion",
+    [
+        ("+stages.prune.sparsty=0.9", "stages.prune.sparsty: unknown key (value 0.9); did you mean 'sparsity'?"),
+        (
+            "+stages.prune.finetune.epoch=3",
+            "stages.prune.finetune.epoch: unknown key (value 3); did you mean 'epochs'?",
+        ),
+        (
+            "+stages.prune.layers={fc3: {sparsty: 0.5}}",
+            "stages.prune.layers.fc3.sparsty: unknown key (value 0.5); did you mean 'sparsity'?",
+        ),
+        ("+measure.repeat=3", "measure.repeat: unknown key (value 3); did you mean 'repeats'?"),
+    ],
+)
 def test_unknown_key_suggests_the_nearest_key(override, suggestion):
     msg = error_of([override])
     assert suggestion in msg and "\n" not in msg

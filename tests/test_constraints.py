@@ -1,8 +1,15 @@
 import torch
 from torch import nn
 
-from lwpipe.constraints import (apply_spec, constraint, effective_tensors, ensure_constraint, layer_setting,
-                                model_spec, unknown_layer_patterns)
+from lwpipe.constraints import (
+    apply_spec,
+    constraint,
+    effective_tensors,
+    ensure_constraint,
+    layer_setting,
+    model_spec,
+    unknown_layer_patterns,
+)
 
 
 def test_mask_holds_through_gradient_steps():
@@ -87,6 +94,7 @@ def test_layer_setting_exact_beats_glob_and_longest_glob_wins():
 
 def test_clone_does_not_share_parametrized_classes():
     from lwpipe.constraints import clone, set_half_bias
+
     m = nn.Sequential(nn.Linear(3, 2))
     ensure_constraint(m[0]).set_mask(torch.ones(2, 3, dtype=torch.bool))
     copy_ = clone(m)

@@ -68,6 +68,7 @@ def test_digits_read_directly_equal_scikit_learns():
     from sklearn.datasets import load_digits as sk_digits
 
     from lwpipe.data.digits import _read_digits
+
     images, target = _read_digits()
     d = sk_digits()
     assert (images == d.images).all() and (target == d.target).all()
@@ -80,13 +81,16 @@ def test_mnist_truncated_header_names_file_and_expectation(mnist_dir):
         load_mnist(str(mnist_dir))
 
 
-@pytest.mark.parametrize("case, message", [
-    ("label 200", r"t10k-labels-idx1-ubyte: label 200 at sample 3; MNIST labels are 0..9"),
-    ("2-D labels", r"t10k-labels-idx1-ubyte: holds a 2-dimensional array, expected labels"),
-    ("swapped", r"train-images-idx3-ubyte.gz: holds a 1-dimensional array, expected images"),
-    ("test images 20x20", r"t10k-images-idx3-ubyte: images of \(20, 20\) pixels.*\(28, 28\)"),
-    ("empty test set", r"t10k-labels-idx1-ubyte: holds no labels"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("label 200", r"t10k-labels-idx1-ubyte: label 200 at sample 3; MNIST labels are 0..9"),
+        ("2-D labels", r"t10k-labels-idx1-ubyte: holds a 2-dimensional array, expected labels"),
+        ("swapped", r"train-images-idx3-ubyte.gz: holds a 1-dimensional array, expected images"),
+        ("test images 20x20", r"t10k-images-idx3-ubyte: images of \(20, 20\) pixels.*\(28, 28\)"),
+        ("empty test set", r"t10k-labels-idx1-ubyte: holds no labels"),
+    ],
+)
 def test_mnist_bad_contents_name_the_file(mnist_dir, case, message):
     rng = np.random.default_rng(1)
     if case == "label 200":
@@ -113,14 +117,20 @@ def bundle(train_x, train_y, test_x, test_y):
     return DataBundle(TensorDataset(train_x, train_y), TensorDataset(test_x, test_y), name="mine")
 
 
-@pytest.mark.parametrize("case, message", [
-    ("label 200", r"data='mine': the train split has label 200 \(sample 2\); the model scores 8 classes, so labels "
-                  r"must be 0..7"),
-    ("negative label", r"the test split has label -5 \(sample 4\)"),
-    ("2-D labels", r"the train labels have shape \(5, 2\); expected one integer per sample"),
-    ("shapes differ", r"train inputs are \(32,\) but test inputs are \(16,\)"),
-    ("empty test", r"data='mine': the test split is empty"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "label 200",
+            r"data='mine': the train split has label 200 \(sample 2\); the model scores 8 classes, so labels "
+            r"must be 0..7",
+        ),
+        ("negative label", r"the test split has label -5 \(sample 4\)"),
+        ("2-D labels", r"the train labels have shape \(5, 2\); expected one integer per sample"),
+        ("shapes differ", r"train inputs are \(32,\) but test inputs are \(16,\)"),
+        ("empty test", r"data='mine': the test split is empty"),
+    ],
+)
 def test_generic_checks(case, message):
     import torch
 
@@ -128,9 +138,13 @@ def test_generic_checks(case, message):
     from lwpipe.models import TinyMLP
 
     x, y = torch.randn(5, 32), torch.tensor([0, 1, 2, 3, 4])
-    args = {"label 200": (x, torch.tensor([0, 1, 200, 3, 4]), x, y), "negative label": (x, y, x, -y - 1),
-            "2-D labels": (x, torch.zeros(5, 2, dtype=torch.long), x, y), "shapes differ": (x, y, x[:, :16], y),
-            "empty test": (x, y, x[:0], y[:0])}[case]
+    args = {
+        "label 200": (x, torch.tensor([0, 1, 200, 3, 4]), x, y),
+        "negative label": (x, y, x, -y - 1),
+        "2-D labels": (x, torch.zeros(5, 2, dtype=torch.long), x, y),
+        "shapes differ": (x, y, x[:, :16], y),
+        "empty test": (x, y, x[:0], y[:0]),
+    }[case]
     with pytest.raises(ConfigError, match=message):
         check_data(bundle(*args), TinyMLP(in_features=32, hidden=4, num_classes=8))
     check_data(bundle(x, y, x, y), TinyMLP(in_features=32, hidden=4, num_classes=8))  # good data passes
@@ -159,9 +173,13 @@ def test_mnist_gzip_bomb_is_refused_while_streaming(mnist_dir, monkeypatch):
         out = original(self, size)
         read.append(len(out))
         return out
+
     monkeypatch.setattr(gzip.GzipFile, "read", counting)
-    with pytest.raises(LwpipeError, match=r"train-images-idx3-ubyte.gz: decompresses to more than the 15,680 "
-                                          r"bytes its header \(20, 28, 28\) declares"):
+    with pytest.raises(
+        LwpipeError,
+        match=r"train-images-idx3-ubyte.gz: decompresses to more than the 15,680 "
+        r"bytes its header \(20, 28, 28\) declares",
+    ):
         load_mnist(str(mnist_dir))
     assert sum(read) <= 16 + 20 * 28 * 28 + 1
 
@@ -171,14 +189,20 @@ def test_mnist_header_larger_than_a_gzip_file_can_hold(mnist_dir):
     path = mnist_dir / "train-labels-idx1-ubyte.gz"
     with gzip.open(path, "wb") as f:
         f.write(b"\x00\x00\x08\x01" + struct.pack(">I", 4_000_000_000) + bytes(20))
-    with pytest.raises(LwpipeError, match=r"header says \(4000000000,\) \(4,000,000,000 bytes\), more than a "
-                                          r"\d+-byte gzip file can hold"):
+    with pytest.raises(
+        LwpipeError,
+        match=r"header says \(4000000000,\) \(4,000,000,000 bytes\), more than a "
+        r"\d+-byte gzip file can hold",
+    ):
         load_mnist(str(mnist_dir))
 
 
 def test_mnist_plain_file_longer_than_its_header(mnist_dir):
     p = mnist_dir / "t10k-labels-idx1-ubyte"
     p.write_bytes(p.read_bytes() + bytes(100))
-    with pytest.raises(LwpipeError, match=r"t10k-labels-idx1-ubyte: header says \(7,\) \(7 bytes\) but the file "
-                                          r"holds more after them"):
+    with pytest.raises(
+        LwpipeError,
+        match=r"t10k-labels-idx1-ubyte: header says \(7,\) \(7 bytes\) but the file "
+        r"holds more after them",
+    ):
         load_mnist(str(mnist_dir))

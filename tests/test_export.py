@@ -55,8 +55,9 @@ def test_sparse_chain_keeps_leading_dims_activations_and_dense_members():
     from lwpipe import export
 
     torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 32),
-                              torch.nn.Tanh(), torch.nn.Linear(32, 8))
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8)
+    )
     _sparsified(mlp[0], 0.9)  # only the first is sparse: the others join the chain as dense members
     form, names = export.sparse_form(mlp, 0.8, min_batch=4)
     assert names == ["0"]

@@ -1,4 +1,5 @@
 """Model sources (model=hf, model=sentence_transformer), text data, and what model.lwp may rebuild."""
+
 import json
 
 import pytest
@@ -45,6 +46,7 @@ def test_tied_gpt2_rebuilds_from_its_config(tmp_path):
     loaded = lwpipe.load(path)
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     from lwpipe.artifact.inspect import describe
+
     line = describe(str(path)).splitlines()[1]  # the model line names the config's type, not its ~40 keys
     assert "'model_type': 'gpt2'" in line and "keys}" in line and len(line) < 200, line
     x = {"input_ids": torch.tensor([[2, 7, 9, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
@@ -52,10 +54,13 @@ def test_tied_gpt2_rebuilds_from_its_config(tmp_path):
         assert torch.equal(loaded(**x).logits, model(**x).logits)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"auto_class": "builtins.eval"}, "auto_class 'builtins.eval' is not one of"),
-    ({"config": {"model_type": "os.system"}}, "model_type 'os.system' is not a transformers model type"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"auto_class": "builtins.eval"}, "auto_class 'builtins.eval' is not one of"),
+        ({"config": {"model_type": "os.system"}}, "model_type 'os.system' is not a transformers model type"),
+    ],
+)
 def test_from_config_builds_only_transformers_classes(bert, tmp_path, change, message):
     model = load_hf(str(bert))
     desc = {**model.lwpipe_rebuild, **change}
@@ -84,13 +89,20 @@ def test_text_files_are_tokenized_with_the_models_tokenizer(bert, tmp_path):
     rows = make_texts(10)
     write_csv(tmp_path / "a.csv", rows[:6], text="sentence", label="y")
     write_csv(tmp_path / "b.csv", rows[6:], text="sentence", label="y")
-    data = load_text(str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), str(bert), text_column="sentence",
-                     label_column="y", max_length=5)
+    data = load_text(
+        str(tmp_path / "a.csv"),
+        str(tmp_path / "b.csv"),
+        str(bert),
+        text_column="sentence",
+        label_column="y",
+        max_length=5,
+    )
     t = data.train.tensors
     assert t["input_ids"].shape == (6, 5) and t["labels"].tolist() == [r[1] for r in rows[:6]]  # truncated to 5
     assert data.test.batches(3)[1]["labels"].tolist() == [r[1] for r in rows[9:]]
-    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": s, "label": ["neg", "pos"][y]})
-                                                for s, y in rows[:6]))
+    (tmp_path / "a.jsonl").write_text(
+        "\n".join(json.dumps({"text": s, "label": ["neg", "pos"][y]}) for s, y in rows[:6])
+    )
     js = load_text(str(tmp_path / "a.jsonl"), str(tmp_path / "a.jsonl"), str(bert))
     assert js.train.tensors["labels"].tolist() == [r[1] for r in rows[:6]]  # names numbered in sorted order
     write_txt(tmp_path / "a.txt", rows[:6])

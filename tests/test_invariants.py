@@ -1,5 +1,6 @@
 """Every ordering of {prune, share, quantize, distill}: refused at validation with a reason, or run
 with nothing undone. Checked on the real weights of each stage's checkpoint AND in metrics.jsonl."""
+
 import itertools
 import re
 
@@ -15,10 +16,16 @@ from tests.helpers import TINY, compose_recipe, run_recipe
 
 SPARSITY, SHARE_BITS, QUANT_BITS = 0.5, 2, 3
 FAST = TINY + [
-    "cache=false", "artifact=false", "logger.console=null",
-    "stages.train.epochs=3", f"stages.prune.sparsity={SPARSITY}", "stages.prune.finetune.epochs=1",
-    f"stages.share.bits={SHARE_BITS}", "stages.share.finetune.epochs=1",
-    f"stages.quantize.bits={QUANT_BITS}", "stages.quantize.finetune.epochs=1",
+    "cache=false",
+    "artifact=false",
+    "logger.console=null",
+    "stages.train.epochs=3",
+    f"stages.prune.sparsity={SPARSITY}",
+    "stages.prune.finetune.epochs=1",
+    f"stages.share.bits={SHARE_BITS}",
+    "stages.share.finetune.epochs=1",
+    f"stages.quantize.bits={QUANT_BITS}",
+    "stages.quantize.finetune.epochs=1",
     "stages.distill.epochs=1",
 ]
 ORDERS = list(itertools.permutations(["prune", "share", "quantize", "distill"]))

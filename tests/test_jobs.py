@@ -1,4 +1,5 @@
 """A sweep's worker processes: they stop when the process that launched them dies."""
+
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ def alive_in_group(pgid: int) -> list[int]:
             stat = (d / "stat").read_text() if d.name.isdigit() else ""
         except OSError:  # gone meanwhile
             continue
-        fields = stat[stat.rindex(")") + 2:].split() if stat else []
+        fields = stat[stat.rindex(")") + 2 :].split() if stat else []
         if fields and int(fields[2]) == pgid and fields[0] != "Z":
             pids.append(int(d.name))
     return pids
@@ -53,11 +54,21 @@ def test_joblib_workers_stop_when_the_sweep_process_is_killed(tmp_path, sig):
     is left, and each interrupted job says so in its directory."""
     exe = shutil.which("lwpipe")
     cmd = [exe] if exe else [sys.executable, "-m", "lwpipe.cli"]
-    args = ["-m", "sweep=joblib", *TINY, "pipeline=[train]", "stages.train.epochs=100000", "measure.latency=false",
-            "threads=1", "cache=false", "seed=0,1,2,3"]
+    args = [
+        "-m",
+        "sweep=joblib",
+        *TINY,
+        "pipeline=[train]",
+        "stages.train.epochs=100000",
+        "measure.latency=false",
+        "threads=1",
+        "cache=false",
+        "seed=0,1,2,3",
+    ]
     with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.Popen(cmd + args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
-                                start_new_session=True)  # its own process group: the workers join it
+        proc = subprocess.Popen(
+            cmd + args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )  # its own process group: the workers join it
     try:
         started = wait_for(lambda: len(list(tmp_path.glob("outputs/multiruns/*/*/[01]/metrics.jsonl"))) == 2, 120)
         assert started, (tmp_path / "stderr.txt").read_text()[-3000:]

@@ -1,5 +1,6 @@
 """Every stage on real transformer layouts: GPT-2 (transformers' Conv1D, weight [in, out]; lm_head tied to wte),
 BERT (Embedding, Linear, LayerNorm), built from tiny configs in-process (no download)."""
+
 import numpy as np
 import pytest
 import torch
@@ -27,15 +28,23 @@ ONE_SHOT = {"finetune": {"epochs": 0}}
 
 def gpt2():
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2,
-                                 bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
 def bert(head="classifier"):
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=48, max_position_embeddings=SEQ, num_labels=3)
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=SEQ,
+        num_labels=3,
+    )
     cls = transformers.BertForSequenceClassification if head == "classifier" else transformers.BertForMaskedLM
     return cls(cfg).eval()
 
@@ -90,8 +99,11 @@ def test_tied_weight_is_compressed_once_and_stored_once(tmp_path):
     model, ctx = gpt2(), ctx_for(tmp_path)
     names = [n for n, _ in compressible_layers(model)]
     assert "transformer.wte" in names and "lm_head" not in names  # one layer for the two modules
-    for stage in (Prune(PruneConfig(sparsity=0.6, **ONE_SHOT)), Share(ShareConfig(bits=4, **ONE_SHOT)),
-                  Quantize(QuantizeConfig(bits=6, **ONE_SHOT))):
+    for stage in (
+        Prune(PruneConfig(sparsity=0.6, **ONE_SHOT)),
+        Share(ShareConfig(bits=4, **ONE_SHOT)),
+        Quantize(QuantizeConfig(bits=6, **ONE_SHOT)),
+    ):
         stage.run(model, ctx)
     assert constraint(model.lm_head) is constraint(model.transformer.wte)
     assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
@@ -101,6 +113,7 @@ def test_tied_weight_is_compressed_once_and_stored_once(tmp_path):
     assert [e["name"] for e in header["layers"]].count("transformer.wte.weight") == 1
     assert "lm_head.weight" not in [e["name"] for e in header["layers"]] + [t[0] for t in header["tensors"]]
     from lwpipe.artifact.inspect import format_table
+
     line = next(ln for ln in format_table(read(blob)).splitlines() if ln.startswith("transformer.wte.weight"))
     assert "also lm_head.weight: tied, stored once" in line
     # long transformer names widen the layer column: every row's weight count ends under the header's
@@ -126,8 +139,11 @@ def test_round_trip_is_exact_plain_by_default(build, tmp_path):
     plain = lwpipe.load(path, module=build())
     assert model_spec(plain) == {} and not any("parametrizations" in k for k in plain.state_dict())
     assert torch.equal(logits(plain, ids), logits(model, ids))
-    tied = [(a, b) for a, b in [("lm_head", "transformer.wte"), ("cls.predictions.decoder", "bert.embeddings.word_embeddings")]
-            if hasattr(model, a.split(".")[0])]
+    tied = [
+        (a, b)
+        for a, b in [("lm_head", "transformer.wte"), ("cls.predictions.decoder", "bert.embeddings.word_embeddings")]
+        if hasattr(model, a.split(".")[0])
+    ]
     mods = dict(plain.named_modules())
     for a, b in tied:
         assert mods[a].weight is mods[b].weight  # still one tensor
@@ -151,7 +167,9 @@ def test_checkpoint_of_a_tied_constrained_model_loads(tmp_path):
 def test_conv1d_uses_its_output_axis(tmp_path):
     model, ctx = gpt2(), ctx_for(tmp_path)
     layer = model.transformer.h[0].mlp.c_fc  # Conv1D, weight [32 in, 128 out]
-    Prune(PruneConfig(granularity="structured", sparsity=0.25, layers={"*wte": {"skip": True}}, **ONE_SHOT)).run(model, ctx)
+    Prune(PruneConfig(granularity="structured", sparsity=0.25, layers={"*wte": {"skip": True}}, **ONE_SHOT)).run(
+        model, ctx
+    )
     w = layer.weight.detach()
     dead_cols = (w == 0).all(0)
     assert dead_cols.sum() == 32 and not (w == 0).all(1).any()  # whole output channels (columns) go
@@ -209,6 +227,7 @@ def test_sparsity_counts_every_parameter_and_skip_leaves_embeddings(tmp_path):
     blob = encode_model(model, None)
     (tmp_path / "m.lwp").write_bytes(blob)
     from lwpipe.artifact.decode import read as read_art
+
     table = rows(read_art(blob))
     total_row = table[-1]
     assert total_row["kept_share"] == pytest.approx(r["nonzero_params"] / total, rel=1e-6)
@@ -216,8 +235,11 @@ def test_sparsity_counts_every_parameter_and_skip_leaves_embeddings(tmp_path):
 
 def test_gpt2_params_count_the_tied_weight_once():
     model = gpt2()
-    assert measure(model)["params"] == model.num_parameters() == sum(
-        p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert (
+        measure(model)["params"]
+        == model.num_parameters()
+        == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    )
     assert np.isclose(read(encode_model(model, None)).header["dense_bytes"], 4 * model.num_parameters())
 
 
@@ -236,6 +258,7 @@ def test_wanda_on_conv1d_compares_within_each_output_column(tmp_path):
 
 def test_lowest_mask_breaks_ties_by_position_like_a_stable_sort():
     from lwpipe.stages.prune import lowest_mask
+
     g = torch.Generator().manual_seed(0)
     s = torch.randint(0, 5, (40, 7), generator=g).float()  # many equal scores
     for sparsity in (0.1, 0.5, 0.93):

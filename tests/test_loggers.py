@@ -1,4 +1,5 @@
 """logger=mlflow, logger=tensorboard, several at once, and loggers that fail: read back with each tool's reader."""
+
 import http.server
 import json
 import logging
@@ -15,8 +16,13 @@ from lwpipe.loggers.console import format_header, format_row
 from lwpipe.runner import run
 from tests.helpers import TINY, compose_recipe, run_recipe
 
-FAST = TINY + ["pipeline=[train,prune]", "stages.prune.sparsity=0.5", "stages.train.epochs=3",
-               "stages.prune.finetune.epochs=2", "logger.report=null"]
+FAST = TINY + [
+    "pipeline=[train,prune]",
+    "stages.prune.sparsity=0.5",
+    "stages.train.epochs=3",
+    "stages.prune.finetune.epochs=2",
+    "logger.report=null",
+]
 
 
 class Broken:
@@ -39,14 +45,14 @@ def tracked(tmp_path_factory):
     mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for the reading side here; the logger sets it for itself
     tmp = tmp_path_factory.mktemp("tracked")
     store = tmp / "mlruns"
-    _, records = run_recipe(FAST + ["logger=[mlflow,tensorboard]", f"logger.mlflow.tracking_uri={store}"],
-                            tmp / "run")
+    _, records = run_recipe(FAST + ["logger=[mlflow,tensorboard]", f"logger.mlflow.tracking_uri={store}"], tmp / "run")
     yield tmp / "run", store, records
     mp.undo()
 
 
 def client(store):
     from mlflow import MlflowClient
+
     return MlflowClient(tracking_uri=store.as_uri())
 
 
@@ -61,11 +67,13 @@ def test_mlflow_run_has_params_metrics_per_step_and_artifacts(tracked):
     ends = [x for x in records if x["event"] != "epoch"]
     history = c.get_metric_history(r.info.run_id, "accuracy")
     assert [(m.step, m.value) for m in history] == [(x["step"], x["accuracy"]) for x in ends]
-    assert [m.value for m in c.get_metric_history(r.info.run_id, "compressed_bytes")] == \
-           [x["compressed_bytes"] for x in ends]
+    assert [m.value for m in c.get_metric_history(r.info.run_id, "compressed_bytes")] == [
+        x["compressed_bytes"] for x in ends
+    ]
     train_loss = [x["train_loss"] for x in records if x["event"] == "epoch" and x["stage"] == "prune"]
-    assert [(m.step, m.value) for m in c.get_metric_history(r.info.run_id, "prune/train_loss")] == \
-           list(enumerate(train_loss, 1))
+    assert [(m.step, m.value) for m in c.get_metric_history(r.info.run_id, "prune/train_loss")] == list(
+        enumerate(train_loss, 1)
+    )
     names = {a.path for a in c.list_artifacts(r.info.run_id)}
     assert {"model.lwp", "summary.json", "recipe.yaml", "metrics.jsonl"} <= names
 
@@ -83,8 +91,11 @@ def test_the_default_store_is_a_database_mlflows_client_reads_without_a_switch(t
     assert r.info.status == "FINISHED" and r.data.params["stages.prune.sparsity"] == "0.5"
     assert r.data.metrics["accuracy"] == records[-1]["accuracy"]
     assert {"model.lwp", "summary.json"} <= {a.path for a in c.list_artifacts(r.info.run_id)}
-    assert sorted(p.name for p in (tmp_path / "outputs").iterdir() if p.name != "cache") == \
-        ["mlartifacts", "mlflow.db", "mlflow.db.lock"]
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir() if p.name != "cache") == [
+        "mlartifacts",
+        "mlflow.db",
+        "mlflow.db.lock",
+    ]
 
 
 def test_sqlite_uris_are_read_as_sqlalchemy_reads_them(tmp_path, monkeypatch):
@@ -97,8 +108,11 @@ def test_sqlite_uris_are_read_as_sqlalchemy_reads_them(tmp_path, monkeypatch):
     assert check_tracking_uri("sqlite:///new/dir/m.db") == f"sqlite:///{tmp_path}/new/dir/m.db"
     assert (tmp_path / "new" / "dir").is_dir()
     (tmp_path / "file").write_text("")
-    with pytest.raises(LwpipeError, match=r"logger\.mlflow\.tracking_uri='sqlite:///file/m.db': cannot create the "
-                                          r"database's directory"):
+    with pytest.raises(
+        LwpipeError,
+        match=r"logger\.mlflow\.tracking_uri='sqlite:///file/m.db': cannot create the "
+        r"database's directory",
+    ):
         check_tracking_uri("sqlite:///file/m.db")
 
 
@@ -113,8 +127,9 @@ def test_tensorboard_scalars_per_step(tracked):
     assert [s for s, _ in got] == [x["step"] for x in ends]
     assert [v for _, v in got] == pytest.approx([x["accuracy"] for x in ends], rel=1e-6)
     train = [x for x in records if x["event"] == "epoch" and x["stage"] == "train"]
-    assert [e.value for e in ea.Scalars("train/train_loss")] == pytest.approx([x["train_loss"] for x in train],
-                                                                             rel=1e-6)
+    assert [e.value for e in ea.Scalars("train/train_loss")] == pytest.approx(
+        [x["train_loss"] for x in train], rel=1e-6
+    )
     assert "prune/accuracy" in ea.Tags()["scalars"]
 
 
@@ -158,8 +173,9 @@ def test_mlflow_server_gone_mid_run_warns_once(tmp_path, caplog, monkeypatch):
     t = threading.Thread(target=server.handle_request)  # one request: the health check; then gone
     t.start()
     try:
-        final, records = run_recipe(FAST + ["logger=mlflow", f"logger.mlflow.tracking_uri=http://127.0.0.1:{port}"],
-                                    tmp_path)
+        final, records = run_recipe(
+            FAST + ["logger=mlflow", f"logger.mlflow.tracking_uri=http://127.0.0.1:{port}"], tmp_path
+        )
     finally:
         t.join()
         server.server_close()
@@ -189,9 +205,19 @@ def test_logger_without_target_names_the_key(tmp_path):
 
 
 def test_console_rows_fit_80_columns():
-    rec = {"step": 12, "stage": "quantize_embeddings", "event": "stage_end", "accuracy": 0.97212, "loss": 12.3456,
-           "sparsity": 0.9262, "max_unique_weights": 1234567, "teacher_agreement": 0.9694,
-           "compression_ratio": 142.4, "seconds": 12345.67, "cached": True}
+    rec = {
+        "step": 12,
+        "stage": "quantize_embeddings",
+        "event": "stage_end",
+        "accuracy": 0.97212,
+        "loss": 12.3456,
+        "sparsity": 0.9262,
+        "max_unique_weights": 1234567,
+        "teacher_agreement": 0.9694,
+        "compression_ratio": 142.4,
+        "seconds": 12345.67,
+        "cached": True,
+    }
     assert len(format_header()) <= 80 and len(format_row(rec)) <= 80
     assert len(format_row({**rec, "metric": "perplexity", "quality": 12.5})) <= 80
 
@@ -220,8 +246,18 @@ def test_a_multirun_is_one_experiment_with_runs_tagged_by_sweep_and_overrides(tm
 
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     sweep = tmp_path / "sweep"
-    p = lwpipe(["-m", "sweep=joblib", *FAST, "stages.prune.sparsity=0.3,0.6", "logger=mlflow", "threads=1",
-                f"hydra.sweep.dir={sweep}"], tmp_path)
+    p = lwpipe(
+        [
+            "-m",
+            "sweep=joblib",
+            *FAST,
+            "stages.prune.sparsity=0.3,0.6",
+            "logger=mlflow",
+            "threads=1",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     assert "logger.mlflow" not in p.stdout + p.stderr, p.stderr[-3000:]  # no job's tracking was switched off
     c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
@@ -230,8 +266,10 @@ def test_a_multirun_is_one_experiment_with_runs_tagged_by_sweep_and_overrides(tm
     runs = sorted(c.search_runs([exp.experiment_id]), key=lambda r: r.data.tags["lwpipe.job"])
     assert [r.data.tags["lwpipe.job"] for r in runs] == ["0", "1"]
     assert {r.data.tags["lwpipe.sweep"] for r in runs} == {str(sweep.resolve())}
-    assert ["stages.prune.sparsity=0.3" in runs[0].data.tags["lwpipe.overrides"],
-            "stages.prune.sparsity=0.6" in runs[1].data.tags["lwpipe.overrides"]] == [True, True]
+    assert [
+        "stages.prune.sparsity=0.3" in runs[0].data.tags["lwpipe.overrides"],
+        "stages.prune.sparsity=0.6" in runs[1].data.tags["lwpipe.overrides"],
+    ] == [True, True]
     assert [r.data.params["stages.prune.sparsity"] for r in runs] == ["0.3", "0.6"]
     for r in runs:
         final = json.loads((sweep / r.data.tags["lwpipe.job"] / "summary.json").read_text())["final"]

@@ -1,4 +1,5 @@
 """Measurement works for every floating dtype torch has: numpy has no bf16, the records must not care."""
+
 import pytest
 import torch
 from torch import nn
@@ -53,8 +54,17 @@ def test_measure_evaluate_and_time_a_model_in_each_dtype(dtype, tmp_path):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_run_records_a_model_in_each_dtype(dtype, tmp_path):
     """The baseline record and a quantize stage's (its constraint computes in the model's dtype)."""
-    final, records = run_recipe([*TINY, "model._target_=tests.test_metrics.Typed", f"+model.dtype={dtype}",
-                                 "~model.hidden", "pipeline=[quantize]", "++stages.quantize.finetune.epochs=0",
-                                 "stages.quantize.bits=4"], tmp_path)
+    final, records = run_recipe(
+        [
+            *TINY,
+            "model._target_=tests.test_metrics.Typed",
+            f"+model.dtype={dtype}",
+            "~model.hidden",
+            "pipeline=[quantize]",
+            "++stages.quantize.finetune.epochs=0",
+            "stages.quantize.bits=4",
+        ],
+        tmp_path,
+    )
     assert [r["event"] for r in records] == ["baseline", "stage_end"]
     assert 1 < final["max_unique_weights"] <= 2**4 and final["compressed_bytes"] > 0

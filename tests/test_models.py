@@ -36,7 +36,9 @@ def test_checkpoint_loads_safely(tmp_path, suffix):
 def test_checkpoint_that_does_not_fit(tmp_path):
     path = tmp_path / "w.pt"
     torch.save(LeNet300(in_features=784).state_dict(), path)
-    with pytest.raises(ConfigError, match=r"model.checkpoint=.*does not fit.*fc1.weight: file \(300, 784\) vs model \(300, 64\)"):
+    with pytest.raises(
+        ConfigError, match=r"model.checkpoint=.*does not fit.*fc1.weight: file \(300, 784\) vs model \(300, 64\)"
+    ):
         load_weights(LeNet300(in_features=64), str(path))
 
 

@@ -1,4 +1,5 @@
 """`sweep=NAME` names a preset in recipes/sweep/; a misspelt one is an error, never the basic launcher."""
+
 import pytest
 from hydra.errors import MissingConfigException
 

@@ -1,4 +1,5 @@
 """Progress: a bar per stage and epoch on a terminal, fed by training.fit's per-batch hook; 80 columns."""
+
 import fcntl
 import io
 import os
@@ -40,8 +41,16 @@ def segments(text: str) -> list[str]:
 
 def test_fit_reports_every_batch_with_its_loss(tmp_path):
     Spy.calls = []
-    _, records = run_recipe(TINY + ["pipeline=[train]", "stages.train.epochs=2", "logger.report=null",
-                                    "+logger.spy._target_=tests.test_progress.Spy"], tmp_path)
+    _, records = run_recipe(
+        TINY
+        + [
+            "pipeline=[train]",
+            "stages.train.epochs=2",
+            "logger.report=null",
+            "+logger.spy._target_=tests.test_progress.Spy",
+        ],
+        tmp_path,
+    )
     batches = -(-384 // 64)  # blobs: 512 samples, a quarter held out, batches of 64
     assert [c[:5] for c in Spy.calls] == [("train", e, 2, b, batches) for e in (1, 2) for b in range(1, batches + 1)]
     epochs = [r for r in records if r["event"] == "epoch"]
@@ -68,11 +77,23 @@ def test_a_run_on_an_80_column_terminal_fits(tmp_path):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     env = {**os.environ, "COLUMNS": "80", "LINES": "24"}
-    args = TINY + ["pipeline=[train,prune]", "stages.train.epochs=2", "stages.prune.finetune.epochs=1",
-                   "data.n=8000", f"hydra.run.dir={tmp_path / 'run'}", "cache=false",
-                   "logger.console.refresh=0"]  # a bar at every batch: an epoch ends before 0.1 s on a fast machine
-    proc = subprocess.Popen([sys.executable, "-c", "from lwpipe.cli import main; main()", *args], stdin=slave,
-                            stdout=slave, stderr=slave, env=env, close_fds=True)
+    args = TINY + [
+        "pipeline=[train,prune]",
+        "stages.train.epochs=2",
+        "stages.prune.finetune.epochs=1",
+        "data.n=8000",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "cache=false",
+        "logger.console.refresh=0",
+    ]  # a bar at every batch: an epoch ends before 0.1 s on a fast machine
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from lwpipe.cli import main; main()", *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        close_fds=True,
+    )
     os.close(slave)
     chunks = []
     while True:

@@ -1,4 +1,5 @@
 """A run directory says exactly what ran, and `lwpipe-rerun DIR` reproduces its numbers."""
+
 import json
 import shutil
 import subprocess
@@ -11,8 +12,13 @@ from omegaconf import OmegaConf
 from lwpipe.config import validate
 from tests.helpers import TINY, compose_recipe, run_recipe
 
-FAST = TINY + ["pipeline=[train,prune]", "stages.train.epochs=4", "stages.prune.finetune.epochs=1",
-               "stages.prune.sparsity=0.6", "seed=3"]
+FAST = TINY + [
+    "pipeline=[train,prune]",
+    "stages.train.epochs=4",
+    "stages.prune.finetune.epochs=1",
+    "stages.prune.sparsity=0.6",
+    "seed=3",
+]
 TIMING = {"seconds", "eval_seconds"}
 
 
@@ -47,8 +53,13 @@ def test_rerun_command_reproduces_the_metrics(past_run, tmp_path):
     run_dir, records = past_run
     exe = shutil.which("lwpipe-rerun")
     cmd = [exe] if exe else [sys.executable, "-c", "from lwpipe.cli import rerun; rerun()"]
-    p = subprocess.run(cmd + [str(run_dir), f"hydra.run.dir={tmp_path / 'again'}"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        cmd + [str(run_dir), f"hydra.run.dir={tmp_path / 'again'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     again = [json.loads(line) for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
     assert not any(r["cached"] for r in again)  # the past run had cache=false: this recomputed everything
@@ -69,7 +80,12 @@ def test_rerun_quiet_true_reaches_the_saved_console_logger(past_run, tmp_path):
     assert OmegaConf.load(run_dir / "recipe.yaml").logger.console.quiet is False
     exe = shutil.which("lwpipe-rerun")
     cmd = [exe] if exe else [sys.executable, "-c", "from lwpipe.cli import rerun; rerun()"]
-    p = subprocess.run(cmd + [str(run_dir), "quiet=true", f"hydra.run.dir={tmp_path / 'q'}"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        cmd + [str(run_dir), "quiet=true", f"hydra.run.dir={tmp_path / 'q'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert "accuracy" not in p.stdout + p.stderr and (tmp_path / "q" / "summary.json").exists()

@@ -1,15 +1,23 @@
 """recipe=gptq_w4 and recipe=sparsegpt_24_w4 end to end on tiny transformers models built from configs."""
+
 import pytest
 import torch
 
 import lwpipe
 from lwpipe.constraints import compressible_layers, constraint
-from tests.hf_helpers import make_texts, save_gpt2, word_tokenizer, write_txt
 from tests.helpers import run_recipe
+from tests.hf_helpers import make_texts, save_gpt2, word_tokenizer, write_txt
 
 pytestmark = pytest.mark.slow
-SMALL = ["cache=false", "logger.console=null", "data.batch_size=8", "data.max_length=16", "eval.batch_size=16",
-         "stages.quantize.group_size=16", "stages.quantize.calibration_samples=32"]
+SMALL = [
+    "cache=false",
+    "logger.console=null",
+    "data.batch_size=8",
+    "data.max_length=16",
+    "eval.batch_size=16",
+    "stages.quantize.group_size=16",
+    "stages.quantize.calibration_samples=32",
+]
 
 
 def save_llama(path):
@@ -18,9 +26,18 @@ def save_llama(path):
     path.mkdir(parents=True, exist_ok=True)
     tok = word_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(cfg).save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return path
@@ -30,13 +47,24 @@ def save_llama(path):
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("gptq")
     rows = make_texts(96)
-    return {"gpt2": save_gpt2(root / "gpt2"), "llama": save_llama(root / "llama"),
-            "train": write_txt(root / "train.txt", rows[:64]), "test": write_txt(root / "test.txt", rows[64:])}
+    return {
+        "gpt2": save_gpt2(root / "gpt2"),
+        "llama": save_llama(root / "llama"),
+        "train": write_txt(root / "train.txt", rows[:64]),
+        "test": write_txt(root / "test.txt", rows[64:]),
+    }
 
 
 def args(files, recipe, model):
-    return [f"recipe={recipe}", "model=hf", "task=causal_lm", f"model.path={files[model]}",
-            f"data.train={files['train']}", f"data.test={files['test']}", *SMALL]
+    return [
+        f"recipe={recipe}",
+        "model=hf",
+        "task=causal_lm",
+        f"model.path={files[model]}",
+        f"data.train={files['train']}",
+        f"data.test={files['test']}",
+        *SMALL,
+    ]
 
 
 @pytest.mark.parametrize("model", ["gpt2", "llama"])
@@ -75,10 +103,12 @@ def test_a_bf16_checkpoint_stays_bf16_through_gptq_w4_and_its_file(files, tmp_pa
     bf16 = tmp_path / "llama-bf16"
     LlamaForCausalLM.from_pretrained(str(files["llama"])).to(torch.bfloat16).save_pretrained(str(bf16))
     from tests.hf_helpers import word_tokenizer
+
     word_tokenizer().save_pretrained(str(bf16))
-    final, records = run_recipe([*args(files, "gptq_w4", "llama")[:3], f"model.path={bf16}", *args(files, "gptq_w4",
-                                                                                                   "llama")[4:]],
-                                tmp_path / "run")
+    final, records = run_recipe(
+        [*args(files, "gptq_w4", "llama")[:3], f"model.path={bf16}", *args(files, "gptq_w4", "llama")[4:]],
+        tmp_path / "run",
+    )
     assert final["perplexity"] > 1  # the run verified its own model.lwp before reporting
     loaded = lwpipe.load(tmp_path / "run" / "model.lwp")
     proj = dict(loaded.named_modules())["model.layers.1.mlp.up_proj"]

@@ -2,6 +2,7 @@
 calibration, every weight on a per-channel grid whose step is the recipe's multiple of the channel's std;
 on a tiny random BERT sentence model the run's cosine is against the original model and model.lwp decodes
 to the run's model."""
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -12,8 +13,8 @@ from lwpipe.constraints import compressible_layers, constraint, out_axis
 from lwpipe.errors import ConfigError
 from lwpipe.runner import run
 from lwpipe.stages.quantize import std_grid
-from tests.hf_helpers import make_texts, save_sentence_model, write_txt
 from tests.helpers import compose_recipe, run_recipe
+from tests.hf_helpers import make_texts, save_sentence_model, write_txt
 
 EMBEDDING_STEP, STEP = 0.8, 0.15
 SMALL = ["logger.console=null", "data.max_length=16"]
@@ -46,8 +47,9 @@ def test_the_recipe_on_a_tiny_sentence_model(recipe, tmp_path):
     rows = make_texts(48)
     train, test = write_txt(tmp_path / "train.txt", rows[:32]), write_txt(tmp_path / "test.txt", rows[32:])
     run_dir = tmp_path / "run"
-    final, records = run_recipe([f"recipe={recipe}", f"model.path={st}", f"data.train={train}",
-                                 f"data.test={test}", *SMALL], run_dir)
+    final, records = run_recipe(
+        [f"recipe={recipe}", f"model.path={st}", f"data.train={train}", f"data.test={test}", *SMALL], run_dir
+    )
     assert [r["stage"] for r in records if r["event"] == "stage_end"] == ["quantize"]
     assert final["metric"] == "cosine" and final["compression_ratio"] > 3
     original = load_sentence_transformer(str(st)).eval()

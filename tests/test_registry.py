@@ -36,10 +36,12 @@ def plugin_dist(tmp_path, monkeypatch):
     info = tmp_path / "lwp_demo_plugin-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lwp-demo-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(textwrap.dedent("""
+    (info / "entry_points.txt").write_text(
+        textwrap.dedent("""
         [lwpipe.stages]
         scale = lwp_demo_plugin:Scale
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_plugins_loaded", False)
     yield
@@ -60,6 +62,7 @@ def test_entry_point_plugin_is_found_and_runs(plugin_dist, tmp_path):
 def test_plugin_settings_are_validated(plugin_dist):
     from lwpipe.config import validate
     from tests.helpers import compose_recipe
+
     with pytest.raises(LwpipeError, match=r"stages.scale.factor=-1.0"):
         validate(compose_recipe(TINY + ["pipeline=[scale]", "+stages.scale.factor=-1.0"]))
 

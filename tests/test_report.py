@@ -1,4 +1,5 @@
 """report.png / report.md come from the run's own files; lwpipe-report; pareto.png's labels."""
+
 import json
 import logging
 import shutil
@@ -11,8 +12,13 @@ from lwpipe.sweep import point_labels
 from tests.helpers import TINY, run_recipe
 
 PNG = b"\x89PNG\r\n\x1a\n"
-FAST = TINY + ["pipeline=[train,prune,share]", "stages.prune.sparsity=0.5", "stages.train.epochs=3",
-               "stages.prune.finetune.epochs=2", "stages.share.finetune.epochs=1"]
+FAST = TINY + [
+    "pipeline=[train,prune,share]",
+    "stages.prune.sparsity=0.5",
+    "stages.train.epochs=3",
+    "stages.prune.finetune.epochs=2",
+    "stages.share.finetune.epochs=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +39,20 @@ def test_every_run_writes_the_report_from_its_records(run_dir):
     recs, final = records(run_dir), json.loads((run_dir / "summary.json").read_text())["final"]
     ends = [r for r in recs if r["event"] == "stage_end"]
     d = report.report_data(run_dir)
-    assert d["sizes"] == [("input (fp32)", recs[0]["dense_bytes"]), *[(r["stage"], r["compressed_bytes"]) for r in ends],
-                          ("model.lwp", final["compressed_bytes"])]
+    assert d["sizes"] == [
+        ("input (fp32)", recs[0]["dense_bytes"]),
+        *[(r["stage"], r["compressed_bytes"]) for r in ends],
+        ("model.lwp", final["compressed_bytes"]),
+    ]
     assert [q for _, q, _ in d["quality"]] == [r["accuracy"] for r in recs]  # baseline, epochs, stage ends in order
     for r in ends:
         assert f"| {r['step']} | {r['stage']} | {100 * r['accuracy']:.2f}% |" in md
     # per layer: what model.lwp holds
     art = read(read_bytes(run_dir / "model.lwp"))
-    assert [(x["layer"], x["weights"], x["kept"]) for x in d["layers"]] == \
-           [(l.name, l.cost["weights"], l.cost["nnz"]) for l in art.layers]
+    assert [(x["layer"], x["weights"], x["kept"]) for x in d["layers"]] == [
+        (l.name, l.cost["weights"], l.cost["nnz"])
+        for l in art.layers  # noqa: E741
+    ]
     assert all(1 <= x["distinct"] <= 32 for x in d["layers"])  # share's 5-bit codebook: at most 32 values
 
 
@@ -82,11 +93,16 @@ def test_a_failing_report_warns_and_the_run_finishes(tmp_path, caplog, monkeypat
 
 
 def test_pareto_labels_are_the_overrides_that_differ():
-    rows = [{"job": "0", "overrides": "stages.prune.sparsity=0.8 stages.share.bits=4 seed=0"},
-            {"job": "1", "overrides": "stages.prune.sparsity=0.9 stages.share.bits=4 seed=0"},
-            {"job": "2", "overrides": "stages.prune.sparsity=0.9 stages.share.bits=5 seed=0"}]
-    assert point_labels(rows) == ["prune.sparsity=0.8 share.bits=4", "prune.sparsity=0.9 share.bits=4",
-                                  "prune.sparsity=0.9 share.bits=5"]
+    rows = [
+        {"job": "0", "overrides": "stages.prune.sparsity=0.8 stages.share.bits=4 seed=0"},
+        {"job": "1", "overrides": "stages.prune.sparsity=0.9 stages.share.bits=4 seed=0"},
+        {"job": "2", "overrides": "stages.prune.sparsity=0.9 stages.share.bits=5 seed=0"},
+    ]
+    assert point_labels(rows) == [
+        "prune.sparsity=0.8 share.bits=4",
+        "prune.sparsity=0.9 share.bits=4",
+        "prune.sparsity=0.9 share.bits=5",
+    ]
     assert point_labels(rows[:1]) == ["prune.sparsity=0.8 share.bits=4 seed=0"]
 
 

@@ -1,4 +1,5 @@
 """The ResNet-style CNN, generated 32x32 colour data, BatchNorm re-estimation and the resnet_cifar_like recipe."""
+
 import torch
 
 import lwpipe
@@ -8,9 +9,18 @@ from lwpipe.data import load_textures
 from lwpipe.models import ResNet
 from tests.helpers import run_recipe
 
-SHRINK = ["recipe=resnet_cifar_like", "data.n=240", "model.widths=[4,8]", "stages.train.epochs=1",
-          "stages.prune.steps=1", "stages.prune.finetune.epochs=0", "stages.share.finetune.epochs=1",
-          "stages.quantize.finetune.epochs=0", "stages.distill.epochs=1", "data.batch_size=32"]
+SHRINK = [
+    "recipe=resnet_cifar_like",
+    "data.n=240",
+    "model.widths=[4,8]",
+    "stages.train.epochs=1",
+    "stages.prune.steps=1",
+    "stages.prune.finetune.epochs=0",
+    "stages.share.finetune.epochs=1",
+    "stages.quantize.finetune.epochs=0",
+    "stages.distill.epochs=1",
+    "data.batch_size=32",
+]
 
 
 def test_textures_are_seeded_colour_32x32():

@@ -1,4 +1,5 @@
 """A run killed with SIGKILL mid-pipeline, started again, continues after its last completed stage."""
+
 import json
 import os
 import shutil
@@ -12,8 +13,13 @@ import pytest
 from tests.helpers import TINY
 
 pytestmark = pytest.mark.slow
-ARGS = TINY + ["stages.train.epochs=3", "stages.prune.finetune.epochs=1", "stages.share.finetune.epochs=1",
-               "stages.quantize.finetune.epochs=0", "stages.distill.epochs=10"]
+ARGS = TINY + [
+    "stages.train.epochs=3",
+    "stages.prune.finetune.epochs=1",
+    "stages.share.finetune.epochs=1",
+    "stages.quantize.finetune.epochs=0",
+    "stages.distill.epochs=10",
+]
 
 
 def command(run_dir):

@@ -1,4 +1,5 @@
 """The metrics.jsonl / summary.json contract, on a tiny model."""
+
 import json
 
 import pytest
@@ -6,9 +7,27 @@ import pytest
 from lwpipe.models import TinyMLP
 from tests.helpers import TINY, run_recipe
 
-FIELDS = {"step", "stage", "event", "accuracy", "loss", "params", "nonzero_params", "sparsity",
-          "max_unique_weights", "dense_bytes", "seconds", "teacher_agreement"}
-FAST = TINY + ["pipeline=[train,prune]", "stages.prune.sparsity=0.5", "stages.train.epochs=15", "stages.train.lr=0.01", "stages.prune.finetune.epochs=2"]
+FIELDS = {
+    "step",
+    "stage",
+    "event",
+    "accuracy",
+    "loss",
+    "params",
+    "nonzero_params",
+    "sparsity",
+    "max_unique_weights",
+    "dense_bytes",
+    "seconds",
+    "teacher_agreement",
+}
+FAST = TINY + [
+    "pipeline=[train,prune]",
+    "stages.prune.sparsity=0.5",
+    "stages.train.epochs=15",
+    "stages.train.lr=0.01",
+    "stages.prune.finetune.epochs=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,23 +69,30 @@ def test_summary_holds_baseline_stages_final(result):
     assert summary["baseline"] == records[0]
     assert [s["stage"] for s in summary["stages"]] == ["train", "prune"]
     assert summary["final"]["accuracy"] == final["accuracy"] and summary["final"]["event"] == "final"
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["01_train.safetensors", "02_prune.safetensors"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "01_train.safetensors",
+        "02_prune.safetensors",
+    ]
 
 
 def test_same_seed_same_numbers(result, tmp_path):
     _, _, records = result
     _, again = run_recipe(FAST, tmp_path)
     drop = {"seconds", "eval_seconds"}
-    assert [{k: v for k, v in r.items() if k not in drop} for r in again] == \
-           [{k: v for k, v in r.items() if k not in drop} for r in records]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in again] == [
+        {k: v for k, v in r.items() if k not in drop} for r in records
+    ]
 
 
-@pytest.mark.parametrize("target, message", [
-    ("qa_builders.nosuch", "module 'qa_builders' has no attribute 'nosuch'"),
-    ("qa_no_such_module.build", "no module named 'qa_no_such_module'"),
-    ("qa_broken.build", "no module named 'qa_missing_dependency'"),
-    ("nodots", "expected a dotted path module.callable"),
-])
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("qa_builders.nosuch", "module 'qa_builders' has no attribute 'nosuch'"),
+        ("qa_no_such_module.build", "no module named 'qa_no_such_module'"),
+        ("qa_broken.build", "no module named 'qa_missing_dependency'"),
+        ("nodots", "expected a dotted path module.callable"),
+    ],
+)
 def test_a_target_that_cannot_be_imported_is_one_line_naming_why(tmp_path, monkeypatch, target, message):
     from lwpipe.errors import ConfigError
     from lwpipe.runner import _instantiate

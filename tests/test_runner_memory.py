@@ -1,4 +1,5 @@
 """The runner keeps no model copy it will not use: no input copy without a cache, no reference for a one-shot chain."""
+
 import pytest
 import torch
 
@@ -7,8 +8,12 @@ from lwpipe.config import validate
 from lwpipe.models import TinyMLP
 from tests.helpers import TINY, compose_recipe, run_recipe
 
-ONE_SHOT = TINY + ["pipeline=[prune,share,quantize]", "stages.prune.finetune.epochs=0",
-                   "++stages.share.finetune.epochs=0", "++stages.quantize.finetune.epochs=0"]
+ONE_SHOT = TINY + [
+    "pipeline=[prune,share,quantize]",
+    "stages.prune.finetune.epochs=0",
+    "++stages.share.finetune.epochs=0",
+    "++stages.quantize.finetune.epochs=0",
+]
 
 
 def steps(overrides):
@@ -19,8 +24,15 @@ def test_one_shot_chain_needs_no_reference():
     assert not runner.needs_reference(steps(ONE_SHOT))
 
 
-@pytest.mark.parametrize("extra", [["stages.prune.finetune.epochs=1"], ["pipeline=[prune,share,quantize,distill]"],
-                                   ["pipeline=[train,prune,share,quantize]"], ["stages.prune.criterion=taylor"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["stages.prune.finetune.epochs=1"],
+        ["pipeline=[prune,share,quantize,distill]"],
+        ["pipeline=[train,prune,share,quantize]"],
+        ["stages.prune.criterion=taylor"],
+    ],
+)
 def test_training_or_a_teacher_needs_the_reference(extra):
     assert runner.needs_reference(steps(ONE_SHOT + extra))
 
@@ -40,6 +52,7 @@ def count_clones(monkeypatch) -> list:
     def counting(model):
         calls.append(type(model).__name__)
         return real(model)
+
     real = runner.clone
     monkeypatch.setattr(runner, "clone", counting)
     return calls
@@ -52,7 +65,9 @@ def test_one_shot_run_without_cache_copies_no_model(monkeypatch, tmp_path):
     cached = ONE_SHOT + ["cache.enabled=true", f"cache.dir={tmp_path / 'cache'}"]
     first, _ = run_recipe(cached, tmp_path / "first")
     assert len(calls) == 1 + 3  # the input's copy, and one per stage looked up (a job beside it may store any)
-    assert {k: first[k] for k in ("accuracy", "compressed_bytes")} == {k: lean[k] for k in ("accuracy", "compressed_bytes")}
+    assert {k: first[k] for k in ("accuracy", "compressed_bytes")} == {
+        k: lean[k] for k in ("accuracy", "compressed_bytes")
+    }
     calls.clear()
     again, _ = run_recipe(cached, tmp_path / "second")
     assert len(calls) == 1 + 3  # every stage from the cache, each restored into a copy of the input

@@ -1,4 +1,5 @@
 """Compute cost in records: macs per example, latency at batch 1 and measure.batch, speedup, bad input."""
+
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from lwpipe.errors import ConfigError
 from lwpipe.loggers.console import format_speed
 from lwpipe.models import LeNet300
 from lwpipe.speed import count_macs, forward_fn, speed_record
-from tests.helpers import run_recipe, TINY
+from tests.helpers import TINY, run_recipe
 
 
 def test_macs_count_linear_and_conv_per_example():
@@ -43,8 +44,9 @@ def test_forward_goes_through_the_task_when_the_context_has_one(tmp_path):
 
 
 def test_records_carry_macs_and_latency_and_console_shows_speedup(tmp_path):
-    final, records = run_recipe([*TINY, "pipeline=[train,prune]", "stages.train.epochs=1",
-                                 "measure.batch=16", "measure.repeats=3"], tmp_path)
+    final, records = run_recipe(
+        [*TINY, "pipeline=[train,prune]", "stages.train.epochs=1", "measure.batch=16", "measure.repeats=3"], tmp_path
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     for r in [summary["baseline"], *summary["stages"]]:
         assert r["macs"] == 8 * 16 + 16 * 4 and set(r["latency_ms"]) == {"1", "16"}

@@ -1,4 +1,5 @@
 """Structured pruning shrinks layers: channel groups from the fx graph, exact removal, artifact round trip."""
+
 import pytest
 import torch
 from torch import nn
@@ -30,15 +31,19 @@ def test_removing_dead_channels_leaves_outputs_unchanged():
         if isinstance(bn, nn.BatchNorm2d):
             bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
     dead = [1, 6]  # in the second stage's residual stream: every tensor added there carries them
-    for conv, bn in [("layers.2.conv2", "layers.2.bn2"), ("layers.2.shortcut.0", "layers.2.shortcut.1"),
-                     ("layers.3.conv2", "layers.3.bn2")]:
+    for conv, bn in [
+        ("layers.2.conv2", "layers.2.bn2"),
+        ("layers.2.shortcut.0", "layers.2.shortcut.1"),
+        ("layers.3.conv2", "layers.3.bn2"),
+    ]:
         mods = dict(m.named_modules())
         mods[conv].weight[dead] = 0
         mods[bn].weight[dead] = 0
         mods[bn].bias[dead] = 0
     before = m(X)
-    widths = structured.prune_channels(m, X, {"layers.2.conv2": 0.25, "layers.2.shortcut.0": 0.25,
-                                              "layers.3.conv2": 0.25}, {})
+    widths = structured.prune_channels(
+        m, X, {"layers.2.conv2": 0.25, "layers.2.shortcut.0": 0.25, "layers.3.conv2": 0.25}, {}
+    )
     assert widths["layers.2.shortcut.0"] == 6 and m.fc.in_features == 6 and m.layers[3].conv1.in_channels == 6
     assert m.layers[3].bn2.num_features == 6
     torch.testing.assert_close(m(X), before, rtol=1e-5, atol=1e-5)
@@ -60,11 +65,21 @@ def test_untraceable_model_is_named_and_falls_back_only_when_allowed():
 
 
 def test_structured_recipe_shrinks_and_the_artifact_rebuilds_the_shapes(tmp_path):
-    final, records = run_recipe(["recipe=resnet_cifar_like", "data.n=120", "model.widths=[8,16]",
-                                 "pipeline=[train,prune,quantize]", "stages.train.epochs=1",
-                                 "+stages.prune.granularity=structured", "stages.prune.sparsity=0.5",
-                                 "~stages.prune.layers", "stages.prune.finetune.epochs=1",
-                                 "stages.quantize.finetune.epochs=0"], tmp_path)
+    final, records = run_recipe(
+        [
+            "recipe=resnet_cifar_like",
+            "data.n=120",
+            "model.widths=[8,16]",
+            "pipeline=[train,prune,quantize]",
+            "stages.train.epochs=1",
+            "+stages.prune.granularity=structured",
+            "stages.prune.sparsity=0.5",
+            "~stages.prune.layers",
+            "stages.prune.finetune.epochs=1",
+            "stages.quantize.finetune.epochs=0",
+        ],
+        tmp_path,
+    )
     base = records[0]
     assert final["params"] < 0.4 * base["params"] and final["macs"] < 0.4 * base["macs"]
     # the ratio counts against the model the user started with, not the shrunken one

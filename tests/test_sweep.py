@@ -1,4 +1,5 @@
 """Multiruns through the `lwpipe` command: the sweep summary, failed jobs, and the presets."""
+
 import csv
 import json
 
@@ -7,7 +8,6 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from lwpipe.cli import RECIPES
-
 from lwpipe.config import validate
 from lwpipe.models import TinyMLP
 from lwpipe.sweep import pareto_front
@@ -133,8 +133,9 @@ def test_a_validated_job_config_is_composed_once_and_is_what_a_fresh_compose_giv
         sweeper = SimpleNamespace(hydra_context=SimpleNamespace(config_loader=loader), config=master)
         composed = []
         real = type(loader).load_configuration
-        monkeypatch.setattr(type(loader), "load_configuration",
-                            lambda self, *a, **k: composed.append(1) or real(self, *a, **k))
+        monkeypatch.setattr(
+            type(loader), "load_configuration", lambda self, *a, **k: composed.append(1) or real(self, *a, **k)
+        )
         Sweeper.validate_batch_is_legal(sweeper, [["seed=1"], ["seed=2"]])
         assert len(composed) == 2
         launched = loader.load_sweep_config(master, ["seed=1"])  # what the basic launcher does next

@@ -1,13 +1,14 @@
 """Each task's batch format, loss, metrics and distillation target, on tiny models."""
+
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from lwpipe.errors import ConfigError
 from lwpipe.tasks import make_task
 from lwpipe.tasks.classification import kd_loss
-from lwpipe.errors import ConfigError
 from tests.hf_helpers import bert_config, save_gpt2, save_sentence_model, word_tokenizer
 
 
@@ -34,8 +35,7 @@ def gpt2(tmp_path_factory):
 
 def test_causal_lm_perplexity_is_exp_of_the_models_own_next_token_loss(gpt2):
     model, tok = gpt2
-    batch = dict(tok(["apple pear the plum and a fig", "engine wheel brake gear"], padding=True,
-                     return_tensors="pt"))
+    batch = dict(tok(["apple pear the plum and a fig", "engine wheel brake gear"], padding=True, return_tensors="pt"))
     task = make_task("causal_lm")
     out, pred = task.evaluate(model, [batch])
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)  # transformers' own loss

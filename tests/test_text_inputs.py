@@ -1,4 +1,5 @@
 """Hostile and broken text inputs for data=text: bad labels, huge examples, tokenizer-less model directories."""
+
 import csv
 import json
 import logging
@@ -27,8 +28,10 @@ def bert_dir(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("bad, shown", [("", "''"), ("nan", "'nan'"), ("1.5", "'1.5'"), ("inf", "'inf'"),
-                                        ("-inf", "'-inf'"), ("cat", "'cat'")])
+@pytest.mark.parametrize(
+    "bad, shown",
+    [("", "''"), ("nan", "'nan'"), ("1.5", "'1.5'"), ("inf", "'inf'"), ("-inf", "'-inf'"), ("cat", "'cat'")],
+)
 def test_a_bad_csv_label_is_named_with_its_row(tmp_path, bert_dir, bad, shown):
     train = write_rows(tmp_path / "train.csv", ["0", "1", "0", bad, "1"])
     test = write_rows(tmp_path / "test.csv", ["0", "1"])
@@ -51,6 +54,7 @@ def test_jsonl_labels_whole_floats_pass_fractions_do_not(tmp_path, bert_dir):
         rows = [{"text": t, "label": v} for (t, _), v in zip(make_texts(len(labels)), labels)]
         (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows))
         return str(tmp_path / name)
+
     d = load_text(jsonl("a.jsonl", [0, 1.0, 1]), jsonl("b.jsonl", [1, 0]), bert_dir)
     assert d.train.tensors["labels"].tolist() == [0, 1, 1]
     with pytest.raises(ConfigError, match=r"data.label_column=None: row 2 of data.train has no label"):
@@ -58,8 +62,9 @@ def test_jsonl_labels_whole_floats_pass_fractions_do_not(tmp_path, bert_dir):
 
 
 def test_names_are_still_numbered_in_sorted_order(tmp_path, bert_dir):
-    d = load_text(write_rows(tmp_path / "a.csv", ["pos", "neg", "pos"]), write_rows(tmp_path / "b.csv", ["neg"]),
-                  bert_dir)
+    d = load_text(
+        write_rows(tmp_path / "a.csv", ["pos", "neg", "pos"]), write_rows(tmp_path / "b.csv", ["neg"]), bert_dir
+    )
     assert d.train.tensors["labels"].tolist() == [1, 0, 1] and d.test.tensors["labels"].tolist() == [0]
 
 
@@ -72,10 +77,12 @@ def test_a_huge_one_line_text_is_clipped_before_tokenizing(tmp_path, monkeypatch
     def spy(tok, pairs, *a, **kw):
         seen.extend(len(t) for t, _ in pairs)
         return encode(tok, pairs, *a, **kw)
+
     monkeypatch.setattr(text, "encode", spy)
     with caplog.at_level(logging.WARNING, logger="lwpipe"):
-        d = load_text(str(tmp_path / "train.txt"), str(tmp_path / "test.txt"), bert_dir, task="causal_lm",
-                      max_length=16)
+        d = load_text(
+            str(tmp_path / "train.txt"), str(tmp_path / "test.txt"), bert_dir, task="causal_lm", max_length=16
+        )
     assert max(seen) == 1024  # what reached the tokenizer: 16 tokens x 64 characters
     assert "data.train: 1 text(s) longer than 1,024 characters (row 1: 440,000)" in caplog.text
     assert d.train.tensors["input_ids"].shape == (2, 16)  # what max_length keeps is unchanged
@@ -98,8 +105,11 @@ def test_a_directory_without_tokenizer_files_is_refused_by_name(tmp_path):
     (tmp_path / "a.txt").write_text("apple pear plum\n")
     tok = text.load_tokenizer(str(empty))
     assert isinstance(tok, GPT2Tokenizer) and len(tok) <= 1  # the failure this guards against
-    with pytest.raises(ConfigError, match=rf"data.tokenizer='{empty}': encodes the texts of data.train to no "
-                                          rf"tokens .*does {empty} hold the model's tokenizer files"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"data.tokenizer='{empty}': encodes the texts of data.train to no "
+        rf"tokens .*does {empty} hold the model's tokenizer files",
+    ):
         load_text(str(tmp_path / "a.txt"), str(tmp_path / "a.txt"), str(empty), task="causal_lm")
 
 
@@ -116,6 +126,9 @@ def test_a_bert_directory_without_tokenizer_files_says_which_files_it_lacks(tmp_
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps({"model_type": "bert"}))
     (tmp_path / "a.txt").write_text("apple pear plum\n")
-    with pytest.raises(ConfigError, match=rf"data.tokenizer='{empty}': turns 100% of the tokens of data.train into "
-                                          rf"its unknown token .*does {empty} hold its files: tokenizer.json"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"data.tokenizer='{empty}': turns 100% of the tokens of data.train into "
+        rf"its unknown token .*does {empty} hold its files: tokenizer.json",
+    ):
         load_text(str(tmp_path / "a.txt"), str(tmp_path / "a.txt"), str(empty), task="causal_lm")

@@ -1,17 +1,26 @@
 """Sparse variational dropout's math and the activation-histogram entropy (lwpipe/variational.py)."""
+
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from lwpipe.variational import (Posterior, histogram_entropy, kl_approx, kl_schedule, log_alpha, posterior_entropy,
-                                train_variational, weight_scores)
+from lwpipe.variational import (
+    Posterior,
+    histogram_entropy,
+    kl_approx,
+    kl_schedule,
+    log_alpha,
+    posterior_entropy,
+    train_variational,
+    weight_scores,
+)
 
 
 def test_kl_approximation_is_the_papers_and_vanishes_for_wide_posteriors():
     la = torch.tensor([-8.0, 0.0, 3.0, 8.0])
-    per = [float(kl_approx(la[i:i + 1])) for i in range(4)]
+    per = [float(kl_approx(la[i : i + 1])) for i in range(4)]
     k1, k2, k3 = 0.63576, 1.87320, 1.48695
     expect = -(k1 / (1 + math.exp(-(k2 + k3 * 0.0))) - 0.5 * math.log1p(1.0) - k1)
     assert per[1] == pytest.approx(expect, rel=1e-5)
@@ -36,8 +45,11 @@ def test_local_reparameterization_has_the_weight_noise_variance(layer):
     with torch.no_grad():
         mean = layer(x)
         samples = torch.stack([post.noise(layer, (x,), mean) for _ in range(4000)])
-        op = (lambda v, w: nn.functional.linear(v, w)) if isinstance(layer, nn.Linear) else \
-            (lambda v, w: layer._conv_forward(v, w, None))
+        op = (
+            (lambda v, w: nn.functional.linear(v, w))
+            if isinstance(layer, nn.Linear)
+            else (lambda v, w: layer._conv_forward(v, w, None))
+        )
         var = op(x * x, torch.exp(post.log_sigma2))  # Var(sum_i x_i w_i) for independent w_i ~ N(theta_i, s_i^2)
     assert bool(((samples.mean(0) - mean).abs() <= 5 * (var / 4000).sqrt()).all())
     assert torch.allclose(samples.var(0), var, rtol=0.1)
@@ -67,7 +79,7 @@ def test_irrelevant_inputs_get_wide_posteriors_and_the_model_gains_nothing():
     y = (x[:, :4].sum(1) > 0).long()
     model = nn.Sequential(nn.Linear(8, 2))
     before = set(dict(model.named_parameters()))
-    batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 512, 64)]
+    batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 512, 64)]
     loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
 
     def train(loss, groups):
@@ -88,6 +100,7 @@ def test_irrelevant_inputs_get_wide_posteriors_and_the_model_gains_nothing():
 
 def test_kl_gradient_written_out_matches_autograd():
     from lwpipe.variational import kl_of
+
     torch.manual_seed(0)
     theta = (torch.randn(50) * 0.3).requires_grad_()
     ls2 = (torch.randn(50) * 4 - 4).requires_grad_()

@@ -5,13 +5,14 @@ conflicts with joblib >= 1.5 (scikit-learn's dependency), so `pip install "lwpip
 It joins the cluster at `ray.init.address` (RAY_ADDRESS) and starts a local Ray when that is unset;
 an unreachable address, or Ray not installed, is a one-line error before any job starts.
 """
+
 from __future__ import annotations
 
 import logging
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
@@ -26,8 +27,13 @@ def _run_job(hydra_context, sweep_config, task_function, singleton_state) -> Job
     setup_globals()
     Singleton.set_state(singleton_state)
     HydraConfig.instance().set_config(sweep_config)
-    return run_job(hydra_context=hydra_context, task_function=task_function, config=sweep_config,
-                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+    return run_job(
+        hydra_context=hydra_context,
+        task_function=task_function,
+        config=sweep_config,
+        job_dir_key="hydra.sweep.dir",
+        job_subdir_key="hydra.sweep.subdir",
+    )
 
 
 def check_reachable(address: str | None, seconds: float = 5.0) -> None:
@@ -38,8 +44,10 @@ def check_reachable(address: str | None, seconds: float = 5.0) -> None:
     try:
         socket.create_connection((host or "localhost", int(port)), timeout=seconds).close()
     except (OSError, ValueError) as e:
-        sys.exit(f"lwpipe: error: RAY_ADDRESS / hydra.launcher.ray.init.address={address!r}: no Ray cluster "
-                 f"answers there ({e}); unset RAY_ADDRESS to start a local Ray")
+        sys.exit(
+            f"lwpipe: error: RAY_ADDRESS / hydra.launcher.ray.init.address={address!r}: no Ray cluster "
+            f"answers there ({e}); unset RAY_ADDRESS to start a local Ray"
+        )
 
 
 def start_ray(init: dict):
@@ -55,8 +63,10 @@ def start_ray(init: dict):
             ray.init(**{k: v for k, v in init.items() if v is not None}, log_to_driver=True)
         except Exception as e:  # ConnectionError, or a timeout, depending on the Ray version
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            sys.exit(f"lwpipe: error: RAY_ADDRESS / hydra.launcher.ray.init.address={address!r}: cannot join a "
-                     f"Ray cluster there ({first}); unset RAY_ADDRESS to start a local Ray")
+            sys.exit(
+                f"lwpipe: error: RAY_ADDRESS / hydra.launcher.ray.init.address={address!r}: cannot join a "
+                f"Ray cluster there ({first}); unset RAY_ADDRESS to start a local Ray"
+            )
     return ray
 
 

@@ -15,6 +15,7 @@ section. Such frequencies are exact in constriction's 24-bit fixed point, so
 the coder uses them unchanged. All streams of a file share one ANS coder (one
 flush per file); a stream with a single distinct symbol costs only its table.
 """
+
 from __future__ import annotations
 
 import functools
@@ -95,9 +96,10 @@ class BitReader:
     def _bits(self, count: int) -> np.ndarray:
         """The next `count` bits (at most) as a uint8 array of 0/1, without moving pos."""
         first = self.pos >> 3
-        raw = np.frombuffer(self._data, dtype=np.uint8, count=min(len(self._data) - first, (count + 15) >> 3),
-                            offset=first)
-        return np.unpackbits(raw)[self.pos & 7:][:count]
+        raw = np.frombuffer(
+            self._data, dtype=np.uint8, count=min(len(self._data) - first, (count + 15) >> 3), offset=first
+        )
+        return np.unpackbits(raw)[self.pos & 7 :][:count]
 
     def read_many(self, n: int, nbits: int) -> np.ndarray:
         """n values of nbits bits each (nbits <= 62), as int64."""
@@ -109,7 +111,7 @@ class BitReader:
             m = min(step, n - start)
             bits = self._bits(m * nbits).reshape(m, nbits)
             for i in range(nbits):
-                out[start:start + m] = (out[start:start + m] << 1) | bits[:, i]
+                out[start : start + m] = (out[start : start + m] << 1) | bits[:, i]
             self.pos += m * nbits
         return out
 
@@ -126,7 +128,7 @@ class BitReader:
             if got is None:
                 raise ValueError("frequency table is corrupt" if len(bits) > longest else "bit section ends early")
             values, used = got
-            out[done:done + len(values)] = values
+            out[done : done + len(values)] = values
             done, self.pos = done + len(values), self.pos + used
         return out
 
@@ -165,7 +167,7 @@ def _exp_golomb_chain(bits: np.ndarray, k: int, want: int, longest: int) -> tupl
     _join_segments(mark, pos.tolist(), ok, jump)
     starts = np.flatnonzero(mark[:size])
     bad = ~ok[starts]
-    starts = starts[:min(want, int(np.argmax(bad)) if bad.any() else len(starts))]
+    starts = starts[: min(want, int(np.argmax(bad)) if bad.any() else len(starts))]
     if len(starts) == 0:
         return None
     first = nxt[starts]  # each value's bits start at its leading 1
@@ -190,7 +192,7 @@ def _join_segments(mark: np.ndarray, exits: list[int], ok: np.ndarray, jump: np.
         mark[lo:entry] = False
         if exit_ < hi:  # the chain stops inside this segment (no whole code at exit_)
             mark[exit_] = True
-            mark[exit_ + 1:] = False
+            mark[exit_ + 1 :] = False
             return
         entry = exit_
 
@@ -208,11 +210,11 @@ def normalize(counts: np.ndarray, precision: int) -> np.ndarray:
     while (diff := total - int(f.sum())) != 0:  # greedy fix-up by the cheapest change in coded bits
         if diff > 0:
             gain = np.where(live, counts * np.log2((f + 1) / np.maximum(f, 1)), -np.inf)
-            pick = np.argsort(-gain, kind="stable")[:min(diff, int(live.sum()))]
+            pick = np.argsort(-gain, kind="stable")[: min(diff, int(live.sum()))]
             f[pick] += 1
         else:
             loss = np.where(f > 1, counts * np.log2(np.maximum(f, 2) / np.maximum(f - 1, 1)), np.inf)
-            pick = np.argsort(loss, kind="stable")[:min(-diff, int((f > 1).sum()))]
+            pick = np.argsort(loss, kind="stable")[: min(-diff, int((f > 1).sum()))]
             f[pick] -= 1
     return f
 
@@ -299,8 +301,14 @@ class StreamWriter:
         counts = np.bincount(symbols) if len(symbols) else np.zeros(0, dtype=np.int64)
         live_counts = counts[counts > 0]
         entropy = float(-(live_counts * np.log2(live_counts / live_counts.sum())).sum()) if len(symbols) else 0.0
-        stat = {"label": label, "n": len(symbols), "table_bits": 0, "coded_bits": 0,
-                "entropy_bits": entropy, "alphabet": len(counts)}
+        stat = {
+            "label": label,
+            "n": len(symbols),
+            "table_bits": 0,
+            "coded_bits": 0,
+            "entropy_bits": entropy,
+            "alphabet": len(counts),
+        }
         self.stats.append(stat)
         if len(symbols) == 0:
             return
@@ -364,8 +372,9 @@ class StreamReader:
         before = self._coder.num_valid_bits()
         cheapest = -np.log2(f.max() / float(1 << precision))  # bits the likeliest symbol costs
         if n * cheapest > before + 64:  # 64: the coder's state holds bits beyond its words
-            raise ValueError(f"a stream of {n:,} symbols needs at least {n * cheapest:,.0f} coded bits, "
-                             f"{before:,} are left")
+            raise ValueError(
+                f"a stream of {n:,} symbols needs at least {n * cheapest:,.0f} coded bits, {before:,} are left"
+            )
         ranks = self._coder.decode(Categorical(f[support] / float(1 << precision), perfect=False), n)
         stat["coded_bits"] = before - self._coder.num_valid_bits()
         return ranks if len(support) == len(f) else support[ranks]  # every symbol live: ranks are the symbols
@@ -383,8 +392,10 @@ class StreamReader:
             return uniform_table(size), UNIFORM_PRECISION
         precision, k = self.bits.read(5), self.bits.read(4)
         if size <= UNIFORM_LIMIT and size > 16 * n + 64:
-            raise ValueError(f"frequency table of {size:,} symbols for a stream of {n:,}: it costs more than "
-                             "the uniform table (no writer stores it)")
+            raise ValueError(
+                f"frequency table of {size:,} symbols for a stream of {n:,}: it costs more than "
+                "the uniform table (no writer stores it)"
+            )
         if precision > MAX_PRECISION or (size - 1) * (k + 1) > self.bits.remaining:  # each takes >= k + 1 bits
             raise ValueError("frequency table is corrupt")
         f = np.zeros(size, dtype=np.int64)

@@ -10,6 +10,7 @@ constructor on the allowlist (the classes lwpipe.models exports, and the
 transformers rebuilders lwpipe.models.hf/sentence.from_config), unless the
 caller passes its own module or trusted=True.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,11 +22,22 @@ from torch.nn.utils import parametrize
 
 from lwpipe.artifact.coding import StreamReader
 from lwpipe.artifact.format import ArtifactError, read_file, unpack
-from lwpipe.artifact.positions import positions_from_gaps
 from lwpipe.artifact.limits import HeaderError, check_arguments, check_grid_values, check_header
+from lwpipe.artifact.positions import positions_from_gaps
 from lwpipe.artifact.raw import DTYPES, FLOAT_FIELDS, RawReader, join_float, mantissa_bytes
-from lwpipe.constraints import (BIAS_LEVELS, Compressed, constraint, dequantize, effective_tensors, ensure_constraint_as,
-                                grid_axis, index_dtype, is_compressible, set_grid, set_half)
+from lwpipe.constraints import (
+    BIAS_LEVELS,
+    Compressed,
+    constraint,
+    dequantize,
+    effective_tensors,
+    ensure_constraint_as,
+    grid_axis,
+    index_dtype,
+    is_compressible,
+    set_grid,
+    set_half,
+)
 from lwpipe.lowrank import restore_factorized
 from lwpipe.structured import resize_to
 
@@ -43,7 +55,7 @@ class Artifact:
     header: dict
     layers: list[Layer]
     tensors: dict[str, tuple[torch.Tensor, bool]]  # name -> (value, held to fp16 by HalfBias)
-    tensor_bits: dict[str, float]                   # name -> what storing it costs
+    tensor_bits: dict[str, float]  # name -> what storing it costs
     size: int
     grids: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> scale of its 8-bit grid (GridBias)
 
@@ -52,8 +64,14 @@ class Artifact:
         return self.header.get("model")
 
 
-def load(path, *, module: nn.Module | None = None, trusted: bool = False, constrained: bool = False,
-         max_dense_bytes: int | None = None) -> nn.Module:
+def load(
+    path,
+    *,
+    module: nn.Module | None = None,
+    trusted: bool = False,
+    constrained: bool = False,
+    max_dense_bytes: int | None = None,
+) -> nn.Module:
     """The model stored in a `.lwp` file, in eval mode, computing bit for bit what the encoded model computed.
 
     By default a plain module: masks, codebooks and grids baked into ordinary weights
@@ -75,13 +93,16 @@ def load(path, *, module: nn.Module | None = None, trusted: bool = False, constr
         model = build(read(data, str(path), max_dense_bytes), module=module, trusted=trusted, source=str(path))
         return model if constrained else bake_in_place(model)
     except MemoryError:
-        raise ArtifactError(f"{path}: not enough memory to build the model it declares "
-                            f"({header.get('dense_bytes')} dense bytes); see max_dense_bytes") from None
+        raise ArtifactError(
+            f"{path}: not enough memory to build the model it declares "
+            f"({header.get('dense_bytes')} dense bytes); see max_dense_bytes"
+        ) from None
 
 
 def read_bytes(path, max_dense_bytes: int | None = None) -> bytes:
     """The file's bytes, read only when it is a regular file whose header passes `check_header` (and whose
     length is what that header can explain)."""
+
     def check(header: dict, body_len: int) -> None:
         try:
             check_header(header, body_len, max_dense_bytes)
@@ -97,7 +118,7 @@ def read(data: bytes, source: str = "artifact", max_dense_bytes: int | None = No
         check_header(header, len(body), max_dense_bytes)  # every declared count, before anything is allocated
         raw_len, bits_len, words_len = header["sections"]
         raw = RawReader(body[:raw_len])
-        streams = StreamReader(body[raw_len:raw_len + bits_len], body[raw_len + bits_len:])
+        streams = StreamReader(body[raw_len : raw_len + bits_len], body[raw_len + bits_len :])
         layers = [read_layer(e, raw, streams) for e in header["layers"]]
         tensors, tensor_bits, grids = {}, {}, {}
         for name, how, shape, dtype, *flags in header["tensors"]:
@@ -115,8 +136,10 @@ def read(data: bytes, source: str = "artifact", max_dense_bytes: int | None = No
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError, OverflowError) as e:
         raise ArtifactError(f"{source} cannot be decoded: {e}") from None
     except MemoryError:
-        raise ArtifactError(f"{source} cannot be decoded: not enough memory for the {header.get('dense_bytes')} "
-                            "dense bytes it declares (max_dense_bytes refuses such files first)") from None
+        raise ArtifactError(
+            f"{source} cannot be decoded: not enough memory for the {header.get('dense_bytes')} "
+            "dense bytes it declares (max_dense_bytes refuses such files first)"
+        ) from None
     return Artifact(header, layers, tensors, tensor_bits, len(data), grids)
 
 
@@ -126,8 +149,9 @@ def take(how: list, shape, restore: torch.dtype, raw: RawReader, streams: Stream
         return raw.tensor(how[0], shape, restore)
     dtype, n = DTYPES[how[0]], math.prod(shape)
     if mantissa_bytes(n, dtype) > raw.remaining:  # the mantissas are real bytes: they bound n before decoding
-        raise ValueError(f"a tensor of {n:,} elements needs {mantissa_bytes(n, dtype):,} mantissa bytes, "
-                         f"{raw.remaining:,} are left")
+        raise ValueError(
+            f"a tensor of {n:,} elements needs {mantissa_bytes(n, dtype):,} mantissa bytes, {raw.remaining:,} are left"
+        )
     symbols = streams.symbols(n, 1 << (FLOAT_FIELDS[dtype][0] + 1))
     return join_float(symbols, int(how[1]), raw.take(mantissa_bytes(n, dtype)), dtype).reshape(shape).to(restore)
 
@@ -250,7 +274,8 @@ def constructor(header: dict, trusted: bool, source: str):
             f"{source} asks for {what}, which is not on the allowlist "
             f"({', '.join(sorted(k for k in allowed if k.count('.') == 2))}); load it with module=<your model>, "
             f"or with trusted=True (lwpipe-inspect --trusted) if you trust the file's author: the file may then "
-            f"run any importable code")
+            f"run any importable code"
+        )
     return allowed[target]
 
 
@@ -288,8 +313,9 @@ def _construct(cls, config: dict, source: str, device: torch.device | None = Non
                 return instantiate(config, _convert_="all")
             return cls(**{k: v for k, v in config.items() if k != "_target_"})
     except Exception as e:  # MemoryError included
-        raise ArtifactError(f"{source}: building the model {config['_target_']} failed: "
-                            f"{str(e).strip() or type(e).__name__}") from None
+        raise ArtifactError(
+            f"{source}: building the model {config['_target_']} failed: {str(e).strip() or type(e).__name__}"
+        ) from None
 
 
 def stored_shapes(header: dict) -> dict[str, list]:
@@ -306,9 +332,11 @@ def check_fit(model: nn.Module, header: dict, source: str) -> None:
     have = {name: list(t.shape) for name, t in effective_tensors(model).items()}
     if stored.keys() != have.keys():
         missing, unexpected = sorted(have.keys() - stored.keys()), sorted(stored.keys() - have.keys())
-        raise ArtifactError(f"{source} does not fit the model {type(model).__name__}: "
-                            f"tensors the model has but the file lacks {missing[:5]}, "
-                            f"tensors in the file the model lacks {unexpected[:5]}")
+        raise ArtifactError(
+            f"{source} does not fit the model {type(model).__name__}: "
+            f"tensors the model has but the file lacks {missing[:5]}, "
+            f"tensors in the file the model lacks {unexpected[:5]}"
+        )
     for name, shape in stored.items():
         if list(shape) != have[name]:
             raise ArtifactError(f"{source}: {name} is {list(shape)} in the file but {have[name]} in the model")
@@ -324,18 +352,30 @@ def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False,
         for p in model.parameters():  # parameters only: buffers (rotary inv_freq) keep the dtype they are built in
             p.data = p.data.to(dtype)
     tied = art.header.get("tied") or {}
-    restore_factorized(model, {**{n: v.shape for n, (v, _) in art.tensors.items()},
-                               **{layer.name: layer.original.shape for layer in art.layers}})
+    restore_factorized(
+        model,
+        {
+            **{n: v.shape for n, (v, _) in art.tensors.items()},
+            **{layer.name: layer.original.shape for layer in art.layers},
+        },
+    )
     # a structurally pruned model has smaller layers than its config builds (lwpipe/structured.py)
-    resize_to(model, {**{n: v.shape for n, (v, _) in art.tensors.items()},
-                      **{layer.name: layer.original.shape for layer in art.layers}})
+    resize_to(
+        model,
+        {
+            **{n: v.shape for n, (v, _) in art.tensors.items()},
+            **{layer.name: layer.original.shape for layer in art.layers},
+        },
+    )
     stored = [layer.name for layer in art.layers] + list(art.tensors) + list(tied)
     have = set(effective_tensors(model))
     missing, unexpected = sorted(have - set(stored)), sorted(set(stored) - have)
     if missing or unexpected:
-        raise ArtifactError(f"{source} does not fit the model {type(model).__name__}: "
-                            f"tensors the model has but the file lacks {missing[:5]}, "
-                            f"tensors in the file the model lacks {unexpected[:5]}")
+        raise ArtifactError(
+            f"{source} does not fit the model {type(model).__name__}: "
+            f"tensors the model has but the file lacks {missing[:5]}, "
+            f"tensors in the file the model lacks {unexpected[:5]}"
+        )
     modules = dict(model.named_modules())
     for alias, name in tied.items():  # one stored tensor, several modules: tie them as the encoded model was
         if name not in stored or name in tied:
@@ -416,8 +456,10 @@ def _check_grid_axis(m: nn.Module, layer: Layer, source: str) -> None:
     """A per-channel grid runs along the output axis of the layer type it fills (constraints.grid_axis)."""
     c = layer.constraint
     if c.quantized and c.axis is not None and c.axis != grid_axis(m, True):
-        raise ArtifactError(f"{source}: {layer.name} has a grid along axis {c.axis}, but its layer, a "
-                            f"{type(m).__name__}, has its output channels on axis {grid_axis(m, True)}")
+        raise ArtifactError(
+            f"{source}: {layer.name} has a grid along axis {c.axis}, but its layer, a "
+            f"{type(m).__name__}, has its output channels on axis {grid_axis(m, True)}"
+        )
 
 
 def _check_shape(have: torch.Tensor, stored: torch.Tensor, name: str, source: str) -> None:

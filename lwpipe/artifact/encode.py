@@ -16,6 +16,7 @@ is stored exactly by `put`: at the narrowest dtype that holds it, its sign and
 exponent entropy-coded when that is smaller (raw.py). Raw bytes go to the raw
 section, tables and packed levels to the bit section, symbols to one ANS coder.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,9 +28,18 @@ from lwpipe.artifact.coding import StreamWriter, estimate_bits
 from lwpipe.artifact.format import FIRST_VERSION, VERSION, pack
 from lwpipe.artifact.positions import choose_escape
 from lwpipe.artifact.raw import FLOAT_FIELDS, dtype_name, lossless_dtype, split_float, tensor_bytes
-from lwpipe.constraints import (BIAS_LEVELS, Compressed, compressible_layers, constraint, grid_attrs, grid_axis,
-                                half_attrs, original_weight,
-                                parameter_shapes, tensor_aliases)
+from lwpipe.constraints import (
+    BIAS_LEVELS,
+    Compressed,
+    compressible_layers,
+    constraint,
+    grid_attrs,
+    grid_axis,
+    half_attrs,
+    original_weight,
+    parameter_shapes,
+    tensor_aliases,
+)
 from lwpipe.errors import LwpipeError
 
 
@@ -61,8 +71,13 @@ def encode(model: nn.Module, model_config: dict | None) -> tuple[bytes, list[dic
         flags = ["half"] * (name in half) + ["buffer"] * (name in buffers)
         tensors.append([name, how, list(t.shape), dtype_name(t.dtype)] + flags)
     bits, words = streams.finish()
-    header = {"model": config, "dense_bytes": 4 * parameter_count(model), "layers": layers, "tensors": tensors,
-              "sections": [len(raw), len(bits), len(words)]}
+    header = {
+        "model": config,
+        "dense_bytes": 4 * parameter_count(model),
+        "layers": layers,
+        "tensors": tensors,
+        "sections": [len(raw), len(bits), len(words)],
+    }
     if aliases:
         header["tied"] = aliases
     if getattr(model, "lwpipe_resized", False):  # structurally pruned: layers smaller than the config builds
@@ -73,9 +88,13 @@ def encode(model: nn.Module, model_config: dict | None) -> tuple[bytes, list[dic
 
 def buffer_names(model: nn.Module) -> set[str]:
     """Plain names of the model's buffers (not parameters: `lwpipe-inspect` counts parameters)."""
-    return {f"{mname}.{b}" if mname else b for mname, m in model.named_modules()
-            if "parametrizations" not in mname.split(".")
-            for b, t in m.named_buffers(recurse=False) if t is not None}
+    return {
+        f"{mname}.{b}" if mname else b
+        for mname, m in model.named_modules()
+        if "parametrizations" not in mname.split(".")
+        for b, t in m.named_buffers(recurse=False)
+        if t is not None
+    }
 
 
 def other_tensors(model: nn.Module, skip: set[str]) -> list[tuple[str, torch.Tensor]]:
@@ -142,8 +161,10 @@ def encode_layer(name: str, module: nn.Module, c: Compressed, streams: StreamWri
 
     if c.quantized:
         if c.axis != grid_axis(module, c.axis is not None):  # the reader takes no other axis
-            raise LwpipeError(f"layer {name}: its grid runs along axis {c.axis}, not along its output axis "
-                              f"{grid_axis(module, True)}; the artifact cannot store it")
+            raise LwpipeError(
+                f"layer {name}: its grid runs along axis {c.axis}, not along its output axis "
+                f"{grid_axis(module, True)}; the artifact cannot store it"
+            )
         entry["quant"] = encode_grid(c, streams, raw, name)
     if c.shared:
         streams.symbols(kept(c.index), f"{name} codebook index")
@@ -169,15 +190,22 @@ def grid_levels(c: Compressed, x: torch.Tensor, name: str) -> torch.Tensor | Non
     """The integer levels the layer's forward computes (Compressed.quant_levels); None if they are not integers."""
     q = c.quant_levels(x.detach()).cpu()
     if not bool(torch.isfinite(q).all()):
-        raise LwpipeError(f"layer {name}: its quantization grid gives non-finite levels (a zero or non-finite "
-                          f"scale?); the artifact cannot store it")
+        raise LwpipeError(
+            f"layer {name}: its quantization grid gives non-finite levels (a zero or non-finite "
+            f"scale?); the artifact cannot store it"
+        )
     return q.to(torch.int32) if bool((q == q.round()).all()) else None  # |levels| < 2^16
 
 
 def encode_grid(c: Compressed, streams: StreamWriter, raw: bytearray, name: str) -> dict:
     scale, zp = c.scale.detach().cpu(), c.zero_point.detach().cpu()
-    grid = {"bits": c.bits, "qmin": c.qmin, "qmax": c.qmax, "axis": c.axis,
-            "scale": [put(scale, streams, raw, f"{name} scale"), list(scale.shape)]}
+    grid = {
+        "bits": c.bits,
+        "qmin": c.qmin,
+        "qmax": c.qmax,
+        "axis": c.axis,
+        "scale": [put(scale, streams, raw, f"{name} scale"), list(scale.shape)],
+    }
     if c.group is not None:
         grid["group"] = c.group
     as_int = zp.to(torch.int64)

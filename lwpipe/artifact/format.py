@@ -14,6 +14,7 @@ The checksum catches accidental damage (any single flipped byte, any cut); it
 is not a signature. Loading never runs code from the file: the header is JSON
 and the model is built only from an allowlist (see decode.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -109,14 +110,17 @@ def _prefix(data: bytes, source: str) -> tuple[int, int]:
     if len(data) < 4 and MAGIC.startswith(bytes(data)):
         raise ArtifactError(f"{source} is truncated: {len(data)} bytes, cut inside the magic number")
     if data[:4] != MAGIC:
-        raise ArtifactError(f"{source} is not an lwpipe artifact: it starts with {bytes(data[:4])!r}, "
-                            f"an artifact with {MAGIC!r}")
+        raise ArtifactError(
+            f"{source} is not an lwpipe artifact: it starts with {bytes(data[:4])!r}, an artifact with {MAGIC!r}"
+        )
     if len(data) < 5:
         raise ArtifactError(f"{source} is truncated: {len(data)} bytes, not even the format version")
     if not FIRST_VERSION <= data[4] <= VERSION:
         newer = "a newer lwpipe; upgrade lwpipe" if data[4] > VERSION else "an older lwpipe"
-        raise ArtifactError(f"{source} has format version {data[4]}, this lwpipe reads versions "
-                            f"{FIRST_VERSION}..{VERSION} (the file was written by {newer})")
+        raise ArtifactError(
+            f"{source} has format version {data[4]}, this lwpipe reads versions "
+            f"{FIRST_VERSION}..{VERSION} (the file was written by {newer})"
+        )
     try:
         return _read_leb128(data, 5)
     except ValueError:
@@ -138,7 +142,7 @@ def _header(data: bytes, pos: int, source: str) -> tuple[dict, int]:
             raise ValueError(f"it takes {length:,} compressed bytes, more than a header may ({MAX_DEFLATED:,})")
         if pos + length > len(data):
             raise ValueError("the compressed header is cut off")
-        header = json.loads(_inflate(data[pos:pos + length]))
+        header = json.loads(_inflate(data[pos : pos + length]))
     except (ValueError, zlib.error) as e:
         raise ArtifactError(f"{source} has an unreadable header: {e}") from None
     except RecursionError:
@@ -154,8 +158,10 @@ def unpack(data: bytes, source: str = "artifact", view: bool = False) -> tuple[d
     size, pos = _prefix(data, source)
     _check_length(len(data), size, source)
     if zlib.crc32(data[:-4]) != int.from_bytes(data[-4:], "little"):
-        raise ArtifactError(f"{source} is damaged: its CRC-32 checksum does not match its contents "
-                            "(the file was altered or corrupted after it was written)")
+        raise ArtifactError(
+            f"{source} is damaged: its CRC-32 checksum does not match its contents "
+            "(the file was altered or corrupted after it was written)"
+        )
     header, start = _header(data, pos, source)
     return header, (memoryview(data) if view else data)[start:-4]
 
@@ -174,8 +180,9 @@ def read_file(path, check) -> bytes:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise ArtifactError(f"{source} is {_kind(info.st_mode)}, not a regular file: lwpipe reads artifacts "
-                                "only from regular files")
+            raise ArtifactError(
+                f"{source} is {_kind(info.st_mode)}, not a regular file: lwpipe reads artifacts only from regular files"
+            )
     except BaseException:
         os.close(fd)
         raise
@@ -214,11 +221,18 @@ def _crc_matches(f, size: int, source: str) -> None:
             break
         crc, left = zlib.crc32(chunk, crc), left - len(chunk)
     if crc != int.from_bytes(f.read(4), "little"):
-        raise ArtifactError(f"{source} is damaged: its CRC-32 checksum does not match its contents "
-                            "(the file was altered or corrupted after it was written)")
+        raise ArtifactError(
+            f"{source} is damaged: its CRC-32 checksum does not match its contents "
+            "(the file was altered or corrupted after it was written)"
+        )
 
 
 def _kind(mode: int) -> str:
-    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+    kinds = [
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
     return next((name for test, name in kinds if test(mode)), "not a regular file")

@@ -7,6 +7,7 @@
 
 The file is fully decoded (so a damaged one is caught) but no model is built.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,16 @@ from lwpipe.artifact.decode import Artifact, constructor, read, read_bytes
 from lwpipe.artifact.format import VERSION, unpack
 from lwpipe.errors import LwpipeError
 
-COLUMNS = [("layer", 16, "<"), ("weights", 9, ">"), ("% kept", 7, ">"), ("weight bits", 11, ">"),
-           ("index bits", 10, ">"), ("bytes", 8, ">"), ("% of orig.", 10, ">"), ("encoding", 0, "<")]
+COLUMNS = [
+    ("layer", 16, "<"),
+    ("weights", 9, ">"),
+    ("% kept", 7, ">"),
+    ("weight bits", 11, ">"),
+    ("index bits", 10, ">"),
+    ("bytes", 8, ">"),
+    ("% of orig.", 10, ">"),
+    ("encoding", 0, "<"),
+]
 
 
 def encoding(e: dict) -> str:
@@ -40,26 +49,57 @@ def rows(art: Artifact) -> list[dict]:
     layers = []
     for layer, e in zip(art.layers, art.header["layers"]):
         c, n = layer.cost, max(layer.cost["nnz"], 1)
-        layers.append({"layer": layer.name, "weights": c["weights"], "kept": c["nnz"], "weight_bits": c["values"] / n,
-                       "index_bits": c["positions"] / n if e.get("mask") else None,
-                       "bytes": round(c["total"] / 8), "encoding": encoding(e) + _tied(also, layer.name)})
+        layers.append(
+            {
+                "layer": layer.name,
+                "weights": c["weights"],
+                "kept": c["nnz"],
+                "weight_bits": c["values"] / n,
+                "index_bits": c["positions"] / n if e.get("mask") else None,
+                "bytes": round(c["total"] / 8),
+                "encoding": encoding(e) + _tied(also, layer.name),
+            }
+        )
     others = []
     for name, how, _, _, *flags in art.header["tensors"]:
         value, bits = art.tensors[name][0], art.tensor_bits[name]
         numel = value.numel()
         kept = None if "buffer" in flags else int(value.count_nonzero())  # a buffer is not a parameter
-        others.append({"layer": name, "weights": numel, "kept": kept, "weight_bits": bits / max(numel, 1),
-                       "index_bits": None, "bytes": round(bits / 8),
-                       "encoding": ("8-bit grid, levels coded" if how[0] == "levels" else
-                                    how[0] + (", sign+exponent coded" if len(how) > 1 else "")) + _tied(also, name)})
+        others.append(
+            {
+                "layer": name,
+                "weights": numel,
+                "kept": kept,
+                "weight_bits": bits / max(numel, 1),
+                "index_bits": None,
+                "bytes": round(bits / 8),
+                "encoding": (
+                    "8-bit grid, levels coded"
+                    if how[0] == "levels"
+                    else how[0] + (", sign+exponent coded" if len(how) > 1 else "")
+                )
+                + _tied(also, name),
+            }
+        )
     kept = sum(r["kept"] for r in layers)
-    container = {"layer": "(container)", "weights": None, "kept": None, "weight_bits": None, "index_bits": None,
-                 "bytes": art.size - sum(r["bytes"] for r in layers + others),
-                 "encoding": "header, checksum, coder flush"}
-    total = {"layer": "total", "weights": art.header["dense_bytes"] // 4, "kept": None,
-             "weight_bits": sum(r["weight_bits"] * r["kept"] for r in layers) / max(kept, 1),
-             "index_bits": sum((r["index_bits"] or 0) * r["kept"] for r in layers) / max(kept, 1),
-             "bytes": art.size, "encoding": f"{art.header['dense_bytes'] / art.size:.1f}x smaller than float32"}
+    container = {
+        "layer": "(container)",
+        "weights": None,
+        "kept": None,
+        "weight_bits": None,
+        "index_bits": None,
+        "bytes": art.size - sum(r["bytes"] for r in layers + others),
+        "encoding": "header, checksum, coder flush",
+    }
+    total = {
+        "layer": "total",
+        "weights": art.header["dense_bytes"] // 4,
+        "kept": None,
+        "weight_bits": sum(r["weight_bits"] * r["kept"] for r in layers) / max(kept, 1),
+        "index_bits": sum((r["index_bits"] or 0) * r["kept"] for r in layers) / max(kept, 1),
+        "bytes": art.size,
+        "encoding": f"{art.header['dense_bytes'] / art.size:.1f}x smaller than float32",
+    }
     # the share of EVERY parameter that is kept (non-zero), so untouched tensors show (a tied one counts once)
     total["kept_share"] = (kept + sum(r["kept"] or 0 for r in others)) / max(art.header["dense_bytes"] // 4, 1)
     return layers + others + [container, total]
@@ -101,8 +141,10 @@ def describe(path: str, trusted: bool = False, max_dense_bytes: int | None = Non
         cfg = dict(header["model"])
         model = f"{cfg.pop('_target_')}({', '.join(f'{k}={_short(v)}' for k, v in cfg.items())})"
     art = read(data, path, max_dense_bytes)
-    return (f"{path}: lwpipe artifact, format version {VERSION}, {art.size:,} bytes, checksum ok\n"
-            f"model: {model}\n\n" + format_table(art))
+    return (
+        f"{path}: lwpipe artifact, format version {VERSION}, {art.size:,} bytes, checksum ok\n"
+        f"model: {model}\n\n" + format_table(art)
+    )
 
 
 def _short(value) -> str:
@@ -116,10 +158,18 @@ def _short(value) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lwpipe-inspect", description="Per-layer sizes of a compressed model.lwp.")
     p.add_argument("path", help="a model.lwp file")
-    p.add_argument("--trusted", action="store_true",
-                   help="accept a model constructor outside lwpipe.models (inspect never builds the model)")
-    p.add_argument("--max-dense-bytes", type=int, default=None, metavar="N",
-                   help="refuse a file that declares a model of more than N dense bytes")
+    p.add_argument(
+        "--trusted",
+        action="store_true",
+        help="accept a model constructor outside lwpipe.models (inspect never builds the model)",
+    )
+    p.add_argument(
+        "--max-dense-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="refuse a file that declares a model of more than N dense bytes",
+    )
     a = p.parse_args(argv)
     try:
         text = describe(a.path, a.trusted, a.max_dense_bytes)

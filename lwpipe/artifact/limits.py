@@ -12,6 +12,7 @@ give (constraints.scale_shape), and `check_grid_values` checks, once read,
 that every level of the grid is a finite weight.
 Fields this module does not know are left to the code that reads them.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,8 @@ from lwpipe.constraints import GRID_AXES, dequantize, scale_shape
 
 MAX_DIMS = 8
 MAX_ESCAPE = 1 << 16
-MAX_LEVEL = 1 << 32        # |qmin|, |qmax|, an integer zero point
-MAX_CODEBOOK = 1 << 16     # a codebook may exceed its layer's weights only up to this (files of lwpipe < 0.2)
+MAX_LEVEL = 1 << 32  # |qmin|, |qmax|, an integer zero point
+MAX_CODEBOOK = 1 << 16  # a codebook may exceed its layer's weights only up to this (files of lwpipe < 0.2)
 LAYER_DTYPES = ("float32", "float64", "float16", "bfloat16")  # a compressed layer's weight is a float
 # The body a header can explain: a stored value takes at most 8 bytes (float64) where the dense size counts 4, and
 # its position, index or level symbols, scales and tables fit in as much again; buffers are counted at 8 bytes an
@@ -105,13 +106,16 @@ def check_grid(q, what: str, shape: list[int]) -> int:
         raise HeaderError(f"{what} has qmin {qmin} >= qmax {qmax}: a grid needs at least two levels")
     axis = q.get("axis")
     if axis is not None and (type(axis) is not int or axis not in GRID_AXES or axis >= len(shape)):
-        raise HeaderError(f"{what} axis is {axis!r}: a grid is per tensor (null) or along the weight's "
-                          f"output axis ({' or '.join(map(str, GRID_AXES))}, within its {len(shape)} dimensions)")
+        raise HeaderError(
+            f"{what} axis is {axis!r}: a grid is per tensor (null) or along the weight's "
+            f"output axis ({' or '.join(map(str, GRID_AXES))}, within its {len(shape)} dimensions)"
+        )
     group = q.get("group")
     if group is not None:
         if axis is None or len(shape) != 2:
-            raise HeaderError(f"{what} has per-group scales (group {group!r}) without a per-channel grid on a 2-D "
-                              f"weight")
+            raise HeaderError(
+                f"{what} has per-group scales (group {group!r}) without a per-channel grid on a 2-D weight"
+            )
         group = _int(group, f"{what} group", 1, shape[1 - axis])
     want = list(scale_shape(shape, axis, group))
     for part in ("scale", "zp"):
@@ -120,8 +124,10 @@ def check_grid(q, what: str, shape: list[int]) -> int:
             raise HeaderError(f"{what} {part} is {pair!r}, not [how, shape]")
         check_shape(pair[1], f"{what} {part}", math.prod(want))
         if pair[1] != want:  # a scale broadcast to any other shape would change the weight's shape
-            raise HeaderError(f"{what} {part} has shape {pair[1]}; a {'per-tensor' if axis is None else f'axis-{axis}'}"
-                              f" grid of a {shape} weight has {want}")
+            raise HeaderError(
+                f"{what} {part} has shape {pair[1]}; a {'per-tensor' if axis is None else f'axis-{axis}'}"
+                f" grid of a {shape} weight has {want}"
+            )
     scale_how, mode = q["scale"][0], q["zp"][0]
     check_how(scale_how, f"{what} scale")
     if isinstance(mode, int) and not isinstance(mode, bool):
@@ -137,11 +143,16 @@ def check_grid_values(scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: in
     if not bool((scale > 0).all() & torch.isfinite(scale).all()):  # NaN > 0 is False
         bad = scale[~((scale > 0) & torch.isfinite(scale))].reshape(-1)[0]
         raise ValueError(f"layer {name!r}: a grid scale is {float(bad)}, not a positive finite number")
-    ends = torch.stack(torch.broadcast_tensors(dequantize(torch.tensor(float(qmin)), scale, zp),
-                                               dequantize(torch.tensor(float(qmax)), scale, zp)))
+    ends = torch.stack(
+        torch.broadcast_tensors(
+            dequantize(torch.tensor(float(qmin)), scale, zp), dequantize(torch.tensor(float(qmax)), scale, zp)
+        )
+    )
     if not bool(torch.isfinite(ends).all()):
-        raise ValueError(f"layer {name!r}: its grid's levels {qmin}..{qmax} (scale up to {float(scale.max())}, "
-                         f"zero point {float(zp.reshape(-1)[0]) if zp.numel() else 0}) give non-finite weights")
+        raise ValueError(
+            f"layer {name!r}: its grid's levels {qmin}..{qmax} (scale up to {float(scale.max())}, "
+            f"zero point {float(zp.reshape(-1)[0]) if zp.numel() else 0}) give non-finite weights"
+        )
 
 
 def check_layer(e, i: int, budget: int) -> int:
@@ -154,8 +165,9 @@ def check_layer(e, i: int, budget: int) -> int:
     shape = e.get("shape")
     numel = check_shape(shape, what, budget)
     if e.get("dtype") not in LAYER_DTYPES:
-        raise HeaderError(f"{what} has dtype {e.get('dtype')!r}; a compressed layer is one of "
-                          f"{', '.join(LAYER_DTYPES)}")
+        raise HeaderError(
+            f"{what} has dtype {e.get('dtype')!r}; a compressed layer is one of {', '.join(LAYER_DTYPES)}"
+        )
     if e.get("shared") is not None and e["dtype"] != "float32":
         raise HeaderError(f"{what} has dtype {e['dtype']!r}; a shared layer computes from a float32 codebook")
     if e.get("mask") is not None:
@@ -186,9 +198,11 @@ def check_header(header: dict, body_len: int, max_dense_bytes: int | None = None
     if max_dense_bytes is not None and dense > max_dense_bytes:
         raise HeaderError(f"the model's dense size is {dense:,} bytes, above the limit of {max_dense_bytes:,}")
     if max_dense_bytes is None and MEMORY_FACTOR * dense > memory_available():
-        raise HeaderError(f"the model's dense size is {dense:,} bytes: reading it takes up to {MEMORY_FACTOR}x that, "
-                          f"more than the {memory_available():,} bytes of memory this process may use "
-                          "(max_dense_bytes= / --max-dense-bytes sets the limit instead)")
+        raise HeaderError(
+            f"the model's dense size is {dense:,} bytes: reading it takes up to {MEMORY_FACTOR}x that, "
+            f"more than the {memory_available():,} bytes of memory this process may use "
+            "(max_dense_bytes= / --max-dense-bytes sets the limit instead)"
+        )
     if header.get("model") is not None:
         _dict(header["model"], "model config")
     sections = _list(header.get("sections"), "sections")
@@ -213,8 +227,10 @@ def check_header(header: dict, body_len: int, max_dense_bytes: int | None = None
     check_tied(header.get("tied"), names)
     most = BODY_PER_DENSE_BYTE * dense + buffers + ENTRY_BYTES * (1 + len(names))
     if body_len > most:
-        raise HeaderError(f"the body is {body_len:,} bytes, more than the {most:,} its declared content can take "
-                          f"({dense:,} dense bytes, {len(names)} tensors)")
+        raise HeaderError(
+            f"the body is {body_len:,} bytes, more than the {most:,} its declared content can take "
+            f"({dense:,} dense bytes, {len(names)} tensors)"
+        )
 
 
 def check_tied(tied, names: set[str]) -> None:
@@ -231,8 +247,17 @@ def check_tied(tied, names: set[str]) -> None:
 
 
 # -- model construction ----------------------------------------------------------------------------------------
-LAYER_COUNTS = ("n_layer", "n_layers", "num_layers", "num_hidden_layers", "num_decoder_layers",
-                "num_encoder_layers", "encoder_layers", "decoder_layers", "blocks")
+LAYER_COUNTS = (
+    "n_layer",
+    "n_layers",
+    "num_layers",
+    "num_hidden_layers",
+    "num_decoder_layers",
+    "num_encoder_layers",
+    "encoder_layers",
+    "decoder_layers",
+    "blocks",
+)
 LABEL_COUNTS = ("num_labels",)
 SMALL_INT = 4096  # token ids, generation settings and the like: any int up to this is let through
 
@@ -252,20 +277,25 @@ def check_arguments(cls, config: dict, header: dict) -> None:
     for path, value in _walk(config, "model"):
         key = path.rpartition(".")[2]
         if isinstance(value, (list, dict)) and len(value) > limit:
-            raise HeaderError(f"{path} has {len(value):,} entries, more than the {limit:,} the file's "
-                              f"{entries} tensors can use")
+            raise HeaderError(
+                f"{path} has {len(value):,} entries, more than the {limit:,} the file's {entries} tensors can use"
+            )
         if isinstance(value, bool) or not isinstance(value, int):
             continue
         most = entries if key in LAYER_COUNTS else widest if key in LABEL_COUNTS else limit
         if value > most:
-            raise HeaderError(f"{path} is {value:,}, more than the {most:,} the file's {entries} stored tensors "
-                              f"(largest dimension {widest:,}) can hold")
+            raise HeaderError(
+                f"{path} is {value:,}, more than the {most:,} the file's {entries} stored tensors "
+                f"(largest dimension {widest:,}) can hold"
+            )
     least = getattr(cls, "least_tensors", None)
     if least is not None:
         need = least({k: v for k, v in config.items() if k != "_target_"})
         if need > entries:
-            raise HeaderError(f"model {config.get('_target_')} with these arguments has at least {need:,} "
-                              f"tensors, the file stores {entries}")
+            raise HeaderError(
+                f"model {config.get('_target_')} with these arguments has at least {need:,} "
+                f"tensors, the file stores {entries}"
+            )
 
 
 def _walk(node, path: str):

@@ -5,6 +5,7 @@ gap g >= E is written as g // E escape symbols (each: "E pruned weights, no
 kept one") followed by g % E, so the alphabet stays 0..E however sparse the
 layer. E is chosen per layer for the fewest coded bits.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -67,7 +68,7 @@ def escape_counts(hist: np.ndarray, escape: int | None) -> np.ndarray:
     counts = np.bincount(g % escape, weights=hist, minlength=escape + 1)
     counts[escape] = float((g // escape * hist).sum())
     counts = np.rint(counts).astype(np.int64)
-    return counts[:np.flatnonzero(counts)[-1] + 1]
+    return counts[: np.flatnonzero(counts)[-1] + 1]
 
 
 def positions_from_gaps(symbols: np.ndarray, escape: int | None, kept: int, size: int) -> np.ndarray:

@@ -4,18 +4,35 @@ A float tensor may also be split into fields: sign and exponent as one
 entropy-coded symbol (biases and scales span few exponents: ~3-4 bits instead
 of 6-12) and the mantissa bits packed as they are (they are close to uniform).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float64, torch.float32, torch.float16, torch.bfloat16,
-    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
 _BITS_AS_INT = {torch.float64: torch.int64, torch.float32: torch.int32}
 # dtype: (exponent bits, mantissa bits, integer dtype of the same width)
-FLOAT_FIELDS = {torch.float16: (5, 10, torch.int16), torch.bfloat16: (8, 7, torch.int16),
-                torch.float32: (8, 23, torch.int32), torch.float64: (11, 52, torch.int64)}
+FLOAT_FIELDS = {
+    torch.float16: (5, 10, torch.int16),
+    torch.bfloat16: (8, 7, torch.int16),
+    torch.float32: (8, 23, torch.int32),
+    torch.float64: (11, 52, torch.int64),
+}
 _UNSIGNED = {torch.int16: np.uint16, torch.int32: np.uint32, torch.int64: np.uint64}
 
 
@@ -57,8 +74,12 @@ def split_float(t: torch.Tensor) -> tuple[np.ndarray, int, bytes]:
     shifts = np.arange(m_bits - 1, -1, -1, dtype=np.uint64)
     # in chunks of CHUNK values (a multiple of 8: each chunk's bits end on a byte): the bit matrix of a
     # whole tensor would take 8 * m_bits bytes a value (184 for fp32)
-    mantissa = b"".join(np.packbits(((u[i:i + CHUNK, None].astype(np.uint64) >> shifts) & np.uint64(1)).astype(np.uint8).reshape(-1))
-                        .tobytes() for i in range(0, len(u), CHUNK))
+    mantissa = b"".join(
+        np.packbits(
+            ((u[i : i + CHUNK, None].astype(np.uint64) >> shifts) & np.uint64(1)).astype(np.uint8).reshape(-1)
+        ).tobytes()
+        for i in range(0, len(u), CHUNK)
+    )
     return 2 * (exponent - low) + sign, low, mantissa
 
 
@@ -69,11 +90,11 @@ def join_float(symbols: np.ndarray, low: int, mantissa: bytes, dtype: torch.dtyp
     u = np.empty(n, dtype=np.uint64)
     for i in range(0, n, CHUNK):  # CHUNK values are CHUNK * m_bits / 8 whole bytes
         m = min(CHUNK, n - i)
-        part = packed[i * m_bits // 8:(i * m_bits + m * m_bits + 7) // 8]
-        bits = np.unpackbits(part)[:m * m_bits].reshape(m, m_bits)
+        part = packed[i * m_bits // 8 : (i * m_bits + m * m_bits + 7) // 8]
+        bits = np.unpackbits(part)[: m * m_bits].reshape(m, m_bits)
         if len(bits) < m:
             raise ValueError("float mantissa shorter than its count")
-        u[i:i + m] = (bits.astype(np.uint64) << shifts).sum(1, dtype=np.uint64)
+        u[i : i + m] = (bits.astype(np.uint64) << shifts).sum(1, dtype=np.uint64)
     exponent = symbols.astype(np.uint64) // np.uint64(2) + np.uint64(low)
     if n and int(exponent.max()) >= 1 << e_bits:
         raise ValueError("float exponent out of range")
@@ -97,7 +118,7 @@ class RawReader:
         if size < 0 or self.pos + size > len(self.data):
             raise ValueError("raw section ends early")
         self.pos += size
-        return self.data[self.pos - size:self.pos]
+        return self.data[self.pos - size : self.pos]
 
     def tensor(self, dtype_name_: str, shape, restore: torch.dtype | None = None) -> torch.Tensor:
         if dtype_name_ not in DTYPES:

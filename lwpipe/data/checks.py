@@ -4,6 +4,7 @@ Without them a bad data set ends, after a run directory was made, in a raw trace
 training (`Target 200 is out of bounds`, `mat1 and mat2 shapes cannot be multiplied`). Each check names
 the split, the sample and what was expected. Loaders check what only they know (mnist.py names the file).
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,11 +51,15 @@ def check_data(data: DataBundle, model: nn.Module, device="cpu") -> None:
     for split, ds in (("train", data.train), ("test", data.test)):
         if len(ds) == 0:
             raise _error(data, f"the {split} split is empty; both splits need samples")
-    (x_train, y_train), (x_test, y_test) = (_first(ds, s, data)[:2] for s, ds in (("train", data.train),
-                                                                                  ("test", data.test)))
+    (x_train, y_train), (x_test, y_test) = (
+        _first(ds, s, data)[:2] for s, ds in (("train", data.train), ("test", data.test))
+    )
     if torch.is_tensor(x_train) and torch.is_tensor(x_test) and x_train.shape != x_test.shape:
-        raise _error(data, f"train inputs are {tuple(x_train.shape)} but test inputs are {tuple(x_test.shape)}; "
-                           f"both splits need inputs of one shape")
+        raise _error(
+            data,
+            f"train inputs are {tuple(x_train.shape)} but test inputs are {tuple(x_test.shape)}; "
+            f"both splits need inputs of one shape",
+        )
     classes = output_classes(model, x_test, device) if torch.is_tensor(x_test) else None
     for split, ds, first in (("train", data.train, y_train), ("test", data.test, y_test)):
         y = labels(ds)
@@ -67,6 +72,9 @@ def check_data(data: DataBundle, model: nn.Module, device="cpu") -> None:
         if low < 0 or (classes is not None and high >= classes):
             bad = low if low < 0 else high
             at = int((y == bad).nonzero()[0])
-            allowed = f"the model scores {classes} classes, so labels must be 0..{classes - 1}" \
-                if classes is not None else "labels must be >= 0"
+            allowed = (
+                f"the model scores {classes} classes, so labels must be 0..{classes - 1}"
+                if classes is not None
+                else "labels must be >= 0"
+            )
             raise _error(data, f"the {split} split has label {bad} (sample {at}); {allowed}")

@@ -1,4 +1,5 @@
 """scikit-learn's bundled 8x8 digits (1,797 images): the default data, no download."""
+
 from __future__ import annotations
 
 import importlib.util

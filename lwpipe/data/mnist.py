@@ -1,4 +1,5 @@
 """MNIST from the standard IDX files in a local folder (nothing is downloaded)."""
+
 from __future__ import annotations
 
 import gzip
@@ -29,13 +30,17 @@ GZIP_MAX_RATIO = 1100  # deflate expands at most ~1032x: a .gz cannot hold more 
 def _header(f, path: Path, ndim_expected: int | None) -> tuple[int, ...]:
     magic = f.read(4)
     if len(magic) < 4 or magic[0:2] != b"\x00\x00" or magic[2] != 0x08:
-        raise LwpipeError(f"{path}: not an unsigned-byte IDX file (bad magic {magic.hex()}, expected 00000801 "
-                          f"for labels or 00000803 for images)")
+        raise LwpipeError(
+            f"{path}: not an unsigned-byte IDX file (bad magic {magic.hex()}, expected 00000801 "
+            f"for labels or 00000803 for images)"
+        )
     ndim = magic[3]
     raw = f.read(4 * ndim)
     if len(raw) < 4 * ndim:
-        raise LwpipeError(f"{path}: truncated header: {4 + len(raw)} bytes, but its magic announces {ndim} "
-                          f"dimensions, so the header takes {4 + 4 * ndim} bytes")
+        raise LwpipeError(
+            f"{path}: truncated header: {4 + len(raw)} bytes, but its magic announces {ndim} "
+            f"dimensions, so the header takes {4 + 4 * ndim} bytes"
+        )
     if ndim_expected is not None and ndim != ndim_expected:
         kind = "labels (1 dimension)" if ndim_expected == 1 else f"images ({ndim_expected} dimensions)"
         raise LwpipeError(f"{path}: holds a {ndim}-dimensional array, expected {kind}; are the files swapped?")
@@ -47,18 +52,23 @@ def _body(f, path: Path, dims: tuple[int, ...], gz: bool) -> bytes:
     than the header declares is refused before anything beyond the declared size is held."""
     size, stored = math.prod(dims), path.stat().st_size
     if gz and size > GZIP_MAX_RATIO * stored:
-        raise LwpipeError(f"{path}: header says {dims} ({size:,} bytes), more than a {stored:,}-byte gzip file "
-                          f"can hold")
+        raise LwpipeError(
+            f"{path}: header says {dims} ({size:,} bytes), more than a {stored:,}-byte gzip file can hold"
+        )
     if not gz and stored != 4 + 4 * len(dims) + size:
-        raise LwpipeError(f"{path}: header says {dims} but holds {stored - 4 - 4 * len(dims)} bytes "
-                          f"(truncated?)" if stored < 4 + 4 * len(dims) + size else
-                          f"{path}: header says {dims} ({size:,} bytes) but the file holds more after them")
+        raise LwpipeError(
+            f"{path}: header says {dims} but holds {stored - 4 - 4 * len(dims)} bytes (truncated?)"
+            if stored < 4 + 4 * len(dims) + size
+            else f"{path}: header says {dims} ({size:,} bytes) but the file holds more after them"
+        )
     data = f.read(size)
     if len(data) < size:
         raise LwpipeError(f"{path}: header says {dims} but holds {len(data)} bytes (truncated?)")
     if f.read(1):
-        raise LwpipeError(f"{path}: decompresses to more than the {size:,} bytes its header {dims} declares "
-                          f"(a damaged or hostile file); stopped reading there")
+        raise LwpipeError(
+            f"{path}: decompresses to more than the {size:,} bytes its header {dims} declares "
+            f"(a damaged or hostile file); stopped reading there"
+        )
     return data
 
 
@@ -89,8 +99,10 @@ def load_mnist(root: str | None = None, limit_train: int | None = None) -> DataB
     files = {k: _find(path, stem) for k, stem in FILES.items()}
     arrays = {k: read_idx(f, 3 if k.endswith("_x") else 1) for k, f in files.items()}
     if arrays["train_x"].shape[1:] != arrays["test_x"].shape[1:]:
-        raise LwpipeError(f"{files['test_x']}: images of {arrays['test_x'].shape[1:]} pixels, but the training "
-                          f"images in {files['train_x']} are {arrays['train_x'].shape[1:]}")
+        raise LwpipeError(
+            f"{files['test_x']}: images of {arrays['test_x'].shape[1:]} pixels, but the training "
+            f"images in {files['train_x']} are {arrays['train_x'].shape[1:]}"
+        )
     for k in ("train_y", "test_y"):
         if arrays[k].size == 0:
             raise LwpipeError(f"{files[k]}: holds no labels; both splits need samples")

@@ -1,4 +1,5 @@
 """Seeded Gaussian blobs: a learnable classification task made on the spot, for tests and smoke runs."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,14 @@ from lwpipe.data.bundle import DataBundle, tensor_split
 from lwpipe.errors import ConfigError
 
 
-def load_blobs(n: int = 512, num_features: int = 8, num_classes: int = 4, spread: float = 1.0,
-               test_fraction: float = 0.25, seed: int = 0) -> DataBundle:
+def load_blobs(
+    n: int = 512,
+    num_features: int = 8,
+    num_classes: int = 4,
+    spread: float = 1.0,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+) -> DataBundle:
     if n < 2 * num_classes:
         raise ConfigError("data.n", n, f"needs at least 2 x num_classes = {2 * num_classes} samples")
     g = torch.Generator().manual_seed(seed)

@@ -12,6 +12,7 @@ Every text is tokenized once (truncation to `max_length`, padding to the
 longest text kept), so batches are dicts of tensors: input_ids,
 attention_mask (token_type_ids where the tokenizer makes them) and labels.
 """
+
 from __future__ import annotations
 
 import csv
@@ -27,7 +28,7 @@ from torch.utils.data import Dataset
 
 from lwpipe.data.bundle import DataBundle
 from lwpipe.data.text_checks import TOKENIZER_FILES, check_encodes, clip_long, number_labels
-from lwpipe.errors import ConfigError, LwpipeError
+from lwpipe.errors import ConfigError
 
 log = logging.getLogger("lwpipe")
 
@@ -49,7 +50,7 @@ class DictDataset(Dataset):
         return {k: v[i] for k, v in self.tensors.items()}
 
     def batches(self, size: int) -> list[dict]:
-        return [{k: v[i:i + size] for k, v in self.tensors.items()} for i in range(0, len(self), size)]
+        return [{k: v[i : i + size] for k, v in self.tensors.items()} for i in range(0, len(self), size)]
 
 
 def builtin_corpus(labelled: bool) -> list[tuple[str, int | None]]:
@@ -83,8 +84,12 @@ def read_texts(path: str, key: str, text_column: str, label_column: str | None) 
         raise ConfigError(key, path, "no such file")
     if p.suffix == ".txt":
         if label_column:
-            raise ConfigError(key, path, "a .txt file has no labels; text_classification needs a .csv or .jsonl "
-                              f"file with the columns {text_column!r} and {label_column!r}")
+            raise ConfigError(
+                key,
+                path,
+                "a .txt file has no labels; text_classification needs a .csv or .jsonl "
+                f"file with the columns {text_column!r} and {label_column!r}",
+            )
         return [(line, None) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     if p.suffix == ".csv":
         rows = read_csv(p, key, path)
@@ -106,8 +111,11 @@ def read_texts(path: str, key: str, text_column: str, label_column: str | None) 
 
 def load_tokenizer(path: str | None):
     if not path:
-        raise ConfigError("data.tokenizer", path, "required: the directory holding the model's tokenizer files "
-                          "(recipes with model=hf set it to model.path)")
+        raise ConfigError(
+            "data.tokenizer",
+            path,
+            "required: the directory holding the model's tokenizer files (recipes with model=hf set it to model.path)",
+        )
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ConfigError("data.tokenizer", path, "directory does not exist")
@@ -117,16 +125,19 @@ def load_tokenizer(path: str | None):
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0]
-        raise ConfigError("data.tokenizer", path, f"holds no tokenizer that transformers can read "
-                          f"(tokenizer.json or vocab files with tokenizer_config.json): {first}") from None
+        raise ConfigError(
+            "data.tokenizer",
+            path,
+            f"holds no tokenizer that transformers can read "
+            f"(tokenizer.json or vocab files with tokenizer_config.json): {first}",
+        ) from None
     if tok.pad_token is None:  # GPT-2's tokenizer has none: pad with end-of-text (masked out anyway)
         tok.pad_token = tok.eos_token
     return tok
 
 
 def encode(tokenizer, pairs: list[tuple[str, object]], max_length: int, labelled: bool) -> DictDataset:
-    enc = tokenizer([t for t, _ in pairs], truncation=True, max_length=max_length, padding=True,
-                    return_tensors="pt")
+    enc = tokenizer([t for t, _ in pairs], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
     tensors = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     if labelled:
         tensors["labels"] = torch.tensor([v for _, v in pairs], dtype=torch.long)
@@ -150,18 +161,30 @@ def check_unknown(tok, ds: DictDataset, key: str, path: str | None) -> None:
     n = int(text.sum())
     share = int(((ids == unk) & text).sum()) / n if n else 0.0
     if share >= UNKNOWN_LIMIT:
-        raise ConfigError("data.tokenizer", path, f"turns {share:.0%} of the tokens of {key} into its unknown token "
-                          f"{tok.unk_token!r}: it does not fit these texts (use the model's own tokenizer; does "
-                          f"{path} hold its files: {TOKENIZER_FILES}?)")
+        raise ConfigError(
+            "data.tokenizer",
+            path,
+            f"turns {share:.0%} of the tokens of {key} into its unknown token "
+            f"{tok.unk_token!r}: it does not fit these texts (use the model's own tokenizer; does "
+            f"{path} hold its files: {TOKENIZER_FILES}?)",
+        )
     if share >= 0.2:
-        log.warning("data.tokenizer %s turns %.0f%% of the tokens of %s into %r", path, 100 * share, key,
-                    tok.unk_token)
+        log.warning("data.tokenizer %s turns %.0f%% of the tokens of %s into %r", path, 100 * share, key, tok.unk_token)
 
 
-def load_text(train: str | None = None, test: str | None = None, tokenizer: str | None = None,
-              task: str = "text_classification", text_column: str = "text", label_column: str | None = "label",
-              max_length: int = 128, limit_train: int | None = None, limit_test: int | None = None,
-              test_fraction: float = 0.2, split_seed: int = 0) -> DataBundle:
+def load_text(
+    train: str | None = None,
+    test: str | None = None,
+    tokenizer: str | None = None,
+    task: str = "text_classification",
+    text_column: str = "text",
+    label_column: str | None = "label",
+    max_length: int = 128,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+) -> DataBundle:
     """Train and test texts, tokenized with the model's tokenizer (see the module docstring)."""
     if task not in TEXT_TASKS:
         raise ConfigError("task.name", task, f"data=text feeds dict batches to the tasks {', '.join(TEXT_TASKS)}")
@@ -169,8 +192,11 @@ def load_text(train: str | None = None, test: str | None = None, tokenizer: str 
     if not 1 <= max_length <= 1 << 16:
         raise ConfigError("data.max_length", max_length, "must be between 1 and 65536")
     if (train is None) != (test is None):
-        raise ConfigError("data.test" if test is None else "data.train", None,
-                          "set data.train and data.test together (or neither, for the built-in corpus)")
+        raise ConfigError(
+            "data.test" if test is None else "data.train",
+            None,
+            "set data.train and data.test together (or neither, for the built-in corpus)",
+        )
     if train is None:
         pairs = builtin_corpus(labelled)
         random.Random(split_seed).shuffle(pairs)
@@ -178,8 +204,10 @@ def load_text(train: str | None = None, test: str | None = None, tokenizer: str 
         parts, name = [pairs[n_test:], pairs[:n_test]], "pydoc_topics"
     else:
         column = label_column if labelled else None
-        parts = [read_texts(train, "data.train", text_column, column),
-                 read_texts(test, "data.test", text_column, column)]
+        parts = [
+            read_texts(train, "data.train", text_column, column),
+            read_texts(test, "data.test", text_column, column),
+        ]
         name = f"text:{Path(train).name}"
     for part, key, limit in ((0, "data.train", limit_train), (1, "data.test", limit_test)):
         parts[part] = parts[part][:limit] if limit else parts[part]
@@ -199,4 +227,3 @@ def load_text(train: str | None = None, test: str | None = None, tokenizer: str 
     for ds in (train_ds, test_ds):
         ds.vocab_size = len(tok)
     return bundle
-

@@ -5,6 +5,7 @@ empty, not whole numbers or mixed with names; an example longer than any tokeniz
 made the Rust tokenizer abort the process); a tokenizer that turns the texts into no tokens at all (a
 model directory without tokenizer files, from which transformers builds a one-token tokenizer).
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,8 +44,9 @@ def _where(keys: tuple[str, ...], part: int, row: int) -> str:
     return f"row {row + 1} of {keys[part]}"
 
 
-def number_labels(pairs: list[list[tuple[str, object]]], keys: tuple[str, ...] = ("data.train", "data.test")
-                  ) -> list[list[tuple[str, int]]]:
+def number_labels(
+    pairs: list[list[tuple[str, object]]], keys: tuple[str, ...] = ("data.train", "data.test")
+) -> list[list[tuple[str, int]]]:
     """Whole-number labels stay; names are numbered in sorted order (over train and test together). Refused,
     naming the value and its row: an empty label, a number that is not whole (1.5, nan, inf), a negative one,
     and names mixed with numbers."""
@@ -54,16 +56,24 @@ def number_labels(pairs: list[list[tuple[str, object]]], keys: tuple[str, ...] =
         for row, (kind, n) in enumerate(part):
             value = pairs[p][row][1]
             if kind == "empty":
-                raise ConfigError("data.label_column", value, f"{_where(keys, p, row)} has no label; every "
-                                  f"text needs one")
+                raise ConfigError(
+                    "data.label_column", value, f"{_where(keys, p, row)} has no label; every text needs one"
+                )
             if kind == "number":
-                raise ConfigError("data.label_column", value, f"{_where(keys, p, row)}: not a whole number; "
-                                  f"labels are whole numbers 0..classes-1 or names")
+                raise ConfigError(
+                    "data.label_column",
+                    value,
+                    f"{_where(keys, p, row)}: not a whole number; labels are whole numbers 0..classes-1 or names",
+                )
             if kind == "whole" and n < 0:
                 raise ConfigError("data.label_column", value, f"{_where(keys, p, row)}: labels must be >= 0")
             if kind == "name" and numbers:
-                raise ConfigError("data.label_column", value, f"{_where(keys, p, row)}: a name among whole-number "
-                                  f"labels; use numbers 0..classes-1 or names throughout")
+                raise ConfigError(
+                    "data.label_column",
+                    value,
+                    f"{_where(keys, p, row)}: a name among whole-number "
+                    f"labels; use numbers 0..classes-1 or names throughout",
+                )
     if numbers:
         return [[(t, n) for (t, _), (_, n) in zip(part, ks)] for part, ks in zip(pairs, kinds)]
     index = {v: i for i, v in enumerate(sorted({str(v) for part in pairs for _, v in part}))}
@@ -78,9 +88,17 @@ def clip_long(pairs: list[tuple[str, object]], key: str, max_length: int) -> lis
     if not long:
         return pairs
     first = long[0]
-    log.warning("%s: %d text(s) longer than %s characters (row %d: %s); only their first %s characters are "
-                "tokenized (data.max_length=%d tokens never need more)", key, len(long), f"{limit:,}", first + 1,
-                f"{len(pairs[first][0]):,}", f"{limit:,}", max_length)
+    log.warning(
+        "%s: %d text(s) longer than %s characters (row %d: %s); only their first %s characters are "
+        "tokenized (data.max_length=%d tokens never need more)",
+        key,
+        len(long),
+        f"{limit:,}",
+        first + 1,
+        f"{len(pairs[first][0]):,}",
+        f"{limit:,}",
+        max_length,
+    )
     out = list(pairs)
     for i in long:
         out[i] = (out[i][0][:limit], out[i][1])
@@ -94,5 +112,9 @@ def check_encodes(tok, mask, ids, key: str, path: str | None) -> None:
     for i in special:
         text &= ids != i
     if ids.numel() == 0 or not bool(text.any()):
-        raise ConfigError("data.tokenizer", path, f"encodes the texts of {key} to no tokens (its vocabulary has "
-                          f"{len(tok)}): does {path} hold the model's tokenizer files ({TOKENIZER_FILES})?")
+        raise ConfigError(
+            "data.tokenizer",
+            path,
+            f"encodes the texts of {key} to no tokens (its vocabulary has "
+            f"{len(tok)}): does {path} hold the model's tokenizer files ({TOKENIZER_FILES})?",
+        )

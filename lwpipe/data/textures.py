@@ -8,6 +8,7 @@ pixel-wise linear models cannot exploit), a random brightness per channel and
 Gaussian pixel noise. A small ResNet learns it to ~90% in a few epochs, which
 leaves room to see what compression costs.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,14 +23,14 @@ def make_textures(n: int, num_classes: int, image_size: int, noise: float, seed:
     g = torch.Generator().manual_seed(seed)
     waves = 3  # gratings per class
     angle = torch.rand(num_classes, waves, generator=g) * math.pi
-    freq = 0.15 + 0.5 * torch.rand(num_classes, waves, generator=g)       # radians per pixel
+    freq = 0.15 + 0.5 * torch.rand(num_classes, waves, generator=g)  # radians per pixel
     colour = torch.randn(num_classes, waves, 3, generator=g)
     y = torch.arange(n) % num_classes
     coords = torch.arange(image_size, dtype=torch.float32)
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")                 # (S, S)
-    a, f, c = angle[y], freq[y], colour[y]                                 # (n, W), (n, W), (n, W, 3)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")  # (S, S)
+    a, f, c = angle[y], freq[y], colour[y]  # (n, W), (n, W), (n, W, 3)
     phase = torch.rand(n, waves, generator=g) * 2 * math.pi
-    proj = (torch.cos(a)[..., None, None] * xx + torch.sin(a)[..., None, None] * yy)  # (n, W, S, S)
+    proj = torch.cos(a)[..., None, None] * xx + torch.sin(a)[..., None, None] * yy  # (n, W, S, S)
     wave = torch.sin(f[..., None, None] * proj + phase[..., None, None])
     img = torch.einsum("nwhk,nwc->nchk", wave, c) / math.sqrt(waves)
     img = img * (0.7 + 0.6 * torch.rand(n, 3, 1, 1, generator=g))
@@ -37,8 +38,14 @@ def make_textures(n: int, num_classes: int, image_size: int, noise: float, seed:
     return img.float(), y
 
 
-def load_textures(n: int = 6000, num_classes: int = 10, image_size: int = 32, noise: float = 1.0,
-                  test_fraction: float = 0.2, seed: int = 0) -> DataBundle:
+def load_textures(
+    n: int = 6000,
+    num_classes: int = 10,
+    image_size: int = 32,
+    noise: float = 1.0,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> DataBundle:
     if n < 2 * num_classes:
         raise ConfigError("data.n", n, f"needs at least 2 x num_classes = {2 * num_classes} images")
     if not 0 < test_fraction < 1:

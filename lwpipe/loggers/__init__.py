@@ -5,6 +5,7 @@ recipes/logger/ holds one file per logger (default = console + metrics.jsonl + t
 metrics.jsonl is the source of truth: a failure writing it fails the run. Any other logger that
 fails warns once, is switched off, and the run goes on.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,15 @@ from lwpipe.errors import ConfigError, LwpipeError
 from lwpipe.loggers.console import ConsoleLogger, format_header, format_row
 from lwpipe.loggers.jsonl import JsonlLogger
 
-__all__ = ["MetricLogger", "ConsoleLogger", "JsonlLogger", "build_loggers", "progress_hook", "format_header",
-           "format_row"]
+__all__ = [
+    "MetricLogger",
+    "ConsoleLogger",
+    "JsonlLogger",
+    "build_loggers",
+    "progress_hook",
+    "format_header",
+    "format_row",
+]
 log = logging.getLogger("lwpipe")
 KNOWN = "console, jsonl, report, mlflow, tensorboard (recipes/logger/; any class with log(record) and close())"
 
@@ -41,8 +49,13 @@ class WarnOnce:
             getattr(self.inner, what)(*args)
         except Exception as e:  # a tracker must never stop the run: the run directory has everything
             self.failed = True
-            log.warning("logger.%s failed (%s: %s); it is off for the rest of this run, which goes on "
-                        "(the run directory keeps every record)", self.name, type(e).__name__, e)
+            log.warning(
+                "logger.%s failed (%s: %s); it is off for the rest of this run, which goes on "
+                "(the run directory keeps every record)",
+                self.name,
+                type(e).__name__,
+                e,
+            )
 
     def log(self, record: dict) -> None:
         self._call("log", record)

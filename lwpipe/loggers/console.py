@@ -3,6 +3,7 @@
 Every line fits 80 columns (the console handler prints messages without Hydra's time stamp
 prefix; lwpipe.log keeps it). `quiet=true` leaves only warnings and errors on the console.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,7 +49,7 @@ COLUMNS = [
 
 def format_header(metric: str = "accuracy") -> str:
     # a metric name wider than its column is cut with a mark ("perplexit" read as a typo)
-    cells = [(h or (metric if len(metric) <= w else metric[:w - 1] + "~")) for h, w, _ in COLUMNS]
+    cells = [(h or (metric if len(metric) <= w else metric[: w - 1] + "~")) for h, w, _ in COLUMNS]
     return "  ".join(c.ljust(w) if h == "stage" else c.rjust(w) for c, (h, w, _) in zip(cells, COLUMNS))
 
 
@@ -58,8 +59,10 @@ def format_row(record: dict) -> str:
 
 def format_epoch(record: dict) -> str:
     name, value = headline(record)
-    return (f"  {record['stage'][:20]} epoch {record['epoch']}: train_loss {record['train_loss']:.4f}  "
-            f"{name[:12]} {format_quality(name, value)}")
+    return (
+        f"  {record['stage'][:20]} epoch {record['epoch']}: train_loss {record['train_loss']:.4f}  "
+        f"{name[:12]} {format_quality(name, value)}"
+    )
 
 
 FORMS = {"plain": "plain model", "baked": "baked plain model"}  # lwpipe/speed.py's latency_form
@@ -93,8 +96,11 @@ def format_reference(metric: str) -> str:
 
 def console_handlers() -> list[logging.Handler]:
     """The root logger's handlers that write to the terminal (not lwpipe.log)."""
-    return [h for h in logging.getLogger().handlers
-            if type(h) is logging.StreamHandler and getattr(h, "stream", None) in (sys.stdout, sys.stderr)]
+    return [
+        h
+        for h in logging.getLogger().handlers
+        if type(h) is logging.StreamHandler and getattr(h, "stream", None) in (sys.stdout, sys.stderr)
+    ]
 
 
 class ConsoleLogger:
@@ -102,8 +108,14 @@ class ConsoleLogger:
     progress bar per stage and epoch on a terminal (`progress: false` turns the bar off), redrawn at most
     every `refresh` seconds (0: at every batch, whatever the machine's speed)."""
 
-    def __init__(self, run_dir: str | Path | None = None, epoch_every: int = 1, progress: bool = True,
-                 quiet: bool = False, refresh: float = 0.1):
+    def __init__(
+        self,
+        run_dir: str | Path | None = None,
+        epoch_every: int = 1,
+        progress: bool = True,
+        quiet: bool = False,
+        refresh: float = 0.1,
+    ):
         self.epoch_every = epoch_every
         self._header = False
         self._rows: list[dict] = []
@@ -113,6 +125,7 @@ class ConsoleLogger:
         self.on_batch = None
         if progress and not quiet and sys.stderr.isatty():
             from lwpipe.progress import Progress
+
             self.on_batch = Progress(sys.stderr, mininterval=refresh)
 
     def log(self, record: dict) -> None:
@@ -131,8 +144,10 @@ class ConsoleLogger:
             self.on_batch.close()
         if len(self._rows) > 1:
             metric = headline(self._rows[0])[0]
-            log.info("summary:\n%s", "\n".join([format_header(metric), *map(format_row, self._rows),
-                                                  format_reference(metric)]))
+            log.info(
+                "summary:\n%s",
+                "\n".join([format_header(metric), *map(format_row, self._rows), format_reference(metric)]),
+            )
             for speed in filter(None, map(format_speed, speed_rows(self._rows))):
                 log.info(speed)
         for h, level in self._quieted:

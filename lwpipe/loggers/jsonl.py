@@ -1,4 +1,5 @@
 """metrics.jsonl: the run's own record of every measurement (the source of truth)."""
+
 from __future__ import annotations
 
 import json

@@ -16,6 +16,7 @@ The default store is a SQLite database, sqlite:///outputs/mlflow.db (MLflow 3's 
 its client and `mlflow ui` read it without MLFLOW_ALLOW_FILE_STORE), with the artifacts beside it in
 outputs/mlartifacts; a path asks for a file store, which still works.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -40,8 +41,11 @@ log = logging.getLogger("lwpipe")
 WORKER = Path(__file__).with_name("mlflow_worker.py")
 ARTIFACTS = ("model.lwp", "summary.json", "recipe.yaml", "metrics.jsonl", "report.png", "report.md")
 # a lost server should cost seconds, not MLflow's default minutes of retries; the user's settings win
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 
 
 def flatten(value, prefix: str = "") -> dict[str, str]:
@@ -87,8 +91,12 @@ def check_tracking_uri(value: str) -> str:
             pass  # it answered: reachable (authentication and the like are MLflow's to report)
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise ConfigError(key, value, f"cannot reach the tracking server ({reason}); start it, or log to a "
-                                          "local store such as sqlite:///outputs/mlflow.db") from None
+            raise ConfigError(
+                key,
+                value,
+                f"cannot reach the tracking server ({reason}); start it, or log to a "
+                "local store such as sqlite:///outputs/mlflow.db",
+            ) from None
         return value
     if scheme == "sqlite":
         db = sqlite_db(value)
@@ -127,31 +135,51 @@ def job_identity(run_dir: Path) -> dict:
 
 
 class MlflowLogger:
-    def __init__(self, run_dir: str | Path, tracking_uri: str = DEFAULT_URI, experiment: str | None = None,
-                 close_timeout: float = 60.0):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        tracking_uri: str = DEFAULT_URI,
+        experiment: str | None = None,
+        close_timeout: float = 60.0,
+    ):
         if importlib.util.find_spec("mlflow") is None:
-            raise ConfigError("logger.mlflow", "mlflow", "needs the mlflow package (mlflow-skinny is enough): "
-                                                       'pip install -e ".[tracking]"')
+            raise ConfigError(
+                "logger.mlflow",
+                "mlflow",
+                'needs the mlflow package (mlflow-skinny is enough): pip install -e ".[tracking]"',
+            )
         self.run_dir = Path(run_dir)
         self.close_timeout = close_timeout
         uri = check_tracking_uri(str(tracking_uri))
-        recipe = yaml.safe_load((self.run_dir / "recipe.yaml").read_text()) if (
-            self.run_dir / "recipe.yaml").is_file() else {}
+        recipe = (
+            yaml.safe_load((self.run_dir / "recipe.yaml").read_text())
+            if (self.run_dir / "recipe.yaml").is_file()
+            else {}
+        )
         recipe.pop("defaults", None)
         name = str(recipe.get("name", "lwpipe"))
         tags = {"lwpipe.run_dir": str(self.run_dir.resolve()), "lwpipe.recipe": name, **job_identity(self.run_dir)}
         if experiment is None:
             experiment = f"{name} sweep {Path(tags['lwpipe.sweep']).name}" if "lwpipe.sweep" in tags else name
-        run_name = (f"job {tags['lwpipe.job']}: {tags.get('lwpipe.overrides', '')}".strip(": ")
-                    if "lwpipe.job" in tags else self.run_dir.name)
+        run_name = (
+            f"job {tags['lwpipe.job']}: {tags.get('lwpipe.overrides', '')}".strip(": ")
+            if "lwpipe.job" in tags
+            else self.run_dir.name
+        )
         env = {**HTTP_DEFAULTS, **os.environ}
         if uri.startswith("file:"):  # MLflow 3 keeps the file store behind this switch ("maintenance mode")
             env["MLFLOW_ALLOW_FILE_STORE"] = "true"
         # run by path with nothing of ours on sys.path: lwpipe/loggers/mlflow.py must not shadow mlflow
         code = f"import sys, runpy; sys.path[:1] = []; runpy.run_path({str(WORKER)!r}, run_name='__main__')"
-        self._proc = subprocess.Popen([sys.executable, "-u", "-c", code], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-                                      start_new_session=True)  # Ctrl-C stops the run, not the last upload
+        self._proc = subprocess.Popen(
+            [sys.executable, "-u", "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )  # Ctrl-C stops the run, not the last upload
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._warned = False
         self._writer = threading.Thread(target=self._write, daemon=True)
@@ -159,11 +187,19 @@ class MlflowLogger:
         self._writer.start()
         self._reader.start()
         db = sqlite_db(uri) if uri.startswith("sqlite:") else None
-        self._queue.put({"op": "start", "uri": uri, "experiment": experiment, "run_name": run_name,
-                         "tags": tags, "params": flatten(recipe),
-                         # parallel jobs must not build one new database at once; artifacts beside it
-                         "lock": f"{db}.lock" if db else None,
-                         "artifact_location": (db.parent / "mlartifacts").as_uri() if db else None})
+        self._queue.put(
+            {
+                "op": "start",
+                "uri": uri,
+                "experiment": experiment,
+                "run_name": run_name,
+                "tags": tags,
+                "params": flatten(recipe),
+                # parallel jobs must not build one new database at once; artifacts beside it
+                "lock": f"{db}.lock" if db else None,
+                "artifact_location": (db.parent / "mlartifacts").as_uri() if db else None,
+            }
+        )
 
     def _write(self) -> None:  # a thread: the run never blocks on a full pipe
         try:
@@ -186,8 +222,11 @@ class MlflowLogger:
     def _warn(self, why: str) -> None:
         if not self._warned:
             self._warned = True
-            log.warning("logger.mlflow: %s; MLflow logging is off for the rest of this run, which goes on "
-                        "(the run directory keeps everything)", why)
+            log.warning(
+                "logger.mlflow: %s; MLflow logging is off for the rest of this run, which goes on "
+                "(the run directory keeps everything)",
+                why,
+            )
 
     def log(self, record: dict) -> None:
         self._queue.put({"op": "log", "time_ms": int(time.time() * 1000), "record": record})

@@ -3,6 +3,7 @@ an {"error": ...} line out on stdout for the first failure (after which it only 
 
 Self-contained (standard library + mlflow) so that it starts without importing lwpipe or torch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,14 +15,17 @@ import warnings
 
 def numbers(record: dict) -> dict[str, float]:
     skip = {"step", "epoch"}
-    return {k: float(v) for k, v in record.items()
-            if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 class Worker:
     def __init__(self):
         self.client = self.run_id = None
-        self.epochs: dict[str, int] = {}   # per stage: epoch records seen (a gradual prune restarts its epochs)
+        self.epochs: dict[str, int] = {}  # per stage: epoch records seen (a gradual prune restarts its epochs)
         self.cached: list[str] = []
 
     def start(self, msg: dict) -> None:
@@ -35,7 +39,7 @@ class Worker:
         self.run_id = run.info.run_id
         params = [Param(k, v) for k, v in msg["params"].items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=params[i:i + 100], synchronous=True)
+            self.client.log_batch(self.run_id, params=params[i : i + 100], synchronous=True)
 
     def experiment(self, name: str, artifact_location: str | None) -> str:
         exp = self.client.get_experiment_by_name(name)

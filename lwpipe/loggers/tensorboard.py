@@ -6,6 +6,7 @@
 Written with torch.utils.tensorboard.SummaryWriter: PyTorch's own writer on top of the tensorboard
 package (no TensorFlow), ~0.1 s to import, and it writes events from a background thread.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,11 @@ import yaml
 
 
 def numbers(record: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in record.items() if k not in ("step", "epoch")
-            and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 class TensorBoardLogger:
@@ -28,8 +32,9 @@ class TensorBoardLogger:
         self.epochs: dict[str, int] = {}
         recipe = run_dir / "recipe.yaml"
         if recipe.is_file():  # the recipe in the TEXT tab, as a code block
-            text = yaml.safe_dump({k: v for k, v in yaml.safe_load(recipe.read_text()).items() if k != "defaults"},
-                                  sort_keys=False)
+            text = yaml.safe_dump(
+                {k: v for k, v in yaml.safe_load(recipe.read_text()).items() if k != "defaults"}, sort_keys=False
+            )
             self.writer.add_text("recipe", "    " + text.replace("\n", "\n    "), 0)
 
     def log(self, record: dict) -> None:

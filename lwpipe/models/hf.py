@@ -6,6 +6,7 @@ a JSON description (`from_config`: the transformers config and the auto class) t
 stores, so `lwpipe.load` rebuilds the model without DIR. `from_config` builds only classes the
 transformers package itself maps that config to: no import named by the file, no remote code.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,17 @@ from torch import nn
 
 from lwpipe.errors import ConfigError, LwpipeError
 
-AUTO_CLASSES = {"text_classification": "AutoModelForSequenceClassification",
-                "causal_lm": "AutoModelForCausalLM", "embedding": "AutoModel"}
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+AUTO_CLASSES = {
+    "text_classification": "AutoModelForSequenceClassification",
+    "causal_lm": "AutoModelForCausalLM",
+    "embedding": "AutoModel",
+}
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def model_dir(path: str | None, key: str = "model.path") -> Path:
@@ -32,8 +40,12 @@ def model_dir(path: str | None, key: str = "model.path") -> Path:
     if not (p / "config.json").is_file():
         raise ConfigError(key, path, f"incomplete model directory: {p / 'config.json'} is missing")
     if not any((p / f).is_file() for f in WEIGHT_FILES):
-        raise ConfigError(key, path, f"incomplete model directory: no weights file (model.safetensors or "
-                          f"pytorch_model.bin, or their .index.json) in {p}")
+        raise ConfigError(
+            key,
+            path,
+            f"incomplete model directory: no weights file (model.safetensors or "
+            f"pytorch_model.bin, or their .index.json) in {p}",
+        )
     return p
 
 
@@ -57,8 +69,12 @@ def load_hf(path: str | None = None, task: str = "text_classification", num_labe
         from lwpipe.tasks.causal_lm import is_causal_lm
 
         if not is_causal_lm(config):
-            raise ConfigError("task", task, f"does not fit the model in {path}: {config.model_type} is not a causal "
-                              "(decoder) language model; use task=text_classification or task=embedding")
+            raise ConfigError(
+                "task",
+                task,
+                f"does not fit the model in {path}: {config.model_type} is not a causal "
+                "(decoder) language model; use task=text_classification or task=embedding",
+            )
     kwargs = {}
     if num_labels is not None and task == "text_classification" and num_labels != config.num_labels:
         kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}  # a new head of that size
@@ -66,8 +82,9 @@ def load_hf(path: str | None = None, task: str = "text_classification", num_labe
     try:
         model = cls.from_pretrained(str(p), local_files_only=True, **kwargs)
     except Exception as e:
-        raise ConfigError("model.path", path, f"transformers could not load it as {cls.__name__}: {_first(e)}") \
-            from None
+        raise ConfigError(
+            "model.path", path, f"transformers could not load it as {cls.__name__}: {_first(e)}"
+        ) from None
     if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
         model.config.pad_token_id = model.config.eos_token_id  # as data=text pads (GPT-2 has no pad token)
     return with_rebuild(own_memory(model), auto_class(task))
@@ -87,8 +104,12 @@ def with_rebuild(model: nn.Module, auto: str) -> nn.Module:
     config = model.config.to_dict()
     config.pop("auto_map", None)  # remote code is never run
     config.pop("_name_or_path", None)  # a local path: not needed to rebuild, and not the file's business
-    model.lwpipe_rebuild = {"_target_": "lwpipe.models.hf.from_config", "config": json.loads(json.dumps(config)),
-                            "auto_class": auto, "attn_implementation": model.config._attn_implementation}
+    model.lwpipe_rebuild = {
+        "_target_": "lwpipe.models.hf.from_config",
+        "config": json.loads(json.dumps(config)),
+        "auto_class": auto,
+        "attn_implementation": model.config._attn_implementation,
+    }
     return model.eval()
 
 

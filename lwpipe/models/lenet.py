@@ -1,4 +1,5 @@
 """The Deep Compression benchmark networks, with a configurable input size."""
+
 from __future__ import annotations
 
 import torch

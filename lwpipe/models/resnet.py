@@ -7,6 +7,7 @@ additions whose two inputs must keep the same channels. `widths` sets the
 channels of each stage, `blocks` the basic blocks per stage; stage i > 0
 halves the resolution with a strided conv and a 1x1 projection shortcut.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,9 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64),
-                 blocks: int = 1):
+    def __init__(
+        self, in_channels: int = 3, num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64), blocks: int = 1
+    ):
         super().__init__()
         widths = tuple(widths)
         if not widths or min(widths) < 1 or blocks < 1:

@@ -7,6 +7,7 @@ as sentence-transformers' `encode` (without its batching), from
 `model(input_ids=..., attention_mask=...)`, so the `embedding` task can feed it
 like any transformers model.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,16 +59,25 @@ def read_modules(root: Path, path: str) -> tuple[Path, str, bool]:
     kinds = {m["type"].rpartition(".")[2]: m for m in modules}
     unknown = [m["type"] for m in modules if m["type"].rpartition(".")[2] not in KNOWN]
     if unknown or "Transformer" not in kinds or "Pooling" not in kinds:
-        raise ConfigError("model.path", path, f"modules.json lists {[m['type'] for m in modules]}; lwpipe reads "
-                          "Transformer + Pooling [+ Normalize]")
+        raise ConfigError(
+            "model.path",
+            path,
+            f"modules.json lists {[m['type'] for m in modules]}; lwpipe reads Transformer + Pooling [+ Normalize]",
+        )
     pool_cfg = root / kinds["Pooling"]["path"] / "config.json"
     if not pool_cfg.is_file():
         raise ConfigError("model.path", path, f"incomplete sentence-transformers directory: {pool_cfg} is missing")
-    modes = [m for m in POOLING if json.loads(pool_cfg.read_text()).get(f"pooling_mode_{m}_tokens" if m != "cls"
-                                                                           else "pooling_mode_cls_token")]
+    modes = [
+        m
+        for m in POOLING
+        if json.loads(pool_cfg.read_text()).get(f"pooling_mode_{m}_tokens" if m != "cls" else "pooling_mode_cls_token")
+    ]
     if len(modes) != 1:
-        raise ConfigError("model.path", path, f"{pool_cfg}: one pooling mode of {', '.join(POOLING)} expected, "
-                          f"found {modes or 'none'}")
+        raise ConfigError(
+            "model.path",
+            path,
+            f"{pool_cfg}: one pooling mode of {', '.join(POOLING)} expected, found {modes or 'none'}",
+        )
     return root / kinds["Transformer"]["path"], modes[0], "Normalize" in kinds
 
 
@@ -99,14 +109,19 @@ def with_rebuild(model: SentenceEncoder) -> SentenceEncoder:
     from lwpipe.models.hf import with_rebuild as hf_rebuild
 
     inner = hf_rebuild(model.transformer, "AutoModel").lwpipe_rebuild
-    model.lwpipe_rebuild = {"_target_": "lwpipe.models.sentence.from_config", "config": inner["config"],
-                            "attn_implementation": inner["attn_implementation"], "pooling": model.pooling,
-                            "normalize": model.normalize}
+    model.lwpipe_rebuild = {
+        "_target_": "lwpipe.models.sentence.from_config",
+        "config": inner["config"],
+        "attn_implementation": inner["attn_implementation"],
+        "pooling": model.pooling,
+        "normalize": model.normalize,
+    }
     return model.eval()
 
 
-def from_config(config: dict, pooling: str = "mean", normalize: bool = False,
-                attn_implementation: str | None = None) -> SentenceEncoder:
+def from_config(
+    config: dict, pooling: str = "mean", normalize: bool = False, attn_implementation: str | None = None
+) -> SentenceEncoder:
     """Rebuild from the stored transformers config (lwpipe.models.hf.from_config's rules)."""
     from lwpipe.models.hf import from_config as hf_from_config
 

@@ -1,4 +1,5 @@
 """A tiny MLP for smoke tests and unit tests: Linear(8,16) -> ReLU -> Linear(16,4)."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -18,6 +18,7 @@ weights file (`teacher: path/to/file.safetensors`), loaded into a copy of that
 reference model. It runs in eval mode without gradients. The student trains
 through every constraint it carries, so masks, codebooks and grids hold.
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,8 +56,10 @@ class Schedule(Strict):
         if self.schedule != "constant" and self.end is None:
             raise ValueError(f"schedule={self.schedule} goes from start to end: set end")
         if self.schedule == "constant" and self.end not in (None, self.start):
-            raise ValueError(f"schedule=constant holds start={self.start}; end={self.end} would be ignored: "
-                             f"leave end out, or use linear or cosine")
+            raise ValueError(
+                f"schedule=constant holds start={self.start}; end={self.end} would be ignored: "
+                f"leave end out, or use linear or cosine"
+            )
         return self
 
     def at(self, epoch: int, epochs: int) -> float:
@@ -79,9 +82,9 @@ BOUNDS = {"alpha": (0.0, 1.0, "within [0, 1]"), "temperature": (0.0, 100.0, "abo
 class DistillConfig(TrainSettings):
     epochs: int = Field(5, ge=0, le=100_000)
     temperature: float | Schedule = 4.0
-    alpha: float | Schedule = 0.7                     # weight of the soft (teacher) loss: the lambda
-    teacher: str | None = Field(None, min_length=1)   # None: the pre-compression model; or a stage name / a path
-    features: list[str] = []                          # module names whose activations the student matches
+    alpha: float | Schedule = 0.7  # weight of the soft (teacher) loss: the lambda
+    teacher: str | None = Field(None, min_length=1)  # None: the pre-compression model; or a stage name / a path
+    features: list[str] = []  # module names whose activations the student matches
     feature_weight: float = Field(1.0, ge=0, le=1e6)
 
     @field_validator("alpha", "temperature", mode="before")
@@ -95,8 +98,10 @@ class DistillConfig(TrainSettings):
                 err = e.errors()[0]
                 key = ".".join(str(x) for x in err["loc"])
                 where = f"{key}={err['input']!r}: " if key else ""
-                raise ValueError(f"{where}{err['msg'].removeprefix('Value error, ')} "
-                                 f"(a schedule is {{schedule: constant|linear|cosine, start, end}})") from None
+                raise ValueError(
+                    f"{where}{err['msg'].removeprefix('Value error, ')} "
+                    f"(a schedule is {{schedule: constant|linear|cosine, start, end}})"
+                ) from None
             ends = [("start", value.start)] + [("end", value.end)] * (value.end is not None)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             ends = [("", float(value))]
@@ -123,6 +128,7 @@ class _Activations:
     def _keep(self, name: str):
         def hook(module, args, output):
             self.out[name] = output[0] if isinstance(output, tuple) else output  # transformers blocks: tuples
+
         return hook
 
     def remove(self) -> None:
@@ -136,12 +142,14 @@ def untrained_teacher(before) -> str | None:
     first = next((i for i, s in enumerate(before) if getattr(s.cls, "compresses", False)), None)
     if first is None or any(s.type == "train" for s in before[:first]):
         return None
-    trains = [s.name for s in before[first + 1:] if s.type == "train"]
+    trains = [s.name for s in before[first + 1 :] if s.type == "train"]
     if not trains:
         return None
-    return (f"distill's teacher (teacher: null) is the model before {before[first].name}, the first compression "
-            f"stage: the input model, untrained until {trains[0]} runs after {before[first].name}; put "
-            f"{trains[0]} before {before[first].name}, or give distill a trained teacher (a weights file)")
+    return (
+        f"distill's teacher (teacher: null) is the model before {before[first].name}, the first compression "
+        f"stage: the input model, untrained until {trains[0]} runs after {before[first].name}; put "
+        f"{trains[0]} before {before[first].name}, or give distill a trained teacher (a weights file)"
+    )
 
 
 def same_weights(a: nn.Module, b: nn.Module) -> bool:
@@ -153,9 +161,11 @@ def check_teacher(teacher: nn.Module, student: nn.Module, ctx: Context) -> None:
     """Warn when distill would teach nothing or teach worse: the teacher is the student itself (distill
     before any stage changed the model), or it scores clearly below the student on the held-out data."""
     if same_weights(teacher, student):
-        log.warning("distill: the teacher is the model distill starts from (no stage changed it before "
-                    "distill), so it teaches nothing beyond the task loss; put distill after the compression "
-                    "stages")
+        log.warning(
+            "distill: the teacher is the model distill starts from (no stage changed it before "
+            "distill), so it teaches nothing beyond the task loss; put distill after the compression "
+            "stages"
+        )
         return
     task, batches = ctx.task, ctx.test_loader()
     if task.metric == "cosine":  # measured against the teacher itself: no score of its own
@@ -163,19 +173,32 @@ def check_teacher(teacher: nn.Module, student: nn.Module, ctx: Context) -> None:
     tq, sq = (task.evaluate(m, batches)[0]["quality"] for m in (teacher, student))
     worse = tq < sq * (1 - WORSE_BY) if task.higher_is_better else tq > sq * (1 + WORSE_BY)
     if worse:
-        log.warning("distill: the teacher scores %s %.4g, below the student's %.4g: it would teach the student "
-                    "to be worse (is it the untrained input? set distill's teacher to a trained stage or "
-                    "weights file, or train before compressing)", task.metric, tq, sq)
+        log.warning(
+            "distill: the teacher scores %s %.4g, below the student's %.4g: it would teach the student "
+            "to be worse (is it the untrained input? set distill's teacher to a trained stage or "
+            "weights file, or train before compressing)",
+            task.metric,
+            tq,
+            sq,
+        )
 
 
 def epoch_weights(cfg: DistillConfig, epoch: int) -> dict[str, float]:
     """The alpha and temperature epoch `epoch` (1-based) of cfg.epochs trains with."""
-    return {"alpha": scheduled(cfg.alpha, epoch, cfg.epochs), "temperature": scheduled(cfg.temperature, epoch,
-                                                                                      cfg.epochs)}
+    return {
+        "alpha": scheduled(cfg.alpha, epoch, cfg.epochs),
+        "temperature": scheduled(cfg.temperature, epoch, cfg.epochs),
+    }
 
 
-def distill_loss_fn(teacher: nn.Module, cfg: DistillConfig, s_acts: _Activations | None,
-                    t_acts: _Activations | None, task=None, now: dict[str, float] | None = None):
+def distill_loss_fn(
+    teacher: nn.Module,
+    cfg: DistillConfig,
+    s_acts: _Activations | None,
+    t_acts: _Activations | None,
+    task=None,
+    now: dict[str, float] | None = None,
+):
     """`now`: the current epoch's {"alpha", "temperature"}, a dict the caller updates between epochs
     (None: the first epoch's)."""
     task = task or Classification()
@@ -187,8 +210,10 @@ def distill_loss_fn(teacher: nn.Module, cfg: DistillConfig, s_acts: _Activations
         loss = task.distill_loss(task.forward(model, batch), t_out, batch, now["temperature"], now["alpha"])
         if s_acts is not None and cfg.feature_weight > 0:
             loss = loss + cfg.feature_weight * sum(
-                F.mse_loss(s_acts.out[n], t_acts.out[n].detach()) for n in cfg.features)
+                F.mse_loss(s_acts.out[n], t_acts.out[n].detach()) for n in cfg.features
+            )
         return loss
+
     return loss_fn
 
 
@@ -209,8 +234,10 @@ class Distill:
             return None
         if cfg.teacher not in [s.name for s in before]:
             earlier = ", ".join(s.name for s in before) or "none"
-            return (f"teacher={cfg.teacher!r} is not an earlier stage (earlier: {earlier}); name an earlier stage, "
-                    f"a weights file ({', '.join(WEIGHT_SUFFIXES)}), or leave it null for the pre-compression model")
+            return (
+                f"teacher={cfg.teacher!r} is not an earlier stage (earlier: {earlier}); name an earlier stage, "
+                f"a weights file ({', '.join(WEIGHT_SUFFIXES)}), or leave it null for the pre-compression model"
+            )
         return None
 
     @staticmethod
@@ -243,6 +270,7 @@ class Distill:
             if report is not None:
                 report(epoch, loss)
             now.update(epoch_weights(self.cfg, epoch + 1))
+
         if report is not None and hasattr(report, "on_batch"):
             hook.on_batch = report.on_batch
         return hook
@@ -254,9 +282,13 @@ class Distill:
         t_acts = _Activations(teacher, self.cfg.features) if self.cfg.features else None
         try:
             now = epoch_weights(self.cfg, 1)
-            fit(model, ctx.train_loader(self.cfg.batch_size), self.cfg,
+            fit(
+                model,
+                ctx.train_loader(self.cfg.batch_size),
+                self.cfg,
                 loss_fn=distill_loss_fn(teacher, self.cfg, s_acts, t_acts, ctx.task, now),
-                on_epoch=self.epoch_hook(ctx, model, now))
+                on_epoch=self.epoch_hook(ctx, model, now),
+            )
         finally:
             for acts in (s_acts, t_acts):
                 if acts is not None:

@@ -14,6 +14,7 @@ export.json holds the file's held-out quality and agreement, both against the un
 (ctx.reference_outputs: the model before the first compression stage), and `agreement_with_model`,
 how closely the file follows the compressed model it was made from.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,10 +37,10 @@ log = logging.getLogger("lwpipe")
 
 class ExportConfig(Strict):
     format: Literal["dense", "int8", "sparse"] = "dense"
-    activations: Literal["auto", "dynamic", "static"] = "auto"   # int8 only
-    min_sparsity: float = Field(0.8, ge=0, le=1)                  # sparse only: the measured crossover (README)
-    min_batch: int = Field(16, ge=1, le=1 << 20)                  # sparse only: smaller batches run dense
-    calibration_batches: int = Field(4, ge=1, le=10_000)          # static int8 activation ranges
+    activations: Literal["auto", "dynamic", "static"] = "auto"  # int8 only
+    min_sparsity: float = Field(0.8, ge=0, le=1)  # sparse only: the measured crossover (README)
+    min_batch: int = Field(16, ge=1, le=1 << 20)  # sparse only: smaller batches run dense
+    calibration_batches: int = Field(4, ge=1, le=10_000)  # static int8 activation ranges
 
 
 @register("export")
@@ -58,12 +59,16 @@ class Export:
             return None
         quant = [s for s in before if s.type == "quantize"]
         if not quant:
-            return ("format=int8 runs the quantize stage's integer levels; add a quantize stage before export "
-                    "(e.g. pipeline=[train,prune,quantize,export]) or use format=dense or sparse")
+            return (
+                "format=int8 runs the quantize stage's integer levels; add a quantize stage before export "
+                "(e.g. pipeline=[train,prune,quantize,export]) or use format=dense or sparse"
+            )
         q = quant[-1].config
         if q.scheme != "symmetric" or q.bits > 8 or any((lc.bits or 0) > 8 for lc in q.layers.values()):
-            return (f"format=int8 needs int8 levels: stages.{quant[-1].name} has scheme={q.scheme}, bits={q.bits}; "
-                    f"use scheme=symmetric and bits<=8")
+            return (
+                f"format=int8 needs int8 levels: stages.{quant[-1].name} has scheme={q.scheme}, bits={q.bits}; "
+                f"use scheme=symmetric and bits<=8"
+            )
         return None
 
     def activations(self, model: nn.Module) -> str:
@@ -75,9 +80,12 @@ class Export:
     def check_context(cfg: ExportConfig, ctx: Context, path: str) -> None:
         """Before any stage runs: static int8 calibrates torch.ao FX on tensor inputs, not text batches."""
         if cfg.format == "int8" and cfg.activations == "static" and isinstance(ctx.test_loader()[0], dict):
-            raise ConfigError(f"{path}.activations", cfg.activations,
-                              "dynamic or auto for text models (static int8 calibrates tensor inputs through "
-                              "torch.ao FX, which does not trace transformers models)")
+            raise ConfigError(
+                f"{path}.activations",
+                cfg.activations,
+                "dynamic or auto for text models (static int8 calibrates tensor inputs through "
+                "torch.ao FX, which does not trace transformers models)",
+            )
 
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
         model = model.cpu().eval() if self.cfg.format == "int8" else model.eval()  # int8 kernels are CPU ones
@@ -102,8 +110,12 @@ class Export:
         info.update(file=path.name, bytes=path.stat().st_size, **score(model, Deployed(loaded, device), ctx))
         (ctx.run_dir / "export.json").write_text(json.dumps(info, indent=2))
         log.info("  export %s -> %s: %s %.4f", self.cfg.format, path.name, info["metric"], info["quality"])
-        log.info("  agreement %.4f with the %s model, %.4f with the model exported", info["agreement"],
-                 info["reference"], info["agreement_with_model"])
+        log.info(
+            "  agreement %.4f with the %s model, %.4f with the model exported",
+            info["agreement"],
+            info["reference"],
+            info["agreement_with_model"],
+        )
         ctx.exported = speed.Exported(model, loaded, f"{path.name} {self.cfg.format}")
         return model
 
@@ -119,9 +131,14 @@ def score(model: nn.Module, deployed: nn.Module, ctx: Context) -> dict:
     scored, outputs = ctx.task.evaluate(deployed, batches, reference)
     ctx.stage_record.update(scored, reference=against)
     follows, _ = ctx.task.evaluate(model, batches, outputs)  # agreement is symmetric: the model vs the file
-    return {"reference": against, "metric": scored["metric"], "quality": scored["quality"],
-            "accuracy": scored["accuracy"], "agreement": scored["teacher_agreement"],
-            "agreement_with_model": follows["teacher_agreement"]}
+    return {
+        "reference": against,
+        "metric": scored["metric"],
+        "quality": scored["quality"],
+        "accuracy": scored["accuracy"],
+        "agreement": scored["teacher_agreement"],
+        "agreement_with_model": follows["teacher_agreement"],
+    }
 
 
 class Deployed(nn.Module):

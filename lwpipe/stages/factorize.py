@@ -9,6 +9,7 @@ of the full rank, or the fewest singular values holding `energy` of ||W||_F^2 (D
 2013 for fully connected layers). It changes the model's structure, so it runs before any stage that
 leaves a constraint (prune, share, quantize), which then work on the factors.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -30,18 +31,19 @@ log = logging.getLogger("lwpipe")
 
 
 class FactorizeConfig(Strict):
-    layers: list[str] = Field(["*"], min_length=1)      # Linear layers / 1x1 convs by name or glob
+    layers: list[str] = Field(["*"], min_length=1)  # Linear layers / 1x1 convs by name or glob
     rank: int | None = Field(None, ge=1, le=1 << 20)
-    ratio: float | None = Field(None, gt=0, le=1)       # of the full rank min(in, out)
-    energy: float | None = Field(None, gt=0, le=1)      # of the sum of squared singular values
+    ratio: float | None = Field(None, gt=0, le=1)  # of the full rank min(in, out)
+    energy: float | None = Field(None, gt=0, le=1)  # of the sum of squared singular values
     finetune: TrainSettings = TrainSettings()
 
     @model_validator(mode="after")
     def _one_rule(self):
         given = [k for k in ("rank", "ratio", "energy") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"set exactly one of rank, ratio, energy (the rank rule); got "
-                             f"{', '.join(given) or 'none'}")
+            raise ValueError(
+                f"set exactly one of rank, ratio, energy (the rank rule); got {', '.join(given) or 'none'}"
+            )
         return self
 
 
@@ -54,8 +56,11 @@ def unaddressed_factors(before, layers) -> list[str]:
     out = []
     for s in before:
         if s.type == "factorize":
-            out += [p for p in s.config.layers if not any(
-                fnmatch.fnmatchcase(f"{p}.{i}", q) for q in layers for i in (0, 1))]  # `fc1` itself: gone
+            out += [
+                p
+                for p in s.config.layers
+                if not any(fnmatch.fnmatchcase(f"{p}.{i}", q) for q in layers for i in (0, 1))
+            ]  # `fc1` itself: gone
     return out
 
 
@@ -67,16 +72,25 @@ def warn_factor_pruning(sparsity: float | None, layers, before) -> None:
     if patterns and (sparsity is None or sparsity > FACTOR_SPARSITY):
         setting = "its quality/threshold rule" if sparsity is None else f"sparsity={sparsity}"
         example = patterns[0] if patterns[0].endswith("*") else patterns[0] + "*"
-        log.warning("prune after factorize: %s, meant for whole layers, also prunes the low-rank factors of the "
-                    "layers %s, which already hold fewer weights and lose accuracy fast; give the factors their "
-                    "own setting in prune's layers (e.g. {'%s': {sparsity: %s}}) or leave prune out after "
-                    "factorize", setting, ", ".join(repr(p) for p in patterns), example, FACTOR_SPARSITY)
+        log.warning(
+            "prune after factorize: %s, meant for whole layers, also prunes the low-rank factors of the "
+            "layers %s, which already hold fewer weights and lose accuracy fast; give the factors their "
+            "own setting in prune's layers (e.g. {'%s': {sparsity: %s}}) or leave prune out after "
+            "factorize",
+            setting,
+            ", ".join(repr(p) for p in patterns),
+            example,
+            FACTOR_SPARSITY,
+        )
 
 
 def chosen(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]:
     """The Linear layers and 1x1 convolutions the patterns name."""
-    return [(n, m) for n, m in model.named_modules()
-            if n and factorable(m) and any(n == p or fnmatch.fnmatchcase(n, p) for p in patterns)]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if n and factorable(m) and any(n == p or fnmatch.fnmatchcase(n, p) for p in patterns)
+    ]
 
 
 @register("factorize")
@@ -91,8 +105,10 @@ class Factorize:
     def check_order(cfg: FactorizeConfig, before) -> str | None:
         done = [s.name for s in before if s.type in ("prune", "share", "quantize")]
         if done:
-            return (f"it replaces layers by dense factors, which would drop the mask / codebook / grid "
-                    f"{done[0]} left; put factorize before {', '.join(done)}")
+            return (
+                f"it replaces layers by dense factors, which would drop the mask / codebook / grid "
+                f"{done[0]} left; put factorize before {', '.join(done)}"
+            )
         return None
 
     @staticmethod
@@ -101,13 +117,17 @@ class Factorize:
         for i, p in enumerate(cfg.layers):
             if not any(n == p or fnmatch.fnmatchcase(n, p) for n, _ in layers):
                 names = ", ".join(n for n, m in model.named_modules() if n and factorable(m)) or "none"
-                raise ConfigError(f"{path}.layers[{i}]", p, f"matches no Linear layer or 1x1 convolution; "
-                                  f"those are {names}")
+                raise ConfigError(
+                    f"{path}.layers[{i}]", p, f"matches no Linear layer or 1x1 convolution; those are {names}"
+                )
         for n, m in layers:
             out_f, in_f = dims(m)
             if cfg.rank is not None and cfg.rank > min(in_f, out_f):
-                raise ConfigError(f"{path}.rank", cfg.rank, f"is larger than layer {n} [{out_f}, {in_f}] can "
-                                  f"have (at most {min(in_f, out_f)})")
+                raise ConfigError(
+                    f"{path}.rank",
+                    cfg.rank,
+                    f"is larger than layer {n} [{out_f}, {in_f}] can have (at most {min(in_f, out_f)})",
+                )
 
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
         for name, m in chosen(model, self.cfg.layers):
@@ -119,10 +139,24 @@ class Factorize:
             if not saves(out_f, in_f, r):
                 log.info("  factorize %s: rank %d of %d saves no parameters; kept dense", name, r, s.numel())
                 continue
-            kept = float((s[:r] ** 2).sum() / (s ** 2).sum().clamp(min=1e-300))
+            kept = float((s[:r] ** 2).sum() / (s**2).sum().clamp(min=1e-300))
             replace_module(model, name, factorize_linear(m, r))
-            log.info("  factorize %s [%d, %d]: rank %d of %d (%.3f of the energy), %d -> %d weights", name,
-                     out_f, in_f, r, s.numel(), kept, m.weight.numel(), r * (in_f + out_f))
-        fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune, loss_fn=ctx.loss,
-            on_epoch=ctx.epoch_callback(model))
+            log.info(
+                "  factorize %s [%d, %d]: rank %d of %d (%.3f of the energy), %d -> %d weights",
+                name,
+                out_f,
+                in_f,
+                r,
+                s.numel(),
+                kept,
+                m.weight.numel(),
+                r * (in_f + out_f),
+            )
+        fit(
+            model,
+            ctx.train_loader(self.cfg.finetune.batch_size),
+            self.cfg.finetune,
+            loss_fn=ctx.loss,
+            on_epoch=ctx.epoch_callback(model),
+        )
         return model

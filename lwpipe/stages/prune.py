@@ -19,6 +19,7 @@ instead of a target sparsity; the sparsity it reaches is logged.
 `entropy` (sparse variational dropout, lwpipe/entropy_prune.py; structured: activation entropy) prunes
 the weights whose score is *above* `threshold` (default 3.0), or the highest-scoring `sparsity`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,18 @@ from lwpipe import entropy_prune, gptq, structured
 from lwpipe.bn import recalibrate_bn
 from lwpipe.calibration import input_channel_norms, task_forward, wanda_scores
 from lwpipe.config import Strict, TrainSettings
-from lwpipe.constraints import (check_layer_patterns, compressible_layers, constraint, ensure_constraint, in_axis,
-                                kept_kinds, layer_setting, original_weight, out_axis, tied_layers)
+from lwpipe.constraints import (
+    check_layer_patterns,
+    compressible_layers,
+    constraint,
+    ensure_constraint,
+    in_axis,
+    kept_kinds,
+    layer_setting,
+    original_weight,
+    out_axis,
+    tied_layers,
+)
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.registry import register
@@ -58,18 +69,18 @@ class PruneConfig(Strict):
     sparsity: float = Field(0.5, ge=0, lt=1)
     quality: float | None = Field(None, gt=0, le=100)  # set: threshold = quality * std(W), per layer
     threshold: float | None = Field(None, ge=-1e30, le=1e30)  # set: prune scores below it (entropy: above)
-    n: int = Field(2, ge=1, le=64)                       # N:M keeps n of every m consecutive weights
+    n: int = Field(2, ge=1, le=64)  # N:M keeps n of every m consecutive weights
     m: int = Field(4, ge=2, le=64)
     scope: Literal["layer", "global"] = "layer"
-    layers: dict[str, LayerPrune] = {}                   # by module name or glob: "fc3", "conv*"
+    layers: dict[str, LayerPrune] = {}  # by module name or glob: "fc3", "conv*"
     schedule: Literal["oneshot", "gradual"] = "oneshot"
     steps: int = Field(1, ge=1, le=1000)
     calibration_batches: int = Field(8, ge=1, le=100_000)  # taylor, gradient, saliency and wanda statistics
-    untraceable: Literal["error", "mask"] = "error"      # structured on a model torch.fx cannot trace
+    untraceable: Literal["error", "mask"] = "error"  # structured on a model torch.fx cannot trace
     keep: list[Literal["embeddings", "output_head"]] = []  # layer kinds left unpruned (a `layers` entry overrides)
-    damp: float = Field(0.01, gt=0, le=1)                # sparsegpt: H + damp x mean(diag H) x I
-    block: int = Field(128, ge=1, le=1 << 20)            # sparsegpt: columns whose mask is chosen together
-    finetune: TrainSettings = TrainSettings()            # after each pruning step
+    damp: float = Field(0.01, gt=0, le=1)  # sparsegpt: H + damp x mean(diag H) x I
+    block: int = Field(128, ge=1, le=1 << 20)  # sparsegpt: columns whose mask is chosen together
+    finetune: TrainSettings = TrainSettings()  # after each pruning step
     # criterion=entropy (lwpipe/variational.py): score, KL weight and its warm-up (epochs), the variational
     # training before each pruning step (its own lr for log sigma^2: sigma_lr), histogram bins (structured)
     score: Literal["log_alpha", "entropy"] = "log_alpha"
@@ -87,8 +98,9 @@ class PruneConfig(Strict):
         if self.criterion == "wanda" and self.scope == "global":
             raise ValueError("criterion=wanda compares weights within each output row of a layer; use scope=layer")
         if self.scope == "global" and self.granularity != "unstructured":
-            raise ValueError(f"scope=global ranks single weights; use it with granularity=unstructured, "
-                             f"not {self.granularity}")
+            raise ValueError(
+                f"scope=global ranks single weights; use it with granularity=unstructured, not {self.granularity}"
+            )
         if self.quality is not None and (self.criterion != "magnitude" or self.scope != "layer"):
             raise ValueError("quality (threshold = quality x std) needs criterion=magnitude and scope=layer")
         if self.schedule == "gradual" and self.granularity == "nm":
@@ -97,13 +109,16 @@ class PruneConfig(Strict):
             check_threshold(self)
         check_sparsegpt(self)
         if self.criterion == "entropy" and (self.granularity == "nm" or self.untraceable == "mask"):
-            raise ValueError("criterion=entropy scores single weights (unstructured) or traced channels "
-                             "(structured, untraceable=error); not N:M groups or masked rows")
+            raise ValueError(
+                "criterion=entropy scores single weights (unstructured) or traced channels "
+                "(structured, untraceable=error); not N:M groups or masked rows"
+            )
         if self.criterion == "entropy" and self.scope == "global":
             raise ValueError("criterion=entropy scores each layer's weights by its own posteriors; use scope=layer")
         if self.criterion == "entropy" and self.threshold is not None and "sparsity" in self.model_fields_set:
-            raise ValueError(f"threshold={self.threshold!r} and sparsity={self.sparsity!r} both say what goes; "
-                             f"give one of them")
+            raise ValueError(
+                f"threshold={self.threshold!r} and sparsity={self.sparsity!r} both say what goes; give one of them"
+            )
         return self
 
 
@@ -112,27 +127,36 @@ def check_sparsegpt(cfg: PruneConfig) -> None:
     if cfg.criterion != "sparsegpt":
         extra = sorted({"damp", "block"} & cfg.model_fields_set)
         if extra:
-            raise ValueError(f"{extra[0]} is set but criterion={cfg.criterion}: {extra[0]} is only used by "
-                             f"criterion: sparsegpt; set criterion: sparsegpt or drop {extra[0]}")
+            raise ValueError(
+                f"{extra[0]} is set but criterion={cfg.criterion}: {extra[0]} is only used by "
+                f"criterion: sparsegpt; set criterion: sparsegpt or drop {extra[0]}"
+            )
         return
     if cfg.scope == "global":
         raise ValueError("criterion=sparsegpt chooses each layer's mask from its own input Hessian; use scope=layer")
     if cfg.granularity == "structured":
         raise ValueError("criterion=sparsegpt drops single weights; use granularity=unstructured or nm")
     if cfg.threshold is not None:
-        raise ValueError("criterion=sparsegpt chooses a fraction of each block, not a score bound; use sparsity "
-                         "instead of threshold")
+        raise ValueError(
+            "criterion=sparsegpt chooses a fraction of each block, not a score bound; use sparsity instead of threshold"
+        )
 
 
 def check_threshold(cfg: PruneConfig) -> None:
     """`threshold` compares single weights' scores once: say which other setting cannot go with it."""
-    why = ("granularity=unstructured (N:M and structured pruning choose a count, not a score bound)"
-           if cfg.granularity != "unstructured" else
-           "schedule=oneshot (a gradual schedule moves a target sparsity)"
-           if cfg.schedule != "oneshot" and cfg.criterion != "entropy" else
-           "threshold >= 0 (scores are non-negative)" if cfg.threshold < 0 and cfg.criterion != "entropy" else
-           "scope=layer (one threshold already applies to every layer alike)" if cfg.scope != "layer" else
-           "no quality (quality is magnitude's own threshold, quality x std)" if cfg.quality is not None else None)
+    why = (
+        "granularity=unstructured (N:M and structured pruning choose a count, not a score bound)"
+        if cfg.granularity != "unstructured"
+        else "schedule=oneshot (a gradual schedule moves a target sparsity)"
+        if cfg.schedule != "oneshot" and cfg.criterion != "entropy"
+        else "threshold >= 0 (scores are non-negative)"
+        if cfg.threshold < 0 and cfg.criterion != "entropy"
+        else "scope=layer (one threshold already applies to every layer alike)"
+        if cfg.scope != "layer"
+        else "no quality (quality is magnitude's own threshold, quality x std)"
+        if cfg.quality is not None
+        else None
+    )
     if why:
         side = "above" if cfg.criterion == "entropy" else "below"
         raise ValueError(f"threshold={cfg.threshold!r} prunes scores {side} it; it needs {why}")
@@ -224,8 +248,8 @@ def row_lowest_mask(scores: torch.Tensor, sparsity: float, axis: int = 0) -> tor
     if k:
         block = max(1, (1 << 22) // max(flat.shape[1], 1))
         for i in range(0, flat.shape[0], block):
-            drop = torch.sort(flat[i:i + block], dim=1, stable=True).indices[:, :k]
-            mask[i:i + block].scatter_(1, drop, False)
+            drop = torch.sort(flat[i : i + block], dim=1, stable=True).indices[:, :k]
+            mask[i : i + block].scatter_(1, drop, False)
     return mask.view(rows.shape).movedim(0, axis).contiguous()
 
 
@@ -264,9 +288,12 @@ def check_not_emptied(cfg: PruneConfig, model: nn.Module, path: str) -> None:
         n = m.weight.shape[0] if cfg.granularity == "structured" else m.weight.numel()
         if round(sparsity * n) >= n:
             what = "output rows" if cfg.granularity == "structured" else "weights"
-            raise ConfigError(f"{path}.sparsity" if lc.sparsity is None else f"{path}.layers", sparsity,
-                              f"rounds to pruning all {n:,} {what} of layer {name}; a layer may never be pruned to "
-                              f"nothing (here at most {(n - 1) / n:.6g})")
+            raise ConfigError(
+                f"{path}.sparsity" if lc.sparsity is None else f"{path}.layers",
+                sparsity,
+                f"rounds to pruning all {n:,} {what} of layer {name}; a layer may never be pruned to "
+                f"nothing (here at most {(n - 1) / n:.6g})",
+            )
 
 
 def cubic_schedule(initial: float, final: float, t: int, steps: int) -> float:
@@ -275,8 +302,10 @@ def cubic_schedule(initial: float, final: float, t: int, steps: int) -> float:
 
 
 # -- the stage ------------------------------------------------------------------------
-NO_DATA = ("needs calibration data (input activations or gradients), and the training set gives no batch; "
-           "use criterion=magnitude or give data.train")
+NO_DATA = (
+    "needs calibration data (input activations or gradients), and the training set gives no batch; "
+    "use criterion=magnitude or give data.train"
+)
 
 
 def _has_batches(ctx: Context) -> bool:
@@ -301,11 +330,15 @@ class Prune:
         sparsity = 1 - cfg.n / cfg.m if cfg.granularity == "nm" else cfg.sparsity
         warn_factor_pruning(None if by_rule else sparsity, cfg.layers, before)
         if cfg.criterion == "sparsegpt" and any(s.type in ("share", "quantize") for s in before):
-            return ("criterion=sparsegpt moves the weights it keeps, off a codebook or grid an earlier stage left; "
-                    "prune with sparsegpt before share/quantize")
+            return (
+                "criterion=sparsegpt moves the weights it keeps, off a codebook or grid an earlier stage left; "
+                "prune with sparsegpt before share/quantize"
+            )
         if cfg.granularity == "structured" and any(s.type in ("share", "quantize") for s in before):
-            return ("granularity=structured shrinks layers, which a codebook or grid cannot follow; "
-                    "prune before share/quantize")
+            return (
+                "granularity=structured shrinks layers, which a codebook or grid cannot follow; "
+                "prune before share/quantize"
+            )
         return None
 
     @staticmethod
@@ -357,8 +390,9 @@ class Prune:
                 scores = gradient_scores(model, batches, list(mods.values()), ctx.loss, self.cfg.criterion)
             return dict(zip(mods, scores)), None
         if self.cfg.criterion == "sparsegpt":
-            hs, seen = gptq.input_hessians(model, {n: m for n, m in mods.items() if gptq.supports(m)}, batches,
-                                           task_forward(ctx))
+            hs, seen = gptq.input_hessians(
+                model, {n: m for n, m in mods.items() if gptq.supports(m)}, batches, task_forward(ctx)
+            )
             if not seen:
                 raise self._no_data()
             rounded = [n for n in mods if n not in hs]
@@ -391,16 +425,25 @@ class Prune:
         return s
 
     @torch.no_grad()
-    def _prune_to(self, model, ctx: Context, layers: dict[str, nn.Module], targets: dict[str, float],
-                  ties: dict) -> None:
+    def _prune_to(
+        self, model, ctx: Context, layers: dict[str, nn.Module], targets: dict[str, float], ties: dict
+    ) -> None:
         names = list(targets)
         taylor, norms = self._calibrate(model, ctx, {n: layers[n] for n in names})
         for n in names:
             ensure_constraint(layers[n], ties.get(n, ()))
         explicit = {n for n in names if self._setting(n, ties).sparsity is not None}
         if self.cfg.threshold is not None:
-            self._prune_by_threshold(layers, [n for n in names if self._setting(n, ties).sparsity is None
-                                              and self._setting(n, ties).quality is None], taylor, norms)
+            self._prune_by_threshold(
+                layers,
+                [
+                    n
+                    for n in names
+                    if self._setting(n, ties).sparsity is None and self._setting(n, ties).quality is None
+                ],
+                taylor,
+                norms,
+            )
             names = [n for n in names if n in explicit or self._setting(n, ties).quality is not None]
         pooled = [n for n in names if n not in explicit] if self.cfg.scope == "global" else []
         if pooled:
@@ -412,9 +455,13 @@ class Prune:
                 part = part.view_as(s).clone()
                 if not bool(part.any()):  # ranked against bigger layers, this one lost every weight
                     part.view(-1)[int(s.view(-1).argmax())] = True
-                    log.warning("  prune scope=global removed every weight of %s; its highest-scoring weight is "
-                                "kept (a layer may never be pruned to nothing): give %s its own sparsity under "
-                                "layers", n, n)
+                    log.warning(
+                        "  prune scope=global removed every weight of %s; its highest-scoring weight is "
+                        "kept (a layer may never be pruned to nothing): give %s its own sparsity under "
+                        "layers",
+                        n,
+                        n,
+                    )
                 self._apply(layers[n], part)
         for n in names:  # one layer's scores at a time: memory stays near one model copy
             if n in pooled:
@@ -443,15 +490,22 @@ class Prune:
             score = self._score(n, layers[n], taylor, norms)
             masks[n] = threshold_mask(score, eps)
             if not bool(masks[n].any()):
-                raise ConfigError("stages.prune.threshold", eps,
-                                  f"prunes every weight of layer {n} (its highest {self.cfg.criterion} score is "
-                                  f"{float(score.max()):.4g}); a layer may never be pruned to nothing: use a "
-                                  f"threshold below that, or give {n} its own sparsity under layers")
+                raise ConfigError(
+                    "stages.prune.threshold",
+                    eps,
+                    f"prunes every weight of layer {n} (its highest {self.cfg.criterion} score is "
+                    f"{float(score.max()):.4g}); a layer may never be pruned to nothing: use a "
+                    f"threshold below that, or give {n} its own sparsity under layers",
+                )
         for n, mask in masks.items():
             self._apply(layers[n], mask)
         reached = {n: 1 - int(torch.count_nonzero(layers[n].weight)) / layers[n].weight.numel() for n in names}
-        log.info("  prune threshold %g (%s): reached sparsity %s", eps, self.cfg.criterion,
-                 ", ".join(f"{n}={v:.3f}" for n, v in reached.items()))
+        log.info(
+            "  prune threshold %g (%s): reached sparsity %s",
+            eps,
+            self.cfg.criterion,
+            ", ".join(f"{n}={v:.3f}" for n, v in reached.items()),
+        )
 
     def _sparsegpt(self, name: str, m: nn.Module, h: torch.Tensor, sparsity: float) -> None:
         """The layer's mask and its kept weights' new values, from its input Hessian."""
@@ -487,8 +541,17 @@ class Prune:
             self._prune_to(model, ctx, layers, targets, ties)
             recalibrate_bn(model, ctx.calibration_batches(self.cfg.calibration_batches))  # no-op without BN
             if steps > 1:
-                log.info("  prune step %d/%d: target sparsity %s", t, steps,
-                         ", ".join(f"{n}={v:.3f}" for n, v in targets.items()))
-            fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune, loss_fn=ctx.loss,
-                on_epoch=ctx.epoch_callback(model))
+                log.info(
+                    "  prune step %d/%d: target sparsity %s",
+                    t,
+                    steps,
+                    ", ".join(f"{n}={v:.3f}" for n, v in targets.items()),
+                )
+            fit(
+                model,
+                ctx.train_loader(self.cfg.finetune.batch_size),
+                self.cfg.finetune,
+                loss_fn=ctx.loss,
+                on_epoch=ctx.epoch_callback(model),
+            )
         return model

@@ -34,6 +34,7 @@ artifact entropy-codes the levels;
 `norms: float16` does the same for LayerNorm / GroupNorm / BatchNorm weights
 and biases (running statistics are buffers and stay exact).
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,12 +45,26 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from lwpipe.config import Strict, TrainSettings
 from lwpipe import gptq
 from lwpipe.calibration import task_forward
-from lwpipe.constraints import (NORMS, check_layer_patterns, compressible_layers, constraint, dequantize,
-                                ensure_constraint, grid_axis, hold_grid, hold_half, in_axis, kept_kinds, layer_setting,
-                                original_weight, out_axis, tied_layers)
+from lwpipe.config import Strict, TrainSettings
+from lwpipe.constraints import (
+    NORMS,
+    check_layer_patterns,
+    compressible_layers,
+    constraint,
+    dequantize,
+    ensure_constraint,
+    grid_axis,
+    hold_grid,
+    hold_half,
+    in_axis,
+    kept_kinds,
+    layer_setting,
+    original_weight,
+    out_axis,
+    tied_layers,
+)
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.loggers.console import format_quality
@@ -72,6 +87,7 @@ class LayerQuant(Strict):
 class Budget(Strict):
     """`bits: auto`'s budget, exactly one of: the average bits per kept weight, or the bytes of the quantized
     weights (kept weights x their bits / 8, before entropy coding). A plain number is bits_per_weight."""
+
     bits_per_weight: float | None = Field(None, gt=0, le=32)
     bytes: int | None = Field(None, ge=1, le=1 << 50)
 
@@ -84,35 +100,34 @@ class Budget(Strict):
 
 
 class QuantizeConfig(Strict):
-    bits: int | Literal["auto"] = 8                    # 1: binary weights, sign(W) * alpha; auto: by sensitivity
-    scheme: Scheme = "symmetric"                       # ternary: {-alpha, 0, +alpha}, bits not used
+    bits: int | Literal["auto"] = 8  # 1: binary weights, sign(W) * alpha; auto: by sensitivity
+    scheme: Scheme = "symmetric"  # ternary: {-alpha, 0, +alpha}, bits not used
     granularity: Literal["per_tensor", "per_channel"] = "per_tensor"
     group_size: int | None = Field(None, ge=1, le=1 << 20)  # per_channel: one scale per group of N inputs too
-    full_range: bool = False                           # symmetric: levels -2^(b-1)..2^(b-1)-1 (compressed-tensors')
-    clip_search: bool = False                          # group_size, symmetric: each group's scale by least MSE
+    full_range: bool = False  # symmetric: levels -2^(b-1)..2^(b-1)-1 (compressed-tensors')
+    clip_search: bool = False  # group_size, symmetric: each group's scale by least MSE
     keep: list[Literal["embeddings", "output_head"]] = []  # layer kinds left as they are (a `layers` entry overrides)
-    step: float | None = Field(None, gt=0, le=10)      # grid step = step x the layer's std; null: the range
-    layers: dict[str, LayerQuant] = {}                 # by module name or glob: "fc3", "conv*"
+    step: float | None = Field(None, gt=0, le=10)  # grid step = step x the layer's std; null: the range
+    layers: dict[str, LayerQuant] = {}  # by module name or glob: "fc3", "conv*"
     bias: Literal["float32", "float16", "int8"] = "float32"  # int8: scale x level, levels entropy-coded
-    norms: Literal["float32", "float16"] = "float32"   # LayerNorm / BatchNorm weight and bias
-    budget: Budget | None = None                       # bits: auto only: 3, {bits_per_weight: 3} or {bytes: N}
-    candidates: list[int] | None = None                # bits: auto's widths; null: 1..6 and 8 (no 1 where binary can't)
+    norms: Literal["float32", "float16"] = "float32"  # LayerNorm / BatchNorm weight and bias
+    budget: Budget | None = None  # bits: auto only: 3, {bits_per_weight: 3} or {bytes: N}
+    candidates: list[int] | None = None  # bits: auto's widths; null: 1..6 and 8 (no 1 where binary can't)
     sensitivity: Literal["fisher", "fisher_diagonal"] = "fisher"  # bits: auto: the layer's Fisher block, or diagonal
-    calibration_samples: int = Field(256, ge=1, le=1_000_000)    # bits: auto's Fisher / gptq's Hessians: examples
-    method: Literal["rtn", "gptq"] = "rtn"             # rtn: round to nearest; gptq: levels by the input Hessian
-    damp: float = Field(0.01, gt=0, le=1)              # gptq: H + damp x mean(diag H) x I
-    block: int = Field(128, ge=1, le=1 << 20)          # gptq: columns per lazy-update block
-    act_order: bool = False                            # gptq: columns in order of decreasing H_jj
-    sequential: bool = True                            # gptq: block by block, each calibrated on the blocks before
-    finetune: TrainSettings = TrainSettings()          # quantization-aware, through the STE
+    calibration_samples: int = Field(256, ge=1, le=1_000_000)  # bits: auto's Fisher / gptq's Hessians: examples
+    method: Literal["rtn", "gptq"] = "rtn"  # rtn: round to nearest; gptq: levels by the input Hessian
+    damp: float = Field(0.01, gt=0, le=1)  # gptq: H + damp x mean(diag H) x I
+    block: int = Field(128, ge=1, le=1 << 20)  # gptq: columns per lazy-update block
+    act_order: bool = False  # gptq: columns in order of decreasing H_jj
+    sequential: bool = True  # gptq: block by block, each calibrated on the blocks before
+    finetune: TrainSettings = TrainSettings()  # quantization-aware, through the STE
 
     @field_validator("bits", mode="before")
     @classmethod
     def _bits(cls, v):
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 16):
             return v
-        raise ValueError("must be a whole number of bits 1..16, or auto (bits per layer by sensitivity, "
-                         "with a budget)")
+        raise ValueError("must be a whole number of bits 1..16, or auto (bits per layer by sensitivity, with a budget)")
 
     @field_validator("budget", mode="before")
     @classmethod
@@ -142,28 +157,37 @@ def check_group(cfg: QuantizeConfig) -> None:
     if cfg.group_size is None:
         return
     if cfg.granularity != "per_channel":
-        raise ValueError(f"group_size={cfg.group_size} splits each output channel's scale into groups of inputs; "
-                         f"it needs granularity=per_channel, not {cfg.granularity}")
+        raise ValueError(
+            f"group_size={cfg.group_size} splits each output channel's scale into groups of inputs; "
+            f"it needs granularity=per_channel, not {cfg.granularity}"
+        )
     if cfg.step is not None or any(lc.step is not None for lc in cfg.layers.values()):
-        raise ValueError("group_size with step: a step grid is set by the layer's spread, not per group; "
-                         "drop step or group_size")
+        raise ValueError(
+            "group_size with step: a step grid is set by the layer's spread, not per group; drop step or group_size"
+        )
     if cfg.bits == 1 or cfg.scheme == "ternary" or any(lc.bits == 1 for lc in cfg.layers.values()):
-        raise ValueError("group_size with binary / ternary weights: their scale is the mean |w|, per channel; "
-                         "drop group_size or use bits >= 2")
+        raise ValueError(
+            "group_size with binary / ternary weights: their scale is the mean |w|, per channel; "
+            "drop group_size or use bits >= 2"
+        )
 
 
 def check_clip(cfg: QuantizeConfig) -> None:
     if cfg.clip_search and (cfg.group_size is None or cfg.scheme != "symmetric"):
-        raise ValueError(f"clip_search=true shrinks each group's symmetric scale; it needs group_size and "
-                         f"scheme=symmetric (here group_size={cfg.group_size}, scheme={cfg.scheme})")
+        raise ValueError(
+            f"clip_search=true shrinks each group's symmetric scale; it needs group_size and "
+            f"scheme=symmetric (here group_size={cfg.group_size}, scheme={cfg.scheme})"
+        )
 
 
 def check_full_range(cfg: QuantizeConfig) -> None:
     """full_range widens the symmetric grid by its one extra negative level; other schemes have no such level."""
     binary = cfg.bits == 1 or any(lc.bits == 1 for lc in cfg.layers.values())
     if cfg.full_range and (cfg.scheme != "symmetric" or binary):
-        raise ValueError(f"full_range=true uses the signed range -2^(b-1)..2^(b-1)-1 of a symmetric grid; it needs "
-                         f"scheme=symmetric and bits >= 2, not scheme={cfg.scheme}, bits={cfg.bits}")
+        raise ValueError(
+            f"full_range=true uses the signed range -2^(b-1)..2^(b-1)-1 of a symmetric grid; it needs "
+            f"scheme=symmetric and bits >= 2, not scheme={cfg.scheme}, bits={cfg.bits}"
+        )
 
 
 def check_gptq(cfg: QuantizeConfig) -> None:
@@ -171,13 +195,17 @@ def check_gptq(cfg: QuantizeConfig) -> None:
     if cfg.method != "gptq":
         extra = sorted({"damp", "block", "act_order", "sequential"} & cfg.model_fields_set)
         if extra:
-            raise ValueError(f"{extra[0]} is set but method={cfg.method}: {extra[0]} is only used by method: gptq; "
-                             f"set method: gptq or drop {extra[0]}")
+            raise ValueError(
+                f"{extra[0]} is set but method={cfg.method}: {extra[0]} is only used by method: gptq; "
+                f"set method: gptq or drop {extra[0]}"
+            )
         return
     binary = cfg.bits == 1 or cfg.scheme == "ternary" or any(lc.bits == 1 for lc in cfg.layers.values())
     if binary or (cfg.bits == "auto" and 1 in (cfg.candidates or ())):
-        raise ValueError("method=gptq with binary / ternary weights (bits=1, scheme=ternary): GPTQ chooses levels "
-                         "on a grid of 2 bits or more; use method: rtn, or bits >= 2")
+        raise ValueError(
+            "method=gptq with binary / ternary weights (bits=1, scheme=ternary): GPTQ chooses levels "
+            "on a grid of 2 bits or more; use method: rtn, or bits >= 2"
+        )
 
 
 def check_binary(cfg: QuantizeConfig) -> None:
@@ -186,8 +214,10 @@ def check_binary(cfg: QuantizeConfig) -> None:
         return
     bad = [("bits", 1)] * (cfg.bits == 1) + [(f"layers.{n}.bits", 1) for n, lc in cfg.layers.items() if lc.bits == 1]
     if bad:
-        raise ValueError(f"{bad[0][0]}=1 with scheme=asymmetric: binary weights are sign(W) * alpha, symmetric "
-                         f"around 0 with no zero point; use scheme=symmetric (or ternary), or bits >= 2")
+        raise ValueError(
+            f"{bad[0][0]}=1 with scheme=asymmetric: binary weights are sign(W) * alpha, symmetric "
+            f"around 0 with no zero point; use scheme=symmetric (or ternary), or bits >= 2"
+        )
 
 
 def check_auto(cfg: QuantizeConfig) -> None:
@@ -196,23 +226,33 @@ def check_auto(cfg: QuantizeConfig) -> None:
     if not auto:
         extra = [k for k in ("budget", "candidates") if getattr(cfg, k) is not None]
         if extra:
-            raise ValueError(f"{extra[0]} is set but bits={cfg.bits}: {extra[0]} is only used by bits: auto "
-                             f"(bits per layer by sensitivity); set bits: auto or drop {extra[0]}")
+            raise ValueError(
+                f"{extra[0]} is set but bits={cfg.bits}: {extra[0]} is only used by bits: auto "
+                f"(bits per layer by sensitivity); set bits: auto or drop {extra[0]}"
+            )
         return
     if cfg.scheme == "ternary":
-        raise ValueError("bits=auto with scheme=ternary: ternary weights have three levels whatever the bits; "
-                         "use scheme=symmetric or asymmetric with bits: auto")
+        raise ValueError(
+            "bits=auto with scheme=ternary: ternary weights have three levels whatever the bits; "
+            "use scheme=symmetric or asymmetric with bits: auto"
+        )
     if cfg.budget is None:
-        raise ValueError("bits=auto needs a budget: budget: 3 (average bits per kept weight), "
-                         "budget: {bits_per_weight: 3} or budget: {bytes: N} (of the quantized weights)")
+        raise ValueError(
+            "bits=auto needs a budget: budget: 3 (average bits per kept weight), "
+            "budget: {bits_per_weight: 3} or budget: {bytes: N} (of the quantized weights)"
+        )
     if cfg.scheme == "asymmetric" and 1 in (cfg.candidates or ()):
-        raise ValueError("candidates holds 1 with scheme=asymmetric: binary weights are sign(W) * alpha, with no "
-                         "zero point; drop 1 from candidates or use scheme=symmetric")
+        raise ValueError(
+            "candidates holds 1 with scheme=asymmetric: binary weights are sign(W) * alpha, with no "
+            "zero point; drop 1 from candidates or use scheme=symmetric"
+        )
     fewest = min(auto_candidates(cfg, shared=False))
     bpw = cfg.budget.bits_per_weight
     if bpw is not None and bpw < fewest:
-        raise ValueError(f"budget={bpw!r} bits per weight is below what the fewest candidate bits cost "
-                         f"({fewest} bit{'s' * (fewest > 1)} per kept weight); allowed: at least {fewest}")
+        raise ValueError(
+            f"budget={bpw!r} bits per weight is below what the fewest candidate bits cost "
+            f"({fewest} bit{'s' * (fewest > 1)} per kept weight); allowed: at least {fewest}"
+        )
 
 
 def auto_candidates(cfg: QuantizeConfig, shared: bool) -> list[int]:
@@ -278,9 +318,17 @@ def std_grid(x: torch.Tensor, step: float, bits: int, scheme: Scheme, per_channe
 
 
 @torch.no_grad()
-def quantize_layer(module: nn.Module, bits: int, scheme: Scheme = "symmetric", per_channel: bool = False,
-                   tied=(), step: float | None = None, hessian: dict | None = None,
-                   group: int | None = None, clip: bool = False) -> float | None:
+def quantize_layer(
+    module: nn.Module,
+    bits: int,
+    scheme: Scheme = "symmetric",
+    per_channel: bool = False,
+    tied=(),
+    step: float | None = None,
+    hessian: dict | None = None,
+    group: int | None = None,
+    clip: bool = False,
+) -> float | None:
     """Put the layer's weights (or its codebook, when shared) on a `bits`-bit grid: each weight to its nearest
     level, or, given `hessian` ({"h": H, "damp", "block", "act_order", "name"}), the levels GPTQ picks (its
     weighted error is returned). `group`: per-channel scales per `group` inputs too, on layers that can
@@ -358,11 +406,31 @@ def gptq_levels(module: nn.Module, c, hessian: dict, scheme: Scheme, clip: bool 
     else:  # [outputs, groups]; each group's grid is recomputed from its columns as GPTQ reaches them
         scale, zero = gptq.as_rows(module, c.scale), gptq.as_rows(module, c.zero_point)
         regrid = lambda cols: rows_group_grid(cols, c.bits, scheme, cols.shape[1], clip)[2:]  # noqa: E731
-    q, error, scale, zero = gptq.gptq_weight(rows, hessian["h"], scale, zero, c.qmin, c.qmax, mask, hessian["block"],
-                                             hessian["damp"], hessian["act_order"], hessian["name"], c.group, regrid)
+    q, error, scale, zero = gptq.gptq_weight(
+        rows,
+        hessian["h"],
+        scale,
+        zero,
+        c.qmin,
+        c.qmax,
+        mask,
+        hessian["block"],
+        hessian["damp"],
+        hessian["act_order"],
+        hessian["name"],
+        c.group,
+        regrid,
+    )
     if c.group is not None:  # the grids GPTQ settled on, back in the layer's layout
-        c.set_quant(c.bits, c.qmin, c.qmax, gptq.from_rows(module, scale, c.scale.shape),
-                    gptq.from_rows(module, zero, c.scale.shape), c.axis, c.group)
+        c.set_quant(
+            c.bits,
+            c.qmin,
+            c.qmax,
+            gptq.from_rows(module, scale, c.scale.shape),
+            gptq.from_rows(module, zero, c.scale.shape),
+            c.axis,
+            c.group,
+        )
     values = dequantize(gptq.from_rows(module, q, w.shape), *c.grid())
     original_weight(module).data.copy_(values.to(original_weight(module).dtype))
     return error
@@ -400,8 +468,14 @@ def binarize_layer(module: nn.Module, per_channel: bool = False, ternary: bool =
     pin_zeros(module)
 
 
-def quantize_any(module: nn.Module, bits: int | None, cfg: QuantizeConfig, tied=(), step: float | None = None,
-                 hessian: dict | None = None) -> float | None:
+def quantize_any(
+    module: nn.Module,
+    bits: int | None,
+    cfg: QuantizeConfig,
+    tied=(),
+    step: float | None = None,
+    hessian: dict | None = None,
+) -> float | None:
     """One layer at its own `bits` (None: the stage's) and the stage's scheme; a layer with its own
     bits >= 2 under scheme=ternary gets the symmetric grid. Returns GPTQ's error when `hessian` is given."""
     per_channel = cfg.granularity == "per_channel"
@@ -412,8 +486,9 @@ def quantize_any(module: nn.Module, bits: int | None, cfg: QuantizeConfig, tied=
     else:
         scheme = "symmetric" if cfg.scheme == "ternary" else cfg.scheme
         scheme = "symmetric_full" if cfg.full_range else scheme
-        return quantize_layer(module, bits or cfg.bits, scheme, per_channel, tied, step, hessian, cfg.group_size,
-                              cfg.clip_search)
+        return quantize_layer(
+            module, bits or cfg.bits, scheme, per_channel, tied, step, hessian, cfg.group_size, cfg.clip_search
+        )
     return None
 
 
@@ -440,17 +515,26 @@ class Quantize:
     @staticmethod
     def check_order(cfg: QuantizeConfig, before) -> str | None:
         if cfg.method == "gptq" and any(s.type == "share" for s in before):
-            return ("method=gptq after share: a shared layer's values are its codebook, which has no input Hessian "
-                    "to minimise against; use method: rtn after share, or drop share")
+            return (
+                "method=gptq after share: a shared layer's values are its codebook, which has no input Hessian "
+                "to minimise against; use method: rtn after share, or drop share"
+            )
         if cfg.granularity == "per_channel" and any(s.type == "share" for s in before):
-            return ("granularity=per_channel after share: a shared layer has one codebook for the whole tensor, "
-                    "and per-channel scales would give each channel its own values (more than 2^bits per layer); "
-                    "use granularity=per_tensor, which quantizes the codebook itself")
+            return (
+                "granularity=per_channel after share: a shared layer has one codebook for the whole tensor, "
+                "and per-channel scales would give each channel its own values (more than 2^bits per layer); "
+                "use granularity=per_tensor, which quantizes the codebook itself"
+            )
         if any(s.type == "share" for s in before) and (
-                cfg.bits == 1 or cfg.scheme == "ternary" or any(lc.bits == 1 for lc in cfg.layers.values())
-                or (cfg.bits == "auto" and 1 in (cfg.candidates or ()))):
-            return ("binary / ternary weights (bits=1, candidates with 1, scheme=ternary) are their own 2- or "
-                    "3-value codebook; a k-means codebook before them only costs index bits: drop share")
+            cfg.bits == 1
+            or cfg.scheme == "ternary"
+            or any(lc.bits == 1 for lc in cfg.layers.values())
+            or (cfg.bits == "auto" and 1 in (cfg.candidates or ()))
+        ):
+            return (
+                "binary / ternary weights (bits=1, candidates with 1, scheme=ternary) are their own 2- or "
+                "3-value codebook; a k-means codebook before them only costs index bits: drop share"
+            )
         return None
 
     @staticmethod
@@ -463,7 +547,7 @@ class Quantize:
         layers = dict(compressible_layers(model))
         settings = {}
         kept = kept_kinds(model, self.cfg.keep)
-        for name, m in compressible_layers(model):
+        for name, _m in compressible_layers(model):
             tied = ties.get(name, ())
             default = LayerQuant(skip=name in kept)
             settings[name] = layer_setting(name, self.cfg.layers, default, [t for t, _ in tied])
@@ -480,8 +564,17 @@ class Quantize:
                 m, tied, lc = layers[name], ties.get(name, ()), settings[name]
                 step = lc.step if lc.step is not None else self.cfg.step
                 h = hessians.pop(name, None)
-                hessian = None if h is None else {"h": h, "damp": self.cfg.damp, "block": self.cfg.block,
-                                                  "act_order": self.cfg.act_order, "name": name}
+                hessian = (
+                    None
+                    if h is None
+                    else {
+                        "h": h,
+                        "damp": self.cfg.damp,
+                        "block": self.cfg.block,
+                        "act_order": self.cfg.act_order,
+                        "name": name,
+                    }
+                )
                 error = quantize_any(m, plan["bits"][name] if auto else lc.bits, self.cfg, tied, step, hessian)
                 if error is not None:
                     errors[name] = error
@@ -493,12 +586,18 @@ class Quantize:
         hold_half(model, half)
         hold_grid(model, biases * (self.cfg.bias == "int8"))
         if auto:
-            report_allotment(plan, before, evaluate(model, ctx.test_loader(), ctx.reference_outputs, task=ctx.task)[0],
-                             ctx)
+            report_allotment(
+                plan, before, evaluate(model, ctx.test_loader(), ctx.reference_outputs, task=ctx.task)[0], ctx
+            )
         if self.cfg.method == "gptq":
             report_gptq(errors, [n for n, lc in settings.items() if not lc.skip and n not in errors], ctx)
-        fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune, loss_fn=ctx.loss,
-            on_epoch=ctx.epoch_callback(model))
+        fit(
+            model,
+            ctx.train_loader(self.cfg.finetune.batch_size),
+            self.cfg.finetune,
+            loss_fn=ctx.loss,
+            on_epoch=ctx.epoch_callback(model),
+        )
         for m in done:  # QAT may have moved more weights onto level 0: keep them there too
             pin_zeros(m)
         return model
@@ -520,8 +619,11 @@ class Quantize:
         batches = ctx.calibration_batches(math.ceil(self.cfg.calibration_samples / bs), batch_size=bs)
         hs, seen = gptq.input_hessians(model, layers, batches, task_forward(ctx))
         if not seen:
-            raise ConfigError(f"stages.{ctx.stage or 'quantize'}.method", "gptq", "needs calibration batches "
-                              "(the layers' input Hessians), and data.train gives none; use method: rtn")
+            raise ConfigError(
+                f"stages.{ctx.stage or 'quantize'}.method",
+                "gptq",
+                "needs calibration batches (the layers' input Hessians), and data.train gives none; use method: rtn",
+            )
         log.info("  gptq: input Hessians of %d layers from %d calibration batches", len(hs), seen)
         return hs
 
@@ -548,23 +650,37 @@ class Quantize:
         if least <= budget_bits:
             quantized = [n for n in layers if not settings[n].skip]
             widths = [cands[n] if n in cands else [fixed[n]] for n in quantized]
-            table, seen = sensitivities(model, [layers[n] for n in quantized], widths,
-                                        [self.quantizer(settings[n]) for n in quantized],
-                                        ctx.calibration_batches(cfg.calibration_samples, batch_size=1), ctx.loss,
-                                        diagonal=cfg.sensitivity == "fisher_diagonal")
+            table, seen = sensitivities(
+                model,
+                [layers[n] for n in quantized],
+                widths,
+                [self.quantizer(settings[n]) for n in quantized],
+                ctx.calibration_batches(cfg.calibration_samples, batch_size=1),
+                ctx.loss,
+                diagonal=cfg.sensitivity == "fisher_diagonal",
+            )
             if not seen:
-                raise ConfigError(f"stages.{ctx.stage or 'quantize'}.bits", "auto", "needs training batches for "
-                                  "the Fisher (squared gradients), and data.train gives none")
+                raise ConfigError(
+                    f"stages.{ctx.stage or 'quantize'}.bits",
+                    "auto",
+                    "needs training batches for the Fisher (squared gradients), and data.train gives none",
+                )
             table = dict(zip(quantized, table))
             chosen = allot([table[n] for n in free], [kept[n] for n in free], budget_bits - fixed_bits)
         if chosen is None:  # the DP's whole units can lose up to one unit a layer of a budget at its very edge
             raise budget_error(cfg, f"stages.{ctx.stage or 'quantize'}", least, total)
         bits = {n: fixed[n] for n in quantized if n in fixed} | dict(zip(free, chosen))
         bits = {n: bits[n] for n in quantized}  # in module order
-        return {"bits": bits, "kept": kept, "total": total, "budget_bits": budget_bits, "samples": seen,
-                "spent_bits": sum(b * kept[n] for n, b in bits.items()) + sum(32 * kept[n] for n in layers
-                                                                              if settings[n].skip),
-                "predicted": 0.5 * sum(table[n][b] for n, b in bits.items())}
+        return {
+            "bits": bits,
+            "kept": kept,
+            "total": total,
+            "budget_bits": budget_bits,
+            "samples": seen,
+            "spent_bits": sum(b * kept[n] for n, b in bits.items())
+            + sum(32 * kept[n] for n in layers if settings[n].skip),
+            "predicted": 0.5 * sum(table[n][b] for n, b in bits.items()),
+        }
 
 
 def kept_count(module: nn.Module) -> int:
@@ -580,27 +696,42 @@ def budget_error(cfg: QuantizeConfig, path: str, least: float, total: int) -> Co
     else:
         key, value = "budget", cfg.budget.bits_per_weight
         minimum = f"{math.ceil(1000 * least / total) / 1000:g} bits per weight"
-    return ConfigError(f"{path}.{key}", value,
-                       f"is below what the fewest bits cost on these {total:,} kept weights (the fewest candidate bits "
-                       f"per auto layer, the bits `layers` fixes, 32 a weight for a skipped layer); at least {minimum}")
+    return ConfigError(
+        f"{path}.{key}",
+        value,
+        f"is below what the fewest bits cost on these {total:,} kept weights (the fewest candidate bits "
+        f"per auto layer, the bits `layers` fixes, 32 a weight for a skipped layer); at least {minimum}",
+    )
 
 
 def report_allotment(plan: dict, before: dict, after: dict, ctx: Context) -> None:
     """Log bits: auto's allotment and its predicted vs measured effect, and put them in the stage's record."""
     measured = after["loss"] - before["loss"] if "loss" in after and "loss" in before else None
-    fields = {"bits_allotted": plan["bits"], "avg_bits_per_weight": plan["spent_bits"] / max(plan["total"], 1),
-              "budget_bits_per_weight": plan["budget_bits"] / max(plan["total"], 1),
-              "quantized_weight_bytes": math.ceil(plan["spent_bits"] / 8),
-              "predicted_loss_increase": plan["predicted"], "measured_loss_increase": measured,
-              "quality_before_quantize": before.get("quality"), "quality_before_finetune": after.get("quality")}
+    fields = {
+        "bits_allotted": plan["bits"],
+        "avg_bits_per_weight": plan["spent_bits"] / max(plan["total"], 1),
+        "budget_bits_per_weight": plan["budget_bits"] / max(plan["total"], 1),
+        "quantized_weight_bytes": math.ceil(plan["spent_bits"] / 8),
+        "predicted_loss_increase": plan["predicted"],
+        "measured_loss_increase": measured,
+        "quality_before_quantize": before.get("quality"),
+        "quality_before_finetune": after.get("quality"),
+    }
     ctx.stage_record.update(fields)
     metric = after.get("metric", "quality")
     log.info("  bits auto: %s", ", ".join(f"{n}={b}" for n, b in plan["bits"].items()))
-    log.info("  bits auto: %.3f bits per kept weight (budget %.3f, %d Fisher samples); loss increase predicted "
-             "%.4g, measured %s (test set); %s %s before quantize, %s before fine-tune",
-             fields["avg_bits_per_weight"], fields["budget_bits_per_weight"], plan["samples"],
-             plan["predicted"], "-" if measured is None else f"{measured:.4g}", metric,
-             format_quality(metric, before.get("quality")), format_quality(metric, after.get("quality")))
+    log.info(
+        "  bits auto: %.3f bits per kept weight (budget %.3f, %d Fisher samples); loss increase predicted "
+        "%.4g, measured %s (test set); %s %s before quantize, %s before fine-tune",
+        fields["avg_bits_per_weight"],
+        fields["budget_bits_per_weight"],
+        plan["samples"],
+        plan["predicted"],
+        "-" if measured is None else f"{measured:.4g}",
+        metric,
+        format_quality(metric, before.get("quality")),
+        format_quality(metric, after.get("quality")),
+    )
 
 
 def report_gptq(errors: dict[str, float], rounded: list[str], ctx: Context) -> None:

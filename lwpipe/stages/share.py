@@ -7,6 +7,7 @@ frozen: fine-tuning trains the centroids (and biases), and autograd's indexing
 sums dL/dW over each cluster's members, which is Deep Compression's grouped
 centroid gradient. The index map and the mask never change afterwards.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -16,8 +17,17 @@ from pydantic import Field
 from torch import nn
 
 from lwpipe.config import Strict, TrainSettings
-from lwpipe.constraints import (compressible_layers, ensure_constraint, index_dtype, layer_setting, original_weight, release_original,
-                                check_layer_patterns, constraint, tied_layers)
+from lwpipe.constraints import (
+    check_layer_patterns,
+    compressible_layers,
+    constraint,
+    ensure_constraint,
+    index_dtype,
+    layer_setting,
+    original_weight,
+    release_original,
+    tied_layers,
+)
 from lwpipe.context import Context
 from lwpipe.errors import LwpipeError
 from lwpipe.kmeans import kmeans_1d
@@ -31,16 +41,15 @@ class LayerShare(Strict):
 
 
 class ShareConfig(Strict):
-    bits: int = Field(5, ge=1, le=16)                   # 2^bits centroids per layer
+    bits: int = Field(5, ge=1, le=16)  # 2^bits centroids per layer
     init: Literal["linear", "density", "random", "kmeans++"] = "linear"
-    iters: int = Field(30, ge=1, le=10_000)             # Lloyd steps
-    layers: dict[str, LayerShare] = {}                  # by module name or glob: "fc3", "conv*"
-    finetune: TrainSettings = TrainSettings()           # trains centroids and biases
+    iters: int = Field(30, ge=1, le=10_000)  # Lloyd steps
+    layers: dict[str, LayerShare] = {}  # by module name or glob: "fc3", "conv*"
+    finetune: TrainSettings = TrainSettings()  # trains centroids and biases
 
 
 @torch.no_grad()
-def share_layer(module: nn.Module, bits: int, init: str = "linear", iters: int = 30, seed: int = 0,
-                tied=()) -> None:
+def share_layer(module: nn.Module, bits: int, init: str = "linear", iters: int = 30, seed: int = 0, tied=()) -> None:
     """Replace the layer's weight by a 2^bits codebook over its non-zero weights (`tied`: the modules
     sharing this weight, which get the same constraint)."""
     c = ensure_constraint(module, tied)
@@ -75,20 +84,27 @@ class Share:
     @staticmethod
     def check_order(cfg: ShareConfig, before) -> str | None:
         if any(s.type == "quantize" for s in before):
-            return ("share after quantize would move the weights off the integer grid that quantize set "
-                    "(k-means centroids are arbitrary floats); put share before quantize, which then "
-                    "quantizes the codebook")
+            return (
+                "share after quantize would move the weights off the integer grid that quantize set "
+                "(k-means centroids are arbitrary floats); put share before quantize, which then "
+                "quantizes the codebook"
+            )
         return None
 
     @staticmethod
     def check_model(cfg: ShareConfig, model: nn.Module, path: str) -> None:
         check_layer_patterns(model, cfg.layers, path)
-        quantized = [n for n, m in compressible_layers(model) if (c := constraint(m)) is not None and c.quantized
-                     and not layer_setting(n, cfg.layers, LayerShare()).skip]
+        quantized = [
+            n
+            for n, m in compressible_layers(model)
+            if (c := constraint(m)) is not None and c.quantized and not layer_setting(n, cfg.layers, LayerShare()).skip
+        ]
         if quantized:  # a model.checkpoint saved after quantize
-            raise LwpipeError(f"model.checkpoint holds quantized layers ({', '.join(quantized)}) and {path} "
-                              "cannot follow quantize (k-means centroids would leave the grid); start from a "
-                              "checkpoint saved before quantize, or take share out of the pipeline")
+            raise LwpipeError(
+                f"model.checkpoint holds quantized layers ({', '.join(quantized)}) and {path} "
+                "cannot follow quantize (k-means centroids would leave the grid); start from a "
+                "checkpoint saved before quantize, or take share out of the pipeline"
+            )
 
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
         ties = tied_layers(model)
@@ -98,5 +114,10 @@ class Share:
                 continue
             seed = int(torch.randint(2**31 - 1, ()).item())  # the runner seeds each stage
             share_layer(m, lc.bits or self.cfg.bits, self.cfg.init, self.cfg.iters, seed, ties.get(name, ()))
-        return fit(model, ctx.train_loader(self.cfg.finetune.batch_size), self.cfg.finetune, loss_fn=ctx.loss,
-                   on_epoch=ctx.epoch_callback(model))
+        return fit(
+            model,
+            ctx.train_loader(self.cfg.finetune.batch_size),
+            self.cfg.finetune,
+            loss_fn=ctx.loss,
+            on_epoch=ctx.epoch_callback(model),
+        )

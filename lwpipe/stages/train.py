@@ -1,4 +1,5 @@
 """Stage `train`: training with the task's loss (ctx.task), seeded."""
+
 from __future__ import annotations
 
 from pydantic import Field
@@ -22,5 +23,6 @@ class Train:
         self.cfg = cfg
 
     def run(self, model, ctx: Context):
-        return fit(model, ctx.train_loader(self.cfg.batch_size), self.cfg, loss_fn=ctx.loss,
-                   on_epoch=ctx.epoch_callback(model))
+        return fit(
+            model, ctx.train_loader(self.cfg.batch_size), self.cfg, loss_fn=ctx.loss, on_epoch=ctx.epoch_callback(model)
+        )

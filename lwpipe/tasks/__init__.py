@@ -5,10 +5,12 @@ evaluation (the headline `metric`, its value as `quality`, and the metric under
 its own name) and what distillation matches. The runner, the stages and
 training.fit call the task through `ctx.task`; none of them branches on it.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator, Protocol
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -19,7 +21,7 @@ from lwpipe.errors import ConfigError
 
 class Task(Protocol):
     name: str
-    metric: str              # the headline metric: accuracy, perplexity or cosine
+    metric: str  # the headline metric: accuracy, perplexity or cosine
     higher_is_better: bool
 
     def forward(self, model: nn.Module, batch) -> torch.Tensor:
@@ -31,8 +33,9 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module, batches: Iterable, reference: Any = None) -> tuple[dict, Any]:
         """(metrics, outputs): the record's quality keys, and what a later model is compared against."""
 
-    def distill_loss(self, student: torch.Tensor, teacher: torch.Tensor, batch, temperature: float,
-                     alpha: float) -> torch.Tensor:
+    def distill_loss(
+        self, student: torch.Tensor, teacher: torch.Tensor, batch, temperature: float, alpha: float
+    ) -> torch.Tensor:
         """What the student matches of the teacher's forward() outputs."""
 
     def check(self, model: nn.Module, data) -> None:
@@ -108,8 +111,7 @@ def logits_of(out) -> torch.Tensor:
         return out["logits"]
     if isinstance(out, (tuple, list)):
         return out[0]
-    raise TypeError(f"the model returned a {type(out).__name__}: expected a tensor of logits or an object "
-                    "with .logits")
+    raise TypeError(f"the model returned a {type(out).__name__}: expected a tensor of logits or an object with .logits")
 
 
 def make_task(name: str) -> Task:
@@ -117,13 +119,21 @@ def make_task(name: str) -> Task:
     from lwpipe.tasks.classification import Classification, TextClassification
     from lwpipe.tasks.embedding import Embedding
 
-    tasks = {"classification": Classification, "text_classification": TextClassification,
-             "causal_lm": CausalLM, "embedding": Embedding}
+    tasks = {
+        "classification": Classification,
+        "text_classification": TextClassification,
+        "causal_lm": CausalLM,
+        "embedding": Embedding,
+    }
     if name not in tasks:
         raise ConfigError("task.name", name, f"must be one of {', '.join(tasks)}")
     return tasks[name]()
 
 
 # each task's headline metric (records' `metric`), known before any model is built
-TASK_METRICS = {"classification": "accuracy", "text_classification": "accuracy", "causal_lm": "perplexity",
-                "embedding": "cosine"}
+TASK_METRICS = {
+    "classification": "accuracy",
+    "text_classification": "accuracy",
+    "causal_lm": "perplexity",
+    "embedding": "cosine",
+}

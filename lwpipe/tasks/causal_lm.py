@@ -5,10 +5,11 @@ non-padding tokens of the test texts (lower is better); `teacher_agreement` is
 the fraction of those positions where the model's top-1 next token equals the
 reference model's; `accuracy` is top-1 next-token accuracy.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -49,9 +50,14 @@ class CausalLM:
         n = max(len(pred), 1)
         loss = nll / n
         ppl = math.exp(min(loss, 700.0))  # a finite number even for a ruined model
-        out = {"accuracy": hits / n, "loss": loss, "perplexity": ppl,
-               "teacher_agreement": (pred == reference).float().mean().item() if reference is not None else 1.0,
-               "metric": "perplexity", "quality": ppl}
+        out = {
+            "accuracy": hits / n,
+            "loss": loss,
+            "perplexity": ppl,
+            "teacher_agreement": (pred == reference).float().mean().item() if reference is not None else 1.0,
+            "metric": "perplexity",
+            "quality": ppl,
+        }
         return out, pred
 
     def distill_loss(self, student, teacher, batch, temperature: float, alpha: float) -> torch.Tensor:
@@ -59,22 +65,32 @@ class CausalLM:
         s, targets = shifted(student, batch)
         t, _ = shifted(teacher, batch)
         hard = F.cross_entropy(s.float(), targets)
-        soft = F.kl_div(F.log_softmax(s.float() / temperature, -1), F.log_softmax(t.float() / temperature, -1),
-                        reduction="batchmean", log_target=True)
+        soft = F.kl_div(
+            F.log_softmax(s.float() / temperature, -1),
+            F.log_softmax(t.float() / temperature, -1),
+            reduction="batchmean",
+            log_target=True,
+        )
         return (1 - alpha) * hard + alpha * temperature**2 * soft
 
     def check(self, model: nn.Module, data) -> None:
         config = getattr(model, "config", None)
         if config is not None and not is_causal_lm(config):
-            raise ConfigError("task", self.name, f"does not fit the model: {type(model).__name__} "
-                              f"({config.model_type}) is not a causal (decoder) language model; "
-                              "use task=text_classification or task=embedding, or a decoder model")
+            raise ConfigError(
+                "task",
+                self.name,
+                f"does not fit the model: {type(model).__name__} "
+                f"({config.model_type}) is not a causal (decoder) language model; "
+                "use task=text_classification or task=embedding, or a decoder model",
+            )
 
 
 def is_causal_lm(config) -> bool:
     """A decoder: a causal-LM model type that is not an encoder (BERT has a causal head only with is_decoder)."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     kind = getattr(config, "model_type", None)
     if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:

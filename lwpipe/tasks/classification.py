@@ -1,7 +1,8 @@
 """`classification` (one tensor in, logits out, labels) and `text_classification` (dict batches)."""
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -11,12 +12,17 @@ from lwpipe.errors import ConfigError
 from lwpipe.tasks import evaluating, inputs, logits_of, model_device, to_device
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-            temperature: float, alpha: float) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float, alpha: float
+) -> torch.Tensor:
     """Hinton et al. (2015); T^2 keeps the soft gradients' scale independent of T."""
     hard = F.cross_entropy(student_logits, labels)
-    soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),
-                    F.log_softmax(teacher_logits / temperature, dim=-1), reduction="batchmean", log_target=True)
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=-1),
+        F.log_softmax(teacher_logits / temperature, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
     return (1 - alpha) * hard + alpha * temperature**2 * soft
 
 
@@ -45,9 +51,13 @@ class Classification:
         logits, labels = torch.cat(logits), torch.cat(labels)
         pred = logits.argmax(1)
         acc = (pred == labels).float().mean().item()
-        out = {"accuracy": acc, "loss": F.cross_entropy(logits, labels).item(),
-               "teacher_agreement": (pred == reference).float().mean().item() if reference is not None else 1.0,
-               "metric": "accuracy", "quality": acc}
+        out = {
+            "accuracy": acc,
+            "loss": F.cross_entropy(logits, labels).item(),
+            "teacher_agreement": (pred == reference).float().mean().item() if reference is not None else 1.0,
+            "metric": "accuracy",
+            "quality": acc,
+        }
         return out, pred
 
     def distill_loss(self, student, teacher, batch, temperature: float, alpha: float) -> torch.Tensor:
@@ -77,5 +87,9 @@ class TextClassification(Classification):
         classes = getattr(getattr(model, "config", None), "num_labels", None)
         top = int(max(t.max() for t in labels))
         if classes is not None and top >= classes:
-            raise ConfigError("data.label_column", top, f"label outside the model's {classes} classes "
-                              f"(0..{classes - 1}); give the model a head with more labels (num_labels)")
+            raise ConfigError(
+                "data.label_column",
+                top,
+                f"label outside the model's {classes} classes "
+                f"(0..{classes - 1}); give the model a head with more labels (num_labels)",
+            )

@@ -5,9 +5,10 @@ model's own pooling and normalisation), a `sentence_embedding` entry, or else th
 of `last_hidden_state`. Quality is the mean cosine similarity to the uncompressed reference model's
 embeddings of the same test texts; training and distillation minimise 1 - that cosine.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -32,8 +33,10 @@ def embedding_of(out, batch: dict) -> torch.Tensor:
     if hidden is None and isinstance(out, (tuple, list)):
         hidden = out[0]
     if hidden is None:
-        raise TypeError(f"the model returned a {type(out).__name__}: expected an embedding tensor, "
-                        "a 'sentence_embedding' entry or .last_hidden_state")
+        raise TypeError(
+            f"the model returned a {type(out).__name__}: expected an embedding tensor, "
+            "a 'sentence_embedding' entry or .last_hidden_state"
+        )
     return mean_pool(hidden, batch["attention_mask"])
 
 
@@ -55,8 +58,14 @@ class Embedding:
         with evaluating(model) as device:
             emb = torch.cat([self.forward(model, to_device(b, device)).float().cpu() for b in batches])
         cos = F.cosine_similarity(emb, reference, dim=-1).mean().item() if reference is not None else 1.0
-        out = {"accuracy": None, "loss": 1.0 - cos, "cosine": cos, "teacher_agreement": cos,
-               "metric": "cosine", "quality": cos}
+        out = {
+            "accuracy": None,
+            "loss": 1.0 - cos,
+            "cosine": cos,
+            "teacher_agreement": cos,
+            "metric": "cosine",
+            "quality": cos,
+        }
         return out, emb
 
     def distill_loss(self, student, teacher, batch, temperature: float, alpha: float) -> torch.Tensor:

@@ -9,6 +9,7 @@ Peak memory is resident set size, per read: the kernel's high-water mark (VmHWM,
 through /proc/self/clear_refs) minus the resident size before it. It counts torch's and constriction's
 allocations, which tracemalloc does not see.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,9 +36,47 @@ READERS = {"load": lwpipe.load, "inspect": describe}  # describe: all lwpipe-ins
 ADDRESS_SPACE = 3 << 30
 ALLOWANCE = 32 << 20  # interpreter, allocator and torch overheads that do not grow with the model
 
-HOSTILE = [0, 1, -1, 2, 3, 7, 255, 2**16, 2**20 + 1, 2**28, 2**31, 2**32 + 5, 10**9, 10**12, 2**63, 2**64, -2**63,
-           0.5, float("nan"), 1e308, "", "x", "levels", "float32", "float16", None, True, False, [], {}, [0], [[1]],
-           [10**9], [2**31, 2**31], [-1, 4], {"a": 1}, ["float32", 7], ["int8"], ["float16", 10**6]]
+HOSTILE = [
+    0,
+    1,
+    -1,
+    2,
+    3,
+    7,
+    255,
+    2**16,
+    2**20 + 1,
+    2**28,
+    2**31,
+    2**32 + 5,
+    10**9,
+    10**12,
+    2**63,
+    2**64,
+    -(2**63),
+    0.5,
+    float("nan"),
+    1e308,
+    "",
+    "x",
+    "levels",
+    "float32",
+    "float16",
+    None,
+    True,
+    False,
+    [],
+    {},
+    [0],
+    [[1]],
+    [10**9],
+    [2**31, 2**31],
+    [-1, 4],
+    {"a": 1},
+    ["float32", 7],
+    ["int8"],
+    ["float16", 10**6],
+]
 
 
 def _paths(node, prefix=()):
@@ -141,8 +180,9 @@ def read_case(path: str, reader: str, time_limit: float) -> str:
     signal.setitimer(signal.ITIMER_REAL, time_limit)
     try:
         model = READERS[reader](path)
-        if reader == "load" and not all(bool(t.isfinite().all()) for t in model.state_dict().values()
-                                        if t.is_floating_point()):
+        if reader == "load" and not all(
+            bool(t.isfinite().all()) for t in model.state_dict().values() if t.is_floating_point()
+        ):
             return "nonfinite"  # loaded silently with NaN or Inf weights
         return "loaded"
     except ArtifactError:
@@ -163,10 +203,23 @@ def fuzz(blob: bytes, cases: int, seed: int, classes=CLASSES, readers=tuple(READ
     dense = unpack(blob)[0]["dense_bytes"]
     torch.nn.Linear(2, 2, device="meta").to_empty(device="cpu")  # torch's one-time meta set-up (~35 MiB)
     signal.signal(signal.SIGALRM, _alarm)
-    counts = {c: {r: {"loaded": 0, "refused": 0, "unexpected": 0, "hang": 0, "nonfinite": 0} for r in readers} for c in classes}
-    out = {"cases": cases, "by_class": counts, "unexpected": [], "hangs": [], "nonfinite": [], "over_memory": [], "dense_bytes": dense,
-           "slowest_s": {r: 0.0 for r in readers}, "peak_rss_growth_bytes": 0, "address_space_limit":
-           resource.getrlimit(resource.RLIMIT_AS)[0], "time_limit_s": time_limit}
+    counts = {
+        c: {r: {"loaded": 0, "refused": 0, "unexpected": 0, "hang": 0, "nonfinite": 0} for r in readers}
+        for c in classes
+    }
+    out = {
+        "cases": cases,
+        "by_class": counts,
+        "unexpected": [],
+        "hangs": [],
+        "nonfinite": [],
+        "over_memory": [],
+        "dense_bytes": dense,
+        "slowest_s": {r: 0.0 for r in readers},
+        "peak_rss_growth_bytes": 0,
+        "address_space_limit": resource.getrlimit(resource.RLIMIT_AS)[0],
+        "time_limit_s": time_limit,
+    }
     with tempfile.TemporaryDirectory() as folder:
         for i in range(cases):
             kind = classes[i % len(classes)]
@@ -194,8 +247,8 @@ def fuzz(blob: bytes, cases: int, seed: int, classes=CLASSES, readers=tuple(READ
 if __name__ == "__main__":  # python -m tests.artifact.fuzz CASES SEED [CLASS ...]: the child process of the test
     import sys
 
-    from tests.artifact.helpers import CONFIG, model_with
     from lwpipe.artifact import encode_model
+    from tests.artifact.helpers import CONFIG, model_with
 
     torch.set_num_threads(1)
     limit_address_space()

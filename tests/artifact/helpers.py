@@ -1,4 +1,5 @@
 """Constrained layers built directly with constraints.ensure_constraint, one per encoding the artifact has."""
+
 from __future__ import annotations
 
 import torch
@@ -51,8 +52,9 @@ def constrain(layer: nn.Module, kind: str) -> None:
     quant = [p for p in parts if p.startswith("quant")]
     if quant:
         values = c.centroids.detach() if c.shared else w
-        qmin, qmax, scale, zp, axis = grid(values, 8 if c.shared else 5, quant[0] != "quant_asym",
-                                           quant[0] == "quant_channel")
+        qmin, qmax, scale, zp, axis = grid(
+            values, 8 if c.shared else 5, quant[0] != "quant_asym", quant[0] == "quant_channel"
+        )
         c.set_quant(8 if c.shared else 5, qmin, qmax, scale, zp, axis)
     if "half_bias" in parts:
         set_half_bias(layer)

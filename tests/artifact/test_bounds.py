@@ -3,6 +3,7 @@ header can explain, allocation failures, constructor arguments that build millio
 tables of millions of entries. Each is refused with ArtifactError (one line, a non-empty reason) or read in
 time linear in its bytes; the ones that took gigabytes or minutes run in a child capped at 1 GiB (test_hostile).
 """
+
 import os
 import random
 
@@ -29,15 +30,18 @@ def with_header(blob: bytes, **fields) -> bytes:
     return pack(header | fields, body)
 
 
-@pytest.mark.parametrize("tied, word", [
-    ([["9.weight", "1.weight"]], "tied is list, not an object"),
-    ({"9.weight": ["1.weight"]}, "not the name of a stored tensor"),
-    ({"9.weight": {"a": 1}}, "not the name of a stored tensor"),
-    ({"9.weight": "nowhere.weight"}, "'nowhere.weight', which the file does not store"),
-    ({"1.weight": "1.weight"}, "is itself stored"),
-    ({"9.weight": "9.weight"}, "is itself stored"),
-    ({"9.weight": "8.weight", "8.weight": "1.weight"}, "'8.weight', which the file does not store"),
-])
+@pytest.mark.parametrize(
+    "tied, word",
+    [
+        ([["9.weight", "1.weight"]], "tied is list, not an object"),
+        ({"9.weight": ["1.weight"]}, "not the name of a stored tensor"),
+        ({"9.weight": {"a": 1}}, "not the name of a stored tensor"),
+        ({"9.weight": "nowhere.weight"}, "'nowhere.weight', which the file does not store"),
+        ({"1.weight": "1.weight"}, "is itself stored"),
+        ({"9.weight": "9.weight"}, "is itself stored"),
+        ({"9.weight": "8.weight", "8.weight": "1.weight"}, "'8.weight', which the file does not store"),
+    ],
+)
 def test_malformed_tied_maps_are_refused_by_load_and_inspect(tmp_path, capsys, blob, tied, word):
     data = with_header(blob, tied=tied)
     with pytest.raises(ArtifactError, match="cannot be decoded") as e:
@@ -63,11 +67,13 @@ def test_what_is_not_a_regular_file_is_refused_unread(tmp_path, blob):
     declared = tmp_path / "declared.lwp"
     declared.write_bytes(forge.declared_size(blob, 4 << 30))
     os.truncate(declared, 4 << 30)
-    cases = {"fifo": (str(tmp_path / "pipe.lwp"), "is a FIFO (named pipe), not a regular file"),
-             "dev_zero": ("/dev/zero", "is a character device, not a regular file"),
-             "directory": (str(tmp_path / "dir.lwp"), "is a directory, not a regular file"),
-             "sparse 4 GiB": (str(sparse), "unexpected bytes after its end"),
-             "sparse 4 GiB, declared": (str(declared), "do not add up to the body's 4294967")}
+    cases = {
+        "fifo": (str(tmp_path / "pipe.lwp"), "is a FIFO (named pipe), not a regular file"),
+        "dev_zero": ("/dev/zero", "is a character device, not a regular file"),
+        "directory": (str(tmp_path / "dir.lwp"), "is a directory, not a regular file"),
+        "sparse 4 GiB": (str(sparse), "unexpected bytes after its end"),
+        "sparse 4 GiB, declared": (str(declared), "do not add up to the body's 4294967"),
+    }
     got = read_all(tmp_path, {name: path for name, (path, _) in cases.items()})
     for name, (_, word) in cases.items():
         for reader in ("inspect", "load"):
@@ -140,10 +146,18 @@ def test_constructor_arguments_are_bounded_before_anything_is_built(tmp_path, bl
         "blocks": ({"_target_": "lwpipe.models.ResNet", "blocks": 100_000}, "model.blocks is 100,000"),
         "few blocks": ({"_target_": "lwpipe.models.ResNet", "blocks": 3}, "has at least 20 tensors, the file stores 4"),
         "widths": ({"_target_": "lwpipe.models.ResNet", "widths": [4] * 300_000}, "model.widths has 300,000 entries"),
-        "n_layer": ({"_target_": hf, "config": gpt2 | {"n_layer": 10**5}, "auto_class": "AutoModelForCausalLM"},
-                    "model.config.n_layer is 100,000"),
-        "num_labels": ({"_target_": hf, "config": gpt2 | {"num_labels": 10**8},
-                        "auto_class": "AutoModelForSequenceClassification"}, "model.config.num_labels is 100,000,000"),
+        "n_layer": (
+            {"_target_": hf, "config": gpt2 | {"n_layer": 10**5}, "auto_class": "AutoModelForCausalLM"},
+            "model.config.n_layer is 100,000",
+        ),
+        "num_labels": (
+            {
+                "_target_": hf,
+                "config": gpt2 | {"num_labels": 10**8},
+                "auto_class": "AutoModelForSequenceClassification",
+            },
+            "model.config.num_labels is 100,000,000",
+        ),
         "hidden": ({"_target_": "lwpipe.models.LeNet300", "hidden": [10**7, 10**7]}, "model.hidden.0 is 10,000,000"),
     }
     got = read_all(tmp_path, {name: with_header(blob, model=model) for name, (model, _) in cases.items()})

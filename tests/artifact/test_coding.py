@@ -1,4 +1,5 @@
 """The entropy coder lands within 1% of each stream's empirical entropy plus its table; parts round-trip."""
+
 import numpy as np
 import pytest
 import torch

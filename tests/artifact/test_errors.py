@@ -1,4 +1,5 @@
 """Bad files: each gets one clear error from lwpipe.load and a non-zero exit from lwpipe-inspect."""
+
 import zlib
 
 import pytest
@@ -71,8 +72,14 @@ def test_trailing_bytes(tmp_path, blob):
 def test_wrong_version(tmp_path, blob, capsys):
     data = bytearray(blob)
     data[4] = VERSION + 1
-    assert_refused(tmp_path, with_crc(bytes(data)), f"format version {VERSION + 1}", f"reads versions 1..{VERSION}",
-                   "newer", capsys=capsys)
+    assert_refused(
+        tmp_path,
+        with_crc(bytes(data)),
+        f"format version {VERSION + 1}",
+        f"reads versions 1..{VERSION}",
+        "newer",
+        capsys=capsys,
+    )
     data[4] = 0
     assert_refused(tmp_path, with_crc(bytes(data)), "format version 0", "an older lwpipe", capsys=capsys)
 
@@ -89,11 +96,14 @@ def test_a_checkpoint_is_not_an_artifact(tmp_path):
     assert_refused(tmp_path, (tmp_path / "x.safetensors").read_bytes(), "not an lwpipe artifact")
 
 
-@pytest.mark.parametrize("config", [
-    {"_target_": "builtins.exec", "source": "open('PWNED', 'w')"},
-    {"_target_": "torch.nn.Linear", "in_features": 4, "out_features": 2},
-    {"_target_": "lwpipe.models.TinyMLP", "hidden": {"_target_": "builtins.eval", "source": "1"}},
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"_target_": "builtins.exec", "source": "open('PWNED', 'w')"},
+        {"_target_": "torch.nn.Linear", "in_features": 4, "out_features": 2},
+        {"_target_": "lwpipe.models.TinyMLP", "hidden": {"_target_": "builtins.eval", "source": "1"}},
+    ],
+)
 def test_constructor_off_the_allowlist_is_refused(tmp_path, capsys, monkeypatch, config):
     monkeypatch.chdir(tmp_path)
     data = encode_model(nn.Linear(4, 2), config)

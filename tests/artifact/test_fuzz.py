@@ -5,19 +5,22 @@ reader in a child process limited to 3 GiB of address space, with a time limit p
 Every file is refused with ArtifactError or loaded; none raises anything else or hangs, and no read grows the
 process past 4x the declared dense size plus a fixed allowance. benchmarks/bench_fuzz.py runs 10,000+ files.
 """
+
 import json
 import subprocess
 import sys
-
-import pytest
 
 MINE = ("tied", "memory", "not_regular", "constructor", "table")
 GRID = ("dtype", "grid_shape", "non_finite")  # refused by the grid, dtype and non-finite checks (limits.check_layer)
 
 
 def fuzz(cases: int, seed: int, *classes: str) -> dict:
-    p = subprocess.run([sys.executable, "-W", "ignore", "-m", "tests.artifact.fuzz", str(cases), str(seed), *classes],
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "tests.artifact.fuzz", str(cases), str(seed), *classes],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     return json.loads(p.stdout)
 

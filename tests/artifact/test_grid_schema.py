@@ -4,6 +4,7 @@ Every compressible layer type x granularity x stage chain that leaves a grid is 
 through lwpipe.load (the grid runs along the layer type's output axis: 1 for transformers' Conv1D);
 forged files (valid checksums) with grids or dtypes the writer never produces are refused, naming the layer.
 """
+
 import pytest
 import torch
 from torch import nn
@@ -11,8 +12,8 @@ from torch import nn
 import lwpipe
 from lwpipe.artifact import ArtifactError, encode_model, read
 from lwpipe.artifact.raw import tensor_bytes
-from lwpipe.errors import LwpipeError
 from lwpipe.constraints import compressible_layers, constraint, effective_tensors, grid_axis, tied_layers
+from lwpipe.errors import LwpipeError
 from lwpipe.stages.quantize import binarize_layer, quantize_layer
 from lwpipe.stages.share import share_layer
 from tests.artifact.test_hostile import crafted, refusals
@@ -28,8 +29,16 @@ def tiny_gpt2() -> nn.Module:
     """transformers Conv1D, Embedding, and lm_head tied to the token embedding."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16, bos_token_id=0,
-                     eos_token_id=0, tie_word_embeddings=True)
+    cfg = GPT2Config(
+        vocab_size=40,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=True,
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -53,8 +62,13 @@ def compress(model: nn.Module, chain: str, per_channel: bool) -> None:
             continue
         if chain.startswith("share"):
             share_layer(m, 3, tied=tied)
-        quantize_layer(m, 4 if chain.endswith("asym") else 6,
-                       "asymmetric" if chain.endswith("asym") else "symmetric", per_channel, tied)
+        quantize_layer(
+            m,
+            4 if chain.endswith("asym") else 6,
+            "asymmetric" if chain.endswith("asym") else "symmetric",
+            per_channel,
+            tied,
+        )
 
 
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
@@ -111,17 +125,36 @@ def test_int8_export_levels_follow_the_grid_axis():
 
 
 # -- forged files -------------------------------------------------------------------------------------
-def grid_file(scale=0.5, shape=(2, 2), axis=None, scale_shape=None, zp_shape=None, dtype="float32",
-              values=(0.5, -1.0, 1.5, 2.0), qmax=127, shared=False) -> bytes:
+def grid_file(
+    scale=0.5,
+    shape=(2, 2),
+    axis=None,
+    scale_shape=None,
+    zp_shape=None,
+    dtype="float32",
+    values=(0.5, -1.0, 1.5, 2.0),
+    qmax=127,
+    shared=False,
+) -> bytes:
     """One quantized layer '0.weight' storing its values raw (a grid whose levels are not stored as levels)."""
     from lwpipe.constraints import scale_shape as grid_scale_shape
 
     ss = list(grid_scale_shape(shape, axis) if scale_shape is None else scale_shape)
     scales = torch.full(ss, scale, dtype=torch.float32)
     raw = tensor_bytes(scales) + tensor_bytes(torch.tensor(values).to(getattr(torch, dtype)))
-    layer = {"name": "0.weight", "shape": list(shape), "dtype": dtype,
-             "quant": {"bits": 8, "qmin": -qmax, "qmax": qmax, "axis": axis, "scale": [["float32"], ss],
-                       "zp": [0, ss if zp_shape is None else zp_shape]}}
+    layer = {
+        "name": "0.weight",
+        "shape": list(shape),
+        "dtype": dtype,
+        "quant": {
+            "bits": 8,
+            "qmin": -qmax,
+            "qmax": qmax,
+            "axis": axis,
+            "scale": [["float32"], ss],
+            "zp": [0, ss if zp_shape is None else zp_shape],
+        },
+    }
     if shared:
         layer["shared"] = {"k": 2, "codebook": ["float32"]}
     else:
@@ -138,8 +171,11 @@ def test_a_forged_grid_file_of_the_right_form_loads(tmp_path):
 
 def test_a_grid_along_another_axis_than_the_layer_types_output_axis_is_refused(tmp_path):
     (tmp_path / "axis1.lwp").write_bytes(grid_file(axis=1))
-    with pytest.raises(ArtifactError, match=r"0.weight has a grid along axis 1, but its layer, a Linear, has its"
-                                            r" output channels on axis 0"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"0.weight has a grid along axis 1, but its layer, a Linear, has its"
+        r" output channels on axis 0",
+    ):
         lwpipe.load(tmp_path / "axis1.lwp", module=nn.Sequential(nn.Linear(2, 2, bias=False)))
     (tmp_path / "axis0.lwp").write_bytes(grid_file(axis=0))
     conv = hf_conv1d()[0].__class__(2, 2)
@@ -181,8 +217,11 @@ def half_bias_file(value: float) -> bytes:
 
 def test_forged_grids_dtypes_and_values_are_refused_naming_the_layer(tmp_path):
     cases = {name: data for name, (data, _) in BAD_GRIDS.items()}
-    cases |= {"half_nan": half_bias_file(float("nan")), "half_inf": half_bias_file(float("inf")),
-              "half_minus_inf": half_bias_file(float("-inf"))}
+    cases |= {
+        "half_nan": half_bias_file(float("nan")),
+        "half_inf": half_bias_file(float("inf")),
+        "half_minus_inf": half_bias_file(float("-inf")),
+    }
     out = refusals(tmp_path, cases)  # ArtifactError, quickly, under a memory cap, in lwpipe.load and read
     for name, (_, why) in BAD_GRIDS.items():
         assert "'0.weight'" in out[name] and why in out[name], (name, out[name])
@@ -204,22 +243,38 @@ def test_the_encoder_refuses_a_grid_off_the_output_axis():
         encode_model(model, None)
 
 
-
 # -- every run verifies its own model.lwp ----------------------------------------------------------------
-QUICK = ["model=tiny", "data=blobs", "~stages.prune.layers", "pipeline=[train,prune]", "stages.train.epochs=1",
-         "stages.prune.finetune.epochs=0", "logger.console=null", "cache=false", "measure.latency=false"]
+QUICK = [
+    "model=tiny",
+    "data=blobs",
+    "~stages.prune.layers",
+    "pipeline=[train,prune]",
+    "stages.train.epochs=1",
+    "stages.prune.finetune.epochs=0",
+    "logger.console=null",
+    "cache=false",
+    "measure.latency=false",
+]
 
 
 @pytest.mark.slow
 def test_a_gpt2_per_channel_run_ends_with_a_model_lwp_that_loads(tmp_path):
-    from tests.hf_helpers import make_texts, save_gpt2, write_txt
     from tests.helpers import run_recipe
+    from tests.hf_helpers import make_texts, save_gpt2, write_txt
 
     rows = make_texts(24)
-    args = ["recipe=gpt2_causal_lm", f"model.path={save_gpt2(tmp_path / 'gpt2')}", "pipeline=[quantize]",
-            f"data.train={write_txt(tmp_path / 'train.txt', rows[:16])}", "stages.quantize.granularity=per_channel",
-            f"data.test={write_txt(tmp_path / 'test.txt', rows[16:])}", "data.batch_size=8", "data.max_length=16",
-            "eval.batch_size=16", "logger.console=null"]
+    args = [
+        "recipe=gpt2_causal_lm",
+        f"model.path={save_gpt2(tmp_path / 'gpt2')}",
+        "pipeline=[quantize]",
+        f"data.train={write_txt(tmp_path / 'train.txt', rows[:16])}",
+        "stages.quantize.granularity=per_channel",
+        f"data.test={write_txt(tmp_path / 'test.txt', rows[16:])}",
+        "data.batch_size=8",
+        "data.max_length=16",
+        "eval.batch_size=16",
+        "logger.console=null",
+    ]
     run_recipe(args, tmp_path / "run")
     assert (tmp_path / "run" / "summary.json").exists()
     blob = (tmp_path / "run" / "model.lwp").read_bytes()
@@ -249,8 +304,11 @@ def test_a_run_whose_model_lwp_decodes_to_other_weights_fails_without_a_summary(
     from tests.helpers import run_recipe
 
     perturbed_encoder(monkeypatch)
-    with pytest.raises(LwpipeError, match=r"model.lwp decodes to other weights than the model it was written "
-                                          r"from \(.* differs\), so the run failed") as e:
+    with pytest.raises(
+        LwpipeError,
+        match=r"model.lwp decodes to other weights than the model it was written "
+        r"from \(.* differs\), so the run failed",
+    ) as e:
         run_recipe(QUICK, tmp_path)
     assert "\n" not in str(e.value)
     assert (tmp_path / "model.lwp").exists() and not (tmp_path / "summary.json").exists()
@@ -272,8 +330,13 @@ def test_a_run_whose_model_lwp_does_not_load_exits_non_zero_with_a_failed_marker
     import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, "-c", CUT_ARTIFACT, *QUICK, f"hydra.run.dir={tmp_path / 'run'}"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", CUT_ARTIFACT, *QUICK, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2, p.stderr
     assert "the run's own model.lwp does not load, so the run failed" in p.stderr
     assert "Traceback" not in p.stderr

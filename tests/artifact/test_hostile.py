@@ -4,6 +4,7 @@ Each case is one the review reproduced against lwpipe 0.1 (gigabytes of memory, 
 loop from a file of a few KB); here lwpipe-inspect and lwpipe.load each read it in a child process capped at
 1 GiB of address space above its start, so a regression fails the test instead of taking the machine down.
 """
+
 import json
 import subprocess
 import sys
@@ -46,12 +47,15 @@ def read_all(tmp_path, cases: dict[str, bytes | str]) -> dict[str, dict]:
         paths[name] = data if isinstance(data, str) else tmp_path / f"{name}.lwp"
         if not isinstance(data, str):
             paths[name].write_bytes(data)
-    p = subprocess.run([sys.executable, "-c", CHILD, *map(str, paths.values())], capture_output=True, text=True,
-                       timeout=150)
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD, *map(str, paths.values())], capture_output=True, text=True, timeout=150
+    )
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
     out = json.loads(p.stdout)
-    return {name: {r: out[f"{path} {r}"] for r in ("inspect", "load")} | {"seconds": out[f"{path} seconds"]}
-            for name, path in paths.items()}
+    return {
+        name: {r: out[f"{path} {r}"] for r in ("inspect", "load")} | {"seconds": out[f"{path} seconds"]}
+        for name, path in paths.items()
+    }
 
 
 def refusals(tmp_path, cases: dict[str, bytes], reader: str = "inspect") -> dict[str, str]:
@@ -64,14 +68,26 @@ def refusals(tmp_path, cases: dict[str, bytes], reader: str = "inspect") -> dict
 
 
 def mask_layer(shape, nnz, gaps, escape=None, **extra):
-    return {"name": "0.weight", "shape": shape, "dtype": "float32",
-            "mask": {"nnz": nnz, "gaps": gaps, "escape": escape}, "values": ["float32"], **extra}
+    return {
+        "name": "0.weight",
+        "shape": shape,
+        "dtype": "float32",
+        "mask": {"nnz": nnz, "gaps": gaps, "escape": escape},
+        "values": ["float32"],
+        **extra,
+    }
 
 
-def crafted(layers, bits: bytes = b"", raw: bytes = b"", words: bytes = b"", tensors=(), dense_bytes=64,
-            model=None) -> bytes:
-    header = {"model": model, "dense_bytes": dense_bytes, "layers": layers, "tensors": list(tensors),
-              "sections": [len(raw), len(bits), len(words)]}
+def crafted(
+    layers, bits: bytes = b"", raw: bytes = b"", words: bytes = b"", tensors=(), dense_bytes=64, model=None
+) -> bytes:
+    header = {
+        "model": model,
+        "dense_bytes": dense_bytes,
+        "layers": layers,
+        "tensors": list(tensors),
+        "sections": [len(raw), len(bits), len(words)],
+    }
     return pack(header, raw + bits + words)
 
 
@@ -96,8 +112,13 @@ def grid_layer(qmin: int, qmax: int, k: int, zp_levels: int | None = None) -> di
     if zp_levels is not None:
         grid["zp"] = ["levels", [zp_levels]]
         return {"name": "0.weight", "shape": [4, 4], "dtype": "float32", "quant": grid}
-    return {"name": "0.weight", "shape": [4, 4], "dtype": "float32", "quant": grid,
-            "shared": {"k": k, "codebook": "levels"}}
+    return {
+        "name": "0.weight",
+        "shape": [4, 4],
+        "dtype": "float32",
+        "quant": grid,
+        "shared": {"k": k, "codebook": "levels"},
+    }
 
 
 def test_hostile_files_are_refused_quickly_within_memory(tmp_path, blob):
@@ -106,20 +127,28 @@ def test_hostile_files_are_refused_quickly_within_memory(tmp_path, blob):
     wide = pack(header, body)
     big = ["0.bias", ["float32", 100], [10**9], "float32"]
     cases = {  # name: (file, a word the refusal must contain)
-        "uniform table of 2^28 symbols": (crafted([mask_layer([4, 4], 2, 2)], bits=table_bits(1 << 28, True)),
-                                          "frequency table"),
-        "table of 2^28 frequencies": (crafted([mask_layer([4, 4], 2, 2)], bits=table_bits(1 << 28, False)),
-                                      "frequency table"),
+        "uniform table of 2^28 symbols": (
+            crafted([mask_layer([4, 4], 2, 2)], bits=table_bits(1 << 28, True)),
+            "frequency table",
+        ),
+        "table of 2^28 frequencies": (
+            crafted([mask_layer([4, 4], 2, 2)], bits=table_bits(1 << 28, False)),
+            "frequency table",
+        ),
         "one symbol, 2e8 gaps": (crafted([mask_layer([4, 4], 2, 2 * 10**8, 3)], bits=one_symbol_table()), "gap"),
         "one symbol, 1e12 gaps": (crafted([mask_layer([4, 4], 2, 10**12, 3)], bits=one_symbol_table()), "gap"),
-        "bias of 1e9 from 4 KB": (crafted([], bits=table_bits(2, True), raw=bytes(4000), tensors=[big]),
-                                  "elements"),
+        "bias of 1e9 from 4 KB": (crafted([], bits=table_bits(2, True), raw=bytes(4000), tensors=[big]), "elements"),
         "qmin == qmax, k=1e10": (crafted([grid_layer(0, 0, 10**10)], bits=one_symbol_table(), raw=bytes(4)), "qmin"),
-        "1-bit levels, k=1e10": (crafted([grid_layer(0, 1, 10**10)], bits=one_symbol_table(), raw=bytes(4)),
-                                 "codebook size"),
-        "1-bit levels, k=60000": (crafted([grid_layer(0, 1, 60_000)], bits=one_symbol_table(),
-                                          raw=bytes.fromhex("0000803f")),  # scale 1.0: a zero one is refused first
-                                  "levels of 1 bits"),
+        "1-bit levels, k=1e10": (
+            crafted([grid_layer(0, 1, 10**10)], bits=one_symbol_table(), raw=bytes(4)),
+            "codebook size",
+        ),
+        "1-bit levels, k=60000": (
+            crafted(
+                [grid_layer(0, 1, 60_000)], bits=one_symbol_table(), raw=bytes.fromhex("0000803f")
+            ),  # scale 1.0: a zero one is refused first
+            "levels of 1 bits",
+        ),
         "1e10 zero-point levels": (crafted([grid_layer(0, 1, 0, 10**10)], raw=bytes(4)), "elements"),
         "layer of 1e9 weights": (crafted([mask_layer([10**9], 1, 1)], bits=table_bits(2, True)), "elements"),
         "header inflating to 64 MB": (pack_json(b'{"pad":"' + b" " * (64 << 20) + b'"}', b""), "inflates"),
@@ -131,11 +160,21 @@ def test_hostile_files_are_refused_quickly_within_memory(tmp_path, blob):
     assert "model.in_features is 5,000,000" in refusals(tmp_path, {"in_features=5e6": wide}, "load")["in_features=5e6"]
 
 
-@pytest.mark.parametrize("field, value", [
-    ("dense_bytes", "many"), ("layers", {"a": 1}), ("tensors", [[1, 2]]), ("sections", [1, 2]),
-    ("layers.0.shape", [-3, 4]), ("layers.0.mask", [1]), ("layers.0.quant.axis", 3),
-    ("layers.0.shared.k", True), ("tensors.0.1", ["float32", 10**6]), ("tensors.0.2", [[2]]),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("dense_bytes", "many"),
+        ("layers", {"a": 1}),
+        ("tensors", [[1, 2]]),
+        ("sections", [1, 2]),
+        ("layers.0.shape", [-3, 4]),
+        ("layers.0.mask", [1]),
+        ("layers.0.quant.axis", 3),
+        ("layers.0.shared.k", True),
+        ("tensors.0.1", ["float32", 10**6]),
+        ("tensors.0.2", [[2]]),
+    ],
+)
 def test_fields_of_the_wrong_type_or_range(blob, field, value):
     header, body = unpack(blob)
     *path, last = field.split(".")
@@ -150,8 +189,10 @@ def test_fields_of_the_wrong_type_or_range(blob, field, value):
 def test_inspect_into_a_closed_pipe(tmp_path, blob):
     path = tmp_path / "model.lwp"
     path.write_bytes(blob)
-    code = (f"import os; r, w = os.pipe(); os.close(r); os.dup2(w, 1)\n"
-            f"from lwpipe.artifact.inspect import main; main([{str(path)!r}])")
+    code = (
+        f"import os; r, w = os.pipe(); os.close(r); os.dup2(w, 1)\n"
+        f"from lwpipe.artifact.inspect import main; main([{str(path)!r}])"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stderr == "", p.stderr
 

@@ -1,4 +1,5 @@
 """encode -> load gives the same model, bit for bit, for every kind of layer."""
+
 import pytest
 import torch
 
@@ -10,9 +11,22 @@ from lwpipe.constraints import bias_dtype, constraint, effective_tensors, grid_a
 from lwpipe.models import LeNet300
 from tests.artifact.helpers import CONFIG, SmallConv, constrain, model_with
 
-KINDS = ["untouched", "identity", "pruned", "shared", "pruned+shared", "quant", "quant_asym", "quant_channel",
-         "pruned+quant_asym", "pruned+quant_channel", "shared+quant", "pruned+shared+quant",
-         "pruned+shared+quant_asym", "pruned+shared+quant+half_bias"]
+KINDS = [
+    "untouched",
+    "identity",
+    "pruned",
+    "shared",
+    "pruned+shared",
+    "quant",
+    "quant_asym",
+    "quant_channel",
+    "pruned+quant_asym",
+    "pruned+quant_channel",
+    "shared+quant",
+    "pruned+shared+quant",
+    "pruned+shared+quant_asym",
+    "pruned+shared+quant+half_bias",
+]
 
 
 def bits_of(t: torch.Tensor) -> torch.Tensor:
@@ -44,9 +58,17 @@ def test_round_trip_is_bit_exact(kind, tmp_path):
     assert model_spec(plain) == {} and all(p.requires_grad for p in plain.parameters())
 
 
-@pytest.mark.parametrize("kind,parts", [
-    ("untouched", None), ("identity", None), ("pruned", {"mask", "values"}), ("shared", {"shared"}),
-    ("quant_channel", {"quant"}), ("pruned+shared+quant", {"mask", "shared", "quant"})])
+@pytest.mark.parametrize(
+    "kind,parts",
+    [
+        ("untouched", None),
+        ("identity", None),
+        ("pruned", {"mask", "values"}),
+        ("shared", {"shared"}),
+        ("quant_channel", {"quant"}),
+        ("pruned+shared+quant", {"mask", "shared", "quant"}),
+    ],
+)
 def test_each_layer_stores_only_what_it_needs(kind, parts):
     header = read(encode_model(model_with(kind), CONFIG)).header
     layers = {e["name"]: e for e in header["layers"]}

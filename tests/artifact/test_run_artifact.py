@@ -1,4 +1,5 @@
 """A run records the encoded size at every step and ends with model.lwp, whose size is the final record's."""
+
 import json
 
 import torch
@@ -9,9 +10,14 @@ from lwpipe.models import TinyMLP
 from tests.helpers import TINY, run_recipe
 
 FAST = TINY + [
-    "logger.console=null", "pipeline=[train,prune,share,quantize]", "stages.train.epochs=2",
-    "stages.prune.finetune.epochs=1", "stages.share.bits=2", "stages.share.finetune.epochs=1",
-    "stages.quantize.bits=4", "stages.quantize.finetune.epochs=1",
+    "logger.console=null",
+    "pipeline=[train,prune,share,quantize]",
+    "stages.train.epochs=2",
+    "stages.prune.finetune.epochs=1",
+    "stages.share.bits=2",
+    "stages.share.finetune.epochs=1",
+    "stages.quantize.bits=4",
+    "stages.quantize.finetune.epochs=1",
 ]
 
 

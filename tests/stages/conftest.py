@@ -1,4 +1,5 @@
 """A tiny trained model and its context, shared by the stage tests."""
+
 import pytest
 import torch
 

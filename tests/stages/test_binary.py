@@ -1,20 +1,19 @@
 """Binary (XNOR-Net) and ternary (TWN) weights on the ordinary quantization grid."""
+
 import pytest
 import torch
 from pydantic import ValidationError
 
 import lwpipe
 from lwpipe import checkpoint
-from lwpipe.artifact import encode_model
 from lwpipe.artifact.encode import encode
-from lwpipe.config import TrainSettings
+from lwpipe.config import TrainSettings, validate
 from lwpipe.constraints import constraint, model_spec
+from lwpipe.errors import LwpipeError
 from lwpipe.models import TinyMLP
 from lwpipe.stages.prune import Prune, PruneConfig
 from lwpipe.stages.quantize import Quantize, QuantizeConfig
 from tests.helpers import compose_recipe
-from lwpipe.config import validate
-from lwpipe.errors import LwpipeError
 
 CONFIG = {"_target_": "lwpipe.models.TinyMLP"}
 
@@ -74,8 +73,9 @@ def test_sign_ste_passes_gradient_inside_the_clip_range_only(model, ctx):
     assert x.grad.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("cfg", [dict(bits=1, granularity="per_channel"), dict(bits=1),
-                                 dict(scheme="ternary", granularity="per_channel")])
+@pytest.mark.parametrize(
+    "cfg", [dict(bits=1, granularity="per_channel"), dict(bits=1), dict(scheme="ternary", granularity="per_channel")]
+)
 def test_artifact_stores_binary_and_ternary_exactly_at_about_one_bit(model, ctx, tmp_path, cfg):
     pruned(model, ctx, 0.5)
     Quantize(QuantizeConfig(**cfg)).run(model, ctx)

@@ -97,12 +97,23 @@ def test_bounds_name_the_path(key, value):
 def test_teacher_named_stage_is_used_in_a_run(tmp_path):
     from tests.helpers import run_recipe
 
-    final, records = run_recipe(TINY + ["cache=false", "artifact=false", "logger.console=null",
-                                        "pipeline=[train,prune,distill]", "stages.train.epochs=3",
-                                        "stages.prune.finetune.epochs=0", "stages.distill.epochs=2",
-                                        "+stages.distill.teacher=prune"], tmp_path)
+    final, records = run_recipe(
+        TINY
+        + [
+            "cache=false",
+            "artifact=false",
+            "logger.console=null",
+            "pipeline=[train,prune,distill]",
+            "stages.train.epochs=3",
+            "stages.prune.finetune.epochs=0",
+            "stages.distill.epochs=2",
+            "+stages.distill.teacher=prune",
+        ],
+        tmp_path,
+    )
     assert [r["stage"] for r in records if r["event"] == "epoch" and r["stage"] == "distill"] == ["distill"] * 2
     from lwpipe.models import TinyMLP
+
     weights = sum(p.numel() for n, p in TinyMLP().named_parameters() if n.endswith("weight"))
     assert final["sparsity"] >= 0.5 * weights / final["params"] - 1e-6  # sparsity counts the biases too
 
@@ -114,11 +125,16 @@ def teacher_warnings(caplog) -> list[str]:
 def test_an_untrained_default_teacher_is_warned_before_any_work(caplog):
     with caplog.at_level("WARNING", logger="lwpipe"):
         validate(compose_recipe(TINY + ["pipeline=[prune,train,distill]"]))
-        assert "is the model before prune, the first compression stage: the input model, untrained until train " \
-               "runs after prune" in teacher_warnings(caplog)[0]
+        assert (
+            "is the model before prune, the first compression stage: the input model, untrained until train "
+            "runs after prune" in teacher_warnings(caplog)[0]
+        )
         caplog.clear()
-        for fine in ("pipeline=[train,prune,distill]", "pipeline=[train,prune,train,distill]",
-                     "pipeline=[prune,distill]"):  # a pretrained input needs no train stage
+        for fine in (
+            "pipeline=[train,prune,distill]",
+            "pipeline=[train,prune,train,distill]",
+            "pipeline=[prune,distill]",
+        ):  # a pretrained input needs no train stage
             validate(compose_recipe(TINY + [fine]))
     assert teacher_warnings(caplog) == []
 
@@ -136,9 +152,11 @@ def test_a_teacher_that_is_the_student_is_warned(model, ctx, caplog):
     ctx.reference = copy.deepcopy(model).eval()  # distill first: the reference is the model itself
     with caplog.at_level("WARNING", logger="lwpipe"):
         Distill(DistillConfig(epochs=1)).run(model, ctx)
-    assert teacher_warnings(caplog) == ["distill: the teacher is the model distill starts from (no stage changed "
-                                        "it before distill), so it teaches nothing beyond the task loss; put "
-                                        "distill after the compression stages"]
+    assert teacher_warnings(caplog) == [
+        "distill: the teacher is the model distill starts from (no stage changed "
+        "it before distill), so it teaches nothing beyond the task loss; put "
+        "distill after the compression stages"
+    ]
 
 
 def test_a_good_teacher_is_not_warned(model, ctx, caplog):

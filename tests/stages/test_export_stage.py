@@ -1,4 +1,5 @@
 """Stage `export`: dense / int8 / sparse forms, loadable by torch alone in a fresh process, same predictions."""
+
 import json
 import subprocess
 import sys
@@ -12,8 +13,13 @@ from lwpipe.errors import ConfigError
 from lwpipe.models import ResNet
 from tests.helpers import TINY, compose_recipe, run_recipe
 
-CHAIN = [*TINY, "stages.train.epochs=8", "stages.train.lr=0.01", "++stages.prune.finetune.epochs=1",
-         "++stages.quantize.finetune.epochs=1"]
+CHAIN = [
+    *TINY,
+    "stages.train.epochs=8",
+    "stages.train.lr=0.01",
+    "++stages.prune.finetune.epochs=1",
+    "++stages.quantize.finetune.epochs=1",
+]
 
 FRESH = """
 import sys, torch
@@ -26,8 +32,15 @@ torch.save(m(torch.load(x_path)), y_path)
 
 @pytest.mark.parametrize("fmt", ["dense", "sparse", "int8"])
 def test_export_forms_load_without_lwpipe_and_keep_predictions(fmt, tmp_path):
-    final, records = run_recipe([*CHAIN, "pipeline=[train,prune,quantize,export]", f"+stages.export.format={fmt}",
-                                 "+stages.export.min_sparsity=0.3"], tmp_path)
+    final, records = run_recipe(
+        [
+            *CHAIN,
+            "pipeline=[train,prune,quantize,export]",
+            f"+stages.export.format={fmt}",
+            "+stages.export.min_sparsity=0.3",
+        ],
+        tmp_path,
+    )
     ends = [r for r in records if r["event"] == "stage_end"]
     assert final["macs"] == ends[-2]["macs"] > 0  # a scripted form has no hookable layers: counted on the model
     info = json.loads((tmp_path / "export.json").read_text())
@@ -37,15 +50,18 @@ def test_export_forms_load_without_lwpipe_and_keep_predictions(fmt, tmp_path):
     path = tmp_path / info["file"]
     x = torch.randn(7, 8)
     torch.save(x, tmp_path / "x.pt")
-    subprocess.run([sys.executable, "-c", FRESH, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                   check=True, cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, "-c", FRESH, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        check=True,
+        cwd=tmp_path,
+    )
     with torch.no_grad():
         assert torch.allclose(torch.load(tmp_path / "y.pt"), export.load_form(path)(x))
 
 
 def test_int8_static_on_a_resnet_uses_the_quantize_levels(tmp_path):
-    from lwpipe.stages.quantize import quantize_layer
     from lwpipe.constraints import compressible_layers
+    from lwpipe.stages.quantize import quantize_layer
 
     torch.manual_seed(0)
     m = ResNet(widths=(4, 8)).eval()
@@ -80,8 +96,11 @@ def test_export_must_be_last_and_int8_needs_quantize():
     with pytest.raises(ConfigError, match="add a quantize stage before export"):
         validate(compose_recipe([*TINY, "pipeline=[train,prune,export]", "+stages.export.format=int8"]))
     with pytest.raises(ConfigError, match="scheme=symmetric and bits<=8"):
-        validate(compose_recipe([*TINY, "pipeline=[train,quantize,export]", "+stages.export.format=int8",
-                                 "++stages.quantize.bits=12"]))
+        validate(
+            compose_recipe(
+                [*TINY, "pipeline=[train,quantize,export]", "+stages.export.format=int8", "++stages.quantize.bits=12"]
+            )
+        )
 
 
 def test_int8_dynamic_keeps_8_bit_activations_only_where_levels_cannot_saturate():
@@ -97,8 +116,8 @@ def test_int8_dynamic_keeps_8_bit_activations_only_where_levels_cannot_saturate(
         quantize_layer(layer, 7, per_channel=True)  # levels within +-63: full 8-bit activations
     x = torch.randn(32, 64)
     wide, narrow = export.int8_form(m, x, "dynamic"), export.int8_form(small, x, "dynamic")
-    assert [l.reduce_range for l in (wide[0], wide[2])] == [True, True]
-    assert [l.reduce_range for l in (narrow[0], narrow[2])] == [False, False]
+    assert [q.reduce_range for q in (wide[0], wide[2])] == [True, True]
+    assert [q.reduce_range for q in (narrow[0], narrow[2])] == [False, False]
     with torch.no_grad():
         ref = small(x)
         err_full = (narrow(x) - ref).abs().mean()
@@ -128,9 +147,16 @@ def test_export_scores_the_file_against_the_uncompressed_model(tmp_path):
     from lwpipe.models import TinyMLP
     from lwpipe.runner import build_data
 
-    overrides = [*CHAIN, "pipeline=[train,prune,quantize,export]", "+stages.export.format=sparse",
-                 "+stages.export.min_sparsity=0.3", "stages.prune.sparsity=0.85", "++stages.prune.finetune.epochs=0",
-                 "++stages.quantize.finetune.epochs=0", "++stages.quantize.bits=3"]
+    overrides = [
+        *CHAIN,
+        "pipeline=[train,prune,quantize,export]",
+        "+stages.export.format=sparse",
+        "+stages.export.min_sparsity=0.3",
+        "stages.prune.sparsity=0.85",
+        "++stages.prune.finetune.epochs=0",
+        "++stages.quantize.finetune.epochs=0",
+        "++stages.quantize.bits=3",
+    ]
     final, records = run_recipe(overrides, tmp_path)
     info = json.loads((tmp_path / "export.json").read_text())
     x, y = build_data(validate(compose_recipe(overrides)).top.data).test.tensors[:2]
@@ -158,12 +184,24 @@ def test_a_sentence_encoders_int8_file_is_scored_against_the_original(tmp_path):
     from tests.hf_helpers import make_texts, save_sentence_model, write_txt
 
     rows = make_texts(48)
-    files = [save_sentence_model(tmp_path / "st"), write_txt(tmp_path / "a.txt", rows[:32]),
-             write_txt(tmp_path / "b.txt", rows[32:])]
-    overrides = ["recipe=sentence_embedding", f"model.path={files[0]}", f"data.train={files[1]}",
-                 f"data.test={files[2]}", "data.batch_size=8", "data.max_length=16", "eval.batch_size=16",
-                 "pipeline=[quantize,export]", "++stages.quantize.bits=6", "++stages.quantize.scheme=symmetric",
-                 "+stages.export.format=int8"]
+    files = [
+        save_sentence_model(tmp_path / "st"),
+        write_txt(tmp_path / "a.txt", rows[:32]),
+        write_txt(tmp_path / "b.txt", rows[32:]),
+    ]
+    overrides = [
+        "recipe=sentence_embedding",
+        f"model.path={files[0]}",
+        f"data.train={files[1]}",
+        f"data.test={files[2]}",
+        "data.batch_size=8",
+        "data.max_length=16",
+        "eval.batch_size=16",
+        "pipeline=[quantize,export]",
+        "++stages.quantize.bits=6",
+        "++stages.quantize.scheme=symmetric",
+        "+stages.export.format=int8",
+    ]
     final, records = run_recipe(overrides, tmp_path / "run")
     info = json.loads((tmp_path / "run" / "export.json").read_text())
     top = validate(compose_recipe(overrides)).top
@@ -185,8 +223,9 @@ def test_the_summary_times_the_baked_model_and_the_exported_file(tmp_path, caplo
     import logging
 
     caplog.set_level(logging.INFO, "lwpipe")
-    final, records = run_recipe([*CHAIN, "pipeline=[train,prune,export]", "measure.batch=16", "measure.repeats=3",
-                                 "measure.warmup=1"], tmp_path)
+    final, records = run_recipe(
+        [*CHAIN, "pipeline=[train,prune,export]", "measure.batch=16", "measure.repeats=3", "measure.warmup=1"], tmp_path
+    )
     ends = [r for r in records if r["event"] != "epoch"]
     assert [r["latency_form"] for r in ends] == ["plain", "plain", "baked", "export.pt2 dense"]
     text = "\n".join(r.getMessage() for r in caplog.records)

@@ -1,4 +1,5 @@
 """Low-rank factorization: ranks, the SVD factors, order and rank checks, and the artifact round trip."""
+
 import logging
 
 import pytest
@@ -30,7 +31,9 @@ def test_factors_are_the_truncated_svd():
     low = factorize_linear(m, 3)
     s = torch.linalg.svdvals(m.weight.detach())
     w = low[1].weight @ low[0].weight
-    assert float(torch.linalg.norm(w.detach() - m.weight.detach())) == pytest.approx(float(s[3:].pow(2).sum().sqrt()), rel=1e-4)
+    assert float(torch.linalg.norm(w.detach() - m.weight.detach())) == pytest.approx(
+        float(s[3:].pow(2).sum().sqrt()), rel=1e-4
+    )
     assert low[0].bias is None and torch.equal(low[1].bias, m.bias)
 
 
@@ -45,8 +48,9 @@ def test_stage_replaces_the_layer_when_it_saves(model, ctx):
 
 def test_restore_rebuilds_only_consistent_shapes():
     m = TinyMLP()
-    restore_factorized(m, {"1.0.weight": (3, 8), "1.1.weight": (16, 3), "1.1.bias": (16,),
-                           "3.0.weight": (9, 16), "3.1.weight": (4, 9)})  # rank 9 > min(16, 4): left alone
+    restore_factorized(
+        m, {"1.0.weight": (3, 8), "1.1.weight": (16, 3), "1.1.bias": (16,), "3.0.weight": (9, 16), "3.1.weight": (4, 9)}
+    )  # rank 9 > min(16, 4): left alone
     assert isinstance(m[1], nn.Sequential) and m[1][1].bias is not None and isinstance(m[3], nn.Linear)
 
 
@@ -55,7 +59,9 @@ def test_bad_settings_name_key_and_value(model):
         FactorizeConfig(rank=2, energy=0.9)
     with pytest.raises(ValidationError, match="energy"):
         FactorizeConfig(energy=1.5)
-    with pytest.raises(ConfigError, match=r"stages.factorize.rank=9: is larger than layer 1 \[16, 8\] can have \(at most 8\)"):
+    with pytest.raises(
+        ConfigError, match=r"stages.factorize.rank=9: is larger than layer 1 \[16, 8\] can have \(at most 8\)"
+    ):
         Factorize.check_model(FactorizeConfig(rank=9), model, "stages.factorize")
     with pytest.raises(ConfigError, match=r"layers\[0\]='fc9'"):
         Factorize.check_model(FactorizeConfig(layers=["fc9"], rank=2), model, "stages.factorize")
@@ -67,12 +73,21 @@ def test_factorize_after_prune_is_refused():
 
 
 def test_factorized_pruned_quantized_model_round_trips(tmp_path):
-    final, _ = run_recipe(TINY + ["pipeline=[train,factorize,prune,quantize]", "+stages.factorize.rank=3",
-                                  "+stages.factorize.layers=['1']", "stages.quantize.bits=1",
-                                  "logger.console=null"], tmp_path)
+    final, _ = run_recipe(
+        TINY
+        + [
+            "pipeline=[train,factorize,prune,quantize]",
+            "+stages.factorize.rank=3",
+            "+stages.factorize.layers=['1']",
+            "stages.quantize.bits=1",
+            "logger.console=null",
+        ],
+        tmp_path,
+    )
     loaded = lwpipe.load(tmp_path / "model.lwp", constrained=True)
     assert isinstance(loaded[1], nn.Sequential) and loaded[1][0].weight.shape == (3, 8)
     from lwpipe import checkpoint
+
     state = sorted((tmp_path / "checkpoints").glob("*quantize*"))[0]
     again = checkpoint.load_state(TinyMLP(**{}), state)
     x = torch.randn(16, 8)
@@ -91,37 +106,55 @@ def test_a_1x1_convolution_factorizes_like_a_linear(conv):
     s = torch.linalg.svdvals(conv.weight.detach().reshape(10, 12))
     w = (low[1].weight.reshape(10, 3) @ low[0].weight.reshape(3, 12)).detach()
     assert float(torch.linalg.norm(w - conv.weight.detach().reshape(10, 12))) == pytest.approx(
-        float(s[3:].pow(2).sum().sqrt()), rel=1e-4)
+        float(s[3:].pow(2).sum().sqrt()), rel=1e-4
+    )
 
 
 def test_resnet_shortcut_1x1_convs_factorize_and_the_artifact_rebuilds_them(tmp_path):
     from lwpipe.models import ResNet
 
-    final, _ = run_recipe(["recipe=resnet_cifar_like", "data.n=120", "model.widths=[8,16]", "logger.console=null",
-                           "pipeline=[train,factorize,quantize]", "stages.train.epochs=1", "+stages.factorize.rank=2",
-                           "+stages.factorize.layers=['*shortcut.0']", "stages.quantize.finetune.epochs=0"], tmp_path)
+    final, _ = run_recipe(
+        [
+            "recipe=resnet_cifar_like",
+            "data.n=120",
+            "model.widths=[8,16]",
+            "logger.console=null",
+            "pipeline=[train,factorize,quantize]",
+            "stages.train.epochs=1",
+            "+stages.factorize.rank=2",
+            "+stages.factorize.layers=['*shortcut.0']",
+            "stages.quantize.finetune.epochs=0",
+        ],
+        tmp_path,
+    )
     loaded = lwpipe.load(tmp_path / "model.lwp")
     sc = loaded.layers[1].shortcut[0]
     assert isinstance(sc, nn.Sequential) and sc[0].weight.shape == (2, 8, 1, 1) and sc[0].stride == (2, 2)
     from lwpipe import checkpoint
+
     again = checkpoint.load_state(ResNet(widths=(8, 16)), sorted((tmp_path / "checkpoints").glob("*quantize*"))[0])
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x), again.eval()(x))
 
 
-@pytest.mark.parametrize("extra, warned", [
-    ([], "sparsity=0.9, meant for whole layers, also prunes the low-rank factors of the layers '*'"),
-    (["++stages.factorize.layers=[fc1]"], "factors of the layers 'fc1'"),
-    (["++stages.prune.quality=1.0"], "its quality/threshold rule"),
-    (["stages.prune.sparsity=0.5"], None),                                  # measured to keep accuracy
-    (["++stages.prune.granularity=nm"], None),                             # 2:4 is sparsity 0.5
-    (["++stages.prune.granularity=nm", "++stages.prune.n=1"], "sparsity=0.75"),
-    (["++stages.factorize.layers=[fc1]", "++stages.prune.layers={fc1*: {sparsity: 0.6}}"], None),  # own setting
-    (["++stages.factorize.layers=[fc1]", "++stages.prune.layers={fc1: {sparsity: 0.6}}"],  # names fc1, not its
-     "factors of the layers 'fc1'"),                                                         # factors fc1.0/.1
-    (["pipeline=[train,prune,factorize]"], "refused"),
-])
+@pytest.mark.parametrize(
+    "extra, warned",
+    [
+        ([], "sparsity=0.9, meant for whole layers, also prunes the low-rank factors of the layers '*'"),
+        (["++stages.factorize.layers=[fc1]"], "factors of the layers 'fc1'"),
+        (["++stages.prune.quality=1.0"], "its quality/threshold rule"),
+        (["stages.prune.sparsity=0.5"], None),  # measured to keep accuracy
+        (["++stages.prune.granularity=nm"], None),  # 2:4 is sparsity 0.5
+        (["++stages.prune.granularity=nm", "++stages.prune.n=1"], "sparsity=0.75"),
+        (["++stages.factorize.layers=[fc1]", "++stages.prune.layers={fc1*: {sparsity: 0.6}}"], None),  # own setting
+        (
+            ["++stages.factorize.layers=[fc1]", "++stages.prune.layers={fc1: {sparsity: 0.6}}"],  # names fc1, not its
+            "factors of the layers 'fc1'",
+        ),  # factors fc1.0/.1
+        (["pipeline=[train,prune,factorize]"], "refused"),
+    ],
+)
 def test_prune_after_factorize_at_whole_layer_settings_warns(caplog, extra, warned):
     overrides = ["pipeline=[train,factorize,prune,share,quantize,distill]", "++stages.factorize.energy=0.9", *extra]
     with caplog.at_level(logging.WARNING, logger="lwpipe"):

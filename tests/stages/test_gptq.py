@@ -1,4 +1,5 @@
 """GPTQ (quantize method: gptq): the algorithm on one matrix, and through the quantize stage."""
+
 import pytest
 import torch
 from torch import nn
@@ -48,8 +49,9 @@ def test_gptq_keeps_masked_weights_at_zero_and_compensates_them():
     values = (q - zp) * scale
     assert (values[~mask] == 0).all()
     target = w * mask
-    assert output_error(target, values, x) < output_error(target, (rtn(target, scale, zp, qmin, qmax) - zp) * scale
-                                                          * mask, x)
+    assert output_error(target, values, x) < output_error(
+        target, (rtn(target, scale, zp, qmin, qmax) - zp) * scale * mask, x
+    )
 
 
 def test_a_hessian_that_damping_cannot_fix_names_the_layer_and_a_damping():
@@ -61,6 +63,7 @@ def test_a_hessian_that_damping_cannot_fix_names_the_layer_and_a_damping():
 
 def test_gptq_with_groups_regrids_each_group_and_beats_rounding_on_group_grids():
     from lwpipe.stages.quantize import rows_group_grid
+
     torch.manual_seed(4)
     w, x = torch.randn(16, 40), correlated_inputs(512, 40, seed=4)
     qmin, qmax, scale, zp = rows_group_grid(w, 3, "symmetric", 16)  # groups 16 + 16 + 8
@@ -94,11 +97,19 @@ def outputs_error(model, reference, ctx):
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
 def test_stage_gptq_is_on_the_grid_and_closer_to_the_float_model_than_rounding(model, ctx, granularity):
     import copy
+
     errs = {}
     for method in ("rtn", "gptq"):
         m = copy.deepcopy(model)
-        Quantize(QuantizeConfig(bits=2, granularity=granularity, method=method, calibration_samples=128,
-                                finetune=TrainSettings(epochs=0))).run(m, ctx)
+        Quantize(
+            QuantizeConfig(
+                bits=2,
+                granularity=granularity,
+                method=method,
+                calibration_samples=128,
+                finetune=TrainSettings(epochs=0),
+            )
+        ).run(m, ctx)
         for layer in (m[1], m[3]):
             c = constraint(layer)
             q = layer.weight.detach() / c.scale + c.zero_point
@@ -125,16 +136,34 @@ def test_gptq_settings_without_gptq_and_binary_gptq_are_refused():
 @pytest.mark.slow
 def test_gptq_through_the_runner_decodes_and_refuses_it_after_share(tmp_path):
     import lwpipe
-    final, records = run_recipe([*TINY, "pipeline=[train,prune,quantize]", "++stages.quantize.method=gptq",
-                                 "stages.quantize.bits=3", "stages.quantize.finetune.epochs=0"], tmp_path / "a")
+
+    final, records = run_recipe(
+        [
+            *TINY,
+            "pipeline=[train,prune,quantize]",
+            "++stages.quantize.method=gptq",
+            "stages.quantize.bits=3",
+            "stages.quantize.finetune.epochs=0",
+        ],
+        tmp_path / "a",
+    )
     end = [r for r in records if r.get("event") == "stage_end" and r.get("stage") == "quantize"][0]
     assert end["gptq_error"] and end["gptq_rounded_layers"] == []
     loaded = lwpipe.load(tmp_path / "a" / "model.lwp")
     assert sum(p.numel() for p in loaded.parameters()) > 0
     from lwpipe.config import validate
+
     with pytest.raises(ConfigError, match="method=gptq after share"):
-        validate(compose_recipe([*TINY, "pipeline=[train,share,quantize]", "++stages.quantize.method=gptq",
-                                 "++stages.quantize.granularity=per_tensor"]))
+        validate(
+            compose_recipe(
+                [
+                    *TINY,
+                    "pipeline=[train,share,quantize]",
+                    "++stages.quantize.method=gptq",
+                    "++stages.quantize.granularity=per_tensor",
+                ]
+            )
+        )
 
 
 def test_sparsegpt_reconstruction_beats_magnitude_masks_at_the_same_sparsity():
@@ -159,6 +188,7 @@ def test_sparsegpt_n_m_keeps_n_of_every_m_and_respects_an_earlier_mask():
 
 def test_stage_sparsegpt_is_closer_to_the_dense_model_than_magnitude(model, ctx):
     import copy
+
     errs = {}
     for criterion in ("magnitude", "sparsegpt"):
         m = copy.deepcopy(model)
@@ -186,11 +216,15 @@ def test_group_scales_go_through_the_artifact_exactly_and_beat_per_channel(model
     import lwpipe
     from lwpipe.artifact import encode_model
     from lwpipe.constraints import model_spec
+
     errs = {}
     for group in (None, 3):
         m = copy.deepcopy(model)
-        Quantize(QuantizeConfig(bits=2, granularity="per_channel", group_size=group, method=method,
-                                finetune=TrainSettings(epochs=0))).run(m, ctx)
+        Quantize(
+            QuantizeConfig(
+                bits=2, granularity="per_channel", group_size=group, method=method, finetune=TrainSettings(epochs=0)
+            )
+        ).run(m, ctx)
         errs[group] = outputs_error(m, model, ctx)
         blob = encode_model(m, {"_target_": "lwpipe.models.TinyMLP"})
         assert blob[4] == (2 if group else 1)  # format version 2 only where a grid has groups
@@ -212,6 +246,7 @@ def test_group_size_needs_per_channel_scales():
 
 def test_clip_search_lowers_each_groups_rounding_error_and_needs_groups():
     from lwpipe.stages.quantize import rows_group_grid
+
     torch.manual_seed(5)
     w = torch.randn(8, 64) * torch.rand(8, 64) ** 2  # heavy tails: the min-max scale wastes levels on outliers
     errs = {}

@@ -1,9 +1,9 @@
 """Dynamic KD weighting: alpha and temperature on a schedule over distill's epochs, logged per epoch."""
+
 import copy
 import math
 
 import pytest
-import torch
 
 from lwpipe.config import validate
 from lwpipe.errors import LwpipeError
@@ -27,15 +27,21 @@ def test_config_takes_numbers_or_schedules():
     assert epoch_weights(cfg, 2)["temperature"] == 2.0
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("++stages.distill.alpha={schedule:linear,start:0.9,end:1.5}", r"stages\.distill\.alpha: end=1\.5 must be within"),
-    ("++stages.distill.alpha={schedule:cosine,start:0.9}", r"stages\.distill\.alpha: schedule=cosine .* set end"),
-    ("++stages.distill.alpha={schedule:steps,start:0.9,end:0.1}", r"stages\.distill\.alpha: schedule='steps'"),
-    ("++stages.distill.temperature={schedule:linear,start:0,end:4}", r"temperature: start=0\.0 must be above 0"),
-    ("++stages.distill.alpha={schedule:linear,strat:0.9,end:0.1}", r"stages\.distill\.alpha: .*strat"),
-    ("++stages.distill.alpha={schedule:constant,start:0.9,end:0.1}", r"end=0\.1 would be ignored"),
-    ("++stages.distill.alpha=1.5", r"stages\.distill\.alpha=1\.5: must be within \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        (
+            "++stages.distill.alpha={schedule:linear,start:0.9,end:1.5}",
+            r"stages\.distill\.alpha: end=1\.5 must be within",
+        ),
+        ("++stages.distill.alpha={schedule:cosine,start:0.9}", r"stages\.distill\.alpha: schedule=cosine .* set end"),
+        ("++stages.distill.alpha={schedule:steps,start:0.9,end:0.1}", r"stages\.distill\.alpha: schedule='steps'"),
+        ("++stages.distill.temperature={schedule:linear,start:0,end:4}", r"temperature: start=0\.0 must be above 0"),
+        ("++stages.distill.alpha={schedule:linear,strat:0.9,end:0.1}", r"stages\.distill\.alpha: .*strat"),
+        ("++stages.distill.alpha={schedule:constant,start:0.9,end:0.1}", r"end=0\.1 would be ignored"),
+        ("++stages.distill.alpha=1.5", r"stages\.distill\.alpha=1\.5: must be within \[0, 1\]"),
+    ],
+)
 def test_bad_schedules_name_key_value_and_allowed(override, expected):
     with pytest.raises(LwpipeError, match=expected):
         validate(compose_recipe(TINY + ["pipeline=[train,distill]", override]))
@@ -51,6 +57,7 @@ def test_distill_trains_with_each_epochs_alpha(model, ctx):
     def spy(student, teacher, batch, temperature, alpha):
         calls.append(alpha)
         return original(student, teacher, batch, temperature, alpha)
+
     task.distill_loss = spy
     ctx.on_epoch = lambda m, epoch, loss, **f: seen.append((epoch, f))
     try:
@@ -65,9 +72,17 @@ def test_distill_trains_with_each_epochs_alpha(model, ctx):
 
 
 def test_alpha_lands_in_the_epoch_records(tmp_path):
-    _, records = run_recipe(TINY + ["pipeline=[train,distill]", "artifact=false", "logger.console=null",
-                                    "++stages.distill.epochs=3",
-                                    "++stages.distill.alpha={schedule:cosine,start:0.8,end:0.2}"], tmp_path)
+    _, records = run_recipe(
+        TINY
+        + [
+            "pipeline=[train,distill]",
+            "artifact=false",
+            "logger.console=null",
+            "++stages.distill.epochs=3",
+            "++stages.distill.alpha={schedule:cosine,start:0.8,end:0.2}",
+        ],
+        tmp_path,
+    )
     epochs = [r for r in records if r["stage"] == "distill" and r["event"] == "epoch"]
     assert [round(r["alpha"], 6) for r in epochs] == [0.8, 0.5, 0.2]
     assert all(r["temperature"] == 4.0 for r in epochs)

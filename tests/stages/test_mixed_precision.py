@@ -1,4 +1,5 @@
 """quantize.bits: auto: bits per layer from the Fisher-weighted quantization error, under a budget."""
+
 import itertools
 import json
 
@@ -59,13 +60,16 @@ def test_large_budget_gives_every_layer_the_most_bits(model, ctx):
 
 def test_allot_is_the_exact_optimum(tmp_path):
     rng = np.random.default_rng(0)
-    for trial in range(30):
+    for _trial in range(30):
         kept = rng.integers(1, 40, size=4).tolist()
         bits = [1, 2, 3, 4, 6, 8]
-        omega = [{b: float(rng.random() * 2.0 ** -b) for b in bits} for _ in kept]
+        omega = [{b: float(rng.random() * 2.0**-b) for b in bits} for _ in kept]
         budget = float(rng.integers(sum(kept), 8 * sum(kept)))
-        best = min((sum(o[b] for o, b in zip(omega, c)), c) for c in itertools.product(bits, repeat=4)
-                   if sum(b * n for b, n in zip(c, kept)) <= budget)
+        best = min(
+            (sum(o[b] for o, b in zip(omega, c)), c)
+            for c in itertools.product(bits, repeat=4)
+            if sum(b * n for b, n in zip(c, kept)) <= budget
+        )
         got = allot(omega, kept, budget)
         assert sum(b * n for b, n in zip(got, kept)) <= budget
         assert sum(o[b] for o, b in zip(omega, got)) == pytest.approx(best[0], rel=1e-12)
@@ -74,12 +78,16 @@ def test_allot_is_the_exact_optimum(tmp_path):
 
 def test_allot_in_coarse_units_still_holds_the_budget():
     kept = [300_001, 200_003, 99_999]
-    omega = [{b: s * 2.0 ** -b for b in (1, 2, 3, 4, 8)} for s in (1.0, 5.0, 0.3)]
+    omega = [{b: s * 2.0**-b for b in (1, 2, 3, 4, 8)} for s in (1.0, 5.0, 0.3)]
     budget = 3 * sum(kept)  # 1.8 M bits: counted in units of 7 bits, each layer's cost rounded up
 
     def best(limit):
-        return min(sum(o[b] for o, b in zip(omega, c)) for c in itertools.product((1, 2, 3, 4, 8), repeat=3)
-                   if sum(b * n for b, n in zip(c, kept)) <= limit)
+        return min(
+            sum(o[b] for o, b in zip(omega, c))
+            for c in itertools.product((1, 2, 3, 4, 8), repeat=3)
+            if sum(b * n for b, n in zip(c, kept)) <= limit
+        )
+
     got = allot(omega, kept, budget)
     assert sum(b * n for b, n in zip(got, kept)) <= budget
     assert best(budget) <= sum(o[b] for o, b in zip(omega, got)) <= best(budget - 3 * 7)  # a unit a layer at most
@@ -107,8 +115,9 @@ def test_more_sensitive_layer_of_the_same_size_gets_at_least_as_many_bits(diagon
     cfg = QuantizeConfig(bits="auto", budget=3)
     cands = [1, 2, 3, 4, 5, 6, 8]
     q = lambda layer, bits: quantize_any(layer, bits, cfg)  # noqa: E731
-    (sensitive, dull), seen = sensitivities(twin, [twin.a, twin.b], [cands, cands], [q, q], batches, twin.loss,
-                                            diagonal=diagonal)
+    (sensitive, dull), seen = sensitivities(
+        twin, [twin.a, twin.b], [cands, cands], [q, q], batches, twin.loss, diagonal=diagonal
+    )
     assert seen == 32
     assert all(sensitive[c] == pytest.approx(25 * dull[c], rel=1e-5) for c in cands)  # gradients 5x: Omega 25x
     got = {budget: allot([dull, sensitive], [256, 256], budget * 512) for budget in (1.5, 3, 4, 5.5)}
@@ -127,9 +136,11 @@ def test_sensitivity_is_the_fisher_weighted_error_of_the_grid_the_stage_applies(
             w = layer.weight
             grads.append(torch.autograd.grad(ctx.loss(model, batch), w)[0])
     grads = torch.stack(grads).double()
-    for cfg in (QuantizeConfig(bits="auto", budget=3, granularity="per_channel"),
-                QuantizeConfig(bits="auto", budget=3, scheme="asymmetric", step=0.5)):
-        q = lambda m, b: quantize_any(m, b, cfg)  # noqa: E731
+    for cfg in (
+        QuantizeConfig(bits="auto", budget=3, granularity="per_channel"),
+        QuantizeConfig(bits="auto", budget=3, scheme="asymmetric", step=0.5),
+    ):
+        q = lambda m, b, cfg=cfg: quantize_any(m, b, cfg)  # noqa: E731
         (block,), _ = sensitivities(model, [layer], [[2, 3]], [q], batches, ctx.loss)
         (diag,), _ = sensitivities(model, [layer], [[2, 3]], [q], batches, ctx.loss, diagonal=True)
         for b in (2, 3):
@@ -139,7 +150,7 @@ def test_sensitivity_is_the_fisher_weighted_error_of_the_grid_the_stage_applies(
             assert torch.equal(dw, quantization_error(layer, b, q).double())
             assert float(dw[layer.weight.detach() == 0].abs().sum()) == 0  # pruned weights add nothing
             assert block[b] == pytest.approx(float(((grads * dw).sum((1, 2)) ** 2).mean()), rel=1e-4)
-            assert diag[b] == pytest.approx(float((grads.pow(2).mean(0) * dw ** 2).sum()), rel=1e-6)
+            assert diag[b] == pytest.approx(float((grads.pow(2).mean(0) * dw**2).sum()), rel=1e-6)
     assert constraint(layer).quantized is False  # the measurement quantized copies, not the layer
 
 
@@ -148,6 +159,7 @@ def test_same_seed_gives_the_same_allotment(model, tmp_path):
         ctx = Context(data=load_blobs(n=256), seed=3, run_dir=tmp_path)
         rec = auto(clone(model), ctx, budget=2.5, calibration_samples=64)
         return rec["bits_allotted"], rec["predicted_loss_increase"]
+
     first = once()
     assert once() == first
     assert len(set(first[0].values())) > 1  # a real allotment, not all layers alike
@@ -162,20 +174,26 @@ def test_the_record_has_predicted_and_measured_quality(model, ctx):
 
 
 # -- bad input ------------------------------------------------------------------------
-@pytest.mark.parametrize("kw, match", [
-    (dict(bits="auto"), "bits=auto needs a budget"),
-    (dict(bits=4, budget=3), "budget is set but bits=4"),
-    (dict(bits=4, candidates=[2, 4]), "candidates is set but bits=4"),
-    (dict(bits="auto", budget=0.5), r"budget=0.5 bits per weight is below .* at least 1"),
-    (dict(bits="auto", budget=1.5, scheme="asymmetric"), r"at least 2"),
-    (dict(bits="auto", budget=3, scheme="ternary"), "bits=auto with scheme=ternary"),
-    (dict(bits="auto", budget=3, scheme="asymmetric", candidates=[1, 4]), "candidates holds 1 with scheme=asymmetric"),
-    (dict(bits="auto", budget={"bits_per_weight": 3, "bytes": 10}), "exactly one of bits_per_weight, bytes"),
-    (dict(bits="auto", budget=3, candidates=[]), "distinct whole numbers"),
-    (dict(bits="auto", budget=3, candidates=[3, 17]), "distinct whole numbers"),
-    (dict(bits="eight"), "whole number of bits 1..16, or auto"),
-    (dict(bits=17), "whole number of bits 1..16, or auto"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(bits="auto"), "bits=auto needs a budget"),
+        (dict(bits=4, budget=3), "budget is set but bits=4"),
+        (dict(bits=4, candidates=[2, 4]), "candidates is set but bits=4"),
+        (dict(bits="auto", budget=0.5), r"budget=0.5 bits per weight is below .* at least 1"),
+        (dict(bits="auto", budget=1.5, scheme="asymmetric"), r"at least 2"),
+        (dict(bits="auto", budget=3, scheme="ternary"), "bits=auto with scheme=ternary"),
+        (
+            dict(bits="auto", budget=3, scheme="asymmetric", candidates=[1, 4]),
+            "candidates holds 1 with scheme=asymmetric",
+        ),
+        (dict(bits="auto", budget={"bits_per_weight": 3, "bytes": 10}), "exactly one of bits_per_weight, bytes"),
+        (dict(bits="auto", budget=3, candidates=[]), "distinct whole numbers"),
+        (dict(bits="auto", budget=3, candidates=[3, 17]), "distinct whole numbers"),
+        (dict(bits="eight"), "whole number of bits 1..16, or auto"),
+        (dict(bits=17), "whole number of bits 1..16, or auto"),
+    ],
+)
 def test_bad_auto_settings_are_refused(kw, match):
     with pytest.raises(ValidationError, match=match):
         QuantizeConfig(**kw)
@@ -187,8 +205,17 @@ def test_bad_budget_from_the_command_line_names_the_key():
     with pytest.raises(LwpipeError, match=r"stages\.quantize\.budget\.bytes=0"):
         validate(compose_recipe(TINY + ["stages.quantize.bits=auto", "+stages.quantize.budget={bytes:0}"]))
     with pytest.raises(LwpipeError, match="candidates with 1"):
-        validate(compose_recipe(TINY + ["pipeline=[train,share,quantize]", "stages.quantize.bits=auto",
-                                        "+stages.quantize.budget=3", "+stages.quantize.candidates=[1,2]"]))
+        validate(
+            compose_recipe(
+                TINY
+                + [
+                    "pipeline=[train,share,quantize]",
+                    "stages.quantize.bits=auto",
+                    "+stages.quantize.budget=3",
+                    "+stages.quantize.candidates=[1,2]",
+                ]
+            )
+        )
 
 
 def test_budget_below_one_bit_per_kept_weight_is_refused_before_any_change(model, ctx):
@@ -222,11 +249,21 @@ def test_model_lwp_size_follows_the_allotment(model, ctx, tmp_path):
 def test_cli_bits_auto_on_the_default_model(tmp_path):
     import subprocess
     import sys
-    args = ["stages.quantize.bits=auto", "+stages.quantize.budget=3", "stages.train.epochs=3",
-            "stages.prune.finetune.epochs=1", "stages.share.finetune.epochs=0", "stages.quantize.finetune.epochs=1",
-            "stages.distill.epochs=0", "cache=false", "measure.latency=false"]
-    p = subprocess.run([sys.executable, "-m", "lwpipe.cli", *args], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=600)
+
+    args = [
+        "stages.quantize.bits=auto",
+        "+stages.quantize.budget=3",
+        "stages.train.epochs=3",
+        "stages.prune.finetune.epochs=1",
+        "stages.share.finetune.epochs=0",
+        "stages.quantize.finetune.epochs=1",
+        "stages.distill.epochs=0",
+        "cache=false",
+        "measure.latency=false",
+    ]
+    p = subprocess.run(
+        [sys.executable, "-m", "lwpipe.cli", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stderr
     assert "bits auto: fc1=" in p.stdout + p.stderr
     (run_dir,) = list((tmp_path / "outputs" / "runs" / "default").iterdir())
@@ -240,9 +277,17 @@ def test_cli_bits_auto_on_the_default_model(tmp_path):
 
 
 def test_run_recipe_logs_the_allotment_in_metrics(tmp_path):
-    final, records = run_recipe(TINY + ["pipeline=[train,prune,quantize]", "stages.train.epochs=2",
-                                        "stages.prune.finetune.epochs=0", "stages.quantize.bits=auto",
-                                        "+stages.quantize.budget={bytes:40}"], tmp_path)
+    final, records = run_recipe(
+        TINY
+        + [
+            "pipeline=[train,prune,quantize]",
+            "stages.train.epochs=2",
+            "stages.prune.finetune.epochs=0",
+            "stages.quantize.bits=auto",
+            "+stages.quantize.budget={bytes:40}",
+        ],
+        tmp_path,
+    )
     end = [r for r in records if r["event"] == "stage_end" and r["stage"] == "quantize"][0]
     assert end["quantized_weight_bytes"] <= 40 and set(end["bits_allotted"]) == {"1", "3"}
     prune_end = [r for r in records if r["event"] == "stage_end" and r["stage"] == "prune"][0]

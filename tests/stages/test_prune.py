@@ -57,6 +57,7 @@ def test_magnitude_keeps_the_largest(model, ctx):
 
 def test_taylor_differs_from_magnitude(model, ctx):
     import copy
+
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     Prune(PruneConfig(sparsity=0.5)).run(a, ctx)
     Prune(PruneConfig(sparsity=0.5, criterion="taylor")).run(b, ctx)
@@ -93,20 +94,23 @@ def test_mask_survives_finetuning_and_only_shrinks(model, ctx):
 
 
 def test_gradual_reaches_target(model, ctx):
-    Prune(PruneConfig(schedule="gradual", steps=3, sparsity=0.8,
-                      finetune=TrainSettings(epochs=1, lr=1e-2))).run(model, ctx)
+    Prune(PruneConfig(schedule="gradual", steps=3, sparsity=0.8, finetune=TrainSettings(epochs=1, lr=1e-2))).run(
+        model, ctx
+    )
     w1, _ = weights(model)
     assert (w1 == 0).float().mean().item() == pytest.approx(0.8, abs=1 / w1.numel())
 
 
 def test_unknown_layer_pattern_is_refused(model):
     from lwpipe.errors import ConfigError
+
     with pytest.raises(ConfigError, match=r"stages.prune.layers='fc9'.*the layers are 1, 3"):
         Prune.check_model(PruneConfig(layers={"fc9": {"sparsity": 0.1}}), model, "stages.prune")
 
 
 def test_conv_layers_prune():
     from lwpipe.models import LeNet5
+
     ctx = Context(data=load_blobs(n=64), seed=0, run_dir=".")
     m = LeNet5(image_size=8)
     Prune(PruneConfig(sparsity=0.5)).run(m, ctx)

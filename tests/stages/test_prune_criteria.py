@@ -1,4 +1,5 @@
 """Gradient and saliency (Optimal Brain Damage) criteria, and pruning by a score threshold."""
+
 import copy
 import logging
 
@@ -71,8 +72,11 @@ def test_criteria_choose_different_weights(model, ctx):
 
 @pytest.mark.parametrize("criterion", ["magnitude", "saliency"])
 def test_threshold_prunes_exactly_the_scores_below_it(model, ctx, criterion, caplog):
-    scores = (gradient_scores(model, batches(ctx, 8), layers(model), ctx.loss, criterion) if criterion != "magnitude"
-              else [m.weight.detach().abs() for m in layers(model)])
+    scores = (
+        gradient_scores(model, batches(ctx, 8), layers(model), ctx.loss, criterion)
+        if criterion != "magnitude"
+        else [m.weight.detach().abs() for m in layers(model)]
+    )
     eps = min(float(s.median()) for s in scores)  # about half of one layer, less of the other
     expected = [s >= eps for s in scores]
     with caplog.at_level(logging.INFO, logger="lwpipe"):
@@ -97,8 +101,16 @@ def test_threshold_that_empties_a_layer_is_refused_before_any_layer_changes(mode
     assert all(constraint(m) is None or constraint(m).mask is None for m in layers(model))
 
 
-@pytest.mark.parametrize("extra", [{"granularity": "nm"}, {"granularity": "structured"},
-                                   {"schedule": "gradual", "steps": 3}, {"scope": "global"}, {"quality": 1.0}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"granularity": "nm"},
+        {"granularity": "structured"},
+        {"schedule": "gradual", "steps": 3},
+        {"scope": "global"},
+        {"quality": 1.0},
+    ],
+)
 def test_threshold_with_a_setting_that_cannot_use_it_is_refused(extra):
     with pytest.raises(ValidationError, match=r"threshold=0.01 prunes scores below it; it needs"):
         PruneConfig(threshold=0.01, **extra)

@@ -1,4 +1,5 @@
 """prune.criterion=entropy: sparse variational dropout (unstructured) and activation entropy (structured)."""
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -49,8 +50,11 @@ def test_gradual_reaches_the_target_and_masks_only_grow(model, ctx):
 
 
 def test_threshold_that_empties_a_layer_names_it_and_its_score_range(model, ctx):
-    with pytest.raises(ConfigError, match=r"stages.prune.threshold=-20.0: removes every weight of layer 1 .*"
-                                          r"log_alpha scores range over \[-?[0-9.]+, -?[0-9.]+\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"stages.prune.threshold=-20.0: removes every weight of layer 1 .*"
+        r"log_alpha scores range over \[-?[0-9.]+, -?[0-9.]+\]",
+    ):
         Prune(PruneConfig(**QUICK, threshold=-20.0)).run(model, ctx)
 
 
@@ -72,8 +76,11 @@ def test_negative_threshold_only_for_entropy():
 
 def test_a_layer_it_cannot_parametrize_is_named_before_any_work():
     model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2))
-    with pytest.raises(ConfigError, match=r"stages.prune.criterion='entropy': cannot parametrize layer 0: "
-                                          r"Embedding .*layers=\{0: \{skip: true\}\}"):
+    with pytest.raises(
+        ConfigError,
+        match=r"stages.prune.criterion='entropy': cannot parametrize layer 0: "
+        r"Embedding .*layers=\{0: \{skip: true\}\}",
+    ):
         Prune.check_model(PruneConfig(criterion="entropy"), model, "stages.prune")
     Prune.check_model(PruneConfig(criterion="entropy", layers={"0": {"skip": True}}), model, "stages.prune")
 
@@ -96,12 +103,18 @@ def test_structured_removes_the_lowest_entropy_channels(model, ctx):
 
 
 ENTROPY_BAD = {
-    "kl_weight negative": (["stages.prune.criterion=entropy", "+stages.prune.kl_weight=-1"],
-                           "stages.prune.kl_weight=-1"),
-    "threshold with sparsity": (["stages.prune.criterion=entropy", "++stages.prune.threshold=3.0",
-                                 "stages.prune.sparsity=0.9"], "both say what goes; give one of them"),
-    "structured threshold": (["stages.prune.criterion=entropy", "+stages.prune.granularity=structured",
-                              "+stages.prune.threshold=3.0"], "threshold=3.0 prunes scores above it; it needs"),
+    "kl_weight negative": (
+        ["stages.prune.criterion=entropy", "+stages.prune.kl_weight=-1"],
+        "stages.prune.kl_weight=-1",
+    ),
+    "threshold with sparsity": (
+        ["stages.prune.criterion=entropy", "++stages.prune.threshold=3.0", "stages.prune.sparsity=0.9"],
+        "both say what goes; give one of them",
+    ),
+    "structured threshold": (
+        ["stages.prune.criterion=entropy", "+stages.prune.granularity=structured", "+stages.prune.threshold=3.0"],
+        "threshold=3.0 prunes scores above it; it needs",
+    ),
 }
 
 
@@ -109,6 +122,7 @@ ENTROPY_BAD = {
 @pytest.mark.parametrize("case", list(ENTROPY_BAD))
 def test_bad_entropy_settings_fail_in_one_line_before_any_work(tmp_path, case):
     from tests.test_cli import lwpipe
+
     args, expected = ENTROPY_BAD[case]
     p = lwpipe(["model=tiny", "data=blobs", "pipeline=[train,prune]", *args], tmp_path)
     assert p.returncode == 2 and expected in p.stderr, p.stderr
@@ -119,18 +133,35 @@ def test_bad_entropy_settings_fail_in_one_line_before_any_work(tmp_path, case):
 def test_command_line_threshold_replaces_the_recipes_sparsity(tmp_path):
     """The documented command: the default recipe's sparsity gives way to the threshold typed."""
     import json
+
     from tests.test_cli import lwpipe
-    p = lwpipe(["model=tiny", "data=blobs", "pipeline=[train,prune]", "stages.train.epochs=2", "cache=false",
-                "stages.prune.criterion=entropy", "++stages.prune.threshold=3.0", "measure.latency=false",
-                "++stages.prune.variational.epochs=2", "stages.prune.finetune.epochs=1", "hydra.run.dir=run"], tmp_path)
+
+    p = lwpipe(
+        [
+            "model=tiny",
+            "data=blobs",
+            "pipeline=[train,prune]",
+            "stages.train.epochs=2",
+            "cache=false",
+            "stages.prune.criterion=entropy",
+            "++stages.prune.threshold=3.0",
+            "measure.latency=false",
+            "++stages.prune.variational.epochs=2",
+            "stages.prune.finetune.epochs=1",
+            "hydra.run.dir=run",
+        ],
+        tmp_path,
+    )
     assert p.returncode == 0, p.stderr
-    prune = next(r for r in json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]
-                 if r["stage"] == "prune")
+    prune = next(
+        r for r in json.loads((tmp_path / "run" / "summary.json").read_text())["stages"] if r["stage"] == "prune"
+    )
     assert prune["entropy_threshold"] == {"1": 3.0, "3": 3.0} and set(prune["kept_fraction"]) == {"1", "3"}
 
 
 def test_units_nothing_reads_are_cleared_without_changing_outputs(model, ctx):
     from lwpipe.entropy_prune import clear_dead_units
+
     with torch.no_grad():
         model[3].weight[:, [2, 5]] = 0  # hidden units 2 and 5: no weight out
     x = ctx.test_loader()[0][0]
@@ -145,12 +176,22 @@ def test_units_nothing_reads_are_cleared_without_changing_outputs(model, ctx):
 @pytest.mark.parametrize("name", ["entropy_lenet5", "entropy_lenet300"])
 def test_entropy_recipes_run_and_leave_a_plain_model(name, tmp_path):
     import json
+
     import lwpipe
     from lwpipe.models import LeNet5, LeNet300
     from tests.test_cli import lwpipe as cli
-    short = ["stages.train.epochs=2", "stages.prune.variational.epochs=2", "stages.prune.finetune.epochs=1",
-             "stages.share.finetune.epochs=1", "stages.quantize.finetune.epochs=1", "stages.distill.epochs=1",
-             "cache=false", "measure.latency=false", "hydra.run.dir=run"]
+
+    short = [
+        "stages.train.epochs=2",
+        "stages.prune.variational.epochs=2",
+        "stages.prune.finetune.epochs=1",
+        "stages.share.finetune.epochs=1",
+        "stages.quantize.finetune.epochs=1",
+        "stages.distill.epochs=1",
+        "cache=false",
+        "measure.latency=false",
+        "hydra.run.dir=run",
+    ]
     p = cli([f"recipe={name}", *short], tmp_path)
     assert p.returncode == 0, p.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -162,8 +203,9 @@ def test_entropy_recipes_run_and_leave_a_plain_model(name, tmp_path):
     assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in plain.items()}
 
 
-@pytest.mark.parametrize("extra", [{"granularity": "nm"}, {"granularity": "structured", "untraceable": "mask"},
-                                   {"scope": "global"}])
+@pytest.mark.parametrize(
+    "extra", [{"granularity": "nm"}, {"granularity": "structured", "untraceable": "mask"}, {"scope": "global"}]
+)
 def test_entropy_with_a_grouping_it_cannot_score_is_refused(extra):
     with pytest.raises(ValidationError, match=r"criterion=entropy"):
         PruneConfig(criterion="entropy", **extra)

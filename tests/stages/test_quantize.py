@@ -52,8 +52,9 @@ def test_per_channel_is_finer_for_uneven_rows():
 def test_quantized_masked_layer_stays_on_grid_and_sparse_through_qat(model, ctx, scheme):
     Prune(PruneConfig(sparsity=0.5)).run(model, ctx)
     zeros = model[1].weight.detach() == 0
-    Quantize(QuantizeConfig(bits=3, scheme=scheme, granularity="per_channel",
-                            finetune=TrainSettings(epochs=3, lr=1e-2))).run(model, ctx)
+    Quantize(
+        QuantizeConfig(bits=3, scheme=scheme, granularity="per_channel", finetune=TrainSettings(epochs=3, lr=1e-2))
+    ).run(model, ctx)
     q, off = levels(model[1])
     assert off < 1e-4
     assert (model[1].weight.detach()[zeros] == 0).all()
