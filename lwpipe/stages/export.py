@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from lwpipe import export, speed
+from lwpipe import deploy, export, speed
 from lwpipe.config import Strict
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
@@ -35,8 +35,12 @@ from lwpipe.tasks import head, model_device, model_inputs, to_device
 log = logging.getLogger("lwpipe")
 
 
+TORCH_FORMATS = ("dense", "int8", "sparse")  # export.pt / export.pt2, run by PyTorch
+Format = Literal["dense", "int8", "sparse", "onnx", "compressed_tensors", "gguf"]
+
+
 class ExportConfig(Strict):
-    format: Literal["dense", "int8", "sparse"] = "dense"
+    format: Format | list[Format] = "dense"  # a list writes several forms from one run
     activations: Literal["auto", "dynamic", "static"] = "auto"  # int8 only
     min_sparsity: float = Field(0.8, ge=0, le=1)  # sparse only: the measured crossover (README)
     min_batch: int = Field(16, ge=1, le=1 << 20)  # sparse only: smaller batches run dense
@@ -54,8 +58,22 @@ class Export:
         self.cfg = cfg
 
     @staticmethod
+    def formats(cfg: ExportConfig) -> list[str]:
+        return [cfg.format] if isinstance(cfg.format, str) else list(cfg.format)
+
+    @staticmethod
     def check_order(cfg: ExportConfig, before) -> str | None:
-        if cfg.format != "int8":
+        forms = Export.formats(cfg)
+        if not forms or len(set(forms)) != len(forms):
+            return f"format={forms}: name each form once (one of {list(Format.__args__)})"
+        torch_forms = [f for f in forms if f in TORCH_FORMATS]
+        if len(torch_forms) > 1:
+            return f"format={forms}: at most one of {list(TORCH_FORMATS)} (each writes export.pt*) per run"
+        for fmt in set(forms) - set(TORCH_FORMATS):
+            why = deploy.writer(fmt).check_order(cfg, before)
+            if why:
+                return f"format={fmt}: {why}"
+        if "int8" not in forms:
             return None
         quant = [s for s in before if s.type == "quantize"]
         if not quant:
@@ -79,7 +97,8 @@ class Export:
     @staticmethod
     def check_context(cfg: ExportConfig, ctx: Context, path: str) -> None:
         """Before any stage runs: static int8 calibrates torch.ao FX on tensor inputs, not text batches."""
-        if cfg.format == "int8" and cfg.activations == "static" and isinstance(ctx.test_loader()[0], dict):
+        forms = Export.formats(cfg)
+        if "int8" in forms and cfg.activations == "static" and isinstance(ctx.test_loader()[0], dict):
             raise ConfigError(
                 f"{path}.activations",
                 cfg.activations,
@@ -87,19 +106,41 @@ class Export:
                 "torch.ao FX, which does not trace transformers models)",
             )
 
+    @staticmethod
+    def check_model(cfg: ExportConfig, model: nn.Module, path: str) -> None:
+        """Before any stage runs: each deployable format checks that this model can have it."""
+        for fmt in Export.formats(cfg):
+            if fmt not in TORCH_FORMATS:
+                deploy.writer(fmt, f"{path}.format").check_model(cfg, model, f"{path}.format")
+
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
-        model = model.cpu().eval() if self.cfg.format == "int8" else model.eval()  # int8 kernels are CPU ones
+        forms = self.formats(self.cfg)
+        info: dict = {"format": self.cfg.format}
+        for fmt in forms:
+            if fmt in TORCH_FORMATS:
+                info.update(self.torch_form(model, ctx, fmt))
+            else:
+                out = ctx.run_dir / "export"
+                out.mkdir(exist_ok=True)
+                info[fmt] = deploy.writer(fmt).write(model, ctx, self.cfg, out)
+                log.info("  export %s -> export/: %s", fmt, {k: v for k, v in info[fmt].items() if k != "layers"})
+        (ctx.run_dir / "export.json").write_text(json.dumps(info, indent=2))
+        return model
+
+    def torch_form(self, model: nn.Module, ctx: Context, fmt: str) -> dict:
+        """export.pt (int8, sparse) or export.pt2 (dense): written, loaded back, scored and timed."""
+        model = model.cpu().eval() if fmt == "int8" else model.eval()  # int8 kernels are CPU ones
         batches = ctx.test_loader()
         device = model_device(model)
         example = model_inputs(to_device(head(batches[0], 2), device))  # a tensor, or a text model's kwargs
-        info = {"format": self.cfg.format}
-        if self.cfg.format == "int8":
+        info = {}
+        if fmt == "int8":
             info["activations"] = self.activations(model)
             calib = None
             if info["activations"] == "static":
                 calib = torch.cat([model_inputs(b) for b in ctx.calibration_batches(self.cfg.calibration_batches)])
             form, suffix = export.int8_form(model, calib, info["activations"]), ".pt"
-        elif self.cfg.format == "sparse":
+        elif fmt == "sparse":
             form, info["sparse_layers"] = export.sparse_form(model, self.cfg.min_sparsity, self.cfg.min_batch)
             suffix = ".pt"
         else:
@@ -108,16 +149,15 @@ class Export:
         export.save_form(form, example, path)
         loaded = export.load_form(path)  # what a user gets: timed and scored, not the in-memory copy
         info.update(file=path.name, bytes=path.stat().st_size, **score(model, Deployed(loaded, device), ctx))
-        (ctx.run_dir / "export.json").write_text(json.dumps(info, indent=2))
-        log.info("  export %s -> %s: %s %.4f", self.cfg.format, path.name, info["metric"], info["quality"])
+        log.info("  export %s -> %s: %s %.4f", fmt, path.name, info["metric"], info["quality"])
         log.info(
             "  agreement %.4f with the %s model, %.4f with the model exported",
             info["agreement"],
             info["reference"],
             info["agreement_with_model"],
         )
-        ctx.exported = speed.Exported(model, loaded, f"{path.name} {self.cfg.format}")
-        return model
+        ctx.exported = speed.Exported(model, loaded, f"{path.name} {fmt}")
+        return info
 
 
 def score(model: nn.Module, deployed: nn.Module, ctx: Context) -> dict:
