@@ -371,16 +371,16 @@ def prune_channels(
 
 
 # -- the prune stage's structured path ----------------------------------------------------------
-def run(stage, model: nn.Module, ctx) -> nn.Module:
-    """Prune.run for granularity=structured: gradual or one-shot, fine-tuning after each step."""
-    from lwpipe.constraints import compressible_layers, tied_layers
-    from lwpipe.stages.prune import cubic_schedule, taylor_scores
+def run(cfg, model: nn.Module, ctx, finals: dict[str, float]) -> nn.Module:
+    """Prune.run for granularity=structured (`cfg`: the prune stage's config): gradual or one-shot to the
+    final sparsity per layer in `finals`, fine-tuning after each step."""
+    from lwpipe.constraints import compressible_layers
+    from lwpipe.masks import cubic_schedule
+    from lwpipe.scoring import taylor_scores
     from lwpipe.training import fit
 
-    cfg = stage.cfg
     example = ctx.test_loader()[0][0][:2].to(ctx.device)
     layers = dict(compressible_layers(model))
-    finals = stage._targets(layers, tied_layers(model))
     original = {n: (m.out_features if isinstance(m, nn.Linear) else m.out_channels) for n, m in layers.items()}
     steps = cfg.steps if cfg.schedule == "gradual" else 1
     for t in range(1, steps + 1):
