@@ -57,6 +57,7 @@ from lwpipe.masks import (  # noqa: F401  (re-exported: the stage's math, by its
 )
 from lwpipe.registry import register
 from lwpipe.scoring import gradient_scores, magnitude_scores, taylor_scores, wanda_scores
+from lwpipe.stages.prune_checks import check_not_emptied, check_sparsegpt, check_threshold
 from lwpipe.training import fit
 
 log = logging.getLogger("lwpipe")
@@ -125,66 +126,6 @@ class PruneConfig(Strict):
                 f"threshold={self.threshold!r} and sparsity={self.sparsity!r} both say what goes; give one of them"
             )
         return self
-
-
-def check_sparsegpt(cfg: PruneConfig) -> None:
-    """sparsegpt ranks and reconstructs one layer at a time, weight by weight: no global or structured ranking."""
-    if cfg.criterion != "sparsegpt":
-        extra = sorted({"damp", "block"} & cfg.model_fields_set)
-        if extra:
-            raise ValueError(
-                f"{extra[0]} is set but criterion={cfg.criterion}: {extra[0]} is only used by "
-                f"criterion: sparsegpt; set criterion: sparsegpt or drop {extra[0]}"
-            )
-        return
-    if cfg.scope == "global":
-        raise ValueError("criterion=sparsegpt chooses each layer's mask from its own input Hessian; use scope=layer")
-    if cfg.granularity == "structured":
-        raise ValueError("criterion=sparsegpt drops single weights; use granularity=unstructured or nm")
-    if cfg.threshold is not None:
-        raise ValueError(
-            "criterion=sparsegpt chooses a fraction of each block, not a score bound; use sparsity instead of threshold"
-        )
-
-
-def check_threshold(cfg: PruneConfig) -> None:
-    """`threshold` compares single weights' scores once: say which other setting cannot go with it."""
-    why = (
-        "granularity=unstructured (N:M and structured pruning choose a count, not a score bound)"
-        if cfg.granularity != "unstructured"
-        else "schedule=oneshot (a gradual schedule moves a target sparsity)"
-        if cfg.schedule != "oneshot" and cfg.criterion != "entropy"
-        else "threshold >= 0 (scores are non-negative)"
-        if cfg.threshold < 0 and cfg.criterion != "entropy"
-        else "scope=layer (one threshold already applies to every layer alike)"
-        if cfg.scope != "layer"
-        else "no quality (quality is magnitude's own threshold, quality x std)"
-        if cfg.quality is not None
-        else None
-    )
-    if why:
-        side = "above" if cfg.criterion == "entropy" else "below"
-        raise ValueError(f"threshold={cfg.threshold!r} prunes scores {side} it; it needs {why}")
-
-
-def check_not_emptied(cfg: PruneConfig, model: nn.Module, path: str) -> None:
-    """A sparsity that rounds to every weight (0.999999 of fc1's 235,200) is refused before any work."""
-    if cfg.granularity == "nm":
-        return
-    for name, m in compressible_layers(model):
-        lc = layer_setting(name, cfg.layers, LayerPrune())
-        if lc.skip or (lc.sparsity is None and (lc.quality or cfg.quality or cfg.threshold) is not None):
-            continue
-        sparsity = lc.sparsity if lc.sparsity is not None else cfg.sparsity
-        n = m.weight.shape[0] if cfg.granularity == "structured" else m.weight.numel()
-        if round(sparsity * n) >= n:
-            what = "output rows" if cfg.granularity == "structured" else "weights"
-            raise ConfigError(
-                f"{path}.sparsity" if lc.sparsity is None else f"{path}.layers",
-                sparsity,
-                f"rounds to pruning all {n:,} {what} of layer {name}; a layer may never be pruned to "
-                f"nothing (here at most {(n - 1) / n:.6g})",
-            )
 
 
 # -- the stage ------------------------------------------------------------------------
