@@ -32,7 +32,6 @@ from torch import nn
 from lwpipe import entropy_prune, gptq, structured
 from lwpipe.bn import recalibrate_bn
 from lwpipe.calibration import input_channel_norms, task_forward
-from lwpipe.config import Strict, TrainSettings
 from lwpipe.constraints import (
     check_layer_patterns,
     compressible_layers,
@@ -57,6 +56,7 @@ from lwpipe.masks import (  # noqa: F401  (re-exported: the stage's math, by its
 )
 from lwpipe.registry import register
 from lwpipe.scoring import gradient_scores, magnitude_scores, taylor_scores, wanda_scores
+from lwpipe.settings import Strict, TrainSettings
 from lwpipe.stages.prune_checks import check_not_emptied, check_sparsegpt, check_threshold
 from lwpipe.training import fit
 

@@ -53,7 +53,6 @@ from lwpipe.bits_auto import (  # noqa: F401  (kept_count, auto_candidates: re-e
     report_allotment,
 )
 from lwpipe.calibration import task_forward
-from lwpipe.config import Strict, TrainSettings
 from lwpipe.constraints import (
     NORMS,
     check_layer_patterns,
@@ -84,6 +83,7 @@ from lwpipe.grid import (  # noqa: F401  (re-exported: the stage's math, by its 
 )
 from lwpipe.metrics import evaluate
 from lwpipe.registry import register
+from lwpipe.settings import Strict, TrainSettings
 from lwpipe.stages.quantize_checks import (
     check_auto,
     check_binary,
