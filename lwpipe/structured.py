@@ -5,14 +5,8 @@ removed everywhere it flows: the BatchNorm after it, the input channels of the
 layers that read it, and, through a residual addition, the same channel of
 every other tensor added to it. As in Torch-Pruning's dependency graph
 (Fang et al. 2023), the model is traced (torch.fx, with shapes from one example
-batch) and its tensors' channel dimensions are grouped with a union-find:
-
-    Linear / Conv (groups=1)   output: a new channel space it *produces*; input: it *consumes* its input's space
-    BatchNorm                  keeps the space (and is sliced with it)
-    relu, pooling, dropout...  keep the space
-    a + b (same shapes)        merges the spaces of a and b (residual additions stay aligned)
-    flatten(1)                 keeps the space, each channel now spans H*W features of the next Linear
-    anything else, the input and the output: the space is *blocked* (never pruned)
+batch) and its tensors' channel dimensions are grouped with a union-find (lwpipe/channel_graph.py,
+which lists how each kind of node treats a channel space).
 
 Each unblocked group with producers loses its lowest-scoring channels (summed
 per-producer-normalised L2 norms of the output rows, or Taylor scores), and every
