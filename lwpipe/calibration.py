@@ -4,21 +4,19 @@
 calibration token / position: ||X_j||_2 in Wanda (Sun et al. 2023, "A Simple and
 Effective Pruning Approach for Large Language Models"), whose score is |W_ij| * ||X_j||_2.
 The forward callable says how a batch is fed to the model (a task's `forward`), so
-this module knows nothing of tasks or batch formats. `weight_gradients` gives the task
-loss's gradient of each layer's effective weight per batch, from which quantize's bits: auto
-builds the empirical Fisher (lwpipe/mixed_precision.py).
+this module knows nothing of tasks or batch formats. Wanda's score itself, and the loop over the
+task loss's weight gradients, live with the other pruning scores in lwpipe/scoring.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lwpipe.constraints import in_axis, is_hf_conv1d
-from lwpipe.tasks import to_device
+from lwpipe.constraints import in_axis
 
 Forward = Callable[[nn.Module, object], object]
 
@@ -96,38 +94,3 @@ def gather_inputs(
             h.remove()
         model.train(was_training)
     return seen
-
-
-def wanda_scores(module: nn.Module, norms: torch.Tensor) -> torch.Tensor:
-    """|W| x the norm of each weight's input channel, in the weight's own layout."""
-    w = module.weight.detach().abs()
-    if is_hf_conv1d(module):  # [in, out]
-        return w * norms.to(w.device).view(-1, 1)
-    shape = [1] * w.dim()
-    shape[1] = -1  # Linear [out, in]; Conv [out, in/groups, k...]
-    if w.shape[1] != norms.numel():  # grouped conv: each group's slice of input channels
-        groups = norms.numel() // w.shape[1]
-        per_out = norms.view(groups, -1).repeat_interleave(w.shape[0] // groups, 0)  # [out, in/groups]
-        return w * per_out.to(w.device).view(w.shape[0], w.shape[1], *([1] * (w.dim() - 2)))
-    return w * norms.to(w.device).view(shape)
-
-
-def weight_gradients(
-    model: nn.Module, layers: list[nn.Module], batches: Iterable, loss_fn
-) -> Iterator[list[torch.Tensor | None]]:
-    """Per batch, the gradient of the task loss `loss_fn(model, batch)` (Context.loss) with respect to each
-    layer's effective weight (mask, codebook and grid applied); None for a layer that takes none. Eval mode."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            with torch.enable_grad(), parametrize.cached():
-                ws = [m.weight for m in layers]
-                live = [w for w in ws if w.requires_grad]
-                loss = loss_fn(model, to_device(batch, device))
-                grads = iter(torch.autograd.grad(loss, live, allow_unused=True) if live else [])
-                grads = [next(grads) if w.requires_grad else None for w in ws]
-            yield grads
-    finally:
-        model.train(was_training)

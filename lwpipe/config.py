@@ -13,28 +13,12 @@ from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin
 
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from lwpipe import registry
 from lwpipe.errors import ConfigError, LwpipeError
+from lwpipe.settings import Strict, TrainSettings  # noqa: F401  (re-exported: stages and plugins import them here)
 from lwpipe.tasks import TASK_METRICS
-
-
-class Strict(BaseModel):
-    """Base for every config: unknown keys are errors, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class TrainSettings(Strict):
-    """Supervised training; used by `train`, by every stage's `finetune`, and by `distill`."""
-
-    epochs: int = Field(0, ge=0, le=100_000)
-    lr: float = Field(1e-3, gt=0, le=10)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0, le=1)
-    batch_size: int | None = Field(None, ge=1, le=1 << 20)
 
 
 class EvalSettings(Strict):

@@ -65,16 +65,15 @@ def check_layers(cfg, model: nn.Module, path: str) -> None:
 
 def layer_skipped(cfg, name: str) -> bool:
     from lwpipe.constraints import layer_setting
-    from lwpipe.stages.prune import LayerPrune
 
-    return layer_setting(name, cfg.layers, LayerPrune()).skip
+    return getattr(layer_setting(name, cfg.layers), "skip", False)
 
 
 def _masks(
     cfg, scores: dict[str, torch.Tensor], layers: dict, eps: float | None, targets: dict[str, float]
 ) -> dict[str, torch.Tensor]:
     """Every mask first: a layer emptied by the threshold is refused before any layer changes."""
-    from lwpipe.stages.prune import lowest_mask
+    from lwpipe.masks import lowest_mask
 
     masks = {}
     for n, s in scores.items():
@@ -143,7 +142,7 @@ def stage_apply(module: nn.Module, mask: torch.Tensor) -> None:
 
 
 def run(stage, model: nn.Module, ctx) -> nn.Module:
-    from lwpipe.stages.prune import cubic_schedule
+    from lwpipe.masks import cubic_schedule
 
     cfg = stage.cfg
     ties = tied_layers(model)

@@ -9,26 +9,9 @@ import torch
 from torch import nn
 
 from lwpipe.constraints import compressible_layers, constraint, parameter_shapes
-from lwpipe.tasks import evaluating, to_device
 from lwpipe.tasks.classification import Classification
 
 NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)  # the float dtypes numpy has
-
-
-@torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, task=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs (logits or embeddings), labels over the whole loader (eval mode, constraints computed once)."""
-    task = task or Classification()
-    outputs, labels = [], []
-    with evaluating(model) as device:
-        for batch in loader:
-            batch = to_device(batch, device)
-            outputs.append(task.forward(model, batch).float().cpu())
-            if isinstance(batch, dict):
-                labels.append(batch["labels"].cpu() if "labels" in batch else torch.zeros(0))
-            else:
-                labels.append(batch[1].cpu())
-    return torch.cat(outputs), torch.cat(labels)
 
 
 def evaluate(model: nn.Module, loader: Iterable, reference=None, task=None) -> tuple[dict, object]:

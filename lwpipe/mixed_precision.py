@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lwpipe.calibration import weight_gradients
 from lwpipe.constraints import clone
+from lwpipe.scoring import weight_gradients
 
 DEFAULT_CANDIDATES = (1, 2, 3, 4, 5, 6, 8)
 MAX_STATES = 1 << 18  # DP table width: budgets above this many bits are counted in coarser units
@@ -69,7 +69,7 @@ def sensitivities(
             torch.zeros(len(bits), dtype=torch.float64, device=m.weight.device) for m, bits in zip(layers, candidates)
         ]
     seen = 0
-    for grads in weight_gradients(model, layers, batches, loss_fn):
+    for _, grads in weight_gradients(model, layers, batches, loss_fn):
         for i, g in enumerate(grads):
             if g is not None:
                 sums[i] += g.double().pow(2) if diagonal else (deltas[i] @ g.float().flatten()).double().pow(2)

@@ -20,6 +20,8 @@ from pathlib import Path
 import yaml
 from hydra.experimental.callback import Callback
 
+from lwpipe.task_metrics import LOWER_IS_BETTER
+
 log = logging.getLogger("lwpipe")
 COLUMNS = [
     "job",
@@ -34,7 +36,6 @@ COLUMNS = [
     "seconds",
     "run_dir",
 ]
-LOWER_IS_BETTER = {"perplexity", "loss"}
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:

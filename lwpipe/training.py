@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lwpipe.config import TrainSettings
 from lwpipe.constraints import trainable_parameters
+from lwpipe.settings import TrainSettings
 from lwpipe.tasks import batch_len, model_device, to_device
 from lwpipe.tasks.classification import Classification
 

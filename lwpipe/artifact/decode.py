@@ -13,7 +13,6 @@ caller passes its own module or trusted=True.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -22,32 +21,28 @@ from torch.nn.utils import parametrize
 
 from lwpipe.artifact.coding import StreamReader
 from lwpipe.artifact.format import ArtifactError, read_file, unpack
-from lwpipe.artifact.limits import HeaderError, check_arguments, check_grid_values, check_header
-from lwpipe.artifact.positions import positions_from_gaps
-from lwpipe.artifact.raw import DTYPES, FLOAT_FIELDS, RawReader, join_float, mantissa_bytes
+from lwpipe.artifact.layer_read import (  # noqa: F401  (re-exported)
+    Layer,
+    _stream_bits,
+    read_grid,
+    read_layer,
+    read_levels,
+    take,
+    take_levels,
+)
+from lwpipe.artifact.limits import HeaderError, check_arguments, check_header
+from lwpipe.artifact.raw import DTYPES, RawReader
 from lwpipe.constraints import (
-    BIAS_LEVELS,
-    Compressed,
     constraint,
-    dequantize,
     effective_tensors,
     ensure_constraint_as,
     grid_axis,
-    index_dtype,
     is_compressible,
     set_grid,
     set_half,
 )
 from lwpipe.lowrank import restore_factorized
 from lwpipe.structured import resize_to
-
-
-@dataclass
-class Layer:
-    name: str
-    constraint: Compressed
-    original: torch.Tensor
-    cost: dict = field(default_factory=dict)  # bits: positions, values, other, total; nnz
 
 
 @dataclass
@@ -141,106 +136,6 @@ def read(data: bytes, source: str = "artifact", max_dense_bytes: int | None = No
             "dense bytes it declares (max_dense_bytes refuses such files first)"
         ) from None
     return Artifact(header, layers, tensors, tensor_bits, len(data), grids)
-
-
-def take(how: list, shape, restore: torch.dtype, raw: RawReader, streams: StreamReader) -> torch.Tensor:
-    """The tensor `encode.put` stored as `how`."""
-    if len(how) == 1:
-        return raw.tensor(how[0], shape, restore)
-    dtype, n = DTYPES[how[0]], math.prod(shape)
-    if mantissa_bytes(n, dtype) > raw.remaining:  # the mantissas are real bytes: they bound n before decoding
-        raise ValueError(
-            f"a tensor of {n:,} elements needs {mantissa_bytes(n, dtype):,} mantissa bytes, {raw.remaining:,} are left"
-        )
-    symbols = streams.symbols(n, 1 << (FLOAT_FIELDS[dtype][0] + 1))
-    return join_float(symbols, int(how[1]), raw.take(mantissa_bytes(n, dtype)), dtype).reshape(shape).to(restore)
-
-
-def take_levels(shape, raw: RawReader, streams: StreamReader) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, scale x levels) of a tensor `encode.put_levels` stored as ["levels", 8]."""
-    scale = raw.tensor("float32", [])
-    if not bool(torch.isfinite(scale)) or float(scale) <= 0:
-        raise ValueError(f"an 8-bit grid's scale is {float(scale)}, not a positive number")
-    levels = torch.from_numpy(streams.symbols(math.prod(shape), 2 * BIAS_LEVELS + 1).astype("int64")) - BIAS_LEVELS
-    return scale, (levels.float() * scale).reshape(shape)
-
-
-def read_levels(streams: StreamReader, n: int, qmin: int, qmax: int) -> torch.Tensor:
-    """n integer levels packed at the grid's bit width, as float32; the bits left bound n before reading."""
-    width = (qmax - qmin).bit_length()
-    if n * width > streams.bits.remaining:
-        raise ValueError(f"{n:,} levels of {width} bits, {streams.bits.remaining:,} bits are left")
-    return torch.from_numpy(streams.bits.read_many(n, width) + qmin).float()
-
-
-def read_layer(e: dict, raw: RawReader, streams: StreamReader) -> Layer:
-    shape = [int(s) for s in e["shape"]]
-    numel = math.prod(shape)
-    c = Compressed(torch.Size(shape))
-    bits0, raw0, first = streams.bits.pos, raw.pos, len(streams.stats)
-    keep, cost = None, {"weights": numel, "nnz": numel, "positions": 0.0}
-    if e.get("mask") is not None:
-        m = e["mask"]
-        gaps = streams.symbols(m["gaps"], numel if m["escape"] is None else m["escape"] + 1)
-        keep = torch.from_numpy(positions_from_gaps(gaps, m["escape"], m["nnz"], numel))
-        del gaps
-        mask = torch.zeros(numel, dtype=torch.bool)
-        mask[keep] = True
-        c.set_mask(mask.view(shape))
-        cost["nnz"], cost["positions"] = len(keep), _stream_bits(streams.stats[-1])
-    n = cost["nnz"]
-
-    def scatter(values: torch.Tensor) -> torch.Tensor:
-        full = torch.zeros(numel, dtype=values.dtype)
-        full[keep if keep is not None else slice(None)] = values
-        return full.view(shape)
-
-    if e.get("quant") is not None:
-        read_grid(c, e["quant"], raw, streams, e["name"])
-    dtype = DTYPES[e["dtype"]]
-    original = torch.zeros((), dtype=dtype).expand(shape)  # no memory: a shared layer computes from its codebook
-    if e.get("shared") is not None:
-        k = int(e["shared"]["k"])
-        index = torch.from_numpy(streams.symbols(n, k)).to(index_dtype(k))
-        cost["values"] = _stream_bits(streams.stats[-1])
-        if e["shared"]["codebook"] == "levels":
-            levels = read_levels(streams, k, c.qmin, c.qmax)
-            centroids = dequantize(levels, c.scale, c.zero_point)
-        else:
-            centroids = take(e["shared"]["codebook"], [k], torch.float32, raw, streams)
-        c.set_codebook(scatter(index), centroids)
-    elif c.quantized and "values" not in e:
-        levels = torch.from_numpy(streams.symbols(n, c.qmax - c.qmin + 1)) + c.qmin
-        cost["values"] = _stream_bits(streams.stats[-1])
-        weights = dequantize(scatter(levels.to(torch.float32)), *c.grid())
-        original = (weights if c.mask is None else torch.where(c.mask, weights, torch.zeros(()))).to(dtype)
-    else:
-        start, coded = raw.pos, len(streams.stats)
-        original = scatter(take(e["values"], [n], dtype, raw, streams))
-        cost["values"] = 8.0 * (raw.pos - start) + sum(_stream_bits(s) for s in streams.stats[coded:])
-    total = streams.bits.pos - bits0 + 8.0 * (raw.pos - raw0) + sum(s["coded_bits"] for s in streams.stats[first:])
-    cost["total"] = total
-    cost["other"] = total - cost["positions"] - cost["values"]
-    return Layer(e["name"], c, original, cost)
-
-
-def _stream_bits(stat: dict) -> float:
-    return float(stat["table_bits"] + stat["coded_bits"])
-
-
-def read_grid(c: Compressed, q: dict, raw: RawReader, streams: StreamReader, name: str) -> None:
-    """The layer's grid (limits.check_grid has checked its axis and shapes); its values are checked here."""
-    qmin, qmax = int(q["qmin"]), int(q["qmax"])
-    scale = take(q["scale"][0], q["scale"][1], torch.float32, raw, streams)
-    mode, shape = q["zp"]
-    if isinstance(mode, int):
-        zp = torch.full(shape, float(mode))
-    elif mode == "levels":
-        zp = read_levels(streams, math.prod(shape), qmin, qmax).reshape(shape)
-    else:
-        zp = take(mode, shape, torch.float32, raw, streams)
-    check_grid_values(scale, zp, qmin, qmax, name)
-    c.set_quant(int(q["bits"]), qmin, qmax, scale, zp, q["axis"], q.get("group"))  # shapes: limits.check_grid
 
 
 # -- building the module -------------------------------------------------------------------
@@ -346,27 +241,8 @@ def check_fit(model: nn.Module, header: dict, source: str) -> None:
 def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False, source: str = "artifact") -> nn.Module:
     """The constrained model: each stored layer carries its Compressed constraint (see bake_in_place)."""
     model = module if module is not None else build_model(art.header, trusted, source)
-    dtypes = {layer.original.dtype for layer in art.layers}
-    if module is None and len(dtypes) == 1 and dtypes != {torch.float32}:
-        dtype = dtypes.pop()  # a bf16 / fp16 model computes in its own dtype, as it did when it was encoded
-        for p in model.parameters():  # parameters only: buffers (rotary inv_freq) keep the dtype they are built in
-            p.data = p.data.to(dtype)
+    _shape_as_stored(model, art, own_dtype=module is None)
     tied = art.header.get("tied") or {}
-    restore_factorized(
-        model,
-        {
-            **{n: v.shape for n, (v, _) in art.tensors.items()},
-            **{layer.name: layer.original.shape for layer in art.layers},
-        },
-    )
-    # a structurally pruned model has smaller layers than its config builds (lwpipe/structured.py)
-    resize_to(
-        model,
-        {
-            **{n: v.shape for n, (v, _) in art.tensors.items()},
-            **{layer.name: layer.original.shape for layer in art.layers},
-        },
-    )
     stored = [layer.name for layer in art.layers] + list(art.tensors) + list(tied)
     have = set(effective_tensors(model))
     missing, unexpected = sorted(have - set(stored)), sorted(set(stored) - have)
@@ -377,7 +253,32 @@ def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False,
             f"tensors in the file the model lacks {unexpected[:5]}"
         )
     modules = dict(model.named_modules())
-    for alias, name in tied.items():  # one stored tensor, several modules: tie them as the encoded model was
+    _tie(modules, tied, stored, source)
+    for layer in art.layers:
+        _fill_layer(modules, layer, tied, source)
+    _fill_tensors(modules, art, tied, source)
+    return model.eval()
+
+
+def _shape_as_stored(model: nn.Module, art: Artifact, own_dtype: bool) -> None:
+    """The built model in the stored dtype (own_dtype: a model built here) and the stored shapes: factorized
+    layers restored, a structurally pruned model's smaller layers."""
+    dtypes = {layer.original.dtype for layer in art.layers}
+    if own_dtype and len(dtypes) == 1 and dtypes != {torch.float32}:
+        dtype = dtypes.pop()  # a bf16 / fp16 model computes in its own dtype, as it did when it was encoded
+        for p in model.parameters():  # parameters only: buffers (rotary inv_freq) keep the dtype they are built in
+            p.data = p.data.to(dtype)
+    shapes = {
+        **{n: v.shape for n, (v, _) in art.tensors.items()},
+        **{layer.name: layer.original.shape for layer in art.layers},
+    }
+    restore_factorized(model, shapes)
+    resize_to(model, shapes)  # a structurally pruned model has smaller layers than its config builds
+
+
+def _tie(modules: dict, tied: dict, stored: list[str], source: str) -> None:
+    """One stored tensor, several modules: tie them as the encoded model was."""
+    for alias, name in tied.items():
         if name not in stored or name in tied:
             raise ArtifactError(f"{source}: {alias} is tied to {name!r}, which the file does not store")
         m, attr = _owner(modules, alias, source), alias.rpartition(".")[2]
@@ -388,21 +289,28 @@ def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False,
             _check_shape(getattr(m, attr), getattr(src, src_attr), alias, source)
             delattr(m, attr)
             setattr(m, attr, getattr(src, src_attr))
-    for layer in art.layers:
-        m = _owner(modules, layer.name, source)
-        if not is_compressible(m):
-            raise ArtifactError(f"{source}: {layer.name} is a compressed layer, the model's is a {type(m).__name__}")
-        _release(m, "weight")
-        _check_shape(m.weight, layer.original, layer.name, source)
-        _check_grid_axis(m, layer, source)
-        if layer.constraint.shared:  # computes from its codebook: no dense weight kept (release_original)
-            m.weight.data = layer.original.to(m.weight.device)
-        else:
-            m.weight.copy_(layer.original)
-        others = [(a, _owner(modules, a, source)) for a, n in tied.items() if n == layer.name]
-        ensure_constraint_as(m, layer.constraint.to(m.weight.device), others)
-        if layer.constraint.shared:
-            m.parametrizations.weight.original.requires_grad_(False)
+
+
+def _fill_layer(modules: dict, layer: Layer, tied: dict, source: str) -> None:
+    """A stored layer's weight and its Compressed constraint, on its module and the modules tied to it."""
+    m = _owner(modules, layer.name, source)
+    if not is_compressible(m):
+        raise ArtifactError(f"{source}: {layer.name} is a compressed layer, the model's is a {type(m).__name__}")
+    _release(m, "weight")
+    _check_shape(m.weight, layer.original, layer.name, source)
+    _check_grid_axis(m, layer, source)
+    if layer.constraint.shared:  # computes from its codebook: no dense weight kept (release_original)
+        m.weight.data = layer.original.to(m.weight.device)
+    else:
+        m.weight.copy_(layer.original)
+    others = [(a, _owner(modules, a, source)) for a, n in tied.items() if n == layer.name]
+    ensure_constraint_as(m, layer.constraint.to(m.weight.device), others)
+    if layer.constraint.shared:
+        m.parametrizations.weight.original.requires_grad_(False)
+
+
+def _fill_tensors(modules: dict, art: Artifact, tied: dict, source: str) -> None:
+    """The other stored tensors, held to float16 or an 8-bit grid as they were (under every tied name too)."""
     for name, (value, half) in art.tensors.items():
         m = _owner(modules, name, source)
         attr = name.rpartition(".")[2]
@@ -418,7 +326,6 @@ def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False,
             set_half(_owner(modules, alias, source), alias.rpartition(".")[2])
         if name in art.grids:
             set_grid(_owner(modules, alias, source), alias.rpartition(".")[2], art.grids[name])
-    return model.eval()
 
 
 @torch.no_grad()

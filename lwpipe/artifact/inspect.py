@@ -60,27 +60,7 @@ def rows(art: Artifact) -> list[dict]:
                 "encoding": encoding(e) + _tied(also, layer.name),
             }
         )
-    others = []
-    for name, how, _, _, *flags in art.header["tensors"]:
-        value, bits = art.tensors[name][0], art.tensor_bits[name]
-        numel = value.numel()
-        kept = None if "buffer" in flags else int(value.count_nonzero())  # a buffer is not a parameter
-        others.append(
-            {
-                "layer": name,
-                "weights": numel,
-                "kept": kept,
-                "weight_bits": bits / max(numel, 1),
-                "index_bits": None,
-                "bytes": round(bits / 8),
-                "encoding": (
-                    "8-bit grid, levels coded"
-                    if how[0] == "levels"
-                    else how[0] + (", sign+exponent coded" if len(how) > 1 else "")
-                )
-                + _tied(also, name),
-            }
-        )
+    others = _tensor_rows(art, also)
     kept = sum(r["kept"] for r in layers)
     container = {
         "layer": "(container)",
@@ -103,6 +83,32 @@ def rows(art: Artifact) -> list[dict]:
     # the share of EVERY parameter that is kept (non-zero), so untouched tensors show (a tied one counts once)
     total["kept_share"] = (kept + sum(r["kept"] or 0 for r in others)) / max(art.header["dense_bytes"] // 4, 1)
     return layers + others + [container, total]
+
+
+def _tensor_rows(art: Artifact, also: dict[str, list[str]]) -> list[dict]:
+    """One row per stored tensor that is not a compressed layer (biases, norms, buffers)."""
+    others = []
+    for name, how, _, _, *flags in art.header["tensors"]:
+        value, bits = art.tensors[name][0], art.tensor_bits[name]
+        numel = value.numel()
+        kept = None if "buffer" in flags else int(value.count_nonzero())  # a buffer is not a parameter
+        others.append(
+            {
+                "layer": name,
+                "weights": numel,
+                "kept": kept,
+                "weight_bits": bits / max(numel, 1),
+                "index_bits": None,
+                "bytes": round(bits / 8),
+                "encoding": (
+                    "8-bit grid, levels coded"
+                    if how[0] == "levels"
+                    else how[0] + (", sign+exponent coded" if len(how) > 1 else "")
+                )
+                + _tied(also, name),
+            }
+        )
+    return others
 
 
 def _tied(also: dict, name: str) -> str:

@@ -31,11 +31,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from lwpipe import checkpoint
-from lwpipe.config import Strict, TrainSettings
 from lwpipe.constraints import clone
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.registry import register
+from lwpipe.settings import Strict, TrainSettings
 from lwpipe.tasks.classification import Classification, kd_loss  # noqa: F401  (kd_loss: the public name)
 from lwpipe.training import fit
 

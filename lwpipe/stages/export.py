@@ -26,10 +26,10 @@ from pydantic import Field
 from torch import nn
 
 from lwpipe import deploy, export, speed
-from lwpipe.config import Strict
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.registry import register
+from lwpipe.settings import Strict
 from lwpipe.tasks import head, model_device, model_inputs, to_device
 
 log = logging.getLogger("lwpipe")

@@ -19,12 +19,12 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from lwpipe.config import Strict, TrainSettings
 from lwpipe.constraints import constraint
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.lowrank import dims, factorable, factorize_linear, rank_for, replace_module, saves
 from lwpipe.registry import register
+from lwpipe.settings import Strict, TrainSettings
 from lwpipe.training import fit
 
 log = logging.getLogger("lwpipe")

@@ -25,17 +25,13 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import nn
-from torch.nn import functional as F
-from torch.nn.utils import parametrize
 
 from lwpipe import entropy_prune, gptq, structured
 from lwpipe.bn import recalibrate_bn
-from lwpipe.calibration import input_channel_norms, task_forward, wanda_scores
-from lwpipe.config import Strict, TrainSettings
+from lwpipe.calibration import input_channel_norms, task_forward
 from lwpipe.constraints import (
     check_layer_patterns,
     compressible_layers,
@@ -50,8 +46,18 @@ from lwpipe.constraints import (
 )
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
+from lwpipe.masks import (  # noqa: F401  (re-exported: the stage's math, by its old names)
+    cubic_schedule,
+    lowest_mask,
+    nm_mask,
+    row_lowest_mask,
+    row_mask,
+    threshold_mask,
+)
 from lwpipe.registry import register
-from lwpipe.tasks import to_device
+from lwpipe.scoring import gradient_scores, magnitude_scores, taylor_scores, wanda_scores
+from lwpipe.settings import Strict, TrainSettings
+from lwpipe.stages.prune_checks import check_not_emptied, check_sparsegpt, check_threshold
 from lwpipe.training import fit
 
 log = logging.getLogger("lwpipe")
@@ -120,185 +126,6 @@ class PruneConfig(Strict):
                 f"threshold={self.threshold!r} and sparsity={self.sparsity!r} both say what goes; give one of them"
             )
         return self
-
-
-def check_sparsegpt(cfg: PruneConfig) -> None:
-    """sparsegpt ranks and reconstructs one layer at a time, weight by weight: no global or structured ranking."""
-    if cfg.criterion != "sparsegpt":
-        extra = sorted({"damp", "block"} & cfg.model_fields_set)
-        if extra:
-            raise ValueError(
-                f"{extra[0]} is set but criterion={cfg.criterion}: {extra[0]} is only used by "
-                f"criterion: sparsegpt; set criterion: sparsegpt or drop {extra[0]}"
-            )
-        return
-    if cfg.scope == "global":
-        raise ValueError("criterion=sparsegpt chooses each layer's mask from its own input Hessian; use scope=layer")
-    if cfg.granularity == "structured":
-        raise ValueError("criterion=sparsegpt drops single weights; use granularity=unstructured or nm")
-    if cfg.threshold is not None:
-        raise ValueError(
-            "criterion=sparsegpt chooses a fraction of each block, not a score bound; use sparsity instead of threshold"
-        )
-
-
-def check_threshold(cfg: PruneConfig) -> None:
-    """`threshold` compares single weights' scores once: say which other setting cannot go with it."""
-    why = (
-        "granularity=unstructured (N:M and structured pruning choose a count, not a score bound)"
-        if cfg.granularity != "unstructured"
-        else "schedule=oneshot (a gradual schedule moves a target sparsity)"
-        if cfg.schedule != "oneshot" and cfg.criterion != "entropy"
-        else "threshold >= 0 (scores are non-negative)"
-        if cfg.threshold < 0 and cfg.criterion != "entropy"
-        else "scope=layer (one threshold already applies to every layer alike)"
-        if cfg.scope != "layer"
-        else "no quality (quality is magnitude's own threshold, quality x std)"
-        if cfg.quality is not None
-        else None
-    )
-    if why:
-        side = "above" if cfg.criterion == "entropy" else "below"
-        raise ValueError(f"threshold={cfg.threshold!r} prunes scores {side} it; it needs {why}")
-
-
-# -- scores and masks: pure functions ------------------------------------------------
-def taylor_scores(model: nn.Module, batches, layers: list[nn.Module], loss_fn=None) -> list[torch.Tensor]:
-    """sum over batches of |w * dL/dw| for each layer's effective weight."""
-    scores = [torch.zeros_like(m.weight) for m in layers]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    for batch in batches:
-        with parametrize.cached():
-            ws = [m.weight for m in layers]
-            live = [w for w in ws if w.requires_grad]
-            if loss_fn is None:
-                x, y = batch
-                loss = F.cross_entropy(model(x.to(device)), y.to(device))
-            else:  # the task's loss (ctx.loss): any batch format
-                loss = loss_fn(model, to_device(batch, device))
-            grads = iter(torch.autograd.grad(loss, live, allow_unused=True) if live else [])
-        for s, w in zip(scores, ws):
-            g = next(grads) if w.requires_grad else None
-            if g is not None:
-                s += (w.detach() * g).abs()
-    model.train(was_training)
-    return scores
-
-
-def gradient_scores(model: nn.Module, batches, layers: list[nn.Module], loss_fn, criterion: str) -> list[torch.Tensor]:
-    """Per layer, from the task loss's gradient g of each effective weight w over the calibration batches:
-    `gradient`: sum over batches of |g|;  `saliency`: 1/2 * mean over batches of g^2 * w^2 (OBD's
-    1/2 h_ii w^2 with the diagonal empirical Fisher, batch gradients squared, as the Hessian's diagonal)."""
-    sums = [torch.zeros_like(m.weight, dtype=torch.float32) for m in layers]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    seen = 0
-    for batch in batches:
-        with parametrize.cached():
-            ws = [m.weight for m in layers]
-            live = [w for w in ws if w.requires_grad]
-            loss = loss_fn(model, to_device(batch, device))
-            grads = iter(torch.autograd.grad(loss, live, allow_unused=True) if live else [])
-        for s, w in zip(sums, ws):
-            g = next(grads) if w.requires_grad else None
-            if g is not None:
-                s += g.detach().abs() if criterion == "gradient" else g.detach().float().pow(2)
-        seen += 1
-    model.train(was_training)
-    if criterion == "saliency":
-        return [0.5 * s / max(seen, 1) * m.weight.detach().float().pow(2) for s, m in zip(sums, layers)]
-    return sums
-
-
-def threshold_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Keep the weights whose score is at least `threshold` (score < threshold is pruned)."""
-    return scores >= threshold
-
-
-def lowest_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep all but the round(sparsity * n) lowest scores (ties broken by position, as a stable sort would).
-
-    A k-th value and a comparison instead of a full sort: no index tensor 8x the layer's size."""
-    flat = scores.reshape(-1)
-    k = int(round(sparsity * flat.numel()))
-    if k == 0:
-        return torch.ones_like(scores, dtype=torch.bool)
-    if flat.device.type == "cpu":  # a partition copies the scores once; kthvalue also keeps int64 indices
-        threshold = torch.tensor(np.partition(flat.numpy(), k - 1)[k - 1])
-    else:
-        threshold = flat.kthvalue(k).values
-    mask = flat > threshold
-    at = (flat == threshold).nonzero().squeeze(1)
-    # how many of the tied scores go (the first ones); a bool .sum() would make an int64 copy
-    below = k - int(torch.count_nonzero(flat < threshold))
-    mask[at[below:]] = True
-    return mask.view_as(scores)
-
-
-def row_lowest_mask(scores: torch.Tensor, sparsity: float, axis: int = 0) -> torch.Tensor:
-    """Within each output row (the slice along `axis`), keep all but the round(sparsity * row size) lowest;
-    Wanda's comparison group. Rows are sorted a block at a time to bound memory."""
-    rows = scores.movedim(axis, 0)
-    flat = rows.reshape(rows.shape[0], -1)
-    k = int(round(sparsity * flat.shape[1]))
-    mask = torch.ones_like(flat, dtype=torch.bool)
-    if k:
-        block = max(1, (1 << 22) // max(flat.shape[1], 1))
-        for i in range(0, flat.shape[0], block):
-            drop = torch.sort(flat[i : i + block], dim=1, stable=True).indices[:, :k]
-            mask[i : i + block].scatter_(1, drop, False)
-    return mask.view(rows.shape).movedim(0, axis).contiguous()
-
-
-def row_mask(scores: torch.Tensor, sparsity: float, axis: int = 0) -> torch.Tensor:
-    """Structured: drop whole output rows / channels (slices along `axis`) with the lowest summed score."""
-    moved = scores.movedim(axis, 0)
-    keep = lowest_mask(moved.reshape(moved.shape[0], -1).sum(1), sparsity)
-    shape = [1] * scores.dim()
-    shape[axis] = -1
-    return keep.view(shape).expand_as(scores).clone()
-
-
-def nm_mask(scores: torch.Tensor, n: int, m: int, axis: int = 1) -> torch.Tensor:
-    """N:M: in each group of m consecutive weights along the input dim, keep the n largest.
-    axis=0: the input dim comes first (transformers' Conv1D, [in, out])."""
-    if axis == 0:
-        return nm_mask(scores.transpose(0, 1), n, m).transpose(0, 1).contiguous()
-    flat = scores.flatten(1)
-    cols = flat.shape[1]
-    pad = (-cols) % m
-    groups = F.pad(flat, (0, pad), value=float("-inf")).view(flat.shape[0], -1, m)  # padding is never kept
-    keep_idx = groups.topk(n, dim=2).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, keep_idx, True)
-    return mask.view(flat.shape[0], -1)[:, :cols].reshape(scores.shape)
-
-
-def check_not_emptied(cfg: PruneConfig, model: nn.Module, path: str) -> None:
-    """A sparsity that rounds to every weight (0.999999 of fc1's 235,200) is refused before any work."""
-    if cfg.granularity == "nm":
-        return
-    for name, m in compressible_layers(model):
-        lc = layer_setting(name, cfg.layers, LayerPrune())
-        if lc.skip or (lc.sparsity is None and (lc.quality or cfg.quality or cfg.threshold) is not None):
-            continue
-        sparsity = lc.sparsity if lc.sparsity is not None else cfg.sparsity
-        n = m.weight.shape[0] if cfg.granularity == "structured" else m.weight.numel()
-        if round(sparsity * n) >= n:
-            what = "output rows" if cfg.granularity == "structured" else "weights"
-            raise ConfigError(
-                f"{path}.sparsity" if lc.sparsity is None else f"{path}.layers",
-                sparsity,
-                f"rounds to pruning all {n:,} {what} of layer {name}; a layer may never be pruned to "
-                f"nothing (here at most {(n - 1) / n:.6g})",
-            )
-
-
-def cubic_schedule(initial: float, final: float, t: int, steps: int) -> float:
-    """Zhu & Gupta (2017): s_t = s_f + (s_i - s_f) (1 - t/steps)^3."""
-    return final + (initial - final) * (1 - t / steps) ** 3
 
 
 # -- the stage ------------------------------------------------------------------------
@@ -418,7 +245,7 @@ class Prune:
         elif norms is not None and name in norms:
             s = wanda_scores(m, norms[name])
         else:  # magnitude; and wanda's fallback for Embedding, which has no input activation
-            s = m.weight.detach().abs()
+            s = magnitude_scores(m)
         c = constraint(m)
         if c is not None and c.mask is not None:  # already-pruned weights rank lowest, so the mask only shrinks
             s = s.masked_fill_(~c.mask, -1.0)  # s is a fresh tensor
@@ -528,7 +355,8 @@ class Prune:
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
         self._kept = kept_kinds(model, self.cfg.keep)
         if self.cfg.granularity == "structured" and structured.traceable(model):
-            return structured.run(self, model, ctx)
+            finals = self._targets(dict(compressible_layers(model)), tied_layers(model))
+            return structured.run(self.cfg, model, ctx, finals)
         if self.cfg.criterion == "entropy":
             return entropy_prune.run(self, model, ctx)
         layers = dict(compressible_layers(model))

@@ -16,7 +16,6 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from lwpipe.config import Strict, TrainSettings
 from lwpipe.constraints import (
     check_layer_patterns,
     compressible_layers,
@@ -32,6 +31,7 @@ from lwpipe.context import Context
 from lwpipe.errors import LwpipeError
 from lwpipe.kmeans import kmeans_1d
 from lwpipe.registry import register
+from lwpipe.settings import Strict, TrainSettings
 from lwpipe.training import fit
 
 

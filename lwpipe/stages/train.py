@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from lwpipe.config import TrainSettings
 from lwpipe.context import Context
 from lwpipe.registry import register
+from lwpipe.settings import TrainSettings
 from lwpipe.training import fit
 
 

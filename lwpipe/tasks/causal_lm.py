@@ -16,7 +16,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from lwpipe.errors import ConfigError
-from lwpipe.tasks import evaluating, inputs, logits_of, to_device
+from lwpipe.task_metrics import TASK_METRICS, is_higher_better
+from lwpipe.tasks.base import evaluating, inputs, logits_of, to_device
 
 
 def shifted(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,7 +27,9 @@ def shifted(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tens
 
 
 class CausalLM:
-    name, metric, higher_is_better = "causal_lm", "perplexity", False
+    name = "causal_lm"
+    metric = TASK_METRICS[name]
+    higher_is_better = is_higher_better(metric)
 
     def forward(self, model: nn.Module, batch) -> torch.Tensor:
         return logits_of(model(**inputs(batch)))

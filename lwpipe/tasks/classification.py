@@ -9,7 +9,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from lwpipe.errors import ConfigError
-from lwpipe.tasks import evaluating, inputs, logits_of, model_device, to_device
+from lwpipe.task_metrics import TASK_METRICS, is_higher_better
+from lwpipe.tasks.base import evaluating, inputs, logits_of, model_device, to_device
 
 
 def kd_loss(
@@ -29,7 +30,9 @@ def kd_loss(
 class Classification:
     """Batches are (x, y): the model gets `model(x)` and returns logits (or an object with .logits)."""
 
-    name, metric, higher_is_better = "classification", "accuracy", True
+    name = "classification"
+    metric = TASK_METRICS[name]
+    higher_is_better = is_higher_better(metric)
 
     def split(self, batch):
         return batch[0], batch[1]

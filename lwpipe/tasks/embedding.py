@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lwpipe.tasks import evaluating, inputs, to_device
+from lwpipe.task_metrics import TASK_METRICS, is_higher_better
+from lwpipe.tasks.base import evaluating, inputs, to_device
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -41,7 +42,9 @@ def embedding_of(out, batch: dict) -> torch.Tensor:
 
 
 class Embedding:
-    name, metric, higher_is_better = "embedding", "cosine", True
+    name = "embedding"
+    metric = TASK_METRICS[name]
+    higher_is_better = is_higher_better(metric)
 
     def forward(self, model: nn.Module, batch) -> torch.Tensor:
         return embedding_of(model(**inputs(batch)), batch)

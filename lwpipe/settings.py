@@ -1,0 +1,26 @@
+"""The config base every stage's settings derive from, and the training settings stages share. Kept apart from
+lwpipe/config.py (the whole recipe, which looks stages up in the registry) so that stages import their base
+without importing the recipe's validation, and no import cycle runs core -> stages -> core."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    """Base for every config: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainSettings(Strict):
+    """Supervised training; used by `train`, by every stage's `finetune`, and by `distill`."""
+
+    epochs: int = Field(0, ge=0, le=100_000)
+    lr: float = Field(1e-3, gt=0, le=10)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    batch_size: int | None = Field(None, ge=1, le=1 << 20)
