@@ -51,6 +51,8 @@ from lwpipe.data import DataBundle
 from lwpipe.errors import ConfigError, LwpipeError
 from lwpipe.loggers import build_loggers, progress_hook
 from lwpipe.metrics import evaluate, measure
+from lwpipe.stages import order
+from lwpipe.stages.order import needs_reference
 from lwpipe.tasks import Task, head, make_task, to_device
 
 log = logging.getLogger("lwpipe")
@@ -171,7 +173,7 @@ def save_tokenizer(data, run_dir: Path) -> None:
 def warn_if_larger(s, before: dict, after: dict) -> None:
     """A compression stage whose model.lwp is larger than the one before it gained nothing (share.bits=16)."""
     larger = after.get("compressed_bytes", 0) > before.get("compressed_bytes", float("inf"))
-    if getattr(s.cls, "compresses", False) and larger:
+    if order.compresses(s.cls) and larger:
         log.warning(
             "stage %s made model.lwp larger: %s -> %s bytes; its settings buy nothing here",
             s.name,
@@ -180,37 +182,12 @@ def warn_if_larger(s, before: dict, after: dict) -> None:
         )
 
 
-ONE_SHOT = ("prune", "share", "quantize")  # with finetune.epochs 0 (and no taylor scores) they never train
-
-
-def needs_reference(steps) -> bool:
-    """Whether a stage among `steps` may use ctx.reference (a teacher, or a task loss that trains towards
-    it). One-shot prune/share/quantize do not: without the copy a large model's run keeps one copy fewer."""
-
-    def one_shot(s) -> bool:
-        cfg = s.config
-        return (
-            s.type in ONE_SHOT
-            and getattr(getattr(cfg, "finetune", None), "epochs", 1) == 0
-            and getattr(cfg, "criterion", None) not in ("taylor", "gradient", "saliency")
-            and getattr(cfg, "bits", None) != "auto"
-        )  # gradients of the task loss, which may need it
-
-    return not all(one_shot(s) for s in steps)
-
-
 def frozen_copy(model: nn.Module) -> nn.Module:
     """The reference: an eval-mode copy whose parameters take no gradients."""
     ref = clone(model).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
-
-
-def written_by(s) -> tuple[str, ...]:
-    """The files a stage may write into the run directory (its class's `writes`): kept in its cache entry
-    and copied into the run directory of a run that replays the stage."""
-    return tuple(getattr(s.cls, "writes", ()))
 
 
 def verify_artifact(path: Path, model: nn.Module) -> None:
@@ -282,13 +259,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     )
     check_fit(model, ctx, top)
     speed.check_settings(top.measure, ctx)
-    for s in recipe.steps:  # settings that name layers are checked before any work
-        check = getattr(s.cls, "check_model", None)
-        if check:
-            check(s.config, model, f"stages.{s.name}")
-        check = getattr(s.cls, "check_context", None)  # calibration data the stage needs, and its format
-        if check:
-            check(s.config, ctx, f"stages.{s.name}")
+    order.check_before_work(recipe.steps, model, ctx)
     wanted = {getattr(s.config, "teacher", None) for s in recipe.steps}
     stage_cache = StageCache(
         top.cache.dir,
@@ -372,12 +343,14 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         compressed, hit, work_seconds, in_stage_overhead = False, True, 0.0, 0.0
         for step, s in enumerate(recipe.steps, 1):
             ctx.step, ctx.stage = step, s.name
-            key = cache.stage_key(key, step, s.name, s.type, s.config.model_dump(mode="json"))
+            key = cache.stage_key(
+                key, step, s.name, s.type, s.config.model_dump(mode="json"), cache.stage_source(s.cls)
+            )
             current.clear()
             ctx.stage_record = {}
             restored = clone(initial) if initial is not None else None  # another job may have stored it
             replay = stage_cache.claim(key, restored) if restored is not None else None
-            if replay is not None and not stage_cache.restore_outputs(key, written_by(s), run_dir):
+            if replay is not None and not stage_cache.restore_outputs(key, s.cls.writes, run_dir):
                 replay = None  # the files it wrote into the run directory are lost: computed again
             hit = replay is not None
             log.info("[%d/%d] %s (%s)%s", step, len(recipe.steps), s.name, s.type, " from cache" if hit else "")
@@ -393,7 +366,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                 model = s.cls(s.config).run(model, ctx)
                 seconds = time.perf_counter() - stage_start - in_stage_overhead  # the stage's own work
                 work_seconds += seconds
-            compressed = compressed or getattr(s.cls, "compresses", False)
+            compressed = compressed or order.compresses(s.cls)
             if not compressed:  # still uncompressed: this is the reference the compressed model is held to
                 pending[:] = [model, recipe.steps[step:]]
             if s.name in wanted:
@@ -407,7 +380,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
                     model,
                     current,
                     last_blob[1],  # first: a logged stage_end is resumable
-                    {n: run_dir / n for n in written_by(s) if (run_dir / n).is_file()},
+                    {n: run_dir / n for n in s.cls.writes if (run_dir / n).is_file()},
                 )
                 emit(current[-1])
             records.append(current[-1])

@@ -419,7 +419,7 @@ def run(stage, model: nn.Module, ctx) -> nn.Module:
             ctx.train_loader(cfg.finetune.batch_size),
             cfg.finetune,
             loss_fn=ctx.loss,
-            on_epoch=ctx.epoch_callback(model),
+            hooks=ctx.hooks(model),
         )
     return model
 
