@@ -43,7 +43,7 @@ class Context:
     reference_outputs: Any = None
     # models after named stages, kept only for the names a later stage asks for
     snapshots: dict[str, nn.Module] = field(default_factory=dict)
-    # the runner's hooks (lwpipe/run_state.py): each epoch's record, and the progress bar
+    # the runner's hooks (runner.Run): each epoch's record, and the progress bar
     on_epoch: Callable[..., None] | None = None  # (model, epoch, train_loss, **more fields)
     on_batch: Callable[..., None] | None = None  # (stage, epoch, epochs, batch, batches, loss)
     # fields the running stage adds to its stage_end record (quantize's bits: auto allotment); the runner empties it
