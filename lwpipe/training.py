@@ -42,6 +42,8 @@ class Hooks:
 def finetune(model: nn.Module, ctx, s: TrainSettings, loss_fn: LossFn | None = None, hooks: Hooks | None = None):
     """Fine-tune `model` under the constraints its layers carry: `s.epochs` of the task's loss (or `loss_fn`)
     on ctx's seeded training batches, each epoch reported to the runner (ctx.hooks). Every stage trains so."""
+    if s.epochs == 0:  # one-shot: no loader, no hooks
+        return model
     loader = ctx.train_loader(s.batch_size)
     return fit(model, loader, s, loss_fn=loss_fn or ctx.loss, hooks=hooks if hooks is not None else ctx.hooks(model))
 
