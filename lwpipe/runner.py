@@ -63,8 +63,8 @@ from lwpipe.context import Context, stage_seed
 from lwpipe.loggers import build_loggers, progress_hook
 from lwpipe.metrics import evaluate, measure
 from lwpipe.stages import order
-from lwpipe.stages.order import needs_reference  # noqa: F401  (where it was)
-from lwpipe.verify import verify_artifact  # noqa: F401  (where it was)
+from lwpipe.stages.order import needs_reference
+from lwpipe.verify import verify_artifact
 
 log = logging.getLogger("lwpipe")
 
@@ -81,7 +81,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     try:
         state.baseline(model)
         for step, s in enumerate(recipe.steps, 1):
-            cached = state.replay(step, s)  # every stage so far cached, and so is this one: its model
+            cached = state.replay(step, s)  # its model from the cache, or None
             model = cached if cached is not None else state.execute(step, s, model)
             state.after_stage(step, s, model)
         return state.finish(model)
@@ -109,7 +109,7 @@ class Run:
         self.compressed = False
         self.teachers = {getattr(s.config, "teacher", None) for s in self.steps}
         self.hit = True  # the last stage came from the cache
-        self.stage_start = self.overhead = self.work_seconds = 0.0
+        self.stage_start = self.overhead = self.seconds = self.work_seconds = 0.0
         ctx.on_epoch, ctx.on_batch = self.on_epoch, progress_hook(self.loggers)
 
     def emit(self, rec: dict) -> None:
@@ -161,7 +161,7 @@ class Run:
         self.emit(self.records[-1])
 
     def replay(self, step: int, s) -> nn.Module | None:
-        """The stage's model and records from the cache (every stage so far cached), or None: compute it."""
+        """Enter the step; the stage's model and records from the cache when it holds them, else None."""
         self.ctx.step, self.ctx.stage, self.ctx.stage_record = step, s.name, {}
         self.key = cache.stage_key(
             self.key, step, s.name, s.type, s.config.model_dump(mode="json"), cache.stage_source(s.cls)
