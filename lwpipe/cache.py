@@ -33,6 +33,7 @@ a store the least recently used entries are removed (`lwpipe-cache` lists and pr
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -129,10 +130,24 @@ def baseline_key(initial: str, top) -> str:
     return digest("baseline", initial, top.measure.model_dump())
 
 
-def stage_key(prev: str, step: int, name: str, type_: str, settings: dict) -> str:
-    """A setting naming a file (a teacher's weights) contributes the file's contents, not just its name."""
+def stage_key(prev: str, step: int, name: str, type_: str, settings: dict, source: str | None = None) -> str:
+    """A setting naming a file (a teacher's weights) contributes the file's contents, not just its name;
+    `source`: a plugin stage's source digest (stage_source), so an edited plugin never reuses stale entries."""
     files = {v: file_sha256(v) for v in _strings(settings) if Path(v).expanduser().is_file()}
-    return digest(prev, step, name, type_, settings, files)
+    return digest(prev, step, name, type_, settings, files, *([source] if source else []))
+
+
+def stage_source(cls: type) -> str | None:
+    """The sha256 of the file defining a stage class from outside lwpipe (a plugin); None for lwpipe's own
+    stages, which code_version() already covers."""
+    cls = getattr(cls, "plugin_class", cls)
+    try:
+        path = Path(inspect.getsourcefile(cls) or "").resolve()
+    except TypeError:  # defined in no file (built in an interpreter): nothing to key
+        return None
+    if not path.is_file() or PACKAGE in path.parents:
+        return None
+    return file_sha256(path)
 
 
 def _strings(value):

@@ -230,11 +230,7 @@ def validate(cfg: DictConfig | dict) -> Recipe:
                 name,
                 f"no settings under stages.{name} and no stage plugin of that name; {registry.suggest(name)}",
             )
-    for i, step in enumerate(steps):
-        if getattr(step.cls, "last_only", False) and i != len(steps) - 1:
-            raise ConfigError(f"pipeline[{i}]", step.name, f"must be the last stage; {top.pipeline[i + 1 :]} follow it")
-        check = getattr(step.cls, "check_order", None)
-        why = check(step.config, steps[:i]) if check else None  # the earlier Steps: .name, .type, .config
-        if why:
-            raise ConfigError(f"pipeline[{i}]", step.name, f"cannot follow {top.pipeline[:i]}: {why}")
+    from lwpipe.stages import order  # the stages import this module
+
+    order.check(steps, list(top.pipeline))
     return Recipe(top=top, steps=steps, raw=raw)

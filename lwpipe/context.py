@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lwpipe.data import DataBundle
 from lwpipe.tasks import Task
 from lwpipe.tasks.classification import Classification
+from lwpipe.training import Hooks
 
 
 def stage_seed(seed: int, step: int, name: str) -> int:
@@ -42,8 +43,9 @@ class Context:
     reference_outputs: Any = None
     # models after named stages, kept only for the names a later stage asks for
     snapshots: dict[str, nn.Module] = field(default_factory=dict)
-    on_epoch: Callable[[nn.Module, int, float], None] | None = None
-    on_batch: Callable[..., None] | None = None  # progress bar: (stage, epoch, epochs, batch, batches, loss)
+    # the runner's hooks (runner.Run): each epoch's record, and the progress bar
+    on_epoch: Callable[..., None] | None = None  # (model, epoch, train_loss, **more fields)
+    on_batch: Callable[..., None] | None = None  # (stage, epoch, epochs, batch, batches, loss)
     # fields the running stage adds to its stage_end record (quantize's bits: auto allotment); the runner empties it
     stage_record: dict = field(default_factory=dict)
     # the file an `export` stage wrote, loaded back (lwpipe.speed.Exported): its record times and scores it
@@ -78,15 +80,14 @@ class Context:
                 return
             yield batch
 
-    def epoch_callback(self, model: nn.Module, fields: Callable[[], dict] | None = None):
-        """For training.fit: reports each epoch to the runner (progress and metrics.jsonl);
-        `fields()`: more fields for the epoch's record (distill's alpha and temperature)."""
-        if self.on_epoch is None:
-            return None
+    def hooks(self, model: nn.Module, fields: Callable[[], dict] | None = None) -> Hooks:
+        """For training.fit: reports each epoch to the runner (progress and metrics.jsonl) and each batch to
+        the progress bar; `fields()`: more fields for the epoch's record (distill's alpha and temperature)."""
+        on_epoch = None
+        if self.on_epoch is not None:
 
-        def callback(epoch, loss):
-            self.on_epoch(model, epoch, loss, **(fields() if fields else {}))
+            def on_epoch(epoch, loss):
+                self.on_epoch(model, epoch, loss, **(fields() if fields else {}))
 
-        if self.on_batch is not None:  # training.fit calls it after every batch
-            callback.on_batch = functools.partial(self.on_batch, self.stage)
-        return callback
+        on_batch = functools.partial(self.on_batch, self.stage) if self.on_batch is not None else None
+        return Hooks(on_epoch, on_batch)

@@ -159,7 +159,7 @@ def run(stage, model: nn.Module, ctx) -> nn.Module:
     step = 0
 
     def train(loss, groups):
-        fit(model, loader, cfg.variational, loss_fn=loss, on_epoch=ctx.epoch_callback(model), params=groups)
+        fit(model, loader, cfg.variational, loss_fn=loss, hooks=ctx.hooks(model), params=groups)
 
     for t in range(1, steps + 1):
         scores, step = train_variational(
@@ -187,7 +187,7 @@ def run(stage, model: nn.Module, ctx) -> nn.Module:
             ctx.train_loader(cfg.finetune.batch_size),
             cfg.finetune,
             loss_fn=ctx.loss,
-            on_epoch=ctx.epoch_callback(model),
+            hooks=ctx.hooks(model),
         )
     ctx.stage_record.update(entropy_score=cfg.score, entropy_threshold=cutoffs, kept_fraction=kept, dead_units=dead)
     return model

@@ -194,7 +194,7 @@ def run(cfg, model: nn.Module, ctx, finals: dict[str, float]) -> nn.Module:
             ctx.train_loader(cfg.finetune.batch_size),
             cfg.finetune,
             loss_fn=ctx.loss,
-            on_epoch=ctx.epoch_callback(model),
+            hooks=ctx.hooks(model),
         )
     return model
 

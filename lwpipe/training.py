@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +30,24 @@ def cross_entropy(model: nn.Module, batch) -> torch.Tensor:
     return Classification().loss(model, batch)
 
 
+@dataclass(frozen=True)
+class Hooks:
+    """What fit calls while it trains: `on_epoch(epoch, mean_train_loss)` after each epoch and
+    `on_batch(epoch, epochs, batch, batches, loss)` after each batch (the progress bar); either may be None."""
+
+    on_epoch: Callable[[int, float], None] | None = None
+    on_batch: Callable[[int, int, int, int, float], None] | None = None
+
+
+def finetune(model: nn.Module, ctx, s: TrainSettings, loss_fn: LossFn | None = None, hooks: Hooks | None = None):
+    """Fine-tune `model` under the constraints its layers carry: `s.epochs` of the task's loss (or `loss_fn`)
+    on ctx's seeded training batches, each epoch reported to the runner (ctx.hooks). Every stage trains so."""
+    if s.epochs == 0:  # one-shot: no loader, no hooks
+        return model
+    loader = ctx.train_loader(s.batch_size)
+    return fit(model, loader, s, loss_fn=loss_fn or ctx.loss, hooks=hooks if hooks is not None else ctx.hooks(model))
+
+
 def make_optimizer(params, s: TrainSettings) -> torch.optim.Optimizer:
     if s.optimizer == "sgd":
         return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
@@ -42,16 +61,14 @@ def fit(
     loader: Iterable,
     s: TrainSettings,
     loss_fn: LossFn = cross_entropy,
-    on_epoch: Callable[[int, float], None] | None = None,
+    hooks: Hooks | None = None,
     params: list[nn.Parameter] | None = None,
 ) -> nn.Module:
-    """Train for `s.epochs`; `on_epoch(epoch, mean_train_loss)` after each epoch.
+    """Train for `s.epochs`, calling `hooks` (see Hooks) after each batch and epoch.
 
     Stages pass `loss_fn=ctx.loss`, the task's loss, so the batch format is the task's business.
-    Progress hook: `on_epoch.on_batch(epoch, epochs, batch, batches, loss)`, when the callback has one,
-    after every batch (lwpipe/progress.py draws the bar; nothing else depends on it).
     """
-    on_batch = getattr(on_epoch, "on_batch", None)
+    on_epoch, on_batch = (hooks.on_epoch, hooks.on_batch) if hooks is not None else (None, None)
     batches = len(loader) if hasattr(loader, "__len__") else 0
     params = params if params is not None else trainable_parameters(model)
     if s.epochs == 0 or not params:

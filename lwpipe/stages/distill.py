@@ -36,8 +36,10 @@ from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.registry import register
 from lwpipe.settings import Strict, TrainSettings
+from lwpipe.stages import order
+from lwpipe.stages.base import Stage
 from lwpipe.tasks.classification import Classification, kd_loss  # noqa: F401  (kd_loss: the public name)
-from lwpipe.training import fit
+from lwpipe.training import Hooks, finetune
 
 log = logging.getLogger("lwpipe")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -136,13 +138,18 @@ class _Activations:
             h.remove()
 
 
+def trainer(step) -> bool:
+    """A stage that trains and leaves no constraint (train, distill)."""
+    return not order.compresses(step.cls) and step.cls.trains_with(step.config)
+
+
 def untrained_teacher(before) -> str | None:
     """The default teacher is the model before the first compression stage; when a `train` stage only comes
     after that, the teacher is the input before training (pipeline=[prune,train,distill])."""
-    first = next((i for i, s in enumerate(before) if getattr(s.cls, "compresses", False)), None)
-    if first is None or any(s.type == "train" for s in before[:first]):
+    first = next((i for i, s in enumerate(before) if order.compresses(s.cls)), None)
+    if first is None or any(trainer(s) for s in before[:first]):
         return None
-    trains = [s.name for s in before[first + 1 :] if s.type == "train"]
+    trains = [s.name for s in before[first + 1 :] if trainer(s)]
     if not trains:
         return None
     return (
@@ -218,12 +225,10 @@ def distill_loss_fn(
 
 
 @register("distill")
-class Distill:
+class Distill(Stage):
     Config = DistillConfig
-    compresses = False  # it adds no constraint; the reference stays the pre-compression model
-
-    def __init__(self, cfg: DistillConfig):
-        self.cfg = cfg
+    leaves = ()  # it adds no constraint; the reference stays the pre-compression model
+    needs_reference = True  # the default teacher
 
     @staticmethod
     def check_order(cfg: DistillConfig, before) -> str | None:
@@ -264,16 +269,14 @@ class Distill:
 
     def epoch_hook(self, ctx: Context, model: nn.Module, now: dict[str, float]):
         """After each epoch: its record gets the alpha and temperature it trained with, then `now` moves on."""
-        report = ctx.epoch_callback(model, fields=lambda: dict(now))
+        report = ctx.hooks(model, fields=lambda: dict(now))
 
         def hook(epoch: int, loss: float) -> None:
-            if report is not None:
-                report(epoch, loss)
+            if report.on_epoch is not None:
+                report.on_epoch(epoch, loss)
             now.update(epoch_weights(self.cfg, epoch + 1))
 
-        if report is not None and hasattr(report, "on_batch"):
-            hook.on_batch = report.on_batch
-        return hook
+        return Hooks(hook, report.on_batch)
 
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
         teacher = self.teacher(ctx, f"stages.{ctx.stage}")
@@ -282,13 +285,8 @@ class Distill:
         t_acts = _Activations(teacher, self.cfg.features) if self.cfg.features else None
         try:
             now = epoch_weights(self.cfg, 1)
-            fit(
-                model,
-                ctx.train_loader(self.cfg.batch_size),
-                self.cfg,
-                loss_fn=distill_loss_fn(teacher, self.cfg, s_acts, t_acts, ctx.task, now),
-                on_epoch=self.epoch_hook(ctx, model, now),
-            )
+            loss_fn = distill_loss_fn(teacher, self.cfg, s_acts, t_acts, ctx.task, now)
+            finetune(model, ctx, self.cfg, loss_fn=loss_fn, hooks=self.epoch_hook(ctx, model, now))
         finally:
             for acts in (s_acts, t_acts):
                 if acts is not None:

@@ -30,6 +30,8 @@ from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.registry import register
 from lwpipe.settings import Strict
+from lwpipe.stages import order
+from lwpipe.stages.base import Stage
 from lwpipe.tasks import head, model_device, model_inputs, to_device
 
 log = logging.getLogger("lwpipe")
@@ -48,14 +50,13 @@ class ExportConfig(Strict):
 
 
 @register("export")
-class Export:
+class Export(Stage):
     Config = ExportConfig
-    compresses = False
-    last_only = True  # config.validate refuses it anywhere but last
+    leaves = ()
+    trains = False
+    needs_reference = True  # export.json compares with the reference's outputs
+    last = True  # stages/order.py refuses it anywhere but last
     writes = ("export.pt", "export.pt2", "export.json")  # a run that takes it from the cache gets them too
-
-    def __init__(self, cfg: ExportConfig):
-        self.cfg = cfg
 
     @staticmethod
     def formats(cfg: ExportConfig) -> list[str]:
@@ -75,16 +76,24 @@ class Export:
                 return f"format={fmt}: {why}"
         if "int8" not in forms:
             return None
-        quant = [s for s in before if s.type == "quantize"]
+        quant = order.leaving(before, "grid")
         if not quant:
             return (
                 "format=int8 runs the quantize stage's integer levels; add a quantize stage before export "
                 "(e.g. pipeline=[train,prune,quantize,export]) or use format=dense or sparse"
             )
         q = quant[-1].config
-        if q.scheme != "symmetric" or q.bits > 8 or any((lc.bits or 0) > 8 for lc in q.layers.values()):
+        layers = getattr(q, "layers", {}).values()
+        bits = getattr(q, "bits", None)
+        if (
+            getattr(q, "scheme", None) != "symmetric"
+            or not isinstance(bits, int)
+            or bits > 8
+            or any((lc.bits or 0) > 8 for lc in layers)
+        ):
             return (
-                f"format=int8 needs int8 levels: stages.{quant[-1].name} has scheme={q.scheme}, bits={q.bits}; "
+                f"format=int8 needs int8 levels: stages.{quant[-1].name} has scheme={getattr(q, 'scheme', None)}, "
+                f"bits={bits}; "
                 f"use scheme=symmetric and bits<=8"
             )
         return None

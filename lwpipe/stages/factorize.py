@@ -25,7 +25,9 @@ from lwpipe.errors import ConfigError
 from lwpipe.lowrank import dims, factorable, factorize_linear, rank_for, replace_module, saves
 from lwpipe.registry import register
 from lwpipe.settings import Strict, TrainSettings
-from lwpipe.training import fit
+from lwpipe.stages import order
+from lwpipe.stages.base import Stage
+from lwpipe.training import finetune
 
 log = logging.getLogger("lwpipe")
 
@@ -55,7 +57,7 @@ def unaddressed_factors(before, layers) -> list[str]:
     later stage's per-layer `layers` settings matches: they get that stage's setting for whole layers."""
     out = []
     for s in before:
-        if s.type == "factorize":
+        if "lowrank" in order.leaves(s.cls):
             out += [
                 p
                 for p in s.config.layers
@@ -94,22 +96,14 @@ def chosen(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]
 
 
 @register("factorize")
-class Factorize:
+class Factorize(Stage):
     Config = FactorizeConfig
-    compresses = True
-
-    def __init__(self, cfg: FactorizeConfig):
-        self.cfg = cfg
-
-    @staticmethod
-    def check_order(cfg: FactorizeConfig, before) -> str | None:
-        done = [s.name for s in before if s.type in ("prune", "share", "quantize")]
-        if done:
-            return (
-                f"it replaces layers by dense factors, which would drop the mask / codebook / grid "
-                f"{done[0]} left; put factorize before {', '.join(done)}"
-            )
-        return None
+    leaves = ("lowrank",)
+    _why = (
+        "it replaces layers by dense factors, which would drop the mask / codebook / grid "
+        "{first} left; put factorize before {names}"
+    )
+    refuses = {"mask": _why, "codebook": _why, "grid": _why, "resized": _why}
 
     @staticmethod
     def check_model(cfg: FactorizeConfig, model: nn.Module, path: str) -> None:
@@ -152,11 +146,5 @@ class Factorize:
                 m.weight.numel(),
                 r * (in_f + out_f),
             )
-        fit(
-            model,
-            ctx.train_loader(self.cfg.finetune.batch_size),
-            self.cfg.finetune,
-            loss_fn=ctx.loss,
-            on_epoch=ctx.epoch_callback(model),
-        )
+        finetune(model, ctx, self.cfg.finetune)
         return model

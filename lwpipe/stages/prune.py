@@ -57,8 +57,10 @@ from lwpipe.masks import (  # noqa: F401  (re-exported: the stage's math, by its
 from lwpipe.registry import register
 from lwpipe.scoring import gradient_scores, magnitude_scores, taylor_scores, wanda_scores
 from lwpipe.settings import Strict, TrainSettings
+from lwpipe.stages import order
+from lwpipe.stages.base import Stage
 from lwpipe.stages.prune_checks import check_not_emptied, check_sparsegpt, check_threshold
-from lwpipe.training import fit
+from lwpipe.training import finetune
 
 log = logging.getLogger("lwpipe")
 
@@ -141,12 +143,13 @@ def _has_batches(ctx: Context) -> bool:
 
 
 @register("prune")
-class Prune:
+class Prune(Stage):
     Config = PruneConfig
-    compresses = True
+    leaves = ("mask", "resized")  # resized: granularity=structured shrinks layers
+    needs_reference = False  # one-shot unless it fine-tunes or scores by task-loss gradients
 
     def __init__(self, cfg: PruneConfig):
-        self.cfg = cfg
+        super().__init__(cfg)
         self._kept: set[str] = set()  # names `keep` leaves alone, found when the stage runs
 
     @staticmethod
@@ -156,17 +159,30 @@ class Prune:
         by_rule = cfg.quality is not None or cfg.threshold is not None
         sparsity = 1 - cfg.n / cfg.m if cfg.granularity == "nm" else cfg.sparsity
         warn_factor_pruning(None if by_rule else sparsity, cfg.layers, before)
-        if cfg.criterion == "sparsegpt" and any(s.type in ("share", "quantize") for s in before):
+        valued = order.leaving(before, "codebook", "grid")
+        if cfg.criterion == "sparsegpt" and valued:
             return (
                 "criterion=sparsegpt moves the weights it keeps, off a codebook or grid an earlier stage left; "
                 "prune with sparsegpt before share/quantize"
             )
-        if cfg.granularity == "structured" and any(s.type in ("share", "quantize") for s in before):
+        if cfg.granularity == "structured" and valued:
             return (
                 "granularity=structured shrinks layers, which a codebook or grid cannot follow; "
                 "prune before share/quantize"
             )
         return None
+
+    @classmethod
+    def trains_with(cls, cfg: PruneConfig) -> bool:
+        return cfg.finetune.epochs > 0
+
+    @classmethod
+    def needs_gradients_with(cls, cfg: PruneConfig) -> bool:
+        return cfg.criterion in ("taylor", "gradient", "saliency")
+
+    @classmethod
+    def needs_calibration_with(cls, cfg: PruneConfig) -> bool:
+        return cfg.criterion != "magnitude"
 
     @staticmethod
     def check_model(cfg: PruneConfig, model: nn.Module, path: str) -> None:
@@ -375,11 +391,5 @@ class Prune:
                     steps,
                     ", ".join(f"{n}={v:.3f}" for n, v in targets.items()),
                 )
-            fit(
-                model,
-                ctx.train_loader(self.cfg.finetune.batch_size),
-                self.cfg.finetune,
-                loss_fn=ctx.loss,
-                on_epoch=ctx.epoch_callback(model),
-            )
+            finetune(model, ctx, self.cfg.finetune)
         return model

@@ -84,6 +84,8 @@ from lwpipe.grid import (  # noqa: F401  (re-exported: the stage's math, by its 
 from lwpipe.metrics import evaluate
 from lwpipe.registry import register
 from lwpipe.settings import Strict, TrainSettings
+from lwpipe.stages import order
+from lwpipe.stages.base import Stage
 from lwpipe.stages.quantize_checks import (
     check_auto,
     check_binary,
@@ -92,7 +94,7 @@ from lwpipe.stages.quantize_checks import (
     check_gptq,
     check_group,
 )
-from lwpipe.training import fit
+from lwpipe.training import finetune
 
 log = logging.getLogger("lwpipe")
 
@@ -196,27 +198,38 @@ def quantize_any(
 
 
 @register("quantize")
-class Quantize:
+class Quantize(Stage):
     Config = QuantizeConfig
-    compresses = True
+    leaves = ("grid",)
+    needs_reference = False  # one-shot unless it fine-tunes or allots bits (bits: auto evaluates the task)
 
-    def __init__(self, cfg: QuantizeConfig):
-        self.cfg = cfg
+    @classmethod
+    def trains_with(cls, cfg: QuantizeConfig) -> bool:
+        return cfg.finetune.epochs > 0
+
+    @classmethod
+    def needs_gradients_with(cls, cfg: QuantizeConfig) -> bool:
+        return cfg.bits == "auto"
+
+    @classmethod
+    def needs_calibration_with(cls, cfg: QuantizeConfig) -> bool:
+        return cfg.method == "gptq"
 
     @staticmethod
     def check_order(cfg: QuantizeConfig, before) -> str | None:
-        if cfg.method == "gptq" and any(s.type == "share" for s in before):
+        shared = order.leaving(before, "codebook")
+        if cfg.method == "gptq" and shared:
             return (
                 "method=gptq after share: a shared layer's values are its codebook, which has no input Hessian "
                 "to minimise against; use method: rtn after share, or drop share"
             )
-        if cfg.granularity == "per_channel" and any(s.type == "share" for s in before):
+        if cfg.granularity == "per_channel" and shared:
             return (
                 "granularity=per_channel after share: a shared layer has one codebook for the whole tensor, "
                 "and per-channel scales would give each channel its own values (more than 2^bits per layer); "
                 "use granularity=per_tensor, which quantizes the codebook itself"
             )
-        if any(s.type == "share" for s in before) and (
+        if shared and (
             cfg.bits == 1
             or cfg.scheme == "ternary"
             or any(lc.bits == 1 for lc in cfg.layers.values())
@@ -282,13 +295,7 @@ class Quantize:
             )
         if self.cfg.method == "gptq":
             report_gptq(errors, [n for n, lc in settings.items() if not lc.skip and n not in errors], ctx)
-        fit(
-            model,
-            ctx.train_loader(self.cfg.finetune.batch_size),
-            self.cfg.finetune,
-            loss_fn=ctx.loss,
-            on_epoch=ctx.epoch_callback(model),
-        )
+        finetune(model, ctx, self.cfg.finetune)
         for m in done:  # QAT may have moved more weights onto level 0: keep them there too
             pin_zeros(m)
         return model

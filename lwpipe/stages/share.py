@@ -32,7 +32,8 @@ from lwpipe.errors import LwpipeError
 from lwpipe.kmeans import kmeans_1d
 from lwpipe.registry import register
 from lwpipe.settings import Strict, TrainSettings
-from lwpipe.training import fit
+from lwpipe.stages.base import Stage
+from lwpipe.training import finetune
 
 
 class LayerShare(Strict):
@@ -74,22 +75,19 @@ def share_layer(module: nn.Module, bits: int, init: str = "linear", iters: int =
 
 
 @register("share")
-class Share:
+class Share(Stage):
     Config = ShareConfig
-    compresses = True
+    leaves = ("codebook",)
+    refuses = {
+        "grid": "share after quantize would move the weights off the integer grid that quantize set "
+        "(k-means centroids are arbitrary floats); put share before quantize, which then "
+        "quantizes the codebook"
+    }
+    needs_reference = False  # one-shot unless it fine-tunes
 
-    def __init__(self, cfg: ShareConfig):
-        self.cfg = cfg
-
-    @staticmethod
-    def check_order(cfg: ShareConfig, before) -> str | None:
-        if any(s.type == "quantize" for s in before):
-            return (
-                "share after quantize would move the weights off the integer grid that quantize set "
-                "(k-means centroids are arbitrary floats); put share before quantize, which then "
-                "quantizes the codebook"
-            )
-        return None
+    @classmethod
+    def trains_with(cls, cfg: ShareConfig) -> bool:
+        return cfg.finetune.epochs > 0
 
     @staticmethod
     def check_model(cfg: ShareConfig, model: nn.Module, path: str) -> None:
@@ -114,10 +112,4 @@ class Share:
                 continue
             seed = int(torch.randint(2**31 - 1, ()).item())  # the runner seeds each stage
             share_layer(m, lc.bits or self.cfg.bits, self.cfg.init, self.cfg.iters, seed, ties.get(name, ()))
-        return fit(
-            model,
-            ctx.train_loader(self.cfg.finetune.batch_size),
-            self.cfg.finetune,
-            loss_fn=ctx.loss,
-            on_epoch=ctx.epoch_callback(model),
-        )
+        return finetune(model, ctx, self.cfg.finetune)

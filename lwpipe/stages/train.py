@@ -7,7 +7,8 @@ from pydantic import Field
 from lwpipe.context import Context
 from lwpipe.registry import register
 from lwpipe.settings import TrainSettings
-from lwpipe.training import fit
+from lwpipe.stages.base import Stage
+from lwpipe.training import finetune
 
 
 class TrainConfig(TrainSettings):
@@ -15,14 +16,11 @@ class TrainConfig(TrainSettings):
 
 
 @register("train")
-class Train:
+class Train(Stage):
     Config = TrainConfig
-    compresses = False
-
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+    leaves = ()
+    trains = True
+    needs_reference = False  # trains with the task's loss: Stage.uses_reference counts that
 
     def run(self, model, ctx: Context):
-        return fit(
-            model, ctx.train_loader(self.cfg.batch_size), self.cfg, loss_fn=ctx.loss, on_epoch=ctx.epoch_callback(model)
-        )
+        return finetune(model, ctx, self.cfg)
