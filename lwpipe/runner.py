@@ -213,6 +213,12 @@ def written_by(s) -> tuple[str, ...]:
     return tuple(getattr(s.cls, "writes", ()))
 
 
+def replayable(s) -> bool:
+    """False for a stage that writes more than its `writes` files (export's deployable forms, export/):
+    always computed, never replayed from a cache entry that could not restore them."""
+    return getattr(s.cls, "replayable", lambda cfg: True)(s.config)
+
+
 def verify_artifact(path: Path, model: nn.Module) -> None:
     """The written model.lwp loads (lwpipe.load, as a user loads it) to exactly the weights `model` computes
     with; LwpipeError otherwise, so a run never reports success with a file nothing can read."""
@@ -376,7 +382,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
             current.clear()
             ctx.stage_record = {}
             restored = clone(initial) if initial is not None else None  # another job may have stored it
-            replay = stage_cache.claim(key, restored) if restored is not None else None
+            replay = stage_cache.claim(key, restored) if restored is not None and replayable(s) else None
             if replay is not None and not stage_cache.restore_outputs(key, written_by(s), run_dir):
                 replay = None  # the files it wrote into the run directory are lost: computed again
             hit = replay is not None
