@@ -90,3 +90,15 @@ def test_q4_0_of_groups_not_blocks_needs_requantize(lm_files, tmp_path):
     layers = json.loads((tmp_path / "export.json").read_text())["gguf"]["layers"]
     requantized = [e for e in layers.values() if e["levels"] == "requantized"]
     assert requantized and all(0 < e["rel_error"] < 0.2 for e in requantized)
+
+
+def test_a_cached_run_writes_export_again(lm_files, tmp_path):
+    """quantize replays from the stage cache; export with a deployable form is computed afresh, so the
+    second run directory has its own export/ (the cache restores files, not folders)."""
+    extra = ["++stages.export.format=gguf", f"cache.dir={tmp_path / 'cache'}"]
+    run_recipe(lm_args(lm_files, "llama", *extra, "stages.quantize.group_size=32"), tmp_path / "first")
+    _, records = run_recipe(lm_args(lm_files, "llama", *extra, "stages.quantize.group_size=32"), tmp_path / "again")
+    ends = {r["stage"]: r.get("cached") for r in records if r.get("event") == "stage_end"}
+    assert ends == {"quantize": True, "export": False}
+    first, again = (tmp_path / d / "export" / "model.gguf" for d in ("first", "again"))
+    assert again.read_bytes() == first.read_bytes()
