@@ -81,6 +81,9 @@ def fits(levels: torch.Tensor, scale: torch.Tensor, info: dict, gguf_type: str) 
     s = scale.reshape(scale.shape[0], -1, BLOCK)
     if not bool((s == s[..., :1]).all()):
         return f"scales change within a block of {BLOCK} (group {info['group']})"
+    half = scale.half().float()
+    if not bool(torch.isfinite(half).all()) or bool(((half - scale).abs() > scale.abs() * 2**-11).any()):
+        return "block scales outside float16's normal range"
     return None
 
 

@@ -53,7 +53,15 @@ def test_llama_loads_in_transformers_with_the_pipelines_logits(lm_files, tmp_pat
     [
         ("gpt2", [], "Conv1D"),
         ("llama", ["stages.quantize.bits=3"], "4-bit or 8-bit"),
-        ("llama", ["++stages.quantize.scheme=asymmetric", "stages.quantize.clip_search=false"], "symmetric"),
+        (
+            "llama",
+            [
+                "++stages.quantize.scheme=asymmetric",
+                "stages.quantize.clip_search=false",
+                "stages.quantize.full_range=false",
+            ],
+            "scheme=asymmetric",
+        ),
     ],
 )
 def test_bad_inputs_are_refused_before_any_stage(lm_files, tmp_path, model, extra, match):
@@ -66,6 +74,7 @@ def test_a_model_that_is_not_transformers_and_codebooks_are_refused(tmp_path):
     args = ["model=lenet5", "data=digits", "task=classification", "pipeline=[quantize,export]", FORMAT]
     with pytest.raises(ConfigError, match="transformers"):
         run_recipe([*args, "logger.console=null"], tmp_path / "lenet")
-    args = ["model=lenet5", "data=digits", "task=classification", "pipeline=[share,export]", FORMAT]
-    with pytest.raises(LwpipeError, match="codebooks|quantize stage"):
-        run_recipe([*args, "logger.console=null"], tmp_path / "share")
+    for fmt, why in ((FORMAT, "no k-means codebooks"), ("++stages.export.format=gguf", "codebooks are not GGUF")):
+        args = ["model=lenet5", "data=digits", "task=classification", "pipeline=[share,quantize,export]", fmt]
+        with pytest.raises(LwpipeError, match=why):
+            run_recipe([*args, "logger.console=null"], tmp_path / "share")
