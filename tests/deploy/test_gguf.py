@@ -102,3 +102,13 @@ def test_a_cached_run_writes_export_again(lm_files, tmp_path):
     assert ends == {"quantize": True, "export": False}
     first, again = (tmp_path / d / "export" / "model.gguf" for d in ("first", "again"))
     assert again.read_bytes() == first.read_bytes()
+
+
+def test_one_run_writes_compressed_tensors_and_gguf_side_by_side(lm_files, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    extra = ["++stages.export.format=[compressed_tensors,gguf]", "stages.quantize.group_size=32"]
+    run_recipe(lm_args(lm_files, "llama", *extra), tmp_path)
+    info = json.loads((tmp_path / "export.json").read_text())
+    assert info["gguf"]["gguf_type"] == "q8_0" and info["compressed_tensors"]["quantization_format"] == "pack-quantized"
+    assert (tmp_path / "export" / "model.gguf").is_file()
+    assert (tmp_path / "export" / "compressed_tensors" / "model.safetensors").is_file()
