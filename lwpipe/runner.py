@@ -168,7 +168,7 @@ class Run:
         )
         self.current = []
         restored = clone(self.initial) if self.initial is not None else None  # another job may have stored it
-        replay = self.cache.claim(self.key, restored) if restored is not None else None
+        replay = self.cache.claim(self.key, restored) if restored is not None and s.cls.replayable(s.config) else None
         if replay is not None and not self.cache.restore_outputs(self.key, s.cls.writes, self.run_dir):
             replay = None  # the files it wrote into the run directory are lost: computed again
         self.hit = replay is not None

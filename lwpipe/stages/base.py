@@ -64,6 +64,12 @@ class Stage:
     def needs_calibration_with(cls, cfg) -> bool:
         return cls.needs_calibration
 
+    @staticmethod
+    def replayable(cfg) -> bool:
+        """Whether a cache entry can stand for a run of it: False for a stage that writes more than its
+        `writes` files (export's deployable forms, a folder), which is then always computed."""
+        return True
+
     @classmethod
     def uses_reference(cls, cfg) -> bool:
         """Whether ctx.reference must exist when it runs: it reads it, or trains / takes gradients of a task

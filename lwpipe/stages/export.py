@@ -47,6 +47,8 @@ class ExportConfig(Strict):
     min_sparsity: float = Field(0.8, ge=0, le=1)  # sparse only: the measured crossover (README)
     min_batch: int = Field(16, ge=1, le=1 << 20)  # sparse only: smaller batches run dense
     calibration_batches: int = Field(4, ge=1, le=10_000)  # static int8 activation ranges
+    gguf_type: Literal["q8_0", "q4_0"] = "q8_0"  # gguf only: GGML's blocks of 32 weights, one fp16 scale each
+    requantize: bool = False  # gguf only: re-quantize weights whose levels are not blocks (error recorded)
 
 
 @register("export")
@@ -57,6 +59,11 @@ class Export(Stage):
     needs_reference = True  # export.json compares with the reference's outputs
     last = True  # stages/order.py refuses it anywhere but last
     writes = ("export.pt", "export.pt2", "export.json")  # a run that takes it from the cache gets them too
+
+    @staticmethod
+    def replayable(cfg: ExportConfig) -> bool:
+        """Deployable forms (export/) are written afresh by every run: the cache restores files, not folders."""
+        return all(f in TORCH_FORMATS for f in Export.formats(cfg))
 
     @staticmethod
     def formats(cfg: ExportConfig) -> list[str]:

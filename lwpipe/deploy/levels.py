@@ -1,0 +1,50 @@
+"""The quantize stage's integer levels and scales of each layer, in the (out, in) layout deployable formats use."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lwpipe.errors import ConfigError
+
+
+def hf_model(model: nn.Module, fmt: str, path: str):
+    """The transformers model, or a ConfigError naming the format."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise ConfigError(path, fmt, f"needs a transformers model (model=hf); this model is {type(model).__name__}")
+    return model
+
+
+def quant_steps(before) -> list:
+    return [s for s in before if s.type == "quantize"]
+
+
+def share_steps(before) -> list:
+    return [s for s in before if s.type == "share"]
+
+
+@torch.no_grad()
+def layer_grid(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict] | None:
+    """(weight, levels, scale, info) of a quantized Linear / Conv1D, all (out, in), the scale repeated over
+    the inputs of its group; None for a layer without grid. `info`: bits, qmin, qmax, group, symmetric."""
+    from lwpipe.constraints import constraint
+
+    c = constraint(m)
+    if c is None or not c.quantized or c.shared or m.weight.dim() != 2:
+        return None
+    w = m.weight.detach().float()
+    scale, zero = (t.float().expand_as(w) for t in c.grid())
+    levels = torch.round(w / scale + zero)
+    if c.axis == 1:  # transformers' Conv1D keeps (in, out)
+        w, levels, scale, zero = w.T, levels.T, scale.T, zero.T
+    info = {
+        "bits": c.bits,
+        "qmin": c.qmin,
+        "qmax": c.qmax,
+        "group": c.group,
+        "per_tensor": c.axis is None,
+        "symmetric": bool((zero == 0).all()),
+    }
+    return w.contiguous(), levels.contiguous(), scale.contiguous(), info
