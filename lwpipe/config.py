@@ -82,6 +82,10 @@ Objective = Literal[
 ]
 
 
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")  # model.dtype: what the model is loaded and kept in
+DTYPE_BUILDERS = ("lwpipe.models.hf.load_hf", "lwpipe.models.sentence.load_sentence_transformer")
+
+
 class TopLevel(Strict):
     name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a folder name under outputs/runs
     seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -231,6 +235,10 @@ def validate(cfg: DictConfig | dict) -> Recipe:
     for key in ("model", "data"):
         if "_target_" not in getattr(top, key):
             raise ConfigError(f"{key}._target_", None, f"required: the import path of the {key} builder")
+    if top.model.get("_target_") in DTYPE_BUILDERS and top.model.get("dtype", "auto") not in MODEL_DTYPES:
+        raise ConfigError(
+            "model.dtype", top.model["dtype"], f"allowed: {', '.join(MODEL_DTYPES)} (auto: the checkpoint's own)"
+        )
 
     # every stage entry must resolve, even those not in the pipeline: a typo is a typo
     steps_by_name = {name: _stage_config(name, s) for name, s in top.stages.items()}

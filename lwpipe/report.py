@@ -97,7 +97,7 @@ def report_data(run_dir: str | Path, summary: dict | None = None) -> dict:
     base = next((r for r in records if r["event"] == "baseline"), records[0])
     ends = [r for r in records if r["event"] == "stage_end"]
     metric = headline(base)[0]
-    sizes = [("input (fp32)", base.get("dense_bytes"))]
+    sizes = [(f"input ({short_dtype(base)})", base.get("dense_bytes"))]
     sizes += [(r["stage"], r.get("compressed_bytes")) for r in ends]
     final = summary["final"] if summary else None
     if final and (run_dir / "model.lwp").is_file():
@@ -349,7 +349,7 @@ def title(d: dict, picture: bool = True) -> str:
     )
     if last.get("compressed_bytes"):
         text += (
-            f", {human_bytes(base['dense_bytes'])} fp32 -> {human_bytes(last['compressed_bytes'])} "
+            f", {human_bytes(base['dense_bytes'])} {short_dtype(base)} -> {human_bytes(last['compressed_bytes'])} "
             f"({base['dense_bytes'] / last['compressed_bytes']:.1f}x smaller)"
         )
     text += "" if d["finished"] else "  [run did not finish]"
@@ -495,3 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(2)
     print(f"wrote {png} and {md}")
     return 0
+
+
+def short_dtype(record: dict) -> str:
+    """The input model's dtype as the report names it: fp32, bf16, fp16 (records before dense_dtype: fp32)."""
+    name = record.get("dense_dtype", "float32")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)

@@ -422,7 +422,7 @@ class Prune:
         c = constraint(m)
         if c is not None and c.mask is not None:  # already-pruned weights rank lowest, so the mask only shrinks
             s = s.masked_fill_(~c.mask, -1.0)  # s is a fresh tensor
-        return s
+        return s.float()  # a bf16 / fp16 layer's scores ranked in float32 (numpy has no bf16)
 
     @torch.no_grad()
     def _prune_to(
