@@ -67,6 +67,17 @@ class MeasureSettings(Strict):
     threads: int = Field(0, ge=0, le=1024)  # CPU threads while timing; 0: torch's setting
 
 
+class CalibrationSettings(Strict):
+    """One-shot methods' calibration data (quantize method: gptq, prune criterion: sparsegpt): `samples` texts
+    or examples of data.train, each at most `seq_len` tokens; `sequential`: block by block (lwpipe/blockwise.py),
+    the blocks being `blocks` (a ModuleList's qualified name, "model.layers") or found by structure."""
+
+    samples: int = Field(128, ge=1, le=1_000_000)
+    seq_len: int = Field(512, ge=1, le=1 << 20)
+    blocks: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9_.]+$")
+    sequential: bool = True
+
+
 # what the entry point returns, for sweepers that optimise it (one value, or a tuple of them);
 # `quality` is the task's headline metric (accuracy, perplexity or cosine)
 Objective = Literal[
@@ -102,6 +113,7 @@ class TopLevel(Strict):
     quiet: bool = False  # the console logger's switch (recipes/logger/default.yaml)
     measure: MeasureSettings = MeasureSettings()
     cache: CacheSettings = CacheSettings()  # `cache=false` is short for cache.enabled=false
+    calibration: CalibrationSettings = CalibrationSettings()  # one-shot methods' data, given to their stages
     objective: list[Objective] = Field(["accuracy"], min_length=1, max_length=6)
 
     @field_validator("cache", mode="before")
@@ -254,6 +266,9 @@ def validate(cfg: DictConfig | dict) -> Recipe:
                 name,
                 f"no settings under stages.{name} and no stage plugin of that name; {registry.suggest(name)}",
             )
+    for step in {id(s): s for s in [*steps, *steps_by_name.values()]}.values():
+        with_calibration(step, top.calibration)
+    check_context(top, [s for s in steps if calibrates(s)])
     for i, step in enumerate(steps):
         if getattr(step.cls, "last_only", False) and i != len(steps) - 1:
             raise ConfigError(f"pipeline[{i}]", step.name, f"must be the last stage; {top.pipeline[i + 1 :]} follow it")
@@ -262,3 +277,43 @@ def validate(cfg: DictConfig | dict) -> Recipe:
         if why:
             raise ConfigError(f"pipeline[{i}]", step.name, f"cannot follow {top.pipeline[:i]}: {why}")
     return Recipe(top=top, steps=steps, raw=raw)
+
+
+def calibrates(step: Step) -> bool:
+    """The step uses calibration data through the top-level `calibration` settings (GPTQ, SparseGPT)."""
+    cfg = step.config
+    return "calibration" in type(cfg).model_fields and (
+        getattr(cfg, "method", None) == "gptq" or getattr(cfg, "criterion", None) == "sparsegpt"
+    )
+
+
+def with_calibration(step: Step, calibration: CalibrationSettings) -> None:
+    """Give a stage that takes `calibration` the top-level settings. The stage's own older keys, where the
+    recipe sets them, still win: quantize's `calibration_samples` (samples) and `sequential`."""
+    cfg = step.config
+    if not calibrates(step):  # other methods' settings (and so their cache keys) stay as they were
+        return
+    own = {"samples": "calibration_samples", "sequential": "sequential"}
+    merged = calibration.model_copy(
+        update={new: getattr(cfg, old) for new, old in own.items() if old in cfg.model_fields_set}
+    )
+    step.config = cfg.model_copy(update={"calibration": merged})
+
+
+def check_context(top: TopLevel, steps: list[Step]) -> None:
+    """Calibration sequences longer than the model's context (its config.json's max_position_embeddings) are
+    refused before anything is built: the sequences are min(calibration.seq_len, data.max_length) tokens."""
+    if not steps or top.model.get("_target_") not in DTYPE_BUILDERS or not top.model.get("path"):
+        return
+    from lwpipe.models.hf import context_length
+
+    context = context_length(top.model["path"])
+    longest = min(top.calibration.seq_len, top.data.get("max_length") or top.calibration.seq_len)
+    if context is not None and longest > context:
+        raise ConfigError(
+            "calibration.seq_len",
+            top.calibration.seq_len,
+            f"calibration sequences of {longest} tokens (min of calibration.seq_len and data.max_length="
+            f"{top.data.get('max_length')}) are longer than the model's context of {context} tokens; "
+            f"set calibration.seq_len and data.max_length to at most {context}",
+        )

@@ -50,6 +50,20 @@ def model_dir(path: str | None, key: str = "model.path") -> Path:
     return p
 
 
+def context_length(path: str) -> int | None:
+    """The longest input the model in `path` takes (its config.json's max_position_embeddings, n_positions or
+    max_sequence_length); None when the directory or the key is missing (the loader names a bad path)."""
+    p = Path(str(path)).expanduser() / "config.json"
+    try:
+        config = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(config.get(key), int) and not isinstance(config.get(key), bool):
+            return config[key]
+    return None
+
+
 def auto_class(task: str) -> str:
     if task not in AUTO_CLASSES:
         raise ConfigError("task.name", task, f"model=hf serves the tasks {', '.join(AUTO_CLASSES)}")

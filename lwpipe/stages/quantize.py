@@ -46,8 +46,9 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from lwpipe import gptq
+from lwpipe.blockwise import Calibrator, calibration_batches
 from lwpipe.calibration import task_forward
-from lwpipe.config import Strict, TrainSettings
+from lwpipe.config import CalibrationSettings, Strict, TrainSettings
 from lwpipe.constraints import (
     NORMS,
     check_layer_patterns,
@@ -120,6 +121,7 @@ class QuantizeConfig(Strict):
     block: int = Field(128, ge=1, le=1 << 20)  # gptq: columns per lazy-update block
     act_order: bool = False  # gptq: columns in order of decreasing H_jj
     sequential: bool = True  # gptq: block by block, each calibrated on the blocks before
+    calibration: CalibrationSettings | None = None  # gptq: the top-level `calibration` (config.validate fills it)
     finetune: TrainSettings = TrainSettings()  # quantization-aware, through the STE
 
     @field_validator("bits", mode="before")
@@ -605,19 +607,27 @@ class Quantize:
     def order(self, model: nn.Module, settings: dict[str, LayerQuant]) -> list[list[str]]:
         """The layers to quantize, in groups: one group (rtn), or block by block (gptq with sequential)."""
         names = [n for n, _ in compressible_layers(model) if not settings[n].skip]
-        if self.cfg.method != "gptq" or not self.cfg.sequential:
+        if self.cfg.method != "gptq":
             return [names]
-        return gptq.sequential_groups(names, [b for b, _ in gptq.find_blocks(model)])
+        self.calibrator = Calibrator(model, self.calibration(), strict=self.cfg.calibration is not None)
+        return self.calibrator.groups(names)
+
+    def calibration(self) -> CalibrationSettings:
+        """The top-level calibration settings; a config built without them (in code): the stage's own keys."""
+        cfg = self.cfg
+        return cfg.calibration or CalibrationSettings(
+            samples=cfg.calibration_samples, seq_len=1 << 20, sequential=cfg.sequential
+        )
 
     def hessians(self, model: nn.Module, ctx: Context, names: list[str]) -> dict[str, torch.Tensor]:
-        """method: gptq: the input Hessians of the GPTQ-able layers among `names`, from `calibration_samples`
-        training examples, through the model as it is now (earlier groups already quantized)."""
+        """method: gptq: the input Hessians of the GPTQ-able layers among `names`, from `calibration.samples`
+        training examples, through the model as it is now (earlier groups already quantized; a block's from
+        the carried outputs of the blocks before it, lwpipe/blockwise.py)."""
         layers = {n: m for n, m in compressible_layers(model) if n in names and gptq.supports(m)}
         if not layers:
             return {}
-        bs = self.cfg.finetune.batch_size or ctx.batch_size
-        batches = ctx.calibration_batches(math.ceil(self.cfg.calibration_samples / bs), batch_size=bs)
-        hs, seen = gptq.input_hessians(model, layers, batches, task_forward(ctx))
+        batches = calibration_batches(ctx, self.calibration(), self.cfg.finetune.batch_size or ctx.batch_size)
+        hs, seen = self.calibrator.hessians(layers, batches, task_forward(ctx))
         if not seen:
             raise ConfigError(
                 f"stages.{ctx.stage or 'quantize'}.method",
