@@ -33,9 +33,10 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from lwpipe import entropy_prune, gptq, structured
+from lwpipe.blockwise import calibration_batches
 from lwpipe.bn import recalibrate_bn
 from lwpipe.calibration import input_channel_norms, task_forward, wanda_scores
-from lwpipe.config import Strict, TrainSettings
+from lwpipe.config import CalibrationSettings, Strict, TrainSettings
 from lwpipe.constraints import (
     check_layer_patterns,
     compressible_layers,
@@ -79,6 +80,7 @@ class PruneConfig(Strict):
     untraceable: Literal["error", "mask"] = "error"  # structured on a model torch.fx cannot trace
     keep: list[Literal["embeddings", "output_head"]] = []  # layer kinds left unpruned (a `layers` entry overrides)
     damp: float = Field(0.01, gt=0, le=1)  # sparsegpt: H + damp x mean(diag H) x I
+    calibration: CalibrationSettings | None = None  # sparsegpt: the top-level samples / seq_len (config.validate)
     block: int = Field(128, ge=1, le=1 << 20)  # sparsegpt: columns whose mask is chosen together
     finetune: TrainSettings = TrainSettings()  # after each pruning step
     # criterion=entropy (lwpipe/variational.py): score, KL weight and its warm-up (epochs), the variational
@@ -390,6 +392,9 @@ class Prune:
                 scores = gradient_scores(model, batches, list(mods.values()), ctx.loss, self.cfg.criterion)
             return dict(zip(mods, scores)), None
         if self.cfg.criterion == "sparsegpt":
+            if self.cfg.calibration is not None and "calibration_batches" not in self.cfg.model_fields_set:
+                # calibration.samples texts of calibration.seq_len tokens (the stage's calibration_batches wins)
+                batches = calibration_batches(ctx, self.cfg.calibration, ctx.batch_size)()
             hs, seen = gptq.input_hessians(
                 model, {n: m for n, m in mods.items() if gptq.supports(m)}, batches, task_forward(ctx)
             )
