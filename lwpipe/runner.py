@@ -442,6 +442,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         checkpoint.atomic_write(
             run_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2))
         )
+        provenance.record_peak_rss(run_dir)  # run_info.json's peak_rss_bytes: the process's peak so far
         return final
     finally:
         stage_cache.release()  # a stage that failed: jobs waiting for it compute it themselves

@@ -1,5 +1,7 @@
 """calibration: the top-level settings, their errors, and block-sequential Hessians from carried inputs."""
 
+import json
+
 import pytest
 import torch
 
@@ -127,3 +129,17 @@ def test_gptq_w4_with_named_blocks_runs_and_uses_the_calibration_samples(files, 
     end = [r for r in records if r["event"] == "stage_end"][0]
     assert end["gptq_error"] and end["gptq_rounded_layers"] == []
     assert final["perplexity"] < 2 * records[0]["perplexity"]
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert 10 * 2**20 < info["peak_rss_bytes"] < 2**40  # the process's peak resident memory, in bytes
+
+
+def test_causal_lm_evaluation_in_row_chunks_gives_the_same_figures(files, monkeypatch):
+    import lwpipe.tasks.causal_lm as clm
+
+    model = load_hf(str(files["llama"]), "causal_lm")
+    data = batches(2, 12)
+    whole, pred = CausalLM().evaluate(model, data)
+    monkeypatch.setattr(clm, "LOGITS_ELEMENTS", 12 * model.config.vocab_size)  # one row at a time
+    assert [len(c["input_ids"]) for c in clm.row_chunks(data[0], model.config.vocab_size)] == [1, 1]
+    chunked, pred2 = CausalLM().evaluate(model, data)
+    assert torch.equal(pred, pred2) and chunked["loss"] == pytest.approx(whole["loss"], rel=1e-5)
