@@ -131,7 +131,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--keep", help="a directory to work in (and keep) instead of a temporary one")
+    p.add_argument("--smoke", action="store_true", help="a 2-layer model of width 128: checks the script only")
     a = p.parse_args()
+    if a.smoke:
+        SHAPE.update(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        SHAPE.update(intermediate_size=256, vocab_size=2000)
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(a.keep or tmp)
         scratch.mkdir(parents=True, exist_ok=True)
