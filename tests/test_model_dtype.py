@@ -128,3 +128,16 @@ def test_bf16_on_a_gpu_that_cannot_compute_it_is_refused_before_loading(files, m
         torch.float32
     )
     assert next(load_hf(str(files["bf16"]), "causal_lm", device="cpu").parameters()).dtype == torch.bfloat16
+
+
+def test_a_sentence_model_is_loaded_in_model_dtype_and_rebuilt_in_it(tmp_path):
+    from lwpipe.models.sentence import from_config, load_sentence_transformer
+    from tests.hf_helpers import save_sentence_model
+
+    path = save_sentence_model(tmp_path / "st")
+    model = load_sentence_transformer(str(path), dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    rebuild = {k: v for k, v in model.lwpipe_rebuild.items() if k != "_target_"}
+    assert rebuild["dtype"] == "bfloat16"
+    assert {p.dtype for p in from_config(**rebuild).parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in load_sentence_transformer(str(path)).parameters()} == {torch.float32}  # auto
