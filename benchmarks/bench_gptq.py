@@ -74,7 +74,7 @@ def cosine(
         "stages.quantize.norms=float32",
         "++stages.quantize.granularity=per_channel",
         f"++stages.quantize.method={method}",
-        f"++stages.quantize.calibration_samples={samples}",
+        f"calibration.samples={samples}",
         "quiet=true",
         f"data.train={files[0]}",
         f"data.test={files[1]}",

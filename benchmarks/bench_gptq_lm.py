@@ -111,7 +111,6 @@ def main() -> None:
                     "stages.quantize.method=rtn",
                     "~stages.quantize.damp",
                     "~stages.quantize.act_order",
-                    "~stages.quantize.sequential",
                 ],
             ),
             ("gptq_w4", "gptq_w4", []),

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from lwpipe import registry
 from lwpipe.errors import ConfigError, LwpipeError
-from lwpipe.settings import Strict, TrainSettings  # noqa: F401  (re-exported: stages and plugins import them here)
+from lwpipe.settings import CalibrationSettings, Strict, TrainSettings  # noqa: F401  (re-exported)
 from lwpipe.tasks import TASK_METRICS
 
 
@@ -66,6 +66,10 @@ Objective = Literal[
 ]
 
 
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")  # model.dtype: what the model is loaded and kept in
+DTYPE_BUILDERS = ("lwpipe.models.hf.load_hf", "lwpipe.models.sentence.load_sentence_transformer")
+
+
 class TopLevel(Strict):
     name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a folder name under outputs/runs
     seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -82,6 +86,7 @@ class TopLevel(Strict):
     quiet: bool = False  # the console logger's switch (recipes/logger/default.yaml)
     measure: MeasureSettings = MeasureSettings()
     cache: CacheSettings = CacheSettings()  # `cache=false` is short for cache.enabled=false
+    calibration: CalibrationSettings = CalibrationSettings()  # one-shot methods' data, given to their stages
     objective: list[Objective] = Field(["accuracy"], min_length=1, max_length=6)
 
     @field_validator("cache", mode="before")
@@ -215,6 +220,10 @@ def validate(cfg: DictConfig | dict) -> Recipe:
     for key in ("model", "data"):
         if "_target_" not in getattr(top, key):
             raise ConfigError(f"{key}._target_", None, f"required: the import path of the {key} builder")
+    if top.model.get("_target_") in DTYPE_BUILDERS and top.model.get("dtype", "auto") not in MODEL_DTYPES:
+        raise ConfigError(
+            "model.dtype", top.model["dtype"], f"allowed: {', '.join(MODEL_DTYPES)} (auto: the checkpoint's own)"
+        )
 
     # every stage entry must resolve, even those not in the pipeline: a typo is a typo
     steps_by_name = {name: _stage_config(name, s) for name, s in top.stages.items()}
@@ -230,7 +239,50 @@ def validate(cfg: DictConfig | dict) -> Recipe:
                 name,
                 f"no settings under stages.{name} and no stage plugin of that name; {registry.suggest(name)}",
             )
+    for step in {id(s): s for s in [*steps, *steps_by_name.values()]}.values():
+        with_calibration(step, top.calibration)
+    check_context(top, [s for s in steps if calibrates(s)])
     from lwpipe.stages import order  # the stages import this module
 
     order.check(steps, list(top.pipeline))
     return Recipe(top=top, steps=steps, raw=raw)
+
+
+def calibrates(step: Step) -> bool:
+    """The step uses calibration data through the top-level `calibration` settings (GPTQ, SparseGPT)."""
+    cfg = step.config
+    return "calibration" in type(cfg).model_fields and (
+        getattr(cfg, "method", None) == "gptq" or getattr(cfg, "criterion", None) == "sparsegpt"
+    )
+
+
+def with_calibration(step: Step, calibration: CalibrationSettings) -> None:
+    """Give a stage that takes `calibration` the top-level settings. The stage's own older keys, where the
+    recipe sets them, still win: quantize's `calibration_samples` (samples) and `sequential`."""
+    cfg = step.config
+    if not calibrates(step):  # other methods' settings (and so their cache keys) stay as they were
+        return
+    own = {"samples": "calibration_samples", "sequential": "sequential"}
+    merged = calibration.model_copy(
+        update={new: getattr(cfg, old) for new, old in own.items() if old in cfg.model_fields_set}
+    )
+    step.config = cfg.model_copy(update={"calibration": merged})
+
+
+def check_context(top: TopLevel, steps: list[Step]) -> None:
+    """Calibration sequences longer than the model's context (its config.json's max_position_embeddings) are
+    refused before anything is built: the sequences are min(calibration.seq_len, data.max_length) tokens."""
+    if not steps or top.model.get("_target_") not in DTYPE_BUILDERS or not top.model.get("path"):
+        return
+    from lwpipe.models.hf import context_length
+
+    context = context_length(top.model["path"])
+    longest = min(top.calibration.seq_len, top.data.get("max_length") or top.calibration.seq_len)
+    if context is not None and longest > context:
+        raise ConfigError(
+            "calibration.seq_len",
+            top.calibration.seq_len,
+            f"calibration sequences of {longest} tokens (min of calibration.seq_len and data.max_length="
+            f"{top.data.get('max_length')}) are longer than the model's context of {context} tokens; "
+            f"set calibration.seq_len and data.max_length to at most {context}",
+        )

@@ -55,6 +55,41 @@ def input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+class HessianSums:
+    """Running H = 2/n X^T X per layer, in float32 whatever the model's dtype; `add` takes one input."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, module: nn.Module, x: torch.Tensor, real: torch.Tensor | None = None) -> None:
+        """`real`: the batch's attention mask; positions it marks as padding are left out of inputs shaped
+        [batch, tokens, features]."""
+        x = x.detach()
+        if real is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(real.shape):
+            x = x[real.to(x.device)]
+        cols = input_columns(module, x).float()
+        xtx = cols.t() @ cols
+        self.sums[name] = xtx if name not in self.sums else self.sums[name].add_(xtx)
+        self.counts[name] = self.counts.get(name, 0) + cols.shape[0]
+
+    def hook(self, name: str, module: nn.Module, mask: list):
+        """A forward pre-hook (with kwargs) adding the layer's input; mask[0] is the current batch's mask."""
+
+        def gather(_module, args, kwargs):
+            self.add(name, module, args[0] if args else next(iter(kwargs.values())), mask[0])
+
+        return gather
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {n: s.mul_(2.0 / max(self.counts[n], 1)) for n, s in self.sums.items()}
+
+
+def batch_mask(batch) -> torch.Tensor | None:
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    return mask.bool() if mask is not None else None
+
+
 @torch.no_grad()
 def input_hessians(
     model: nn.Module, layers: dict[str, nn.Module], batches: Iterable, forward: Forward = default_forward
@@ -64,29 +99,13 @@ def input_hessians(
 
     One [inputs x inputs] matrix per layer is alive at a time of the pass: memory is the layers'
     Hessians plus one batch's activations."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    tokens: list[torch.Tensor | None] = [None]  # the batch's attention mask: padding is no calibration data
-
-    def hook(name: str, module: nn.Module):
-        def gather(_module, args, kwargs):
-            x = (args[0] if args else next(iter(kwargs.values()))).detach()
-            real = tokens[0]
-            if real is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(real.shape):
-                x = x[real.to(x.device)]
-            cols = input_columns(module, x).float()
-            xtx = cols.t() @ cols
-            sums[name] = xtx if name not in sums else sums[name].add_(xtx)
-            counts[name] = counts.get(name, 0) + cols.shape[0]
-
-        return gather
+    sums, mask = HessianSums(), [None]
 
     def note_mask(batch) -> None:
-        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        tokens[0] = mask.bool() if mask is not None else None
+        mask[0] = batch_mask(batch)
 
-    seen = gather_inputs(model, layers, hook, batches, forward, note_mask)
-    return {n: s.mul_(2.0 / max(counts[n], 1)) for n, s in sums.items()}, seen
+    seen = gather_inputs(model, layers, lambda n, m: sums.hook(n, m, mask), batches, forward, note_mask)
+    return sums.result(), seen
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:

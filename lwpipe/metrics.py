@@ -25,25 +25,37 @@ def evaluate(model: nn.Module, loader: Iterable, reference=None, task=None) -> t
 def measure(model: nn.Module) -> dict:
     """Size statistics of the weights the model actually computes with.
 
-    Every parameter counts, once (a tied weight once, a parametrized one as the value it computes),
-    so `sparsity` is the share of zeros over the whole model: untouched tensors (embeddings a recipe
-    skips, norms, biases) lower it. Tensors are computed one at a time, never the whole model at once.
+    `dense_bytes` are the model's bytes in its own dtype (`dense_dtype`: the dtype of most of them), the
+    bytes every record's compression_ratio divides. Every parameter counts, once (a tied weight once, a
+    parametrized one as the value it computes), so `sparsity` is the share of zeros over the whole model:
+    untouched tensors (embeddings a recipe skips, norms, biases) lower it. Tensors are computed one at a
+    time, never the whole model at once.
     """
     modules = dict(model.named_modules())
     n_params = nonzero = 0
+    bytes_by_dtype: dict[torch.dtype, int] = {}
     for name in parameter_shapes(model):
         owner, _, attr = name.rpartition(".")
         v = getattr(modules[owner], attr)
         n_params += v.numel()
         nonzero += int(v.count_nonzero())
+        bytes_by_dtype[v.dtype] = bytes_by_dtype.get(v.dtype, 0) + v.numel() * v.element_size()
     max_unique = max((distinct_nonzero(m) for _, m in compressible_layers(model)), default=0)
     return {
         "params": n_params,
         "nonzero_params": nonzero,
         "sparsity": 1 - nonzero / n_params if n_params else 0.0,
         "max_unique_weights": max_unique,
-        "dense_bytes": 4 * n_params,
+        "dense_bytes": sum(bytes_by_dtype.values()),  # in the model's own dtype(s): a bf16 model's are 2 a parameter
+        "dense_dtype": dtype_name(bytes_by_dtype),
+        # compression_ratio is the input model's dense_bytes (in dense_dtype) over model.lwp's bytes
+        "compression_ratio_against": f"input model's {dtype_name(bytes_by_dtype)} bytes",
     }
+
+
+def dtype_name(bytes_by_dtype: dict) -> str:
+    """The dtype of most of the parameter bytes ("bfloat16"); "float32" for a model without parameters."""
+    return str(max(bytes_by_dtype, key=bytes_by_dtype.get)).removeprefix("torch.") if bytes_by_dtype else "float32"
 
 
 def distinct_nonzero(m: nn.Module) -> int:

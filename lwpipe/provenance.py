@@ -67,3 +67,19 @@ def write_run_files(run_dir: Path, recipe) -> None:
     checkpoint.atomic_write(run_dir / "recipe.yaml", lambda tmp: Path(tmp).write_text(text))
     info = json.dumps(run_info(recipe), indent=2)
     checkpoint.atomic_write(run_dir / "run_info.json", lambda tmp: Path(tmp).write_text(info))
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (getrusage: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def record_peak_rss(run_dir: Path) -> None:
+    """Add the process's peak RSS so far to run_info.json (`peak_rss_bytes`), at the end of a run."""
+    path = Path(run_dir) / "run_info.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    info["peak_rss_bytes"] = peak_rss_bytes()
+    checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))

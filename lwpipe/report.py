@@ -30,7 +30,7 @@ import yaml
 
 from lwpipe.errors import LwpipeError
 from lwpipe.loggers.console import format_quality, headline
-from lwpipe.report_plot import OPTIONAL, draw, fmt, human_bytes, short_name, title  # noqa: F401  (re-exported)
+from lwpipe.report_plot import OPTIONAL, draw, fmt, human_bytes, short_dtype, short_name, title  # noqa: F401  (re-exported)
 
 log = logging.getLogger("lwpipe")
 
@@ -89,7 +89,7 @@ def report_data(run_dir: str | Path, summary: dict | None = None) -> dict:
     base = next((r for r in records if r["event"] == "baseline"), records[0])
     ends = [r for r in records if r["event"] == "stage_end"]
     metric = headline(base)[0]
-    sizes = [("input (fp32)", base.get("dense_bytes"))]
+    sizes = [(f"input ({short_dtype(base)})", base.get("dense_bytes"))]
     sizes += [(r["stage"], r.get("compressed_bytes")) for r in ends]
     final = summary["final"] if summary else None
     if final and (run_dir / "model.lwp").is_file():

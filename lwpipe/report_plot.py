@@ -189,6 +189,12 @@ def draw(d: dict, path: Path) -> None:
     fig.savefig(path, format="png", dpi=100)
 
 
+def short_dtype(record: dict) -> str:
+    """The input model's dtype as the report names it: fp32, bf16, fp16 (records before dense_dtype: fp32)."""
+    name = record.get("dense_dtype", "float32")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)
+
+
 def title(d: dict, picture: bool = True) -> str:
     """The heading: the picture names the recipe and seed, report.md the run directory."""
     name = d["run_dir"].name if d["run_dir"].name else str(d["run_dir"])
@@ -200,7 +206,7 @@ def title(d: dict, picture: bool = True) -> str:
     )
     if last.get("compressed_bytes"):
         text += (
-            f", {human_bytes(base['dense_bytes'])} fp32 -> {human_bytes(last['compressed_bytes'])} "
+            f", {human_bytes(base['dense_bytes'])} {short_dtype(base)} -> {human_bytes(last['compressed_bytes'])} "
             f"({base['dense_bytes'] / last['compressed_bytes']:.1f}x smaller)"
         )
     text += "" if d["finished"] else "  [run did not finish]"

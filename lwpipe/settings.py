@@ -24,3 +24,14 @@ class TrainSettings(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0, le=1)
     batch_size: int | None = Field(None, ge=1, le=1 << 20)
+
+
+class CalibrationSettings(Strict):
+    """One-shot methods' calibration data (quantize method: gptq, prune criterion: sparsegpt): `samples` texts
+    or examples of data.train, each at most `seq_len` tokens; `sequential`: block by block (lwpipe/blockwise.py),
+    the blocks being `blocks` (a ModuleList's qualified name, "model.layers") or found by structure."""
+
+    samples: int = Field(128, ge=1, le=1_000_000)
+    seq_len: int = Field(512, ge=1, le=1 << 20)
+    blocks: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9_.]+$")
+    sequential: bool = True

@@ -16,7 +16,7 @@ SMALL = [
     "data.max_length=16",
     "eval.batch_size=16",
     "stages.quantize.group_size=16",
-    "stages.quantize.calibration_samples=32",
+    "calibration.samples=32",
 ]
 
 

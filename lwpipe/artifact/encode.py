@@ -182,7 +182,8 @@ def encode_layer(name: str, module: nn.Module, c: Compressed, streams: StreamWri
     if levels is not None:
         streams.symbols(kept(levels) - c.qmin, f"{name} levels")
     else:  # no grid, or one whose levels are not integers (a fractional zero point): the values themselves
-        entry["values"] = put(torch.from_numpy(kept(weight)), streams, raw, f"{name} values")
+        flat = weight.reshape(-1).cpu()  # in torch: numpy has no bf16
+        entry["values"] = put(flat if keep is None else flat[torch.from_numpy(keep)], streams, raw, f"{name} values")
     return entry
 
 
@@ -223,5 +224,6 @@ def encode_grid(c: Compressed, streams: StreamWriter, raw: bytearray, name: str)
 
 
 def size_metrics(size: int, dense_bytes: int) -> dict:
-    """The metrics record's size fields: bytes of model.lwp, and dense float32 bytes / those bytes."""
+    """The metrics record's size fields: bytes of model.lwp, and the input model's dense bytes (in its own dtype,
+    the record's dense_dtype) / those bytes."""
     return {"compressed_bytes": size, "compression_ratio": dense_bytes / size}

@@ -168,8 +168,11 @@ def check_layer(e, i: int, budget: int) -> int:
         raise HeaderError(
             f"{what} has dtype {e.get('dtype')!r}; a compressed layer is one of {', '.join(LAYER_DTYPES)}"
         )
-    if e.get("shared") is not None and e["dtype"] != "float32":
-        raise HeaderError(f"{what} has dtype {e['dtype']!r}; a shared layer computes from a float32 codebook")
+    if e.get("shared") is not None and e["dtype"] not in ("float32", "bfloat16", "float16"):
+        raise HeaderError(
+            f"{what} has dtype {e['dtype']!r}; a shared layer computes from a float32 codebook, in float32, "
+            f"bfloat16 or float16"
+        )
     if e.get("mask") is not None:
         m = _dict(e["mask"], f"{what} mask")
         nnz = _int(m.get("nnz"), f"{what} kept weights", 0, numel)

@@ -22,6 +22,7 @@ AUTO_CLASSES = {
     "causal_lm": "AutoModelForCausalLM",
     "embedding": "AutoModel",
 }
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -49,17 +50,38 @@ def model_dir(path: str | None, key: str = "model.path") -> Path:
     return p
 
 
+def context_length(path: str) -> int | None:
+    """The longest input the model in `path` takes (its config.json's max_position_embeddings, n_positions or
+    max_sequence_length); None when the directory or the key is missing (the loader names a bad path)."""
+    p = Path(str(path)).expanduser() / "config.json"
+    try:
+        config = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(config.get(key), int) and not isinstance(config.get(key), bool):
+            return config[key]
+    return None
+
+
 def auto_class(task: str) -> str:
     if task not in AUTO_CLASSES:
         raise ConfigError("task.name", task, f"model=hf serves the tasks {', '.join(AUTO_CLASSES)}")
     return AUTO_CLASSES[task]
 
 
-def load_hf(path: str | None = None, task: str = "text_classification", num_labels: int | None = None) -> nn.Module:
-    """The model in `path` (local files only), with the head `task` needs."""
+def load_hf(
+    path: str | None = None,
+    task: str = "text_classification",
+    num_labels: int | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+) -> nn.Module:
+    """The model in `path` (local files only), with the head `task` needs, in `dtype` (auto: the checkpoint's)."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # one "Loading weights" bar per load is noise in a run log
+    check_dtype_name(dtype)
     p = model_dir(path)
     try:
         config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
@@ -79,6 +101,7 @@ def load_hf(path: str | None = None, task: str = "text_classification", num_labe
     if num_labels is not None and task == "text_classification" and num_labels != config.num_labels:
         kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}  # a new head of that size
     cls = getattr(transformers, auto_class(task))
+    kwargs["dtype"] = model_dtype(config, dtype, device)
     try:
         model = cls.from_pretrained(str(p), local_files_only=True, **kwargs)
     except Exception as e:
@@ -88,6 +111,54 @@ def load_hf(path: str | None = None, task: str = "text_classification", num_labe
     if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
         model.config.pad_token_id = model.config.eos_token_id  # as data=text pads (GPT-2 has no pad token)
     return with_rebuild(own_memory(model), auto_class(task))
+
+
+def check_dtype_name(dtype: str) -> None:
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError("model.dtype", dtype, f"allowed: auto (the checkpoint's own), {', '.join(DTYPES)}")
+
+
+def model_dtype(config, dtype: str, device: str | None) -> torch.dtype:
+    """The dtype the model is loaded and kept in: `dtype`, or with auto the one its config.json names (float32
+    when it names none). A device that cannot compute it is refused here, before any weight is read."""
+    check_dtype_name(dtype)
+    if dtype == "auto":
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        name = str(stored).removeprefix("torch.") if stored is not None else "float32"
+        dtype = name if name in DTYPES else "float32"
+    check_device(dtype, device)
+    return DTYPES[dtype]
+
+
+def check_device(dtype: str, device: str | None) -> None:
+    """bf16 on a GPU that cannot compute it (before Ampere) is a clear error naming model.dtype, not a kernel
+    failure mid-run. CPUs compute bf16 and fp16 in torch (slowly where they lack the instructions)."""
+    if dtype != "bfloat16" or device not in ("cuda", "auto") or not torch.cuda.is_available():
+        return
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ConfigError(
+            "model.dtype",
+            dtype,
+            f"the device {torch.cuda.get_device_name()} cannot compute {dtype}; use model.dtype=float32 or device=cpu",
+        )
+
+
+def dtype_of(model: nn.Module) -> str:
+    """The name of the dtype most of the model's parameter bytes are in (float32 when it has none)."""
+    sizes: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    return str(max(sizes, key=sizes.get)).removeprefix("torch.") if sizes else "float32"
+
+
+def to_dtype(model: nn.Module, dtype: str | None) -> nn.Module:
+    """Parameters in `dtype` (buffers such as rotary inv_freq keep the dtype they are built in, as
+    from_pretrained leaves them)."""
+    if dtype and dtype != "float32":
+        check_dtype_name(dtype)
+        for p in model.parameters():
+            p.data = p.data.to(DTYPES[dtype])
+    return model
 
 
 @torch.no_grad()
@@ -109,12 +180,16 @@ def with_rebuild(model: nn.Module, auto: str) -> nn.Module:
         "config": json.loads(json.dumps(config)),
         "auto_class": auto,
         "attn_implementation": model.config._attn_implementation,
+        "dtype": dtype_of(model),
     }
     return model.eval()
 
 
-def from_config(config: dict, auto_class: str, attn_implementation: str | None = None) -> nn.Module:
-    """Rebuild a model from its transformers config (as model.lwp stores it); weights come from the file."""
+def from_config(
+    config: dict, auto_class: str, attn_implementation: str | None = None, dtype: str | None = None
+) -> nn.Module:
+    """Rebuild a model from its transformers config (as model.lwp stores it), its parameters in `dtype` (the
+    dtype it was encoded in; files without one: float32); weights come from the file."""
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -130,7 +205,9 @@ def from_config(config: dict, auto_class: str, attn_implementation: str | None =
     model = getattr(transformers, auto_class).from_config(cfg, **kwargs).float()
     if not type(model).__module__.startswith("transformers."):
         raise LwpipeError(f"{type(model).__name__} is not a class of the transformers package")
-    return with_rebuild(model, auto_class)
+    if dtype is not None and dtype not in DTYPES:
+        raise LwpipeError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return with_rebuild(to_dtype(model, dtype), auto_class)
 
 
 def _first(e: Exception) -> str:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lwpipe.errors import ConfigError, LwpipeError
-from lwpipe.models.hf import model_dir, own_memory
+from lwpipe.models.hf import check_dtype_name, model_dir, model_dtype, own_memory
 
 POOLING = ("mean", "cls", "max")
 KNOWN = ("Transformer", "Pooling", "Normalize")
@@ -81,18 +81,25 @@ def read_modules(root: Path, path: str) -> tuple[Path, str, bool]:
     return root / kinds["Transformer"]["path"], modes[0], "Normalize" in kinds
 
 
-def load_sentence_transformer(path: str | None = None, task: str = "embedding") -> nn.Module:
+def load_sentence_transformer(
+    path: str | None = None, task: str = "embedding", dtype: str = "auto", device: str | None = None
+) -> nn.Module:
+    """The encoder in `path`, in `dtype` (auto: the checkpoint's own; lwpipe.models.hf.model_dtype)."""
     import transformers
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel
 
     transformers.utils.logging.disable_progress_bar()
     if task != "embedding":
         raise ConfigError("task", task, "does not fit a sentence-transformers model; use task=embedding")
+    check_dtype_name(dtype)
     root = _exists(path)
     tdir, pooling, normalize = read_modules(root, path)
     model_dir(str(tdir))
     try:
-        transformer = AutoModel.from_pretrained(str(tdir), local_files_only=True)
+        torch_dtype = model_dtype(AutoConfig.from_pretrained(str(tdir), local_files_only=True), dtype, device)
+        transformer = AutoModel.from_pretrained(str(tdir), local_files_only=True, dtype=torch_dtype)
+    except ConfigError:
+        raise
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise ConfigError("model.path", path, f"transformers could not load {tdir}: {first}") from None
@@ -113,6 +120,7 @@ def with_rebuild(model: SentenceEncoder) -> SentenceEncoder:
         "_target_": "lwpipe.models.sentence.from_config",
         "config": inner["config"],
         "attn_implementation": inner["attn_implementation"],
+        "dtype": inner["dtype"],
         "pooling": model.pooling,
         "normalize": model.normalize,
     }
@@ -120,9 +128,14 @@ def with_rebuild(model: SentenceEncoder) -> SentenceEncoder:
 
 
 def from_config(
-    config: dict, pooling: str = "mean", normalize: bool = False, attn_implementation: str | None = None
+    config: dict,
+    pooling: str = "mean",
+    normalize: bool = False,
+    attn_implementation: str | None = None,
+    dtype: str | None = None,
 ) -> SentenceEncoder:
     """Rebuild from the stored transformers config (lwpipe.models.hf.from_config's rules)."""
     from lwpipe.models.hf import from_config as hf_from_config
 
-    return with_rebuild(SentenceEncoder(hf_from_config(config, "AutoModel", attn_implementation), pooling, normalize))
+    inner = hf_from_config(config, "AutoModel", attn_implementation, dtype)
+    return with_rebuild(SentenceEncoder(inner, pooling, normalize))

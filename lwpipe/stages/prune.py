@@ -30,6 +30,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from lwpipe import entropy_prune, gptq, structured
+from lwpipe.blockwise import calibration_batches
 from lwpipe.bn import recalibrate_bn
 from lwpipe.calibration import input_channel_norms, task_forward
 from lwpipe.constraints import (
@@ -56,7 +57,7 @@ from lwpipe.masks import (  # noqa: F401  (re-exported: the stage's math, by its
 )
 from lwpipe.registry import register
 from lwpipe.scoring import gradient_scores, magnitude_scores, taylor_scores, wanda_scores
-from lwpipe.settings import Strict, TrainSettings
+from lwpipe.settings import CalibrationSettings, Strict, TrainSettings
 from lwpipe.stages import order
 from lwpipe.stages.base import Stage
 from lwpipe.stages.prune_checks import check_not_emptied, check_sparsegpt, check_threshold
@@ -87,6 +88,7 @@ class PruneConfig(Strict):
     untraceable: Literal["error", "mask"] = "error"  # structured on a model torch.fx cannot trace
     keep: list[Literal["embeddings", "output_head"]] = []  # layer kinds left unpruned (a `layers` entry overrides)
     damp: float = Field(0.01, gt=0, le=1)  # sparsegpt: H + damp x mean(diag H) x I
+    calibration: CalibrationSettings | None = None  # sparsegpt: the top-level samples / seq_len (config.validate)
     block: int = Field(128, ge=1, le=1 << 20)  # sparsegpt: columns whose mask is chosen together
     finetune: TrainSettings = TrainSettings()  # after each pruning step
     # criterion=entropy (lwpipe/variational.py): score, KL weight and its warm-up (epochs), the variational
@@ -233,6 +235,9 @@ class Prune(Stage):
                 scores = gradient_scores(model, batches, list(mods.values()), ctx.loss, self.cfg.criterion)
             return dict(zip(mods, scores)), None
         if self.cfg.criterion == "sparsegpt":
+            if self.cfg.calibration is not None and "calibration_batches" not in self.cfg.model_fields_set:
+                # calibration.samples texts of calibration.seq_len tokens (the stage's calibration_batches wins)
+                batches = calibration_batches(ctx, self.cfg.calibration, ctx.batch_size)()
             hs, seen = gptq.input_hessians(
                 model, {n: m for n, m in mods.items() if gptq.supports(m)}, batches, task_forward(ctx)
             )
@@ -265,7 +270,7 @@ class Prune(Stage):
         c = constraint(m)
         if c is not None and c.mask is not None:  # already-pruned weights rank lowest, so the mask only shrinks
             s = s.masked_fill_(~c.mask, -1.0)  # s is a fresh tensor
-        return s
+        return s.float()  # a bf16 / fp16 layer's scores ranked in float32 (numpy has no bf16)
 
     @torch.no_grad()
     def _prune_to(

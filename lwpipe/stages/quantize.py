@@ -38,7 +38,6 @@ and biases (running statistics are buffers and stay exact).
 from __future__ import annotations
 
 import logging
-import math
 from typing import Literal
 
 import torch
@@ -52,6 +51,7 @@ from lwpipe.bits_auto import (  # noqa: F401  (kept_count, auto_candidates: re-e
     plan_bits,
     report_allotment,
 )
+from lwpipe.blockwise import Calibrator, calibration_batches
 from lwpipe.calibration import task_forward
 from lwpipe.constraints import (
     NORMS,
@@ -83,7 +83,7 @@ from lwpipe.grid import (  # noqa: F401  (re-exported: the stage's math, by its 
 )
 from lwpipe.metrics import evaluate
 from lwpipe.registry import register
-from lwpipe.settings import Strict, TrainSettings
+from lwpipe.settings import CalibrationSettings, Strict, TrainSettings
 from lwpipe.stages import order
 from lwpipe.stages.base import Stage
 from lwpipe.stages.quantize_checks import (
@@ -141,6 +141,7 @@ class QuantizeConfig(Strict):
     block: int = Field(128, ge=1, le=1 << 20)  # gptq: columns per lazy-update block
     act_order: bool = False  # gptq: columns in order of decreasing H_jj
     sequential: bool = True  # gptq: block by block, each calibrated on the blocks before
+    calibration: CalibrationSettings | None = None  # gptq: the top-level `calibration` (config.validate fills it)
     finetune: TrainSettings = TrainSettings()  # quantization-aware, through the STE
 
     @field_validator("bits", mode="before")
@@ -303,19 +304,27 @@ class Quantize(Stage):
     def order(self, model: nn.Module, settings: dict[str, LayerQuant]) -> list[list[str]]:
         """The layers to quantize, in groups: one group (rtn), or block by block (gptq with sequential)."""
         names = [n for n, _ in compressible_layers(model) if not settings[n].skip]
-        if self.cfg.method != "gptq" or not self.cfg.sequential:
+        if self.cfg.method != "gptq":
             return [names]
-        return gptq.sequential_groups(names, [b for b, _ in gptq.find_blocks(model)])
+        self.calibrator = Calibrator(model, self.calibration(), strict=self.cfg.calibration is not None)
+        return self.calibrator.groups(names)
+
+    def calibration(self) -> CalibrationSettings:
+        """The top-level calibration settings; a config built without them (in code): the stage's own keys."""
+        cfg = self.cfg
+        return cfg.calibration or CalibrationSettings(
+            samples=cfg.calibration_samples, seq_len=1 << 20, sequential=cfg.sequential
+        )
 
     def hessians(self, model: nn.Module, ctx: Context, names: list[str]) -> dict[str, torch.Tensor]:
-        """method: gptq: the input Hessians of the GPTQ-able layers among `names`, from `calibration_samples`
-        training examples, through the model as it is now (earlier groups already quantized)."""
+        """method: gptq: the input Hessians of the GPTQ-able layers among `names`, from `calibration.samples`
+        training examples, through the model as it is now (earlier groups already quantized; a block's from
+        the carried outputs of the blocks before it, lwpipe/blockwise.py)."""
         layers = {n: m for n, m in compressible_layers(model) if n in names and gptq.supports(m)}
         if not layers:
             return {}
-        bs = self.cfg.finetune.batch_size or ctx.batch_size
-        batches = ctx.calibration_batches(math.ceil(self.cfg.calibration_samples / bs), batch_size=bs)
-        hs, seen = gptq.input_hessians(model, layers, batches, task_forward(ctx))
+        batches = calibration_batches(ctx, self.calibration(), self.cfg.finetune.batch_size or ctx.batch_size)
+        hs, seen = self.calibrator.hessians(layers, batches, task_forward(ctx))
         if not seen:
             raise ConfigError(
                 f"stages.{ctx.stage or 'quantize'}.method",

@@ -61,7 +61,7 @@ def share_layer(module: nn.Module, bits: int, init: str = "linear", iters: int =
     if c.mask is None:
         c.set_mask(w != 0)  # zeros (from any source) stay zeros and are not clustered
     # numpy's boolean indexing copies the kept values only; torch's first builds int64 positions (8x the mask)
-    values = torch.from_numpy(w.cpu().numpy()[c.mask.cpu().numpy()])
+    values = torch.from_numpy(w.float().cpu().numpy()[c.mask.cpu().numpy()])  # k-means in float32 (bf16 too)
     del w
     k = 1 << bits
     if values.numel() < 64 * k:  # a codebook near the value count: more centroids than values only cost bytes

@@ -41,8 +41,9 @@ class CausalLM:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable, reference: torch.Tensor | None = None):
         nll, hits, preds = 0.0, 0, []
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         with evaluating(model) as device:
-            for batch in batches:
+            for batch in (part for b in batches for part in row_chunks(b, vocab)):
                 batch = to_device(batch, device)
                 logits, targets = shifted(self.forward(model, batch), batch)
                 nll += F.cross_entropy(logits.float(), targets, reduction="sum").item()
@@ -86,6 +87,19 @@ class CausalLM:
                 f"({config.model_type}) is not a causal (decoder) language model; "
                 "use task=text_classification or task=embedding, or a decoder model",
             )
+
+
+LOGITS_ELEMENTS = 1 << 26  # evaluation's logits at most this many floats at a time (256 MB in float32)
+
+
+def row_chunks(batch: dict, vocab: int | None) -> list[dict]:
+    """The batch split by rows so that one chunk's logits (rows x tokens x vocabulary) stay under
+    LOGITS_ELEMENTS: a large vocabulary never needs a logits tensor for a whole test batch."""
+    rows, tokens = batch["input_ids"].shape[:2]
+    per = max(1, LOGITS_ELEMENTS // max(1, tokens * (vocab or 1)))
+    if per >= rows:
+        return [batch]
+    return [{k: v[i : i + per] for k, v in batch.items()} for i in range(0, rows, per)]
 
 
 def is_causal_lm(config) -> bool:

@@ -204,7 +204,6 @@ BAD_GRIDS = {
     "dtype_int64": (grid_file(dtype="int64", values=(1, 2, 3, 4)), "dtype 'int64'"),
     "dtype_bool": (grid_file(dtype="bool", values=(True, False, True, True)), "dtype 'bool'"),
     "dtype_uint8": (grid_file(dtype="uint8", values=(1, 2, 3, 4)), "dtype 'uint8'"),
-    "shared_float16": (grid_file(dtype="float16", shared=True), "a shared layer computes from a float32"),
     "shared_float64": (grid_file(dtype="float64", shared=True), "a shared layer computes from a float32"),
 }
 
