@@ -151,7 +151,7 @@ def test_cached_stages_are_logged_as_cached(tmp_path, monkeypatch):
 
 def test_a_failing_logger_warns_once_and_the_run_goes_on(tmp_path, caplog):
     caplog.set_level(logging.WARNING, "lwpipe")
-    final, records = run_recipe(FAST + ["+logger.broken._target_=tests.test_loggers.Broken"], tmp_path)
+    final, records = run_recipe(FAST + ["+logger.broken._target_=tests.loggers.test_loggers.Broken"], tmp_path)
     warnings = [r.getMessage() for r in caplog.records if "logger.broken" in r.getMessage()]
     assert len(warnings) == 1 and "tracking server gone" in warnings[0]
     assert (tmp_path / "summary.json").is_file() and records[-1]["stage"] == "prune" and final["event"] == "final"
