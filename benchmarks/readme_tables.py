@@ -1,12 +1,13 @@
-"""Rewrite the README's result tables from real runs of its own recipes, so that they cannot drift.
+"""Rewrite the docs' result tables from real runs of their own recipes, so that they cannot drift.
 
-    python benchmarks/readme_tables.py                    # run every recipe, rewrite README.md
-    python benchmarks/readme_tables.py --check            # run them, exit 1 if README.md differs
-    python benchmarks/readme_tables.py --only default --readme /tmp/README.md
+    python benchmarks/readme_tables.py                    # run every recipe, rewrite the pages holding tables
+    python benchmarks/readme_tables.py --check            # run them, exit 1 if a page differs
+    python benchmarks/readme_tables.py --only default --page /tmp/benchmarks.md
 
-Each table sits between `<!-- readme_tables:NAME -->` and `<!-- /readme_tables:NAME -->` in README.md;
-NAME is a key of TABLES. A table is `summary.json` of `lwpipe recipe=RECIPE cache=false` (seed 0, CPU, one
-thread) run in a temporary directory; the `inspect:` tables are `lwpipe-inspect` of that run's model.lwp.
+Each table sits between `<!-- readme_tables:NAME -->` and `<!-- /readme_tables:NAME -->` in one of the pages
+(docs/*.md and README.md; today all are in docs/benchmarks.md); NAME is a key of TABLES.
+A table is `summary.json` of `lwpipe recipe=RECIPE cache=false` (seed 0, CPU, one thread) run in a temporary
+directory; the `inspect:` tables are `lwpipe-inspect` of that run's model.lwp.
 Everything outside the markers is left as it is (prose quoting a figure must be checked by hand).
 """
 
@@ -57,8 +58,25 @@ def table(summary: dict, with_input: bool) -> str:
 def replace(text: str, name: str, body: str) -> str:
     pattern = marked(name)
     if not pattern.search(text):
-        raise SystemExit(f"readme_tables: README has no markers for {name!r}")
+        raise SystemExit(f"readme_tables: no page has markers for {name!r}")
     return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(3), text, count=1)
+
+
+def pages(only: str | None) -> list[Path]:
+    """The files whose markers are rewritten: --page alone, else every docs page and the README."""
+    return [Path(only)] if only else [*sorted((ROOT / "docs").glob("**/*.md")), ROOT / "README.md"]
+
+
+def rewrite(paths: list[Path], bodies: dict[str, str]) -> dict[Path, tuple[str, str]]:
+    """Each changed or unchanged page's (original, rewritten) text; every table must land in one page."""
+    texts = {path: path.read_text() for path in paths if path.exists()}
+    out = {path: (text, text) for path, text in texts.items()}
+    for name, body in bodies.items():
+        holder = next((path for path, (_, text) in out.items() if marked(name).search(text)), None)
+        if holder is None:
+            raise SystemExit(f"readme_tables: no page has markers for {name!r} (looked in {len(out)} pages)")
+        out[holder] = (out[holder][0], replace(out[holder][1], name, body))
+    return out
 
 
 def run_recipe(recipe: str, work: Path, extra: list[str]) -> Path:
@@ -86,13 +104,12 @@ def inspect_table(run_dir: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    p.add_argument("--page", "--readme", dest="page", help="rewrite this file only (default: docs/*.md, README.md)")
     p.add_argument("--only", nargs="*", help="marker names (default: all)")
     p.add_argument("--check", action="store_true", help="do not write; exit 1 when a table differs")
     p.add_argument("overrides", nargs="*", help="extra lwpipe overrides (for trying the script quickly)")
     a = p.parse_args()
     wanted = set(a.only or list(TABLES) + list(INSPECT))
-    readme = Path(a.readme)
     bodies: dict[str, str] = {}
     runs: dict[str, Path] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,15 +123,15 @@ def main() -> None:
                 bodies[name] = table(summary, TABLES[name][1])
             else:
                 bodies[name] = inspect_table(runs[recipe])
-    # read only now: the runs take minutes, and the README may have been edited meanwhile
-    text = original = readme.read_text()
-    for name, body in bodies.items():
-        text = replace(text, name, body)
+    # read only now: the runs take minutes, and the pages may have been edited meanwhile
+    texts = rewrite(pages(a.page), bodies)
+    differ = [path for path, (before, after) in texts.items() if before != after]
     if a.check:
-        print("README tables are up to date" if text == original else "README tables differ from fresh runs")
-        sys.exit(0 if text == original else 1)
-    readme.write_text(text)
-    print(f"{readme}: {'rewrote' if text != original else 'unchanged'} {', '.join(sorted(wanted))}")
+        print("tables differ from fresh runs in " + ", ".join(map(str, differ)) if differ else "tables are up to date")
+        sys.exit(1 if differ else 0)
+    for path in differ:
+        path.write_text(texts[path][1])
+    print(f"rewrote {', '.join(map(str, differ)) or 'nothing (unchanged)'}: {', '.join(sorted(wanted))}")
 
 
 if __name__ == "__main__":

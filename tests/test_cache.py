@@ -59,6 +59,7 @@ def cached_run(first, tmp_path):
     return go
 
 
+@pytest.mark.slow
 def test_identical_rerun_recomputes_nothing(first, cached_run, tmp_path, monkeypatch):
     cache_dir, first = first
     assert set(cached_steps(first).values()) == {False}
@@ -95,6 +96,7 @@ def test_identical_rerun_recomputes_nothing(first, cached_run, tmp_path, monkeyp
     assert numbers([summary[1]["final"]]) == numbers([summary[0]["final"]])
 
 
+@pytest.mark.slow
 def test_changing_stage_k_recomputes_from_k_on_and_matches_an_uncached_run(cached_run, tmp_path):
     _, changed = cached_run(["stages.share.bits=3"])
     assert cached_steps(changed) == {1: True, 2: True, 3: False, 4: False, 5: False}

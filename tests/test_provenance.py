@@ -74,6 +74,7 @@ def test_rerun_without_a_run_directory_is_a_usage_error(tmp_path):
     assert p.returncode == 2 and "usage: lwpipe-rerun RUN_DIR" in p.stderr
 
 
+@pytest.mark.slow
 def test_rerun_quiet_true_reaches_the_saved_console_logger(past_run, tmp_path):
     """recipe.yaml holds logger.console.quiet resolved to false: quiet=true must still silence the table."""
     run_dir, _ = past_run

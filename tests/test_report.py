@@ -56,6 +56,7 @@ def test_every_run_writes_the_report_from_its_records(run_dir):
     assert all(1 <= x["distinct"] <= 32 for x in d["layers"])  # share's 5-bit codebook: at most 32 values
 
 
+@pytest.mark.slow
 def test_the_report_follows_the_records_not_the_model(run_dir, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
@@ -106,6 +107,7 @@ def test_pareto_labels_are_the_overrides_that_differ():
     assert point_labels(rows[:1]) == ["prune.sparsity=0.8 share.bits=4 seed=0"]
 
 
+@pytest.mark.slow
 def test_a_run_drawing_the_same_picture_copies_it_from_the_cache(tmp_path, monkeypatch):
     cache = [f"cache.dir={tmp_path / 'cache'}"]
     run_recipe(FAST + cache, tmp_path / "first")
@@ -126,6 +128,7 @@ def test_a_run_drawing_the_same_picture_copies_it_from_the_cache(tmp_path, monke
     assert len(list((tmp_path / "cache").glob("*.png"))) == 2
 
 
+@pytest.mark.slow
 def test_a_damaged_cached_picture_is_drawn_again(tmp_path):
     cache = [f"cache.dir={tmp_path / 'cache'}"]
     run_recipe(FAST + cache, tmp_path / "first")

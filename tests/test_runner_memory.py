@@ -58,6 +58,7 @@ def count_clones(monkeypatch) -> list:
     return calls
 
 
+@pytest.mark.slow
 def test_one_shot_run_without_cache_copies_no_model(monkeypatch, tmp_path):
     calls = count_clones(monkeypatch)
     lean, _ = run_recipe(ONE_SHOT, tmp_path / "lean")

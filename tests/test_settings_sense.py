@@ -34,6 +34,7 @@ def test_codebook_is_capped_at_the_layers_distinct_values():
     assert c.centroids.numel() == 8  # not 65,536
 
 
+@pytest.mark.slow
 def test_a_stage_that_makes_the_artifact_larger_is_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lwpipe"):
         run_recipe(

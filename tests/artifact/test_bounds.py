@@ -57,6 +57,7 @@ def test_malformed_tied_maps_are_refused_by_load_and_inspect(tmp_path, capsys, b
     assert exit_.value.code == 2 and word in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_what_is_not_a_regular_file_is_refused_unread(tmp_path, blob):
     """A FIFO hung, /dev/zero and a 4 GiB sparse file ran out of memory; each is now refused before reading."""
     os.mkfifo(tmp_path / "pipe.lwp")
@@ -80,6 +81,7 @@ def test_what_is_not_a_regular_file_is_refused_unread(tmp_path, blob):
             assert got[name][reader].startswith("REFUSED") and word in got[name][reader], (name, got[name])
 
 
+@pytest.mark.slow
 def test_a_body_longer_than_its_header_can_explain_is_refused_before_it_is_read(tmp_path, blob):
     """30 MB of padding behind a 10 KB model reached gigabytes in the bit reader; now the header refuses it."""
     header, body = unpack(blob)
@@ -99,6 +101,7 @@ def test_bytes_left_in_the_bit_section_are_refused(blob):
         read(pack(header, body[:cut] + bytes(range(256)) * 4 + body[cut:]))
 
 
+@pytest.mark.slow
 def test_a_one_symbol_stream_of_a_trillion_levels_is_refused_by_inspect(tmp_path):
     """lwpipe-inspect tried to allocate 7.28 TiB here (np.full) and printed a traceback."""
     got = read_all(tmp_path, {"1e12": forge.memory({}, random.Random(3))})["1e12"]
@@ -138,6 +141,7 @@ def test_a_constructor_failing_without_a_message_is_refused_with_a_reason(tmp_pa
     assert str(e.value).endswith("building the model lwpipe.models.TinyMLP failed: MemoryError")
 
 
+@pytest.mark.slow
 def test_constructor_arguments_are_bounded_before_anything_is_built(tmp_path, blob):
     """blocks: 100000 ran 70 s and 2.5 GB; GPT-2 n_layer 1e5 and num_labels 1e8 ran past 20 s or 2.5 GB."""
     gpt2 = {"model_type": "gpt2", "n_embd": 8, "n_head": 2, "n_layer": 2, "vocab_size": 64, "n_positions": 16}
@@ -202,6 +206,7 @@ def test_exp_golomb_tables_read_in_bulk_across_chunks(k):
         BitReader(b"\xff").read_exp_golomb_many(8 // (k + 1) + 1, k, 2**20)  # one code more than the byte holds
 
 
+@pytest.mark.slow
 def test_a_table_of_two_million_entries_is_read(tmp_path):
     """2^21 frequencies (a 512 KB file): read once, in bulk (the reader took ~10 s a MB, one code at a time)."""
     rng = random.Random(0)

@@ -10,6 +10,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 MINE = ("tied", "memory", "not_regular", "constructor", "table")
 GRID = ("dtype", "grid_shape", "non_finite")  # refused by the grid, dtype and non-finite checks (limits.check_layer)
 
@@ -25,6 +27,7 @@ def fuzz(cases: int, seed: int, *classes: str) -> dict:
     return json.loads(p.stdout)
 
 
+@pytest.mark.slow
 def test_mutated_artifacts_are_refused_or_loaded_within_memory():
     out = fuzz(600, 7, "mutation")
     assert out["unexpected"] == [], out["unexpected"][:3]
@@ -34,6 +37,7 @@ def test_mutated_artifacts_are_refused_or_loaded_within_memory():
     assert out["address_space_limit"] == 3 << 30
 
 
+@pytest.mark.slow
 def test_forged_files_of_every_class_are_refused_or_loaded():
     out = fuzz(40 * len(MINE), 11, *MINE)
     assert out["unexpected"] == [], out["unexpected"][:3]
@@ -44,6 +48,7 @@ def test_forged_files_of_every_class_are_refused_or_loaded():
         assert out["by_class"][kind]["inspect"]["refused"] > 30, (kind, out["by_class"][kind])
 
 
+@pytest.mark.slow
 def test_forged_grids_dtypes_and_non_finite_values_are_refused():
     out = fuzz(30 * len(GRID), 13, *GRID)
     assert out["unexpected"] == [] and out["nonfinite"] == [], (out["unexpected"][:3], out["nonfinite"][:3])

@@ -214,6 +214,7 @@ def half_bias_file(value: float) -> bytes:
     return crafted([], raw=tensor_bytes(bias), tensors=[["0.bias", ["float16"], [2], "float16", "half"]])
 
 
+@pytest.mark.slow
 def test_forged_grids_dtypes_and_values_are_refused_naming_the_layer(tmp_path):
     cases = {name: data for name, (data, _) in BAD_GRIDS.items()}
     cases |= {

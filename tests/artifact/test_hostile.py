@@ -121,6 +121,7 @@ def grid_layer(qmin: int, qmax: int, k: int, zp_levels: int | None = None) -> di
     }
 
 
+@pytest.mark.slow
 def test_hostile_files_are_refused_quickly_within_memory(tmp_path, blob):
     header, body = unpack(blob)
     header["model"]["in_features"] = 5_000_000  # a 1.3 GB first layer, if it were built
@@ -186,6 +187,7 @@ def test_fields_of_the_wrong_type_or_range(blob, field, value):
         read(pack(header, body))
 
 
+@pytest.mark.slow
 def test_inspect_into_a_closed_pipe(tmp_path, blob):
     path = tmp_path / "model.lwp"
     path.write_bytes(blob)

@@ -122,6 +122,7 @@ def teacher_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if "teacher" in r.getMessage() and r.levelname == "WARNING"]
 
 
+@pytest.mark.slow
 def test_an_untrained_default_teacher_is_warned_before_any_work(caplog):
     with caplog.at_level("WARNING", logger="lwpipe"):
         validate(compose_recipe(TINY + ["pipeline=[prune,train,distill]"]))

@@ -30,6 +30,7 @@ torch.save(m(torch.load(x_path)), y_path)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["dense", "sparse", "int8"])
 def test_export_forms_load_without_lwpipe_and_keep_predictions(fmt, tmp_path):
     final, records = run_recipe(
@@ -140,6 +141,7 @@ def test_a_dense_export_holds_the_model_not_the_test_set(tmp_path):
     assert samples < 4_000  # two examples of 8 floats, and the pickle around them
 
 
+@pytest.mark.slow
 def test_export_scores_the_file_against_the_uncompressed_model(tmp_path):
     """export.json and the export stage's record: the loaded file's accuracy, its agreement with the model
     before any compression, and (agreement_with_model) with the compressed model it was made from."""

@@ -110,6 +110,7 @@ def test_a_1x1_convolution_factorizes_like_a_linear(conv):
     )
 
 
+@pytest.mark.slow
 def test_resnet_shortcut_1x1_convs_factorize_and_the_artifact_rebuilds_them(tmp_path):
     from lwpipe.models import ResNet
 

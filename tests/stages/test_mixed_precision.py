@@ -276,6 +276,7 @@ def test_cli_bits_auto_on_the_default_model(tmp_path):
     assert {n: constraint(m).bits for n, m in compressible_layers(loaded)} == quant["bits_allotted"]
 
 
+@pytest.mark.slow
 def test_run_recipe_logs_the_allotment_in_metrics(tmp_path):
     final, records = run_recipe(
         TINY

@@ -56,6 +56,7 @@ def client(store):
     return MlflowClient(tracking_uri=store.as_uri())
 
 
+@pytest.mark.slow
 def test_mlflow_run_has_params_metrics_per_step_and_artifacts(tracked):
     run_dir, store, records = tracked
     c = client(store)
@@ -78,6 +79,7 @@ def test_mlflow_run_has_params_metrics_per_step_and_artifacts(tracked):
     assert {"model.lwp", "summary.json", "recipe.yaml", "metrics.jsonl"} <= names
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")  # MLflow's SQL under SQLAlchemy 2.1
 def test_the_default_store_is_a_database_mlflows_client_reads_without_a_switch(tmp_path, monkeypatch):
     """logger=mlflow alone: sqlite:///outputs/mlflow.db, artifacts in outputs/mlartifacts, no file store."""
@@ -133,6 +135,7 @@ def test_tensorboard_scalars_per_step(tracked):
     assert "prune/accuracy" in ea.Tags()["scalars"]
 
 
+@pytest.mark.slow
 def test_cached_stages_are_logged_as_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     store, cache = tmp_path / "mlruns", f"cache.dir={tmp_path / 'cache'}"
@@ -148,12 +151,13 @@ def test_cached_stages_are_logged_as_cached(tmp_path, monkeypatch):
 
 def test_a_failing_logger_warns_once_and_the_run_goes_on(tmp_path, caplog):
     caplog.set_level(logging.WARNING, "lwpipe")
-    final, records = run_recipe(FAST + ["+logger.broken._target_=tests.test_loggers.Broken"], tmp_path)
+    final, records = run_recipe(FAST + ["+logger.broken._target_=tests.loggers.test_loggers.Broken"], tmp_path)
     warnings = [r.getMessage() for r in caplog.records if "logger.broken" in r.getMessage()]
     assert len(warnings) == 1 and "tracking server gone" in warnings[0]
     assert (tmp_path / "summary.json").is_file() and records[-1]["stage"] == "prune" and final["event"] == "final"
 
 
+@pytest.mark.slow
 def test_mlflow_server_gone_mid_run_warns_once(tmp_path, caplog, monkeypatch):
     """The server answers the start-up check, then goes away: one warning, a complete run directory."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

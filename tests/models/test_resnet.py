@@ -1,5 +1,6 @@
 """The ResNet-style CNN, generated 32x32 colour data, BatchNorm re-estimation and the resnet_cifar_like recipe."""
 
+import pytest
 import torch
 
 import lwpipe
@@ -51,6 +52,7 @@ def test_recalibrate_bn_gives_the_batch_statistics():
     assert not recalibrate_bn(torch.nn.Linear(2, 2), [(x, None)])
 
 
+@pytest.mark.slow
 def test_resnet_recipe_runs_the_chain_and_round_trips(tmp_path):
     final, records = run_recipe(SHRINK, tmp_path)
     stages = [r["stage"] for r in records if r["event"] == "stage_end"]
