@@ -8,7 +8,7 @@ import lwpipe
 from lwpipe.checkpoint import load_state
 from lwpipe.errors import ConfigError, LwpipeError
 from lwpipe.models.hf import load_hf
-from lwpipe.runner import artifact_mismatch
+from lwpipe.verify import artifact_mismatch
 from tests.helpers import run_recipe
 from tests.hf_helpers import make_texts, word_tokenizer, write_txt
 
