@@ -64,7 +64,7 @@ def lwpipe_run(model: Path, calib: Path, test: Path, run_dir: Path, *extra: str)
         "cache=false",
         "logger.console=null",
         "data.max_length=32",
-        "stages.quantize.calibration_samples=64",
+        "calibration.samples=64",
         *extra,
     ]
     subprocess.run([sys.executable, "-m", "lwpipe.cli", *overrides, f"hydra.run.dir={run_dir}"], check=True)

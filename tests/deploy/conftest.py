@@ -10,7 +10,7 @@ SMALL = [
     "data.batch_size=8",
     "data.max_length=16",
     "eval.batch_size=16",
-    "stages.quantize.calibration_samples=16",
+    "calibration.samples=16",
 ]
 
 
