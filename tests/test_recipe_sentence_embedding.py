@@ -27,7 +27,7 @@ def test_the_recipe_is_one_untrained_gptq_quantize_stage_and_the_old_name_is_an_
     for recipe in (new, old):
         (q,) = recipe.steps  # nothing trains: data.train only gives GPTQ its input Hessians
         assert q.type == "quantize" and q.config.finetune.epochs == 0 and q.config.bits == BITS
-        assert (q.config.method, q.config.sequential) == ("gptq", True)
+        assert (q.config.method, q.config.sequential, q.config.act_order) == ("gptq", True, True)
         assert (q.config.step, q.config.granularity) == (STEP, "per_channel")
         assert {k: v.step for k, v in q.config.layers.items()} == {"*word_embeddings": EMBEDDING_STEP}
     assert new.steps[0].config == old.steps[0].config
