@@ -16,7 +16,7 @@ from lwpipe.stages.quantize import std_grid
 from tests.helpers import compose_recipe, run_recipe
 from tests.hf_helpers import make_texts, save_sentence_model, write_txt
 
-EMBEDDING_STEP, STEP, BITS = 0.8, 0.3, 12
+EMBEDDING_STEP, STEP, BITS = 0.8, 0.35, 12
 BOUND = 2 ** (BITS - 1) - 1
 SMALL = ["logger.console=null", "data.max_length=16"]
 
