@@ -1,7 +1,7 @@
 """recipe=sentence_embedding (and its earlier name sentence_embedding_minilm): one quantize stage, no
-calibration, every weight on a per-channel grid whose step is the recipe's multiple of the channel's std;
-on a tiny random BERT sentence model the run's cosine is against the original model and model.lwp decodes
-to the run's model."""
+training, every weight on a per-channel grid whose step is the recipe's multiple of the channel's std, the
+Linear layers' levels chosen by GPTQ from data.train; on a tiny random BERT sentence model the run's cosine
+is against the original model and model.lwp decodes to the run's model."""
 
 import pytest
 import torch
@@ -16,16 +16,18 @@ from lwpipe.stages.quantize import std_grid
 from tests.helpers import compose_recipe, run_recipe
 from tests.hf_helpers import make_texts, save_sentence_model, write_txt
 
-EMBEDDING_STEP, STEP = 0.8, 0.15
+EMBEDDING_STEP, STEP, BITS = 0.8, 0.35, 12
+BOUND = 2 ** (BITS - 1) - 1
 SMALL = ["logger.console=null", "data.max_length=16"]
 
 
-def test_the_recipe_is_one_uncalibrated_quantize_stage_and_the_old_name_is_an_alias():
+def test_the_recipe_is_one_untrained_gptq_quantize_stage_and_the_old_name_is_an_alias():
     new = validate(compose_recipe(["recipe=sentence_embedding", "model.path=DIR"]))
     old = validate(compose_recipe(["recipe=sentence_embedding_minilm", "model.path=DIR"]))
     for recipe in (new, old):
-        (q,) = recipe.steps  # nothing trains: no text of data.train can shape the weights
-        assert q.type == "quantize" and q.config.finetune.epochs == 0 and q.config.bits == 8
+        (q,) = recipe.steps  # nothing trains: data.train only gives GPTQ its input Hessians
+        assert q.type == "quantize" and q.config.finetune.epochs == 0 and q.config.bits == BITS
+        assert (q.config.method, q.config.sequential, q.config.act_order) == ("gptq", True, True)
         assert (q.config.step, q.config.granularity) == (STEP, "per_channel")
         assert {k: v.step for k, v in q.config.layers.items()} == {"*word_embeddings": EMBEDDING_STEP}
     assert new.steps[0].config == old.steps[0].config
@@ -50,9 +52,14 @@ def test_the_recipe_on_a_tiny_sentence_model(recipe, tmp_path):
     final, records = run_recipe(
         [f"recipe={recipe}", f"model.path={st}", f"data.train={train}", f"data.test={test}", *SMALL], run_dir
     )
-    assert [r["stage"] for r in records if r["event"] == "stage_end"] == ["quantize"]
+    (end,) = [r for r in records if r["event"] == "stage_end"]
+    assert end["stage"] == "quantize"
     assert final["metric"] == "cosine" and final["compression_ratio"] > 3
     original = load_sentence_transformer(str(st)).eval()
+    # GPTQ chose the levels of every Linear layer (from data.train); only the embedding tables were rounded
+    linears = {n for n, m in compressible_layers(original) if isinstance(m, torch.nn.Linear)}
+    assert linears and set(end["gptq_error"]) == linears
+    assert end["gptq_rounded_layers"] and all("embeddings" in n for n in end["gptq_rounded_layers"])
     decoded = lwpipe.load(run_dir / "model.lwp").eval()
     batches = load_text(str(train), str(test), str(st), "embedding", label_column=None, max_length=16).test.batches(8)
     task = make_task("embedding")
@@ -66,10 +73,10 @@ def test_the_recipe_on_a_tiny_sentence_model(recipe, tmp_path):
     originals = dict(compressible_layers(original))
     for name, m in compressible_layers(model):
         c, axis = constraint(m), out_axis(m)
-        want_scale = std_grid(originals[name].weight.detach(), expected_step(name), 8, "symmetric", True, axis)[2]
+        want_scale = std_grid(originals[name].weight.detach(), expected_step(name), BITS, "symmetric", True, axis)[2]
         assert c is not None and torch.allclose(c.scale.reshape(-1), want_scale.reshape(-1), rtol=1e-5), name
         q = m.weight.detach() / c.scale
-        assert (q - q.round()).abs().max() < 1e-3 and q.abs().max() <= 127 + 1e-3, name
+        assert (q - q.round()).abs().max() < 1e-3 and q.abs().max() <= BOUND + 1e-3, name
 
 
 @pytest.mark.slow
