@@ -104,8 +104,6 @@ VARIANTS = {
     "the recipe": [],
     "round to nearest (method rtn, step 0.15: the earlier recipe)": [
         "stages.quantize.method=rtn",
-        "~stages.quantize.calibration_samples",
-        "~stages.quantize.sequential",
         "~stages.quantize.damp",
         "~stages.quantize.act_order",
         "stages.quantize.step=0.15",
