@@ -141,3 +141,26 @@ def write_csv(path: Path, rows: list[tuple[str, int]], text: str = "text", label
 def write_txt(path: Path, rows: list[tuple[str, int]]) -> Path:
     path.write_text("\n".join(t for t, _ in rows) + "\n")
     return path
+
+
+def save_llama(path, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok = word_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(cfg).to(dtype).save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path

@@ -14,8 +14,7 @@ from lwpipe.errors import ConfigError
 from lwpipe.models.hf import load_hf
 from lwpipe.tasks.causal_lm import CausalLM
 from tests.helpers import TINY, compose_recipe, run_recipe
-from tests.hf_helpers import make_texts, save_gpt2, word_tokenizer, write_txt
-from tests.test_model_dtype import save_llama
+from tests.hf_helpers import make_texts, save_gpt2, save_llama, word_tokenizer, write_txt
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from lwpipe.errors import ConfigError, LwpipeError
 from lwpipe.models.hf import load_hf
 from lwpipe.verify import artifact_mismatch
 from tests.helpers import run_recipe
-from tests.hf_helpers import make_texts, word_tokenizer, write_txt
+from tests.hf_helpers import make_texts, save_llama, write_txt
 
 SMALL = [
     "cache=false",
@@ -30,29 +30,6 @@ PIPELINES = {
         " finetune: {epochs: 0}}",
     ],
 }
-
-
-def save_llama(path, dtype=torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path.mkdir(parents=True, exist_ok=True)
-    tok = word_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(cfg).to(dtype).save_pretrained(str(path))
-    tok.save_pretrained(str(path))
-    return path
 
 
 @pytest.fixture(scope="module")

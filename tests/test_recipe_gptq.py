@@ -6,7 +6,7 @@ import torch
 import lwpipe
 from lwpipe.constraints import compressible_layers, constraint
 from tests.helpers import run_recipe
-from tests.hf_helpers import make_texts, save_gpt2, word_tokenizer, write_txt
+from tests.hf_helpers import make_texts, save_gpt2, save_llama, word_tokenizer, write_txt
 
 pytestmark = pytest.mark.slow
 SMALL = [
@@ -18,29 +18,6 @@ SMALL = [
     "stages.quantize.group_size=16",
     "calibration.samples=32",
 ]
-
-
-def save_llama(path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path.mkdir(parents=True, exist_ok=True)
-    tok = word_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(str(path))
-    tok.save_pretrained(str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +79,6 @@ def test_a_bf16_checkpoint_stays_bf16_through_gptq_w4_and_its_file(files, tmp_pa
 
     bf16 = tmp_path / "llama-bf16"
     LlamaForCausalLM.from_pretrained(str(files["llama"])).to(torch.bfloat16).save_pretrained(str(bf16))
-    from tests.hf_helpers import word_tokenizer
 
     word_tokenizer().save_pretrained(str(bf16))
     final, records = run_recipe(

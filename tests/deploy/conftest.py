@@ -2,8 +2,7 @@
 
 import pytest
 
-from tests.hf_helpers import make_texts, save_bert, save_gpt2, write_csv, write_txt
-from tests.test_recipe_gptq import save_llama
+from tests.hf_helpers import make_texts, save_bert, save_gpt2, save_llama, write_csv, write_txt
 
 SMALL = [
     "logger.console=null",
