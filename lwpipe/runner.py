@@ -280,6 +280,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
         device=device,
         task=task,
     )
+    ctx.measure = top.measure  # export's deployable forms time themselves with these settings
     check_fit(model, ctx, top)
     speed.check_settings(top.measure, ctx)
     for s in recipe.steps:  # settings that name layers are checked before any work
