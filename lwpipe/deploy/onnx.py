@@ -11,6 +11,7 @@ timed at batch 1 and the measured batch next to PyTorch fp32.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import tempfile
 from pathlib import Path
@@ -42,7 +43,7 @@ def check_model(cfg, model: nn.Module, path: str) -> None:
 
 
 @torch.no_grad()
-def layer_levels(model: nn.Module) -> dict:
+def layer_levels(model: nn.Module, float_layers=()) -> dict:
     """name -> (kind, effective weight, int8 levels, per-output-channel scales, out axis) for each layer on
     a symmetric grid of 8 bits or fewer without groups; the rest are written as their fp32 effective weight."""
     from lwpipe.constraints import compressible_layers, constraint, grid_axis
@@ -50,6 +51,8 @@ def layer_levels(model: nn.Module) -> dict:
     out = {}
     for name, m in compressible_layers(model):
         c = constraint(m)
+        if any(fnmatch.fnmatchcase(name, g) for g in float_layers):
+            continue
         if c is None or not c.quantized or c.group is not None or c.qmin < -128 or c.qmax > 127:
             continue
         if bool((c.zero_point != 0).any()):
@@ -138,9 +141,8 @@ class OrtModule(nn.Module):
         return outs if self.outputs[0] != "output" else outs["output"]
 
 
-def timings(model: nn.Module, form: nn.Module, ctx) -> dict:
+def timings(model: nn.Module, form: nn.Module, ctx, settings) -> dict:
     """Median ms at batch 1 and the measured batch, the ONNX file and PyTorch fp32 (ctx.reference) alike."""
-    settings = getattr(ctx, "measure", None) or MeasureSettings()
     run = speed.forward_fn(ctx)
     fp32 = ctx.reference if ctx.reference is not None else model
     out: dict = {"latency_ms": {}, "torch_fp32_latency_ms": {}, "speedup": {}}
@@ -154,13 +156,13 @@ def timings(model: nn.Module, form: nn.Module, ctx) -> dict:
     return out
 
 
-def build(model: nn.Module, example, path: Path) -> dict:
+def build(model: nn.Module, example, path: Path, float_layers=()) -> dict:
     """Trace, optimise and quantize the compressed `model` into `path`; what was done, per layer."""
     import onnx
 
     from lwpipe.deploy.onnx_graph import quantize_graph
 
-    levels = layer_levels(model)
+    levels = layer_levels(model, float_layers)
     plain = export.plain_copy(model).cpu().eval()
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
@@ -182,12 +184,14 @@ def write(model: nn.Module, ctx, cfg, out: Path) -> dict:
     model = model.cpu().eval()
     example = model_inputs(head(ctx.test_loader()[0], 2))
     path = Path(out) / "model.onnx"
-    info = {"file": f"export/{path.name}", **build(model, example, path)}
+    info = {"file": f"export/{path.name}", **build(model, example, path, cfg.float_layers)}
     info["bytes"] = path.stat().st_size
     kinds = list(info["layers"].values())
     info["int8_layers"] = sum(k in ("matmul_integer", "dequantize_linear") for k in kinds)
     info["float_layers"] = sum(k == "float" for k in kinds)
     form = OrtModule(path)
     info.update(score(model, form, ctx))
-    info.update(timings(model, form, ctx))
+    settings = getattr(ctx, "measure", None) or MeasureSettings()
+    if settings.latency:
+        info.update(timings(model, form, ctx, settings))
     return info

@@ -45,6 +45,7 @@ class ExportConfig(Strict):
     min_sparsity: float = Field(0.8, ge=0, le=1)  # sparse only: the measured crossover (README)
     min_batch: int = Field(16, ge=1, le=1 << 20)  # sparse only: smaller batches run dense
     calibration_batches: int = Field(4, ge=1, le=10_000)  # static int8 activation ranges
+    float_layers: list[str] = []  # onnx only: layers (globs) written in fp32 though on an int8 grid
 
 
 @register("export")
