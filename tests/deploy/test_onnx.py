@@ -164,3 +164,36 @@ def test_sentence_encoder_quantized_follows_its_grid(files, tmp_path):
     batch = inputs(data.test.batches(8)[0])
     got = run_fresh(path, {k: v[:2, :7] for k, v in batch.items()}, tmp_path)
     assert got.shape == (2, 32) and np.isfinite(got).all()  # 7 tokens: the sequence axis is not baked in
+
+
+def test_static_activations_are_refused_before_any_stage():
+    from lwpipe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="format=onnx: activations=static is not written to ONNX"):
+        validate(
+            compose_recipe(
+                [*TINY, "pipeline=[train,export]", "+stages.export.format=onnx", "+stages.export.activations=static"]
+            )
+        )
+
+
+def test_float_layers_keep_a_quantized_layer_fp32_and_exact(tmp_path):
+    from lwpipe.constraints import ensure_constraint
+    from lwpipe.deploy.onnx import OrtModule, build
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    for m in (mlp[0], mlp[2]):
+        s = m.weight.detach().abs().amax(1, keepdim=True) / 127
+        ensure_constraint(m).set_quant(8, -127, 127, s, torch.zeros_like(s), 0)
+    info = build(mlp.eval(), torch.randn(2, 8), tmp_path / "m.onnx", float_layers=["2"])
+    assert info["layers"] == {"0": "matmul_integer"}
+    ints = [t for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    levels = torch.round(mlp[0].weight / ensure_constraint(mlp[0]).scale).to(torch.int8)
+    assert len(ints) == 1 and np.array_equal(onnx.numpy_helper.to_array(ints[0]), levels.T.numpy())  # no re-rounding
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        want = mlp(x)
+    got = OrtModule(tmp_path / "m.onnx")(x)
+    assert not torch.equal(got, want)  # the int8 layer quantizes its activations at run time...
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)  # ...to the grid's precision
