@@ -169,7 +169,8 @@ def build(model: nn.Module, example, path: Path, float_layers=()) -> dict:
         try:
             outputs = trace(plain, example, raw)
         except Exception as e:
-            raise RuntimeError(f"format=onnx: the model does not trace to ONNX: {type(e).__name__}: {e}") from e
+            why = (str(e).strip().splitlines() or [""])[0]
+            raise RuntimeError(f"format=onnx: the model does not trace to ONNX: {type(e).__name__}: {why}") from e
         fused = optimize(raw, plain)
         proto = onnx.load(str(raw))
     layers = quantize_graph(proto, levels)

@@ -197,3 +197,19 @@ def test_float_layers_keep_a_quantized_layer_fp32_and_exact(tmp_path):
     got = OrtModule(tmp_path / "m.onnx")(x)
     assert not torch.equal(got, want)  # the int8 layer quantizes its activations at run time...
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)  # ...to the grid's precision
+
+
+def test_a_model_that_does_not_trace_is_a_one_line_error_naming_the_format(tmp_path):
+    from lwpipe.deploy.onnx import build
+
+    class ToList(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x).tolist()  # python numbers: nothing for the tracer to record
+
+    with pytest.raises(RuntimeError, match="format=onnx: the model does not trace to ONNX") as e:
+        build(ToList(), torch.randn(2, 4), tmp_path / "m.onnx")
+    assert "\n" not in str(e.value) and not (tmp_path / "m.onnx").exists()
