@@ -155,4 +155,5 @@ def build_run(top, run_dir: Path) -> tuple[nn.Module, Context]:
         device=device,
         task=make_task(top.task.name),
     )
+    ctx.measure = top.measure  # export's deployable forms time themselves with these settings
     return model, ctx

@@ -239,9 +239,9 @@ class Run:
         }
         for lg in self.loggers:  # what loggers write into the run directory (report.png), before summary.json
             getattr(lg, "finish", lambda _: None)(summary)
+        provenance.record_peak_rss(self.run_dir)  # run_info.json's peak_rss_bytes: the process's peak so far
         text = json.dumps(summary, indent=2)
         checkpoint.atomic_write(self.run_dir / "summary.json", lambda tmp: Path(tmp).write_text(text))
-        provenance.record_peak_rss(self.run_dir)  # run_info.json's peak_rss_bytes: the process's peak so far
         return final
 
     def close(self) -> None:

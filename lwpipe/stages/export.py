@@ -49,6 +49,7 @@ class ExportConfig(Strict):
     calibration_batches: int = Field(4, ge=1, le=10_000)  # static int8 activation ranges
     gguf_type: Literal["q8_0", "q4_0"] = "q8_0"  # gguf only: GGML's blocks of 32 weights, one fp16 scale each
     requantize: bool = False  # gguf only: re-quantize weights whose levels are not blocks (error recorded)
+    float_layers: list[str] = []  # onnx only: layers (globs) written in fp32 though on an int8 grid
 
 
 @register("export")

@@ -1,0 +1,132 @@
+"""ONNX graph surgery for `format: onnx`: the quantize stage's own integer levels put into an fp32 graph.
+
+A Linear layer on a symmetric grid of 8 bits or fewer becomes, in place of its MatMul / Gemm,
+
+    x -> DynamicQuantizeLinear -> MatMulInteger(x_q, W_q int8, x_zp) -> Cast -> Mul(x_scale * w_scale) [-> + b]
+
+(the pattern ONNX Runtime's own `quantize_dynamic` writes, which ORT fuses into one int8 kernel), its
+W_q being exactly the pipeline's levels and w_scale its per-tensor or per-channel scales. Other quantized
+weights (convolutions) are stored as int8 levels behind a DequantizeLinear (per-tensor or along the output
+axis), which ORT computes in float. Weights are found in the graph by their values (the exporter renames
+and transposes initializers), so the graph's numbers never change: only their storage and kernel do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _key(a: np.ndarray) -> tuple:
+    return a.shape, a.astype(np.float32).tobytes()
+
+
+def _init_map(graph) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in graph.initializer}
+
+
+def _consumers(graph) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def _dynamic_matmul(name: str, x: str, y: str, wq: np.ndarray, scale: np.ndarray, bias: str | None):
+    """Nodes and initializers of y = (x @ W) (+ bias) with int8 W (in, out) and per-column scales."""
+    p = f"{name}_q"
+    inits = [
+        numpy_helper.from_array(wq.astype(np.int8), f"{p}_W"),
+        numpy_helper.from_array(scale.astype(np.float32), f"{p}_Wscale"),
+    ]
+    mm_out = f"{p}_mm" if bias else y
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", [x], [f"{p}_x", f"{p}_xs", f"{p}_xzp"], name=f"{p}_dql"),
+        helper.make_node("MatMulInteger", [f"{p}_x", f"{p}_W", f"{p}_xzp"], [f"{p}_i32"], name=f"{p}_mmi"),
+        helper.make_node("Cast", [f"{p}_i32"], [f"{p}_f"], to=TensorProto.FLOAT, name=f"{p}_cast"),
+        helper.make_node("Mul", [f"{p}_xs", f"{p}_Wscale"], [f"{p}_s"], name=f"{p}_scale"),
+        helper.make_node("Mul", [f"{p}_f", f"{p}_s"], [mm_out], name=f"{p}_mul"),
+    ]
+    if bias:
+        nodes.append(helper.make_node("Add", [mm_out, bias], [y], name=f"{p}_bias"))
+    return nodes, inits
+
+
+def _dequantized(name: str, wq: np.ndarray, scale: np.ndarray, axis: int):
+    """A DequantizeLinear node giving the float weight back from int8 levels (output `name`)."""
+    p = f"{name}_dq"
+    per_channel = scale.size > 1
+    inits = [
+        numpy_helper.from_array(wq.astype(np.int8), f"{p}_W"),
+        numpy_helper.from_array(scale.astype(np.float32).reshape(-1 if per_channel else ()), f"{p}_s"),
+        numpy_helper.from_array(np.zeros(scale.size if per_channel else (), np.int8), f"{p}_zp"),
+    ]
+    kw = {"axis": axis} if per_channel else {}
+    node = helper.make_node("DequantizeLinear", [f"{p}_W", f"{p}_s", f"{p}_zp"], [name], name=p, **kw)
+    return node, inits
+
+
+def quantize_graph(model: onnx.ModelProto, layers: dict) -> dict[str, str]:
+    """Rewrite `model` in place. `layers`: name -> (kind, float weight W as the layer stores it, int8 levels,
+    per-output-channel scales, out axis). Returns name -> how it was written: matmul_integer, dequantize_linear,
+    float (its node has another form: the exact fp32 weight stays) or absent (no output reads the layer)."""
+    graph = model.graph
+    by_value: dict[tuple, str] = {}
+    for t in graph.initializer:
+        if t.data_type == TensorProto.FLOAT and len(t.dims) >= 2:
+            by_value.setdefault(_key(numpy_helper.to_array(t)), t.name)
+    users = _consumers(graph)
+    how: dict[str, str] = {}
+    new_nodes, new_inits, drop = {}, [], set()
+    for name, (kind, w, q, s, axis) in layers.items():
+        present = _key(w) in by_value or (w.ndim == 2 and _key(w.T) in by_value)
+        how[name] = "float" if present else "absent"  # absent: the traced outputs never read it
+        if kind == "linear" and (found := by_value.get(_key(w.T))):  # MatMul(x, W^T)
+            for n in users.get(found, []):
+                if n.op_type == "MatMul" and n.input[1] == found:
+                    nodes, ins = _dynamic_matmul(n.name or found, n.input[0], n.output[0], q.T, s, None)
+                    new_nodes[id(n)], how[name] = nodes, "matmul_integer"
+                    new_inits += ins
+        elif kind == "linear" and (found := by_value.get(_key(w))):  # Gemm(x, W, b, transB=1)
+            for n in users.get(found, []):
+                attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+                if (
+                    n.op_type == "Gemm"
+                    and n.input[1] == found
+                    and attrs.get("transB") == 1
+                    and attrs.get("alpha", 1.0) == attrs.get("beta", 1.0) == 1.0
+                    and not attrs.get("transA")
+                ):
+                    bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
+                    nodes, ins = _dynamic_matmul(n.name or found, n.input[0], n.output[0], q.T, s, bias)
+                    new_nodes[id(n)], how[name] = nodes, "matmul_integer"
+                    new_inits += ins
+        elif kind == "conv" and (found := by_value.get(_key(w))):
+            node, ins = _dequantized(found, q, s, axis)
+            new_nodes[("dq", found)] = [node]
+            new_inits += ins
+            drop.add(found)
+            how[name] = "dequantize_linear"
+    _splice(graph, new_nodes, new_inits, drop)
+    return how
+
+
+def _splice(graph, new_nodes: dict, new_inits: list, drop: set) -> None:
+    """Replace rewritten nodes by their new ones (dequantizers first: they feed the rest), drop the float
+    weights no node reads any more."""
+    order = [n for k, ns in new_nodes.items() if isinstance(k, tuple) for n in ns]
+    for n in graph.node:
+        order += new_nodes.get(id(n), [n])
+    del graph.node[:]
+    graph.node.extend(order)
+    graph.initializer.extend(new_inits)
+    read = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in read and not (t.name in drop and t.name in _outputs(graph))]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def _outputs(graph) -> set:
+    return {o for n in graph.node for o in n.output}
