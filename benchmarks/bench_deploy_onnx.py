@@ -2,7 +2,7 @@
 PyTorch fp32, ONNX Runtime fp32, ORT quantize_dynamic int8, lwpipe's TorchScript int8 (export format=int8)
 and lwpipe's ONNX file (export format=onnx, optionally with --float-layers kept fp32): speed at batch 1 and
 32 relative to PyTorch fp32, and mean cosine to the original model on held-out texts (Python's reference
-documentation sentences; recipe=sentence_embedding calibrates nothing, so every text is held out).
+documentation sentences; recipe=sentence_embedding calibrates on its built-in training texts, none of them among these).
 
     python benchmarks/bench_deploy_onnx.py [--model DIR] [--float-layers '*output.dense' ...] [--repeats 20]
 """
@@ -22,7 +22,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_speed import INT8_GRID  # noqa: E402  (rounding at step 0.15 within 8 bits: the int8 kernels' grid)
+
 BATCH = 32
+GPTQ8 = ["stages.quantize.bits=8"]  # --gptq: the recipe's GPTQ levels with an 8-bit bound (its own: 12)
 
 
 def median_ms(f, x, repeats):
@@ -41,7 +44,7 @@ def embedding(out):
     return out if isinstance(out, torch.Tensor) else out["sentence_embedding"]
 
 
-def lwpipe_run(model_dir: Path, run_dir: Path, float_layers: list[str]) -> dict:
+def lwpipe_run(model_dir: Path, run_dir: Path, float_layers: list[str], grid: list[str]) -> dict:
     from bench_speed import run_recipe
 
     globs = ",".join(f"'{g}'" for g in float_layers)
@@ -52,6 +55,7 @@ def lwpipe_run(model_dir: Path, run_dir: Path, float_layers: list[str]) -> dict:
             "pipeline=[quantize,export]",
             "+stages.export.format=[int8,onnx]",
             f"+stages.export.float_layers=[{globs}]",
+            *grid,
         ],
         run_dir,
     )
@@ -99,12 +103,17 @@ def main():
     p.add_argument("--float-layers", nargs="*", default=[])
     p.add_argument("--scratch", default=None, help="a directory kept between runs (the extracted model)")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument(
+        "--gptq",
+        action="store_true",
+        help="the recipe's GPTQ levels bounded at 8 bits (default: rounding to nearest at step 0.15 within 8 bits)",
+    )
     a = p.parse_args()
     torch.set_num_threads(1)
     tmp = Path(a.scratch) if a.scratch else Path(tempfile.mkdtemp(prefix="bench_onnx_"))
     tmp.mkdir(parents=True, exist_ok=True)
     path = Path(a.model) if a.model else minilm(tmp)
-    info = lwpipe_run(path, tmp / "run", a.float_layers)["onnx"]
+    info = lwpipe_run(path, tmp / "run", a.float_layers, GPTQ8 if a.gptq else INT8_GRID)["onnx"]
     fp32 = load_sentence_transformer(str(path)).eval()
     tok = AutoTokenizer.from_pretrained(str(path))
     texts = [line.strip() for t in topics.values() for line in t.split(".") if len(line.split()) >= 8]

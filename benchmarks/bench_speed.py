@@ -50,6 +50,18 @@ def median_ms(f, x, repeats):
     return 1000 * statistics.median(ts)
 
 
+# int8 kernels need levels of 8 bits or fewer (the recipe's GPTQ grid is bounded at 12 bits): the earlier
+# recipe, rounding to nearest at step 0.15 within 8 bits. Measured through ONNX Runtime it keeps more of the
+# model than the recipe's GPTQ levels bounded at 8 bits (benchmarks/bench_deploy_onnx.py: 0.9774 vs 0.9744)
+INT8_GRID = [
+    "stages.quantize.method=rtn",
+    "~stages.quantize.damp",
+    "~stages.quantize.act_order",
+    "stages.quantize.step=0.15",
+    "stages.quantize.bits=8",
+]
+
+
 def run_recipe(overrides, run_dir):
     from hydra import compose, initialize_config_dir
 
@@ -160,6 +172,7 @@ def encoder(a, tmp):
             f"model.path={a.encoder}",
             "pipeline=[quantize,export]",
             "+stages.export.format=int8",
+            *INT8_GRID,
         ],
         tmp,
     )
