@@ -100,7 +100,8 @@ def quantize_layer(
     else:
         values, axis = module.weight.detach(), grid_axis(module, per_channel)
     group = group if per_channel and not c.shared and grouped_layer(module) else None
-    if group is not None:
+    if group is not None:  # a group wider than the layer's inputs is one group: the file stores that width
+        group = min(group, gptq.as_rows(module, values).shape[1])
         qmin, qmax, scale, zero_point = group_grid(module, values, bits, scheme, group, clip)
     elif step is None:
         qmin, qmax, scale, zero_point = quant_grid(values, bits, scheme, per_channel, axis or 0)

@@ -92,3 +92,20 @@ def test_a_bf16_checkpoint_stays_bf16_through_gptq_w4_and_its_file(files, tmp_pa
     batch = {"input_ids": torch.tensor([[2, 5, 7, 9]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     with torch.no_grad():
         assert torch.isfinite(loaded(**batch).logits.float()).all()
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_a_group_wider_than_a_layers_inputs_is_one_group_and_the_file_loads(files, tmp_path, method):
+    """The tiny GPT-2's layers have 32 or 128 inputs: group_size=64 is one group of 32 on the former (the
+    file once stored 64 there, and its own decode refused it)."""
+    rtn = ["stages.quantize.method=rtn", "~stages.quantize.act_order", "~stages.quantize.damp"]
+    extra = [] if method == "gptq" else rtn
+    cli = [a for a in args(files, "gptq_w4", "gpt2") if not a.startswith("stages.quantize.group_size")]
+    run_recipe([*cli, "stages.quantize.group_size=64", *extra], tmp_path)
+    loaded = lwpipe.load(tmp_path / "model.lwp", constrained=True)
+    groups = {}
+    for name, m in compressible_layers(loaded):
+        c = constraint(m)
+        if c is not None and c.quantized:
+            groups[name] = (c.group, m.weight.shape)
+    assert groups and {g for g, _ in groups.values()} == {32, 64}
