@@ -18,7 +18,7 @@ from torch import nn
 from lwpipe.bn import recalibrate_bn
 from lwpipe.constraints import compressible_layers, constraint, ensure_constraint, original_weight, tied_layers
 from lwpipe.errors import ConfigError
-from lwpipe.training import fit
+from lwpipe.training import finetune, fit
 from lwpipe.variational import kl_schedule, train_variational, unsupported_layer
 
 log = logging.getLogger("lwpipe")
@@ -182,12 +182,6 @@ def run(stage, model: nn.Module, ctx) -> nn.Module:
             dead or "none",
         )
         recalibrate_bn(model, ctx.calibration_batches(cfg.calibration_batches))
-        fit(
-            model,
-            ctx.train_loader(cfg.finetune.batch_size),
-            cfg.finetune,
-            loss_fn=ctx.loss,
-            hooks=ctx.hooks(model),
-        )
+        finetune(model, ctx, cfg.finetune)
     ctx.stage_record.update(entropy_score=cfg.score, entropy_threshold=cutoffs, kept_fraction=kept, dead_units=dead)
     return model

@@ -152,7 +152,7 @@ def run(cfg, model: nn.Module, ctx, finals: dict[str, float]) -> nn.Module:
     from lwpipe.constraints import compressible_layers
     from lwpipe.masks import cubic_schedule
     from lwpipe.scoring import taylor_scores
-    from lwpipe.training import fit
+    from lwpipe.training import finetune
 
     example = ctx.test_loader()[0][0][:2].to(ctx.device)
     layers = dict(compressible_layers(model))
@@ -189,13 +189,7 @@ def run(cfg, model: nn.Module, ctx, finals: dict[str, float]) -> nn.Module:
             steps,
             ", ".join(f"{n}={w}/{original[n]}" for n, w in widths.items()),
         )
-        fit(
-            model,
-            ctx.train_loader(cfg.finetune.batch_size),
-            cfg.finetune,
-            loss_fn=ctx.loss,
-            hooks=ctx.hooks(model),
-        )
+        finetune(model, ctx, cfg.finetune)
     return model
 
 
