@@ -149,9 +149,31 @@ def gptq_weight(
     columns before; not with act_order, whose groups keep the grid they were given). Weights the mask
     drops are level `zero_point` (value 0) and their error is compensated like any other. Columns
     whose input never fires (H_jj = 0) are quantized by rounding alone."""
+    w, h, scale, zero_point, keep = prepared(w, h, scale, zero_point, mask, group)
+    cols = w.shape[1]
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
+    if act_order:
+        w, h, keep = w[:, order], h[order][:, order], keep[:, order]
+    col_group = order // group if group is not None else torch.zeros(cols, dtype=torch.long)
+    hinv = inverse_cholesky(h, damp, name)
+    q = torch.zeros_like(w)
+    grid = (scale, zero_point, qmin, qmax, col_group, group, None if act_order else regrid)
+    loss = 0.0
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        err1, block_loss = quantize_block(w, hinv, q, keep, i1, i2, grid)
+        loss += block_loss
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if act_order:
+        q = q[:, torch.argsort(order)]
+    return q, loss, scale, zero_point
+
+
+def prepared(w, h, scale, zero_point, mask, group):
+    """gptq_weight's float32 copies: scales as [rows, 1] (or [rows, groups]), the keep mask, and H with its
+    dead inputs (H_jj = 0, never firing) given a unit diagonal so that they are rounded alone."""
     w = w.detach().float().clone()
     h = h.detach().float().clone()
-    rows, cols = w.shape
     if group is None:
         scale = scale.float().reshape(-1, 1) if scale.numel() > 1 else scale.float().reshape(1, 1)
         zero_point = zero_point.float().reshape(scale.shape)
@@ -160,36 +182,34 @@ def gptq_weight(
     keep = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.to(torch.bool)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
-    if act_order:
-        w, h, keep = w[:, order], h[order][:, order], keep[:, order]
-    col_group = order // group if group is not None else torch.zeros(cols, dtype=torch.long)
-    hinv = inverse_cholesky(h, damp, name)
-    q = torch.zeros_like(w)
+    return w, h, scale, zero_point, keep
+
+
+def quantize_block(w, hinv, q, keep, i1: int, i2: int, grid) -> tuple[torch.Tensor, float]:
+    """Columns i1..i2 of w, one at a time: each column's levels into q, its error spread over the block's
+    later columns (w updated in place); returns the block's errors (for the lazy update of the columns after
+    it) and its summed weighted squared error. `grid`: (scale, zero_point, qmin, qmax, col_group, group,
+    regrid or None), scale and zero_point updated in place when regrid recomputes a group."""
+    scale, zero_point, qmin, qmax, col_group, group, regrid = grid
+    w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+    err1 = torch.zeros_like(w1)
     loss = 0.0
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
-        err1 = torch.zeros_like(w1)
-        for i in range(i2 - i1):
-            j = i1 + i
-            g = int(col_group[j])
-            if regrid is not None and not act_order and j % group == 0:
-                ahead = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :group] * keep[:, j : j + group]
-                scale[:, g : g + 1], zero_point[:, g : g + 1] = regrid(ahead)
-            s, z = scale[:, g : g + 1], zero_point[:, g : g + 1]
-            col, d = w1[:, i : i + 1], hinv1[i, i]
-            level = torch.clamp(torch.round(col / s) + z, qmin, qmax)
-            level = torch.where(keep[:, j : j + 1], level, z.expand_as(level))
-            q[:, j] = level.squeeze(1)
-            e = ((col - (level - z) * s) / d).squeeze(1)
-            loss += float((e * e).sum()) / 2
-            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    if act_order:
-        q = q[:, torch.argsort(order)]
-    return q, loss, scale, zero_point
+    for i in range(i2 - i1):
+        j = i1 + i
+        g = int(col_group[j])
+        if regrid is not None and j % group == 0:
+            ahead = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :group] * keep[:, j : j + group]
+            scale[:, g : g + 1], zero_point[:, g : g + 1] = regrid(ahead)
+        s, z = scale[:, g : g + 1], zero_point[:, g : g + 1]
+        col, d = w1[:, i : i + 1], hinv1[i, i]
+        level = torch.clamp(torch.round(col / s) + z, qmin, qmax)
+        level = torch.where(keep[:, j : j + 1], level, z.expand_as(level))
+        q[:, j] = level.squeeze(1)
+        e = ((col - (level - z) * s) / d).squeeze(1)
+        loss += float((e * e).sum()) / 2
+        w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+        err1[:, i] = e
+    return err1, loss
 
 
 @torch.no_grad()

@@ -134,6 +134,23 @@ def job_identity(run_dir: Path) -> dict:
     return tags
 
 
+def run_identity(run_dir: Path, experiment: str | None) -> tuple[dict, dict, str, str]:
+    """(the resolved recipe, the run's tags, the experiment, the run's name) from its run directory: a sweep's
+    jobs share one experiment named after the sweep, each named by its job number and overrides."""
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) if (run_dir / "recipe.yaml").is_file() else {}
+    recipe.pop("defaults", None)
+    name = str(recipe.get("name", "lwpipe"))
+    tags = {"lwpipe.run_dir": str(run_dir.resolve()), "lwpipe.recipe": name, **job_identity(run_dir)}
+    if experiment is None:
+        experiment = f"{name} sweep {Path(tags['lwpipe.sweep']).name}" if "lwpipe.sweep" in tags else name
+    run_name = (
+        f"job {tags['lwpipe.job']}: {tags.get('lwpipe.overrides', '')}".strip(": ")
+        if "lwpipe.job" in tags
+        else run_dir.name
+    )
+    return recipe, tags, experiment, run_name
+
+
 class MlflowLogger:
     def __init__(
         self,
@@ -151,21 +168,7 @@ class MlflowLogger:
         self.run_dir = Path(run_dir)
         self.close_timeout = close_timeout
         uri = check_tracking_uri(str(tracking_uri))
-        recipe = (
-            yaml.safe_load((self.run_dir / "recipe.yaml").read_text())
-            if (self.run_dir / "recipe.yaml").is_file()
-            else {}
-        )
-        recipe.pop("defaults", None)
-        name = str(recipe.get("name", "lwpipe"))
-        tags = {"lwpipe.run_dir": str(self.run_dir.resolve()), "lwpipe.recipe": name, **job_identity(self.run_dir)}
-        if experiment is None:
-            experiment = f"{name} sweep {Path(tags['lwpipe.sweep']).name}" if "lwpipe.sweep" in tags else name
-        run_name = (
-            f"job {tags['lwpipe.job']}: {tags.get('lwpipe.overrides', '')}".strip(": ")
-            if "lwpipe.job" in tags
-            else self.run_dir.name
-        )
+        recipe, tags, experiment, run_name = run_identity(self.run_dir, experiment)
         env = {**HTTP_DEFAULTS, **os.environ}
         if uri.startswith("file:"):  # MLflow 3 keeps the file store behind this switch ("maintenance mode")
             env["MLFLOW_ALLOW_FILE_STORE"] = "true"
