@@ -44,7 +44,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from lwpipe import gptq
+from lwpipe import frequency, gptq
 from lwpipe.bits_auto import (  # noqa: F401  (kept_count, auto_candidates: re-exported)
     auto_candidates,
     kept_count,
@@ -102,6 +102,7 @@ log = logging.getLogger("lwpipe")
 class LayerQuant(Strict):
     bits: int | None = Field(None, ge=1, le=16)
     step: float | None = Field(None, gt=0, le=10)
+    frequency_prior: float | None = Field(None, gt=0, le=1e9)  # token table: a step per row by use (frequency.py)
     skip: bool = False
 
 
@@ -245,6 +246,12 @@ class Quantize(Stage):
     @staticmethod
     def check_model(cfg: QuantizeConfig, model: nn.Module, path: str) -> None:
         check_layer_patterns(model, cfg.layers, path)
+        for name, m in compressible_layers(model):
+            lc = layer_setting(name, cfg.layers)
+            if lc is not None and lc.frequency_prior is not None and not lc.skip:
+                step = lc.step if lc.step is not None else cfg.step
+                key = frequency_key(path, cfg.layers, lc)
+                frequency.check_table(name, m, key, step, cfg.granularity == "per_channel")
 
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
         done, biases = [], []
@@ -267,7 +274,7 @@ class Quantize(Stage):
             hessians = self.hessians(model, ctx, group) if self.cfg.method == "gptq" else {}
             for name in group:
                 m, tied, lc = layers[name], ties.get(name, ()), settings[name]
-                step = lc.step if lc.step is not None else self.cfg.step
+                step = self.layer_step(name, m, lc, ctx)
                 h = hessians.pop(name, None)
                 hessian = (
                     None
@@ -300,6 +307,18 @@ class Quantize(Stage):
         for m in done:  # QAT may have moved more weights onto level 0: keep them there too
             pin_zeros(m)
         return model
+
+    def layer_step(self, name: str, m: nn.Module, lc: LayerQuant, ctx: Context):
+        """The layer's grid step: its own or the stage's; with frequency_prior, one per token row by its use in
+        data.train (lwpipe/frequency.py), summarised in the stage record."""
+        step = lc.step if lc.step is not None else self.cfg.step
+        if lc.frequency_prior is None or step is None:
+            return step
+        key = frequency_key(f"stages.{ctx.stage or 'quantize'}", self.cfg.layers, lc)
+        counts = frequency.token_counts(ctx.data.train, m.num_embeddings, key)
+        steps = frequency.frequency_steps(counts, step, lc.frequency_prior)
+        ctx.stage_record.setdefault("frequency_steps", {})[name] = frequency.describe(counts, steps.reshape(-1))
+        return steps
 
     def order(self, model: nn.Module, settings: dict[str, LayerQuant]) -> list[list[str]]:
         """The layers to quantize, in groups: one group (rtn), or block by block (gptq with sequential)."""
@@ -342,6 +361,11 @@ class Quantize(Stage):
     def allot(self, model: nn.Module, ctx: Context, settings: dict[str, LayerQuant]) -> dict:
         """bits: auto's plan (lwpipe/bits_auto.py): bits per layer from the sensitivities, under the budget."""
         return plan_bits(model, ctx, self.cfg, settings, self.quantizer)
+
+
+def frequency_key(path: str, layers: dict[str, LayerQuant], lc: LayerQuant) -> str:
+    """The key path of a `layers:` entry's frequency_prior, by the name or glob it is set under."""
+    return f"{path}.layers.{next(p for p, v in layers.items() if v is lc)}.frequency_prior"
 
 
 def report_gptq(errors: dict[str, float], rounded: list[str], ctx: Context) -> None:
