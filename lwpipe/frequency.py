@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lwpipe.errors import ConfigError
+from lwpipe.grid import std_grid
 
 
 def token_counts(dataset, rows: int, key: str) -> torch.Tensor:
@@ -45,6 +46,18 @@ def token_counts(dataset, rows: int, key: str) -> torch.Tensor:
 def frequency_steps(counts: torch.Tensor, step: float, prior: float) -> torch.Tensor:
     """Each row's step, [rows, 1]: step x sqrt((mean count + prior) / (count + prior))."""
     return (step * ((counts.mean() + prior) / (counts + prior)).sqrt()).reshape(-1, 1)
+
+
+def within_grid(steps: torch.Tensor, weight: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
+    """The steps, each raised where needed so that its row's largest weight stays inside the `bits` grid: a
+    frequent token's fine step never clips its row (with bits 12 it never binds on a trained table)."""
+    w = weight.detach().float()
+    qmin, qmax, std, _ = std_grid(w, 1.0, bits, scheme, True, 0)  # step 1: the rows' std
+    if scheme == "asymmetric":  # the zero point puts the row's lowest value (or 0) on qmin
+        span, reach = w.amax(1, keepdim=True).clamp(min=0) - w.amin(1, keepdim=True).clamp(max=0), qmax - qmin
+    else:
+        span, reach = w.abs().amax(1, keepdim=True), min(-qmin, qmax)
+    return torch.maximum(steps, span / (reach * std))
 
 
 def check_table(name: str, module: nn.Module, key: str, step: float | None, per_channel: bool) -> None:

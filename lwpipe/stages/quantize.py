@@ -317,6 +317,10 @@ class Quantize(Stage):
         key = frequency_key(f"stages.{ctx.stage or 'quantize'}", self.cfg.layers, lc)
         counts = frequency.token_counts(ctx.data.train, m.num_embeddings, key)
         steps = frequency.frequency_steps(counts, step, lc.frequency_prior)
+        bits = lc.bits or self.cfg.bits
+        if isinstance(bits, int) and bits > 1:  # bits: auto picks its widths later, from these steps
+            scheme = "symmetric" if self.cfg.scheme == "ternary" else self.cfg.scheme
+            steps = frequency.within_grid(steps, m.weight, bits, "symmetric_full" if self.cfg.full_range else scheme)
         ctx.stage_record.setdefault("frequency_steps", {})[name] = frequency.describe(counts, steps.reshape(-1))
         return steps
 

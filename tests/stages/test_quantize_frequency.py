@@ -115,3 +115,20 @@ def test_a_table_it_cannot_take_is_refused_before_any_work(layers, granularity, 
 def test_the_prior_is_bounded(bad):
     with pytest.raises(ValueError, match="frequency_prior"):
         QuantizeConfig(step=0.5, granularity="per_channel", layers={"*embeddings": {"frequency_prior": bad}})
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+def test_a_narrow_grid_raises_the_finest_steps_instead_of_clipping_their_rows(scheme, tmp_path):
+    torch.manual_seed(0)
+    model, ctx = Encoder(), text_ctx(tmp_path)
+    w = model.word_embeddings.weight.detach().clone()
+    layers = {"*embeddings": {"step": 0.8, "frequency_prior": 0.1}}  # the most used rows: steps ~0.15 std
+    cfg = QuantizeConfig(bits=4, step=0.35, scheme=scheme, granularity="per_channel", layers=layers)
+    Quantize(cfg).run(model, ctx)
+    c = constraint(model.word_embeddings)
+    wanted = frequency.frequency_steps(frequency.token_counts(ctx.data.train, ROWS, "k"), 0.8, 0.1).reshape(-1)
+    got = c.scale.reshape(-1) / w.std(1, unbiased=False)
+    raised = got > wanted * (1 + 1e-4)
+    assert raised.any() and (~raised).any() and torch.allclose(got[~raised], wanted[~raised], rtol=1e-4)
+    err = (model.word_embeddings.weight.detach() - w).abs() / c.scale
+    assert err.max() <= 0.5 + 1e-3  # every weight within half a step: nothing clipped at the 4-bit grid's edge
