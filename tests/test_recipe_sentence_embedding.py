@@ -8,6 +8,7 @@ import torch
 from torch.nn import functional as F
 
 import lwpipe
+from lwpipe import frequency
 from lwpipe.config import validate
 from lwpipe.constraints import compressible_layers, constraint, out_axis
 from lwpipe.errors import ConfigError
@@ -16,7 +17,7 @@ from lwpipe.stages.quantize import std_grid
 from tests.helpers import compose_recipe, run_recipe
 from tests.hf_helpers import make_texts, save_sentence_model, write_txt
 
-EMBEDDING_STEP, STEP, BITS = 0.8, 0.35, 12
+EMBEDDING_STEP, PRIOR, STEP, BITS = 1.0, 1.0, 0.35, 12
 BOUND = 2 ** (BITS - 1) - 1
 SMALL = ["logger.console=null", "data.max_length=16"]
 
@@ -29,13 +30,18 @@ def test_the_recipe_is_one_untrained_gptq_quantize_stage_and_the_old_name_is_an_
         assert q.type == "quantize" and q.config.finetune.epochs == 0 and q.config.bits == BITS
         assert (q.config.method, q.config.sequential, q.config.act_order) == ("gptq", True, True)
         assert (q.config.step, q.config.granularity) == (STEP, "per_channel")
-        assert {k: v.step for k, v in q.config.layers.items()} == {"*word_embeddings": EMBEDDING_STEP}
+        layers = {k: (v.step, v.frequency_prior) for k, v in q.config.layers.items()}
+        assert layers == {"*word_embeddings": (EMBEDDING_STEP, PRIOR)}  # a step per token row by its use
     assert new.steps[0].config == old.steps[0].config
     assert (new.top.name, old.top.name) == ("sentence_embedding", "sentence_embedding_minilm")
 
 
-def expected_step(name: str) -> float:
-    return EMBEDDING_STEP if name.endswith("word_embeddings") else STEP
+def expected_step(name: str, weight: torch.Tensor, train) -> float | torch.Tensor:
+    """The token table: a step per row by its token's count in data.train (lwpipe/frequency.py)."""
+    if not name.endswith("word_embeddings"):
+        return STEP
+    steps = frequency.frequency_steps(frequency.token_counts(train, weight.shape[0], "k"), EMBEDDING_STEP, PRIOR)
+    return frequency.within_grid(steps, weight, BITS, "symmetric")
 
 
 @pytest.mark.slow
@@ -61,7 +67,8 @@ def test_the_recipe_on_a_tiny_sentence_model(recipe, tmp_path):
     assert linears and set(end["gptq_error"]) == linears
     assert end["gptq_rounded_layers"] and all("embeddings" in n for n in end["gptq_rounded_layers"])
     decoded = lwpipe.load(run_dir / "model.lwp").eval()
-    batches = load_text(str(train), str(test), str(st), "embedding", label_column=None, max_length=16).test.batches(8)
+    data = load_text(str(train), str(test), str(st), "embedding", label_column=None, max_length=16)
+    batches = data.test.batches(8)
     task = make_task("embedding")
     with torch.no_grad():
         _, want = task.evaluate(original, batches)
@@ -73,7 +80,8 @@ def test_the_recipe_on_a_tiny_sentence_model(recipe, tmp_path):
     originals = dict(compressible_layers(original))
     for name, m in compressible_layers(model):
         c, axis = constraint(m), out_axis(m)
-        want_scale = std_grid(originals[name].weight.detach(), expected_step(name), BITS, "symmetric", True, axis)[2]
+        w = originals[name].weight.detach()
+        want_scale = std_grid(w, expected_step(name, w, data.train), BITS, "symmetric", True, axis)[2]
         assert c is not None and torch.allclose(c.scale.reshape(-1), want_scale.reshape(-1), rtol=1e-5), name
         q = m.weight.detach() / c.scale
         assert (q - q.round()).abs().max() < 1e-3 and q.abs().max() <= BOUND + 1e-3, name
