@@ -59,6 +59,8 @@ INT8_GRID = [
     "~stages.quantize.act_order",
     "stages.quantize.step=0.15",
     "stages.quantize.bits=8",
+    "~stages.quantize.layers",  # the token table at a plain step 0.8 (no frequency_prior), as measured
+    "+stages.quantize.layers={*word_embeddings:{step:0.8}}",
 ]
 
 
