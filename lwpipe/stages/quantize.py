@@ -8,7 +8,9 @@ Embedding); bits per layer by name or glob (mixed precision). `step: s` sets
 the grid step to s x the std of the layer's non-zero weights instead of
 spreading 2^bits levels over the range (entropy-constrained scalar
 quantization: the artifact entropy-codes the levels, so a finer step costs
-bits, a wider `bits` grid does not). On a shared layer it quantizes the codebook,
+bits, a wider `bits` grid does not). `layers: {TABLE: {frequency_prior: p}}` gives a token-embedding
+table a step per row by how often data.train uses the row's token (lwpipe/frequency.py). On a shared layer
+it quantizes the codebook,
 so the index map, the cluster count and the mask are kept; otherwise the masked
 weights. Fine-tuning is quantization-aware: the forward rounds, the backward
 passes gradients straight through (constraints._RoundSTE).
@@ -215,7 +217,8 @@ class Quantize(Stage):
 
     @classmethod
     def needs_calibration_with(cls, cfg: QuantizeConfig) -> bool:
-        return cfg.method == "gptq"
+        """GPTQ's Hessians and frequency_prior's token counts come from data.train."""
+        return cfg.method == "gptq" or any(lc.frequency_prior is not None for lc in cfg.layers.values())
 
     @staticmethod
     def check_order(cfg: QuantizeConfig, before) -> str | None:

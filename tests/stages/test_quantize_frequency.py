@@ -132,3 +132,9 @@ def test_a_narrow_grid_raises_the_finest_steps_instead_of_clipping_their_rows(sc
     assert raised.any() and (~raised).any() and torch.allclose(got[~raised], wanted[~raised], rtol=1e-4)
     err = (model.word_embeddings.weight.detach() - w).abs() / c.scale
     assert err.max() <= 0.5 + 1e-3  # every weight within half a step: nothing clipped at the 4-bit grid's edge
+
+
+def test_the_stage_declares_that_it_reads_the_training_texts():
+    table = {"*embeddings": {"step": 0.8, "frequency_prior": 1.0}}
+    assert Quantize.needs_calibration_with(QuantizeConfig(step=0.35, granularity="per_channel", layers=table))
+    assert not Quantize.needs_calibration_with(QuantizeConfig(step=0.35, granularity="per_channel"))
