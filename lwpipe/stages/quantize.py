@@ -277,7 +277,8 @@ class Quantize(Stage):
             hessians = self.hessians(model, ctx, group) if self.cfg.method == "gptq" else {}
             for name in group:
                 m, tied, lc = layers[name], ties.get(name, ()), settings[name]
-                step = self.layer_step(name, m, lc, ctx)
+                bits = plan["bits"][name] if auto else lc.bits
+                step = self.layer_step(name, m, lc, ctx, bits or self.cfg.bits)
                 h = hessians.pop(name, None)
                 hessian = (
                     None
@@ -290,7 +291,7 @@ class Quantize(Stage):
                         "name": name,
                     }
                 )
-                error = quantize_any(m, plan["bits"][name] if auto else lc.bits, self.cfg, tied, step, hessian)
+                error = quantize_any(m, bits, self.cfg, tied, step, hessian)
                 if error is not None:
                     errors[name] = error
                 done.append(m)
@@ -311,17 +312,17 @@ class Quantize(Stage):
             pin_zeros(m)
         return model
 
-    def layer_step(self, name: str, m: nn.Module, lc: LayerQuant, ctx: Context):
+    def layer_step(self, name: str, m: nn.Module, lc: LayerQuant, ctx: Context, bits):
         """The layer's grid step: its own or the stage's; with frequency_prior, one per token row by its use in
-        data.train (lwpipe/frequency.py), summarised in the stage record."""
+        data.train (lwpipe/frequency.py), none so fine that its row clips at `bits`, summarised in the stage
+        record."""
         step = lc.step if lc.step is not None else self.cfg.step
         if lc.frequency_prior is None or step is None:
             return step
         key = frequency_key(f"stages.{ctx.stage or 'quantize'}", self.cfg.layers, lc)
-        counts = frequency.token_counts(ctx.data.train, m.num_embeddings, key)
+        counts = frequency.token_counts(ctx.data.train, m.weight.shape[0], key)
         steps = frequency.frequency_steps(counts, step, lc.frequency_prior)
-        bits = lc.bits or self.cfg.bits
-        if isinstance(bits, int) and bits > 1:  # bits: auto picks its widths later, from these steps
+        if bits > 1:  # bits 1: sign x alpha, no step
             scheme = "symmetric" if self.cfg.scheme == "ternary" else self.cfg.scheme
             steps = frequency.within_grid(steps, m.weight, bits, "symmetric_full" if self.cfg.full_range else scheme)
         ctx.stage_record.setdefault("frequency_steps", {})[name] = frequency.describe(counts, steps.reshape(-1))
