@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import torch
 
 from lwpipe.artifact.coding import StreamReader
-from lwpipe.artifact.limits import check_grid_values
 from lwpipe.artifact.positions import positions_from_gaps
 from lwpipe.artifact.raw import DTYPES, FLOAT_FIELDS, RawReader, join_float, mantissa_bytes
 from lwpipe.constraints import BIAS_LEVELS, Compressed, dequantize, index_dtype
+from lwpipe.schema import Grid
 
 
 @dataclass
@@ -109,15 +109,15 @@ def _stream_bits(stat: dict) -> float:
 
 
 def read_grid(c: Compressed, q: dict, raw: RawReader, streams: StreamReader, name: str) -> None:
-    """The layer's grid (limits.check_grid has checked its axis and shapes); its values are checked here."""
-    qmin, qmax = int(q["qmin"]), int(q["qmax"])
+    """The layer's grid (limits.check_grid has checked the form: axis, group, shapes); its values are checked here."""
+    grid = Grid(int(q["bits"]), int(q["qmin"]), int(q["qmax"]), q["axis"], q.get("group"))
     scale = take(q["scale"][0], q["scale"][1], torch.float32, raw, streams)
     mode, shape = q["zp"]
     if isinstance(mode, int):
         zp = torch.full(shape, float(mode))
     elif mode == "levels":
-        zp = read_levels(streams, math.prod(shape), qmin, qmax).reshape(shape)
+        zp = read_levels(streams, math.prod(shape), grid.qmin, grid.qmax).reshape(shape)
     else:
         zp = take(mode, shape, torch.float32, raw, streams)
-    check_grid_values(scale, zp, qmin, qmax, name)
-    c.set_quant(int(q["bits"]), qmin, qmax, scale, zp, q["axis"], q.get("group"))  # shapes: limits.check_grid
+    grid.check_values(scale, zp, name)
+    c.set_quant(grid.bits, grid.qmin, grid.qmax, scale, zp, grid.axis, grid.group)
