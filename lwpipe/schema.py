@@ -258,6 +258,24 @@ class WeightForm:
             form.grid.check_shapes(shapes, form.shape, f"layer {name!r} grid")
         return form
 
+    @classmethod
+    def from_header(cls, e: dict, header: dict) -> WeightForm:
+        """The form a layer entry of a model.lwp header declares (artifact/limits.check_header has checked its
+        fields); the layer kind is the module's it fills (`fits`)."""
+        q = e.get("quant")
+        tied = header.get("tied") or {}
+        return cls(
+            name=e["name"],
+            kind=None,
+            shape=tuple(e["shape"]),
+            dtype=e["dtype"],
+            mask=e.get("mask") is not None,
+            codebook=int(e["shared"]["k"]) if e.get("shared") is not None else 0,
+            grid=None if q is None else Grid(q["bits"], q["qmin"], q["qmax"], q["axis"], q.get("group")),
+            tied=tuple(a for a, n in tied.items() if n == e["name"]),
+            resized=header.get("resized") is True,
+        )
+
     def check(self) -> None:
         """FormError unless the grid fits the weight and the layer kind (when known)."""
         if self.grid is None:

@@ -110,8 +110,8 @@ def test_inspect_names_a_conv1d_grid_per_channel():
 
     model = hf_conv1d()
     quantize_layer(model[0], 8, "symmetric", per_channel=True)
-    (layer,) = read(encode_model(model, None)).header["layers"]
-    assert encoding(layer).endswith("8-bit per-channel")  # not "per-tensor"
+    (layer,) = read(encode_model(model, None)).layers
+    assert encoding(layer.form).endswith("8-bit per-channel")  # not "per-tensor"
 
 
 def test_int8_export_levels_follow_the_grid_axis():
