@@ -43,13 +43,15 @@ from lwpipe.errors import LwpipeError
 from lwpipe.schema import FormError, WeightForm
 
 
-def encode_model(model: nn.Module, model_config: dict | None) -> bytes:
-    """The `.lwp` bytes of `model`; `model_config` (the recipe's `model`, `checkpoint` dropped) rebuilds it."""
-    return encode(model, model_config)[0]
+def encode_model(model: nn.Module, model_config: dict | None, resized: bool = False) -> bytes:
+    """The `.lwp` bytes of `model`; `model_config` (the recipe's `model`, `checkpoint` dropped) rebuilds it;
+    `resized`: structured pruning shrank its layers (lwpipe/structured.resized), so a loader may shrink the
+    model `model_config` builds to the stored shapes."""
+    return encode(model, model_config, resized)[0]
 
 
 @torch.no_grad()
-def encode(model: nn.Module, model_config: dict | None) -> tuple[bytes, list[dict]]:
+def encode(model: nn.Module, model_config: dict | None, resized: bool = False) -> tuple[bytes, list[dict]]:
     """(file bytes, per-stream statistics: symbols, table bits, coded bits, entropy bits)."""
     config = None if model_config is None else {k: v for k, v in dict(model_config).items() if k != "checkpoint"}
     streams, raw = StreamWriter(), bytearray()
@@ -80,7 +82,7 @@ def encode(model: nn.Module, model_config: dict | None) -> tuple[bytes, list[dic
     }
     if aliases:
         header["tied"] = aliases
-    if getattr(model, "lwpipe_resized", False):  # structurally pruned: layers smaller than the config builds
+    if resized:  # structurally pruned: layers smaller than the config builds
         header["resized"] = True
     grouped = any((e.get("quant") or {}).get("group") is not None for e in layers)
     return pack(header, bytes(raw) + bits + words, VERSION if grouped else FIRST_VERSION), streams.stats
