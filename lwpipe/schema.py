@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 SCHEMA_VERSION = 1
 # layer kind -> (output axis, input axis): transformers' Conv1D stores its weight [in, out]; Embedding has no inputs
@@ -238,13 +239,14 @@ class WeightForm:
     def of(cls, name: str, module: nn.Module, c, tied=(), resized: bool = False) -> WeightForm:
         """The form of `module`'s constraint `c` (lwpipe.compressed.Compressed), checked."""
         from lwpipe.artifact.raw import dtype_name
-        from lwpipe.compressed import original_weight
 
+        held = parametrize.is_parametrized(module, "weight")
+        stored = module.parametrizations.weight.original if held else module.weight
         form = cls(
             name=name,
             kind=layer_kind(module),
             shape=tuple(c.shape),
-            dtype=dtype_name(original_weight(module).dtype),
+            dtype=dtype_name(stored.dtype),
             mask=c.mask is not None,
             codebook=int(c.centroids.numel()) if c.shared else 0,
             grid=c.form_grid,

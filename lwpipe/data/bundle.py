@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from lwpipe.errors import ConfigError
+
 
 @dataclass
 class DataBundle:
@@ -41,3 +43,18 @@ def tensor_split(x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: i
     n_test = int(round(len(x) * test_fraction))
     test, train = perm[:n_test], perm[n_test:]
     return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
+
+
+def made_on_the_spot(
+    make, name: str, unit: str, n: int, num_classes: int, test_fraction: float, seed: int, **params
+) -> DataBundle:
+    """A classification set made on the spot (blobs, textures): `make(n, num_classes, seed, **params)` gives
+    (x, y), after the checks every such set shares (n against the classes, the test fraction); the seeded
+    split is tensor_split's. `unit`: what one example is called in the error ("samples", "images")."""
+    if n < 2 * num_classes:
+        raise ConfigError("data.n", n, f"needs at least 2 x num_classes = {2 * num_classes} {unit}")
+    if not 0 < test_fraction < 1:
+        raise ConfigError("data.test_fraction", test_fraction, "must be in (0, 1)")
+    x, y = make(n, num_classes, seed, **params)
+    train, test = tensor_split(x, y, test_fraction, seed)
+    return DataBundle(train, test, name=name)
