@@ -8,8 +8,9 @@ A layer's compressed form is everything that decides how its weight is stored an
     mask      pruned (kept positions stored);  codebook: k-means codebook size (0: none)
     grid      bits, level bounds qmin..qmax (scheme, full_range), axis, group size (the last group's width),
               scale and zero-point shapes
-    tied      other names of modules computing with this weight;  lowrank: the rank when the layer is one
-              factor of a low-rank pair;  resized: the model's layers were shrunk by structured pruning
+    tied      other names of modules computing with this weight;  resized: the model's layers were shrunk by
+              structured pruning;  lowrank: the rank when the layer is one factor of a low-rank pair, where the
+              caller knows it (a file stores it only as the factors' names and shapes: lwpipe/lowrank.py)
 
 Every rule about these fields lives here, once: the grid axis of each layer type, scale shapes, group
 widths, level bounds. The quantize stage's `Compressed` builds its form (`WeightForm.of`), the encoder
