@@ -15,7 +15,7 @@ import os
 import sys
 
 from lwpipe.artifact.decode import Artifact, constructor, read, read_bytes
-from lwpipe.artifact.format import VERSION, unpack
+from lwpipe.artifact.format import unpack
 from lwpipe.errors import LwpipeError
 from lwpipe.schema import WeightForm
 
@@ -150,7 +150,7 @@ def describe(path: str, trusted: bool = False, max_dense_bytes: int | None = Non
         model = f"{cfg.pop('_target_')}({', '.join(f'{k}={_short(v)}' for k, v in cfg.items())})"
     art = read(data, path, max_dense_bytes)
     return (
-        f"{path}: lwpipe artifact, format version {VERSION}, {art.size:,} bytes, checksum ok\n"
+        f"{path}: lwpipe artifact, format version {data[4]}, {art.size:,} bytes, checksum ok\n"
         f"model: {model}\n\n" + format_table(art)
     )
 

@@ -128,3 +128,14 @@ def test_the_deployable_levels_of_a_conv1d_are_out_by_in_at_every_granularity():
         assert w.shape == levels.shape == scale.shape == (6, 8)  # weight [in 8, out 6]: (out, in)
         assert torch.equal(levels * scale, model[0].weight.detach().T)
         assert info["per_tensor"] != per_channel and info["scheme"] == "symmetric"
+
+
+def test_inspect_names_the_files_own_format_version(tmp_path):
+    from lwpipe.artifact.inspect import describe
+
+    for group, version in ((None, 1), (4, 2)):  # version 2 only where a grid has groups
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 6))
+        quantize_layer(model[0], 4, "symmetric", per_channel=True, group=group)
+        (tmp_path / "model.lwp").write_bytes(encode_model(model, None))
+        assert f"format version {version}," in describe(str(tmp_path / "model.lwp")).splitlines()[0]
