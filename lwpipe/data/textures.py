@@ -23,6 +23,8 @@ def load_textures(
     n: int = 6000, num_classes: int = 10, test_fraction: float = 0.2, seed: int = 0, **params
 ) -> DataBundle:
     """n images of num_classes textures; `params`: make_textures's image_size (32) and noise (1.0)."""
+    if not 0 < test_fraction < 1:
+        raise ConfigError("data.test_fraction", test_fraction, "must be in (0, 1)")
     return made_on_the_spot(make_textures, "textures", "images", n, num_classes, test_fraction, seed, **params)
 
 
