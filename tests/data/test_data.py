@@ -210,10 +210,7 @@ def test_mnist_plain_file_longer_than_its_header(mnist_dir):
 
 def test_made_sets_check_their_parameters_as_their_loaders():
     """blobs and textures share made_on_the_spot; each still names itself and its own bad keys."""
-    import pytest
-
-    from lwpipe.data import load_blobs, load_textures
-    from lwpipe.errors import ConfigError
+    from lwpipe.data import load_textures
 
     for load in (load_blobs, load_textures):
         with pytest.raises(TypeError, match=rf"^{load.__name__}\(\) got an unexpected keyword argument 'foo'$"):
