@@ -146,7 +146,7 @@ def run_recipe(recipe: str, overrides: list[str], run_dir: Path) -> str:
     records = [r for r in (read_records(run_dir)) if r["event"] == "stage_end"]
     trained = next((r for r in records if r["stage"] == "train"), records[0])
     art = read((run_dir / "model.lwp").read_bytes(), "model.lwp")
-    _, stats = encode(build(art), art.model_config)
+    _, stats = encode(build(art), art.model_config, art.header.get("resized") is True)
     return (
         f"lwpipe recipe={recipe} {' '.join(overrides)}   ({seconds:.0f} s, run dir {run_dir})\n"
         f"accuracy: trained {trained['accuracy']:.4f} -> final {final['accuracy']:.4f} "

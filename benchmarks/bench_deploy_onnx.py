@@ -114,7 +114,7 @@ def main():
     tmp.mkdir(parents=True, exist_ok=True)
     path = Path(a.model) if a.model else minilm(tmp)
     info = lwpipe_run(path, tmp / "run", a.float_layers, GPTQ8 if a.gptq else INT8_GRID)["onnx"]
-    fp32 = load_sentence_transformer(str(path)).eval()
+    fp32 = load_sentence_transformer(str(path))[0].eval()
     tok = AutoTokenizer.from_pretrained(str(path))
     texts = [line.strip() for t in topics.values() for line in t.split(".") if len(line.split()) >= 8]
     held = dict(tok(texts[:256], truncation=True, max_length=64, padding=True, return_tensors="pt"))

@@ -97,7 +97,7 @@ def independent_cosine(model_path: Path, run_dir: Path, texts: Path | None = Non
         d["split_seed"],
     ).test
     with torch.no_grad():
-        _, original = task.evaluate(load_sentence_transformer(str(model_path), task="embedding"), test.batches(64))
+        _, original = task.evaluate(load_sentence_transformer(str(model_path), task="embedding")[0], test.batches(64))
         _, decoded = task.evaluate(lwpipe.load(run_dir / "model.lwp"), test.batches(64))
     return F.cosine_similarity(decoded, original, dim=-1).mean().item(), len(test)
 
@@ -150,7 +150,7 @@ def variants(path: Path, train: Path, test: Path) -> None:
         if fp32 is None:
             from lwpipe.models.sentence import load_sentence_transformer
 
-            fp32 = 4 * sum(p.numel() for p in load_sentence_transformer(str(path)).parameters())
+            fp32 = 4 * sum(p.numel() for p in load_sentence_transformer(str(path))[0].parameters())
         lwp = (out / "model.lwp").stat().st_size
         print(f"  {label:<62} {fp32 / lwp:5.2f}x  cosine {final['cosine']:.4f}", flush=True)
 

@@ -22,7 +22,7 @@ from lwpipe.tasks import make_task
 def main() -> None:
     path, inits = sys.argv[1], sys.argv[2:] or ["linear", "density"]
     torch.set_num_threads(1)
-    ref = load_sentence_transformer(path)
+    ref = load_sentence_transformer(path)[0]
     batches = load_text(tokenizer=path, task="embedding", limit_train=8, limit_test=96, max_length=64).test.batches(32)
     task = make_task("embedding")
     _, emb = task.evaluate(ref, batches)

@@ -186,7 +186,7 @@ def encoder(a, tmp):
         f"export.pt to the quantize stage's model {info['agreement_with_model']:.4f}, on the test texts, "
         f"threads {torch.get_num_threads()}"
     )
-    fp32 = load_sentence_transformer(a.encoder).eval()
+    fp32 = load_sentence_transformer(a.encoder)[0].eval()
     tok = AutoTokenizer.from_pretrained(a.encoder)
     texts = [line.strip() for t in topics.values() for line in t.split(".") if len(line.split()) >= 8][:ENC_BATCH]
     full = dict(tok(texts, truncation=True, max_length=64, padding="max_length", return_tensors="pt"))

@@ -37,16 +37,16 @@ def lenet():
 def minilm_shaped():
     from transformers import BertConfig, BertModel
 
-    from lwpipe.models.hf import with_rebuild
+    from lwpipe.models.hf import rebuild_description
 
     cfg = BertConfig(
         vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
     )
-    model = with_rebuild(BertModel(cfg), "AutoModel")
+    model = BertModel(cfg).eval()
     ties = tied_layers(model)
     for name, layer in list(compressible_layers(model)):
         quantize_layer(layer, 8, "symmetric", True, ties.get(name, ()))
-    return model, model.lwpipe_rebuild
+    return model, rebuild_description(model, "AutoModel")
 
 
 def main() -> None:

@@ -35,23 +35,26 @@ def build_data(cfg: dict) -> DataBundle:
 
 
 def build_model(cfg: dict) -> nn.Module:
-    model = _instantiate(builder_config(cfg), "model")
+    return build_model_and_rebuild(cfg)[0]
+
+
+def build_model_and_rebuild(cfg: dict) -> tuple[nn.Module, dict]:
+    """(model, what model.lwp stores to rebuild it): a builder may return the model with its own rebuild
+    description beside it (transformers models: their config, so no original directory is needed); else the
+    recipe's model section is the description."""
+    model, rebuild = _instantiate(builder_config(cfg), "model"), builder_config(cfg)
+    if isinstance(model, tuple) and len(model) == 2 and isinstance(model[1], dict):
+        model, rebuild = model
     if not isinstance(model, nn.Module):
         raise ConfigError("model._target_", cfg["_target_"], f"must build an nn.Module, built {type(model).__name__}")
     if cfg.get("checkpoint"):
         checkpoint.load_weights(model, cfg["checkpoint"])
-    return model
+    return model, rebuild
 
 
 def builder_config(cfg: dict) -> dict:
     """The recipe's model section less the keys that are not the builder's arguments."""
     return {k: v for k, v in cfg.items() if k not in RESERVED_MODEL_KEYS}
-
-
-def rebuild_config(model: nn.Module, cfg: dict) -> dict:
-    """What model.lwp stores to rebuild the model: the builder's own description (transformers models:
-    their config, so no original directory is needed), else the recipe's model section."""
-    return getattr(model, "lwpipe_rebuild", None) or builder_config(cfg)
 
 
 def _instantiate(cfg: dict, key: str):
@@ -145,7 +148,8 @@ def pick_device(name: str) -> torch.device:
 def build_run(top, run_dir: Path) -> tuple[nn.Module, Context]:
     """The recipe's model (on its device) and the Context its stages run in."""
     device = pick_device(top.device)
-    model = build_model(top.model).to(device)  # first: a bad model.path is named as such, not as data.tokenizer
+    model, rebuild = build_model_and_rebuild(top.model)  # first: a bad model.path is named as such
+    model = model.to(device)
     ctx = Context(
         data=build_data(top.data),
         seed=top.seed,
@@ -154,6 +158,7 @@ def build_run(top, run_dir: Path) -> tuple[nn.Module, Context]:
         eval_batch_size=top.eval.batch_size,
         device=device,
         task=make_task(top.task.name),
+        model_config=rebuild,
     )
     ctx.measure = top.measure  # export's deployable forms time themselves with these settings
     return model, ctx

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lwpipe.layout import index_dtype, out_axis
+from lwpipe.layout import index_dtype
+from lwpipe.schema import GRID_AXES, Grid, layer_kind, scale_shape  # noqa: F401  (re-exported)
+from lwpipe.schema import grid_axis as kind_grid_axis
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -66,11 +68,15 @@ class Compressed(nn.Module):
         self.register_parameter("centroids", None)
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
-        self.bits = 0
-        self.qmin = 0
-        self.qmax = 0
-        self.axis: int | None = None  # None: per-tensor; else the weight's axis of output channels
-        self.group: int | None = None  # per-group: one scale per output channel and `group` consecutive inputs
+        self.form_grid: Grid | None = None  # bits, level bounds, axis, group (lwpipe/schema.py)
+
+    # the grid's fields (0 / None without a grid): axis None per tensor, else the weight's output axis;
+    # group: one scale per output channel and `group` consecutive inputs
+    bits = property(lambda self: self.form_grid.bits if self.form_grid else 0)
+    qmin = property(lambda self: self.form_grid.qmin if self.form_grid else 0)
+    qmax = property(lambda self: self.form_grid.qmax if self.form_grid else 0)
+    axis = property(lambda self: self.form_grid.axis if self.form_grid else None)
+    group = property(lambda self: self.form_grid.group if self.form_grid else None)
 
     # -- state -----------------------------------------------------------------
     @property
@@ -88,10 +94,7 @@ class Compressed(nn.Module):
             "mask": self.mask is not None,
             "shared": self.shared,
             "k": int(self.centroids.numel()) if self.shared else 0,
-            "quant": {"bits": self.bits, "qmin": self.qmin, "qmax": self.qmax, "axis": self.axis}
-            | ({"group": self.group} if self.group is not None else {})
-            if self.quantized
-            else None,
+            "quant": self.form_grid.spec() if self.quantized else None,
         }
 
     @classmethod
@@ -104,10 +107,9 @@ class Compressed(nn.Module):
             c.set_codebook(torch.zeros(c.shape, dtype=index_dtype(spec["k"])), torch.zeros(spec["k"]))
         q = spec["quant"]
         if q:
-            shape = scale_shape(c.shape, q["axis"], q.get("group"))
-            c.set_quant(
-                q["bits"], q["qmin"], q["qmax"], torch.ones(shape), torch.zeros(shape), q["axis"], q.get("group")
-            )
+            grid = Grid(q["bits"], q["qmin"], q["qmax"], q["axis"], q.get("group"))
+            shape = grid.scale_shape(c.shape)
+            c.set_quant(grid.bits, grid.qmin, grid.qmax, torch.ones(shape), torch.zeros(shape), grid.axis, grid.group)
         return c
 
     def set_mask(self, mask: torch.Tensor) -> None:
@@ -121,19 +123,13 @@ class Compressed(nn.Module):
         self.centroids = nn.Parameter(centroids.detach().clone().float())
 
     def set_quant(self, bits, qmin, qmax, scale, zero_point, axis, group: int | None = None) -> None:
-        self.bits, self.qmin, self.qmax, self.axis, self.group = int(bits), int(qmin), int(qmax), axis, group
+        self.form_grid = Grid(int(bits), int(qmin), int(qmax), axis, group)
         self.scale = scale.detach().clone().float()
         self.zero_point = zero_point.detach().clone().float()
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero point) broadcastable to the weight: per-group ones repeated over their inputs."""
-        if self.group is None:
-            return self.scale, self.zero_point
-        inputs = 1 - self.axis  # groups are 2-D weights' only: the input axis is the other one
-        n = self.shape[inputs]
-        return tuple(
-            t.repeat_interleave(self.group, dim=inputs).narrow(inputs, 0, n) for t in (self.scale, self.zero_point)
-        )
+        return tuple(self.form_grid.expand(t, self.shape) for t in (self.scale, self.zero_point))
 
     @torch.no_grad()
     def codebook_values(self) -> torch.Tensor:
@@ -170,26 +166,14 @@ class Compressed(nn.Module):
 
 
 def grid_shape(shape, axis: int, group: int | None = None) -> tuple[int, ...]:
-    """Shape of a per-channel scale along `axis` of a weight of `shape`; with `group` (2-D weights), also one
-    per `group` consecutive inputs along the other axis (the last group may be shorter)."""
-    if group is not None:
-        return tuple(n if i == axis else -(-n // group) for i, n in enumerate(shape))
-    return tuple(n if i == axis else 1 for i, n in enumerate(shape))
-
-
-GRID_AXES = (0, 1)  # the output axes of the layouts lwpipe knows: out_axis of every compressible layer type
+    """Shape of a per-channel scale along `axis` of a weight of `shape` (lwpipe/schema.scale_shape)."""
+    return scale_shape(shape, axis, group)
 
 
 def grid_axis(module: nn.Module, per_channel: bool) -> int | None:
     """The axis a layer's grid scales run along: None per tensor, else the layer type's output axis
-    (out_axis: 1 for transformers' Conv1D). The quantize stage, the encoder, the decoder and the int8
-    export all ask this one function, so a grid the writer stores is one the reader accepts."""
-    return out_axis(module) if per_channel else None
-
-
-def scale_shape(shape, axis: int | None, group: int | None = None) -> tuple[int, ...]:
-    """The shape of a grid's scale and zero point for a weight of `shape`: () per tensor."""
-    return () if axis is None else grid_shape(shape, axis, group)
+    (1 for transformers' Conv1D), as lwpipe/schema.py decides it for each layer kind."""
+    return kind_grid_axis(layer_kind(module), per_channel)
 
 
 def constraint(module: nn.Module) -> Compressed | None:

@@ -50,6 +50,8 @@ class Context:
     stage_record: dict = field(default_factory=dict)
     # the file an `export` stage wrote, loaded back (lwpipe.speed.Exported): its record times and scores it
     exported: Any = None
+    # what model.lwp stores to rebuild the model (the builder's description, else the recipe's model section)
+    model_config: dict | None = None
     _test_batches: list | None = field(default=None, repr=False)
 
     def train_loader(self, batch_size: int | None = None) -> DataLoader:

@@ -108,7 +108,7 @@ def quantize_layer(
     else:  # a codebook's spread is not the weights': take the std of the (masked) weights it gives
         spread = module.weight.detach() if c.shared else values
         qmin, qmax, scale, zero_point = std_grid(spread, step, bits, scheme, per_channel, axis or 0)
-    c.set_quant(bits, qmin, qmax, scale, zero_point, axis, group)
+    c.set_quant(bits, qmin, qmax, model_scale(scale, module), zero_point, axis, group)
     error = None
     if hessian is not None and not c.shared:  # check_order refuses gptq after share
         error = gptq_levels(module, c, hessian, scheme, clip)
@@ -186,7 +186,7 @@ def gptq_levels(module: nn.Module, c, hessian: dict, scheme: Scheme, clip: bool 
             c.bits,
             c.qmin,
             c.qmax,
-            gptq.from_rows(module, scale, c.scale.shape),
+            model_scale(gptq.from_rows(module, scale, c.scale.shape), module),
             gptq.from_rows(module, zero, c.scale.shape),
             c.axis,
             c.group,
@@ -194,6 +194,18 @@ def gptq_levels(module: nn.Module, c, hessian: dict, scheme: Scheme, clip: bool 
     values = dequantize(gptq.from_rows(module, q, w.shape), *c.grid())
     original_weight(module).data.copy_(values.to(original_weight(module).dtype))
     return error
+
+
+def model_scale(scale: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """A 16-bit layer's scales rounded to its dtype (kept in float32): level x scale is then computed exactly in
+    that dtype, so runtimes that hold scales in the model's dtype (compressed-tensors, vLLM) serve the
+    weights lwpipe.load rebuilds. A scale the dtype cannot hold (fp16 under- or overflow) stays as it is."""
+    dtype = original_weight(module).dtype
+    if dtype == torch.float32 or not dtype.is_floating_point:
+        return scale
+    rounded = scale.to(dtype).float()
+    ok = torch.isfinite(rounded) & (rounded > 0)
+    return torch.where(ok, rounded, scale)
 
 
 def row_grid(module: nn.Module, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -224,7 +236,7 @@ def binarize_layer(module: nn.Module, per_channel: bool = False, ternary: bool =
         c.set_mask(w.abs() > 0.7 * binary_scale(w, keep, per_channel, axis))
         keep = c.mask
     alpha = binary_scale(w, keep, per_channel, axis)
-    c.set_quant(1, -1, 1, alpha, torch.zeros_like(alpha), grid_axis(module, per_channel))
+    c.set_quant(1, -1, 1, model_scale(alpha, module), torch.zeros_like(alpha), grid_axis(module, per_channel))
     pin_zeros(module)
 
 

@@ -2,13 +2,16 @@
 
 Layouts differ: Linear, Conv and Embedding keep output channels (Embedding: tokens)
 on axis 0, transformers' Conv1D stores its weight transposed, [in, out], so its
-output channels are axis 1 (`out_axis`, `in_axis`).
+output channels are axis 1 (`out_axis`, `in_axis`: the compressed-weight schema's
+axes of each layer kind, lwpipe/schema.py).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from lwpipe.schema import input_axis, layer_kind, output_axis
 
 COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -26,14 +29,12 @@ def is_compressible(m: nn.Module) -> bool:
 
 def out_axis(m: nn.Module) -> int:
     """The weight's axis of output channels (Embedding: tokens); per-channel grids and structured pruning use it."""
-    return 1 if is_hf_conv1d(m) else 0
+    return output_axis(layer_kind(m))
 
 
 def in_axis(m: nn.Module) -> int | None:
     """The weight's axis of input channels; None for Embedding, which has no input activation."""
-    if isinstance(m, nn.Embedding):
-        return None
-    return 0 if is_hf_conv1d(m) else 1
+    return input_axis(layer_kind(m))
 
 
 def index_dtype(k: int) -> torch.dtype:

@@ -20,7 +20,7 @@
         checkpoint(model) -> checkpoints/<step>_<name>.safetensors  # cache on: a copy of the entry's state file
         before any compression: ctx.reference = copy(model)        # teacher; only if a later stage trains
         a later stage names it as teacher: ctx.snapshots[name] = copy(model)
-    model.lwp <- encode(model, model.lwpipe_rebuild or recipe.model)  # its size: every record's compressed_bytes
+    model.lwp <- encode(model, ctx.model_config, resized)  # its size: every record's compressed_bytes
                  (the last stage's encoding; cached: the entry's copy)
     verify: lwpipe.load(model.lwp) computes exactly what model does, else the run fails (no summary.json)
     tokenizer/ <- the data's tokenizer, if any (next to model.lwp)
@@ -53,7 +53,6 @@ from lwpipe.build import (  # noqa: F401  (the runner's public names before lwpi
     builder_config,
     check_fit,
     pick_device,
-    rebuild_config,
     save_tokenizer,
 )
 from lwpipe.cache import StageCache
@@ -64,6 +63,7 @@ from lwpipe.loggers import build_loggers, progress_hook
 from lwpipe.metrics import evaluate, measure
 from lwpipe.stages import order
 from lwpipe.stages.order import needs_reference
+from lwpipe.structured import layer_shapes, resized
 from lwpipe.verify import verify_artifact
 
 log = logging.getLogger("lwpipe")
@@ -101,6 +101,7 @@ class Run:
         # cached states load into copies of the input; kept through the run: a job beside this one may store
         # a later stage meanwhile (cache=false saves the copy)
         self.initial = clone(model) if self.cache.enabled else None
+        self.built_shapes = layer_shapes(model)  # a structurally pruned model's layers are smaller: model.lwp says so
         self.loggers = build_loggers(self.top.logger, run_dir)
         self.records: list[dict] = []
         self.current: list[dict] = []  # the records of the stage now running
@@ -123,7 +124,7 @@ class Run:
         rec = {"step": step, "stage": stage, "event": event, **quality, "reference": "uncompressed"}
         rec.update({**measure(model), "seconds": seconds, **extra, "cached": False})
         if event != "epoch":  # the real size: this step's model encoded as model.lwp
-            self.encoded = (step, encode_model(model, rebuild_config(model, self.top.model)))
+            self.encoded = (step, self.encode(model))
             # against the input model's fp32 bytes: structured pruning and factorize shrink dense_bytes itself
             rec.update(size_metrics(len(self.encoded[1]), (first or rec)["dense_bytes"]))
             rec.update(speed.speed_record(model, self.ctx, self.top.measure, first))
@@ -217,7 +218,11 @@ class Run:
         if self.encoded[0] == len(self.steps):
             return self.encoded[1]
         cached = self.hit and self.steps and self.cache.file(self.key, ".lwp")
-        return cached or encode_model(model, rebuild_config(model, self.top.model))
+        return cached or self.encode(model)
+
+    def encode(self, model: nn.Module) -> bytes:
+        """model.lwp's bytes of `model`: the builder's rebuild description, and whether its layers were shrunk."""
+        return encode_model(model, self.ctx.model_config, resized(model, self.built_shapes))
 
     def finish(self, model: nn.Module) -> dict:
         """model.lwp (verified), the loggers' files, then summary.json, written last; returns the final record."""

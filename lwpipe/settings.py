@@ -15,6 +15,28 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LayerSettings(Strict):
+    """One layer's own settings in a stage's `layers:` (by module name or glob): a field left None takes the
+    stage's setting; `skip`: the stage leaves the layer alone."""
+
+    skip: bool = False
+
+
+class LayerPrune(LayerSettings):
+    sparsity: float | None = Field(None, ge=0, lt=1)
+    quality: float | None = Field(None, gt=0, le=100)  # threshold = quality x std(W)
+
+
+class LayerShare(LayerSettings):
+    bits: int | None = Field(None, ge=1, le=16)
+
+
+class LayerQuant(LayerSettings):
+    bits: int | None = Field(None, ge=1, le=16)
+    step: float | None = Field(None, gt=0, le=10)
+    frequency_prior: float | None = Field(None, gt=0, le=1e9)  # token table: a step per row by use (frequency.py)
+
+
 class TrainSettings(Strict):
     """Supervised training; used by `train`, by every stage's `finetune`, and by `distill`."""
 

@@ -181,7 +181,6 @@ def run(cfg, model: nn.Module, ctx, finals: dict[str, float]) -> nn.Module:
                 cfg.bins,
             )
         widths = prune_channels(model, example, targets, original, scores)
-        model.lwpipe_resized = True  # model.lwp says so (artifact/decode.build_model)
         recalibrate_bn(model, ctx.calibration_batches(cfg.calibration_batches))
         log.info(
             "  structured prune step %d/%d: channels kept %s",
@@ -209,6 +208,28 @@ def check(model: nn.Module, path: str, fallback: str) -> None:
 
 
 # -- rebuilding smaller shapes -------------------------------------------------------------------
+def layer_shapes(model: nn.Module) -> dict[str, tuple]:
+    """Module name -> the shape structured pruning may shrink: a layer's weight, a norm's weight or statistics."""
+    out = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, LAYERS + NORMS):
+            continue
+        if parametrize.is_parametrized(m, "weight"):  # its shape, without computing the constrained weight
+            out[name] = tuple(m.parametrizations.weight.original.shape)
+        elif getattr(m, "weight", None) is not None:
+            out[name] = tuple(m.weight.shape)
+        elif getattr(m, "running_mean", None) is not None:
+            out[name] = tuple(m.running_mean.shape)
+    return out
+
+
+def resized(model: nn.Module, built: dict[str, tuple]) -> bool:
+    """Whether any layer of `model` is smaller than in `built` (layer_shapes of the model as its builder built
+    it): model.lwp then says so ("resized"), and only such a file may shrink its model's layers when loaded."""
+    now = layer_shapes(model)
+    return any(n in now and len(now[n]) == len(s) and now[n] != tuple(s) for n, s in built.items())
+
+
 @torch.no_grad()
 def resize_to(model: nn.Module, shapes: dict[str, tuple]) -> None:
     """Give a freshly built model the (smaller) layer shapes a structurally pruned model had, so that its
@@ -228,7 +249,6 @@ def resize_to(model: nn.Module, shapes: dict[str, tuple]) -> None:
             old = getattr(m, t, None)
             if old is not None:
                 _replace(m, t, torch.zeros(tuple(want) if t == "weight" else (want[0],), dtype=old.dtype))
-        model.lwpipe_resized = True  # model.lwp then says so: only such a file may shrink its model's layers
         if isinstance(m, nn.Linear):
             m.out_features, m.in_features = want
         elif isinstance(m, NORMS):

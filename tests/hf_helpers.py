@@ -52,6 +52,34 @@ def word_tokenizer():
     )
 
 
+def bpe_tokenizer(style: str = "byte_level"):
+    """A BPE tokenizer trained on the generated texts: `byte_level` as GPT-2 / Llama 3 write them, or
+    `sentencepiece` as Llama 2 / Mistral's tokenizer.json ("▁" pieces, byte fallback to <0xNN> tokens)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [t for t, _ in make_texts(200)]
+    if style == "byte_level":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet, special = pre_tokenizers.ByteLevel.alphabet(), ["<|endoftext|>"]
+        tok.train_from_iterator(
+            texts, trainers.BpeTrainer(vocab_size=300, special_tokens=special, initial_alphabet=alphabet)
+        )
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=special[0], pad_token=special[0])
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    special = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=special))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+
+
 def bert_config(vocab_size: int, **kw):
     from transformers import BertConfig
 
@@ -143,16 +171,16 @@ def write_txt(path: Path, rows: list[tuple[str, int]]) -> Path:
     return path
 
 
-def save_llama(path, dtype=torch.float32):
+def save_llama(path, dtype=torch.float32, tokenizer=None, hidden: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path.mkdir(parents=True, exist_ok=True)
-    tok = word_tokenizer()
+    tok = tokenizer or word_tokenizer()
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

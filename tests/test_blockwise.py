@@ -47,7 +47,7 @@ def block_layers(model, block):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_carried_block_hessians_equal_a_whole_model_pass_after_an_earlier_block_changed(files, kind):
-    model = load_hf(str(files[kind]), "causal_lm")
+    model = load_hf(str(files[kind]), "causal_lm")[0]
     cal = Calibrator(model, CalibrationSettings())
     names = [n for n, _ in compressible_layers(model)]
     groups = cal.groups(names)
@@ -70,7 +70,7 @@ def test_carried_block_hessians_equal_a_whole_model_pass_after_an_earlier_block_
 
 
 def test_capture_stops_the_forward_at_the_first_block(files):
-    model = load_hf(str(files["llama"]), "causal_lm")
+    model = load_hf(str(files["llama"]), "causal_lm")[0]
     calls = []
     model.lm_head.register_forward_hook(lambda *a: calls.append(1))
     model.model.layers[1].register_forward_hook(lambda *a: calls.append(1))
@@ -135,7 +135,7 @@ def test_gptq_w4_with_named_blocks_runs_and_uses_the_calibration_samples(files, 
 def test_causal_lm_evaluation_in_row_chunks_gives_the_same_figures(files, monkeypatch):
     import lwpipe.tasks.causal_lm as clm
 
-    model = load_hf(str(files["llama"]), "causal_lm")
+    model = load_hf(str(files["llama"]), "causal_lm")[0]
     data = batches(2, 12)
     whole, pred = CausalLM().evaluate(model, data)
     monkeypatch.setattr(clm, "LOGITS_ELEMENTS", 12 * model.config.vocab_size)  # one row at a time

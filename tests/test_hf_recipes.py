@@ -73,7 +73,7 @@ def test_bert_text_classification(files, tmp_path):
     assert ends[2]["sparsity"] > 0.2 and ends[-1]["compression_ratio"] > ends[1]["compression_ratio"]
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "tokenizer"))  # the documented sidecar
     batch = dict(tok(["apple pear the", "gear clutch"], padding=True, return_tensors="pt"))
-    assert_artifact_is_the_final_model(tmp_path, load_hf(str(files["bert"])), batch, "05_distill.safetensors")
+    assert_artifact_is_the_final_model(tmp_path, load_hf(str(files["bert"]))[0], batch, "05_distill.safetensors")
 
 
 def test_gpt2_causal_lm(files, tmp_path):
@@ -86,7 +86,7 @@ def test_gpt2_causal_lm(files, tmp_path):
     assert final["quality"] == final["perplexity"]
     batch = {"input_ids": torch.tensor([[2, 5, 7, 9]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     assert_artifact_is_the_final_model(
-        tmp_path, load_hf(str(files["gpt2"]), "causal_lm"), batch, "04_distill.safetensors"
+        tmp_path, load_hf(str(files["gpt2"]), "causal_lm")[0], batch, "04_distill.safetensors"
     )
 
 
@@ -99,7 +99,7 @@ def test_sentence_embedding(files, tmp_path):
     assert final["compression_ratio"] > 2
     batch = {"input_ids": torch.tensor([[2, 5, 7, 9, 3]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
     assert_artifact_is_the_final_model(
-        tmp_path, load_sentence_transformer(str(files["st"])), batch, "01_quantize.safetensors"
+        tmp_path, load_sentence_transformer(str(files["st"]))[0], batch, "01_quantize.safetensors"
     )
 
 

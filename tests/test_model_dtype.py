@@ -72,7 +72,7 @@ def test_a_bf16_checkpoint_stays_bf16_through_each_stage_its_checkpoint_file_and
     with safe_open(str(ckpt), "pt") as f:
         weights = [k for k in f.keys() if k.endswith("weight") or k.endswith("original")]
         assert weights and {f.get_tensor(k).dtype for k in weights} == {torch.bfloat16}
-    restored = load_state(load_hf(str(files["bf16"]), "causal_lm"), ckpt)  # the stage's state, from its checkpoint
+    restored = load_state(load_hf(str(files["bf16"]), "causal_lm")[0], ckpt)  # the stage's state, from its checkpoint
     assert artifact_mismatch(loaded, restored) is None
     batch = {"input_ids": torch.tensor([[2, 5, 7, 9]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     with torch.no_grad():
@@ -100,11 +100,11 @@ def test_bf16_on_a_gpu_that_cannot_compute_it_is_refused_before_loading(files, m
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
     for dtype in ("auto", "bfloat16"):  # auto: the checkpoint's bf16
         with pytest.raises(ConfigError, match=r"model\.dtype='bfloat16': the device Tesla T4 cannot compute"):
-            load_hf(str(files["bf16"]), "causal_lm", dtype=dtype, device="cuda")
-    assert next(load_hf(str(files["bf16"]), "causal_lm", dtype="float32", device="cuda").parameters()).dtype == (
+            load_hf(str(files["bf16"]), "causal_lm", dtype=dtype, device="cuda")[0]
+    assert next(load_hf(str(files["bf16"]), "causal_lm", dtype="float32", device="cuda")[0].parameters()).dtype == (
         torch.float32
     )
-    assert next(load_hf(str(files["bf16"]), "causal_lm", device="cpu").parameters()).dtype == torch.bfloat16
+    assert next(load_hf(str(files["bf16"]), "causal_lm", device="cpu")[0].parameters()).dtype == torch.bfloat16
 
 
 def test_a_sentence_model_is_loaded_in_model_dtype_and_rebuilt_in_it(tmp_path):
@@ -112,9 +112,9 @@ def test_a_sentence_model_is_loaded_in_model_dtype_and_rebuilt_in_it(tmp_path):
     from tests.hf_helpers import save_sentence_model
 
     path = save_sentence_model(tmp_path / "st")
-    model = load_sentence_transformer(str(path), dtype="bfloat16")
+    model, description = load_sentence_transformer(str(path), dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    rebuild = {k: v for k, v in model.lwpipe_rebuild.items() if k != "_target_"}
+    rebuild = {k: v for k, v in description.items() if k != "_target_"}
     assert rebuild["dtype"] == "bfloat16"
     assert {p.dtype for p in from_config(**rebuild).parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in load_sentence_transformer(str(path)).parameters()} == {torch.float32}  # auto
+    assert {p.dtype for p in load_sentence_transformer(str(path))[0].parameters()} == {torch.float32}  # auto

@@ -6,6 +6,7 @@ from torch import nn
 
 import lwpipe
 from lwpipe import checkpoint, structured
+from lwpipe.artifact import read
 from lwpipe.errors import ConfigError
 from lwpipe.models import LeNet5, ResNet
 from lwpipe.stages.prune import Prune, PruneConfig
@@ -91,6 +92,18 @@ def test_structured_recipe_shrinks_and_the_artifact_rebuilds_the_shapes(tmp_path
     loaded = lwpipe.load(tmp_path / "model.lwp")
     with torch.no_grad():
         assert torch.equal(loaded(X), model(X))
+    assert read((tmp_path / "model.lwp").read_bytes()).header["resized"] is True  # only so may it shrink a model
+
+
+def test_a_model_is_resized_only_when_a_layer_is_smaller_than_built():
+    from lwpipe.structured import layer_shapes, resize_to, resized
+
+    built = ResNet(widths=(8, 16))
+    shapes = layer_shapes(built)
+    assert not resized(built, shapes) and not hasattr(built, "lwpipe_resized")
+    smaller = {f"{n}.weight": s for n, s in layer_shapes(built).items()} | {"layers.0.conv1.weight": (4, 8, 3, 3)}
+    resize_to(built, smaller)
+    assert resized(built, shapes) and not hasattr(built, "lwpipe_resized")  # the caller says so, not the model
 
 
 def test_structured_after_share_is_refused_at_validation():

@@ -36,12 +36,12 @@ from lwpipe.constraints import (
     constraint,
     effective_tensors,
     ensure_constraint_as,
-    grid_axis,
     is_compressible,
     set_grid,
     set_half,
 )
 from lwpipe.lowrank import restore_factorized
+from lwpipe.schema import FormError, WeightForm, layer_kind
 from lwpipe.structured import resize_to
 
 
@@ -114,7 +114,7 @@ def read(data: bytes, source: str = "artifact", max_dense_bytes: int | None = No
         raw_len, bits_len, words_len = header["sections"]
         raw = RawReader(body[:raw_len])
         streams = StreamReader(body[raw_len : raw_len + bits_len], body[raw_len + bits_len :])
-        layers = [read_layer(e, raw, streams) for e in header["layers"]]
+        layers = [read_layer(e, raw, streams, WeightForm.from_header(e, header)) for e in header["layers"]]
         tensors, tensor_bits, grids = {}, {}, {}
         for name, how, shape, dtype, *flags in header["tensors"]:
             start, first = raw.pos, len(streams.stats)
@@ -360,13 +360,11 @@ def _release(m: nn.Module, attr: str) -> None:
 
 
 def _check_grid_axis(m: nn.Module, layer: Layer, source: str) -> None:
-    """A per-channel grid runs along the output axis of the layer type it fills (constraints.grid_axis)."""
-    c = layer.constraint
-    if c.quantized and c.axis is not None and c.axis != grid_axis(m, True):
-        raise ArtifactError(
-            f"{source}: {layer.name} has a grid along axis {c.axis}, but its layer, a "
-            f"{type(m).__name__}, has its output channels on axis {grid_axis(m, True)}"
-        )
+    """The stored form fits the layer it fills: a per-channel grid runs along the output axis of its kind."""
+    try:
+        layer.form.fits(layer_kind(m), type(m).__name__)
+    except FormError as e:
+        raise ArtifactError(f"{source}: {e}") from None
 
 
 def _check_shape(have: torch.Tensor, stored: torch.Tensor, name: str, source: str) -> None:

@@ -34,22 +34,24 @@ from lwpipe.constraints import (
     compressible_layers,
     constraint,
     grid_attrs,
-    grid_axis,
     half_attrs,
     original_weight,
     parameter_shapes,
     tensor_aliases,
 )
 from lwpipe.errors import LwpipeError
+from lwpipe.schema import FormError, WeightForm
 
 
-def encode_model(model: nn.Module, model_config: dict | None) -> bytes:
-    """The `.lwp` bytes of `model`; `model_config` (the recipe's `model`, `checkpoint` dropped) rebuilds it."""
-    return encode(model, model_config)[0]
+def encode_model(model: nn.Module, model_config: dict | None, resized: bool = False) -> bytes:
+    """The `.lwp` bytes of `model`; `model_config` (the recipe's `model`, `checkpoint` dropped) rebuilds it;
+    `resized`: structured pruning shrank its layers (lwpipe/structured.resized), so a loader may shrink the
+    model `model_config` builds to the stored shapes."""
+    return encode(model, model_config, resized)[0]
 
 
 @torch.no_grad()
-def encode(model: nn.Module, model_config: dict | None) -> tuple[bytes, list[dict]]:
+def encode(model: nn.Module, model_config: dict | None, resized: bool = False) -> tuple[bytes, list[dict]]:
     """(file bytes, per-stream statistics: symbols, table bits, coded bits, entropy bits)."""
     config = None if model_config is None else {k: v for k, v in dict(model_config).items() if k != "checkpoint"}
     streams, raw = StreamWriter(), bytearray()
@@ -80,7 +82,7 @@ def encode(model: nn.Module, model_config: dict | None) -> tuple[bytes, list[dic
     }
     if aliases:
         header["tied"] = aliases
-    if getattr(model, "lwpipe_resized", False):  # structurally pruned: layers smaller than the config builds
+    if resized:  # structurally pruned: layers smaller than the config builds
         header["resized"] = True
     grouped = any((e.get("quant") or {}).get("group") is not None for e in layers)
     return pack(header, bytes(raw) + bits + words, VERSION if grouped else FIRST_VERSION), streams.stats
@@ -144,11 +146,20 @@ def parameter_count(model: nn.Module) -> int:
     return sum(shape.numel() for shape in parameter_shapes(model).values())
 
 
+def layer_form(name: str, module: nn.Module, c: Compressed) -> WeightForm:
+    """The layer's compressed form (lwpipe/schema.py), checked: a form the reader would refuse is not written."""
+    try:
+        return WeightForm.of(name, module, c)
+    except FormError as e:
+        raise LwpipeError(str(e)) from None
+
+
 def encode_layer(name: str, module: nn.Module, c: Compressed, streams: StreamWriter, raw: bytearray) -> dict:
     weight = original_weight(module).detach()
-    entry = {"name": name, "shape": list(c.shape), "dtype": dtype_name(weight.dtype)}
+    form = layer_form(name, module, c)
+    entry = {"name": form.name, "shape": list(form.shape), "dtype": form.dtype}
     keep = None
-    if c.mask is not None:
+    if form.mask:
         keep = np.flatnonzero(c.mask.reshape(-1).cpu().numpy())  # ~4x torch.nonzero on CPU
         escape, symbols = choose_escape(keep)
         streams.symbols(symbols, f"{name} positions")
@@ -159,21 +170,15 @@ def encode_layer(name: str, module: nn.Module, c: Compressed, streams: StreamWri
         flat = t.detach().reshape(-1).cpu().numpy()
         return flat if keep is None else flat[keep]
 
-    if c.quantized:
-        if c.axis != grid_axis(module, c.axis is not None):  # the reader takes no other axis
-            raise LwpipeError(
-                f"layer {name}: its grid runs along axis {c.axis}, not along its output axis "
-                f"{grid_axis(module, True)}; the artifact cannot store it"
-            )
-        entry["quant"] = encode_grid(c, streams, raw, name)
-    if c.shared:
+    if form.grid is not None:
+        entry["quant"] = encode_grid(c, form, streams, raw)
+    if form.codebook:
         streams.symbols(kept(c.index), f"{name} codebook index")
-        entry["shared"] = {"k": c.centroids.numel()}
-        levels = grid_levels(c, c.centroids, name) if c.quantized and c.axis is None else None
+        entry["shared"] = {"k": form.codebook}
+        levels = grid_levels(c, c.centroids, name) if form.codebook_levels else None
         if levels is not None:  # the codebook at its quantized precision
-            width = (c.qmax - c.qmin).bit_length()
             for level in levels.reshape(-1).tolist():
-                streams.bits.write(level - c.qmin, width)
+                streams.bits.write(level - form.grid.qmin, form.grid.width)
             entry["shared"]["codebook"] = "levels"
         else:
             entry["shared"]["codebook"] = put(c.centroids, streams, raw, f"{name} codebook")
@@ -198,29 +203,22 @@ def grid_levels(c: Compressed, x: torch.Tensor, name: str) -> torch.Tensor | Non
     return q.to(torch.int32) if bool((q == q.round()).all()) else None  # |levels| < 2^16
 
 
-def encode_grid(c: Compressed, streams: StreamWriter, raw: bytearray, name: str) -> dict:
+def encode_grid(c: Compressed, form: WeightForm, streams: StreamWriter, raw: bytearray) -> dict:
+    """The layer's "quant" entry: the form's grid (lwpipe/schema.Grid.header), its scale and zero point stored."""
+    grid, name = form.grid, form.name
     scale, zp = c.scale.detach().cpu(), c.zero_point.detach().cpu()
-    grid = {
-        "bits": c.bits,
-        "qmin": c.qmin,
-        "qmax": c.qmax,
-        "axis": c.axis,
-        "scale": [put(scale, streams, raw, f"{name} scale"), list(scale.shape)],
-    }
-    if c.group is not None:
-        grid["group"] = c.group
+    scale_part = [put(scale, streams, raw, f"{name} scale"), list(scale.shape)]
     as_int = zp.to(torch.int64)
     exact = zp.dtype == torch.float32 and torch.equal(as_int.to(zp.dtype).view(torch.int32), zp.view(torch.int32))
     if exact and zp.numel() and bool((as_int == as_int.reshape(-1)[0]).all()):
-        grid["zp"] = [int(as_int.reshape(-1)[0]), list(zp.shape)]  # one integer for the whole layer
-    elif exact and bool(((as_int >= c.qmin) & (as_int <= c.qmax)).all()):
-        width = (c.qmax - c.qmin).bit_length()
+        zp_part = [int(as_int.reshape(-1)[0]), list(zp.shape)]  # one integer for the whole layer
+    elif exact and bool(((as_int >= grid.qmin) & (as_int <= grid.qmax)).all()):
         for level in as_int.reshape(-1).tolist():
-            streams.bits.write(level - c.qmin, width)
-        grid["zp"] = ["levels", list(zp.shape)]
+            streams.bits.write(level - grid.qmin, grid.width)
+        zp_part = ["levels", list(zp.shape)]
     else:
-        grid["zp"] = [put(zp, streams, raw, f"{name} zero point"), list(zp.shape)]
-    return grid
+        zp_part = [put(zp, streams, raw, f"{name} zero point"), list(zp.shape)]
+    return grid.header(scale_part, zp_part)
 
 
 def size_metrics(size: int, dense_bytes: int) -> dict:

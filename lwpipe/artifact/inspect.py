@@ -15,8 +15,9 @@ import os
 import sys
 
 from lwpipe.artifact.decode import Artifact, constructor, read, read_bytes
-from lwpipe.artifact.format import VERSION, unpack
+from lwpipe.artifact.format import unpack
 from lwpipe.errors import LwpipeError
+from lwpipe.schema import WeightForm
 
 COLUMNS = [
     ("layer", 16, "<"),
@@ -30,14 +31,15 @@ COLUMNS = [
 ]
 
 
-def encoding(e: dict) -> str:
-    parts = ["pruned"] if e.get("mask") else []
-    if e.get("shared"):
-        parts.append(f"shared k={e['shared']['k']}")
-    if e.get("quant"):
-        q = e["quant"]
-        kind = f"per-group of {q['group']}" if q.get("group") else "per-tensor" if q["axis"] is None else "per-channel"
-        parts.append(f"{q['bits']}-bit {kind}")  # Conv1D's per-channel axis is 1
+def encoding(form: WeightForm) -> str:
+    """The layer's compressed form in words (lwpipe/schema.py): pruned, shared, its grid's bits and granularity."""
+    parts = ["pruned"] if form.mask else []
+    if form.codebook:
+        parts.append(f"shared k={form.codebook}")
+    q = form.grid
+    if q is not None:
+        kind = f"per-group of {q.group}" if q.group else "per-tensor" if q.axis is None else "per-channel"
+        parts.append(f"{q.bits}-bit {kind}")  # Conv1D's per-channel axis is 1
     return " + ".join(parts)
 
 
@@ -47,7 +49,7 @@ def rows(art: Artifact) -> list[dict]:
     for alias, name in (art.header.get("tied") or {}).items():
         also.setdefault(name, []).append(alias)
     layers = []
-    for layer, e in zip(art.layers, art.header["layers"]):
+    for layer in art.layers:
         c, n = layer.cost, max(layer.cost["nnz"], 1)
         layers.append(
             {
@@ -55,9 +57,9 @@ def rows(art: Artifact) -> list[dict]:
                 "weights": c["weights"],
                 "kept": c["nnz"],
                 "weight_bits": c["values"] / n,
-                "index_bits": c["positions"] / n if e.get("mask") else None,
+                "index_bits": c["positions"] / n if layer.form.mask else None,
                 "bytes": round(c["total"] / 8),
-                "encoding": encoding(e) + _tied(also, layer.name),
+                "encoding": encoding(layer.form) + _tied(also, layer.name),
             }
         )
     others = _tensor_rows(art, also)
@@ -148,7 +150,7 @@ def describe(path: str, trusted: bool = False, max_dense_bytes: int | None = Non
         model = f"{cfg.pop('_target_')}({', '.join(f'{k}={_short(v)}' for k, v in cfg.items())})"
     art = read(data, path, max_dense_bytes)
     return (
-        f"{path}: lwpipe artifact, format version {VERSION}, {art.size:,} bytes, checksum ok\n"
+        f"{path}: lwpipe artifact, format version {data[4]}, {art.size:,} bytes, checksum ok\n"
         f"model: {model}\n\n" + format_table(art)
     )
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import torch
 
 from lwpipe.artifact.coding import StreamReader
-from lwpipe.artifact.limits import check_grid_values
 from lwpipe.artifact.positions import positions_from_gaps
 from lwpipe.artifact.raw import DTYPES, FLOAT_FIELDS, RawReader, join_float, mantissa_bytes
 from lwpipe.constraints import BIAS_LEVELS, Compressed, dequantize, index_dtype
+from lwpipe.schema import WeightForm
 
 
 @dataclass
@@ -21,6 +21,7 @@ class Layer:
     constraint: Compressed
     original: torch.Tensor
     cost: dict = field(default_factory=dict)  # bits: positions, values, other, total; nnz
+    form: WeightForm | None = None  # what the header declares (lwpipe/schema.py)
 
 
 def take(how: list, shape, restore: torch.dtype, raw: RawReader, streams: StreamReader) -> torch.Tensor:
@@ -53,13 +54,14 @@ def read_levels(streams: StreamReader, n: int, qmin: int, qmax: int) -> torch.Te
     return torch.from_numpy(streams.bits.read_many(n, width) + qmin).float()
 
 
-def read_layer(e: dict, raw: RawReader, streams: StreamReader) -> Layer:
-    shape = [int(s) for s in e["shape"]]
+def read_layer(e: dict, raw: RawReader, streams: StreamReader, form: WeightForm) -> Layer:
+    """The layer entry `e` declaring `form` (WeightForm.from_header): its constraint and original weight."""
+    shape = [int(s) for s in form.shape]
     numel = math.prod(shape)
     c = Compressed(torch.Size(shape))
     bits0, raw0, first = streams.bits.pos, raw.pos, len(streams.stats)
     keep, cost = None, {"weights": numel, "nnz": numel, "positions": 0.0}
-    if e.get("mask") is not None:
+    if form.mask:
         m = e["mask"]
         gaps = streams.symbols(m["gaps"], numel if m["escape"] is None else m["escape"] + 1)
         keep = torch.from_numpy(positions_from_gaps(gaps, m["escape"], m["nnz"], numel))
@@ -75,12 +77,12 @@ def read_layer(e: dict, raw: RawReader, streams: StreamReader) -> Layer:
         full[keep if keep is not None else slice(None)] = values
         return full.view(shape)
 
-    if e.get("quant") is not None:
-        read_grid(c, e["quant"], raw, streams, e["name"])
-    dtype = DTYPES[e["dtype"]]
+    if form.grid is not None:
+        read_grid(c, form, e["quant"], raw, streams)
+    dtype = DTYPES[form.dtype]
     original = torch.zeros((), dtype=dtype).expand(shape)  # no memory: a shared layer computes from its codebook
-    if e.get("shared") is not None:
-        k = int(e["shared"]["k"])
+    if form.codebook:
+        k = form.codebook
         index = torch.from_numpy(streams.symbols(n, k)).to(index_dtype(k))
         cost["values"] = _stream_bits(streams.stats[-1])
         if e["shared"]["codebook"] == "levels":
@@ -101,23 +103,23 @@ def read_layer(e: dict, raw: RawReader, streams: StreamReader) -> Layer:
     total = streams.bits.pos - bits0 + 8.0 * (raw.pos - raw0) + sum(s["coded_bits"] for s in streams.stats[first:])
     cost["total"] = total
     cost["other"] = total - cost["positions"] - cost["values"]
-    return Layer(e["name"], c, original, cost)
+    return Layer(form.name, c, original, cost, form)
 
 
 def _stream_bits(stat: dict) -> float:
     return float(stat["table_bits"] + stat["coded_bits"])
 
 
-def read_grid(c: Compressed, q: dict, raw: RawReader, streams: StreamReader, name: str) -> None:
-    """The layer's grid (limits.check_grid has checked its axis and shapes); its values are checked here."""
-    qmin, qmax = int(q["qmin"]), int(q["qmax"])
+def read_grid(c: Compressed, form: WeightForm, q: dict, raw: RawReader, streams: StreamReader) -> None:
+    """The layer's grid (limits.check_grid has checked the form: axis, group, shapes); its values are checked here."""
+    grid, name = form.grid, form.name
     scale = take(q["scale"][0], q["scale"][1], torch.float32, raw, streams)
     mode, shape = q["zp"]
     if isinstance(mode, int):
         zp = torch.full(shape, float(mode))
     elif mode == "levels":
-        zp = read_levels(streams, math.prod(shape), qmin, qmax).reshape(shape)
+        zp = read_levels(streams, math.prod(shape), grid.qmin, grid.qmax).reshape(shape)
     else:
         zp = take(mode, shape, torch.float32, raw, streams)
-    check_grid_values(scale, zp, qmin, qmax, name)
-    c.set_quant(int(q["bits"]), qmin, qmax, scale, zp, q["axis"], q.get("group"))  # shapes: limits.check_grid
+    grid.check_values(scale, zp, name)
+    c.set_quant(grid.bits, grid.qmin, grid.qmax, scale, zp, grid.axis, grid.group)

@@ -7,9 +7,9 @@ one repeated symbol is free). `check_header` checks every field's type and
 every count against the layer it belongs to and against the file's declared
 dense size, so that decoding needs memory proportional to that size; the
 readers (coding.py, raw.py) check what they take against the bytes left.
-A grid's scale and zero point must have the shape its layer and granularity
-give (constraints.scale_shape), and `check_grid_values` checks, once read,
-that every level of the grid is a finite weight.
+A layer's grid is parsed and checked as the compressed-weight schema says
+(lwpipe/schema.py: `Grid.from_header`, its scale and zero point shapes); once read,
+layer_read.read_grid checks that every level of the grid is a finite weight (`Grid.check_values`).
 Fields this module does not know are left to the code that reads them.
 """
 
@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from lwpipe.artifact.raw import DTYPES, FLOAT_FIELDS
-from lwpipe.constraints import GRID_AXES, dequantize, scale_shape
+from lwpipe.schema import MAX_LEVEL, FormError, Grid
+from lwpipe.schema import whole as _int
 
 MAX_DIMS = 8
 MAX_ESCAPE = 1 << 16
-MAX_LEVEL = 1 << 32  # |qmin|, |qmax|, an integer zero point
 MAX_CODEBOOK = 1 << 16  # a codebook may exceed its layer's weights only up to this (files of lwpipe < 0.2)
 LAYER_DTYPES = ("float32", "float64", "float16", "bfloat16")  # a compressed layer's weight is a float
 # The body a header can explain: a stored value takes at most 8 bytes (float64) where the dense size counts 4, and
@@ -47,16 +45,7 @@ def memory_available() -> int:
     return total if soft == resource.RLIM_INFINITY else min(total, soft)
 
 
-class HeaderError(ValueError):
-    """A header field that is missing, of the wrong type, or out of bounds; decode turns it into ArtifactError."""
-
-
-def _int(value, what: str, lo: int = 0, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise HeaderError(f"{what} is {value!r}, not a whole number")
-    if value < lo or (hi is not None and value > hi):
-        raise HeaderError(f"{what} is {value}, outside {lo}..{hi if hi is not None else 'inf'}")
-    return value
+HeaderError = FormError  # a header field that is missing, of the wrong type, or out of bounds (-> ArtifactError)
 
 
 def _dict(value, what: str) -> dict:
@@ -97,62 +86,21 @@ def check_how(how, what: str) -> None:
 
 
 def check_grid(q, what: str, shape: list[int]) -> int:
-    """The grid's level span qmax - qmin (>= 1)."""
-    q = _dict(q, what)
-    _int(q.get("bits"), f"{what} bits", 1, 32)
-    qmin = _int(q.get("qmin"), f"{what} qmin", -MAX_LEVEL, MAX_LEVEL)
-    qmax = _int(q.get("qmax"), f"{what} qmax", -MAX_LEVEL, MAX_LEVEL)
-    if qmin >= qmax:
-        raise HeaderError(f"{what} has qmin {qmin} >= qmax {qmax}: a grid needs at least two levels")
-    axis = q.get("axis")
-    if axis is not None and (type(axis) is not int or axis not in GRID_AXES or axis >= len(shape)):
-        raise HeaderError(
-            f"{what} axis is {axis!r}: a grid is per tensor (null) or along the weight's "
-            f"output axis ({' or '.join(map(str, GRID_AXES))}, within its {len(shape)} dimensions)"
-        )
-    group = q.get("group")
-    if group is not None:
-        if axis is None or len(shape) != 2:
-            raise HeaderError(
-                f"{what} has per-group scales (group {group!r}) without a per-channel grid on a 2-D weight"
-            )
-        group = _int(group, f"{what} group", 1, shape[1 - axis])
-    want = list(scale_shape(shape, axis, group))
+    """The grid's level span qmax - qmin (>= 1): the schema's grid (lwpipe/schema.Grid.from_header) and the
+    stored descriptions of its scale and zero point."""
+    grid = Grid.from_header(q, shape, what)
+    want = grid.scale_shape(shape)
     for part in ("scale", "zp"):
-        pair = _list(q.get(part), f"{what} {part}")
-        if len(pair) != 2:
-            raise HeaderError(f"{what} {part} is {pair!r}, not [how, shape]")
-        check_shape(pair[1], f"{what} {part}", math.prod(want))
-        if pair[1] != want:  # a scale broadcast to any other shape would change the weight's shape
-            raise HeaderError(
-                f"{what} {part} has shape {pair[1]}; a {'per-tensor' if axis is None else f'axis-{axis}'}"
-                f" grid of a {shape} weight has {want}"
-            )
+        declared = q[part][1]
+        check_shape(declared, f"{what} {part}", math.prod(want))
+        grid.check_shapes({part: declared}, shape, what)
     scale_how, mode = q["scale"][0], q["zp"][0]
     check_how(scale_how, f"{what} scale")
     if isinstance(mode, int) and not isinstance(mode, bool):
         _int(mode, f"{what} zero point", -MAX_LEVEL, MAX_LEVEL)
     elif mode != "levels":
         check_how(mode, f"{what} zero point")
-    return qmax - qmin
-
-
-def check_grid_values(scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int, name: str) -> None:
-    """Every level of the grid is a finite float32 weight: scales positive and finite, and the extreme
-    levels (qmin - zp) x scale, (qmax - zp) x scale finite, so no NaN, Inf, 0 or overflowing scale loads."""
-    if not bool((scale > 0).all() & torch.isfinite(scale).all()):  # NaN > 0 is False
-        bad = scale[~((scale > 0) & torch.isfinite(scale))].reshape(-1)[0]
-        raise ValueError(f"layer {name!r}: a grid scale is {float(bad)}, not a positive finite number")
-    ends = torch.stack(
-        torch.broadcast_tensors(
-            dequantize(torch.tensor(float(qmin)), scale, zp), dequantize(torch.tensor(float(qmax)), scale, zp)
-        )
-    )
-    if not bool(torch.isfinite(ends).all()):
-        raise ValueError(
-            f"layer {name!r}: its grid's levels {qmin}..{qmax} (scale up to {float(scale.max())}, "
-            f"zero point {float(zp.reshape(-1)[0]) if zp.numel() else 0}) give non-finite weights"
-        )
+    return grid.qmax - grid.qmin
 
 
 def check_layer(e, i: int, budget: int) -> int:

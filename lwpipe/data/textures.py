@@ -15,11 +15,23 @@ import math
 
 import torch
 
-from lwpipe.data.bundle import DataBundle, tensor_split
+from lwpipe.data.bundle import DataBundle, made_on_the_spot
 from lwpipe.errors import ConfigError
 
 
-def make_textures(n: int, num_classes: int, image_size: int, noise: float, seed: int):
+def load_textures(
+    n: int = 6000, num_classes: int = 10, test_fraction: float = 0.2, seed: int = 0, **params
+) -> DataBundle:
+    """n images of num_classes textures; `params`: make_textures's image_size (32) and noise (1.0)."""
+    if not 0 < test_fraction < 1:
+        raise ConfigError("data.test_fraction", test_fraction, "must be in (0, 1)")
+    return made_on_the_spot(make_textures, "textures", "images", n, num_classes, test_fraction, seed, **params)
+
+
+def make_textures(n: int, num_classes: int, seed: int, image_size: int = 32, noise: float = 1.0):
+    """(x, y): n images of image_size x image_size pixels, 3 channels (see the module docstring)."""
+    if image_size < 8:
+        raise ConfigError("data.image_size", image_size, "must be at least 8")
     g = torch.Generator().manual_seed(seed)
     waves = 3  # gratings per class
     angle = torch.rand(num_classes, waves, generator=g) * math.pi
@@ -36,22 +48,3 @@ def make_textures(n: int, num_classes: int, image_size: int, noise: float, seed:
     img = img * (0.7 + 0.6 * torch.rand(n, 3, 1, 1, generator=g))
     img = img + noise * torch.randn(img.shape, generator=g)
     return img.float(), y
-
-
-def load_textures(
-    n: int = 6000,
-    num_classes: int = 10,
-    image_size: int = 32,
-    noise: float = 1.0,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-) -> DataBundle:
-    if n < 2 * num_classes:
-        raise ConfigError("data.n", n, f"needs at least 2 x num_classes = {2 * num_classes} images")
-    if not 0 < test_fraction < 1:
-        raise ConfigError("data.test_fraction", test_fraction, "must be in (0, 1)")
-    if image_size < 8:
-        raise ConfigError("data.image_size", image_size, "must be at least 8")
-    x, y = make_textures(n, num_classes, image_size, noise, seed)
-    train, test = tensor_split(x, y, test_fraction, seed)
-    return DataBundle(train, test, name="textures")

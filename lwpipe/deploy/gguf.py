@@ -11,12 +11,11 @@ pipeline left in float (embeddings, norms, biases, a kept head) are written as F
 
 from __future__ import annotations
 
-import tempfile
-
 import numpy as np
 import torch
 from torch import nn
 
+from lwpipe.deploy.gguf_vocab import write_vocab
 from lwpipe.deploy.levels import hf_model, layer_grid, quant_steps, share_steps
 from lwpipe.errors import ConfigError
 
@@ -150,7 +149,7 @@ def write(model: nn.Module, ctx, cfg, out) -> dict:
     path = out / "model.gguf"
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     metadata(writer, c, cfg)
-    tokenizer(writer, ctx, c)
+    vocab = write_vocab(writer, getattr(ctx.data, "tokenizer", None), c)
     layers, quantized = {}, 0
     for name, m, w in weights(hf):
         grid = layer_grid(m) if m is not None else None
@@ -175,6 +174,7 @@ def write(model: nn.Module, ctx, cfg, out) -> dict:
         "gguf_type": cfg.gguf_type,
         "quantized_weights": quantized,
         "layers": layers,
+        "tokenizer": vocab,  # llama.cpp's vocabulary type; none: it runs the file on token ids only
     }
 
 
@@ -200,27 +200,3 @@ def metadata(writer, c, cfg) -> None:
     writer.add_rope_freq_base(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"])
     writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
     writer.add_vocab_size(c.vocab_size)
-
-
-def tokenizer(writer, ctx, c) -> None:
-    """Tokens, types and special ids (and merges of a BPE tokenizer) as convert_hf_to_gguf's gpt2 vocab."""
-    import gguf
-
-    tok = getattr(ctx.data, "tokenizer", None)
-    if tok is None:
-        return
-    vocab = tok.get_vocab()
-    by_id = {i: t for t, i in vocab.items()}
-    special = set(tok.all_special_ids)
-    tokens, types = [], []
-    for i in range(c.vocab_size):
-        tokens.append(by_id.get(i, f"[PAD{i}]"))
-        kind = gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
-        types.append(kind if i in by_id else gguf.TokenType.UNUSED)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    with tempfile.TemporaryDirectory() as d:
-        tok.save_pretrained(d)
-        gguf.SpecialVocab(d, load_merges=True, n_vocab=c.vocab_size).add_to_gguf(writer)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lwpipe.errors import ConfigError
+from lwpipe.schema import layer_kind, output_axis
 
 
 def hf_model(model: nn.Module, fmt: str, path: str):
@@ -28,23 +29,27 @@ def share_steps(before) -> list:
 @torch.no_grad()
 def layer_grid(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict] | None:
     """(weight, levels, scale, info) of a quantized Linear / Conv1D, all (out, in), the scale repeated over
-    the inputs of its group; None for a layer without grid. `info`: bits, qmin, qmax, group, symmetric."""
+    the inputs of its group; None for a layer without grid. `info`: bits, qmin, qmax, group, symmetric,
+    per_tensor, scheme, full_range: the layer's compressed form (lwpipe/schema.py)."""
     from lwpipe.constraints import constraint
 
     c = constraint(m)
     if c is None or not c.quantized or c.shared or m.weight.dim() != 2:
         return None
+    grid, kind = c.form_grid, layer_kind(m)
     w = m.weight.detach().float()
     scale, zero = (t.float().expand_as(w) for t in c.grid())
     levels = torch.round(w / scale + zero)
-    if c.axis == 1:  # transformers' Conv1D keeps (in, out)
+    if output_axis(kind) == 1:  # transformers' Conv1D keeps (in, out), whatever its grid's granularity
         w, levels, scale, zero = w.T, levels.T, scale.T, zero.T
     info = {
-        "bits": c.bits,
-        "qmin": c.qmin,
-        "qmax": c.qmax,
-        "group": c.group,
-        "per_tensor": c.axis is None,
+        "bits": grid.bits,
+        "qmin": grid.qmin,
+        "qmax": grid.qmax,
+        "group": grid.group,
+        "per_tensor": grid.axis is None,
         "symmetric": bool((zero == 0).all()),
+        "scheme": grid.scheme,
+        "full_range": grid.full_range,
     }
     return w.contiguous(), levels.contiguous(), scale.contiguous(), info

@@ -1,8 +1,8 @@
 """`model=hf model.path=DIR`: a transformers model saved with save_pretrained, read from local files only.
 
 The auto class comes from the task (text_classification: AutoModelForSequenceClassification,
-causal_lm: AutoModelForCausalLM, embedding: AutoModel). The built model carries `lwpipe_rebuild`,
-a JSON description (`from_config`: the transformers config and the auto class) that model.lwp
+causal_lm: AutoModelForCausalLM, embedding: AutoModel). `load_hf` returns the model and, beside it,
+its rebuild description: JSON (`from_config`: the transformers config and the auto class) that model.lwp
 stores, so `lwpipe.load` rebuilds the model without DIR. `from_config` builds only classes the
 transformers package itself maps that config to: no import named by the file, no remote code.
 """
@@ -76,8 +76,9 @@ def load_hf(
     num_labels: int | None = None,
     dtype: str = "auto",
     device: str | None = None,
-) -> nn.Module:
-    """The model in `path` (local files only), with the head `task` needs, in `dtype` (auto: the checkpoint's)."""
+) -> tuple[nn.Module, dict]:
+    """(model, rebuild description): the model in `path` (local files only), with the head `task` needs, in
+    `dtype` (auto: the checkpoint's); the description is what model.lwp stores to rebuild it (`from_config`)."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # one "Loading weights" bar per load is noise in a run log
@@ -110,7 +111,8 @@ def load_hf(
         ) from None
     if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
         model.config.pad_token_id = model.config.eos_token_id  # as data=text pads (GPT-2 has no pad token)
-    return with_rebuild(own_memory(model), auto_class(task))
+    model = own_memory(model).eval()
+    return model, rebuild_description(model, auto_class(task))
 
 
 def check_dtype_name(dtype: str) -> None:
@@ -171,18 +173,18 @@ def own_memory(model: nn.Module) -> nn.Module:
     return model
 
 
-def with_rebuild(model: nn.Module, auto: str) -> nn.Module:
+def rebuild_description(model: nn.Module, auto: str) -> dict:
+    """What model.lwp stores to rebuild `model` without its directory: `from_config`'s arguments."""
     config = model.config.to_dict()
     config.pop("auto_map", None)  # remote code is never run
     config.pop("_name_or_path", None)  # a local path: not needed to rebuild, and not the file's business
-    model.lwpipe_rebuild = {
+    return {
         "_target_": "lwpipe.models.hf.from_config",
         "config": json.loads(json.dumps(config)),
         "auto_class": auto,
         "attn_implementation": model.config._attn_implementation,
         "dtype": dtype_of(model),
     }
-    return model.eval()
 
 
 def from_config(
@@ -207,7 +209,7 @@ def from_config(
         raise LwpipeError(f"{type(model).__name__} is not a class of the transformers package")
     if dtype is not None and dtype not in DTYPES:
         raise LwpipeError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    return with_rebuild(to_dtype(model, dtype), auto_class)
+    return to_dtype(model, dtype).eval()
 
 
 def _first(e: Exception) -> str:

@@ -83,8 +83,9 @@ def read_modules(root: Path, path: str) -> tuple[Path, str, bool]:
 
 def load_sentence_transformer(
     path: str | None = None, task: str = "embedding", dtype: str = "auto", device: str | None = None
-) -> nn.Module:
-    """The encoder in `path`, in `dtype` (auto: the checkpoint's own; lwpipe.models.hf.model_dtype)."""
+) -> tuple[nn.Module, dict]:
+    """(encoder, rebuild description): the encoder in `path`, in `dtype` (auto: the checkpoint's own;
+    lwpipe.models.hf.model_dtype), and what model.lwp stores to rebuild it (`from_config`'s arguments)."""
     import transformers
     from transformers import AutoConfig, AutoModel
 
@@ -103,7 +104,8 @@ def load_sentence_transformer(
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise ConfigError("model.path", path, f"transformers could not load {tdir}: {first}") from None
-    return with_rebuild(SentenceEncoder(own_memory(transformer), pooling, normalize))
+    model = SentenceEncoder(own_memory(transformer), pooling, normalize).eval()
+    return model, rebuild_description(model)
 
 
 def _exists(path: str | None) -> Path:
@@ -112,11 +114,12 @@ def _exists(path: str | None) -> Path:
     return Path(path).expanduser()
 
 
-def with_rebuild(model: SentenceEncoder) -> SentenceEncoder:
-    from lwpipe.models.hf import with_rebuild as hf_rebuild
+def rebuild_description(model: SentenceEncoder) -> dict:
+    """What model.lwp stores to rebuild the encoder: `from_config`'s arguments."""
+    from lwpipe.models.hf import rebuild_description as hf_description
 
-    inner = hf_rebuild(model.transformer, "AutoModel").lwpipe_rebuild
-    model.lwpipe_rebuild = {
+    inner = hf_description(model.transformer, "AutoModel")
+    return {
         "_target_": "lwpipe.models.sentence.from_config",
         "config": inner["config"],
         "attn_implementation": inner["attn_implementation"],
@@ -124,7 +127,6 @@ def with_rebuild(model: SentenceEncoder) -> SentenceEncoder:
         "pooling": model.pooling,
         "normalize": model.normalize,
     }
-    return model.eval()
 
 
 def from_config(
@@ -138,4 +140,4 @@ def from_config(
     from lwpipe.models.hf import from_config as hf_from_config
 
     inner = hf_from_config(config, "AutoModel", attn_implementation, dtype)
-    return with_rebuild(SentenceEncoder(inner, pooling, normalize))
+    return SentenceEncoder(inner, pooling, normalize).eval()

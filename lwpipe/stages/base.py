@@ -76,6 +76,11 @@ class Stage:
         loss that may train towards it."""
         return cls.needs_reference or cls.trains_with(cfg) or cls.needs_gradients_with(cfg)
 
+    @classmethod
+    def refuses_with(cls, cfg) -> dict[str, str]:
+        """`refuses` with these settings (sparsegpt, structured pruning, GPTQ refuse what they cannot follow)."""
+        return cls.refuses
+
     # Hooks run before any work; each raises ConfigError / returns why, or does nothing.
     @staticmethod
     def check_order(cfg, before) -> str | None:

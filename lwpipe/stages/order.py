@@ -33,8 +33,9 @@ def leaving(before, *kinds: str) -> list:
 def refusal(step, before) -> str | None:
     """Why `step` cannot follow `before`: the first reason it gives for a kind an earlier stage may leave
     (kinds refused for one reason are one rule: {names} lists every earlier stage that leaves any of them)."""
-    for why in dict.fromkeys(step.cls.refuses.values()):
-        kinds = [k for k, w in step.cls.refuses.items() if w == why]
+    refuses = step.cls.refuses_with(step.config)
+    for why in dict.fromkeys(refuses.values()):
+        kinds = [k for k, w in refuses.items() if w == why]
         done = [s.name for s in leaving(before, *kinds)]
         if done:
             return why.format(first=done[0], names=", ".join(done))

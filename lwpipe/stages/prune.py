@@ -57,19 +57,12 @@ from lwpipe.masks import (  # noqa: F401  (re-exported: the stage's math, by its
 )
 from lwpipe.registry import register
 from lwpipe.scoring import gradient_scores, magnitude_scores, taylor_scores, wanda_scores
-from lwpipe.settings import CalibrationSettings, Strict, TrainSettings
-from lwpipe.stages import order
+from lwpipe.settings import CalibrationSettings, LayerPrune, Strict, TrainSettings
 from lwpipe.stages.base import Stage
 from lwpipe.stages.prune_checks import check_not_emptied, check_sparsegpt, check_threshold
 from lwpipe.training import finetune
 
 log = logging.getLogger("lwpipe")
-
-
-class LayerPrune(Strict):
-    sparsity: float | None = Field(None, ge=0, lt=1)
-    quality: float | None = Field(None, gt=0, le=100)
-    skip: bool = False
 
 
 class PruneConfig(Strict):
@@ -161,18 +154,19 @@ class Prune(Stage):
         by_rule = cfg.quality is not None or cfg.threshold is not None
         sparsity = 1 - cfg.n / cfg.m if cfg.granularity == "nm" else cfg.sparsity
         warn_factor_pruning(None if by_rule else sparsity, cfg.layers, before)
-        valued = order.leaving(before, "codebook", "grid")
-        if cfg.criterion == "sparsegpt" and valued:
-            return (
-                "criterion=sparsegpt moves the weights it keeps, off a codebook or grid an earlier stage left; "
-                "prune with sparsegpt before share/quantize"
-            )
-        if cfg.granularity == "structured" and valued:
-            return (
-                "granularity=structured shrinks layers, which a codebook or grid cannot follow; "
-                "prune before share/quantize"
-            )
         return None
+
+    @classmethod
+    def refuses_with(cls, cfg: PruneConfig) -> dict[str, str]:
+        """sparsegpt moves the weights it keeps, and structured pruning shrinks layers: neither follows a
+        codebook or grid."""
+        if cfg.criterion == "sparsegpt":
+            why = "criterion=sparsegpt moves the weights it keeps, off a codebook or grid an earlier stage left; "
+            return dict.fromkeys(("codebook", "grid"), why + "prune with sparsegpt before share/quantize")
+        if cfg.granularity == "structured":
+            why = "granularity=structured shrinks layers, which a codebook or grid cannot follow; "
+            return dict.fromkeys(("codebook", "grid"), why + "prune before share/quantize")
+        return cls.refuses
 
     @classmethod
     def trains_with(cls, cfg: PruneConfig) -> bool:

@@ -85,8 +85,7 @@ from lwpipe.grid import (  # noqa: F401  (re-exported: the stage's math, by its 
 )
 from lwpipe.metrics import evaluate
 from lwpipe.registry import register
-from lwpipe.settings import CalibrationSettings, Strict, TrainSettings
-from lwpipe.stages import order
+from lwpipe.settings import CalibrationSettings, LayerQuant, Strict, TrainSettings
 from lwpipe.stages.base import Stage
 from lwpipe.stages.quantize_checks import (
     check_auto,
@@ -99,13 +98,6 @@ from lwpipe.stages.quantize_checks import (
 from lwpipe.training import finetune
 
 log = logging.getLogger("lwpipe")
-
-
-class LayerQuant(Strict):
-    bits: int | None = Field(None, ge=1, le=16)
-    step: float | None = Field(None, gt=0, le=10)
-    frequency_prior: float | None = Field(None, gt=0, le=1e9)  # token table: a step per row by use (frequency.py)
-    skip: bool = False
 
 
 class Budget(Strict):
@@ -220,31 +212,23 @@ class Quantize(Stage):
         """GPTQ's Hessians and frequency_prior's token counts come from data.train."""
         return cfg.method == "gptq" or any(lc.frequency_prior is not None for lc in cfg.layers.values())
 
-    @staticmethod
-    def check_order(cfg: QuantizeConfig, before) -> str | None:
-        shared = order.leaving(before, "codebook")
-        if cfg.method == "gptq" and shared:
-            return (
-                "method=gptq after share: a shared layer's values are its codebook, which has no input Hessian "
-                "to minimise against; use method: rtn after share, or drop share"
-            )
-        if cfg.granularity == "per_channel" and shared:
-            return (
+    @classmethod
+    def refuses_with(cls, cfg: QuantizeConfig) -> dict[str, str]:
+        """What a codebook an earlier stage left rules out: GPTQ, per-channel scales, binary / ternary weights."""
+        binary = cfg.bits == 1 or cfg.scheme == "ternary" or any(lc.bits == 1 for lc in cfg.layers.values())
+        if cfg.method == "gptq":
+            why = "method=gptq after share: a shared layer's values are its codebook, which has no input Hessian "
+            return {"codebook": why + "to minimise against; use method: rtn after share, or drop share"}
+        if cfg.granularity == "per_channel":
+            why = (
                 "granularity=per_channel after share: a shared layer has one codebook for the whole tensor, "
                 "and per-channel scales would give each channel its own values (more than 2^bits per layer); "
-                "use granularity=per_tensor, which quantizes the codebook itself"
             )
-        if shared and (
-            cfg.bits == 1
-            or cfg.scheme == "ternary"
-            or any(lc.bits == 1 for lc in cfg.layers.values())
-            or (cfg.bits == "auto" and 1 in (cfg.candidates or ()))
-        ):
-            return (
-                "binary / ternary weights (bits=1, candidates with 1, scheme=ternary) are their own 2- or "
-                "3-value codebook; a k-means codebook before them only costs index bits: drop share"
-            )
-        return None
+            return {"codebook": why + "use granularity=per_tensor, which quantizes the codebook itself"}
+        if binary or (cfg.bits == "auto" and 1 in (cfg.candidates or ())):
+            why = "binary / ternary weights (bits=1, candidates with 1, scheme=ternary) are their own 2- or 3-value "
+            return {"codebook": why + "codebook; a k-means codebook before them only costs index bits: drop share"}
+        return cls.refuses
 
     @staticmethod
     def check_model(cfg: QuantizeConfig, model: nn.Module, path: str) -> None:

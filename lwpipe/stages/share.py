@@ -31,14 +31,9 @@ from lwpipe.context import Context
 from lwpipe.errors import LwpipeError
 from lwpipe.kmeans import kmeans_1d
 from lwpipe.registry import register
-from lwpipe.settings import Strict, TrainSettings
+from lwpipe.settings import LayerShare, Strict, TrainSettings
 from lwpipe.stages.base import Stage
 from lwpipe.training import finetune
-
-
-class LayerShare(Strict):
-    bits: int | None = Field(None, ge=1, le=16)
-    skip: bool = False
 
 
 class ShareConfig(Strict):

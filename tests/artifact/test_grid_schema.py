@@ -110,8 +110,8 @@ def test_inspect_names_a_conv1d_grid_per_channel():
 
     model = hf_conv1d()
     quantize_layer(model[0], 8, "symmetric", per_channel=True)
-    (layer,) = read(encode_model(model, None)).header["layers"]
-    assert encoding(layer).endswith("8-bit per-channel")  # not "per-tensor"
+    (layer,) = read(encode_model(model, None)).layers
+    assert encoding(layer.form).endswith("8-bit per-channel")  # not "per-tensor"
 
 
 def test_int8_export_levels_follow_the_grid_axis():
@@ -289,12 +289,12 @@ def perturbed_encoder(monkeypatch):
     import lwpipe.runner
     from lwpipe.constraints import clone
 
-    def encode(model, config):
+    def encode(model, config, resized=False):
         other = clone(model)
         with torch.no_grad():
             for p in other.parameters():
                 p.add_(1.0)
-        return encode_model(other, config)
+        return encode_model(other, config, resized)
 
     monkeypatch.setattr(lwpipe.runner, "encode_model", encode)
 
@@ -318,7 +318,7 @@ CUT_ARTIFACT = """
 import sys
 import lwpipe.runner as runner
 encode = runner.encode_model
-runner.encode_model = lambda model, config: encode(model, config)[:-1]  # a file that does not load
+runner.encode_model = lambda model, config, resized: encode(model, config, resized)[:-1]  # it does not load
 from lwpipe.cli import main
 sys.argv = ["lwpipe", *sys.argv[1:]]
 main()

@@ -4,11 +4,14 @@ Each case draws, from its own seed, a layer type (Linear, Conv1d, Conv2d, Embedd
 GPT-2 with lm_head tied to the token table), a granularity (per tensor, per channel, per group of inputs) and a
 chain of constraints (a mask, a k-means codebook, a grid of 1..8 bits under any scheme, ternary weights), puts
 them on the layers through the stages' own functions, encodes the model and loads it into a freshly built
-module with other weights: the tensors it computes with must be identical, bit for bit.
+module with other weights: the tensors it computes with must be identical, bit for bit. Each goes through the
+compressed-weight schema (lwpipe/schema.py): the form the writer builds from a layer's constraint is the form
+the reader parses from the header, and it fits the layer kind it fills.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -27,6 +30,7 @@ from lwpipe.constraints import (
 )
 from lwpipe.grid import binarize_layer, grouped_layer, quantize_layer
 from lwpipe.masks import lowest_mask
+from lwpipe.schema import WeightForm, layer_kind
 from lwpipe.stages.share import share_layer
 from tests.artifact.test_grid_schema import LAYERS
 
@@ -82,12 +86,20 @@ def test_a_random_compressed_form_decodes_to_identical_weights(seed, tmp_path):
     want = {k: v.clone() for k, v in effective_tensors(model).items()}
 
     blob = encode_model(model, None)
-    stored = {e["name"]: e for e in read(blob).header["layers"]}
+    art = read(blob)
+    stored = {e["name"]: e for e in art.header["layers"]}
+    read_forms = {layer.name: layer.form for layer in art.layers}
+    ties = tied_layers(model)
     for name, m in compressible_layers(model):
         c, q = constraint(m), stored[f"{name}.weight"]["quant"]
         assert q["axis"] == c.axis == grid_axis(m, form["granularity"] != "per_tensor" and not c.shared), form
         grouped = form["granularity"] == "group" and form["kind"] == "grid" and grouped_layer(m)
         assert q.get("group") == c.group == (form["group"] if grouped else None), form
+        written = WeightForm.of(f"{name}.weight", m, c, tied=[f"{t}.weight" for t, _ in ties.get(name, ())])
+        got = read_forms[f"{name}.weight"]
+        assert got == dataclasses.replace(written, kind=None), (written, got)  # encode -> form -> header -> form
+        got.fits(layer_kind(m))
+        assert written.grid.scale_shape(written.shape) == tuple(c.scale.shape)
     (tmp_path / "model.lwp").write_bytes(blob)
     torch.manual_seed(seed + 1000)  # the fresh module's own weights differ: every value below comes from the file
     loaded = lwpipe.load(tmp_path / "model.lwp", module=LAYERS[kind]())

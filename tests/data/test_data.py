@@ -206,3 +206,19 @@ def test_mnist_plain_file_longer_than_its_header(mnist_dir):
         r"holds more after them",
     ):
         load_mnist(str(mnist_dir))
+
+
+def test_made_sets_check_their_parameters_as_their_loaders():
+    """blobs and textures share made_on_the_spot; each still names itself and its own bad keys."""
+    from lwpipe.data import load_textures
+
+    for load in (load_blobs, load_textures):
+        with pytest.raises(TypeError, match=rf"^{load.__name__}\(\) got an unexpected keyword argument 'foo'$"):
+            load(foo=1)
+    with pytest.raises(ConfigError, match="needs at least 2 x num_classes = 8 samples"):
+        load_blobs(n=3)
+    with pytest.raises(ConfigError, match="must be at least 8"):
+        load_textures(n=40, image_size=4)
+    small = load_textures(n=40, image_size=8, noise=0.5)
+    assert small.train.tensors[0].shape[1:] == (3, 8, 8) and len(small.test) == 8
+    assert load_blobs(n=64, num_features=3).train.tensors[0].shape == (48, 3)

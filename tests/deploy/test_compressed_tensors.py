@@ -9,6 +9,7 @@ import lwpipe
 from lwpipe.errors import ConfigError, LwpipeError
 from tests.deploy.conftest import lm_args
 from tests.helpers import run_recipe
+from tests.hf_helpers import save_llama
 
 pytest.importorskip("compressed_tensors")
 pytestmark = pytest.mark.slow
@@ -46,6 +47,21 @@ def test_llama_loads_in_transformers_with_the_pipelines_logits(lm_files, tmp_pat
     assert float((a - b).abs().max() / a.abs().max()) <= 1e-4
     info = json.loads((tmp_path / "export.json").read_text())["compressed_tensors"]
     assert info["quantized_layers"] == 14 and info["safetensors_bytes"] > 0
+
+
+def test_a_bf16_llama_is_served_with_exactly_the_pipelines_logits(lm_files, tmp_path):
+    """Scales rounded to the model's dtype by the quantize stage: transformers' bf16 levels x scale equal
+    lwpipe.load's weights to the bit (with float32 scales, compressed-tensors' bf16 copy of them differed)."""
+    from transformers import AutoModelForCausalLM
+
+    files = {**lm_files, "llama": save_llama(tmp_path / "bf16", torch.bfloat16)}
+    run_recipe(lm_args(files, "llama", FORMAT, "stages.quantize.group_size=16", "model.dtype=bfloat16"), tmp_path)
+    deployed = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export" / "compressed_tensors")).eval()
+    model = lwpipe.load(tmp_path / "model.lwp").eval()
+    assert next(deployed.parameters()).dtype == next(model.parameters()).dtype == torch.bfloat16
+    ids = torch.tensor([[3, 5, 7, 9, 11, 13], [4, 6, 8, 10, 12, 14]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, deployed(input_ids=ids).logits)
 
 
 @pytest.mark.parametrize(

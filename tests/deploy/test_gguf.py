@@ -12,6 +12,7 @@ from lwpipe.deploy.levels import layer_grid
 from lwpipe.errors import ConfigError
 from tests.deploy.conftest import bert_args, lm_args
 from tests.helpers import run_recipe
+from tests.hf_helpers import bpe_tokenizer, save_llama
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.slow
@@ -54,12 +55,38 @@ def test_gguf_blocks_hold_the_pipelines_levels_and_read_back_equal(lm_files, tmp
         if model == "llama" and proj in heads:
             expected = permute(expected, heads[proj])
         assert torch.equal(tensors[name][1].reshape(expected.shape), expected), name
-    assert tokens_written(reader)
+    assert field(reader, "tokenizer.ggml.model") == info["tokenizer"] == "none"  # a word-level tokenizer
 
 
-def tokens_written(reader) -> bool:
-    field = reader.fields.get("tokenizer.ggml.tokens")
-    return field is not None and len(field.data) > 10
+def field(reader, key: str):
+    f = reader.fields.get(key)
+    return None if f is None else bytes(f.parts[-1]).decode()
+
+
+def strings(reader, key: str) -> list[str]:
+    f = reader.fields[key]
+    return [bytes(f.parts[i]).decode() for i in f.data]
+
+
+@pytest.mark.parametrize(("style", "kind"), [("byte_level", "gpt2"), ("sentencepiece", "llama")])
+def test_gguf_carries_the_tokenizer_as_llama_cpp_reads_it(lm_files, tmp_path, style, kind):
+    """Byte-level BPE with its merges (llama.cpp refuses a gpt2 vocabulary without them); sentencepiece-style
+    BPE as llama's scored vocabulary, byte tokens typed BYTE."""
+    tok = bpe_tokenizer(style)
+    files = {**lm_files, "llama": save_llama(tmp_path / "model", tokenizer=tok)}
+    extra = ["++stages.export.format=gguf", "++stages.export.gguf_type=q8_0", "stages.quantize.bits=8"]
+    run_recipe(lm_args(files, "llama", *extra), tmp_path / "run")
+    reader = gguf.GGUFReader(str(tmp_path / "run" / "export" / "model.gguf"))
+    assert field(reader, "tokenizer.ggml.model") == kind
+    tokens = strings(reader, "tokenizer.ggml.tokens")
+    by_id = {i: t for t, i in tok.get_vocab().items()}
+    assert len(tokens) == len(tok) and all(tokens[i] == t for i, t in by_id.items())
+    if kind == "gpt2":
+        assert len(strings(reader, "tokenizer.ggml.merges")) > 10
+    else:
+        types = reader.fields["tokenizer.ggml.token_type"]
+        byte = [int(types.parts[i][0]) for i in types.data][tok.convert_tokens_to_ids("<0x41>")]
+        assert byte == gguf.TokenType.BYTE and "tokenizer.ggml.scores" in reader.fields
 
 
 def test_gguf_read_back_equals_what_was_written(tmp_path):

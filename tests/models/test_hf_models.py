@@ -21,17 +21,18 @@ def bert(tmp_path_factory):
 
 
 def test_the_task_picks_the_auto_class_and_the_rebuild_description_is_json(bert):
-    clf, enc = load_hf(str(bert), "text_classification"), load_hf(str(bert), "embedding")
+    (clf, rebuild), (enc, _) = load_hf(str(bert), "text_classification"), load_hf(str(bert), "embedding")
     assert type(clf).__name__ == "BertForSequenceClassification" and type(enc).__name__ == "BertModel"
-    desc = json.loads(json.dumps(clf.lwpipe_rebuild))
+    assert not hasattr(clf, "lwpipe_rebuild")  # the description travels beside the model, not on it
+    desc = json.loads(json.dumps(rebuild))
     assert desc["_target_"] == "lwpipe.models.hf.from_config"
     assert desc["auto_class"] == "AutoModelForSequenceClassification" and desc["config"]["model_type"] == "bert"
 
 
 def test_model_lwp_rebuilds_without_the_directory(bert, tmp_path):
-    model = load_hf(str(bert))
+    model, rebuild = load_hf(str(bert))
     path = tmp_path / "model.lwp"
-    path.write_bytes(encode_model(model, model.lwpipe_rebuild))
+    path.write_bytes(encode_model(model, rebuild))
     loaded = lwpipe.load(path)
     x = {"input_ids": torch.tensor([[2, 7, 9, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     with torch.no_grad():
@@ -40,9 +41,9 @@ def test_model_lwp_rebuilds_without_the_directory(bert, tmp_path):
 
 def test_tied_gpt2_rebuilds_from_its_config(tmp_path):
     """lm_head.weight is stored once, under transformer.wte.weight: the rebuilt model has both names."""
-    model = load_hf(str(save_gpt2(tmp_path / "gpt2", tied=True)), "causal_lm").eval()
+    model, rebuild = load_hf(str(save_gpt2(tmp_path / "gpt2", tied=True)), "causal_lm")
     path = tmp_path / "model.lwp"
-    path.write_bytes(encode_model(model, model.lwpipe_rebuild))
+    path.write_bytes(encode_model(model.eval(), rebuild))
     loaded = lwpipe.load(path)
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     from lwpipe.artifact.inspect import describe
@@ -62,8 +63,8 @@ def test_tied_gpt2_rebuilds_from_its_config(tmp_path):
     ],
 )
 def test_from_config_builds_only_transformers_classes(bert, tmp_path, change, message):
-    model = load_hf(str(bert))
-    desc = {**model.lwpipe_rebuild, **change}
+    model, rebuild = load_hf(str(bert))
+    desc = {**rebuild, **change}
     path = tmp_path / "model.lwp"
     path.write_bytes(encode_model(model, desc))
     with pytest.raises(ArtifactError, match=message):
@@ -76,13 +77,13 @@ def test_sentence_directory_errors(tmp_path):
     path = save_sentence_model(tmp_path / "st")
     (path / "modules.json").rename(path / "modules.bak")
     with pytest.raises(ConfigError, match=r"model.path=.*modules.json is missing"):
-        load_sentence_transformer(str(path))
+        load_sentence_transformer(str(path))[0]
     (path / "modules.bak").rename(path / "modules.json")
     (path / "1_Pooling" / "config.json").unlink()
     with pytest.raises(ConfigError, match=r"1_Pooling/config.json is missing"):
-        load_sentence_transformer(str(path))
+        load_sentence_transformer(str(path))[0]
     with pytest.raises(ConfigError, match="use task=embedding"):
-        load_sentence_transformer(str(path), task="causal_lm")
+        load_sentence_transformer(str(path), task="causal_lm")[0]
 
 
 def test_text_files_are_tokenized_with_the_models_tokenizer(bert, tmp_path):

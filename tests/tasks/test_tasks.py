@@ -74,7 +74,7 @@ def test_embedding_quality_is_cosine_to_the_reference_and_matches_sentence_trans
     from lwpipe.models.sentence import load_sentence_transformer
 
     path = save_sentence_model(tmp_path / "st")
-    model = load_sentence_transformer(str(path))
+    model = load_sentence_transformer(str(path))[0]
     texts = ["apple pear the plum", "engine wheel brake gear valve"]
     from transformers import AutoTokenizer
 
