@@ -81,8 +81,8 @@ def compressed_tensors(model: nn.Module, ctx, cfg, out: Path) -> tuple[dict, str
     if foreign:
         return record, f"loads with lwpipe code in the model ({foreign})"
     batch = model_inputs(head(ctx.test_loader()[0], 8))
-    want = logits_of(model(**to_device(batch, model_device(model)))).float().cpu()
-    got = logits_of(loaded(**batch)).float()  # the first forward decompresses the weights (compressed-tensors)
+    want = first_output(model(**to_device(batch, model_device(model)))).float().cpu()
+    got = first_output(loaded(**batch)).float()  # the first forward decompresses the weights (compressed-tensors)
     record["max_rel_diff"] = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
     wrong = tensor_mismatch(loaded, model)
     record["weights_exact"] = wrong is None
@@ -93,6 +93,13 @@ def compressed_tensors(model: nn.Module, ctx, cfg, out: Path) -> tuple[dict, str
     if not record["max_rel_diff"] <= TOLERANCE:
         return record, f"gives other outputs than the pipeline: max relative difference {record['max_rel_diff']:.3g}"
     return record, None
+
+
+def first_output(out) -> torch.Tensor:
+    """A transformers model's logits, or its first output (a base model's last hidden state)."""
+    if getattr(out, "logits", None) is None and hasattr(out, "to_tuple"):
+        return out.to_tuple()[0]
+    return logits_of(out)
 
 
 def tensor_mismatch(loaded: nn.Module, model: nn.Module) -> str | None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lwpipe.errors import LwpipeError
-from tests.deploy.conftest import lm_args
+from tests.deploy.conftest import bert_args, lm_args
 from tests.helpers import run_recipe
 
 pytest.importorskip("gguf")
@@ -36,6 +36,13 @@ def test_good_outputs_pass_and_are_recorded(lm_files, tmp_path):
     assert gg["loads"] and gg["exact"] and gg["tensors"] == len(info["gguf"]["layers"])
     assert gg["metadata"] == {"general.architecture": "llama", "llama.block_count": 2, "tokenizer.ggml.model": "none"}
     assert (tmp_path / "summary.json").exists()
+
+
+def test_a_bert_classifier_loads_with_its_tasks_auto_class(lm_files, tmp_path):
+    run_recipe(bert_args(lm_files, *CT, "stages.quantize.bits=8"), tmp_path)
+    check = json.loads((tmp_path / "export.json").read_text())["compressed_tensors"]["check"]
+    assert check["loader"] == "transformers.AutoModelForSequenceClassification.from_pretrained"
+    assert check["weights_exact"] and check["max_rel_diff"] <= 1e-4
 
 
 def test_a_gguf_block_with_another_scale_fails_the_run(lm_files, tmp_path, monkeypatch):
