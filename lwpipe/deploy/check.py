@@ -6,7 +6,7 @@ never reports success with a file that does not load or that holds other numbers
                          for bit, and its outputs on one test batch equal the pipeline's to `TOLERANCE`
     gguf                 gguf.GGUFReader: every tensor (quantized blocks dequantized by gguf.quants, F32 as is)
                          equals what the writer meant, and the metadata llama.cpp needs (architecture, block
-                         count, tokenizer model) is there with the model's values
+                         count, width, heads, tokenizer model) is there with the model's values
     onnx                 nothing here: the export stage scores model.onnx in ONNX Runtime
 
 `run(fmt, ...)` records the check under export.json's `<format>.check` and returns why it failed, or None;
@@ -142,6 +142,8 @@ def gguf_file(model: nn.Module, ctx, cfg, out: Path) -> tuple[dict, str | None]:
     want = {
         "general.architecture": arch,
         f"{arch}.block_count": c.num_hidden_layers,
+        f"{arch}.embedding_length": c.hidden_size,
+        f"{arch}.attention.head_count": c.num_attention_heads,
         "tokenizer.ggml.model": "none" if tok is None else kind_of(tok),
     }
     for key, value in want.items():

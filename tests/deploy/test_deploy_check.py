@@ -34,7 +34,13 @@ def test_good_outputs_pass_and_are_recorded(lm_files, tmp_path):
     assert ct["loads"] and ct["weights_exact"] and ct["max_rel_diff"] <= 1e-4
     assert ct["loader"] == "transformers.AutoModelForCausalLM.from_pretrained"
     assert gg["loads"] and gg["exact"] and gg["tensors"] == len(info["gguf"]["layers"])
-    assert gg["metadata"] == {"general.architecture": "llama", "llama.block_count": 2, "tokenizer.ggml.model": "none"}
+    assert gg["metadata"] == {
+        "general.architecture": "llama",
+        "llama.block_count": 2,
+        "llama.embedding_length": 32,
+        "llama.attention.head_count": 4,
+        "tokenizer.ggml.model": "none",
+    }
     assert (tmp_path / "summary.json").exists()
 
 
