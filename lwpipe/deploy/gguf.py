@@ -11,6 +11,8 @@ pipeline left in float (embeddings, norms, biases, a kept head) are written as F
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch import nn
@@ -86,9 +88,9 @@ def fits(levels: torch.Tensor, scale: torch.Tensor, info: dict, gguf_type: str) 
     return None
 
 
-def tensor_form(name: str, layer: bool, grid, w: torch.Tensor, cfg) -> tuple[np.ndarray, object, dict]:
-    """(data, raw dtype or None, export.json entry) of one tensor already in GGUF's (out, in) layout;
-    `layer`: a layer's weight matrix, `grid`: its layer_grid (or None)."""
+def tensor_form(name: str, layer: bool, grid, w: torch.Tensor, cfg) -> tuple[np.ndarray, object, dict, torch.Tensor]:
+    """(data, raw dtype or None, export.json entry, the values the file must read back as) of one tensor
+    already in GGUF's (out, in) layout; `layer`: a layer's weight matrix, `grid`: its layer_grid (or None)."""
     import gguf
 
     qtype = getattr(gguf.GGMLQuantizationType, cfg.gguf_type.upper())
@@ -98,14 +100,14 @@ def tensor_form(name: str, layer: bool, grid, w: torch.Tensor, cfg) -> tuple[np.
         if why is None:
             data = blocks(levels.numpy(), scale.numpy(), cfg.gguf_type)
             written = levels * scale.half().float()
-            return data, qtype, {"levels": "kept", "rel_error": rel(written, gw)}
+            return data, qtype, {"levels": "kept", "rel_error": rel(written, gw)}, written
         if not cfg.requantize:
             raise ConfigError("stages.export.requantize", False, f"{name}: {why}; set requantize=true")
     elif not layer or w.dim() != 2 or w.shape[1] % BLOCK or not cfg.requantize:
-        return w.float().numpy(), None, {"levels": "float32"}
+        return w.float().numpy(), None, {"levels": "float32"}, w.float()
     data = gguf.quants.quantize(w.float().numpy(), qtype)
     back = torch.from_numpy(gguf.quants.dequantize(data, qtype)).reshape(w.shape)
-    return data, qtype, {"levels": "requantized", "rel_error": rel(back, w.float())}
+    return data, qtype, {"levels": "requantized", "rel_error": rel(back, w.float())}, back
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -117,26 +119,54 @@ def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def weights(hf) -> list[tuple[str, nn.Module | None, torch.Tensor]]:
-    """(HF name, owning layer for weights, tensor in GGUF's layout) of every tensor llama.cpp reads."""
+def module_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors one module computes with (constraints applied), by their plain names."""
+    from torch.nn.utils import parametrize
+
+    out = {n: p.detach() for n, p in m.named_parameters(recurse=False)}
+    out |= {n: b.detach() for n, b in m.named_buffers(recurse=False) if b is not None}
+    if parametrize.is_parametrized(m):
+        out |= {n: getattr(m, n).detach() for n in m.parametrizations}
+    return {n: t for n, t in out.items() if not n.startswith("parametrizations.")}
+
+
+def weights(hf) -> Iterator[tuple[str, nn.Module | None, torch.Tensor]]:
+    """(HF name, owning layer for weights, tensor in GGUF's layout) of every tensor llama.cpp reads, one at a
+    time (a layer's constrained weight is computed when its turn comes, so the model is never copied whole)."""
     from transformers.pytorch_utils import Conv1D
 
-    from lwpipe.constraints import effective_tensors
-
-    mods = dict(hf.named_modules())
     tied = hf.config.tie_word_embeddings
-    out = []
-    for name, t in effective_tensors(hf).items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")) or "inv_freq" in name or "." not in name:
+    for owner, m in hf.named_modules():
+        if "parametrizations" in owner.split("."):  # a constraint's internals (original, mask, ...)
             continue
-        if tied and name.startswith("lm_head."):
-            continue
-        owner, attr = name.rsplit(".", 1)
-        m = mods.get(owner) if attr == "weight" else None
-        if isinstance(m, Conv1D):
-            t = t.T
-        out.append((name, m, t.detach().cpu().contiguous()))
-    return out
+        for attr, t in module_tensors(m).items():
+            name = f"{owner}.{attr}" if owner else attr
+            if name.endswith((".attn.bias", ".attn.masked_bias")) or "inv_freq" in name or "." not in name:
+                continue
+            if tied and name.startswith("lm_head."):
+                continue
+            t = t.T if isinstance(m, Conv1D) and attr == "weight" else t
+            yield name, m if attr == "weight" else None, t.detach().cpu().contiguous()
+
+
+def planned(hf, cfg) -> Iterator[tuple[str, str, np.ndarray, object, dict, torch.Tensor]]:
+    """(GGUF name, HF name, data, raw dtype or None, export.json entry, values it must read back as) of
+    every tensor of the file, one at a time: what write() writes and what the run's check reads back."""
+    import gguf
+
+    c = hf.config
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, ARCHS[c.model_type]), c.num_hidden_layers)
+    for name, m, w in weights(hf):
+        grid = layer_grid(m) if m is not None else None
+        if c.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = c.num_attention_heads if "q_proj" in name else c.num_key_value_heads
+            w = permute(w, heads)
+            grid = None if grid is None else (*(permute(t, heads) for t in grid[:3]), grid[3])
+        data, qtype, entry, intended = tensor_form(name, m is not None, grid, w, cfg)
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise ConfigError("stages.export.format", "gguf", f"no GGUF name for the tensor {name}")
+        yield target, name, data, qtype, entry, intended
 
 
 def write(model: nn.Module, ctx, cfg, out) -> dict:
@@ -145,24 +175,14 @@ def write(model: nn.Module, ctx, cfg, out) -> dict:
     hf = model.eval()
     c = hf.config
     arch = getattr(gguf.MODEL_ARCH, ARCHS[c.model_type])
-    names = gguf.get_tensor_name_map(arch, c.num_hidden_layers)
     path = out / "model.gguf"
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     metadata(writer, c, cfg)
     vocab = write_vocab(writer, getattr(ctx.data, "tokenizer", None), c)
     layers, quantized = {}, 0
-    for name, m, w in weights(hf):
-        grid = layer_grid(m) if m is not None else None
-        if c.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = c.num_attention_heads if "q_proj" in name else c.num_key_value_heads
-            w = permute(w, heads)
-            grid = None if grid is None else (*(permute(t, heads) for t in grid[:3]), grid[3])
-        data, qtype, entry = tensor_form(name, m is not None, grid, w, cfg)
-        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if target is None:
-            raise ConfigError("stages.export.format", "gguf", f"no GGUF name for the tensor {name}")
+    for target, name, data, qtype, entry, intended in planned(hf, cfg):
         writer.add_tensor(target, data, raw_dtype=qtype)
-        quantized += w.numel() if qtype is not None else 0
+        quantized += intended.numel() if qtype is not None else 0
         layers[target] = entry | {"hf_name": name, "type": qtype.name if qtype is not None else "F32"}
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

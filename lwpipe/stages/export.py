@@ -27,7 +27,7 @@ from torch import nn
 
 from lwpipe import deploy, export, speed
 from lwpipe.context import Context
-from lwpipe.errors import ConfigError
+from lwpipe.errors import ConfigError, LwpipeError
 from lwpipe.registry import register
 from lwpipe.settings import Strict
 from lwpipe.stages import order
@@ -133,6 +133,7 @@ class Export(Stage):
     def run(self, model: nn.Module, ctx: Context) -> nn.Module:
         forms = self.formats(self.cfg)
         info: dict = {"format": self.cfg.format}
+        failed = None
         for fmt in forms:
             if fmt in TORCH_FORMATS:
                 info.update(self.torch_form(model, ctx, fmt))
@@ -140,8 +141,12 @@ class Export(Stage):
                 out = ctx.run_dir / "export"
                 out.mkdir(exist_ok=True)
                 info[fmt] = deploy.writer(fmt).write(model, ctx, self.cfg, out)
+                why = deploy_check(fmt, model, ctx, self.cfg, out, info[fmt])  # read back as its runtime reads it
+                failed = failed or why
                 log.info("  export %s -> export/: %s", fmt, {k: v for k, v in info[fmt].items() if k != "layers"})
         (ctx.run_dir / "export.json").write_text(json.dumps(info, indent=2))
+        if failed:  # as model.lwp's self-check: no summary.json for a run whose outputs do not load as written
+            raise LwpipeError(failed)
         return model
 
     def torch_form(self, model: nn.Module, ctx: Context, fmt: str) -> dict:
@@ -175,6 +180,13 @@ class Export(Stage):
         )
         ctx.exported = speed.Exported(model, loaded, f"{path.name} {fmt}")
         return info
+
+
+def deploy_check(fmt: str, model: nn.Module, ctx: Context, cfg: ExportConfig, out, info: dict) -> str | None:
+    """lwpipe.deploy.check (imported only for a deployable form): why the output does not load as written."""
+    from lwpipe.deploy import check
+
+    return check.run(fmt, model, ctx, cfg, out, info)
 
 
 def score(model: nn.Module, deployed: nn.Module, ctx: Context) -> dict:

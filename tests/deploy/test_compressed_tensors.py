@@ -47,6 +47,8 @@ def test_llama_loads_in_transformers_with_the_pipelines_logits(lm_files, tmp_pat
     assert float((a - b).abs().max() / a.abs().max()) <= 1e-4
     info = json.loads((tmp_path / "export.json").read_text())["compressed_tensors"]
     assert info["quantized_layers"] == 14 and info["safetensors_bytes"] > 0
+    assert info["check"]["loads"] and info["check"]["weights_exact"]  # the run's own read-back
+    assert info["check"]["max_rel_diff"] <= 1e-4
 
 
 def test_a_bf16_llama_is_served_with_exactly_the_pipelines_logits(lm_files, tmp_path):
@@ -62,6 +64,8 @@ def test_a_bf16_llama_is_served_with_exactly_the_pipelines_logits(lm_files, tmp_
     ids = torch.tensor([[3, 5, 7, 9, 11, 13], [4, 6, 8, 10, 12, 14]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, deployed(input_ids=ids).logits)
+    check = json.loads((tmp_path / "export.json").read_text())["compressed_tensors"]["check"]
+    assert check["weights_exact"] and check["max_rel_diff"] == 0.0  # the run's own check saw the same
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,8 @@ def test_gguf_blocks_hold_the_pipelines_levels_and_read_back_equal(lm_files, tmp
             expected = permute(expected, heads[proj])
         assert torch.equal(tensors[name][1].reshape(expected.shape), expected), name
     assert field(reader, "tokenizer.ggml.model") == info["tokenizer"] == "none"  # a word-level tokenizer
+    assert info["check"]["exact"] and info["check"]["tensors"] == len(reader.tensors)  # the run's own read-back
+    assert info["check"]["metadata"][f"{model}.block_count"] == 2
 
 
 def field(reader, key: str):
