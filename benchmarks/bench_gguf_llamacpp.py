@@ -2,11 +2,13 @@
 
     python benchmarks/bench_gguf_llamacpp.py --llama-python VENV/bin/python [--hidden 64]
 
-VENV is a virtual environment with llama-cpp-python (it builds from source with gcc and cmake:
-`python -m venv VENV && VENV/bin/pip install llama-cpp-python`); lwpipe does not need it. For a tiny
-Llama with each kind of tokenizer (byte-level BPE as GPT-2 / Llama 3, sentencepiece-style BPE as Llama 2,
-and a word-level one llama.cpp has no tokenizer for), it runs `recipe=gptq_w4 ... pipeline=[quantize,export]
-++stages.export.format=gguf` for Q8_0 and Q4_0, then in VENV's python loads export/model.gguf with
+VENV is a virtual environment with llama-cpp-python, which builds from source with gcc and cmake; on a
+CPU or sandbox without AMX, build it for AVX2 (a native build died with SIGILL here):
+`CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF" VENV/bin/pip install llama-cpp-python`.
+lwpipe does not need it. For a tiny Llama with each kind of tokenizer (byte-level BPE as GPT-2 / Llama 3,
+sentencepiece-style BPE as Llama 2, and a word-level one llama.cpp has no tokenizer for) and a tiny GPT-2
+with byte-level BPE, it runs `recipe=gptq_w4 ... pipeline=[quantize,export] ++stages.export.format=gguf`
+for Q8_0 and Q4_0, then in VENV's python loads export/model.gguf with
 llama_cpp.Llama and prints one JSON line per file: whether it loads, whether llama.cpp's tokens equal the
 Hugging Face tokenizer's on held-out texts, the largest difference of llama.cpp's logits from those of the
 model lwpipe.load rebuilds (relative to their largest magnitude; llama.cpp quantizes activations to 8 bits
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.hf_helpers import bpe_tokenizer, make_texts, save_llama, word_tokenizer, write_txt  # noqa: E402
+from tests.hf_helpers import bpe_tokenizer, make_texts, save_gpt2, save_llama, word_tokenizer, write_txt  # noqa: E402
 
 CHILD = r"""
 import json, sys
@@ -115,19 +117,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         train, test = write_txt(root / "train.txt", make_texts(48)), write_txt(root / "test.txt", make_texts(16, 3))
-        for style, tok in tokenizers().items():
-            model = save_llama(root / style, tokenizer=tok, hidden=a.hidden)
+        models = [("llama", style, tok) for style, tok in tokenizers().items()]
+        models.append(("gpt2", "byte_level", bpe_tokenizer("byte_level")))
+        for arch, style, tok in models:
+            if arch == "llama":
+                model = save_llama(root / style, tokenizer=tok, hidden=a.hidden)
+            else:
+                model = save_gpt2(root / "gpt2", tokenizer=tok)
             for gguf_type in ("q8_0", "q4_0"):
-                out = root / f"run_{style}_{gguf_type}"
+                out = root / f"run_{arch}_{style}_{gguf_type}"
                 run(model, train, test, out, gguf_type)
                 kind = json.loads((out / "export.json").read_text())["gguf"]["tokenizer"]
-                print(
-                    json.dumps(
-                        {"tokenizer": style, "written_as": kind, "gguf_type": gguf_type}
-                        | check(a.llama_python, out, tok, texts[-8:])
-                    ),
-                    flush=True,
-                )
+                head = {"model": arch, "tokenizer": style, "written_as": kind, "gguf_type": gguf_type}
+                print(json.dumps(head | check(a.llama_python, out, tok, texts[-8:])), flush=True)
 
 
 if __name__ == "__main__":

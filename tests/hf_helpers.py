@@ -108,11 +108,11 @@ def save_bert(path: Path, kind: str = "classifier", num_labels: int = 2, seed: i
     return path
 
 
-def save_gpt2(path: Path, seed: int = 0, tied: bool = True) -> Path:
+def save_gpt2(path: Path, seed: int = 0, tied: bool = True, tokenizer=None) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     path.mkdir(parents=True, exist_ok=True)
-    tok = word_tokenizer()
+    tok = tokenizer or word_tokenizer()
     torch.manual_seed(seed)
     cfg = GPT2Config(
         vocab_size=len(tok),
