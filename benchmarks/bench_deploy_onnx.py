@@ -25,7 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_speed import INT8_GRID  # noqa: E402  (rounding at step 0.15 within 8 bits: the int8 kernels' grid)
 
 BATCH = 32
-GPTQ8 = ["stages.quantize.bits=8"]  # --gptq: the recipe's GPTQ levels with an 8-bit bound (its own: 12)
+RTN = ["stages.quantize.method=rtn", "~stages.quantize.damp", "~stages.quantize.act_order", "stages.quantize.bits=8"]
+GRIDS = {
+    # each output channel's own range on 8 bits, embedding tables kept (ONNX gathers them in fp32 anyway)
+    "range": [*RTN, "stages.quantize.step=null", "~stages.quantize.layers", "++stages.quantize.keep=[embeddings]"],
+    "step": INT8_GRID,  # rounding at step 0.15 x each channel's std within 8 bits, the recipe's embedding steps
+    "gptq": ["stages.quantize.bits=8"],  # the recipe's GPTQ levels (step 0.35) with an 8-bit bound (its own: 12)
+}
 
 
 def median_ms(f, x, repeats):
@@ -89,7 +95,7 @@ def minilm(scratch: Path) -> Path:
     return out if (out / "modules.json").is_file() else next(out.glob("*/modules.json")).parent
 
 
-def main():
+def minilm_part(a):
     from pydoc_data.topics import topics
 
     from transformers import AutoTokenizer
@@ -98,22 +104,10 @@ def main():
     from lwpipe.deploy.onnx import OrtModule
     from lwpipe.models.sentence import load_sentence_transformer
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None)
-    p.add_argument("--float-layers", nargs="*", default=[])
-    p.add_argument("--scratch", default=None, help="a directory kept between runs (the extracted model)")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument(
-        "--gptq",
-        action="store_true",
-        help="the recipe's GPTQ levels bounded at 8 bits (default: rounding to nearest at step 0.15 within 8 bits)",
-    )
-    a = p.parse_args()
-    torch.set_num_threads(1)
     tmp = Path(a.scratch) if a.scratch else Path(tempfile.mkdtemp(prefix="bench_onnx_"))
     tmp.mkdir(parents=True, exist_ok=True)
     path = Path(a.model) if a.model else minilm(tmp)
-    info = lwpipe_run(path, tmp / "run", a.float_layers, GPTQ8 if a.gptq else INT8_GRID)["onnx"]
+    info = lwpipe_run(path, tmp / "run", a.float_layers, GRIDS[a.grid])["onnx"]
     fp32 = load_sentence_transformer(str(path)).eval()
     tok = AutoTokenizer.from_pretrained(str(path))
     texts = [line.strip() for t in topics.values() for line in t.split(".") if len(line.split()) >= 8]
@@ -126,7 +120,8 @@ def main():
     with torch.inference_mode():
         ref = torch.cat([fp32(**{k: v[i : i + 64] for k, v in held.items()}) for i in range(0, 256, 64)])
     load = os.getloadavg()
-    print(f"all-MiniLM-L6-v2, 1 thread, 64 tokens, load {load[0]:.2f} {load[1]:.2f}; float layers {a.float_layers}")
+    print(f"all-MiniLM-L6-v2, 1 thread, 64 tokens, load {load[0]:.2f} {load[1]:.2f}; grid {a.grid}")
+    print(f"float layers {a.float_layers}")
     print(
         f"lwpipe onnx: {info['int8_layers']} int8 layers, {info['bytes'] / 1e6:.1f} MB; export.json cosine "
         f"{info['quality']:.4f} (its own test split, by ORT)"
@@ -144,6 +139,96 @@ def main():
             f"| {name} | {base[1] / ms[1]:.2f}x ({ms[1]:.1f} ms) | {base[BATCH] / ms[BATCH]:.2f}x "
             f"({ms[BATCH]:.0f} ms) | {cos:.4f} |"
         )
+
+
+def small_table(forms: dict, xs: dict, repeats: int, ref: str) -> None:
+    """Median ms of each form at each batch size (tensor inputs), and each one's speedup over `ref`."""
+    res = {n: {bs: median_ms(lambda x, f=f: f(x), {"x": x}, repeats) for bs, x in xs.items()} for n, f in forms.items()}
+    print("| form | " + " | ".join(f"batch {bs}" for bs in xs) + " |\n|---|" + "---|" * len(xs))
+    for name, r in res.items():
+        print(f"| {name} | " + " | ".join(f"{res[ref][bs] / r[bs]:.2f}x ({r[bs]:.3f} ms)" for bs in xs) + " |")
+
+
+def onnx_forms(model, x, tmp: Path, name: str) -> dict:
+    """lwpipe's ONNX file of `model` (int8 nodes where it has int8 levels), run by ORT on one thread."""
+    from lwpipe.deploy.onnx import OrtModule, build
+
+    info = build(model, x[:2], tmp / f"{name}.onnx")
+    kinds = sorted(set(info["layers"].values()))
+    print(f"{name}.onnx: {(tmp / f'{name}.onnx').stat().st_size} B, layers written as {kinds}")
+    return {f"lwpipe onnx ({', '.join(kinds) or 'fp32'})": OrtModule(tmp / f"{name}.onnx", 1)}
+
+
+def lenet_part(a, tmp: Path) -> None:
+    """LeNet-300-100 (784 inputs) after deep_compression_lenet300, shortened as bench_speed.py runs it."""
+    from bench_speed import run_recipe, saved
+    from torch import nn
+
+    from lwpipe import checkpoint, export
+    from lwpipe.models import LeNet300
+
+    short = ["recipe=deep_compression_lenet300", "data=blobs", "data.meta.num_features=784"]
+    short += ["data.meta.num_classes=10", "data.n=3000", "data.spread=4.0", "stages.train.epochs=4"]
+    short += ["stages.prune.finetune.epochs=1", "stages.share.finetune.epochs=1", "stages.distill.epochs=1"]
+    s = run_recipe(short, tmp / "run")
+    model = checkpoint.load_state(LeNet300(784), tmp / "run" / "checkpoints" / "05_distill.safetensors").eval()
+    print(f"LeNet-300-100: sparsity {s['final']['sparsity']:.3f}, accuracy {s['final']['accuracy']:.4f}")
+    fp32, x = export.plain_copy(model), torch.randn(512, 784)
+    forms = {
+        "fp32 dense (eager)": fp32,
+        "torch.ao quantize_dynamic": torch.ao.quantization.quantize_dynamic(fp32, {nn.Linear}, torch.qint8),
+        "lwpipe dense (export.pt2)": saved(export.dense_form(model), x[:2], tmp / "d.pt2"),
+        "lwpipe int8 dynamic (export.pt)": saved(export.int8_form(model, x, "dynamic"), x[:2], tmp / "i8d.pt"),
+        "lwpipe int8 static (export.pt)": saved(export.int8_form(model, x, "static"), x[:2], tmp / "i8s.pt"),
+        "lwpipe sparse CSR (export.pt)": saved(export.sparse_form(model, 0.8)[0], x[:2], tmp / "sp.pt"),
+        **onnx_forms(model, x, tmp, "lenet"),
+        **onnx_forms(export.plain_copy(model), x, tmp, "lenet_fp32"),
+    }
+    small_table(forms, {bs: x[:bs] for bs in (1, 256)}, a.repeats * 10, "fp32 dense (eager)")
+
+
+def resnet_part(a, tmp: Path) -> None:
+    """recipe=resnet_cifar_like's ResNet after structured pruning (half the channels), as bench_speed.py."""
+    from bench_speed import run_recipe, saved
+
+    from lwpipe import checkpoint, export
+    from lwpipe.models import ResNet
+
+    over = ["recipe=resnet_cifar_like", "pipeline=[train,prune]", "data.n=2000", "stages.train.epochs=8"]
+    over += ["+stages.prune.granularity=structured", "stages.prune.sparsity=0.5", "~stages.prune.layers"]
+    over += ["stages.prune.schedule=oneshot", "stages.prune.finetune.epochs=3"]
+    s = run_recipe(over, tmp / "run")
+    before = checkpoint.load_state(ResNet(), tmp / "run" / "checkpoints" / "01_train.safetensors").eval()
+    after = checkpoint.load_state(ResNet(), tmp / "run" / "checkpoints" / "02_prune.safetensors").eval()
+    print(f"ResNet structured 0.5: macs {s['stages'][0]['macs']} -> {s['stages'][1]['macs']}")
+    x = torch.randn(256, 3, 32, 32)
+    forms = {
+        "fp32 dense (eager)": before,
+        "fp32 pruned (eager)": after,
+        "lwpipe dense, pruned (export.pt2)": saved(export.dense_form(after), x[:2], tmp / "r.pt2"),
+        "lwpipe int8 static, pruned (export.pt)": saved(export.int8_form(after, x[:64], "static"), x[:2], tmp / "r.pt"),
+        **onnx_forms(after, x, tmp, "resnet"),
+    }
+    small_table(forms, {bs: x[:bs] for bs in (1, 256)}, max(10, a.repeats // 2), "fp32 dense (eager)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", nargs="+", choices=["minilm", "lenet", "resnet"], default=["minilm"])
+    p.add_argument("--model", default=None)
+    p.add_argument("--float-layers", nargs="*", default=[])
+    p.add_argument("--scratch", default=None, help="a directory kept between runs (the extracted model)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--grid", choices=sorted(GRIDS), default="range", help="the quantize stage's 8-bit grid")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    for part in a.part:
+        if part == "minilm":
+            minilm_part(a)
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                globals()[f"{part}_part"](a, Path(d))
 
 
 if __name__ == "__main__":

@@ -37,9 +37,18 @@ def check_order(cfg, before) -> str | None:
 
 
 def check_model(cfg, model: nn.Module, path: str) -> None:
-    """A model with no parameters or one that is scripted cannot be traced; everything else is tried at export."""
+    """A scripted model cannot be traced, and each `float_layers` glob must name a layer the quantize stage
+    can put on a grid; everything else is tried at export."""
+    from lwpipe.constraints import compressible_layers
+
     if isinstance(model, torch.jit.ScriptModule):
         raise ConfigError(path, "onnx", "a TorchScript module cannot be re-traced to ONNX; pass the nn.Module")
+    names = [n for n, m in compressible_layers(model) if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    for i, glob in enumerate(getattr(cfg, "float_layers", None) or []):
+        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+            shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+            key = f"{path.rpartition('.')[0] or path}.float_layers[{i}]"
+            raise ConfigError(key, glob, f"format=onnx: matches no Linear or convolution layer; they are {shown}")
 
 
 @torch.no_grad()

@@ -213,3 +213,14 @@ def test_a_model_that_does_not_trace_is_a_one_line_error_naming_the_format(tmp_p
     with pytest.raises(RuntimeError, match="format=onnx: the model does not trace to ONNX") as e:
         build(ToList(), torch.randn(2, 4), tmp_path / "m.onnx")
     assert "\n" not in str(e.value) and not (tmp_path / "m.onnx").exists()
+
+
+def test_a_float_layers_glob_that_matches_no_layer_is_refused_before_any_stage(tmp_path):
+    from lwpipe.errors import ConfigError
+
+    overrides = [*TINY, "pipeline=[train,quantize,export]", "+stages.export.format=onnx"]
+    with pytest.raises(ConfigError) as e:
+        run_recipe([*overrides, "+stages.export.float_layers=['1','*.dense']"], tmp_path / "run")
+    msg = str(e.value)
+    assert msg.startswith("stages.export.float_layers[1]='*.dense': format=onnx: matches no Linear") and "\n" not in msg
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before the train stage ran
