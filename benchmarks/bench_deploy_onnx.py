@@ -159,6 +159,36 @@ def onnx_forms(model, x, tmp: Path, name: str) -> dict:
     return {f"lwpipe onnx ({', '.join(kinds) or 'fp32'})": OrtModule(tmp / f"{name}.onnx", 1)}
 
 
+def bare_session(path: Path):
+    """ORT's session.run on a numpy array, nothing around it: the part of a small model's time that is the
+    wrapper's (torch <-> numpy, output dict) rather than ORT's."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x.numpy()})
+
+
+def ort_static(path: Path, calib: torch.Tensor, out: Path):
+    """ONNX Runtime's own static int8 (QDQ, per-channel weights, calibrated activation ranges) of the file:
+    what int8 convolutions in ONNX would run at, for comparison."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": calib[i : i + 16].numpy()} for i in range(0, len(calib), 16)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(
+        str(path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8
+    )
+    return bare_session(out)
+
+
 def lenet_part(a, tmp: Path) -> None:
     """LeNet-300-100 (784 inputs) after deep_compression_lenet300, shortened as bench_speed.py runs it."""
     from bench_speed import run_recipe, saved
@@ -183,6 +213,7 @@ def lenet_part(a, tmp: Path) -> None:
         "lwpipe sparse CSR (export.pt)": saved(export.sparse_form(model, 0.8)[0], x[:2], tmp / "sp.pt"),
         **onnx_forms(model, x, tmp, "lenet"),
         **onnx_forms(export.plain_copy(model), x, tmp, "lenet_fp32"),
+        "lwpipe onnx (matmul_integer), bare session.run": bare_session(tmp / "lenet.onnx"),
     }
     small_table(forms, {bs: x[:bs] for bs in (1, 256)}, a.repeats * 10, "fp32 dense (eager)")
 
@@ -208,6 +239,7 @@ def resnet_part(a, tmp: Path) -> None:
         "lwpipe dense, pruned (export.pt2)": saved(export.dense_form(after), x[:2], tmp / "r.pt2"),
         "lwpipe int8 static, pruned (export.pt)": saved(export.int8_form(after, x[:64], "static"), x[:2], tmp / "r.pt"),
         **onnx_forms(after, x, tmp, "resnet"),
+        "ORT quantize_static int8 (QDQ) of that file": ort_static(tmp / "resnet.onnx", x[:64], tmp / "r8.onnx"),
     }
     small_table(forms, {bs: x[:bs] for bs in (1, 256)}, max(10, a.repeats // 2), "fp32 dense (eager)")
 
