@@ -1,10 +1,17 @@
-"""export format=onnx on all-MiniLM-L6-v2, in ONE process, one thread, 64-token inputs, side by side:
-PyTorch fp32, ONNX Runtime fp32, ORT quantize_dynamic int8, lwpipe's TorchScript int8 (export format=int8)
-and lwpipe's ONNX file (export format=onnx, optionally with --float-layers kept fp32): speed at batch 1 and
-32 relative to PyTorch fp32, and mean cosine to the original model on held-out texts (Python's reference
-documentation sentences; recipe=sentence_embedding calibrates on its built-in training texts, none of them among these).
+"""export format=onnx, in ONE process, one thread, side by side with every other form.
 
-    python benchmarks/bench_deploy_onnx.py [--model DIR] [--float-layers '*output.dense' ...] [--repeats 20]
+--part minilm (default): all-MiniLM-L6-v2, 64-token inputs: PyTorch fp32, ONNX Runtime fp32, ORT
+quantize_dynamic int8, lwpipe's TorchScript int8 (export format=int8) and lwpipe's ONNX file (export
+format=onnx; --grid picks the quantize stage's 8-bit grid, --float-layers keeps layers fp32, --smooth ALPHA
+smooths the int8 layers' inputs): speed at batch 1 and 32 relative to PyTorch fp32, and mean cosine to the
+original model on 256 held-out texts (Python's reference documentation sentences; recipe=sentence_embedding
+calibrates on its built-in training texts, none of them among these).
+--part lenet: LeNet-300-100 after deep_compression_lenet300 (bench_speed.py's shortened run); --part resnet:
+the structured-pruned ResNet (as bench_speed.py): the ONNX file against the dense (torch.export), int8 and
+sparse TorchScript forms at batch 1 and 256.
+
+    python benchmarks/bench_deploy_onnx.py [--part minilm lenet resnet] [--grid range|step|gptq] [--smooth 0.7]
+        [--float-layers '*output.dense' ...] [--repeats 20] [--scratch DIR]
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ def embedding(out):
     return out if isinstance(out, torch.Tensor) else out["sentence_embedding"]
 
 
-def lwpipe_run(model_dir: Path, run_dir: Path, float_layers: list[str], grid: list[str]) -> dict:
+def lwpipe_run(model_dir: Path, run_dir: Path, float_layers: list[str], grid: list[str], smooth=None) -> dict:
     from bench_speed import run_recipe
 
     globs = ",".join(f"'{g}'" for g in float_layers)
@@ -62,6 +69,7 @@ def lwpipe_run(model_dir: Path, run_dir: Path, float_layers: list[str], grid: li
             "+stages.export.format=[int8,onnx]",
             f"+stages.export.float_layers=[{globs}]",
             *grid,
+            *([f"+stages.export.smooth={smooth}"] if smooth else []),
         ],
         run_dir,
     )
@@ -107,7 +115,7 @@ def minilm_part(a):
     tmp = Path(a.scratch) if a.scratch else Path(tempfile.mkdtemp(prefix="bench_onnx_"))
     tmp.mkdir(parents=True, exist_ok=True)
     path = Path(a.model) if a.model else minilm(tmp)
-    info = lwpipe_run(path, tmp / "run", a.float_layers, GRIDS[a.grid])["onnx"]
+    info = lwpipe_run(path, tmp / "run", a.float_layers, GRIDS[a.grid], a.smooth)["onnx"]
     fp32 = load_sentence_transformer(str(path)).eval()
     tok = AutoTokenizer.from_pretrained(str(path))
     texts = [line.strip() for t in topics.values() for line in t.split(".") if len(line.split()) >= 8]
@@ -121,7 +129,7 @@ def minilm_part(a):
         ref = torch.cat([fp32(**{k: v[i : i + 64] for k, v in held.items()}) for i in range(0, 256, 64)])
     load = os.getloadavg()
     print(f"all-MiniLM-L6-v2, 1 thread, 64 tokens, load {load[0]:.2f} {load[1]:.2f}; grid {a.grid}")
-    print(f"float layers {a.float_layers}")
+    print(f"float layers {a.float_layers}, smooth {a.smooth}")
     print(
         f"lwpipe onnx: {info['int8_layers']} int8 layers, {info['bytes'] / 1e6:.1f} MB; export.json cosine "
         f"{info['quality']:.4f} (its own test split, by ORT)"
@@ -252,6 +260,7 @@ def main():
     p.add_argument("--scratch", default=None, help="a directory kept between runs (the extracted model)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--grid", choices=sorted(GRIDS), default="range", help="the quantize stage's 8-bit grid")
+    p.add_argument("--smooth", type=float, default=None, help="export.smooth: SmoothQuant's alpha (onnx)")
     a = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
