@@ -41,16 +41,31 @@ GRIDS = {
 }
 
 
-def median_ms(f, x, repeats):
+def interleaved_ms(calls: dict, repeats: int) -> dict:
+    """Median ms of each zero-argument call, timed in turns (one call of each per round) so that the load of
+    a shared machine falls on every form alike."""
+    ts: dict = {k: [] for k in calls}
     with torch.inference_mode():
-        for _ in range(3):
-            f(**x)
-        ts = []
+        for f in calls.values():
+            for _ in range(3):
+                f()
         for _ in range(repeats):
-            t = time.perf_counter()
-            f(**x)
-            ts.append(time.perf_counter() - t)
-    return 1000 * statistics.median(ts)
+            for k, f in calls.items():
+                t = time.perf_counter()
+                f()
+                ts[k].append(time.perf_counter() - t)
+    return {k: 1000 * statistics.median(v) for k, v in ts.items()}
+
+
+def timed(forms: dict, xs: dict, repeats: int, keywords: bool) -> dict:
+    """name -> {batch: median ms}, all forms and batch sizes interleaved."""
+    calls = {
+        (n, bs): (lambda f=f, x=x: f(**x)) if keywords else (lambda f=f, x=x: f(x))
+        for n, f in forms.items()
+        for bs, x in xs.items()
+    }
+    ms = interleaved_ms(calls, repeats)
+    return {n: {bs: ms[(n, bs)] for bs in xs} for n in forms}
 
 
 def embedding(out):
@@ -124,7 +139,18 @@ def minilm_part(a):
     xs = {bs: {k: v[:bs] for k, v in full.items()} for bs in (1, BATCH)}
     forms = {"PyTorch fp32": fp32, **ort_forms(fp32, {k: v[:2] for k, v in full.items()}, tmp)}
     forms["lwpipe int8 (export.pt)"] = export.load_form(tmp / "run" / "export.pt")
-    forms["lwpipe onnx (model.onnx)"] = OrtModule(tmp / "run" / "export" / "model.onnx", 1)
+    if a.smooth:  # the same levels unsmoothed, for comparison in this process
+        from lwpipe import checkpoint
+        from lwpipe.deploy.onnx import build
+
+        q = checkpoint.load_state(
+            load_sentence_transformer(str(path)), tmp / "run" / "checkpoints" / "01_quantize.safetensors"
+        )
+        build(q.eval(), {k: v[:2] for k, v in full.items()}, tmp / "unsmoothed.onnx", a.float_layers)
+        forms["lwpipe onnx, not smoothed"] = OrtModule(tmp / "unsmoothed.onnx", 1)
+    forms[f"lwpipe onnx (model.onnx{f', smooth {a.smooth}' if a.smooth else ''})"] = OrtModule(
+        tmp / "run" / "export" / "model.onnx", 1
+    )
     with torch.inference_mode():
         ref = torch.cat([fp32(**{k: v[i : i + 64] for k, v in held.items()}) for i in range(0, 256, 64)])
     load = os.getloadavg()
@@ -139,7 +165,8 @@ def minilm_part(a):
         with torch.inference_mode():
             got = torch.cat([embedding(f(**{k: v[i : i + 64] for k, v in held.items()})) for i in range(0, 256, 64)])
         cos = F.cosine_similarity(got, ref, dim=-1).mean().item()
-        res[name] = (cos, {bs: median_ms(f, x, a.repeats) for bs, x in xs.items()})
+        res[name] = cos
+    res = {n: (res[n], ms) for n, ms in timed(forms, xs, a.repeats, True).items()}
     base = res["PyTorch fp32"][1]
     print(f"| form | batch 1 | batch {BATCH} | cosine to the original ({len(ref)} held-out texts) |\n|---|---|---|---|")
     for name, (cos, ms) in res.items():
@@ -151,7 +178,7 @@ def minilm_part(a):
 
 def small_table(forms: dict, xs: dict, repeats: int, ref: str) -> None:
     """Median ms of each form at each batch size (tensor inputs), and each one's speedup over `ref`."""
-    res = {n: {bs: median_ms(lambda x, f=f: f(x), {"x": x}, repeats) for bs, x in xs.items()} for n, f in forms.items()}
+    res = timed(forms, xs, repeats, False)
     print("| form | " + " | ".join(f"batch {bs}" for bs in xs) + " |\n|---|" + "---|" * len(xs))
     for name, r in res.items():
         print(f"| {name} | " + " | ".join(f"{res[ref][bs] / r[bs]:.2f}x ({r[bs]:.3f} ms)" for bs in xs) + " |")

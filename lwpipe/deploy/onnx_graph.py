@@ -13,6 +13,8 @@ and transposes initializers), so the graph's numbers never change: only their st
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -44,9 +46,10 @@ def _dynamic_matmul(name: str, x: str, y: str, wq: np.ndarray, scale: np.ndarray
     ]
     mm_out = f"{p}_mm" if bias else y
     nodes = []
-    if inv is not None:
-        inits.append(numpy_helper.from_array(inv.astype(np.float32), f"{p}_smooth"))
-        nodes.append(helper.make_node("Mul", [x, f"{p}_smooth"], [f"{p}_xsm"], name=f"{p}_smooth"))
+    if inv is not None:  # named by its values: layers sharing an input and an s share one Mul after ORT's CSE
+        factor = f"smooth_{hashlib.sha1(inv.astype(np.float32).tobytes()).hexdigest()[:16]}"
+        inits.append(numpy_helper.from_array(inv.astype(np.float32), factor))
+        nodes.append(helper.make_node("Mul", [x, factor], [f"{p}_xsm"], name=f"{p}_smooth"))
         x = f"{p}_xsm"
     nodes += [
         helper.make_node("DynamicQuantizeLinear", [x], [f"{p}_x", f"{p}_xs", f"{p}_xzp"], name=f"{p}_dql"),
@@ -129,7 +132,11 @@ def _splice(graph, new_nodes: dict, new_inits: list, drop: set) -> None:
         order += new_nodes.get(id(n), [n])
     del graph.node[:]
     graph.node.extend(order)
-    graph.initializer.extend(new_inits)
+    names = {t.name for t in graph.initializer}
+    for t in new_inits:  # a shared smoothing factor once
+        if t.name not in names:
+            graph.initializer.append(t)
+            names.add(t.name)
     read = {i for n in graph.node for i in n.input}
     keep = [t for t in graph.initializer if t.name in read and not (t.name in drop and t.name in _outputs(graph))]
     del graph.initializer[:]

@@ -45,12 +45,16 @@ def input_max(model: nn.Module, names: list[str], batches, forward) -> dict[str,
     return stats
 
 
-def smooth_layer(w: np.ndarray, amax: torch.Tensor, alpha: float):
-    """(levels, per-output-channel scales, 1/s, extra error) of Linear weight `w` (out, in) smoothed by its
-    input maxima `amax`, re-rounded symmetrically on each output channel's 8-bit range."""
+def factors(amax: torch.Tensor, wmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)."""
+    s = amax.double().clamp(min=1e-5) ** alpha / wmax.double().clamp(min=1e-5) ** (1 - alpha)
+    return s.clamp(min=1e-5)
+
+
+def smooth_layer(w: np.ndarray, s: torch.Tensor):
+    """(levels, per-output-channel scales, 1/s, extra error) of Linear weight `w` (out, in) with its input
+    channels multiplied by `s`, re-rounded symmetrically on each output channel's 8-bit range."""
     wt = torch.from_numpy(w).double()
-    s = amax.double().clamp(min=1e-5) ** alpha / wt.abs().amax(0).clamp(min=1e-5) ** (1 - alpha)
-    s = s.clamp(min=1e-5)
     ws = wt * s
     scale = (ws.abs().amax(1) / 127).clamp(min=1e-12)
     levels = torch.round(ws / scale[:, None]).clamp(-127, 127)
@@ -70,10 +74,24 @@ def smooth(model: nn.Module, levels: dict, alpha: float, batches, forward) -> di
     names = [n for n, (kind, *_) in levels.items() if kind == "linear"]
     amax = input_max(model, names, batches, forward)
     errors = {}
-    for n in names:
-        if n not in amax:  # no calibration batch reached it (a sentence encoder's pooler)
-            continue
-        kind, w, _, _, axis = levels[n][:5]
-        q, scale, inv, errors[n] = smooth_layer(w, amax[n], alpha)
-        levels[n] = (kind, w, q, scale, axis, inv)
+    for group in shared_inputs([n for n in names if n in amax], amax):  # unreached layers (a pooler) stay
+        wmax = torch.stack([torch.from_numpy(levels[n][1]).abs().amax(0) for n in group]).amax(0)
+        s = factors(amax[group[0]], wmax, alpha)
+        for n in group:
+            kind, w, _, _, axis = levels[n][:5]
+            q, scale, inv, errors[n] = smooth_layer(w, s)
+            levels[n] = (kind, w, q, scale, axis, inv)
     return {k: round(v, 6) for k, v in errors.items()}
+
+
+def shared_inputs(names: list[str], amax: dict) -> list[list[str]]:
+    """Layers grouped by input (equal maxima: q, k and v read one tensor). A group gets one s, so that its
+    layers' Mul and DynamicQuantizeLinear are one node each in ORT's optimised graph, as without smoothing."""
+    groups: list[list[str]] = []
+    for n in names:
+        same = next((g for g in groups if torch.equal(amax[g[0]], amax[n])), None)
+        if same is None:
+            groups.append([n])
+        else:
+            same.append(n)
+    return groups

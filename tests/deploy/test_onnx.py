@@ -279,7 +279,10 @@ def test_sentence_encoder_smoothed_through_the_runner_records_each_layers_extra_
     info, path, data, _ = text_run(files, "sentence_embedding", "st", "txt", tmp_path, extra)
     assert info["int8_layers"] == 12 and len(info["smooth_error"]) == 12  # the pooler is never reached
     assert all(0 <= e < 0.05 for e in info["smooth_error"].values())
-    assert sum(n.name.endswith("_smooth") for n in onnx.load(str(path)).graph.node) == 12
+    graph = onnx.load(str(path)).graph
+    assert sum(n.name.endswith("_smooth") for n in graph.node) == 12
+    factors = [t.name for t in graph.initializer if t.name.startswith("smooth_")]
+    assert len(factors) == 8  # per layer: q, k and v read one tensor and share one s; out, up, down
     assert info["reference"] == "uncompressed" and 0.95 < info["quality"] <= 1.0
     batch = inputs(data.test.batches(8)[0])
     got = run_fresh(path, {k: v[:2, :7] for k, v in batch.items()}, tmp_path)  # still runs without lwpipe
