@@ -133,7 +133,10 @@ def minilm_part(a):
     tmp = Path(a.scratch) if a.scratch else Path(tempfile.mkdtemp(prefix="bench_onnx_"))
     tmp.mkdir(parents=True, exist_ok=True)
     path = Path(a.model) if a.model else minilm(tmp)
-    info = lwpipe_run(path, tmp / "run", a.float_layers, GRIDS[a.grid], a.smooth)["onnx"]
+    if a.reuse and (tmp / "run" / "export.json").exists():  # the files of the last run under --scratch
+        info = json.loads((tmp / "run" / "export.json").read_text())["onnx"]
+    else:
+        info = lwpipe_run(path, tmp / "run", a.float_layers, GRIDS[a.grid], a.smooth)["onnx"]
     fp32 = load_sentence_transformer(str(path)).eval()
     tok = AutoTokenizer.from_pretrained(str(path))
     texts = [line.strip() for t in topics.values() for line in t.split(".") if len(line.split()) >= 8]
@@ -291,6 +294,7 @@ def main():
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--grid", choices=sorted(GRIDS), default="range", help="the quantize stage's 8-bit grid")
     p.add_argument("--smooth", type=float, default=None, help="export.smooth: SmoothQuant's alpha (onnx)")
+    p.add_argument("--reuse", action="store_true", help="time the files of the last run under --scratch again")
     a = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
