@@ -71,6 +71,14 @@ def timed(forms: dict, xs: dict, repeats: int, keywords: bool, inner: int = 1) -
     return {n: {bs: ms[(n, bs)] for bs in xs} for n in forms}
 
 
+def sentence_model(path):
+    """The fp32 sentence encoder in DIR (load_sentence_transformer returns the model, or (model, description))."""
+    from lwpipe.models.sentence import load_sentence_transformer
+
+    got = load_sentence_transformer(str(path))
+    return got[0] if isinstance(got, tuple) else got
+
+
 def embedding(out):
     return out if isinstance(out, torch.Tensor) else out["sentence_embedding"]
 
@@ -128,7 +136,6 @@ def minilm_part(a):
 
     from lwpipe import export
     from lwpipe.deploy.onnx import OrtModule
-    from lwpipe.models.sentence import load_sentence_transformer
 
     tmp = Path(a.scratch) if a.scratch else Path(tempfile.mkdtemp(prefix="bench_onnx_"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -137,7 +144,7 @@ def minilm_part(a):
         info = json.loads((tmp / "run" / "export.json").read_text())["onnx"]
     else:
         info = lwpipe_run(path, tmp / "run", a.float_layers, GRIDS[a.grid], a.smooth)["onnx"]
-    fp32 = load_sentence_transformer(str(path)).eval()
+    fp32 = sentence_model(path).eval()
     tok = AutoTokenizer.from_pretrained(str(path))
     texts = [line.strip() for t in topics.values() for line in t.split(".") if len(line.split()) >= 8]
     held = dict(tok(texts[:256], truncation=True, max_length=64, padding=True, return_tensors="pt"))
@@ -149,9 +156,7 @@ def minilm_part(a):
         from lwpipe import checkpoint
         from lwpipe.deploy.onnx import build
 
-        q = checkpoint.load_state(
-            load_sentence_transformer(str(path)), tmp / "run" / "checkpoints" / "01_quantize.safetensors"
-        )
+        q = checkpoint.load_state(sentence_model(path), tmp / "run" / "checkpoints" / "01_quantize.safetensors")
         build(q.eval(), {k: v[:2] for k, v in full.items()}, tmp / "unsmoothed.onnx", a.float_layers)
         forms["lwpipe onnx, not smoothed"] = OrtModule(tmp / "unsmoothed.onnx", 1)
     forms[f"lwpipe onnx (model.onnx{f', smooth {a.smooth}' if a.smooth else ''})"] = OrtModule(

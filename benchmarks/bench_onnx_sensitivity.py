@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_deploy_onnx import GRIDS, lwpipe_run, minilm  # noqa: E402
+from bench_deploy_onnx import GRIDS, lwpipe_run, minilm, sentence_model  # noqa: E402
 
 TYPES = {
     "q/k/v": r"attention\.self\.",
@@ -127,7 +127,6 @@ def main():
     from transformers import AutoTokenizer
 
     import lwpipe
-    from lwpipe.models.sentence import load_sentence_transformer
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scratch", default="/tmp/bench_onnx")
@@ -137,7 +136,7 @@ def main():
     scratch = Path(a.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     path = minilm(scratch)
-    fp32 = load_sentence_transformer(str(path)).eval()
+    fp32 = sentence_model(path).eval()
     tok = AutoTokenizer.from_pretrained(str(path))
     texts = [line.strip() for t in topics.values() for line in t.split(".") if len(line.split()) >= 8]
 
