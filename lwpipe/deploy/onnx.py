@@ -37,9 +37,18 @@ def check_order(cfg, before) -> str | None:
 
 
 def check_model(cfg, model: nn.Module, path: str) -> None:
-    """A model with no parameters or one that is scripted cannot be traced; everything else is tried at export."""
+    """A scripted model cannot be traced, and each `float_layers` glob must name a layer the quantize stage
+    can put on a grid; everything else is tried at export."""
+    from lwpipe.constraints import compressible_layers
+
     if isinstance(model, torch.jit.ScriptModule):
         raise ConfigError(path, "onnx", "a TorchScript module cannot be re-traced to ONNX; pass the nn.Module")
+    names = [n for n, m in compressible_layers(model) if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    for i, glob in enumerate(getattr(cfg, "float_layers", None) or []):
+        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+            shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+            key = f"{path.rpartition('.')[0] or path}.float_layers[{i}]"
+            raise ConfigError(key, glob, f"format=onnx: matches no Linear or convolution layer; they are {shown}")
 
 
 @torch.no_grad()
@@ -156,13 +165,16 @@ def timings(model: nn.Module, form: nn.Module, ctx, settings) -> dict:
     return out
 
 
-def build(model: nn.Module, example, path: Path, float_layers=()) -> dict:
-    """Trace, optimise and quantize the compressed `model` into `path`; what was done, per layer."""
+def build(model: nn.Module, example, path: Path, float_layers=(), smooth=None) -> dict:
+    """Trace, optimise and quantize the compressed `model` into `path`; what was done, per layer.
+    `smooth`: (alpha, calibration batches, forward(model, batch)) to smooth the int8 Linear layers' inputs."""
     import onnx
 
     from lwpipe.deploy.onnx_graph import quantize_graph
+    from lwpipe.deploy.onnx_smooth import smooth as smooth_levels
 
     levels = layer_levels(model, float_layers)
+    errors = smooth_levels(model, levels, *smooth) if smooth else None
     plain = export.plain_copy(model).cpu().eval()
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
@@ -176,7 +188,10 @@ def build(model: nn.Module, example, path: Path, float_layers=()) -> dict:
     layers = quantize_graph(proto, levels)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
-    return {"outputs": outputs, "opset": OPSET, "fusions": fused, "layers": layers}
+    info = {"outputs": outputs, "opset": OPSET, "fusions": fused, "layers": layers}
+    if errors is not None:  # the layers the file computes with (not a pooler no output reads)
+        info["smooth_error"] = {k: v for k, v in errors.items() if layers.get(k) == "matmul_integer"}
+    return info
 
 
 def write(model: nn.Module, ctx, cfg, out: Path) -> dict:
@@ -185,7 +200,11 @@ def write(model: nn.Module, ctx, cfg, out: Path) -> dict:
     model = model.cpu().eval()
     example = model_inputs(head(ctx.test_loader()[0], 2))
     path = Path(out) / "model.onnx"
-    info = {"file": f"export/{path.name}", **build(model, example, path, cfg.float_layers)}
+    smooth = None
+    if getattr(cfg, "smooth", None):
+        batches = list(ctx.calibration_batches(cfg.calibration_batches))
+        smooth = (cfg.smooth, batches, speed.forward_fn(ctx))
+    info = {"file": f"export/{path.name}", **build(model, example, path, cfg.float_layers, smooth)}
     info["bytes"] = path.stat().st_size
     kinds = list(info["layers"].values())
     info["int8_layers"] = sum(k in ("matmul_integer", "dequantize_linear") for k in kinds)

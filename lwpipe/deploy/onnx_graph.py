@@ -13,6 +13,8 @@ and transposes initializers), so the graph's numbers never change: only their st
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -34,15 +36,22 @@ def _consumers(graph) -> dict[str, list]:
     return out
 
 
-def _dynamic_matmul(name: str, x: str, y: str, wq: np.ndarray, scale: np.ndarray, bias: str | None):
-    """Nodes and initializers of y = (x @ W) (+ bias) with int8 W (in, out) and per-column scales."""
+def _dynamic_matmul(name: str, x: str, y: str, wq: np.ndarray, scale: np.ndarray, bias: str | None, inv=None):
+    """Nodes and initializers of y = (x @ W) (+ bias) with int8 W (in, out) and per-column scales; `inv`: the
+    smoothing's 1/s, x's channels multiplied by it first (lwpipe.deploy.onnx_smooth)."""
     p = f"{name}_q"
     inits = [
         numpy_helper.from_array(wq.astype(np.int8), f"{p}_W"),
         numpy_helper.from_array(scale.astype(np.float32), f"{p}_Wscale"),
     ]
     mm_out = f"{p}_mm" if bias else y
-    nodes = [
+    nodes = []
+    if inv is not None:  # named by its values: layers sharing an input and an s share one Mul after ORT's CSE
+        factor = f"smooth_{hashlib.sha1(inv.astype(np.float32).tobytes()).hexdigest()[:16]}"
+        inits.append(numpy_helper.from_array(inv.astype(np.float32), factor))
+        nodes.append(helper.make_node("Mul", [x, factor], [f"{p}_xsm"], name=f"{p}_smooth"))
+        x = f"{p}_xsm"
+    nodes += [
         helper.make_node("DynamicQuantizeLinear", [x], [f"{p}_x", f"{p}_xs", f"{p}_xzp"], name=f"{p}_dql"),
         helper.make_node("MatMulInteger", [f"{p}_x", f"{p}_W", f"{p}_xzp"], [f"{p}_i32"], name=f"{p}_mmi"),
         helper.make_node("Cast", [f"{p}_i32"], [f"{p}_f"], to=TensorProto.FLOAT, name=f"{p}_cast"),
@@ -70,8 +79,9 @@ def _dequantized(name: str, wq: np.ndarray, scale: np.ndarray, axis: int):
 
 def quantize_graph(model: onnx.ModelProto, layers: dict) -> dict[str, str]:
     """Rewrite `model` in place. `layers`: name -> (kind, float weight W as the layer stores it, int8 levels,
-    per-output-channel scales, out axis). Returns name -> how it was written: matmul_integer, dequantize_linear,
-    float (its node has another form: the exact fp32 weight stays) or absent (no output reads the layer)."""
+    per-output-channel scales, out axis[, 1/s of a smoothed Linear's input channels]). Returns name -> how it
+    was written: matmul_integer, dequantize_linear, float (its node has another form: the exact fp32 weight
+    stays) or absent (no output reads the layer)."""
     graph = model.graph
     by_value: dict[tuple, str] = {}
     for t in graph.initializer:
@@ -80,13 +90,14 @@ def quantize_graph(model: onnx.ModelProto, layers: dict) -> dict[str, str]:
     users = _consumers(graph)
     how: dict[str, str] = {}
     new_nodes, new_inits, drop = {}, [], set()
-    for name, (kind, w, q, s, axis) in layers.items():
+    for name, (kind, w, q, s, axis, *smoothed) in layers.items():
+        inv = smoothed[0] if smoothed else None
         present = _key(w) in by_value or (w.ndim == 2 and _key(w.T) in by_value)
         how[name] = "float" if present else "absent"  # absent: the traced outputs never read it
         if kind == "linear" and (found := by_value.get(_key(w.T))):  # MatMul(x, W^T)
             for n in users.get(found, []):
                 if n.op_type == "MatMul" and n.input[1] == found:
-                    nodes, ins = _dynamic_matmul(n.name or found, n.input[0], n.output[0], q.T, s, None)
+                    nodes, ins = _dynamic_matmul(n.name or found, n.input[0], n.output[0], q.T, s, None, inv)
                     new_nodes[id(n)], how[name] = nodes, "matmul_integer"
                     new_inits += ins
         elif kind == "linear" and (found := by_value.get(_key(w))):  # Gemm(x, W, b, transB=1)
@@ -100,7 +111,7 @@ def quantize_graph(model: onnx.ModelProto, layers: dict) -> dict[str, str]:
                     and not attrs.get("transA")
                 ):
                     bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
-                    nodes, ins = _dynamic_matmul(n.name or found, n.input[0], n.output[0], q.T, s, bias)
+                    nodes, ins = _dynamic_matmul(n.name or found, n.input[0], n.output[0], q.T, s, bias, inv)
                     new_nodes[id(n)], how[name] = nodes, "matmul_integer"
                     new_inits += ins
         elif kind == "conv" and (found := by_value.get(_key(w))):
@@ -121,7 +132,11 @@ def _splice(graph, new_nodes: dict, new_inits: list, drop: set) -> None:
         order += new_nodes.get(id(n), [n])
     del graph.node[:]
     graph.node.extend(order)
-    graph.initializer.extend(new_inits)
+    names = {t.name for t in graph.initializer}
+    for t in new_inits:  # a shared smoothing factor once
+        if t.name not in names:
+            graph.initializer.append(t)
+            names.add(t.name)
     read = {i for n in graph.node for i in n.input}
     keep = [t for t in graph.initializer if t.name in read and not (t.name in drop and t.name in _outputs(graph))]
     del graph.initializer[:]

@@ -46,10 +46,11 @@ class ExportConfig(Strict):
     activations: Literal["auto", "dynamic", "static"] = "auto"  # int8 only
     min_sparsity: float = Field(0.8, ge=0, le=1)  # sparse only: the measured crossover (README)
     min_batch: int = Field(16, ge=1, le=1 << 20)  # sparse only: smaller batches run dense
-    calibration_batches: int = Field(4, ge=1, le=10_000)  # static int8 activation ranges
+    calibration_batches: int = Field(4, ge=1, le=10_000)  # static int8 activation ranges; onnx smooth: input maxima
     gguf_type: Literal["q8_0", "q4_0"] = "q8_0"  # gguf only: GGML's blocks of 32 weights, one fp16 scale each
     requantize: bool = False  # gguf only: re-quantize weights whose levels are not blocks (error recorded)
     float_layers: list[str] = []  # onnx only: layers (globs) written in fp32 though on an int8 grid
+    smooth: float | None = Field(None, gt=0, lt=1)  # onnx only: SmoothQuant's alpha for the int8 Linear layers
 
 
 @register("export")

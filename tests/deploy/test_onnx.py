@@ -213,3 +213,77 @@ def test_a_model_that_does_not_trace_is_a_one_line_error_naming_the_format(tmp_p
     with pytest.raises(RuntimeError, match="format=onnx: the model does not trace to ONNX") as e:
         build(ToList(), torch.randn(2, 4), tmp_path / "m.onnx")
     assert "\n" not in str(e.value) and not (tmp_path / "m.onnx").exists()
+
+
+def test_a_float_layers_glob_that_matches_no_layer_is_refused_before_any_stage(tmp_path):
+    from lwpipe.errors import ConfigError
+
+    overrides = [*TINY, "pipeline=[train,quantize,export]", "+stages.export.format=onnx"]
+    with pytest.raises(ConfigError) as e:
+        run_recipe([*overrides, "+stages.export.float_layers=['1','*.dense']"], tmp_path / "run")
+    msg = str(e.value)
+    assert msg.startswith("stages.export.float_layers[1]='*.dense': format=onnx: matches no Linear") and "\n" not in msg
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before the train stage ran
+
+
+def _quantized_mlp():
+    from lwpipe.constraints import ensure_constraint
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    for m in (mlp[0], mlp[2]):
+        s = m.weight.detach().abs().amax(1, keepdim=True) / 127
+        ensure_constraint(m).set_quant(8, -127, 127, s, torch.zeros_like(s), 0)
+        m.weight.data = torch.round(m.weight.data / s) * s  # on its grid, as the quantize stage leaves it
+    return mlp.eval()
+
+
+def outlier_inputs(n: int) -> torch.Tensor:
+    x = torch.randn(n, 16)
+    x[:, 3] *= 50  # one input channel far wider than the rest, as in a transformer's hidden states
+    return x
+
+
+def test_smoothing_moves_an_outlier_input_channel_into_the_weights(tmp_path):
+    from lwpipe.deploy.onnx import OrtModule, build
+
+    mlp = _quantized_mlp()
+    calib = [outlier_inputs(32), outlier_inputs(32)]
+    plain = build(mlp, calib[0][:2], tmp_path / "a.onnx")
+    smoothed = build(mlp, calib[0][:2], tmp_path / "b.onnx", smooth=(0.5, calib, lambda m, b: m(b)))
+    assert "smooth_error" not in plain and set(smoothed["smooth_error"]) == {"0", "2"}
+    assert all(0 < e < 0.05 for e in smoothed["smooth_error"].values())  # re-rounded: levels not the pipeline's
+    graph = onnx.load(str(tmp_path / "b.onnx")).graph
+    muls = [n for n in graph.node if n.name.endswith("_smooth")]
+    dqls = {n.input[0] for n in graph.node if n.op_type == "DynamicQuantizeLinear"}
+    assert len(muls) == 2 and all(m.op_type == "Mul" and m.output[0] in dqls for m in muls)  # x / s, then int8
+    x = outlier_inputs(200)
+    with torch.no_grad():
+        want = mlp(x)
+    err_plain = (OrtModule(tmp_path / "a.onnx")(x) - want).norm() / want.norm()
+    err_smooth = (OrtModule(tmp_path / "b.onnx")(x) - want).norm() / want.norm()
+    assert err_smooth < 0.5 * err_plain, (err_smooth, err_plain)
+
+
+def test_smooth_alpha_outside_0_1_is_refused_naming_the_key():
+    from lwpipe.errors import LwpipeError
+
+    overrides = [*TINY, "pipeline=[train,quantize,export]", "+stages.export.format=onnx"]
+    with pytest.raises(LwpipeError, match=r"^stages\.export\.smooth=1\.5: Input should be less than 1"):
+        validate(compose_recipe([*overrides, "+stages.export.smooth=1.5"]))
+
+
+def test_sentence_encoder_smoothed_through_the_runner_records_each_layers_extra_error(files, tmp_path):
+    extra = ["pipeline=[quantize,export]", "++stages.quantize.bits=8", "++stages.quantize.scheme=symmetric"]
+    extra += ["++stages.export.smooth=0.5", "++stages.export.calibration_batches=2"]
+    info, path, data, _ = text_run(files, "sentence_embedding", "st", "txt", tmp_path, extra)
+    assert info["int8_layers"] == 12 and len(info["smooth_error"]) == 12  # the pooler is never reached
+    assert all(0 <= e < 0.05 for e in info["smooth_error"].values())
+    graph = onnx.load(str(path)).graph
+    assert sum(n.name.endswith("_smooth") for n in graph.node) == 12
+    factors = [t.name for t in graph.initializer if t.name.startswith("smooth_")]
+    assert len(factors) == 8  # per layer: q, k and v read one tensor and share one s; out, up, down
+    assert info["reference"] == "uncompressed" and 0.95 < info["quality"] <= 1.0
+    batch = inputs(data.test.batches(8)[0])
+    got = run_fresh(path, {k: v[:2, :7] for k, v in batch.items()}, tmp_path)  # still runs without lwpipe
+    assert got.shape == (2, 32) and np.isfinite(got).all()
