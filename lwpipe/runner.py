@@ -45,6 +45,7 @@ from torch import nn
 
 from lwpipe import cache, checkpoint, provenance, speed
 from lwpipe.artifact import encode_model, size_metrics
+from lwpipe.artifact.encode import encoded_size
 from lwpipe.build import (  # noqa: F401  (the runner's public names before lwpipe/build.py)
     _instantiate,
     build_data,
@@ -123,9 +124,14 @@ class Run:
         rec = {"step": step, "stage": stage, "event": event, **quality, "reference": "uncompressed"}
         rec.update({**measure(model), "seconds": seconds, **extra, "cached": False})
         if event != "epoch":  # the real size: this step's model encoded as model.lwp
-            self.encoded = (step, encode_model(model, rebuild_config(model, self.top.model)))
+            config = rebuild_config(model, self.top.model)
+            if step == 0 and self.steps:  # the input's file is never written: its size alone, no bytes held
+                size = encoded_size(model, config)
+            else:
+                self.encoded = (step, encode_model(model, config))
+                size = len(self.encoded[1])
             # against the input model's fp32 bytes: structured pruning and factorize shrink dense_bytes itself
-            rec.update(size_metrics(len(self.encoded[1]), (first or rec)["dense_bytes"]))
+            rec.update(size_metrics(size, (first or rec)["dense_bytes"]))
             rec.update(speed.speed_record(model, self.ctx, self.top.measure, first))
         rec["eval_seconds"] = time.perf_counter() - t
         return rec
@@ -226,8 +232,9 @@ class Run:
             blob = self.artifact(model)
             save_tokenizer(self.ctx.data, self.run_dir)
             checkpoint.atomic_write(self.run_dir / "model.lwp", lambda tmp: Path(tmp).write_bytes(blob))
-            verify_artifact(self.run_dir / "model.lwp", model)
             final.update(size_metrics(len(blob), self.records[0]["dense_bytes"]))
+            self.encoded, blob = (None, b""), None  # the file holds it now: the check streams it from there
+            verify_artifact(self.run_dir / "model.lwp", model)
         summary = {
             "recipe": self.top.name,
             "seed": self.top.seed,
