@@ -61,6 +61,7 @@ from lwpipe.cache import StageCache
 from lwpipe.config import Recipe
 from lwpipe.constraints import clone
 from lwpipe.context import Context, stage_seed
+from lwpipe.input_copy import InputCopy
 from lwpipe.loggers import build_loggers, progress_hook
 from lwpipe.metrics import evaluate, measure
 from lwpipe.stages import order
@@ -99,9 +100,9 @@ class Run:
         self.cache = StageCache(c.dir, c.enabled, c.max_bytes, c.wait_seconds)  # checks it is writable
         provenance.write_run_files(run_dir, recipe)
         self.key = cache.initial_key(self.top, ctx.data.identity)
-        # cached states load into copies of the input; kept through the run: a job beside this one may store
-        # a later stage meanwhile (cache=false saves the copy)
-        self.initial = clone(model) if self.cache.enabled else None
+        # cached states load into copies of the input; kept through the run (on disk: the input's tensors in a
+        # file, the model's structure on the meta device): a job beside this one may store a later stage meanwhile
+        self.initial = InputCopy(model, run_dir / ".input.safetensors") if self.cache.enabled else None
         self.loggers = build_loggers(self.top.logger, run_dir)
         self.records: list[dict] = []
         self.current: list[dict] = []  # the records of the stage now running
@@ -173,7 +174,7 @@ class Run:
             self.key, step, s.name, s.type, s.config.model_dump(mode="json"), cache.stage_source(s.cls)
         )
         self.current = []
-        restored = clone(self.initial) if self.initial is not None else None  # another job may have stored it
+        restored = self.initial.restore() if self.initial is not None else None  # another job may have stored it
         replay = self.cache.claim(self.key, restored) if restored is not None and s.cls.replayable(s.config) else None
         if replay is not None and not self.cache.restore_outputs(self.key, s.cls.writes, self.run_dir):
             replay = None  # the files it wrote into the run directory are lost: computed again
@@ -253,6 +254,8 @@ class Run:
 
     def close(self) -> None:
         self.cache.release()  # a stage that failed: jobs waiting for it compute it themselves
+        if self.initial is not None:
+            self.initial.close()
         for lg in self.loggers:
             lg.close()
 
