@@ -206,6 +206,7 @@ def _columns(w, hinv, q, keep, i1: int, i2: int, grid) -> tuple[torch.Tensor, fl
     scale, zero_point, qmin, qmax, col_group, group, regrid = grid
     w1t, hinv1 = w[:, i1:i2].t().contiguous(), hinv[i1:i2, i1:i2]
     keep_t, err1t = keep[:, i1:i2].t(), torch.zeros_like(w1t)
+    every = bool(keep_t.all())  # nothing masked: no select per column
     levels = torch.empty_like(w1t)
     groups = col_group[i1:i2].tolist()
     loss = torch.zeros((), dtype=torch.float64)
@@ -220,10 +221,11 @@ def _columns(w, hinv, q, keep, i1: int, i2: int, grid) -> tuple[torch.Tensor, fl
         if scale_t is None or g != current:
             current, scale_t, zero_t = g, scale[:, g].contiguous(), zero_point[:, g].contiguous()
         col, d = w1t[i], hinv1[i, i]
-        level = torch.clamp(torch.round(col / scale_t) + zero_t, qmin, qmax)
-        level = torch.where(keep_t[i], level, zero_t)
+        level = torch.div(col, scale_t).round_().add_(zero_t).clamp_(qmin, qmax)
+        if not every:
+            level = torch.where(keep_t[i], level, zero_t)
         levels[i] = level
-        e = (col - (level - zero_t) * scale_t) / d
+        e = torch.sub(col, level.sub_(zero_t).mul_(scale_t)).div_(d)
         loss += torch.dot(e, e).double()
         if i + 1 < len(groups):
             w1t[i + 1 :].addr_(hinv1[i, i + 1 :], e, alpha=-1)

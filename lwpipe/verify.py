@@ -108,16 +108,12 @@ def decoded(header: dict, body, built: dict, source: str) -> Iterator[tuple[str,
     """(name, the value the loaded model computes with) for each stored tensor in file order, one at a time;
     ArtifactError as lwpipe.artifact.read gives it when the file cannot be decoded."""
     from lwpipe.artifact import ArtifactError
-    from lwpipe.artifact.coding import StreamReader
     from lwpipe.artifact.layer_read import read_layer, take, take_levels
-    from lwpipe.artifact.limits import check_header
-    from lwpipe.artifact.raw import DTYPES, RawReader
+    from lwpipe.artifact.raw import DTYPES
 
     try:
-        check_header(header, len(body), None)  # every declared count, before anything is allocated
-        raw_len, bits_len, _ = header["sections"]
-        raw = RawReader(body[:raw_len])
-        streams = StreamReader(body[raw_len : raw_len + bits_len], body[raw_len + bits_len :])
+        raw, streams = readers(header, body)
+        raw_len = header["sections"][0]
         for e in header["layers"]:
             layer = read_layer(e, raw, streams)
             fits(built[layer.name], layer.original, layer.name, source)
@@ -139,6 +135,35 @@ def decoded(header: dict, body, built: dict, source: str) -> Iterator[tuple[str,
             raise ValueError("data left over after the last tensor")
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError, OverflowError) as e:
         raise ArtifactError(f"{source} cannot be decoded: {e}") from None
+
+
+def readers(header: dict, body) -> tuple:
+    """(RawReader, StreamReader) of a file's body, its header checked first (every declared count)."""
+    from lwpipe.artifact.coding import StreamReader
+    from lwpipe.artifact.limits import check_header
+    from lwpipe.artifact.raw import RawReader
+
+    check_header(header, len(body), None)
+    raw_len, bits_len, _ = header["sections"]
+    return RawReader(body[:raw_len]), StreamReader(body[raw_len : raw_len + bits_len], body[raw_len + bits_len :])
+
+
+def stored_layers(path: Path) -> Iterator:
+    """The compressed layers of a .lwp file (layer_read.Layer: constraint, weights, cost in bits), read one at a
+    time; the tensors after them are not decoded. ArtifactError when the file cannot be read."""
+    from lwpipe.artifact import ArtifactError
+    from lwpipe.artifact.decode import read_bytes
+    from lwpipe.artifact.format import unpack
+    from lwpipe.artifact.layer_read import read_layer
+
+    data = read_bytes(path)
+    header, body = unpack(data, str(path), view=True)
+    try:
+        raw, streams = readers(header, body)
+        for e in header["layers"]:
+            yield read_layer(e, raw, streams)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError, OverflowError) as e:
+        raise ArtifactError(f"{path} cannot be decoded: {e}") from None
 
 
 def fits(have: torch.Tensor, stored: torch.Tensor, name: str, source: str) -> None:
