@@ -1,6 +1,7 @@
 """gptq_w4 on a 1.1 B-parameter Llama in bf16 through lwpipe's runner: wall time per phase and peak RSS.
 
     python benchmarks/bench_large.py [--samples 16] [--seq-len 256] [--threads 2] [--device cpu] [--keep DIR]
+                                     [--layers N] [--timeout S]
 
 Builds a Llama of TinyLlama-1.1B's shape (LlamaConfig: hidden 2048, 22 layers, 32 heads, 4 key-value
 heads, intermediate 5632, vocabulary 32000) with random weights in bf16, saves it with save_pretrained
@@ -14,7 +15,10 @@ then runs in a child process
 and prints the wall time of each phase (the child's own records: load + baseline evaluation, the
 quantize stage, its evaluation, writing and verifying model.lwp) and the child's peak RSS against the
 targets: peak RSS <= 1.5 x the model's bf16 bytes + 1 GiB, and the whole run within 45 minutes.
-Needs about 12 GB of RAM and, on a 2-core CPU, about 20 minutes.
+`--layers N` keeps the widths and builds N blocks instead of 22 (minutes instead of most of an hour, for
+finding where the time and memory go). While the child runs, its log lines are printed with the seconds since
+it started, its RSS then and the highest RSS sampled (every 0.1 s) since the line before: the memory profile
+phase by phase.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -103,9 +108,52 @@ def run_lwpipe(scratch: Path, model: Path, a) -> tuple[float, int]:
     ]
     print("$", " ".join(cmd[2:]), flush=True)
     t = time.perf_counter()
-    subprocess.run(cmd, cwd=scratch, check=True)
+    child = subprocess.Popen(cmd, cwd=scratch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sampler = RssSampler(child.pid)
+    timer = threading.Timer(a.timeout, child.kill) if a.timeout else None
+    if timer:
+        timer.start()
+    try:
+        for line in child.stdout:  # its log: each line with the RSS since the line before
+            now, high = sampler.take()
+            print(f"[{time.perf_counter() - t:7.1f} s  rss {now / GIB:5.2f}  max {high / GIB:5.2f} GiB] {line}", end="")
+        rc = child.wait()
+    finally:
+        sampler.stop()
+        if timer:
+            timer.cancel()
+        if child.poll() is None:
+            child.kill()
+    if rc:
+        raise SystemExit(f"lwpipe exited with {rc}")
     wall = time.perf_counter() - t
     return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
+
+
+class RssSampler:
+    """The child's RSS every 0.1 s in a thread: `take()` gives (RSS now, highest since the last take)."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.proc, self.high, self.now, self.done = psutil.Process(pid), 0, 0, threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def loop(self) -> None:
+        while not self.done.wait(0.1):
+            try:
+                self.now = self.proc.memory_info().rss
+            except Exception:
+                return
+            self.high = max(self.high, self.now)
+
+    def take(self) -> tuple[int, int]:
+        high, self.high = max(self.high, self.now), self.now
+        return self.now, high
+
+    def stop(self) -> None:
+        self.done.set()
 
 
 def phases(scratch: Path) -> dict[str, float]:
@@ -130,12 +178,16 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"], help="blocks (same widths)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds the lwpipe run may take")
     p.add_argument("--keep", help="a directory to work in (and keep) instead of a temporary one")
     p.add_argument("--smoke", action="store_true", help="a 2-layer model of width 128: checks the script only")
     a = p.parse_args()
     if a.smoke:
         SHAPE.update(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
         SHAPE.update(intermediate_size=256, vocab_size=2000)
+    else:
+        SHAPE.update(num_hidden_layers=a.layers)
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(a.keep or tmp)
         scratch.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,46 @@ def save_state(model: nn.Module, path: Path) -> None:
         meta["lwpipe.aliases"] = json.dumps(aliases)
     if broadcast:
         meta["lwpipe.broadcast"] = json.dumps(broadcast)
-    atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata=meta))
+    atomic_write(Path(path), lambda tmp: write_safetensors(state, Path(tmp), meta))
+
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file written tensor by tensor from the tensors' own memory (safetensors' save_file first
+    copies every tensor into bytes: a second model in memory); any other dtype: save_file."""
+    if any(t.dtype not in SAFETENSORS_DTYPES for t in state.values()):
+        save_file(state, str(path), metadata=metadata)
+        return
+    header, offset = {}, 0
+    for name, t in state.items():
+        size = t.numel() * t.element_size()
+        dtype, shape = SAFETENSORS_DTYPES[t.dtype], list(t.shape)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = metadata
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as save_file writes it
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for t in state.values():
+            flat = t.reshape(-1)
+            if flat.numel():
+                if flat.stride(0) != 1:  # one value broadcast (stride 0): a size-1 tensor may have any stride
+                    flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
+                f.write(flat.view(torch.uint8).numpy().data)
 
 
 def load_state(model: nn.Module, path: Path) -> nn.Module:

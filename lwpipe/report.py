@@ -56,21 +56,24 @@ def layer_rows(lwp: Path) -> list[dict]:
     """Per compressed layer of model.lwp: weights, kept, distinct non-zero values, coded bits per kept weight."""
     import torch
 
-    from lwpipe.artifact.decode import read, read_bytes
+    from lwpipe.metrics import distinct_16bit
+    from lwpipe.verify import stored_layers
 
-    art = read(read_bytes(lwp), str(lwp))
     rows = []
-    for layer in art.layers:
+    for layer in stored_layers(lwp):  # one layer in memory at a time
         with torch.no_grad():
-            w = layer.constraint(layer.original.float())
-        nz = w[w != 0]
+            if layer.original.dtype in (torch.bfloat16, torch.float16):  # as it computes: a histogram of its bits
+                distinct = distinct_16bit(layer.constraint(layer.original))
+            else:
+                w = layer.constraint(layer.original.float())
+                distinct = int(torch.unique(w[w != 0]).numel())
         c, n = layer.cost, max(layer.cost["nnz"], 1)
         rows.append(
             {
                 "layer": layer.name,
                 "weights": c["weights"],
                 "kept": c["nnz"],
-                "distinct": int(torch.unique(nz).numel()),
+                "distinct": distinct,
                 "value_bits": c["values"] / n,
                 "position_bits": c["positions"] / n,
                 "bytes": c["total"] / 8,

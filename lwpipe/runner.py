@@ -45,6 +45,7 @@ from torch import nn
 
 from lwpipe import cache, checkpoint, provenance, speed
 from lwpipe.artifact import encode_model, size_metrics
+from lwpipe.artifact.encode import encoded_size
 from lwpipe.build import (  # noqa: F401  (the runner's public names before lwpipe/build.py)
     _instantiate,
     build_data,
@@ -59,6 +60,7 @@ from lwpipe.cache import StageCache
 from lwpipe.config import Recipe
 from lwpipe.constraints import clone
 from lwpipe.context import Context, stage_seed
+from lwpipe.input_copy import InputCopy
 from lwpipe.loggers import build_loggers, progress_hook
 from lwpipe.metrics import evaluate, measure
 from lwpipe.stages import order
@@ -98,9 +100,9 @@ class Run:
         self.cache = StageCache(c.dir, c.enabled, c.max_bytes, c.wait_seconds)  # checks it is writable
         provenance.write_run_files(run_dir, recipe)
         self.key = cache.initial_key(self.top, ctx.data.identity)
-        # cached states load into copies of the input; kept through the run: a job beside this one may store
-        # a later stage meanwhile (cache=false saves the copy)
-        self.initial = clone(model) if self.cache.enabled else None
+        # cached states load into copies of the input; kept through the run (on disk: the input's tensors in a
+        # file, the model's structure on the meta device): a job beside this one may store a later stage meanwhile
+        self.initial = InputCopy(model, run_dir / ".input.safetensors") if self.cache.enabled else None
         self.built_shapes = layer_shapes(model)  # a structurally pruned model's layers are smaller: model.lwp says so
         self.loggers = build_loggers(self.top.logger, run_dir)
         self.records: list[dict] = []
@@ -124,9 +126,13 @@ class Run:
         rec = {"step": step, "stage": stage, "event": event, **quality, "reference": "uncompressed"}
         rec.update({**measure(model), "seconds": seconds, **extra, "cached": False})
         if event != "epoch":  # the real size: this step's model encoded as model.lwp
-            self.encoded = (step, self.encode(model))
+            if step == 0 and self.steps:  # the input's file is never written: its size alone, no bytes held
+                size = encoded_size(model, self.ctx.model_config, resized(model, self.built_shapes))
+            else:
+                self.encoded = (step, self.encode(model))
+                size = len(self.encoded[1])
             # against the input model's fp32 bytes: structured pruning and factorize shrink dense_bytes itself
-            rec.update(size_metrics(len(self.encoded[1]), (first or rec)["dense_bytes"]))
+            rec.update(size_metrics(size, (first or rec)["dense_bytes"]))
             rec.update(speed.speed_record(model, self.ctx, self.top.measure, first))
         rec["eval_seconds"] = time.perf_counter() - t
         return rec
@@ -168,7 +174,7 @@ class Run:
             self.key, step, s.name, s.type, s.config.model_dump(mode="json"), cache.stage_source(s.cls)
         )
         self.current = []
-        restored = clone(self.initial) if self.initial is not None else None  # another job may have stored it
+        restored = self.initial.restore() if self.initial is not None else None  # another job may have stored it
         replay = self.cache.claim(self.key, restored) if restored is not None and s.cls.replayable(s.config) else None
         if replay is not None and not self.cache.restore_outputs(self.key, s.cls.writes, self.run_dir):
             replay = None  # the files it wrote into the run directory are lost: computed again
@@ -231,8 +237,9 @@ class Run:
             blob = self.artifact(model)
             save_tokenizer(self.ctx.data, self.run_dir)
             checkpoint.atomic_write(self.run_dir / "model.lwp", lambda tmp: Path(tmp).write_bytes(blob))
-            verify_artifact(self.run_dir / "model.lwp", model)
             final.update(size_metrics(len(blob), self.records[0]["dense_bytes"]))
+            self.encoded, blob = (None, b""), None  # the file holds it now: the check streams it from there
+            verify_artifact(self.run_dir / "model.lwp", model)
         summary = {
             "recipe": self.top.name,
             "seed": self.top.seed,
@@ -251,6 +258,8 @@ class Run:
 
     def close(self) -> None:
         self.cache.release()  # a stage that failed: jobs waiting for it compute it themselves
+        if self.initial is not None:
+            self.initial.close()
         for lg in self.loggers:
             lg.close()
 

@@ -68,3 +68,16 @@ def test_a_run_records_a_model_in_each_dtype(dtype, tmp_path):
     )
     assert [r["event"] for r in records] == ["baseline", "stage_end"]
     assert 1 < final["max_unique_weights"] <= 2**4 and final["compressed_bytes"] > 0
+
+
+def test_distinct_values_of_16_bit_weights_match_a_sort_of_their_float32_values():
+    import numpy as np
+
+    from lwpipe.metrics import distinct_16bit
+
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        w = (torch.randn(300, 70) * 3).to(dtype)
+        w[0, :6] = torch.tensor([0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf")]).to(dtype)
+        f = w.float()
+        assert distinct_16bit(w) == np.unique(f[f != 0].numpy()).size

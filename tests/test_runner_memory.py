@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from lwpipe import runner
 from lwpipe.config import validate
@@ -64,15 +65,53 @@ def test_one_shot_run_without_cache_copies_no_model(monkeypatch, tmp_path):
     lean, _ = run_recipe(ONE_SHOT, tmp_path / "lean")
     assert calls == []
     cached = ONE_SHOT + ["cache.enabled=true", f"cache.dir={tmp_path / 'cache'}"]
+    restores = count_restores(monkeypatch)
     first, _ = run_recipe(cached, tmp_path / "first")
-    assert len(calls) == 1 + 3  # the input's copy, and one per stage looked up (a job beside it may store any)
+    assert calls == []  # the input is kept on disk, not copied in memory
+    assert len(restores) == 3  # one per stage looked up (a job beside it may store any), read from that file
     assert {k: first[k] for k in ("accuracy", "compressed_bytes")} == {
         k: lean[k] for k in ("accuracy", "compressed_bytes")
     }
-    calls.clear()
+    restores.clear()
     again, _ = run_recipe(cached, tmp_path / "second")
-    assert len(calls) == 1 + 3  # every stage from the cache, each restored into a copy of the input
+    assert calls == [] and len(restores) == 3  # every stage from the cache, each restored into a fresh input
     assert again["compressed_bytes"] == lean["compressed_bytes"]
+    assert not list((tmp_path / "second").glob(".input*"))  # the input's file goes with the run
+
+
+def count_restores(monkeypatch) -> list:
+    from lwpipe.input_copy import InputCopy
+
+    calls, real = [], InputCopy.restore
+
+    def counting(self):
+        calls.append(1)
+        return real(self)
+
+    monkeypatch.setattr(InputCopy, "restore", counting)
+    return calls
+
+
+def test_the_input_kept_on_disk_restores_equal_with_ties_and_buffers(tmp_path):
+    from lwpipe.input_copy import InputCopy
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10), nn.BatchNorm1d(10))
+    m[1].weight = nn.Parameter(torch.randn(10, 4))
+    m[0].weight = m[1].weight  # tied
+    m.register_buffer("scratch", torch.arange(3.0), persistent=False)
+    kept = InputCopy(m, tmp_path / "in.safetensors")
+    assert all(t.is_meta for t in kept.skeleton.parameters())
+    fresh = kept.restore()
+    assert fresh[0].weight is fresh[1].weight
+    want = dict(m.named_buffers()) | dict(m.named_parameters())
+    got = dict(fresh.named_buffers()) | dict(fresh.named_parameters())
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    with torch.no_grad():
+        fresh[1].weight.add_(1.0)  # a copy: the input is untouched
+    assert not torch.equal(fresh[1].weight, m[1].weight)
+    kept.close()
+    assert not (tmp_path / "in.safetensors").exists()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

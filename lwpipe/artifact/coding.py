@@ -123,7 +123,10 @@ class StreamWriter:
         self._queue: list[tuple[np.ndarray, Categorical, dict]] = []
         self.stats: list[dict] = []
 
-    def symbols(self, symbols: np.ndarray, label: str = "") -> None:
+    def symbols(self, symbols: np.ndarray, label: str = "", again=None) -> None:
+        """Queue a stream; `again()`, when given, gives the very same symbols once more at finish(), so the
+        queue holds that callable instead of the symbols (an encoding then holds no copy of a large model's
+        levels: it computes them twice)."""
         symbols = np.asarray(symbols)
         if symbols.dtype.kind not in "iu":
             symbols = symbols.astype(np.int64)
@@ -159,20 +162,29 @@ class StreamWriter:
         if live.sum() > 1:
             # queued at the narrowest width (a 124 M-weight model queues ~10^8 symbols); int32 at finish()
             narrow = np.uint8 if live.sum() <= 256 else np.uint16 if live.sum() <= 1 << 16 else np.int32
-            ranks = symbols.astype(narrow) if live.all() else (np.cumsum(live) - 1).astype(narrow)[symbols]
+
+            def ranked(x: np.ndarray) -> np.ndarray:
+                return x.astype(narrow) if live.all() else (np.cumsum(live) - 1).astype(narrow)[x]
+
             model = Categorical(f[live] / float(1 << precision), perfect=False)
-            self._queue.append((ranks, model, stat))
+            queued = ranked(symbols) if again is None else (lambda: ranked(np.asarray(again())))
+            self._queue.append((queued, model, stat))
 
     def finish(self) -> tuple[bytes, bytes]:
         """(bit section, ANS words as little-endian uint32)."""
+        bits, words = self.finish_words()
+        return bits, words.tobytes()
+
+    def finish_words(self) -> tuple[bytes, np.ndarray]:
+        """finish() with the ANS words as a little-endian uint32 array (not copied into bytes)."""
         coder = AnsCoder()
         for ranks, model, stat in reversed(self._queue):  # a stack: encode backwards, decode forwards
+            ranks = ranks() if callable(ranks) else ranks
             before = coder.num_valid_bits()
             coder.encode_reverse(ranks.astype(np.int32), model)
             stat["coded_bits"] = coder.num_valid_bits() - before
         self._queue.clear()
-        words = coder.get_compressed().astype("<u4").tobytes()
-        return self.bits.getvalue(), words
+        return self.bits.getvalue(), np.asarray(coder.get_compressed(), dtype="<u4")
 
 
 class StreamReader:

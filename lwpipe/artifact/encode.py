@@ -19,13 +19,16 @@ section, tables and packed levels to the bit section, symbols to one ANS coder.
 
 from __future__ import annotations
 
+import json
+import zlib
+
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from lwpipe.artifact.coding import StreamWriter, estimate_bits
-from lwpipe.artifact.format import FIRST_VERSION, VERSION, pack
+from lwpipe.artifact.format import FIRST_VERSION, MAGIC, VERSION, _deflate, _leb128
 from lwpipe.artifact.positions import choose_escape
 from lwpipe.artifact.raw import FLOAT_FIELDS, dtype_name, lossless_dtype, split_float, tensor_bytes
 from lwpipe.constraints import (
@@ -43,18 +46,35 @@ from lwpipe.errors import LwpipeError
 from lwpipe.schema import FormError, WeightForm
 
 
-def encode_model(model: nn.Module, model_config: dict | None, resized: bool = False) -> bytes:
+def encode_model(model: nn.Module, model_config: dict | None, resized: bool = False) -> bytearray:
     """The `.lwp` bytes of `model`; `model_config` (the recipe's `model`, `checkpoint` dropped) rebuilds it;
     `resized`: structured pruning shrank its layers (lwpipe/structured.resized), so a loader may shrink the
     model `model_config` builds to the stored shapes."""
     return encode(model, model_config, resized)[0]
 
 
+def encoded_size(model: nn.Module, model_config: dict | None, resized: bool = False) -> int:
+    """len(encode_model(model, model_config, resized)), without holding the file: its raw section is only counted."""
+    header, (raw, bits, words), version, _ = encode_parts(model, model_config, RawCount(), resized)
+    return frame(header, raw.n + len(bits) + words.nbytes, version)[1]
+
+
 @torch.no_grad()
-def encode(model: nn.Module, model_config: dict | None, resized: bool = False) -> tuple[bytes, list[dict]]:
+def encode(model: nn.Module, model_config: dict | None, resized: bool = False) -> tuple[bytearray, list[dict]]:
     """(file bytes, per-stream statistics: symbols, table bits, coded bits, entropy bits)."""
+    header, sections, version, stats = encode_parts(model, model_config, bytearray(), resized)
+    return assemble(header, sections, version), stats
+
+
+@torch.no_grad()
+def encode_parts(
+    model: nn.Module, model_config: dict | None, raw, resized: bool = False
+) -> tuple[dict, tuple, int, list[dict]]:
+    """(header, (raw, bit section, ANS words), format version, stream statistics). Layer by layer: each
+    layer's symbols are computed when it is written and again when the one ANS coder takes them (a stack,
+    so in reverse), and are never queued whole; `raw` is a bytearray or a RawCount."""
     config = None if model_config is None else {k: v for k, v in dict(model_config).items() if k != "checkpoint"}
-    streams, raw = StreamWriter(), bytearray()
+    streams = StreamWriter()
     layers, half, grids = [], set(), {}
     for name, m in compressible_layers(model):
         prefix = f"{name}." if name else ""
@@ -68,24 +88,62 @@ def encode(model: nn.Module, model_config: dict | None, resized: bool = False) -
     buffers = buffer_names(model)
     tensors = []
     for name, t in other_tensors(model, {e["name"] for e in layers} | set(aliases)):
-        t = t.cpu()
-        how = put_levels(t, grids[name], streams, raw, name) if name in grids else put(t, streams, raw, name)
+        lazy, t = t.device.type == "cpu", t.cpu()  # the model's own tensor: its symbols computed twice
+        how = put_levels(t, grids[name], streams, raw, name) if name in grids else put(t, streams, raw, name, lazy)
         flags = ["half"] * (name in half) + ["buffer"] * (name in buffers)
         tensors.append([name, how, list(t.shape), dtype_name(t.dtype)] + flags)
-    bits, words = streams.finish()
+    bits, words = streams.finish_words()
     header = {
         "model": config,
         "dense_bytes": 4 * parameter_count(model),
         "layers": layers,
         "tensors": tensors,
-        "sections": [len(raw), len(bits), len(words)],
+        "sections": [len(raw), len(bits), words.nbytes],
     }
     if aliases:
         header["tied"] = aliases
     if resized:  # structurally pruned: layers smaller than the config builds
         header["resized"] = True
     grouped = any((e.get("quant") or {}).get("group") is not None for e in layers)
-    return pack(header, bytes(raw) + bits + words, VERSION if grouped else FIRST_VERSION), streams.stats
+    return header, (raw, bits, words), VERSION if grouped else FIRST_VERSION, streams.stats
+
+
+class RawCount:
+    """A raw section that only counts its bytes (encoded_size)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __iadd__(self, data) -> RawCount:
+        self.n += len(data)
+        return self
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def frame(header: dict, body_len: int, version: int) -> tuple[bytes, int]:
+    """(the bytes before the body, the file's whole length), as format.pack lays them out."""
+    head = _deflate(json.dumps(header, separators=(",", ":")).encode())
+    rest = _leb128(len(head)) + head
+    prefix = MAGIC + bytes([version])
+    size = len(prefix) + len(rest) + body_len + 4
+    while len(prefix) + len(_leb128(size)) + len(rest) + body_len + 4 != size:  # the length counts its own bytes
+        size = len(prefix) + len(_leb128(size)) + len(rest) + body_len + 4
+    return prefix + _leb128(size) + rest, size
+
+
+def assemble(header: dict, sections: tuple, version: int) -> bytearray:
+    """format.pack(header, raw + bits + words, version), written once into one buffer (no copies of the body)."""
+    raw, bits, words = sections
+    start, size = frame(header, len(raw) + len(bits) + words.nbytes, version)
+    out = bytearray(size)
+    pos = 0
+    for part in (start, raw, bits, memoryview(words).cast("B")):
+        out[pos : pos + len(part)] = part
+        pos += len(part)
+    out[pos:] = zlib.crc32(memoryview(out)[:pos]).to_bytes(4, "little")
+    return out
 
 
 def buffer_names(model: nn.Module) -> set[str]:
@@ -114,19 +172,31 @@ def other_tensors(model: nn.Module, skip: set[str]) -> list[tuple[str, torch.Ten
     return out
 
 
-def put(t: torch.Tensor, streams: StreamWriter, raw: bytearray, label: str = "") -> list:
-    """Store t exactly; returns how: [stored dtype] for raw bytes, [stored dtype, lowest exponent] for split floats."""
+def put(t: torch.Tensor, streams: StreamWriter, raw: bytearray, label: str = "", lazy: bool = False) -> list:
+    """Store t exactly; returns how: [stored dtype] for raw bytes, [stored dtype, lowest exponent] for split floats.
+    `lazy`: t is the model's own tensor, kept alive by it: its symbols are computed again when coded, not queued."""
     t = t.detach().cpu()
     stored = lossless_dtype(t)
+    lazy = lazy and stored == t.dtype  # a narrowed copy would be held instead
     t = t.to(stored)
     if stored in FLOAT_FIELDS and t.numel():
         symbols, low, mantissa = split_float(t)
         if estimate_bits(symbols) + 8 * len(mantissa) + 24 < 8 * t.numel() * t.element_size():
-            streams.symbols(symbols, f"{label} sign+exponent")
+            again = (lambda: sign_exponent(t, low)) if lazy else None
+            streams.symbols(symbols, f"{label} sign+exponent", again)
+            del symbols
             raw += mantissa
             return [dtype_name(stored), low]
     raw += tensor_bytes(t)
     return [dtype_name(stored)]
+
+
+def sign_exponent(t: torch.Tensor, low: int) -> np.ndarray:
+    """split_float(t)'s symbols alone: 2 x (exponent - low) + sign, in the narrowest integer type."""
+    e_bits, m_bits, as_int = FLOAT_FIELDS[t.dtype]
+    u = t.contiguous().reshape(-1).view(as_int).numpy().view(f"u{t.element_size()}")
+    exponent = (u >> m_bits) & ((1 << e_bits) - 1)
+    return (2 * (exponent.astype(np.int32) - low) + (u >> (e_bits + m_bits)).astype(np.int32)).astype(np.uint16)
 
 
 def put_levels(t: torch.Tensor, scale: torch.Tensor, streams: StreamWriter, raw: bytearray, label: str = "") -> list:
@@ -158,11 +228,12 @@ def encode_layer(name: str, module: nn.Module, c: Compressed, streams: StreamWri
     weight = original_weight(module).detach()
     form = layer_form(name, module, c)
     entry = {"name": form.name, "shape": list(form.shape), "dtype": form.dtype}
+    lazy = weight.device.type == "cpu"  # symbols computed again from the model when coded, not queued
     keep = None
     if form.mask:
         keep = np.flatnonzero(c.mask.reshape(-1).cpu().numpy())  # ~4x torch.nonzero on CPU
         escape, symbols = choose_escape(keep)
-        streams.symbols(symbols, f"{name} positions")
+        streams.symbols(symbols, f"{name} positions", (lambda: choose_escape(kept_positions(c))[1]) if lazy else None)
         entry["mask"] = {"nnz": len(keep), "gaps": len(symbols), "escape": escape}
         del symbols
 
@@ -173,7 +244,8 @@ def encode_layer(name: str, module: nn.Module, c: Compressed, streams: StreamWri
     if form.grid is not None:
         entry["quant"] = encode_grid(c, form, streams, raw)
     if form.codebook:
-        streams.symbols(kept(c.index), f"{name} codebook index")
+        again = (lambda: kept_values(c, c.index)) if lazy else None
+        streams.symbols(kept(c.index), f"{name} codebook index", again)
         entry["shared"] = {"k": form.codebook}
         levels = grid_levels(c, c.centroids, name) if form.codebook_levels else None
         if levels is not None:  # the codebook at its quantized precision
@@ -185,11 +257,23 @@ def encode_layer(name: str, module: nn.Module, c: Compressed, streams: StreamWri
         return entry
     levels = grid_levels(c, weight, name) if c.quantized else None
     if levels is not None:
-        streams.symbols(kept(levels) - c.qmin, f"{name} levels")
+        again = (lambda: kept_values(c, grid_levels(c, weight, name)) - c.qmin) if lazy else None
+        streams.symbols(kept(levels) - c.qmin, f"{name} levels", again)
+        del levels
     else:  # no grid, or one whose levels are not integers (a fractional zero point): the values themselves
         flat = weight.reshape(-1).cpu()  # in torch: numpy has no bf16
         entry["values"] = put(flat if keep is None else flat[torch.from_numpy(keep)], streams, raw, f"{name} values")
     return entry
+
+
+def kept_positions(c: Compressed) -> np.ndarray:
+    return np.flatnonzero(c.mask.reshape(-1).cpu().numpy())
+
+
+def kept_values(c: Compressed, t: torch.Tensor) -> np.ndarray:
+    """t's entries at the positions the layer keeps (encode_layer's `kept`, computed afresh)."""
+    flat = t.detach().reshape(-1).cpu().numpy()
+    return flat if c.mask is None else flat[kept_positions(c)]
 
 
 def grid_levels(c: Compressed, x: torch.Tensor, name: str) -> torch.Tensor | None:

@@ -87,7 +87,10 @@ def join_float(symbols: np.ndarray, low: int, mantissa: bytes, dtype: torch.dtyp
     e_bits, m_bits, as_int = FLOAT_FIELDS[dtype]
     n = len(symbols)
     packed, shifts = np.frombuffer(mantissa, dtype=np.uint8), np.arange(m_bits - 1, -1, -1, dtype=np.uint64)
-    u = np.empty(n, dtype=np.uint64)
+    unsigned = _UNSIGNED[as_int]  # the float's own width: a 65 M-value bf16 table is 130 MB here, not 520
+    if n and int(symbols.max()) // 2 + low >= 1 << e_bits:
+        raise ValueError("float exponent out of range")
+    u = np.empty(n, dtype=unsigned)
     for i in range(0, n, CHUNK):  # CHUNK values are CHUNK * m_bits / 8 whole bytes
         m = min(CHUNK, n - i)
         part = packed[i * m_bits // 8 : (i * m_bits + m * m_bits + 7) // 8]
@@ -95,11 +98,12 @@ def join_float(symbols: np.ndarray, low: int, mantissa: bytes, dtype: torch.dtyp
         if len(bits) < m:
             raise ValueError("float mantissa shorter than its count")
         u[i : i + m] = (bits.astype(np.uint64) << shifts).sum(1, dtype=np.uint64)
-    exponent = symbols.astype(np.uint64) // np.uint64(2) + np.uint64(low)
-    if n and int(exponent.max()) >= 1 << e_bits:
-        raise ValueError("float exponent out of range")
-    u |= (exponent << np.uint64(m_bits)) | ((symbols.astype(np.uint64) & np.uint64(1)) << np.uint64(e_bits + m_bits))
-    return torch.from_numpy(u.astype(_UNSIGNED[as_int]).view(np.dtype(str(as_int).removeprefix("torch.")))).view(dtype)
+    exponent = (symbols // 2).astype(unsigned)
+    exponent += unsigned(low)
+    u |= exponent << unsigned(m_bits)
+    del exponent
+    u |= (symbols & 1).astype(unsigned) << unsigned(e_bits + m_bits)
+    return torch.from_numpy(u.view(np.dtype(str(as_int).removeprefix("torch.")))).view(dtype)
 
 
 def mantissa_bytes(n: int, dtype: torch.dtype) -> int:

@@ -9,7 +9,9 @@ transformers package itself maps that config to: no import named by the file, no
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 from pathlib import Path
 
 import torch
@@ -168,9 +170,44 @@ def own_memory(model: nn.Module) -> nn.Module:
     """Fresh, aligned copies of tensors read from a memory-mapped file: with their odd offsets a layer's
     matmul took another SIMD path, so the same weights in model.lwp's rebuild gave outputs differing
     in the last bit. Tied parameters stay tied (one Parameter object)."""
+    mapped = mapped_ranges(".safetensors")
     for t in [*model.parameters(), *model.buffers()]:
-        t.data = t.data.clone()
+        old, t.data = t.data, t.data.clone()
+        drop_mapped_pages(old, mapped)  # else the file's pages stay in RSS beside the copies: 2x the model
     return model
+
+
+def mapped_ranges(suffix: str) -> list[tuple[int, int]]:
+    """(start, end) of this process's memory mappings of files ending in `suffix` (Linux; else none)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].endswith(suffix):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append((start, end))
+    return out
+
+
+def drop_mapped_pages(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
+    """Tell the kernel this process no longer needs the whole pages of a file mapping that `t` was read from
+    (madvise DONTNEED: they leave its RSS and stay in the page cache; only pages inside a mapping of the
+    checkpoint file itself, so no other data shares them)."""
+    if t.device.type != "cpu" or not mapped or not t.numel():
+        return
+    page = mmap.PAGESIZE
+    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    start, end = -(-lo // page) * page, hi // page * page
+    if end <= start or not any(a <= start and end <= b for a, b in mapped):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+    except (OSError, AttributeError):
+        pass
 
 
 def rebuild_description(model: nn.Module, auto: str) -> dict:
