@@ -15,9 +15,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from lwpipe import registry
 from lwpipe.errors import ConfigError, LwpipeError
 from lwpipe.settings import CalibrationSettings, Strict, TrainSettings  # noqa: F401  (re-exported)
+from lwpipe.stages import registry
 from lwpipe.tasks import TASK_METRICS
 
 

@@ -16,11 +16,7 @@ MAX_FUNCTION_LINES = 60
 
 EXEMPT_FILES: set[str] = set()
 EXEMPT_FUNCTIONS: set[str] = set()
-EXEMPT_IMPORTS = {
-    # (importer, imported) left out of the cycle check: the decorator registry imports the built-in stages on
-    # first lookup (registry.load_plugins), and each stage imports `register` from it
-    ("lwpipe.registry", "lwpipe.stages"),
-}
+EXEMPT_IMPORTS: set[tuple[str, str]] = set()
 
 
 def sources() -> dict[str, Path]:

@@ -34,10 +34,10 @@ from lwpipe import checkpoint
 from lwpipe.constraints import clone
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
-from lwpipe.registry import register
 from lwpipe.settings import Strict, TrainSettings
 from lwpipe.stages import order
 from lwpipe.stages.base import Stage
+from lwpipe.stages.registry import register
 from lwpipe.tasks.classification import Classification, kd_loss  # noqa: F401  (kd_loss: the public name)
 from lwpipe.training import Hooks, finetune
 

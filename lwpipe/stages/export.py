@@ -28,10 +28,10 @@ from torch import nn
 from lwpipe import deploy, export, speed
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError, LwpipeError
-from lwpipe.registry import register
 from lwpipe.settings import Strict
 from lwpipe.stages import order
 from lwpipe.stages.base import Stage
+from lwpipe.stages.registry import register
 from lwpipe.tasks import head, model_device, model_inputs, to_device
 
 log = logging.getLogger("lwpipe")

@@ -23,10 +23,10 @@ from lwpipe.constraints import constraint
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError
 from lwpipe.lowrank import dims, factorable, factorize_linear, rank_for, replace_module, saves
-from lwpipe.registry import register
 from lwpipe.settings import Strict, TrainSettings
 from lwpipe.stages import order
 from lwpipe.stages.base import Stage
+from lwpipe.stages.registry import register
 from lwpipe.training import finetune
 
 log = logging.getLogger("lwpipe")

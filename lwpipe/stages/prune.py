@@ -55,11 +55,11 @@ from lwpipe.masks import (  # noqa: F401  (re-exported: the stage's math, by its
     row_mask,
     threshold_mask,
 )
-from lwpipe.registry import register
 from lwpipe.scoring import gradient_scores, magnitude_scores, taylor_scores, wanda_scores
 from lwpipe.settings import CalibrationSettings, LayerPrune, Strict, TrainSettings
 from lwpipe.stages.base import Stage
 from lwpipe.stages.prune_checks import check_not_emptied, check_sparsegpt, check_threshold
+from lwpipe.stages.registry import register
 from lwpipe.training import finetune
 
 log = logging.getLogger("lwpipe")

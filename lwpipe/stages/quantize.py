@@ -84,7 +84,6 @@ from lwpipe.grid import (  # noqa: F401  (re-exported: the stage's math, by its 
     std_grid,
 )
 from lwpipe.metrics import evaluate
-from lwpipe.registry import register
 from lwpipe.settings import CalibrationSettings, LayerQuant, Strict, TrainSettings
 from lwpipe.stages.base import Stage
 from lwpipe.stages.quantize_checks import (
@@ -95,6 +94,7 @@ from lwpipe.stages.quantize_checks import (
     check_gptq,
     check_group,
 )
+from lwpipe.stages.registry import register
 from lwpipe.training import finetune
 
 log = logging.getLogger("lwpipe")

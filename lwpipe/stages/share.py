@@ -30,9 +30,9 @@ from lwpipe.constraints import (
 from lwpipe.context import Context
 from lwpipe.errors import LwpipeError
 from lwpipe.kmeans import kmeans_1d
-from lwpipe.registry import register
 from lwpipe.settings import LayerShare, Strict, TrainSettings
 from lwpipe.stages.base import Stage
+from lwpipe.stages.registry import register
 from lwpipe.training import finetune
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pydantic import Field
 
 from lwpipe.context import Context
-from lwpipe.registry import register
 from lwpipe.settings import TrainSettings
 from lwpipe.stages.base import Stage
+from lwpipe.stages.registry import register
 from lwpipe.training import finetune
 
 

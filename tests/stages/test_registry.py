@@ -3,8 +3,8 @@ import textwrap
 
 import pytest
 
-from lwpipe import registry
 from lwpipe.errors import LwpipeError
+from lwpipe.stages import registry
 from tests.helpers import TINY, run_recipe
 
 PLUGIN = '''
@@ -81,3 +81,12 @@ def test_broken_plugin_says_so(tmp_path, monkeypatch):
 def test_register_requires_config():
     with pytest.raises(TypeError, match="needs a pydantic Config"):
         registry.register("nocfg")(type("NoCfg", (), {}))
+
+
+def test_the_older_name_is_the_same_registry():
+    """Plugins written against `lwpipe.registry` register where lwpipe looks stages up."""
+    import lwpipe.registry
+    import lwpipe.stages.registry
+
+    assert lwpipe.registry is lwpipe.stages.registry
+    assert lwpipe.registry.register is registry.register and lwpipe.registry.STAGES is registry.STAGES
