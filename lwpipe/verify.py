@@ -57,12 +57,9 @@ def streamed_mismatch(path: Path, model: nn.Module) -> str | None:
     modules = dict(model.named_modules())
     for name, value in decoded(header, body, built, source):
         for alias in [name] + [a for a, n in tied.items() if n == name]:
-            owner, _, attr = alias.rpartition(".")
-            want = getattr(modules.get(owner), attr, None)
-            if not isinstance(want, torch.Tensor):
-                return f"{alias}: the model has no such tensor"
-            if not same_values(want.detach().cpu(), value):
-                return f"{alias} differs"
+            wrong = tensor_mismatch(modules, alias, value)
+            if wrong:
+                return wrong
     return None
 
 
@@ -70,7 +67,7 @@ def meta_model(header: dict, source: str) -> nn.Module | None:
     """The file's model built on the meta device at the stored shapes and dtype (as lwpipe.load builds it),
     checked to hold exactly the tensors the file stores; None when it cannot be built there."""
     from lwpipe.artifact import ArtifactError
-    from lwpipe.artifact.decode import _construct, stored_shapes
+    from lwpipe.artifact.decode import _construct, check_tensors, stored_shapes
     from lwpipe.artifact.raw import DTYPES
     from lwpipe.lowrank import restore_factorized
     from lwpipe.structured import resize_to
@@ -94,14 +91,7 @@ def meta_model(header: dict, source: str) -> nn.Module | None:
         for p in model.parameters():
             p.data = p.data.to(dtype)
     stored = [e["name"] for e in header["layers"]] + [t[0] for t in header["tensors"]] + list(header.get("tied") or {})
-    have = set(effective_tensors(model))
-    missing, unexpected = sorted(have - set(stored)), sorted(set(stored) - have)
-    if missing or unexpected:
-        raise ArtifactError(
-            f"{source} does not fit the model {type(model).__name__}: "
-            f"tensors the model has but the file lacks {missing[:5]}, "
-            f"tensors in the file the model lacks {unexpected[:5]}"
-        )
+    check_tensors(model, stored, source)
     return model
 
 
@@ -179,12 +169,20 @@ def artifact_mismatch(loaded: nn.Module, model: nn.Module) -> str | None:
     """The first tensor of `loaded` that `model` (constraints applied) does not compute bit for bit; None."""
     modules = dict(model.named_modules())
     for name, got in effective_tensors(loaded).items():
-        owner, _, attr = name.rpartition(".")
-        want = getattr(modules.get(owner), attr, None)
-        if not isinstance(want, torch.Tensor):
-            return f"{name}: the model has no such tensor"
-        if not same_values(want.detach().cpu(), got):
-            return f"{name} differs"
+        wrong = tensor_mismatch(modules, name, got)
+        if wrong:
+            return wrong
+    return None
+
+
+def tensor_mismatch(modules: dict, name: str, value: torch.Tensor) -> str | None:
+    """Why the model's tensor `name` (its constraint applied) is not `value` bit for bit; None when it is."""
+    owner, _, attr = name.rpartition(".")
+    want = getattr(modules.get(owner), attr, None)
+    if not isinstance(want, torch.Tensor):
+        return f"{name}: the model has no such tensor"
+    if not same_values(want.detach().cpu(), value):
+        return f"{name} differs"
     return None
 
 

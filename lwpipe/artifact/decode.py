@@ -237,13 +237,8 @@ def check_fit(model: nn.Module, header: dict, source: str) -> None:
             raise ArtifactError(f"{source}: {name} is {list(shape)} in the file but {have[name]} in the model")
 
 
-@torch.no_grad()
-def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False, source: str = "artifact") -> nn.Module:
-    """The constrained model: each stored layer carries its Compressed constraint (see bake_in_place)."""
-    model = module if module is not None else build_model(art.header, trusted, source)
-    _shape_as_stored(model, art, own_dtype=module is None)
-    tied = art.header.get("tied") or {}
-    stored = [layer.name for layer in art.layers] + list(art.tensors) + list(tied)
+def check_tensors(model: nn.Module, stored: list[str], source: str) -> None:
+    """ArtifactError unless the file stores exactly the tensors the model has."""
     have = set(effective_tensors(model))
     missing, unexpected = sorted(have - set(stored)), sorted(set(stored) - have)
     if missing or unexpected:
@@ -252,6 +247,16 @@ def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False,
             f"tensors the model has but the file lacks {missing[:5]}, "
             f"tensors in the file the model lacks {unexpected[:5]}"
         )
+
+
+@torch.no_grad()
+def build(art: Artifact, module: nn.Module | None = None, trusted: bool = False, source: str = "artifact") -> nn.Module:
+    """The constrained model: each stored layer carries its Compressed constraint (see bake_in_place)."""
+    model = module if module is not None else build_model(art.header, trusted, source)
+    _shape_as_stored(model, art, own_dtype=module is None)
+    tied = art.header.get("tied") or {}
+    stored = [layer.name for layer in art.layers] + list(art.tensors) + list(tied)
+    check_tensors(model, stored, source)
     modules = dict(model.named_modules())
     _tie(modules, tied, stored, source)
     for layer in art.layers:
