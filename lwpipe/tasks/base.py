@@ -68,34 +68,14 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-CACHE_BYTES = 1 << 29  # constrained weights up to 512 MiB are computed once per evaluation, not per batch
-
-
-def constrained_bytes(model: nn.Module) -> int:
-    """Bytes of the weights the model computes through a constraint (a parametrization)."""
-    return sum(
-        m.parametrizations.weight.original.numel() * m.parametrizations.weight.original.element_size()
-        for m in model.modules()
-        if parametrize.is_parametrized(m, "weight")
-    )
-
-
-def cached_constraints(model: nn.Module):
-    """parametrize.cached() when the constrained weights are small: cached, every constrained weight is held
-    a second time for the whole evaluation (a 1 B-parameter model: gigabytes); above CACHE_BYTES each
-    forward computes them again, layer by layer, and frees them as it goes."""
-    return parametrize.cached() if constrained_bytes(model) <= CACHE_BYTES else contextlib.nullcontext()
-
-
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[torch.device]:
-    """Eval mode without gradients, constraints computed once per weight (for models whose constrained
-    weights fit CACHE_BYTES); yields the model's device and restores the model's training mode afterwards.
-    Every task's evaluate runs inside it."""
+    """Eval mode without gradients, constraints computed once per weight; yields the model's device and
+    restores the model's training mode afterwards. Every task's evaluate runs inside it."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), cached_constraints(model):
+        with torch.no_grad(), parametrize.cached():
             yield model_device(model)
     finally:
         model.train(was_training)
