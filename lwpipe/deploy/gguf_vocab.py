@@ -44,9 +44,9 @@ def write_vocab(writer, tok, c) -> str:
         if kind == "llama":
             tokens, scores, types = map(list, zip(*gguf.LlamaHfVocab(Path(d)).all_tokens(), strict=True))
         else:
-            tokens, types = byte_level_tokens(tok)
+            tokens, types = byte_level_tokens(tok, c.vocab_size)
             scores = None
-        pad = c.vocab_size - len(tokens)
+        pad = c.vocab_size - len(tokens)  # the llama vocabulary stops at the tokenizer's size
         tokens += [f"[PAD{i}]".encode() for i in range(len(tokens), c.vocab_size)]
         types += [gguf.TokenType.UNUSED] * max(pad, 0)
         writer.add_tokenizer_pre("gpt-2" if c.model_type == "gpt2" and kind == "gpt2" else "default")
@@ -58,14 +58,15 @@ def write_vocab(writer, tok, c) -> str:
     return kind
 
 
-def byte_level_tokens(tok) -> tuple[list, list]:
-    """Tokens in id order and their types (control for special tokens), as convert_hf_to_gguf's gpt2 vocab."""
+def byte_level_tokens(tok, n: int) -> tuple[list, list]:
+    """The model's `n` tokens in id order and their types (control for special tokens, unused for ids the
+    tokenizer lacks), as convert_hf_to_gguf's gpt2 vocab."""
     import gguf
 
     by_id = {i: t for t, i in tok.get_vocab().items()}
     special = set(tok.all_special_ids)
     tokens, types = [], []
-    for i in range(max(by_id) + 1):
+    for i in range(n):
         tokens.append(by_id.get(i, f"[PAD{i}]"))
         kind = gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
         types.append(kind if i in by_id else gguf.TokenType.UNUSED)
