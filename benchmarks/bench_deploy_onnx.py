@@ -195,14 +195,17 @@ def small_table(forms: dict, xs: dict, repeats: int, ref: str, inner: int) -> No
         print(f"| {name} | " + " | ".join(f"{res[ref][bs] / r[bs]:.2f}x ({r[bs]:.3f} ms)" for bs in xs) + " |")
 
 
-def onnx_forms(model, x, tmp: Path, name: str) -> dict:
-    """lwpipe's ONNX file of `model` (int8 nodes where it has int8 levels), run by ORT on one thread."""
+def onnx_forms(model, x, tmp: Path, name: str, static: bool = False) -> dict:
+    """lwpipe's ONNX file of `model` (int8 nodes where it has int8 levels; with `static`, export's
+    activations=static: ORT's static int8 kernels on scales calibrated on 64 inputs), run by ORT on one thread."""
     from lwpipe.deploy.onnx import OrtModule, build
 
-    info = build(model, x[:2], tmp / f"{name}.onnx")
+    calib = list(x[:64].split(16)) if static else None
+    info = build(model, x[:2], tmp / f"{name}.onnx", static=calib)
     kinds = sorted(set(info["layers"].values()))
     print(f"{name}.onnx: {(tmp / f'{name}.onnx').stat().st_size} B, layers written as {kinds}")
-    return {f"lwpipe onnx ({', '.join(kinds) or 'fp32'})": OrtModule(tmp / f"{name}.onnx", 1)}
+    label = f"lwpipe onnx{', activations static' if static else ''} ({', '.join(kinds) or 'fp32'})"
+    return {label: OrtModule(tmp / f"{name}.onnx", 1)}
 
 
 def bare_session(path: Path):
@@ -218,8 +221,9 @@ def bare_session(path: Path):
 
 
 def ort_static(path: Path, calib: torch.Tensor, out: Path):
-    """ONNX Runtime's own static int8 (QDQ, per-channel weights, calibrated activation ranges) of the file:
-    what int8 convolutions in ONNX would run at, for comparison."""
+    """ONNX Runtime's own static int8 (QDQ, per-channel weights, calibrated activation ranges) of the file with
+    its default int8 activations, for comparison: x86 has no fast int8 x int8 convolution in ORT (export's
+    activations=static writes uint8 activations)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -230,7 +234,13 @@ def ort_static(path: Path, calib: torch.Tensor, out: Path):
             return next(self.batches, None)
 
     quantize_static(
-        str(path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8
+        str(path),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QInt8,
     )
     return bare_session(out)
 
@@ -259,6 +269,7 @@ def lenet_part(a, tmp: Path) -> None:
         "lwpipe sparse CSR (export.pt)": saved(export.sparse_form(model, 0.8)[0], x[:2], tmp / "sp.pt"),
         **onnx_forms(model, x, tmp, "lenet"),
         **onnx_forms(export.plain_copy(model), x, tmp, "lenet_fp32"),
+        **onnx_forms(model, x, tmp, "lenet_static", static=True),
         "lwpipe onnx (matmul_integer), bare session.run": bare_session(tmp / "lenet.onnx"),
     }
     small_table(forms, {bs: x[:bs] for bs in (1, 256)}, a.repeats, "fp32 dense (eager)", 10)
@@ -285,7 +296,10 @@ def resnet_part(a, tmp: Path) -> None:
         "lwpipe dense, pruned (export.pt2)": saved(export.dense_form(after), x[:2], tmp / "r.pt2"),
         "lwpipe int8 static, pruned (export.pt)": saved(export.int8_form(after, x[:64], "static"), x[:2], tmp / "r.pt"),
         **onnx_forms(after, x, tmp, "resnet"),
-        "ORT quantize_static int8 (QDQ) of that file": ort_static(tmp / "resnet.onnx", x[:64], tmp / "r8.onnx"),
+        **onnx_forms(after, x, tmp, "resnet_static", static=True),
+        "ORT quantize_static (QDQ, int8 activations) of the fp32 file": ort_static(
+            tmp / "resnet.onnx", x[:64], tmp / "r8.onnx"
+        ),
     }
     small_table(forms, {bs: x[:bs] for bs in (1, 256)}, max(10, a.repeats // 2), "fp32 dense (eager)", 3)
 

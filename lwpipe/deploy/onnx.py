@@ -5,8 +5,10 @@ sequence axes, a text model's attention mask an input); ORT's transformer optimi
 and GELUs where it recognises them; then each Linear on a symmetric grid of 8 bits or fewer runs ORT's int8
 kernel on the pipeline's own levels and scales (lwpipe.deploy.onnx_graph), convolutions on such grids are
 stored as int8 levels behind DequantizeLinear, and every other weight stays fp32 (the values the compressed
-model computes with: exact). The file is then scored BY ONNX Runtime against the uncompressed reference and
-timed at batch 1 and the measured batch next to PyTorch fp32.
+model computes with: exact). With `activations: static` (opt-in: `auto` is the above), every convolution and
+Linear runs ORT's static int8 kernels instead, on activation scales calibrated on `calibration_batches` training
+batches and the pipeline's levels where it has them (lwpipe.deploy.onnx_static). The file is then scored BY
+ONNX Runtime against the uncompressed reference and timed at batch 1 and the measured batch next to PyTorch fp32.
 """
 
 from __future__ import annotations
@@ -28,12 +30,27 @@ from lwpipe.tasks import head, model_inputs
 log = logging.getLogger("lwpipe")
 OPSET = 17
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+INT8_KINDS = ("matmul_integer", "dequantize_linear", "int8_levels", "int8_rounded")  # export.json's layers
 
 
 def check_order(cfg, before) -> str | None:
-    if cfg.activations == "static":
-        return "activations=static is not written to ONNX; use activations=dynamic or auto"
+    if cfg.activations == "static" and getattr(cfg, "smooth", None):
+        return (
+            f"smooth={cfg.smooth} smooths the inputs of activations=dynamic's int8 Linear layers; "
+            "activations=static calibrates each layer's input scale instead: drop one of them"
+        )
     return None
+
+
+def check_inputs(cfg, batch, path: str) -> None:
+    """Static activation scales are calibrated on tensor inputs (convolutional nets, MLPs), not text batches."""
+    if cfg.activations == "static" and isinstance(batch, dict):
+        raise ConfigError(
+            f"{path}.activations",
+            cfg.activations,
+            "dynamic or auto for a text model with format=onnx (static int8 activation scales are written for "
+            "models with one tensor input)",
+        )
 
 
 def check_model(cfg, model: nn.Module, path: str) -> None:
@@ -128,7 +145,13 @@ def optimize(path: Path, model: nn.Module) -> list[str]:
 
 class OrtModule(nn.Module):
     """An ONNX Runtime session called as the model it was traced from (tensor or keyword inputs), for
-    evaluation and timing; outputs as a dict (text models) or a tensor."""
+    evaluation and timing; outputs as a dict (text models) or a tensor.
+
+    A call's fixed cost is most of a small model's time (LeNet-300-100 at batch 1: about 15 us in all), so
+    the input and output names and one RunOptions are kept, the tensors go to numpy and back as views (no
+    copies), and the session's own C++ `run` is called: the public `InferenceSession.run` re-checks the feed's
+    names and the outputs' ownership on every call (3 to 4 us), which this feed, built from the session's
+    own input names, cannot fail. An input it lacks is still refused, by ORT's C++ side."""
 
     def __init__(self, path: Path, threads: int = 0):
         super().__init__()
@@ -137,17 +160,30 @@ class OrtModule(nn.Module):
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or torch.get_num_threads()
         so.inter_op_num_threads = 1
-        self.__dict__["session"] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self.names = [i.name for i in self.session.get_inputs()]
-        self.outputs = [o.name for o in self.session.get_outputs()]
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.__dict__["session"] = session
+        self.__dict__["options"] = ort.RunOptions()
+        self.__dict__["call"] = getattr(session, "_sess", session).run  # the public run where ORT has no _sess
+        self.names = [i.name for i in session.get_inputs()]
+        self.outputs = [o.name for o in session.get_outputs()]
+        self.single = self.outputs == ["output"]
         self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)
 
     def forward(self, *args, **kwargs):
-        feed = {k: v.cpu().numpy() for k, v in kwargs.items() if k in self.names}
-        feed.update({k: v.cpu().numpy() for k, v in zip(self.names, args)})
-        got = self.session.run(self.outputs, feed)
-        outs = {k: torch.from_numpy(np.asarray(v)) for k, v in zip(self.outputs, got)}
-        return outs if self.outputs[0] != "output" else outs["output"]
+        if kwargs:
+            feed = {k: _array(v) for k, v in kwargs.items() if k in self.names}
+            feed.update({k: _array(v) for k, v in zip(self.names, args)})
+        else:
+            feed = {k: _array(v) for k, v in zip(self.names, args)}
+        got = self.call(self.outputs, feed, self.options)
+        if self.single:
+            return torch.from_numpy(got[0])
+        return {k: torch.from_numpy(np.asarray(v)) for k, v in zip(self.outputs, got)}
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    """The tensor's numpy view (a copy only when it is not on the CPU or needs its gradient detached)."""
+    return t.numpy() if t.is_cpu and not t.requires_grad else t.detach().cpu().numpy()
 
 
 def timings(model: nn.Module, form: nn.Module, ctx, settings) -> dict:
@@ -165,17 +201,23 @@ def timings(model: nn.Module, form: nn.Module, ctx, settings) -> dict:
     return out
 
 
-def build(model: nn.Module, example, path: Path, float_layers=(), smooth=None) -> dict:
+def build(model: nn.Module, example, path: Path, float_layers=(), smooth=None, static=None) -> dict:
     """Trace, optimise and quantize the compressed `model` into `path`; what was done, per layer.
-    `smooth`: (alpha, calibration batches, forward(model, batch)) to smooth the int8 Linear layers' inputs."""
+    `smooth`: (alpha, calibration batches, forward(model, batch)) to smooth the int8 Linear layers' inputs.
+    `static`: calibration input tensors: every convolution and Linear runs ORT's static int8 kernels
+    (lwpipe.deploy.onnx_static) instead of the dynamic MatMulInteger / fp32 convolutions."""
     import onnx
 
     from lwpipe.deploy.onnx_graph import quantize_graph
     from lwpipe.deploy.onnx_smooth import smooth as smooth_levels
+    from lwpipe.deploy.onnx_static import build_static, folded
 
-    levels = layer_levels(model, float_layers)
+    levels = layer_levels(model, () if static is not None else float_layers)
     errors = smooth_levels(model, levels, *smooth) if smooth else None
-    plain = export.plain_copy(model).cpu().eval()
+    if static is not None:
+        plain, levels = folded(model, levels)
+    else:
+        plain = export.plain_copy(model).cpu().eval()
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
         try:
@@ -184,11 +226,16 @@ def build(model: nn.Module, example, path: Path, float_layers=(), smooth=None) -
             why = (str(e).strip().splitlines() or [""])[0]
             raise RuntimeError(f"format=onnx: the model does not trace to ONNX: {type(e).__name__}: {why}") from e
         fused = optimize(raw, plain)
-        proto = onnx.load(str(raw))
-    layers = quantize_graph(proto, levels)
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
+        if static is not None:
+            layers = build_static(plain, raw, path, levels, static, float_layers)
+        else:
+            proto = onnx.load(str(raw))
+            layers = quantize_graph(proto, levels)
+            onnx.checker.check_model(proto)
+            onnx.save(proto, str(path))
     info = {"outputs": outputs, "opset": OPSET, "fusions": fused, "layers": layers}
+    if static is not None:
+        info["approximate"] = sorted(k for k, v in layers.items() if v == "int8_rounded")
     if errors is not None:  # the layers the file computes with (not a pooler no output reads)
         info["smooth_error"] = {k: v for k, v in errors.items() if layers.get(k) == "matmul_integer"}
     return info
@@ -200,14 +247,17 @@ def write(model: nn.Module, ctx, cfg, out: Path) -> dict:
     model = model.cpu().eval()
     example = model_inputs(head(ctx.test_loader()[0], 2))
     path = Path(out) / "model.onnx"
-    smooth = None
+    smooth = static = None
     if getattr(cfg, "smooth", None):
         batches = list(ctx.calibration_batches(cfg.calibration_batches))
         smooth = (cfg.smooth, batches, speed.forward_fn(ctx))
-    info = {"file": f"export/{path.name}", **build(model, example, path, cfg.float_layers, smooth)}
+    if cfg.activations == "static":
+        static = [model_inputs(b) for b in ctx.calibration_batches(cfg.calibration_batches)]
+    info = {"file": f"export/{path.name}", **build(model, example, path, cfg.float_layers, smooth, static)}
+    info["activations"] = "static" if static is not None else "dynamic"
     info["bytes"] = path.stat().st_size
     kinds = list(info["layers"].values())
-    info["int8_layers"] = sum(k in ("matmul_integer", "dequantize_linear") for k in kinds)
+    info["int8_layers"] = sum(k in INT8_KINDS for k in kinds)
     info["float_layers"] = sum(k == "float" for k in kinds)
     form = OrtModule(path)
     info.update(score(model, form, ctx))

@@ -7,6 +7,8 @@
                     `auto` picks static when the model has convolutions. TorchScript -> export.pt
     format: sparse  CSR kernels for Linear layers at least `min_sparsity` sparse, dense for the rest;
                     TorchScript -> export.pt
+    format: onnx    and the other runtimes' forms: lwpipe.deploy (onnx: `activations: static` runs ORT's static
+                    int8 kernels on calibrated scales; `auto` and `dynamic` its dynamic int8 Linear)
 
 The model passed on is unchanged (model.lwp still stores it); this stage's record times the exported
 file (ctx.exported), so its `speedup` is against the fp32 input model, and holds the file's quality.
@@ -43,7 +45,7 @@ Format = Literal["dense", "int8", "sparse", "onnx", "compressed_tensors", "gguf"
 
 class ExportConfig(Strict):
     format: Format | list[Format] = "dense"  # a list writes several forms from one run
-    activations: Literal["auto", "dynamic", "static"] = "auto"  # int8 only
+    activations: Literal["auto", "dynamic", "static"] = "auto"  # int8; onnx: static = ORT's static int8 kernels
     min_sparsity: float = Field(0.8, ge=0, le=1)  # sparse only: the measured crossover (README)
     min_batch: int = Field(16, ge=1, le=1 << 20)  # sparse only: smaller batches run dense
     calibration_batches: int = Field(4, ge=1, le=10_000)  # static int8 activation ranges; onnx smooth: input maxima
@@ -116,6 +118,8 @@ class Export(Stage):
     def check_context(cfg: ExportConfig, ctx: Context, path: str) -> None:
         """Before any stage runs: static int8 calibrates torch.ao FX on tensor inputs, not text batches."""
         forms = Export.formats(cfg)
+        if "onnx" in forms:
+            deploy.writer("onnx", f"{path}.format").check_inputs(cfg, ctx.test_loader()[0], path)
         if "int8" in forms and cfg.activations == "static" and isinstance(ctx.test_loader()[0], dict):
             raise ConfigError(
                 f"{path}.activations",

@@ -166,15 +166,15 @@ def test_sentence_encoder_quantized_follows_its_grid(files, tmp_path):
     assert got.shape == (2, 32) and np.isfinite(got).all()  # 7 tokens: the sequence axis is not baked in
 
 
-def test_static_activations_are_refused_before_any_stage():
+def test_static_activations_for_a_text_model_are_refused_before_any_stage(files, tmp_path):
     from lwpipe.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="format=onnx: activations=static is not written to ONNX"):
-        validate(
-            compose_recipe(
-                [*TINY, "pipeline=[train,export]", "+stages.export.format=onnx", "+stages.export.activations=static"]
-            )
-        )
+    extra = ["pipeline=[export]", "+stages.export.activations=static"]
+    with pytest.raises(ConfigError) as e:
+        text_run(files, "sentence_embedding", "st", "txt", tmp_path, extra)
+    msg = str(e.value)
+    assert msg.startswith("stages.export.activations='static': dynamic or auto for a text model with format=onnx")
+    assert "\n" not in msg and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_float_layers_keep_a_quantized_layer_fp32_and_exact(tmp_path):
