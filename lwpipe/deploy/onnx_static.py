@@ -11,8 +11,8 @@ new scale. A weight without such a grid keeps ORT's per-channel rounding of its 
 approximate (export.json's `approximate` lists those layers; its quality, scored by ORT against the uncompressed
 reference, says by how much).
 
-BatchNorm is folded into the convolution before tracing (lwpipe.export.fold_batchnorm), so that the traced
-weights are the ones whose levels and factors are known here.
+BatchNorm is folded into the convolution before tracing (`folded`), so that the traced weights are the ones
+whose levels and factors are known here.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ WEIGHTED = ("Conv", "Gemm", "MatMul")
 
 def folded(model: nn.Module, levels: dict) -> tuple[nn.Module, dict]:
     """The model's plain copy with each BatchNorm folded into its convolution, and `levels` (layer_levels'
-    dict) for the folded weights: the factor f of a folded layer multiplies its scales."""
+    dict) for the folded weights: the factor f of a folded layer multiplies its scales, f's sign flips its
+    levels (scales stay positive). The traced graph then holds these weights as they are, so that they are
+    found by value (the exporter's own folding would give weights no level matches)."""
     from lwpipe import export
 
     plain = export.plain_copy(model).cpu().eval()
@@ -43,6 +45,10 @@ def folded(model: nn.Module, levels: dict) -> tuple[nn.Module, dict]:
         if name in factors:
             f = factors[name].detach().float().cpu().numpy()
             w, s = mods[name].weight.detach().float().cpu().numpy(), s * f
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            q = (q.astype(np.int16) * np.where(s < 0, -1, 1).astype(np.int16).reshape(shape)).astype(np.int8)
+            s = np.abs(s).astype(np.float32)
         out[name] = (kind, w, q, s, axis, *rest)
     return plain, out
 
@@ -152,9 +158,7 @@ def restore(graph, node_name: str, level, transposed: bool, bias) -> str:
     q = q.T if transposed else q
     if scales.size != q.shape[1 if transposed else 0] or axis != (1 if transposed else 0):
         return "int8_rounded"  # ORT's scales run along another axis than the layer's output channels
-    s = np.asarray(s, np.float64).reshape(-1)
-    sign = np.where(s < 0, -1, 1).astype(np.int16)
-    q = q.astype(np.int16) * (sign[None, :] if transposed else sign.reshape(-1, *[1] * (q.ndim - 1)))
+    s = np.asarray(s, np.float64).reshape(-1)  # positive: folded() moved a BatchNorm's sign into the levels
     _put(inits[wdq.input[0]], q.astype(np.int8))
     _put(inits[wdq.input[1]], np.abs(s).astype(np.float32))
     bdq = made.get(node.input[2]) if len(node.input) > 2 else None
