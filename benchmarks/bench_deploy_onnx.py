@@ -7,8 +7,8 @@ smooths the int8 layers' inputs): speed at batch 1 and 32 relative to PyTorch fp
 original model on 256 held-out texts (Python's reference documentation sentences; recipe=sentence_embedding
 calibrates on its built-in training texts, none of them among these).
 --part lenet: LeNet-300-100 after deep_compression_lenet300 (bench_speed.py's shortened run); --part resnet:
-the structured-pruned ResNet (as bench_speed.py): the ONNX file against the dense (torch.export), int8 and
-sparse TorchScript forms at batch 1 and 256.
+the structured-pruned ResNet (as bench_speed.py): the ONNX file (as `activations: auto` and `static` write it)
+against the dense (torch.export), int8 and sparse TorchScript forms at batch 1 and 256.
 
     python benchmarks/bench_deploy_onnx.py [--part minilm lenet resnet] [--grid range|step|gptq] [--smooth 0.7]
         [--float-layers '*output.dense' ...] [--repeats 20] [--scratch DIR]
