@@ -31,6 +31,7 @@ Categorical = stream.model.Categorical
 MAX_PRECISION = 20  # bits of the frequency table; constriction's coder has 24
 UNIFORM_PRECISION = 20
 UNIFORM_LIMIT = 1 << (UNIFORM_PRECISION - 4)  # the widest alphabet a uniform table serves
+DECODE_CHUNK = 1 << 20  # symbols coded or decoded at a time (int32 copies of that many, not of a stream)
 
 
 # -- frequency tables --------------------------------------------------------------------
@@ -181,7 +182,8 @@ class StreamWriter:
         for ranks, model, stat in reversed(self._queue):  # a stack: encode backwards, decode forwards
             ranks = ranks() if callable(ranks) else ranks
             before = coder.num_valid_bits()
-            coder.encode_reverse(ranks.astype(np.int32), model)
+            for i in reversed(range(0, len(ranks), DECODE_CHUNK)):  # the last piece first: a stack
+                coder.encode_reverse(ranks[i : i + DECODE_CHUNK].astype(np.int32), model)
             stat["coded_bits"] = coder.num_valid_bits() - before
         self._queue.clear()
         return self.bits.getvalue(), np.asarray(coder.get_compressed(), dtype="<u4")
@@ -192,12 +194,13 @@ class StreamReader:
 
     def __init__(self, bits: bytes, words: bytes):
         self.bits = BitReader(bits)
-        self._coder = AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
+        self._coder = AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32, copy=False))  # the coder copies
         self.stats: list[dict] = []
 
-    def symbols(self, n: int, alphabet: int | None = None) -> np.ndarray:
-        """n symbols, each below `alphabet` (when given); ValueError when the table or the count cannot be
-        what was written.
+    def symbols(self, n: int, alphabet: int | None = None, dtype=np.int64) -> np.ndarray:
+        """n symbols (as `dtype`), each below `alphabet` (when given); ValueError when the table or the count
+        cannot be what was written. Decoded DECODE_CHUNK at a time into the result: a 65 M-value table's
+        sign+exponent stream asked for as int16 takes 130 MB, not 520 MB of int64 and 260 MB of int32 ranks.
 
         The caller has bounded n by the layer's declared size; here the count is also held to what the
         coded bits can carry (only a stream of one repeated symbol is free), so no loop or allocation
@@ -205,22 +208,26 @@ class StreamReader:
         stat = {"n": n, "table_bits": 0, "coded_bits": 0}
         self.stats.append(stat)
         if n == 0:
-            return np.zeros(0, dtype=np.int64)
+            return np.zeros(0, dtype=dtype)
         start = self.bits.pos
         f, precision = self._table(alphabet, n)
         stat["table_bits"] = self.bits.pos - start
         support = np.flatnonzero(f)
         if len(support) == 1:
-            return np.full(n, support[0], dtype=np.int64)
+            return np.full(n, support[0], dtype=dtype)
         before = self._coder.num_valid_bits()
         cheapest = -np.log2(f.max() / float(1 << precision))  # bits the likeliest symbol costs
         if n * cheapest > before + 64:  # 64: the coder's state holds bits beyond its words
             raise ValueError(
                 f"a stream of {n:,} symbols needs at least {n * cheapest:,.0f} coded bits, {before:,} are left"
             )
-        ranks = self._coder.decode(Categorical(f[support] / float(1 << precision), perfect=False), n)
+        model, out = Categorical(f[support] / float(1 << precision), perfect=False), np.empty(n, dtype=dtype)
+        every = len(support) == len(f)  # every symbol live: the ranks are the symbols
+        for i in range(0, n, DECODE_CHUNK):  # ANS decodes in order: pieces give the same symbols as one call
+            ranks = self._coder.decode(model, min(DECODE_CHUNK, n - i))
+            out[i : i + len(ranks)] = ranks if every else support[ranks]
         stat["coded_bits"] = before - self._coder.num_valid_bits()
-        return ranks if len(support) == len(f) else support[ranks]  # every symbol live: ranks are the symbols
+        return out
 
     def _table(self, alphabet: int | None, n: int) -> tuple[np.ndarray, int]:
         """The stream's frequencies, bounded by its symbol count n: a stored table costs less than the

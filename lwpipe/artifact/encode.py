@@ -31,6 +31,7 @@ from lwpipe.artifact.coding import StreamWriter, estimate_bits
 from lwpipe.artifact.format import FIRST_VERSION, MAGIC, VERSION, _deflate, _leb128
 from lwpipe.artifact.positions import choose_escape
 from lwpipe.artifact.raw import FLOAT_FIELDS, dtype_name, lossless_dtype, split_float, tensor_bytes
+from lwpipe.artifact.raw import sign_exponent as raw_fields
 from lwpipe.constraints import (
     BIAS_LEVELS,
     Compressed,
@@ -192,11 +193,10 @@ def put(t: torch.Tensor, streams: StreamWriter, raw: bytearray, label: str = "",
 
 
 def sign_exponent(t: torch.Tensor, low: int) -> np.ndarray:
-    """split_float(t)'s symbols alone: 2 x (exponent - low) + sign, in the narrowest integer type."""
+    """split_float(t)'s symbols alone: 2 x (exponent - low) + sign, as uint16."""
     e_bits, m_bits, as_int = FLOAT_FIELDS[t.dtype]
     u = t.contiguous().reshape(-1).view(as_int).numpy().view(f"u{t.element_size()}")
-    exponent = (u >> m_bits) & ((1 << e_bits) - 1)
-    return (2 * (exponent.astype(np.int32) - low) + (u >> (e_bits + m_bits)).astype(np.int32)).astype(np.uint16)
+    return raw_fields(u, e_bits, m_bits, low)[0]
 
 
 def put_levels(t: torch.Tensor, scale: torch.Tensor, streams: StreamWriter, raw: bytearray, label: str = "") -> list:

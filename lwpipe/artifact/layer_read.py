@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from lwpipe.artifact.coding import StreamReader
@@ -33,7 +34,7 @@ def take(how: list, shape, restore: torch.dtype, raw: RawReader, streams: Stream
         raise ValueError(
             f"a tensor of {n:,} elements needs {mantissa_bytes(n, dtype):,} mantissa bytes, {raw.remaining:,} are left"
         )
-    symbols = streams.symbols(n, 1 << (FLOAT_FIELDS[dtype][0] + 1))
+    symbols = streams.symbols(n, 1 << (FLOAT_FIELDS[dtype][0] + 1), np.int16)  # sign + exponent: < 2^12
     return join_float(symbols, int(how[1]), raw.take(mantissa_bytes(n, dtype)), dtype).reshape(shape).to(restore)
 
 

@@ -68,9 +68,7 @@ def split_float(t: torch.Tensor) -> tuple[np.ndarray, int, bytes]:
     """(sign/exponent symbols, smallest exponent, packed mantissa bits) of a float tensor, exactly."""
     e_bits, m_bits, as_int = FLOAT_FIELDS[t.dtype]
     u = t.detach().cpu().contiguous().reshape(-1).view(as_int).numpy().view(_UNSIGNED[as_int])  # no copy
-    sign = (u >> (e_bits + m_bits)).astype(np.int32)
-    exponent = ((u >> m_bits) & ((1 << e_bits) - 1)).astype(np.int32)
-    low = int(exponent.min()) if len(u) else 0
+    symbols, low = sign_exponent(u, e_bits, m_bits)
     shifts = np.arange(m_bits - 1, -1, -1, dtype=np.uint64)
     # in chunks of CHUNK values (a multiple of 8: each chunk's bits end on a byte): the bit matrix of a
     # whole tensor would take 8 * m_bits bytes a value (184 for fp32)
@@ -80,7 +78,19 @@ def split_float(t: torch.Tensor) -> tuple[np.ndarray, int, bytes]:
         ).tobytes()
         for i in range(0, len(u), CHUNK)
     )
-    return 2 * (exponent - low) + sign, low, mantissa
+    return symbols, low, mantissa
+
+
+def sign_exponent(u: np.ndarray, e_bits: int, m_bits: int, low: int | None = None) -> tuple[np.ndarray, int]:
+    """(2 x (exponent - low) + sign as uint16, low) of a float's bits `u` (low: the smallest exponent unless
+    given). Computed in place at 2 bytes a value: a 65 M-value bf16 table's fields take 130 MB, not 1 GB."""
+    symbols = ((u >> m_bits) & ((1 << e_bits) - 1)).astype(np.uint16)
+    if low is None:
+        low = int(symbols.min()) if len(symbols) else 0
+    symbols -= np.uint16(low)
+    symbols <<= 1
+    symbols |= (u >> (e_bits + m_bits)).astype(np.uint16)
+    return symbols, low
 
 
 def join_float(symbols: np.ndarray, low: int, mantissa: bytes, dtype: torch.dtype) -> torch.Tensor:

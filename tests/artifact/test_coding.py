@@ -92,3 +92,24 @@ def test_bits_round_trip():
     r = BitReader(w.getvalue())
     assert [r.read(3), r.read(1), r.read(10)] == [5, 0, 1023]
     assert [r.read_exp_golomb(2) for _ in range(4)] == [0, 1, 17, 1000]
+
+
+def test_streams_coded_in_pieces_are_the_same_bits_and_decode_narrow(monkeypatch):
+    """Long streams are coded and decoded DECODE_CHUNK symbols at a time (no int32 / int64 copy of a
+    65 M-symbol stream): the same words as one piece, and the same symbols in the dtype asked for."""
+    import lwpipe.artifact.coding as coding
+
+    streams = [STREAMS["64 clusters"], STREAMS["8-bit levels"], RNG.choice([3, 9], 3001)]  # [3, 9]: ranks != symbols
+    one = StreamWriter()
+    for s in streams:
+        one.symbols(s)
+    whole = one.finish()
+    monkeypatch.setattr(coding, "DECODE_CHUNK", 97)
+    pieces = StreamWriter()
+    for s in streams:
+        pieces.symbols(s)
+    assert pieces.finish() == whole
+    r = StreamReader(*whole)
+    out = [r.symbols(len(s), dtype=np.int16) for s in streams]
+    assert all(o.dtype == np.int16 and np.array_equal(o, s) for o, s in zip(out, streams))
+    assert r.done()
