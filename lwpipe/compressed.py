@@ -68,6 +68,7 @@ class Compressed(nn.Module):
         self.register_parameter("centroids", None)
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
+        self.defer_zeros = False  # lwpipe.grid.pin_zeros(defer=True): see zeros_deferred
         self.form_grid: Grid | None = None  # bits, level bounds, axis, group (lwpipe/schema.py)
 
     # the grid's fields (0 / None without a grid): axis None per tensor, else the weight's output axis;
@@ -95,6 +96,7 @@ class Compressed(nn.Module):
             "shared": self.shared,
             "k": int(self.centroids.numel()) if self.shared else 0,
             "quant": self.form_grid.spec() if self.quantized else None,
+            **({"zeros": "deferred"} if self.zeros_deferred else {}),  # checkpoints and the cache keep it
         }
 
     @classmethod
@@ -110,6 +112,7 @@ class Compressed(nn.Module):
             grid = Grid(q["bits"], q["qmin"], q["qmax"], q["axis"], q.get("group"))
             shape = grid.scale_shape(c.shape)
             c.set_quant(grid.bits, grid.qmin, grid.qmax, torch.ones(shape), torch.zeros(shape), grid.axis, grid.group)
+        c.defer_zeros = spec.get("zeros") == "deferred"
         return c
 
     def set_mask(self, mask: torch.Tensor) -> None:
@@ -136,6 +139,20 @@ class Compressed(nn.Module):
         """The values the codebook entries take in forward (on the grid when quantized)."""
         c = self.centroids.detach()
         return dequantize(self.quant_levels(c), self.scale, self.zero_point) if self.quantized else c
+
+    @property
+    def zeros_deferred(self) -> bool:
+        """A grid whose zero levels are not yet in a mask (lwpipe.grid.pin_zeros, defer): they are where the
+        computed weight is 0, and are pinned (pin_deferred) before anything can move a weight."""
+        return self.defer_zeros and self.quantized and not self.shared and self.mask is None
+
+    @torch.no_grad()
+    def kept(self, original: torch.Tensor) -> torch.Tensor | None:
+        """The positions the layer keeps: its mask, or, with zeros_deferred, where its computed weight is not
+        0 (the mask pinning would give), computed now and not held."""
+        if self.zeros_deferred:
+            return self(original) != 0
+        return self.mask
 
     # -- forward ---------------------------------------------------------------
     def quant_levels(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,16 @@ import torch
 from torch import nn
 
 from lwpipe import gptq
-from lwpipe.constraints import dequantize, ensure_constraint, grid_axis, in_axis, original_weight, out_axis
+from lwpipe.constraints import (
+    compressible_layers,
+    constraint,
+    dequantize,
+    ensure_constraint,
+    grid_axis,
+    in_axis,
+    original_weight,
+    out_axis,
+)
 
 Scheme = Literal["symmetric", "asymmetric", "ternary"]
 # internally also "symmetric_full": symmetric levels over the whole signed range (-2^(b-1)..2^(b-1)-1, full_range)
@@ -112,7 +121,7 @@ def quantize_layer(
     error = None
     if hessian is not None and not c.shared:  # check_order refuses gptq after share
         error = gptq_levels(module, c, hessian, scheme, clip)
-    pin_zeros(module)
+    pin_zeros(module, defer=True)
     return error
 
 
@@ -241,12 +250,29 @@ def binarize_layer(module: nn.Module, per_channel: bool = False, ternary: bool =
 
 
 @torch.no_grad()
-def pin_zeros(module: nn.Module) -> None:
-    """Weights that round to 0 join the mask: sparsity only grows, later training cannot revive them."""
+def pin_zeros(module: nn.Module, defer: bool = False) -> None:
+    """Weights that round to 0 join the mask: sparsity only grows, later training cannot revive them.
+
+    `defer`: a grid layer without a mask gets none yet (Compressed.zeros_deferred): until a weight can move
+    its zeros are exactly where the computed weight is 0, so the mask (a byte a weight: 1 GB at 1 B
+    parameters) is made only when something may move them: training (training.fit) or a later stage (the
+    runner), both through pin_deferred. model.lwp stores such a layer as masked by its zeros, as before."""
     c = ensure_constraint(module)
+    if defer and c.mask is None and c.quantized and not c.shared:
+        c.defer_zeros = True
+        return
     if c.shared and c.mask is not None:  # from the codebook: no dense weight computed
         zero = c.codebook_values() == 0
         if bool(zero.any()):
             c.set_mask(~zero[c.index.int()])
         return
     c.set_mask(module.weight.detach() != 0)
+
+
+@torch.no_grad()
+def pin_deferred(model: nn.Module) -> None:
+    """Pin the zeros pin_zeros deferred, on every layer: before training or a stage that may move weights."""
+    for _, m in compressible_layers(model):
+        c = constraint(m)
+        if c is not None and c.zeros_deferred:
+            pin_zeros(m)

@@ -60,6 +60,7 @@ from lwpipe.cache import StageCache
 from lwpipe.config import Recipe
 from lwpipe.constraints import clone
 from lwpipe.context import Context, stage_seed
+from lwpipe.grid import pin_deferred
 from lwpipe.input_copy import InputCopy
 from lwpipe.loggers import build_loggers, progress_hook
 from lwpipe.metrics import evaluate, measure
@@ -190,6 +191,8 @@ class Run:
     def execute(self, step: int, s, model: nn.Module) -> nn.Module:
         """Run the stage, seeded; the time it took less its epochs' evaluations is its work."""
         self.settle_reference()
+        if s.type != "export":  # it moves no weight: zeros a grid left unpinned stay so (lwpipe.grid.pin_zeros)
+            pin_deferred(model)
         torch.manual_seed(stage_seed(self.top.seed, step, s.name))
         self.stage_start, self.overhead = time.perf_counter(), 0.0
         model = s.cls(s.config).run(model, self.ctx)

@@ -248,7 +248,7 @@ class WeightForm:
             kind=layer_kind(module),
             shape=tuple(c.shape),
             dtype=dtype_name(stored.dtype),
-            mask=c.mask is not None,
+            mask=c.mask is not None or c.zeros_deferred,  # deferred zeros: stored as the mask they make
             codebook=int(c.centroids.numel()) if c.shared else 0,
             grid=c.form_grid,
             tied=tuple(tied),

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lwpipe.constraints import trainable_parameters
+from lwpipe.grid import pin_deferred
 from lwpipe.settings import TrainSettings
 from lwpipe.tasks import batch_len, model_device, to_device
 from lwpipe.tasks.classification import Classification
@@ -73,6 +74,7 @@ def fit(
     params = params if params is not None else trainable_parameters(model)
     if s.epochs == 0 or not params:
         return model
+    pin_deferred(model)  # a grid's zero levels join its mask before any weight moves (lwpipe.grid.pin_zeros)
     opt = make_optimizer(params, s)
     device = model_device(model)
     start = None  # the first batch's loss: what divergence is measured against

@@ -231,9 +231,10 @@ def encode_layer(name: str, module: nn.Module, c: Compressed, streams: StreamWri
     lazy = weight.device.type == "cpu"  # symbols computed again from the model when coded, not queued
     keep = None
     if form.mask:
-        keep = np.flatnonzero(c.mask.reshape(-1).cpu().numpy())  # ~4x torch.nonzero on CPU
+        keep = kept_positions(c, weight)
         escape, symbols = choose_escape(keep)
-        streams.symbols(symbols, f"{name} positions", (lambda: choose_escape(kept_positions(c))[1]) if lazy else None)
+        again = (lambda: choose_escape(kept_positions(c, weight))[1]) if lazy else None
+        streams.symbols(symbols, f"{name} positions", again)
         entry["mask"] = {"nnz": len(keep), "gaps": len(symbols), "escape": escape}
         del symbols
 
@@ -244,7 +245,7 @@ def encode_layer(name: str, module: nn.Module, c: Compressed, streams: StreamWri
     if form.grid is not None:
         entry["quant"] = encode_grid(c, form, streams, raw)
     if form.codebook:
-        again = (lambda: kept_values(c, c.index)) if lazy else None
+        again = (lambda: kept_values(c, c.index, weight)) if lazy else None
         streams.symbols(kept(c.index), f"{name} codebook index", again)
         entry["shared"] = {"k": form.codebook}
         levels = grid_levels(c, c.centroids, name) if form.codebook_levels else None
@@ -257,7 +258,7 @@ def encode_layer(name: str, module: nn.Module, c: Compressed, streams: StreamWri
         return entry
     levels = grid_levels(c, weight, name) if c.quantized else None
     if levels is not None:
-        again = (lambda: kept_values(c, grid_levels(c, weight, name)) - c.qmin) if lazy else None
+        again = (lambda: kept_values(c, grid_levels(c, weight, name), weight) - c.qmin) if lazy else None
         streams.symbols(kept(levels) - c.qmin, f"{name} levels", again)
         del levels
     else:  # no grid, or one whose levels are not integers (a fractional zero point): the values themselves
@@ -266,14 +267,15 @@ def encode_layer(name: str, module: nn.Module, c: Compressed, streams: StreamWri
     return entry
 
 
-def kept_positions(c: Compressed) -> np.ndarray:
-    return np.flatnonzero(c.mask.reshape(-1).cpu().numpy())
+def kept_positions(c: Compressed, weight: torch.Tensor) -> np.ndarray:
+    """The flat positions the layer keeps (its mask, or its deferred zeros' complement: Compressed.kept)."""
+    return np.flatnonzero(c.kept(weight).reshape(-1).cpu().numpy())  # ~4x torch.nonzero on CPU
 
 
-def kept_values(c: Compressed, t: torch.Tensor) -> np.ndarray:
+def kept_values(c: Compressed, t: torch.Tensor, weight: torch.Tensor) -> np.ndarray:
     """t's entries at the positions the layer keeps (encode_layer's `kept`, computed afresh)."""
-    flat = t.detach().reshape(-1).cpu().numpy()
-    return flat if c.mask is None else flat[kept_positions(c)]
+    flat, keep = t.detach().reshape(-1).cpu().numpy(), c.kept(weight)
+    return flat if keep is None else flat[np.flatnonzero(keep.reshape(-1).cpu().numpy())]
 
 
 def grid_levels(c: Compressed, x: torch.Tensor, name: str) -> torch.Tensor | None:

@@ -108,11 +108,14 @@ def join_float(symbols: np.ndarray, low: int, mantissa: bytes, dtype: torch.dtyp
         if len(bits) < m:
             raise ValueError("float mantissa shorter than its count")
         u[i : i + m] = (bits.astype(np.uint64) << shifts).sum(1, dtype=np.uint64)
-    exponent = (symbols // 2).astype(unsigned)
-    exponent += unsigned(low)
-    u |= exponent << unsigned(m_bits)
-    del exponent
-    u |= (symbols & 1).astype(unsigned) << unsigned(e_bits + m_bits)
+    field = (symbols >> 1).astype(unsigned)  # one value-sized scratch array, shifted and or-ed in place
+    field += unsigned(low)
+    field <<= unsigned(m_bits)
+    u |= field
+    np.bitwise_and(symbols, 1, out=field, casting="unsafe")
+    field <<= unsigned(e_bits + m_bits)
+    u |= field
+    del field
     return torch.from_numpy(u.view(np.dtype(str(as_int).removeprefix("torch.")))).view(dtype)
 
 

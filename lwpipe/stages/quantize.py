@@ -292,8 +292,8 @@ class Quantize(Stage):
         if self.cfg.method == "gptq":
             report_gptq(errors, [n for n, lc in settings.items() if not lc.skip and n not in errors], ctx)
         finetune(model, ctx, self.cfg.finetune)
-        for m in done:  # QAT may have moved more weights onto level 0: keep them there too
-            pin_zeros(m)
+        for m in done:  # QAT may have moved more weights onto level 0: keep them there too (deferred: so they are)
+            pin_zeros(m, defer=True)
         return model
 
     def layer_step(self, name: str, m: nn.Module, lc: LayerQuant, ctx: Context, bits):

@@ -70,15 +70,31 @@ def model_device(model: nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[torch.device]:
-    """Eval mode without gradients, constraints computed once per weight; yields the model's device and
-    restores the model's training mode afterwards. Every task's evaluate runs inside it."""
+    """Eval mode without gradients, constraints computed once per weight while they take at most CACHED_BYTES
+    (a 1 B-parameter model's would be a second copy of it: its constraints are computed per batch instead,
+    the same values); yields the model's device and restores the model's training mode afterwards. Every
+    task's evaluate runs inside it."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), parametrize.cached():
+        cache = parametrize.cached() if constrained_bytes(model) <= CACHED_BYTES else contextlib.nullcontext()
+        with torch.no_grad(), cache:
             yield model_device(model)
     finally:
         model.train(was_training)
+
+
+CACHED_BYTES = 256 << 20
+
+
+def constrained_bytes(model: nn.Module) -> int:
+    """Bytes of the weights constraints compute (what parametrize.cached holds)."""
+    return sum(
+        p.original.numel() * p.original.element_size()
+        for m in model.modules()
+        if parametrize.is_parametrized(m)
+        for p in m.parametrizations.values()
+    )
 
 
 def inputs(batch: dict) -> dict:
