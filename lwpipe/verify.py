@@ -46,7 +46,7 @@ def streamed_mismatch(path: Path, model: nn.Module) -> str | None:
     from lwpipe.artifact.format import unpack
 
     source = str(path)
-    data = read_bytes(path)
+    data = read_bytes(path, mapped=True)  # mapped: the file's pages are held only while they are read
     header, body = unpack(data, source, view=True)
     skeleton = meta_model(header, source)
     if skeleton is None:  # not buildable without memory: the whole model, as a user loads it
@@ -131,12 +131,15 @@ def decoded(header: dict, body, built: dict, source: str) -> Iterator[tuple[str,
 def readers(header: dict, body) -> tuple:
     """(RawReader, StreamReader) of a file's body, its header checked first (every declared count)."""
     from lwpipe.artifact.coding import StreamReader
+    from lwpipe.artifact.format import drop_pages
     from lwpipe.artifact.limits import check_header
     from lwpipe.artifact.raw import RawReader
 
     check_header(header, len(body), None)
     raw_len, bits_len, _ = header["sections"]
-    return RawReader(body[:raw_len]), StreamReader(body[raw_len : raw_len + bits_len], body[raw_len + bits_len :])
+    streams = StreamReader(body[raw_len : raw_len + bits_len], body[raw_len + bits_len :])
+    drop_pages(body)  # a mapped file's ANS words are the coder's own copy now: their pages go
+    return RawReader(body[:raw_len]), streams
 
 
 def stored_layers(path: Path) -> Iterator:
@@ -147,7 +150,7 @@ def stored_layers(path: Path) -> Iterator:
     from lwpipe.artifact.format import unpack
     from lwpipe.artifact.layer_read import read_layer
 
-    data = read_bytes(path)
+    data = read_bytes(path, mapped=True)
     header, body = unpack(data, str(path), view=True)
     try:
         raw, streams = readers(header, body)

@@ -70,3 +70,20 @@ def test_a_bf16_llama_streams_in_its_own_dtype(tmp_path):
     model = lwpipe.load(path, constrained=True)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert verify.streamed_mismatch(path, model) is None
+
+
+def test_the_check_reads_the_file_mapped_and_a_damaged_one_is_still_named(tmp_path):
+    import mmap
+
+    run_recipe(QUICK, tmp_path)
+    path = tmp_path / "model.lwp"
+    mapped = read_bytes(path, mapped=True)
+    assert isinstance(mapped, mmap.mmap)
+    (h1, b1), (h2, b2) = unpack(mapped, "m", view=True), unpack(read_bytes(path), "b", view=True)
+    assert h1 == h2 and bytes(b1) == bytes(b2)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    bad = tmp_path / "bad.lwp"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(LwpipeError, match="damaged: its CRC-32"):
+        verify.verify_artifact(bad, lwpipe.load(path, constrained=True))

@@ -94,7 +94,7 @@ def load(
         ) from None
 
 
-def read_bytes(path, max_dense_bytes: int | None = None) -> bytes:
+def read_bytes(path, max_dense_bytes: int | None = None, mapped: bool = False) -> bytes:
     """The file's bytes, read only when it is a regular file whose header passes `check_header` (and whose
     length is what that header can explain)."""
 
@@ -104,7 +104,7 @@ def read_bytes(path, max_dense_bytes: int | None = None) -> bytes:
         except (ValueError, KeyError, TypeError) as e:
             raise ArtifactError(f"{path} cannot be decoded: {e}") from None
 
-    return read_file(path, check)
+    return read_file(path, check, mapped)
 
 
 def read(data: bytes, source: str = "artifact", max_dense_bytes: int | None = None) -> Artifact:

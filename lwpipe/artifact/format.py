@@ -18,6 +18,7 @@ and the model is built only from an allowlist (see decode.py).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import stat
 import zlib
@@ -157,7 +158,7 @@ def unpack(data: bytes, source: str = "artifact", view: bool = False) -> tuple[d
     of `data` (no copy)."""
     size, pos = _prefix(data, source)
     _check_length(len(data), size, source)
-    if zlib.crc32(data[:-4]) != int.from_bytes(data[-4:], "little"):
+    if crc32(data) != int.from_bytes(data[-4:], "little"):
         raise ArtifactError(
             f"{source} is damaged: its CRC-32 checksum does not match its contents "
             "(the file was altered or corrupted after it was written)"
@@ -166,7 +167,25 @@ def unpack(data: bytes, source: str = "artifact", view: bool = False) -> tuple[d
     return header, (memoryview(data) if view else data)[start:-4]
 
 
-def read_file(path, check) -> bytes:
+def crc32(data) -> int:
+    """CRC-32 of all but the last 4 bytes, read in place (no copy of the body); a mapped file's pages are
+    dropped from the process as they are checked (drop_pages)."""
+    view, crc, step = memoryview(data)[:-4], 0, 64 << 20
+    for i in range(0, len(view), step):
+        crc = zlib.crc32(view[i : i + step], crc)
+        drop_pages(data, i, min(step, len(view) - i))
+    return crc
+
+
+def drop_pages(data, start: int = 0, length: int = 0) -> None:
+    """Hand a mapped file's pages back (they are read again from the page cache if touched): a mapping
+    that was read through would otherwise count in full in the process's RSS. Bytes: nothing to do."""
+    mapped = data.obj if isinstance(data, memoryview) else data
+    if isinstance(mapped, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED, start, length or len(mapped) - start)
+
+
+def read_file(path, check, mapped: bool = False) -> bytes:
     """The bytes of an artifact file, read only after `check(header, body_length)` accepted its header.
 
     Anything but a regular file (a FIFO would block, /dev/zero never ends) is refused unread, as is a
@@ -188,12 +207,12 @@ def read_file(path, check) -> bytes:
         raise
     with os.fdopen(fd, "rb", buffering=0) as f:
         try:
-            return _read_checked(f, info.st_size, source, check)
+            return _read_checked(f, info.st_size, source, check, mapped)
         except OSError as e:
             raise ArtifactError(f"cannot read {source}: {e.strerror or e}") from None
 
 
-def _read_checked(f, size: int, source: str, check) -> bytes:
+def _read_checked(f, size: int, source: str, check, mapped: bool = False) -> bytes:
     declared, pos = _prefix(f.read(min(size, 16)), source)
     _check_length(size, declared, source)
     f.seek(0)
@@ -207,6 +226,8 @@ def _read_checked(f, size: int, source: str, check) -> bytes:
             _crc_matches(f, size, source)
         raise
     f.seek(0)
+    if mapped and size:  # read where it lies: the process holds only the pages it is reading
+        return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
     return f.read(size + 1)
 
 
