@@ -66,3 +66,15 @@ def test_sparse_chain_keeps_leading_dims_activations_and_dense_members():
     with torch.no_grad():
         torch.testing.assert_close(form(x), mlp(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(form(x[:1, :2]), mlp(x[:1, :2]), rtol=1e-5, atol=1e-5)  # 2 rows: dense path
+
+
+def test_a_setting_only_another_form_reads_is_refused():
+    from lwpipe.stages.export import Export, ExportConfig
+
+    why = Export.check_order(ExportConfig(smooth=0.5), [])
+    assert why == (
+        "smooth=0.5 is set but format=dense: smooth is only used by format=onnx; add onnx to format or drop smooth"
+    )
+    assert "gguf_type" in Export.check_order(ExportConfig(format=["onnx"], gguf_type="q4_0"), [])
+    both = ExportConfig(format=["onnx", "gguf"], gguf_type="q4_0", requantize=True, smooth=0.5)
+    assert Export.check_order(both, []) is None

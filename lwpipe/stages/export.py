@@ -55,6 +55,16 @@ class ExportConfig(Strict):
     smooth: float | None = Field(None, gt=0, lt=1)  # onnx only: SmoothQuant's alpha for the int8 Linear layers
 
 
+ONLY = {  # settings that only one form reads
+    "min_sparsity": "sparse",
+    "min_batch": "sparse",
+    "gguf_type": "gguf",
+    "requantize": "gguf",
+    "float_layers": "onnx",
+    "smooth": "onnx",
+}
+
+
 @register("export")
 class Export(Stage):
     Config = ExportConfig
@@ -81,6 +91,12 @@ class Export(Stage):
         torch_forms = [f for f in forms if f in TORCH_FORMATS]
         if len(torch_forms) > 1:
             return f"format={forms}: at most one of {list(TORCH_FORMATS)} (each writes export.pt*) per run"
+        for key in sorted(cfg.model_fields_set & set(ONLY)):  # set, and no form would read it
+            if ONLY[key] not in forms:
+                return (
+                    f"{key}={getattr(cfg, key)} is set but format={cfg.format}: {key} is only used by "
+                    f"format={ONLY[key]}; add {ONLY[key]} to format or drop {key}"
+                )
         for fmt in set(forms) - set(TORCH_FORMATS):
             why = deploy.writer(fmt).check_order(cfg, before)
             if why:
