@@ -13,7 +13,8 @@ rows / channels; Embedding: whole tokens) or N:M along the input dimension.
 Ranking per layer or global. One-shot, or gradual over `steps` with the cubic
 schedule of Zhu & Gupta (2017), fine-tuning after each step.
 `sparsegpt` (Frantar & Alistarh 2023) drops the weights with the lowest w^2 / [H^-1]_jj^2 of the layer's
-input Hessian and updates the kept ones to make up for them (lwpipe/gptq.py); unstructured or N:M, per layer.
+input Hessian and updates the kept ones to make up for them (lwpipe/gptq.py); unstructured or N:M, per layer,
+block by block with `calibration.sequential` (lwpipe/stages/prune_sparsegpt.py).
 `threshold: eps` (unstructured, one-shot) prunes every weight whose score is below eps
 instead of a target sparsity; the sparsity it reaches is logged.
 `entropy` (sparse variational dropout, lwpipe/entropy_prune.py; structured: activation entropy) prunes
