@@ -7,7 +7,8 @@ Trains a small GPT-2 (4 layers, 256 wide, a 2,000-token BPE vocabulary trained o
 no download), split as lwpipe splits its built-in corpus (seed 0, 20% held out). Then, through
 `lwpipe` on the saved model directory with 128 training sentences for calibration and the held-out
 ones for perplexity: round to nearest on gptq_w4's grid (method=rtn; clip_search stays on), gptq_w4, and
-sparsegpt_24_w4.
+sparsegpt_24_w4 (block-sequential, the default) and again with calibration.sequential=false (every
+layer's Hessian from the original model in one pass).
 Targets: GPTQ's perplexity increase at most half of round-to-nearest's; SparseGPT 2:4 + GPTQ's at
 most 2x GPTQ's.
 """
@@ -114,7 +115,8 @@ def main() -> None:
                 ],
             ),
             ("gptq_w4", "gptq_w4", []),
-            ("sparsegpt_24_w4", "sparsegpt_24_w4", []),
+            ("sparsegpt_24_w4", "sparsegpt_24_w4", []),  # calibration.sequential: block by block
+            ("sparsegpt one pass", "sparsegpt_24_w4", ["calibration.sequential=false"]),  # the original's Hessians
         ):
             summary = lwpipe_run(model, calib, held, scratch / name.replace(" ", "_"), recipe, extra)
             base, final = summary["baseline"]["perplexity"], summary["final"]["perplexity"]

@@ -4,7 +4,7 @@ As the GPTQ paper (Frantar et al. 2022) and llm-compressor's sequential pipeline
 first of the model's repeated blocks are captured on the calibration batches (a forward pre-hook that
 stores them and raises, so nothing after the block runs), then for each block in turn its layers' input
 Hessians are gathered by running that block alone on the carried inputs (float32 sums), the block is
-compressed (GPTQ, SparseGPT: the stage does it between two calls), and the compressed block's outputs
+compressed (GPTQ, SparseGPT: the quantize or prune stage does it between two calls), and the compressed block's outputs
 replace the carried inputs for the next block. The model is never copied and the rest of the model never
 runs again; memory is the model, one block's inputs over the calibration set and one batch's activations.
 
@@ -128,6 +128,19 @@ class Calibrator:
         if index is None:
             return gptq.input_hessians(self.model, layers, batches(), forward)
         return self.block_hessians(index, layers)
+
+    def supported_hessians(
+        self, layers: dict[str, nn.Module], batches: Callable[[], Iterable], forward: Forward, no_data: Callable
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """`hessians` of those of `layers` GPTQ's math takes (lwpipe.gptq.supports; ({}, 0) when none does);
+        `no_data()`: the error raised when the calibration data gives no batch."""
+        able = {n: m for n, m in layers.items() if gptq.supports(m)}
+        if not able:
+            return {}, 0
+        hs, seen = self.hessians(able, batches, forward)
+        if not seen:
+            raise no_data()
+        return hs, seen
 
     @torch.no_grad()
     def block_hessians(self, index: int, layers: dict[str, nn.Module]) -> tuple[dict[str, torch.Tensor], int]:

@@ -63,15 +63,20 @@ def test_gptq_w4_quantizes_the_linear_layers_in_groups_and_keeps_embeddings_and_
     assert 1 < records[0]["perplexity"] and final["perplexity"] < 10 * records[0]["perplexity"]
 
 
-def test_sparsegpt_24_w4_keeps_two_of_every_four_and_quantizes_them(files, tmp_path):
-    final, records = run_recipe(args(files, "sparsegpt_24_w4", "llama"), tmp_path)
-    loaded = lwpipe.load(tmp_path / "model.lwp", constrained=True)
-    proj = dict(loaded.named_modules())["model.layers.0.mlp.down_proj"]
-    w = proj.weight.detach()
-    assert ((w != 0).view(w.shape[0], -1, 4).sum(2) <= 2).all()
-    assert constraint(proj).group == 16
+@pytest.mark.parametrize("sequential", ["true", "false"])
+def test_sparsegpt_24_w4_keeps_two_of_every_four_and_quantizes_them(files, tmp_path, sequential):
+    final, records = run_recipe(
+        [*args(files, "sparsegpt_24_w4", "llama"), f"calibration.sequential={sequential}"], tmp_path
+    )
+    loaded = lwpipe.load(tmp_path / "model.lwp", constrained=True)  # the runner verified it against the model
+    blocks = [(n, m) for n, m in compressible_layers(loaded) if n.startswith("model.layers.")]
+    assert len(blocks) == 14  # 2 blocks of q, k, v, o, gate, up, down
+    for name, proj in blocks:
+        w = proj.weight.detach()
+        assert ((w != 0).view(w.shape[0], -1, 4).sum(2) <= 2).all(), name
+        assert constraint(proj).group == 16 and constraint(proj).quantized
     assert constraint(dict(loaded.named_modules())["model.embed_tokens"]) is None
-    assert final["sparsity"] > 0.3
+    assert final["sparsity"] > 0.3 and final["perplexity"] < 10 * records[0]["perplexity"]
 
 
 def test_a_bf16_checkpoint_stays_bf16_through_gptq_w4_and_its_file(files, tmp_path):

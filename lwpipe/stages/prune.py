@@ -13,7 +13,8 @@ rows / channels; Embedding: whole tokens) or N:M along the input dimension.
 Ranking per layer or global. One-shot, or gradual over `steps` with the cubic
 schedule of Zhu & Gupta (2017), fine-tuning after each step.
 `sparsegpt` (Frantar & Alistarh 2023) drops the weights with the lowest w^2 / [H^-1]_jj^2 of the layer's
-input Hessian and updates the kept ones to make up for them (lwpipe/gptq.py); unstructured or N:M, per layer.
+input Hessian and updates the kept ones to make up for them (lwpipe/gptq.py); unstructured or N:M, per layer,
+block by block with `calibration.sequential` (lwpipe/stages/prune_sparsegpt.py).
 `threshold: eps` (unstructured, one-shot) prunes every weight whose score is below eps
 instead of a target sparsity; the sparsity it reaches is logged.
 `entropy` (sparse variational dropout, lwpipe/entropy_prune.py; structured: activation entropy) prunes
@@ -29,8 +30,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from lwpipe import entropy_prune, gptq, structured
-from lwpipe.blockwise import calibration_batches
+from lwpipe import entropy_prune, structured
 from lwpipe.bn import recalibrate_bn
 from lwpipe.calibration import input_channel_norms, task_forward
 from lwpipe.constraints import (
@@ -57,6 +57,7 @@ from lwpipe.masks import (  # noqa: F401  (re-exported: the stage's math, by its
 )
 from lwpipe.scoring import gradient_scores, magnitude_scores, taylor_scores, wanda_scores
 from lwpipe.settings import CalibrationSettings, LayerPrune, Strict, TrainSettings
+from lwpipe.stages import prune_sparsegpt
 from lwpipe.stages.base import Stage
 from lwpipe.stages.prune_checks import check_not_emptied, check_sparsegpt, check_threshold
 from lwpipe.stages.registry import register
@@ -228,19 +229,6 @@ class Prune(Stage):
             with torch.enable_grad():
                 scores = gradient_scores(model, batches, list(mods.values()), ctx.loss, self.cfg.criterion)
             return dict(zip(mods, scores)), None
-        if self.cfg.criterion == "sparsegpt":
-            if self.cfg.calibration is not None and "calibration_batches" not in self.cfg.model_fields_set:
-                # calibration.samples texts of calibration.seq_len tokens (the stage's calibration_batches wins)
-                batches = calibration_batches(ctx, self.cfg.calibration, ctx.batch_size)()
-            hs, seen = gptq.input_hessians(
-                model, {n: m for n, m in mods.items() if gptq.supports(m)}, batches, task_forward(ctx)
-            )
-            if not seen:
-                raise self._no_data()
-            rounded = [n for n in mods if n not in hs]
-            if rounded:  # Embedding (no input activation), grouped convs, layers no forward reached
-                log.info("  sparsegpt: no input Hessian for %s; ranked by magnitude", ", ".join(rounded))
-            return None, hs
         if self.cfg.criterion == "wanda":
             norms, seen = input_channel_norms(model, mods, batches, task_forward(ctx))
             if not seen:
@@ -271,6 +259,12 @@ class Prune(Stage):
         self, model, ctx: Context, layers: dict[str, nn.Module], targets: dict[str, float], ties: dict
     ) -> None:
         names = list(targets)
+        if self.cfg.criterion == "sparsegpt":  # group by group: the Hessians through the layers pruned before
+            for n in names:
+                ensure_constraint(layers[n], ties.get(n, ()))
+            if not _has_batches(ctx):
+                raise self._no_data()
+            return prune_sparsegpt.prune(self, model, ctx, layers, targets)
         taylor, norms = self._calibrate(model, ctx, {n: layers[n] for n in names})
         for n in names:
             ensure_constraint(layers[n], ties.get(n, ()))
@@ -308,21 +302,17 @@ class Prune(Stage):
         for n in names:  # one layer's scores at a time: memory stays near one model copy
             if n in pooled:
                 continue
-            m = layers[n]
-            if self.cfg.criterion == "sparsegpt" and n in norms:
-                self._sparsegpt(n, m, norms.pop(n), targets[n])
-                continue
-            score = self._score(n, m, taylor, norms)
-            if self.cfg.granularity == "nm":
-                mask = nm_mask(score, self.cfg.n, self.cfg.m, in_axis(m) if in_axis(m) is not None else 1)
-            elif self.cfg.granularity == "structured":
-                mask = row_mask(score, targets[n], out_axis(m))
-            elif norms is not None and n in norms:  # Wanda compares weights within each output row
-                mask = row_lowest_mask(score, targets[n], out_axis(m))
-            else:
-                mask = lowest_mask(score, targets[n])
-            del score
-            self._apply(m, mask)
+            m, by_row = layers[n], norms is not None and n in norms
+            self._apply(m, self._mask(m, self._score(n, m, taylor, norms), targets[n], by_row))
+
+    def _mask(self, m: nn.Module, score: torch.Tensor, target: float, by_row: bool = False) -> torch.Tensor:
+        """The keep mask of `score` at sparsity `target` in the stage's granularity; `by_row`: Wanda compares
+        weights within each output row."""
+        if self.cfg.granularity == "nm":
+            return nm_mask(score, self.cfg.n, self.cfg.m, in_axis(m) if in_axis(m) is not None else 1)
+        if self.cfg.granularity == "structured":
+            return row_mask(score, target, out_axis(m))
+        return row_lowest_mask(score, target, out_axis(m)) if by_row else lowest_mask(score, target)
 
     def _prune_by_threshold(self, layers: dict[str, nn.Module], names: list[str], taylor, norms) -> None:
         """Every mask first, then apply: a threshold that empties a layer is refused before any layer changes."""
@@ -348,17 +338,6 @@ class Prune(Stage):
             self.cfg.criterion,
             ", ".join(f"{n}={v:.3f}" for n, v in reached.items()),
         )
-
-    def _sparsegpt(self, name: str, m: nn.Module, h: torch.Tensor, sparsity: float) -> None:
-        """The layer's mask and its kept weights' new values, from its input Hessian."""
-        c = ensure_constraint(m)
-        w = original_weight(m).detach().float()
-        keep = gptq.as_rows(m, c.mask) if c.mask is not None else None
-        nm = (self.cfg.n, self.cfg.m) if self.cfg.granularity == "nm" else None
-        block = max(self.cfg.m, self.cfg.block // self.cfg.m * self.cfg.m) if nm else self.cfg.block
-        values, keep = gptq.sparsegpt_weight(gptq.as_rows(m, w), h, sparsity, nm, keep, block, self.cfg.damp, name)
-        original_weight(m).copy_(gptq.from_rows(m, values, w.shape).to(original_weight(m).dtype))
-        self._apply(m, gptq.from_rows(m, keep, w.shape))
 
     @staticmethod
     def _apply(module: nn.Module, mask: torch.Tensor) -> None:

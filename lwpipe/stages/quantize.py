@@ -46,7 +46,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from lwpipe import frequency, gptq
+from lwpipe import frequency
 from lwpipe.bits_auto import (  # noqa: F401  (kept_count, auto_candidates: re-exported)
     auto_candidates,
     kept_count,
@@ -331,18 +331,11 @@ class Quantize(Stage):
         """method: gptq: the input Hessians of the GPTQ-able layers among `names`, from `calibration.samples`
         training examples, through the model as it is now (earlier groups already quantized; a block's from
         the carried outputs of the blocks before it, lwpipe/blockwise.py)."""
-        layers = {n: m for n, m in compressible_layers(model) if n in names and gptq.supports(m)}
-        if not layers:
-            return {}
+        layers = {n: m for n, m in compressible_layers(model) if n in names}
         batches = calibration_batches(ctx, self.calibration(), self.cfg.finetune.batch_size or ctx.batch_size)
-        hs, seen = self.calibrator.hessians(layers, batches, task_forward(ctx))
-        if not seen:
-            raise ConfigError(
-                f"stages.{ctx.stage or 'quantize'}.method",
-                "gptq",
-                "needs calibration batches (the layers' input Hessians), and data.train gives none; use method: rtn",
-            )
-        log.info("  gptq: input Hessians of %d layers from %d calibration batches", len(hs), seen)
+        hs, seen = self.calibrator.supported_hessians(layers, batches, task_forward(ctx), lambda: no_data(ctx))
+        if hs:
+            log.info("  gptq: input Hessians of %d layers from %d calibration batches", len(hs), seen)
         return hs
 
     def quantizer(self, lc: LayerQuant):
@@ -353,6 +346,14 @@ class Quantize(Stage):
     def allot(self, model: nn.Module, ctx: Context, settings: dict[str, LayerQuant]) -> dict:
         """bits: auto's plan (lwpipe/bits_auto.py): bits per layer from the sensitivities, under the budget."""
         return plan_bits(model, ctx, self.cfg, settings, self.quantizer)
+
+
+def no_data(ctx: Context) -> ConfigError:
+    return ConfigError(
+        f"stages.{ctx.stage or 'quantize'}.method",
+        "gptq",
+        "needs calibration batches (the layers' input Hessians), and data.train gives none; use method: rtn",
+    )
 
 
 def frequency_key(path: str, layers: dict[str, LayerQuant], lc: LayerQuant) -> str:
