@@ -14,8 +14,6 @@ of the whole model, as without `sequential`.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from torch.nn.utils import parametrize
 from lwpipe import gptq
 from lwpipe.calibration import Forward
 from lwpipe.errors import ConfigError
+from lwpipe.memory import release_freed_memory
 from lwpipe.tasks import to_device
 
 
@@ -201,17 +200,6 @@ class Calibrator:
                     c.kwargs["hidden_states"] = out
         self.at += 1
         release_freed_memory()
-
-
-def release_freed_memory() -> None:
-    """Give the allocator's freed pages back to the system (glibc malloc_trim) between blocks: each block's
-    Hessians and GPTQ's float32 work tensors are freed, but without it the process keeps their pages and
-    its RSS creeps up block after block."""
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def without_cache(kwargs: dict) -> dict:

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lwpipe import cache, checkpoint, provenance, speed
+from lwpipe import cache, checkpoint, memory, provenance, speed
 from lwpipe.artifact import encode_model, size_metrics
 from lwpipe.artifact.encode import encoded_size
 from lwpipe.build import (  # noqa: F401  (the runner's public names before lwpipe/build.py)
@@ -78,6 +78,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     torch.manual_seed(recipe.top.seed)
     model, ctx = build_run(recipe.top, Path(run_dir))
     check_fit(model, ctx, recipe.top)
+    memory.map_large_allocations(sum(p.numel() * p.element_size() for p in model.parameters()))
     speed.check_settings(recipe.top.measure, ctx)
     order.check_before_work(recipe.steps, model, ctx)  # settings that name layers, calibration data
     state = Run(recipe, Path(run_dir), model, ctx, started)
@@ -136,6 +137,7 @@ class Run:
             rec.update(size_metrics(size, (first or rec)["dense_bytes"]))
             rec.update(speed.speed_record(model, self.ctx, self.top.measure, first))
         rec["eval_seconds"] = time.perf_counter() - t
+        memory.release_freed_memory()  # the record's work tensors: their pages back to the system
         return rec
 
     def on_epoch(self, model: nn.Module, epoch: int, train_loss: float, **fields) -> None:

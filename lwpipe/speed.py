@@ -17,6 +17,7 @@ context has a task (text models) and `model(x)` otherwise.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -148,9 +149,9 @@ def count_macs(model: nn.Module, run, batch) -> int:
         if isinstance(m, nn.Linear):
             total[0] += out.numel() * m.in_features
         elif isinstance(m, nn.modules.conv._ConvNd):
-            total[0] += out.numel() * (m.in_channels // m.groups) * m.weight[0, 0].numel()
+            total[0] += out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
         else:  # transformers' Conv1D: weight (in, out)
-            total[0] += out.numel() * m.weight.shape[0]
+            total[0] += out.numel() * stored_shape(m)[0]
 
     handles = [
         m.register_forward_hook(hook)
@@ -160,13 +161,19 @@ def count_macs(model: nn.Module, run, batch) -> int:
     was_training = model.training
     try:
         _eval(model, False)
-        with parametrize.cached():
+        with torch.no_grad():  # each constrained weight computed as its layer runs, not all held at once
             run(model, batch)
     finally:
         _eval(model, was_training)
         for h in handles:
             h.remove()
     return total[0] // max(batch_len(batch), 1)
+
+
+def stored_shape(m: nn.Module) -> torch.Size:
+    """The weight's shape without computing a constrained one."""
+    held = parametrize.is_parametrized(m, "weight")
+    return m.parametrizations.weight.original.shape if held else m.weight.shape
 
 
 def speed_record(model: nn.Module, ctx, settings, baseline: dict | None) -> dict:
