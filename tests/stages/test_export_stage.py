@@ -38,7 +38,7 @@ def test_export_forms_load_without_lwpipe_and_keep_predictions(fmt, tmp_path):
             *CHAIN,
             "pipeline=[train,prune,quantize,export]",
             f"+stages.export.format={fmt}",
-            "+stages.export.min_sparsity=0.3",
+            *(["+stages.export.min_sparsity=0.3"] if fmt == "sparse" else []),  # read by sparse only
         ],
         tmp_path,
     )
