@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lwpipe.compressed import original_weight
 from lwpipe.errors import ConfigError
 from lwpipe.tasks import batch_len, head, model_device, to_device
 
@@ -151,7 +152,7 @@ def count_macs(model: nn.Module, run, batch) -> int:
         elif isinstance(m, nn.modules.conv._ConvNd):
             total[0] += out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
         else:  # transformers' Conv1D: weight (in, out)
-            total[0] += out.numel() * stored_shape(m)[0]
+            total[0] += out.numel() * original_weight(m).shape[0]  # not the computed weight
 
     handles = [
         m.register_forward_hook(hook)
@@ -168,12 +169,6 @@ def count_macs(model: nn.Module, run, batch) -> int:
         for h in handles:
             h.remove()
     return total[0] // max(batch_len(batch), 1)
-
-
-def stored_shape(m: nn.Module) -> torch.Size:
-    """The weight's shape without computing a constrained one."""
-    held = parametrize.is_parametrized(m, "weight")
-    return m.parametrizations.weight.original.shape if held else m.weight.shape
 
 
 def speed_record(model: nn.Module, ctx, settings, baseline: dict | None) -> dict:
