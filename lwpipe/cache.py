@@ -261,6 +261,12 @@ class StageCache:
             return None
         return blob if hashlib.sha256(blob).hexdigest() == expected else None
 
+    def copy_file(self, key: str, suffix: str, dest: Path) -> bool:
+        """Copy the entry's `<key><suffix>` file to dest (atomically, never held whole in memory) if it
+        matches its hash; False otherwise."""
+        expected = (self._entry(key, None) or {}).get("files", {}).get(suffix)
+        return expected is not None and copy_checked(self.dir / f"{key}{suffix}", expected, dest)
+
     def _write_files(self, key: str, files: dict[str, bytes | Path]) -> dict[str, str]:
         """Each `<key><suffix>`: bytes, or a file's contents (copied, never held in memory); their sha256."""
         hashes = {}
@@ -322,7 +328,7 @@ class StageCache:
         key: str,
         model: nn.Module,
         records: list[dict],
-        artifact: bytes | None = None,
+        artifact: bytes | Path | None = None,
         outputs: dict[str, Path] | None = None,
     ) -> None:
         """The stage's model, records, its model encoded (`artifact`) and the files it wrote into the run

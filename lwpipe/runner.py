@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -44,8 +45,8 @@ import torch
 from torch import nn
 
 from lwpipe import cache, checkpoint, memory, provenance, speed
-from lwpipe.artifact import encode_model, size_metrics
-from lwpipe.artifact.encode import encoded_size
+from lwpipe.artifact import size_metrics
+from lwpipe.artifact.encode import encoded_size, write_encoded
 from lwpipe.build import (  # noqa: F401  (the runner's public names before lwpipe/build.py)
     _instantiate,
     build_data,
@@ -78,10 +79,11 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     torch.manual_seed(recipe.top.seed)
     model, ctx = build_run(recipe.top, Path(run_dir))
     check_fit(model, ctx, recipe.top)
-    memory.map_large_allocations(sum(p.numel() * p.element_size() for p in model.parameters()))
+    large = memory.map_large_allocations(sum(p.numel() * p.element_size() for p in model.parameters()))
     speed.check_settings(recipe.top.measure, ctx)
     order.check_before_work(recipe.steps, model, ctx)  # settings that name layers, calibration data
     state = Run(recipe, Path(run_dir), model, ctx, started)
+    state.trim = large  # a large model's records hand their work pages back; a small one's cost no trim
     try:
         state.baseline(model)
         for step, s in enumerate(recipe.steps, 1):
@@ -109,9 +111,11 @@ class Run:
         self.loggers = build_loggers(self.top.logger, run_dir)
         self.records: list[dict] = []
         self.current: list[dict] = []  # the records of the stage now running
-        self.encoded: tuple[int | None, bytes] = (None, b"")  # the latest encoding: (step, model.lwp bytes)
+        # the latest encoding: (step, its model.lwp, written to this file, not held in memory)
+        self.encoded: tuple[int | None, Path] = (None, run_dir / ".encoded.lwp")
         self.pending = (model, self.steps)  # the uncompressed model the reference is made of, the steps after it
         self.compressed = False
+        self.trim = False  # memory.release_freed_memory after each record (large models: run() sets it)
         self.teachers = {getattr(s.config, "teacher", None) for s in self.steps}
         self.hit = True  # the last stage came from the cache
         self.stage_start = self.overhead = self.seconds = self.work_seconds = 0.0
@@ -131,13 +135,14 @@ class Run:
             if step == 0 and self.steps:  # the input's file is never written: its size alone, no bytes held
                 size = encoded_size(model, self.ctx.model_config, resized(model, self.built_shapes))
             else:
-                self.encoded = (step, self.encode(model))
-                size = len(self.encoded[1])
+                size = self.encode(model, self.encoded[1])
+                self.encoded = (step, self.encoded[1])
             # against the input model's fp32 bytes: structured pruning and factorize shrink dense_bytes itself
             rec.update(size_metrics(size, (first or rec)["dense_bytes"]))
             rec.update(speed.speed_record(model, self.ctx, self.top.measure, first))
         rec["eval_seconds"] = time.perf_counter() - t
-        memory.release_freed_memory()  # the record's work tensors: their pages back to the system
+        if self.trim:  # the record's work tensors: their pages back to the system
+            memory.release_freed_memory()
         return rec
 
     def on_epoch(self, model: nn.Module, epoch: int, train_loss: float, **fields) -> None:
@@ -215,7 +220,8 @@ class Run:
             self.current.append(rec)
             warn_if_larger(s, self.records[-1], rec)
             files = {n: self.run_dir / n for n in s.cls.writes if (self.run_dir / n).is_file()}
-            self.cache.store(self.key, model, self.current, self.encoded[1], files)  # first: a logged stage_end
+            encoded = self.encoded[1] if self.encoded[0] == step else None
+            self.cache.store(self.key, model, self.current, encoded, files)  # first: a logged stage_end
             self.emit(rec)  # is resumable
         self.records.append(self.current[-1])
         (self.run_dir / "checkpoints").mkdir(exist_ok=True)
@@ -223,27 +229,30 @@ class Run:
         if not self.cache.copy_state(self.key, path):  # the entry's file: byte-identical in every run
             checkpoint.save_state(model, path)
 
-    def artifact(self, model: nn.Module) -> bytes:
-        """model.lwp's bytes: the last stage_end already encoded this very model; from the cache, its entry
-        holds that encoding."""
-        if self.encoded[0] == len(self.steps):
-            return self.encoded[1]
-        cached = self.hit and self.steps and self.cache.file(self.key, ".lwp")
-        return cached or self.encode(model)
+    def artifact(self, model: nn.Module, path: Path) -> int:
+        """Write model.lwp to `path`; its length. The last stage_end already encoded this very model (its
+        file is moved there); from the cache, its entry holds that encoding (copied when it still matches)."""
+        step, encoded = self.encoded
+        self.encoded = (None, encoded)
+        if step == len(self.steps) and encoded.is_file():
+            os.replace(encoded, path)
+            return path.stat().st_size
+        if self.hit and self.steps and self.cache.copy_file(self.key, ".lwp", path):
+            return path.stat().st_size
+        return self.encode(model, path)
 
-    def encode(self, model: nn.Module) -> bytes:
-        """model.lwp's bytes of `model`: the builder's rebuild description, and whether its layers were shrunk."""
-        return encode_model(model, self.ctx.model_config, resized(model, self.built_shapes))
+    def encode(self, model: nn.Module, path: Path) -> int:
+        """Write `model` as model.lwp to `path` (the builder's rebuild description, and whether its layers were
+        shrunk); the file's length."""
+        return write_encoded(model, self.ctx.model_config, path, resized(model, self.built_shapes))
 
     def finish(self, model: nn.Module) -> dict:
         """model.lwp (verified), the loggers' files, then summary.json, written last; returns the final record."""
         final = {**self.records[-1], "event": "final"}
         if self.top.artifact:  # before summary.json: a finished run has its artifact
-            blob = self.artifact(model)
+            size = self.artifact(model, self.run_dir / "model.lwp")
             save_tokenizer(self.ctx.data, self.run_dir)
-            checkpoint.atomic_write(self.run_dir / "model.lwp", lambda tmp: Path(tmp).write_bytes(blob))
-            final.update(size_metrics(len(blob), self.records[0]["dense_bytes"]))
-            self.encoded, blob = (None, b""), None  # the file holds it now: the check streams it from there
+            final.update(size_metrics(size, self.records[0]["dense_bytes"]))
             verify_artifact(self.run_dir / "model.lwp", model)
         summary = {
             "recipe": self.top.name,
@@ -262,6 +271,7 @@ class Run:
         return final
 
     def close(self) -> None:
+        self.encoded[1].unlink(missing_ok=True)  # a step's encoding: model.lwp only once the run verified it
         self.cache.release()  # a stage that failed: jobs waiting for it compute it themselves
         if self.initial is not None:
             self.initial.close()

@@ -123,3 +123,12 @@ def test_floats_split_in_chunks_round_trip_exactly(dtype):
     symbols, low, mantissa = split_float(t)
     assert len(mantissa) == (t.numel() * {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}[dtype] + 7) // 8
     assert torch.equal(join_float(symbols, low, mantissa, dtype).view(torch.uint8), t.view(torch.uint8))
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_only_a_large_model_trims_after_each_record(monkeypatch, tmp_path, large):
+    trims = []
+    monkeypatch.setattr(runner.memory, "map_large_allocations", lambda nbytes: large)
+    monkeypatch.setattr(runner.memory, "release_freed_memory", lambda: trims.append(1))
+    _, records = run_recipe(ONE_SHOT + ["pipeline=[train,prune]", "stages.train.epochs=2"], tmp_path)
+    assert len(trims) == (len(records) if large else 0)  # epoch records too, only when large

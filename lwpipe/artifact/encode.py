@@ -32,6 +32,7 @@ from lwpipe.artifact.format import FIRST_VERSION, MAGIC, VERSION, _deflate, _leb
 from lwpipe.artifact.positions import choose_escape
 from lwpipe.artifact.raw import FLOAT_FIELDS, dtype_name, lossless_dtype, split_float, tensor_bytes
 from lwpipe.artifact.raw import sign_exponent as raw_fields
+from lwpipe.checkpoint import atomic_write
 from lwpipe.constraints import (
     BIAS_LEVELS,
     Compressed,
@@ -52,6 +53,25 @@ def encode_model(model: nn.Module, model_config: dict | None, resized: bool = Fa
     `resized`: structured pruning shrank its layers (lwpipe/structured.resized), so a loader may shrink the
     model `model_config` builds to the stored shapes."""
     return encode(model, model_config, resized)[0]
+
+
+def write_encoded(model: nn.Module, model_config: dict | None, path, resized: bool = False) -> int:
+    """encode_model(...) written to `path` (atomically: a reader never sees half a file), section by section:
+    the file is never assembled in memory beside its sections (at 1.1 B parameters, 0.6 GB less at the peak).
+    Returns the file's length."""
+    header, sections, version, _ = encode_parts(model, model_config, bytearray(), resized)
+    parts = frame_parts(header, sections, version)
+
+    def write(tmp) -> None:
+        with open(tmp, "wb") as f:
+            crc = 0
+            for part in parts:
+                crc = zlib.crc32(part, crc)
+                f.write(part)
+            f.write(crc.to_bytes(4, "little"))
+
+    atomic_write(path, write)
+    return sum(len(p) for p in parts) + 4
 
 
 def encoded_size(model: nn.Module, model_config: dict | None, resized: bool = False) -> int:
@@ -134,13 +154,19 @@ def frame(header: dict, body_len: int, version: int) -> tuple[bytes, int]:
     return prefix + _leb128(size) + rest, size
 
 
+def frame_parts(header: dict, sections: tuple, version: int) -> list:
+    """The file's parts in order, all but its CRC: the frame, then the raw, bit and word sections (no copies)."""
+    raw, bits, words = sections
+    start, _ = frame(header, len(raw) + len(bits) + words.nbytes, version)
+    return [start, memoryview(raw), memoryview(bits), memoryview(words).cast("B")]
+
+
 def assemble(header: dict, sections: tuple, version: int) -> bytearray:
     """format.pack(header, raw + bits + words, version), written once into one buffer (no copies of the body)."""
-    raw, bits, words = sections
-    start, size = frame(header, len(raw) + len(bits) + words.nbytes, version)
-    out = bytearray(size)
+    parts = frame_parts(header, sections, version)
+    out = bytearray(sum(len(p) for p in parts) + 4)
     pos = 0
-    for part in (start, raw, bits, memoryview(words).cast("B")):
+    for part in parts:
         out[pos : pos + len(part)] = part
         pos += len(part)
     out[pos:] = zlib.crc32(memoryview(out)[:pos]).to_bytes(4, "little")

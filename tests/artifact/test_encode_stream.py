@@ -6,7 +6,7 @@ from torch import nn
 
 from lwpipe.artifact import encode as encode_module
 from lwpipe.artifact.coding import StreamWriter
-from lwpipe.artifact.encode import encode, encode_parts, encoded_size
+from lwpipe.artifact.encode import encode, encode_parts, encoded_size, write_encoded
 from lwpipe.artifact.format import pack
 from lwpipe.constraints import ensure_constraint
 from lwpipe.grid import quantize_layer
@@ -43,3 +43,12 @@ def test_assembled_file_is_format_pack_and_encoded_size_is_its_length():
     packed = pack(header, bytes(raw) + bits + words.tobytes(), version)
     assert bytes(encode_module.assemble(header, (raw, bits, words), version)) == packed
     assert encoded_size(model, None) == len(packed) == len(encode(model, None)[0])
+
+
+def test_written_file_is_the_encoded_bytes(tmp_path):
+    for dtype in (torch.float32, torch.bfloat16):
+        model = small_model(dtype)
+        size = write_encoded(model, None, tmp_path / "m.lwp")
+        assert (tmp_path / "m.lwp").read_bytes() == bytes(encode(model, None)[0])
+        assert size == (tmp_path / "m.lwp").stat().st_size
+        assert not [p for p in tmp_path.iterdir() if p.name != "m.lwp"]  # no temporary file left
