@@ -3,11 +3,13 @@
 The compressed model, its constraints baked into plain weights, is traced (torch.onnx, dynamic batch and
 sequence axes, a text model's attention mask an input); ORT's transformer optimizer fuses its layer norms
 and GELUs where it recognises them; then each Linear on a symmetric grid of 8 bits or fewer runs ORT's int8
-kernel on the pipeline's own levels and scales (lwpipe.deploy.onnx_graph), convolutions on such grids are
-stored as int8 levels behind DequantizeLinear, and every other weight stays fp32 (the values the compressed
-model computes with: exact). With `activations: static` (opt-in: `auto` is the above), every convolution and
-Linear runs ORT's static int8 kernels instead, on activation scales calibrated on `calibration_batches` training
-batches and the pipeline's levels where it has them (lwpipe.deploy.onnx_static). The file is then scored BY
+kernel on the pipeline's own levels and scales (lwpipe.deploy.onnx_graph), and every other weight, convolutions
+included, stays fp32 (the values the compressed model computes with, BatchNorm folded in: exact). A convolution
+is not stored as int8 levels behind a DequantizeLinear: ORT does not fold that node away and dequantizes the
+weight on every call (1.7x slower convolutions on recipe=resnet_cifar_like's quantized ResNet). With
+`activations: static` (opt-in: `auto` is the above), every convolution and Linear runs ORT's static int8
+kernels instead, on activation scales calibrated on `calibration_batches` training batches and the pipeline's
+levels where it has them (lwpipe.deploy.onnx_static). The file is then scored BY
 ONNX Runtime against the uncompressed reference and timed at batch 1 and the measured batch next to PyTorch fp32.
 """
 
@@ -30,10 +32,15 @@ from lwpipe.tasks import head, model_inputs
 log = logging.getLogger("lwpipe")
 OPSET = 17
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-INT8_KINDS = ("matmul_integer", "dequantize_linear", "int8_levels", "int8_rounded")  # export.json's layers
+INT8_KINDS = ("matmul_integer", "int8_levels", "int8_rounded")  # export.json's layers
 
 
 def check_order(cfg, before) -> str | None:
+    if getattr(cfg, "reduce_range", False) and cfg.activations != "static":
+        return (
+            f"reduce_range=true narrows activations=static's int8 weights to 7 bits; activations={cfg.activations} "
+            "writes none: set activations=static or drop reduce_range"
+        )
     if cfg.activations == "static" and getattr(cfg, "smooth", None):
         return (
             f"smooth={cfg.smooth} smooths the inputs of activations=dynamic's int8 Linear layers; "
@@ -201,11 +208,14 @@ def timings(model: nn.Module, form: nn.Module, ctx, settings) -> dict:
     return out
 
 
-def build(model: nn.Module, example, path: Path, float_layers=(), smooth=None, static=None) -> dict:
+def build(
+    model: nn.Module, example, path: Path, float_layers=(), smooth=None, static=None, reduce_range: bool = False
+) -> dict:
     """Trace, optimise and quantize the compressed `model` into `path`; what was done, per layer.
     `smooth`: (alpha, calibration batches, forward(model, batch)) to smooth the int8 Linear layers' inputs.
     `static`: calibration input tensors: every convolution and Linear runs ORT's static int8 kernels
-    (lwpipe.deploy.onnx_static) instead of the dynamic MatMulInteger / fp32 convolutions."""
+    (lwpipe.deploy.onnx_static) instead of the dynamic MatMulInteger / fp32 convolutions, on 7-bit weights
+    with `reduce_range`."""
     import onnx
 
     from lwpipe.deploy.onnx_graph import quantize_graph
@@ -214,11 +224,8 @@ def build(model: nn.Module, example, path: Path, float_layers=(), smooth=None, s
 
     levels = layer_levels(model, () if static is not None else float_layers)
     errors = smooth_levels(model, levels, *smooth) if smooth else None
-    if static is not None:  # BatchNorm into the convolutions first: their traced weights are then known
-        plain, levels = folded(model, levels)
-    else:  # (not here: a folded convolution would be found and written behind a DequantizeLinear, which ORT
-        # does not fold away: 1.7x slower float convolutions on recipe=resnet_cifar_like's quantized ResNet)
-        plain = export.plain_copy(model).cpu().eval()
+    # BatchNorm into the convolutions first: the traced weights are then the ones whose levels are known
+    plain, levels = folded(model, levels)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
         try:
@@ -228,7 +235,7 @@ def build(model: nn.Module, example, path: Path, float_layers=(), smooth=None, s
             raise RuntimeError(f"format=onnx: the model does not trace to ONNX: {type(e).__name__}: {why}") from e
         fused = optimize(raw, plain)
         if static is not None:
-            layers = build_static(plain, raw, path, levels, static, float_layers)
+            layers = build_static(plain, raw, path, levels, static, float_layers, reduce_range)
         else:
             proto = onnx.load(str(raw))
             layers = quantize_graph(proto, levels)
@@ -254,7 +261,10 @@ def write(model: nn.Module, ctx, cfg, out: Path) -> dict:
         smooth = (cfg.smooth, batches, speed.forward_fn(ctx))
     if cfg.activations == "static":
         static = [model_inputs(b) for b in ctx.calibration_batches(cfg.calibration_batches)]
-    info = {"file": f"export/{path.name}", **build(model, example, path, cfg.float_layers, smooth, static)}
+    info = {
+        "file": f"export/{path.name}",
+        **build(model, example, path, cfg.float_layers, smooth, static, cfg.reduce_range),
+    }
     info["activations"] = "static" if static is not None else "dynamic"
     info["bytes"] = path.stat().st_size
     kinds = list(info["layers"].values())

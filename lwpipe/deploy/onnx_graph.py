@@ -6,9 +6,9 @@ A Linear layer on a symmetric grid of 8 bits or fewer becomes, in place of its M
 
 (the pattern ONNX Runtime's own `quantize_dynamic` writes, which ORT fuses into one int8 kernel), its
 W_q being exactly the pipeline's levels and w_scale its per-tensor or per-channel scales. Other quantized
-weights (convolutions) are stored as int8 levels behind a DequantizeLinear (per-tensor or along the output
-axis), which ORT computes in float. Weights are found in the graph by their values (the exporter renames
-and transposes initializers), so the graph's numbers never change: only their storage and kernel do.
+weights (convolutions) stay fp32: behind a DequantizeLinear ORT would dequantize them on every call.
+Weights are found in the graph by their values (the exporter renames and transposes initializers), so the
+graph's numbers never change: only their storage and kernel do.
 """
 
 from __future__ import annotations
@@ -63,24 +63,10 @@ def _dynamic_matmul(name: str, x: str, y: str, wq: np.ndarray, scale: np.ndarray
     return nodes, inits
 
 
-def _dequantized(name: str, wq: np.ndarray, scale: np.ndarray, axis: int):
-    """A DequantizeLinear node giving the float weight back from int8 levels (output `name`)."""
-    p = f"{name}_dq"
-    per_channel = scale.size > 1
-    inits = [
-        numpy_helper.from_array(wq.astype(np.int8), f"{p}_W"),
-        numpy_helper.from_array(scale.astype(np.float32).reshape(-1 if per_channel else ()), f"{p}_s"),
-        numpy_helper.from_array(np.zeros(scale.size if per_channel else (), np.int8), f"{p}_zp"),
-    ]
-    kw = {"axis": axis} if per_channel else {}
-    node = helper.make_node("DequantizeLinear", [f"{p}_W", f"{p}_s", f"{p}_zp"], [name], name=p, **kw)
-    return node, inits
-
-
 def quantize_graph(model: onnx.ModelProto, layers: dict) -> dict[str, str]:
     """Rewrite `model` in place. `layers`: name -> (kind, float weight W as the layer stores it, int8 levels,
     per-output-channel scales, out axis[, 1/s of a smoothed Linear's input channels]). Returns name -> how it
-    was written: matmul_integer, dequantize_linear, float (its node has another form: the exact fp32 weight
+    was written: matmul_integer, float (a convolution, or a node of another form: the exact fp32 weight
     stays) or absent (no output reads the layer)."""
     graph = model.graph
     by_value: dict[tuple, str] = {}
@@ -89,8 +75,8 @@ def quantize_graph(model: onnx.ModelProto, layers: dict) -> dict[str, str]:
             by_value.setdefault(_key(numpy_helper.to_array(t)), t.name)
     users = _consumers(graph)
     how: dict[str, str] = {}
-    new_nodes, new_inits, drop = {}, [], set()
-    for name, (kind, w, q, s, axis, *smoothed) in layers.items():
+    new_nodes, new_inits = {}, []
+    for name, (kind, w, q, s, _, *smoothed) in layers.items():
         inv = smoothed[0] if smoothed else None
         present = _key(w) in by_value or (w.ndim == 2 and _key(w.T) in by_value)
         how[name] = "float" if present else "absent"  # absent: the traced outputs never read it
@@ -114,20 +100,13 @@ def quantize_graph(model: onnx.ModelProto, layers: dict) -> dict[str, str]:
                     nodes, ins = _dynamic_matmul(n.name or found, n.input[0], n.output[0], q.T, s, bias, inv)
                     new_nodes[id(n)], how[name] = nodes, "matmul_integer"
                     new_inits += ins
-        elif kind == "conv" and (found := by_value.get(_key(w))):
-            node, ins = _dequantized(found, q, s, axis)
-            new_nodes[("dq", found)] = [node]
-            new_inits += ins
-            drop.add(found)
-            how[name] = "dequantize_linear"
-    _splice(graph, new_nodes, new_inits, drop)
+    _splice(graph, new_nodes, new_inits)
     return how
 
 
-def _splice(graph, new_nodes: dict, new_inits: list, drop: set) -> None:
-    """Replace rewritten nodes by their new ones (dequantizers first: they feed the rest), drop the float
-    weights no node reads any more."""
-    order = [n for k, ns in new_nodes.items() if isinstance(k, tuple) for n in ns]
+def _splice(graph, new_nodes: dict, new_inits: list) -> None:
+    """Replace rewritten nodes by their new ones, drop the float weights no node reads any more."""
+    order = []
     for n in graph.node:
         order += new_nodes.get(id(n), [n])
     del graph.node[:]
@@ -138,10 +117,6 @@ def _splice(graph, new_nodes: dict, new_inits: list, drop: set) -> None:
             graph.initializer.append(t)
             names.add(t.name)
     read = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in read and not (t.name in drop and t.name in _outputs(graph))]
+    keep = [t for t in graph.initializer if t.name in read]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-
-
-def _outputs(graph) -> set:
-    return {o for n in graph.node for o in n.output}

@@ -28,6 +28,8 @@ from onnx import numpy_helper
 from torch import nn
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
+# reduce_range's largest weight level (ORT's): 2 x 255 x 64 uint8 x int8 products fit 16 bits (x86 without VNNI)
+REDUCED = 64
 
 
 def folded(model: nn.Module, levels: dict) -> tuple[nn.Module, dict]:
@@ -81,8 +83,9 @@ def weighted_nodes(proto: onnx.ModelProto, layer_weights: dict) -> dict[str, tup
     return out
 
 
-def quantize(src: Path, dst: Path, calibration: list[torch.Tensor], exclude: list[str]) -> None:
-    """ORT's quantize_static of `src` into `dst` (QDQ, uint8 activations, int8 per-channel weights)."""
+def quantize(src: Path, dst: Path, calibration: list[torch.Tensor], exclude: list[str], reduce_range=False) -> None:
+    """ORT's quantize_static of `src` into `dst` (QDQ, uint8 activations, int8 per-channel weights; 7-bit
+    weights with `reduce_range`)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -110,6 +113,7 @@ def quantize(src: Path, dst: Path, calibration: list[torch.Tensor], exclude: lis
         per_channel=True,
         calibrate_method=CalibrationMethod.MinMax,
         nodes_to_exclude=exclude,
+        reduce_range=reduce_range,
     )
 
 
@@ -118,21 +122,27 @@ def excluded(nodes: dict, float_layers) -> list[str]:
     return [n for n, (layer, _) in nodes.items() if any(fnmatch.fnmatchcase(layer, g) for g in float_layers)]
 
 
-def build_static(plain: nn.Module, fp32: Path, out: Path, levels: dict, calibration, float_layers=()) -> dict:
+def build_static(
+    plain: nn.Module, fp32: Path, out: Path, levels: dict, calibration, float_layers=(), reduce_range=False
+) -> dict:
     """Quantize the traced fp32 file `fp32` into `out`; layer -> how it was written: int8_levels (the
-    pipeline's levels), int8_rounded (ORT's rounding of the float weight), float, or absent."""
+    pipeline's levels), int8_rounded (ORT's rounding of the float weight), float, or absent. `reduce_range`:
+    7-bit weights (levels within +-REDUCED); a layer whose own levels go beyond keeps ORT's rounding."""
     proto = onnx.load(str(fp32))
     nodes = weighted_nodes(proto, weights(plain))
     biases = {n.name: n.input[2] for n in proto.graph.node if n.name in nodes and len(n.input) > 2 and n.input[2]}
     floats = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if t.name in biases.values()}
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "static.onnx"
-        quantize(fp32, raw, calibration, excluded(nodes, float_layers))
+        quantize(fp32, raw, calibration, excluded(nodes, float_layers), reduce_range)
         q = onnx.load(str(raw))
     how = {layer: "absent" for layer in weights(plain)}
     for node_name, (layer, transposed) in nodes.items():
         bias = floats.get(biases.get(node_name, ""))
-        how[layer] = restore(q.graph, node_name, levels.get(layer), transposed, bias)
+        level = levels.get(layer)
+        if reduce_range and level is not None and int(np.abs(level[2]).max(initial=0)) > REDUCED:
+            level = None  # its levels would overflow what a CPU without VNNI adds up in 16 bits
+        how[layer] = restore(q.graph, node_name, level, transposed, bias)
     onnx.save(q, str(out))
     return how
 

@@ -53,6 +53,7 @@ class ExportConfig(Strict):
     requantize: bool = False  # gguf only: re-quantize weights whose levels are not blocks (error recorded)
     float_layers: list[str] = []  # onnx only: layers (globs) written in fp32 though on an int8 grid
     smooth: float | None = Field(None, gt=0, lt=1)  # onnx only: SmoothQuant's alpha for the int8 Linear layers
+    reduce_range: bool = False  # onnx static only: 7-bit weights (ORT's reduce_range), for x86 CPUs without VNNI
 
 
 ONLY = {  # settings that only one form reads
@@ -62,6 +63,7 @@ ONLY = {  # settings that only one form reads
     "requantize": "gguf",
     "float_layers": "onnx",
     "smooth": "onnx",
+    "reduce_range": "onnx",
 }
 
 

@@ -85,18 +85,31 @@ def test_fp32_cnn_matches_pytorch_to_float_tolerance(tmp_path):
         torch.testing.assert_close(form(x), cnn(x), rtol=1e-4, atol=1e-5)
 
 
-def test_quantized_conv_keeps_exact_levels_behind_dequantize_linear(tmp_path):
+def conv_net(batchnorm: bool) -> torch.nn.Module:
     from lwpipe.constraints import ensure_constraint
-    from lwpipe.deploy.onnx import OrtModule, build
 
     torch.manual_seed(0)
-    cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3))
+    nn = torch.nn
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4) if batchnorm else nn.Identity(), nn.ReLU())
+    cnn.append(nn.Flatten()).append(nn.Linear(144, 3))
+    if batchnorm:  # statistics of their own: the fold changes the weight
+        cnn[1].running_mean.uniform_(-1, 1), cnn[1].running_var.uniform_(0.5, 2), cnn[1].weight.data.uniform_(-2, 2)
     w = cnn[0].weight.detach()
     scale = w.abs().amax(dim=(1, 2, 3), keepdim=True) / 7  # 4-bit per-channel grid
     ensure_constraint(cnn[0]).set_quant(4, -8, 7, scale, torch.zeros_like(scale), 0)
-    cnn.eval()
+    return cnn.eval()
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_quantized_conv_is_written_as_its_fp32_weight_batchnorm_folded(tmp_path, batchnorm):
+    """ORT would dequantize a DequantizeLinear weight on every call: the conv's exact fp32 weight is written,
+    and a BatchNorm after it is folded in before tracing, so the layer is found (not called absent)."""
+    from lwpipe.deploy.onnx import OrtModule, build
+
+    cnn = conv_net(batchnorm)
     info = build(cnn, torch.randn(2, 1, 8, 8), tmp_path / "m.onnx")
-    assert info["layers"] == {"0": "dequantize_linear"} and "DequantizeLinear" in ops(tmp_path / "m.onnx")
+    assert info["layers"] == {"0": "float"}
+    assert "DequantizeLinear" not in ops(tmp_path / "m.onnx") and "BatchNormalization" not in ops(tmp_path / "m.onnx")
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(OrtModule(tmp_path / "m.onnx")(x), cnn(x), rtol=1e-4, atol=1e-5)

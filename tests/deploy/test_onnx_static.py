@@ -2,6 +2,7 @@
 quantize stage left an 8-bit grid, on the pipeline's own levels (not ORT's rounding)."""
 
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -12,8 +13,21 @@ from onnx import numpy_helper
 from torch import nn
 
 from lwpipe.config import validate
+from lwpipe.errors import ConfigError
 from tests.deploy.test_onnx import run_fresh
 from tests.helpers import TINY, compose_recipe, run_recipe
+
+
+def has_vnni() -> bool:
+    """The CPU adds uint8 x int8 products in 32 bits (VNNI); elsewhere than Linux, assumed."""
+    if sys.platform != "linux":
+        return True
+    with open("/proc/cpuinfo") as f:
+        flags = f.read().split()
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+VNNI = has_vnni()
 
 
 def small_cnn(levels: bool) -> nn.Module:
@@ -111,7 +125,56 @@ def test_static_without_a_grid_rounds_the_float_weights_and_says_the_file_is_app
     with torch.no_grad():
         want = cnn(x)
     got = OrtModule(tmp_path / "m.onnx")(x)
-    assert 0 < ((got - want).norm() / want.norm()).item() < 0.03
+    err = ((got - want).norm() / want.norm()).item()
+    assert err > 0
+    if VNNI:  # without it, ORT adds pairs of uint8 x int8 products in 16 bits: full-range weights saturate
+        assert err < 0.03, err
+
+
+def test_reduce_range_writes_7_bit_weights_that_do_not_saturate_without_vnni(tmp_path):
+    """ORT's reduce_range: weights within +-64, so a CPU without VNNI computes them as one with it does; the
+    pipeline's levels are kept where they fit (small_cnn's reach 100: they do not) and the rest rounded."""
+    from lwpipe.deploy.onnx import OrtModule, build
+
+    x = torch.randn(64, 3, 8, 8)
+    for levels in (False, True):
+        cnn = small_cnn(levels=levels)
+        path = tmp_path / f"m{levels}.onnx"
+        info = build(cnn, calibration()[0][:2], path, static=calibration(), reduce_range=True)
+        assert info["layers"] == {"0": "int8_rounded", "3": "int8_rounded", "7": "int8_rounded"}
+        assert all(np.abs(q).max() <= 64 for q, _ in weight_dequantizers(path).values())
+        with torch.no_grad():
+            want = cnn(x)
+        err = ((OrtModule(path)(x) - want).norm() / want.norm()).item()
+        assert 0 < err < 0.03, err
+
+
+def test_reduce_range_keeps_levels_that_fit_7_bits(tmp_path):
+    from lwpipe.constraints import ensure_constraint
+    from lwpipe.deploy.onnx import build
+
+    cnn = small_cnn(levels=True)
+    m = cnn[3]
+    s = m.weight.detach().abs().amax(dim=(1, 2, 3), keepdim=True) / 60  # a 7-bit grid: levels within 60
+    ensure_constraint(m).set_quant(7, -63, 63, s, torch.zeros_like(s), 0)
+    m.weight.data = torch.round(m.weight.data / s) * s
+    info = build(cnn, calibration()[0][:2], tmp_path / "m.onnx", static=calibration(), reduce_range=True)
+    assert info["layers"]["3"] == "int8_levels" and info["layers"]["0"] == "int8_rounded"
+    assert info["approximate"] == ["0", "7"]
+
+
+def test_reduce_range_without_static_activations_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="reduce_range"):
+        validate(
+            compose_recipe(
+                [
+                    *TINY,
+                    "pipeline=[quantize,export]",
+                    "++stages.export.format=onnx",
+                    "++stages.export.reduce_range=true",
+                ]
+            )
+        )
 
 
 def test_resnet_through_the_runner_records_static_int8_layers(tmp_path):
