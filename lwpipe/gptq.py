@@ -248,7 +248,8 @@ def sparsegpt_weight(
     """(reconstructed weights, keep mask) for w [rows, cols]: SparseGPT (Frantar & Alistarh 2023).
 
     Within each block of `block` columns the weights with the lowest w^2 / [H^-1]_jj^2 are dropped
-    (`sparsity` of the block, or with nm=(n, m) all but n of every m consecutive inputs of a row), and
+    (`sparsity` of the block, or with nm=(n, m) all but n of every m consecutive inputs of a row, scored
+    when the loop reaches the group, on the weights the updates of the columns before it left), and
     each dropped weight's error is spread over the row's later columns by the same OBS update as GPTQ,
     so the kept weights absorb what the dropped ones did. Weights `keep` already drops stay dropped."""
     w = w.detach().float().clone()
@@ -263,16 +264,16 @@ def sparsegpt_weight(
         i2 = min(i1 + block, cols)
         w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
         err1 = torch.zeros_like(w1)
-        score = w1**2 / torch.diag(hinv1).reshape(1, -1) ** 2
         drop = ~keep[:, i1:i2]
-        if nm is None:
-            score = score.masked_fill(drop, -1.0)  # already-dropped weights go first
+        if nm is None:  # the block's mask at once (an n:m group's when the loop reaches it)
+            score = (w1**2 / torch.diag(hinv1).reshape(1, -1) ** 2).masked_fill(drop, -1.0)  # dropped ones first
             k = int(round(sparsity * score.numel()))
             if k:
                 drop.view(-1)[torch.topk(score.view(-1), k, largest=False).indices] = True
         for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
-                group = score[:, i : i + nm[1]].masked_fill(drop[:, i : i + nm[1]], -1.0)
+            if nm is not None and i % nm[1] == 0:  # scored on the weights as the columns before left them
+                group = w1[:, i : i + nm[1]] ** 2 / torch.diag(hinv1)[i : i + nm[1]].reshape(1, -1) ** 2
+                group = group.masked_fill(drop[:, i : i + nm[1]], -1.0)
                 n_drop = max(group.shape[1] - nm[0], 0)
                 if n_drop:
                     drop[:, i : i + nm[1]].scatter_(1, torch.topk(group, n_drop, dim=1, largest=False).indices, True)
