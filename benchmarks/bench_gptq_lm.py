@@ -1,6 +1,6 @@
 """GPTQ and SparseGPT on a causal language model trained here on real English text.
 
-    python benchmarks/bench_gptq_lm.py [--minutes 4] [--threads 1] [--keep DIR]
+    python benchmarks/bench_gptq_lm.py [--minutes 4] [--threads 1] [--keep DIR] [--peer VENV/bin/python]
 
 Trains a small GPT-2 (4 layers, 256 wide, a 2,000-token BPE vocabulary trained on the same text) for
 `--minutes` on the sentences of Python's language reference (pydoc_data.topics: the standard library,
@@ -11,6 +11,12 @@ sparsegpt_24_w4 (block-sequential, the default) and again with calibration.seque
 layer's Hessian from the original model in one pass).
 Targets: GPTQ's perplexity increase at most half of round-to-nearest's; SparseGPT 2:4 + GPTQ's at
 most 2x GPTQ's.
+
+--peer: the Python of a venv with llmcompressor runs benchmarks/peer_llmcompressor_lm.py on the same model,
+calibration and held-out sentences (W4A16 rounding and GPTQ, SparseGPT 2:4 alone and followed by GPTQ), which
+saves each result as a dense fp32 model; lwpipe then measures each with an empty pipeline (`pipeline=[]`: the
+baseline evaluation only), so both sides' perplexities come from the same code. Tells whether the peer meets
+the same two targets against its own rows: evidence of what these targets ask of a model this small.
 """
 
 from __future__ import annotations
@@ -92,6 +98,7 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--keep", help="keep (or reuse) the trained model directory here")
+    p.add_argument("--peer", metavar="VENV_PYTHON", help="also run llm-compressor with this Python (a venv's)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     train, test = corpus()
@@ -122,7 +129,7 @@ def main() -> None:
             base, final = summary["baseline"]["perplexity"], summary["final"]["perplexity"]
             rows[name] = final - base
             print(
-                f"  {name:17s} perplexity {base:.3f} -> {final:.3f} (+{final - base:.3f}), "
+                f"  {name:18s} perplexity {base:.3f} -> {final:.3f} ({final - base:+.3f}), "
                 f"{summary['final']['compression_ratio']:.2f}x smaller than fp32",
                 flush=True,
             )
@@ -132,6 +139,68 @@ def main() -> None:
         print(
             f"GPTQ's increase {gptq:+.3f} vs round to nearest's {rtn:+.3f} (target: at most half): {first}; "
             f"SparseGPT 2:4 + GPTQ's {sparse:+.3f} vs GPTQ's (target: at most 2x): {second}"
+        )
+        if a.peer:
+            peer_rows(a.peer, model, calib, held, scratch, a.threads)
+
+
+PEER_ROWS = {  # peer_llmcompressor_lm.py's variant -> the row's label
+    "rtn": "round to nearest W4A16 (min-max)",
+    "rtn_mse": "round to nearest W4A16 (MSE observer)",
+    "gptq": "GPTQ W4A16 (min-max)",
+    "gptq_mse": "GPTQ W4A16 (MSE observer)",
+    "sparse24": "SparseGPT 2:4 alone",
+    "sparse24_gptq": "SparseGPT 2:4 + GPTQ (min-max)",
+    "sparse24_gptq_mse": "SparseGPT 2:4 + GPTQ (MSE observer)",
+    "sparse24_gptq_keep0": "SparseGPT 2:4 + zero-keeping GPTQ",
+}
+
+
+def measured(model: Path, calib: Path, held: Path, run_dir: Path) -> float:
+    """lwpipe's perplexity of a model directory as it is: an empty pipeline, so only the baseline evaluation."""
+    return lwpipe_run(model, calib, held, run_dir, "gptq_w4", ["pipeline=[]", "artifact=false"])["baseline"][
+        "perplexity"
+    ]
+
+
+def peer_rows(python: str, model: Path, calib: Path, held: Path, scratch: Path, threads: int) -> None:
+    """llm-compressor's variants on the same model and sentences, each measured by lwpipe with an empty pipeline."""
+    out = scratch / "peer"
+    script = Path(__file__).with_name("peer_llmcompressor_lm.py")
+    cmd = [python, str(script), str(model), str(calib), str(held), str(out), "--max-length", "64"]
+    done = subprocess.run([*cmd, "--threads", str(threads)], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"the peer failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    base = measured(model, calib, held, scratch / "peer_base")
+    print(f"llm-compressor (oneshot, the same model and sentences; perplexity by lwpipe's evaluator), base {base:.3f}:")
+    rows = {}
+    for name, label in PEER_ROWS.items():
+        ppl = measured(out / name, calib, held, scratch / f"peer_{name}")
+        rows[name] = ppl - base
+        f = facts[name]
+        print(
+            f"  {label:42s} perplexity {base:.3f} -> {ppl:.3f} ({ppl - base:+.3f}), zeros {f['zero_fraction']:.1%}, "
+            f"groups of 4 with 2+ zeros {f['groups_2of4']:.1%}, {f['seconds']:.0f} s"
+            f", copy's largest logit difference {f['max_logit_diff']:.1e}",
+            flush=True,
+        )
+    for tag in ("", "_mse"):
+        rtn, gptq = rows["rtn" + tag], rows["gptq" + tag]
+        print(
+            f"llm-compressor{' (MSE observer)' if tag else ''}: GPTQ's increase {gptq:+.3f} vs its rounding's "
+            f"{rtn:+.3f} (target: at most half): {'MET' if gptq <= 0.5 * rtn else 'MISSED'}"
+        )
+    for sparse, gptq in (
+        ("sparse24_gptq", "gptq"),
+        ("sparse24_gptq_mse", "gptq_mse"),
+        ("sparse24_gptq_keep0", "gptq"),
+        ("sparse24", "gptq"),
+    ):
+        s, g = rows[sparse], rows[gptq]
+        print(
+            f"llm-compressor: {PEER_ROWS[sparse]}: {s:+.3f} vs its {PEER_ROWS[gptq]}'s {g:+.3f} (target: at most 2x): "
+            f"{'MET' if s <= 2 * max(g, 0.0) else 'MISSED'} ({s / g if g > 0 else float('inf'):.1f}x)"
         )
 
 
