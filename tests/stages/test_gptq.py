@@ -217,7 +217,6 @@ def test_sparsegpt_n_m_scores_each_group_on_the_updated_weights():
     torch.testing.assert_close(values, ref_values, rtol=1e-4, atol=1e-5)
 
 
-
 def test_stage_sparsegpt_is_closer_to_the_dense_model_than_magnitude(model, ctx):
     import copy
 
