@@ -69,7 +69,7 @@ def test_identical_rerun_recomputes_nothing(first, cached_run, tmp_path, monkeyp
     for module, name in [
         (runner, "evaluate"),
         (runner, "measure"),
-        (runner, "encode_model"),
+        (runner, "write_encoded"),
         (runner, "frozen_copy"),
         (runner.speed, "speed_record"),
         (runner.checkpoint, "save_state"),

@@ -285,18 +285,19 @@ def test_a_gpt2_per_channel_run_ends_with_a_model_lwp_that_loads(tmp_path):
 
 
 def perturbed_encoder(monkeypatch):
-    """runner.encode_model writing a model whose weights differ from the run's by one step."""
+    """runner.write_encoded writing a model whose weights differ from the run's by one step."""
     import lwpipe.runner
+    from lwpipe.artifact.encode import write_encoded
     from lwpipe.constraints import clone
 
-    def encode(model, config, resized=False):
+    def encode(model, config, path, resized=False):
         other = clone(model)
         with torch.no_grad():
             for p in other.parameters():
                 p.add_(1.0)
-        return encode_model(other, config, resized)
+        return write_encoded(other, config, path, resized)
 
-    monkeypatch.setattr(lwpipe.runner, "encode_model", encode)
+    monkeypatch.setattr(lwpipe.runner, "write_encoded", encode)
 
 
 @pytest.mark.slow
@@ -317,8 +318,13 @@ def test_a_run_whose_model_lwp_decodes_to_other_weights_fails_without_a_summary(
 CUT_ARTIFACT = """
 import sys
 import lwpipe.runner as runner
-encode = runner.encode_model
-runner.encode_model = lambda model, config, resized: encode(model, config, resized)[:-1]  # it does not load
+from pathlib import Path
+encode = runner.write_encoded
+def cut(model, config, path, resized):  # a file that does not load: its last byte cut off
+    encode(model, config, path, resized)
+    Path(path).write_bytes(Path(path).read_bytes()[:-1])
+    return Path(path).stat().st_size
+runner.write_encoded = cut
 from lwpipe.cli import main
 sys.argv = ["lwpipe", *sys.argv[1:]]
 main()
