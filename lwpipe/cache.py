@@ -251,8 +251,7 @@ class StageCache:
     def file(self, key: str, suffix: str) -> bytes | None:
         """The entry's `<key><suffix>` file (".lwp": its model encoded; ".png": a report), if it has one that
         matches its hash; None otherwise."""
-        entry = self._entry(key, None)
-        expected = (entry or {}).get("files", {}).get(suffix)
+        expected = self._file_hash(key, suffix)
         if expected is None:
             return None
         try:
@@ -264,8 +263,12 @@ class StageCache:
     def copy_file(self, key: str, suffix: str, dest: Path) -> bool:
         """Copy the entry's `<key><suffix>` file to dest (atomically, never held whole in memory) if it
         matches its hash; False otherwise."""
-        expected = (self._entry(key, None) or {}).get("files", {}).get(suffix)
+        expected = self._file_hash(key, suffix)
         return expected is not None and copy_checked(self.dir / f"{key}{suffix}", expected, dest)
+
+    def _file_hash(self, key: str, suffix: str) -> str | None:
+        """The sha256 the checked entry records for its `<key><suffix>` file; None on a miss or no such file."""
+        return (self._entry(key, None) or {}).get("files", {}).get(suffix)
 
     def _write_files(self, key: str, files: dict[str, bytes | Path]) -> dict[str, str]:
         """Each `<key><suffix>`: bytes, or a file's contents (copied, never held in memory); their sha256."""

@@ -266,14 +266,14 @@ def sparsegpt_weight(
         err1 = torch.zeros_like(w1)
         drop = ~keep[:, i1:i2]
         if nm is None:  # the block's mask at once (an n:m group's when the loop reaches it)
-            score = (w1**2 / torch.diag(hinv1).reshape(1, -1) ** 2).masked_fill(drop, -1.0)  # dropped ones first
+            score = obs_score(w1, hinv1).masked_fill(drop, -1.0)  # already-dropped weights go first
             k = int(round(sparsity * score.numel()))
             if k:
                 drop.view(-1)[torch.topk(score.view(-1), k, largest=False).indices] = True
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:  # scored on the weights as the columns before left them
-                group = w1[:, i : i + nm[1]] ** 2 / torch.diag(hinv1)[i : i + nm[1]].reshape(1, -1) ** 2
-                group = group.masked_fill(drop[:, i : i + nm[1]], -1.0)
+                g = slice(i, i + nm[1])
+                group = obs_score(w1[:, g], hinv1[g, g]).masked_fill(drop[:, g], -1.0)
                 n_drop = max(group.shape[1] - nm[0], 0)
                 if n_drop:
                     drop[:, i : i + nm[1]].scatter_(1, torch.topk(group, n_drop, dim=1, largest=False).indices, True)
@@ -287,6 +287,11 @@ def sparsegpt_weight(
         keep[:, i1:i2] = ~drop
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return w * keep, keep
+
+
+def obs_score(w: torch.Tensor, hinv: torch.Tensor) -> torch.Tensor:
+    """SparseGPT's saliency of each weight of columns w: w^2 / [H^-1]_jj^2 (hinv: those columns' H^-1)."""
+    return w**2 / torch.diag(hinv).reshape(1, -1) ** 2
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:

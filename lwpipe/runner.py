@@ -111,8 +111,8 @@ class Run:
         self.loggers = build_loggers(self.top.logger, run_dir)
         self.records: list[dict] = []
         self.current: list[dict] = []  # the records of the stage now running
-        # the latest encoding: (step, its model.lwp, written to this file, not held in memory)
-        self.encoded: tuple[int | None, Path] = (None, run_dir / ".encoded.lwp")
+        self.encoded_file = run_dir / ".encoded.lwp"  # the latest record's model.lwp, on disk, not in memory
+        self.encoded_step: int | None = None  # the step it encodes
         self.pending = (model, self.steps)  # the uncompressed model the reference is made of, the steps after it
         self.compressed = False
         self.trim = False  # memory.release_freed_memory after each record (large models: run() sets it)
@@ -135,8 +135,8 @@ class Run:
             if step == 0 and self.steps:  # the input's file is never written: its size alone, no bytes held
                 size = encoded_size(model, self.ctx.model_config, resized(model, self.built_shapes))
             else:
-                size = self.encode(model, self.encoded[1])
-                self.encoded = (step, self.encoded[1])
+                size = self.encode(model, self.encoded_file)
+                self.encoded_step = step
             # against the input model's fp32 bytes: structured pruning and factorize shrink dense_bytes itself
             rec.update(size_metrics(size, (first or rec)["dense_bytes"]))
             rec.update(speed.speed_record(model, self.ctx, self.top.measure, first))
@@ -220,7 +220,7 @@ class Run:
             self.current.append(rec)
             warn_if_larger(s, self.records[-1], rec)
             files = {n: self.run_dir / n for n in s.cls.writes if (self.run_dir / n).is_file()}
-            encoded = self.encoded[1] if self.encoded[0] == step else None
+            encoded = self.encoded_file if self.encoded_step == step else None
             self.cache.store(self.key, model, self.current, encoded, files)  # first: a logged stage_end
             self.emit(rec)  # is resumable
         self.records.append(self.current[-1])
@@ -232,10 +232,9 @@ class Run:
     def artifact(self, model: nn.Module, path: Path) -> int:
         """Write model.lwp to `path`; its length. The last stage_end already encoded this very model (its
         file is moved there); from the cache, its entry holds that encoding (copied when it still matches)."""
-        step, encoded = self.encoded
-        self.encoded = (None, encoded)
-        if step == len(self.steps) and encoded.is_file():
-            os.replace(encoded, path)
+        step, self.encoded_step = self.encoded_step, None
+        if step == len(self.steps) and self.encoded_file.is_file():
+            os.replace(self.encoded_file, path)
             return path.stat().st_size
         if self.hit and self.steps and self.cache.copy_file(self.key, ".lwp", path):
             return path.stat().st_size
@@ -271,7 +270,7 @@ class Run:
         return final
 
     def close(self) -> None:
-        self.encoded[1].unlink(missing_ok=True)  # a step's encoding: model.lwp only once the run verified it
+        self.encoded_file.unlink(missing_ok=True)  # a step's encoding: model.lwp only once the run verified it
         self.cache.release()  # a stage that failed: jobs waiting for it compute it themselves
         if self.initial is not None:
             self.initial.close()

@@ -56,7 +56,7 @@ def test_a_failed_run_leaves_no_encoding_behind(tmp_path, monkeypatch):
     real, seen = Run.execute, []
 
     def execute(self, step, s, model):  # the third stage fails, after two stage_end records were encoded
-        seen.append(self.encoded[1].is_file())
+        seen.append(self.encoded_file.is_file())
         if step == 3:
             raise LwpipeError("stage share failed")
         return real(self, step, s, model)
