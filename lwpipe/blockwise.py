@@ -194,6 +194,8 @@ class Calibrator:
             for c in self.carried:
                 out = block(*c.args, **c.kwargs)
                 out = out[0] if isinstance(out, (tuple, list)) else out
+                held = c.args[0] if c.args else c.kwargs["hidden_states"]
+                out = out.to(held.dtype)  # a bf16 model computing in float32 (lwpipe.compute) carries bf16
                 if c.args:
                     c.args = (out, *c.args[1:])
                 else:

@@ -15,6 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from lwpipe import compute
 from lwpipe.errors import ConfigError, LwpipeError
 from lwpipe.settings import CalibrationSettings, Strict, TrainSettings  # noqa: F401  (re-exported)
 from lwpipe.stages import registry
@@ -224,6 +225,7 @@ def validate(cfg: DictConfig | dict) -> Recipe:
         raise ConfigError(
             "model.dtype", top.model["dtype"], f"allowed: {', '.join(MODEL_DTYPES)} (auto: the checkpoint's own)"
         )
+    compute.check(top.model.get("compute_dtype", "auto"))
 
     # every stage entry must resolve, even those not in the pipeline: a typo is a typo
     steps_by_name = {name: _stage_config(name, s) for name, s in top.stages.items()}

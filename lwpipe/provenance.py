@@ -79,7 +79,12 @@ def peak_rss_bytes() -> int:
 
 def record_peak_rss(run_dir: Path) -> None:
     """Add the process's peak RSS so far to run_info.json (`peak_rss_bytes`), at the end of a run."""
+    add_run_info(run_dir, peak_rss_bytes=peak_rss_bytes())
+
+
+def add_run_info(run_dir: Path, **fields) -> None:
+    """Add `fields` to run_info.json (written again, atomically)."""
     path = Path(run_dir) / "run_info.json"
     info = json.loads(path.read_text()) if path.is_file() else {}
-    info["peak_rss_bytes"] = peak_rss_bytes()
+    info.update(fields)
     checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lwpipe import cache, checkpoint, memory, provenance, speed
+from lwpipe import cache, checkpoint, compute, memory, provenance, speed
 from lwpipe.artifact import size_metrics
 from lwpipe.artifact.encode import encoded_size, write_encoded
 from lwpipe.build import (  # noqa: F401  (the runner's public names before lwpipe/build.py)
@@ -78,18 +78,25 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     started = time.perf_counter()
     torch.manual_seed(recipe.top.seed)
     model, ctx = build_run(recipe.top, Path(run_dir))
-    check_fit(model, ctx, recipe.top)
+    # bf16/fp16 weights compute in float32 on a CPU (lwpipe.compute); an export traces the model as it is
+    widen = compute.compute_dtype(recipe.top.model.get("compute_dtype", "auto"), model, ctx.device)
+    with compute.upcast(widen):
+        check_fit(model, ctx, recipe.top)
     large = memory.map_large_allocations(sum(p.numel() * p.element_size() for p in model.parameters()))
     speed.check_settings(recipe.top.measure, ctx)
     order.check_before_work(recipe.steps, model, ctx)  # settings that name layers, calibration data
     state = Run(recipe, Path(run_dir), model, ctx, started)
     state.trim = large  # a large model's records hand their work pages back; a small one's cost no trim
+    provenance.add_run_info(run_dir, compute_dtype=compute.computed_in(widen, model))
     try:
-        state.baseline(model)
+        with compute.upcast(widen):
+            state.baseline(model)
         for step, s in enumerate(recipe.steps, 1):
-            cached = state.replay(step, s)  # its model from the cache, or None
-            model = cached if cached is not None else state.execute(step, s, model)
-            state.after_stage(step, s, model)
+            with compute.upcast(widen if s.type != "export" else None):
+                cached = state.replay(step, s)  # its model from the cache, or None
+                model = cached if cached is not None else state.execute(step, s, model)
+            with compute.upcast(widen):
+                state.after_stage(step, s, model)
         return state.finish(model)
     finally:
         state.close()
