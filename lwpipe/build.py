@@ -21,7 +21,8 @@ from lwpipe.errors import ConfigError, LwpipeError
 from lwpipe.tasks import head, make_task, to_device
 
 RESERVED_DATA_KEYS = ("batch_size", "meta")
-RESERVED_MODEL_KEYS = ("checkpoint", "prune_layers", "compute_dtype")  # not builder arguments: read by the runner / recipes
+# not builder arguments: read by the runner / recipes
+RESERVED_MODEL_KEYS = ("checkpoint", "prune_layers", "compute_dtype")
 
 
 def build_data(cfg: dict) -> DataBundle:
