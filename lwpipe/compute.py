@@ -5,8 +5,9 @@ instructions (AVX2, and AVX-512 before Cooper Lake) runs bf16 matrix products se
 ones (66 against 10 GFLOP/s a core on an AVX2 EPYC: 2048 x 5632 weights, 256 tokens). Inside `upcast()`, each
 matrix product, convolution, attention and norm that meets a bf16/fp16 tensor computes in float32 instead: the
 operands are widened for that one call (exact: every bf16 value is a float32 value) and nothing is written
-back, so the model's weights, their dtype and their bytes never change, and at most one layer's weight is
-alive in float32 at a time. Activations after the first product are float32; a layer that rounds to its own
+back, so the model's weights, their dtype and their bytes never change, and without gradients at most one
+layer's weight is alive in float32 at a time (a training step keeps each layer's float32 copy for its
+backward pass, as torch.autocast does). Activations after the first product are float32; a layer that rounds to its own
 dtype on purpose (a norm's `.to(input_dtype)`) still does.
 
     with upcast(torch.float32):                 # records, calibration: bf16 weights, float32 arithmetic
