@@ -61,17 +61,36 @@ class HessianSums:
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
+        self.last: tuple | None = None  # the last input and its product: q, k and v read one input
 
     def add(self, name: str, module: nn.Module, x: torch.Tensor, real: torch.Tensor | None = None) -> None:
         """`real`: the batch's attention mask; positions it marks as padding are left out of inputs shaped
-        [batch, tokens, features]."""
-        x = x.detach()
-        if real is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(real.shape):
-            x = x[real.to(x.device)]
-        cols = input_columns(module, x).float()
-        xtx = cols.t() @ cols
-        self.sums[name] = xtx if name not in self.sums else self.sums[name].add_(xtx)
-        self.counts[name] = self.counts.get(name, 0) + cols.shape[0]
+        [batch, tokens, features]. Layers reading the very same input tensor one after the other (a block's
+        q, k and v projections, its gate and up projections) share one X^T X product."""
+        last = self.last  # (input tensor, its version, mask, X^T X, rows, X^T X's version): the input is held,
+        shared = (  # so its memory is not reused by another tensor meanwhile
+            last is not None
+            and not isinstance(module, nn.Conv2d)  # a convolution's columns depend on the layer
+            and last[0] is x
+            and last[1] == x._version
+            and last[2] is real
+            and last[3]._version == last[5]  # not summed into in place since
+        )
+        if shared:
+            xtx, rows = last[3], last[4]
+        else:
+            source, x = x, x.detach()
+            if real is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(real.shape):
+                x = x[real.to(x.device)]
+            cols = input_columns(module, x).float()
+            xtx, rows = cols.t() @ cols, cols.shape[0]
+            conv = isinstance(module, nn.Conv2d)
+            self.last = None if conv else (source, source._version, real, xtx, rows, xtx._version)
+        if name not in self.sums:  # the product itself while no other layer holds it (no copy)
+            self.sums[name] = xtx.clone() if shared else xtx
+        else:
+            self.sums[name].add_(xtx)
+        self.counts[name] = self.counts.get(name, 0) + rows
 
     def hook(self, name: str, module: nn.Module, mask: list):
         """A forward pre-hook (with kwargs) adding the layer's input; mask[0] is the current batch's mask."""
@@ -82,6 +101,7 @@ class HessianSums:
         return gather
 
     def result(self) -> dict[str, torch.Tensor]:
+        self.last = None
         return {n: s.mul_(2.0 / max(self.counts[n], 1)) for n, s in self.sums.items()}
 
 

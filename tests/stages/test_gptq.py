@@ -291,3 +291,30 @@ def test_clip_search_lowers_each_groups_rounding_error_and_needs_groups():
     assert (errs[True] <= errs[False] + 1e-7).all() and errs[True].sum() < errs[False].sum()
     with pytest.raises(ValueError, match="clip_search=true .*needs group_size"):
         QuantizeConfig(clip_search=True)
+
+
+def test_layers_reading_one_input_share_its_product_and_each_gets_its_own_sum(monkeypatch):
+    from lwpipe import gptq as g
+
+    q, k, own = nn.Linear(6, 4), nn.Linear(6, 3), nn.Linear(6, 2)
+    products = []
+    real_columns = g.input_columns
+    monkeypatch.setattr(g, "input_columns", lambda m, x: products.append(1) or real_columns(m, x))
+    sums = g.HessianSums()
+    xs = [torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    for x in xs:
+        sums.add("q", q, x)
+        sums.add("k", k, x)  # the very same tensor: q's product is reused
+        sums.add("own", own, x.clone())  # equal values, another tensor: its own product
+    x = xs[0]
+    x.mul_(2)  # changed in place since: not the product of before
+    sums.add("q", q, x)
+    sums.add("k", k, x)
+    hs = sums.result()
+    assert len(products) == 3 * 2 + 1
+    cols = [t.reshape(-1, 6) for t in [*xs[1:], xs[0] / 2, xs[0]]]
+    expected = sum(c.t() @ c for c in cols) * 2 / (10 * 4)
+    assert torch.allclose(hs["q"], expected, atol=1e-5) and torch.allclose(hs["k"], expected, atol=1e-5)
+    assert hs["q"] is not hs["k"]
+    three = sum(c.t() @ c for c in cols[:3]) * 2 / 30
+    assert torch.allclose(hs["own"], three, atol=1e-5)
