@@ -169,6 +169,8 @@ def phases(scratch: Path) -> dict[str, float]:
         out[f"{end['stage']} record (evaluation, encoding)"] = end.get("eval_seconds", 0.0)
     out["whole run (the runner's own clock)"] = summary["seconds"]
     out["perplexity before -> after"] = (base["perplexity"], end["perplexity"])
+    info = json.loads((run / "run_info.json").read_text())
+    out["arithmetic (run_info.json compute_dtype)"] = info.get("compute_dtype", "not recorded")
     return out
 
 
@@ -204,7 +206,7 @@ def main() -> None:
         target = 1.5 * bf16 + GIB
         print(f"\nLlama {n / 1e9:.2f} B parameters, bf16 {bf16 / GIB:.2f} GiB; built and saved in {build:.0f} s")
         for name, value in phases(scratch).items():
-            print(f"  {name:42s} {value if isinstance(value, tuple) else f'{value:8.1f} s'}")
+            print(f"  {name:42s} {f'{value:8.1f} s' if isinstance(value, float) else value}")
         print(f"  {'lwpipe wall time':42s} {wall:8.1f} s   (target <= 2700 s: {'met' if wall <= 2700 else 'MISSED'})")
         print(
             f"  {'peak RSS':42s} {peak / GIB:8.2f} GiB (target <= 1.5 x bf16 + 1 GiB = {target / GIB:.2f} GiB: "
