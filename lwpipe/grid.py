@@ -148,18 +148,32 @@ def rows_group_grid(rows: torch.Tensor, bits: int, scheme: Scheme, group: int, c
     padded = torch.nn.functional.pad(rows, (0, (-n) % group)).reshape(-1, group)  # zeros: the grid holds 0 anyway
     qmin, qmax, scale, zero_point = quant_grid(padded, bits, scheme, True, 0)
     if clip and scheme.startswith("symmetric"):
-        x = padded.float()
-
-        def error(s: torch.Tensor) -> torch.Tensor:
-            return ((torch.clamp(torch.round(x / s), qmin, qmax) * s - x) ** 2).sum(1, keepdim=True)
-
-        best, best_err = scale, error(scale)
-        for f in CLIP_FACTORS[1:]:
-            s, err = scale * f, error(scale * f)
-            better = err < best_err
-            best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
-        scale = best
+        scale = clipped_scale(padded.float(), scale, qmin, qmax)
     return qmin, qmax, scale.view(rows.shape[0], -1), zero_point.view(rows.shape[0], -1)
+
+
+CLIP_ROWS = 4096  # groups searched at a time: a few MB, so every factor's pass stays in the CPU's cache
+
+
+def clipped_scale(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Each row's scale times the factor of CLIP_FACTORS with the least squared rounding error of the row's
+    values x [groups, group] (the first such factor on ties), CLIP_ROWS groups at a time."""
+    best = scale.clone()
+    for i in range(0, x.shape[0], CLIP_ROWS):
+        xs, ss = x[i : i + CLIP_ROWS], scale[i : i + CLIP_ROWS]
+        top, top_err = ss, _rounding_error(xs, ss, qmin, qmax)
+        for f in CLIP_FACTORS[1:]:
+            s = ss * f
+            err = _rounding_error(xs, s, qmin, qmax)
+            better = err < top_err
+            top, top_err = torch.where(better, s, top), torch.where(better, err, top_err)
+        best[i : i + CLIP_ROWS] = top
+    return best
+
+
+def _rounding_error(x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Per row of x, the squared error of rounding it on the grid of step s (one allocation, in place after)."""
+    return torch.div(x, s).round_().clamp_(qmin, qmax).mul_(s).sub_(x).pow_(2).sum(1, keepdim=True)
 
 
 def gptq_levels(module: nn.Module, c, hessian: dict, scheme: Scheme, clip: bool = False) -> float:

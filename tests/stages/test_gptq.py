@@ -318,3 +318,20 @@ def test_layers_reading_one_input_share_its_product_and_each_gets_its_own_sum(mo
     assert hs["q"] is not hs["k"]
     three = sum(c.t() @ c for c in cols[:3]) * 2 / 30
     assert torch.allclose(hs["own"], three, atol=1e-5)
+
+
+def test_clip_search_in_chunks_picks_each_groups_least_error_factor(monkeypatch):
+    from lwpipe import grid
+
+    torch.manual_seed(6)
+    x = torch.randn(11, 16) * torch.rand(11, 16) ** 2
+    scale = x.abs().amax(1, keepdim=True) / 3.5
+    monkeypatch.setattr(grid, "CLIP_ROWS", 4)  # three chunks, the last one short
+    got = grid.clipped_scale(x, scale, -4, 3)
+    for r in range(11):  # brute force, one group at a time
+        errs = [
+            ((torch.clamp(torch.round(x[r] / (scale[r] * f)), -4, 3) * scale[r] * f - x[r]) ** 2).sum()
+            for f in grid.CLIP_FACTORS
+        ]
+        best = min(range(len(errs)), key=lambda i: (errs[i], i))
+        assert torch.allclose(got[r], scale[r] * grid.CLIP_FACTORS[best]), r
