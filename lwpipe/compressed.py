@@ -165,7 +165,13 @@ class Compressed(nn.Module):
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == 1:  # binary: the sign, not the nearest level (0 is not a level; pruned zeros are masked)
             return _SignSTE.apply(x, self.scale)
-        return _RoundSTE.apply(x, *self.grid(), self.qmin, self.qmax)
+        scale, zero_point = self.grid()
+        if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+            return _RoundSTE.apply(x, scale, zero_point, self.qmin, self.qmax)
+        # no gradient (evaluation, calibration, a large model's weights computed per batch): _RoundSTE's
+        # arithmetic, bit for bit, in one buffer and without the clip mask it keeps for a backward pass
+        q = torch.div(x, scale).round_().add_(zero_point).clamp_(self.qmin, self.qmax)
+        return q.sub_(zero_point).mul_(scale)
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         if self.shared:

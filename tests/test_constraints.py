@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -101,3 +102,23 @@ def test_clone_does_not_share_parametrized_classes():
     set_half_bias(m[0])  # adds a `bias` property to m[0]'s class only
     assert copy_(torch.randn(1, 3)).shape == (1, 2)
     assert type(copy_[0]) is not type(m[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("zero", [0.0, 3.0])
+def test_weights_computed_without_gradient_equal_the_training_path_bit_for_bit(dtype, zero):
+    from lwpipe.compressed import Compressed, _RoundSTE
+
+    torch.manual_seed(0)
+    w = (torch.randn(6, 40) * 0.1).to(dtype)
+    w[0, :4] = torch.tensor([-1e-6, 1e-6, -0.0, 0.0])  # levels that round to -0.0 and +0.0
+    c = Compressed(w.shape)
+    scale = w.float().abs().reshape(6, 5, 8).amax(-1) / 7
+    c.set_quant(4, -8, 7, scale, torch.full_like(scale, zero), 0, 8)
+    with torch.no_grad():
+        fast = c.fake_quant(w)
+    slow = _RoundSTE.apply(w, *c.grid(), -8, 7)
+    assert fast.dtype == slow.dtype and torch.equal(fast.view(torch.int32), slow.detach().view(torch.int32))
+    leaf = w.float().requires_grad_()
+    c.fake_quant(leaf).sum().backward()  # with a gradient: the straight-through estimator, as before
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
