@@ -134,6 +134,7 @@ def _main(cfg: DictConfig):
     from lwpipe.config import validate  # imported here so --help stays fast
     from lwpipe.entropy_prune import settle_threshold
     from lwpipe.jobs import configure as configure_job
+    from lwpipe.jobs import running
     from lwpipe.runner import run
 
     hc = HydraConfig.get()
@@ -152,6 +153,7 @@ def _main(cfg: DictConfig):
         configure_job(recipe.top.threads, hc, multirun)  # torch threads and console tag (lwpipe/jobs.py)
         for pattern in ("*/.*.tmp*", "*/checkpoints/.*.tmp*"):  # left by killed runs of the same name
             remove_stale_temporaries(run_dir.parent, pattern)
+        running(run_dir)  # a sweep worker killed mid-job marks this directory (lwpipe.jobs)
         final = run(recipe, run_dir)
     except KeyboardInterrupt:
         fail(run_dir, "interrupted", multirun)
@@ -176,6 +178,8 @@ def _main(cfg: DictConfig):
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"lwpipe: error: {type(e).__name__}: {first}\n(traceback in {run_dir / 'FAILED'})", file=sys.stderr)
         sys.exit(1)
+    finally:
+        running(None)
     log.info("run directory: %s", os.path.relpath(run_dir) if run_dir.is_relative_to(Path.cwd()) else run_dir)
     return objective(final, recipe.top.objective)
 

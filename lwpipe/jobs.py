@@ -28,6 +28,7 @@ from hydra.experimental.callback import Callback
 log = logging.getLogger("lwpipe")
 SWEEP_PID = "LWPIPE_SWEEP_PID"  # the launching process of a multirun, for its workers (watch_parent)
 WATCHDOG = "lwpipe-parent-watchdog"
+_job_dir: Path | None = None  # the directory of the job this process runs now (set by lwpipe.cli)
 
 
 def launcher_threads(launcher, cores: int) -> int:
@@ -78,7 +79,26 @@ def _stop_with_parent(parent: int, poll: float, grace: float) -> None:
     log.warning("the sweep's launching process (%d) is gone: this worker stops", parent)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(grace)
+    # The job's own handler writes FAILED; an interrupt that lands in a finalizer (a weakref callback,
+    # __del__) is swallowed ("Exception ignored in ..."), the job goes on, and only this exit ends it
+    mark_interrupted(_job_dir)
     os._exit(143)  # 128 + SIGTERM, as if the signal had ended the process
+
+
+def running(run_dir: Path | None) -> None:
+    """Name the job this process runs now (None: none): a worker killed mid-job marks its directory."""
+    global _job_dir
+    _job_dir = run_dir
+
+
+def mark_interrupted(run_dir: Path | None) -> None:
+    """FAILED (interrupted) in an unfinished job's directory that holds no FAILED yet."""
+    if run_dir is None or (run_dir / "FAILED").exists() or (run_dir / "summary.json").exists():
+        return
+    try:
+        (run_dir / "FAILED").write_text("interrupted\n")
+    except OSError:  # a directory gone meanwhile: nothing to mark
+        pass
 
 
 class Tagged(logging.Formatter):

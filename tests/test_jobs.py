@@ -46,6 +46,33 @@ def test_the_launching_process_and_single_runs_are_not_watched(monkeypatch):
     assert not any(t.name == jobs.WATCHDOG for t in threading.enumerate())
 
 
+SWALLOWED = """
+import signal, sys, time
+from pathlib import Path
+from lwpipe import jobs
+signal.signal(signal.SIGTERM, lambda *a: None)  # the job's interrupt lost, as one raised in a finalizer is
+jobs.running(Path(sys.argv[1]))
+jobs._stop_with_parent(-1, 0.05, 0.3)  # -1 is no process's parent: the launching process is "gone"
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("finished", [None, "summary.json", "FAILED"])
+def test_a_worker_whose_job_ignores_the_stop_marks_the_job_itself(tmp_path, finished):
+    """The watchdog's exit marks an unfinished job FAILED (interrupted); a finished or failed one it leaves."""
+    if finished:
+        (tmp_path / finished).write_text("{}")
+    done = subprocess.run([sys.executable, "-c", SWALLOWED, str(tmp_path)], timeout=25, capture_output=True)
+    assert done.returncode == 143, done.stderr.decode()[-2000:]
+    marker = tmp_path / "FAILED"
+    if finished is None:
+        assert marker.read_text() == "interrupted\n"
+    elif finished == "summary.json":
+        assert not marker.exists()  # a run that finished is not called failed
+    else:
+        assert marker.read_text() == "{}"  # the job's own reason stays
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process groups from /proc")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
