@@ -3,7 +3,8 @@
 The compressed model, its constraints baked into plain weights, is traced (torch.onnx, dynamic batch and
 sequence axes, a text model's attention mask an input); ORT's transformer optimizer fuses its layer norms
 and GELUs where it recognises them; then each Linear on a symmetric grid of 8 bits or fewer runs ORT's int8
-kernel on the pipeline's own levels and scales (lwpipe.deploy.onnx_graph), and every other weight, convolutions
+kernel on the pipeline's own levels and scales (lwpipe.deploy.onnx_graph), each one with group-wise scales
+(GPTQ's `group_size`) ORT's MatMulNBits (lwpipe.deploy.onnx_nbits), and every other weight, convolutions
 included, stays fp32 (the values the compressed model computes with, BatchNorm folded in: exact). A convolution
 is not stored as int8 levels behind a DequantizeLinear: ORT does not fold that node away and dequantizes the
 weight on every call (1.7x slower convolutions on recipe=resnet_cifar_like's quantized ResNet). With
@@ -208,6 +209,19 @@ def timings(model: nn.Module, form: nn.Module, ctx, settings) -> dict:
     return out
 
 
+def to_float32(plain: nn.Module) -> str | None:
+    """Make a bf16/fp16 plain copy float32 in place; returns the dtype it had (None: it was float32).
+
+    ONNX Runtime's CPU kernels for these graphs (DynamicQuantizeLinear, MatMulInteger, the fused norms) take
+    float32, and torch's ONNX tracer stops on a bf16 Llama ("ScalarType ComplexDouble is an unexpected tensor
+    scalar type"): the file holds float32 where the model held bf16, the same values."""
+    narrow = {t.dtype for t in [*plain.parameters(), *plain.buffers()] if t.dtype in (torch.bfloat16, torch.float16)}
+    if not narrow:
+        return None
+    plain.float()
+    return ",".join(sorted(str(d).removeprefix("torch.") for d in narrow))
+
+
 def build(
     model: nn.Module, example, path: Path, float_layers=(), smooth=None, static=None, reduce_range: bool = False
 ) -> dict:
@@ -219,6 +233,7 @@ def build(
     import onnx
 
     from lwpipe.deploy.onnx_graph import quantize_graph
+    from lwpipe.deploy.onnx_nbits import group_levels, use_domain
     from lwpipe.deploy.onnx_smooth import smooth as smooth_levels
     from lwpipe.deploy.onnx_static import build_static, folded
 
@@ -226,6 +241,7 @@ def build(
     errors = smooth_levels(model, levels, *smooth) if smooth else None
     # BatchNorm into the convolutions first: the traced weights are then the ones whose levels are known
     plain, levels = folded(model, levels)
+    narrow = to_float32(plain)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
         try:
@@ -238,10 +254,14 @@ def build(
             layers = build_static(plain, raw, path, levels, static, float_layers, reduce_range)
         else:
             proto = onnx.load(str(raw))
-            layers = quantize_graph(proto, levels)
+            layers = quantize_graph(proto, {**levels, **group_levels(model, float_layers)})
+            if "matmul_nbits" in layers.values():
+                use_domain(proto)
             onnx.checker.check_model(proto)
             onnx.save(proto, str(path))
     info = {"outputs": outputs, "opset": OPSET, "fusions": fused, "layers": layers}
+    if narrow:
+        info["converted_from"] = narrow
     if static is not None:
         info["approximate"] = sorted(k for k, v in layers.items() if v == "int8_rounded")
     if errors is not None:  # the layers the file computes with (not a pooler no output reads)
@@ -269,6 +289,7 @@ def write(model: nn.Module, ctx, cfg, out: Path) -> dict:
     info["bytes"] = path.stat().st_size
     kinds = list(info["layers"].values())
     info["int8_layers"] = sum(k in INT8_KINDS for k in kinds)
+    info["nbits_layers"] = sum(k == "matmul_nbits" for k in kinds)
     info["float_layers"] = sum(k == "float" for k in kinds)
     form = OrtModule(path)
     info.update(score(model, form, ctx))

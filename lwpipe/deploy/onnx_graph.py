@@ -76,7 +76,11 @@ def quantize_graph(model: onnx.ModelProto, layers: dict) -> dict[str, str]:
     users = _consumers(graph)
     how: dict[str, str] = {}
     new_nodes, new_inits = {}, []
-    for name, (kind, w, q, s, _, *smoothed) in layers.items():
+    for name, (kind, w, *rest) in layers.items():
+        if kind in ("nbits", "grouped"):  # w: (out, in), from lwpipe.deploy.onnx_nbits.group_levels
+            how[name] = _group_layer(name, kind, w, rest, by_value, users, new_nodes, new_inits)
+            continue
+        q, s, _, *smoothed = rest
         inv = smoothed[0] if smoothed else None
         present = _key(w) in by_value or (w.ndim == 2 and _key(w.T) in by_value)
         how[name] = "float" if present else "absent"  # absent: the traced outputs never read it
@@ -101,6 +105,35 @@ def quantize_graph(model: onnx.ModelProto, layers: dict) -> dict[str, str]:
                     new_nodes[id(n)], how[name] = nodes, "matmul_integer"
                     new_inits += ins
     _splice(graph, new_nodes, new_inits)
+    return how
+
+
+def _group_layer(name, kind, w, rest, by_value, users, new_nodes, new_inits) -> str:
+    """A grouped layer: its MatMul / Gemm nodes rewritten to MatMulNBits ("matmul_nbits"), or left fp32."""
+    from lwpipe.deploy.onnx_nbits import nbits_nodes
+
+    transposed, plain = by_value.get(_key(w.T)), by_value.get(_key(w))
+    if not (transposed or plain):
+        return "absent"
+    if kind != "nbits":
+        return "float"
+    how = "float"
+    for found in (transposed, plain):
+        for n in users.get(found, []) if found else []:
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            if n.input[1] != found or n.op_type not in ("MatMul", "Gemm"):
+                continue
+            if n.op_type == "Gemm":  # Gemm(x, B, b): B is W with transB=1, W^T with transB=0
+                if attrs.get("transA") or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                    continue
+                if bool(attrs.get("transB")) != (found == plain and found != transposed):
+                    continue
+            elif found != transposed:  # MatMul(x, W^T)
+                continue
+            bias = n.input[2] if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] else None
+            nodes, ins = nbits_nodes(n.name or found, n.input[0], n.output[0], *rest, bias)
+            new_nodes[id(n)], how = nodes, "matmul_nbits"
+            new_inits += ins
     return how
 
 
