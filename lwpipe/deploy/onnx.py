@@ -232,7 +232,7 @@ def build(
     with `reduce_range`."""
     import onnx
 
-    from lwpipe.deploy.onnx_graph import quantize_graph
+    from lwpipe.deploy.onnx_graph import quantize_graph, share_transposed
     from lwpipe.deploy.onnx_nbits import group_levels, use_domain
     from lwpipe.deploy.onnx_smooth import smooth as smooth_levels
     from lwpipe.deploy.onnx_static import build_static, folded
@@ -242,6 +242,7 @@ def build(
     # BatchNorm into the convolutions first: the traced weights are then the ones whose levels are known
     plain, levels = folded(model, levels)
     narrow = to_float32(plain)
+    tied: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
         try:
@@ -257,9 +258,12 @@ def build(
             layers = quantize_graph(proto, {**levels, **group_levels(model, float_layers)})
             if "matmul_nbits" in layers.values():
                 use_domain(proto)
+            tied = share_transposed(proto)  # a tied head's table once in the file
             onnx.checker.check_model(proto)
             onnx.save(proto, str(path))
     info = {"outputs": outputs, "opset": OPSET, "fusions": fused, "layers": layers}
+    if tied:
+        info["tied_tables"] = tied  # held once, the head reading it through a Transpose
     if narrow:
         info["converted_from"] = narrow
     if static is not None:

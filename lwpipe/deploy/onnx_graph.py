@@ -137,6 +137,36 @@ def _group_layer(name, kind, w, rest, by_value, users, new_nodes, new_inits) -> 
     return how
 
 
+def share_transposed(model: onnx.ModelProto) -> list[str]:
+    """A MatMul weight that is another initializer transposed (a tied LM head: the exporter folds the head's
+    transpose of the token table into a second copy) reads that initializer through a Transpose node, which
+    ONNX Runtime folds when the session loads: the file holds the table once. Returns the tables shared."""
+    graph = model.graph
+    inits = _init_map(graph)
+    big = {n: t for n, t in inits.items() if t.data_type == TensorProto.FLOAT and len(t.dims) == 2}
+    heads = {n.input[1] for n in graph.node if n.op_type == "MatMul" and n.input[1] in big}
+    if not heads:
+        return []
+    by_value = {_key(numpy_helper.to_array(t)): n for n, t in big.items() if n not in heads}
+    shared, nodes = {}, []
+    for name in sorted(heads):
+        other = by_value.get(_key(numpy_helper.to_array(big[name]).T))
+        if other:
+            shared[name] = f"{other}_transposed"
+            nodes.append(helper.make_node("Transpose", [other], [shared[name]], perm=[1, 0], name=f"{other}_T"))
+    for n in graph.node:
+        for i, x in enumerate(n.input):
+            if x in shared:
+                n.input[i] = shared[x]
+    order = [*nodes, *graph.node]
+    del graph.node[:]
+    graph.node.extend(order)
+    keep = [t for t in graph.initializer if t.name not in shared]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return sorted({n.input[0] for n in nodes})
+
+
 def _splice(graph, new_nodes: dict, new_inits: list) -> None:
     """Replace rewritten nodes by their new ones, drop the float weights no node reads any more."""
     order = []

@@ -90,3 +90,15 @@ def test_gpt2_conv1d_groups_run_as_matmul_nbits(lm_files, tmp_path):
     info = json.loads((tmp_path / "run" / "export.json").read_text())["onnx"]
     assert info["nbits_layers"] == 8 and set(info["layers"].values()) == {"matmul_nbits"}  # 2 blocks x 4
     assert info["agreement_with_model"] >= 0.99
+
+
+def test_a_tied_head_holds_its_token_table_once_in_the_file(lm_files, tmp_path):
+    """torch's exporter folds a tied head's transpose into a second copy of the table; the file reads the one."""
+    run_recipe(lm_args(lm_files, "gpt2", "++stages.export.format=onnx", "pipeline=[export]"), tmp_path / "run")
+    info = json.loads((tmp_path / "run" / "export.json").read_text())["onnx"]
+    assert info["tied_tables"] == ["model.transformer.wte.weight"] and info["agreement"] == 1.0
+    proto = onnx.load(str(tmp_path / "run" / info["file"]))
+    dims = {t.name: sorted(t.dims) for t in proto.graph.initializer}
+    table = dims["model.transformer.wte.weight"]
+    assert [n for n, d in dims.items() if d == table] == ["model.transformer.wte.weight"]  # no transposed copy
+    assert "Transpose" in ops(tmp_path / "run" / info["file"])
