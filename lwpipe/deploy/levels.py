@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import torch
 from torch import nn
 
 from lwpipe.errors import ConfigError
 from lwpipe.schema import layer_kind, output_axis
+
+
+def weight_key(a: np.ndarray) -> tuple:
+    """A weight's identity by value (found in a traced graph): its shape and a digest of its float32 bytes,
+    not the bytes (a billion-parameter model's keys would be a second copy of it)."""
+    return a.shape, hashlib.blake2b(np.ascontiguousarray(a, dtype=np.float32).data, digest_size=20).digest()
 
 
 def hf_model(model: nn.Module, fmt: str, path: str):

@@ -209,6 +209,34 @@ def timings(model: nn.Module, form: nn.Module, ctx, settings) -> dict:
     return out
 
 
+PROTO_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB for one message, less room for the graph itself
+
+
+def save(proto, path: Path) -> Path | None:
+    """Check and write `proto` to `path`; a model whose tensors pass protobuf's 2 GiB goes out as ONNX's
+    external data, every tensor of 1 KiB or more in `<path>.data` beside it (ORT reads it from there).
+    Returns that file, or None."""
+    import onnx
+
+    tensors = sum(len(t.raw_data) for t in proto.graph.initializer)
+    if tensors < PROTO_LIMIT:
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(path))
+        return None
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # external data is appended to
+    onnx.save(
+        proto,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
+    onnx.checker.check_model(str(path))
+    return data if data.exists() else None  # tensors under 1 KiB stay in the graph
+
+
 def to_float32(plain: nn.Module) -> str | None:
     """Make a bf16/fp16 plain copy float32 in place; returns the dtype it had (None: it was float32).
 
@@ -243,6 +271,7 @@ def build(
     plain, levels = folded(model, levels)
     narrow = to_float32(plain)
     tied: list[str] = []
+    data = None
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
         try:
@@ -254,14 +283,18 @@ def build(
         if static is not None:
             layers = build_static(plain, raw, path, levels, static, float_layers, reduce_range)
         else:
-            proto = onnx.load(str(raw))
-            layers = quantize_graph(proto, {**levels, **group_levels(model, float_layers)})
+            plain = None  # the traced file holds the weights now: a large model's float32 copy goes
+            grouped = group_levels(model, float_layers)
+            proto = onnx.load(str(raw))  # a traced file over 2 GB has its tensors beside it: loaded here
+            layers = quantize_graph(proto, {**levels, **grouped})
+            del grouped
             if "matmul_nbits" in layers.values():
                 use_domain(proto)
             tied = share_transposed(proto)  # a tied head's table once in the file
-            onnx.checker.check_model(proto)
-            onnx.save(proto, str(path))
+            data = save(proto, path)
     info = {"outputs": outputs, "opset": OPSET, "fusions": fused, "layers": layers}
+    if static is None and data is not None:
+        info["data_file"] = data.name
     if tied:
         info["tied_tables"] = tied  # held once, the head reading it through a Transpose
     if narrow:
@@ -291,6 +324,9 @@ def write(model: nn.Module, ctx, cfg, out: Path) -> dict:
     }
     info["activations"] = "static" if static is not None else "dynamic"
     info["bytes"] = path.stat().st_size
+    if "data_file" in info:  # over 2 GiB: the tensors beside the graph
+        info["bytes"] += path.with_name(info["data_file"]).stat().st_size
+        info["data_file"] = f"export/{info['data_file']}"
     kinds = list(info["layers"].values())
     info["int8_layers"] = sum(k in INT8_KINDS for k in kinds)
     info["nbits_layers"] = sum(k == "matmul_nbits" for k in kinds)

@@ -19,9 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-
-def _key(a: np.ndarray) -> tuple:
-    return a.shape, a.astype(np.float32).tobytes()
+from lwpipe.deploy.levels import weight_key as _key
 
 
 def _init_map(graph) -> dict[str, onnx.TensorProto]:
@@ -77,7 +75,7 @@ def quantize_graph(model: onnx.ModelProto, layers: dict) -> dict[str, str]:
     how: dict[str, str] = {}
     new_nodes, new_inits = {}, []
     for name, (kind, w, *rest) in layers.items():
-        if kind in ("nbits", "grouped"):  # w: (out, in), from lwpipe.deploy.onnx_nbits.group_levels
+        if kind in ("nbits", "grouped"):  # w: the weight's keys, from lwpipe.deploy.onnx_nbits.group_levels
             how[name] = _group_layer(name, kind, w, rest, by_value, users, new_nodes, new_inits)
             continue
         q, s, _, *smoothed = rest
@@ -108,11 +106,11 @@ def quantize_graph(model: onnx.ModelProto, layers: dict) -> dict[str, str]:
     return how
 
 
-def _group_layer(name, kind, w, rest, by_value, users, new_nodes, new_inits) -> str:
+def _group_layer(name, kind, keys, rest, by_value, users, new_nodes, new_inits) -> str:
     """A grouped layer: its MatMul / Gemm nodes rewritten to MatMulNBits ("matmul_nbits"), or left fp32."""
     from lwpipe.deploy.onnx_nbits import nbits_nodes
 
-    transposed, plain = by_value.get(_key(w.T)), by_value.get(_key(w))
+    plain, transposed = (by_value.get(k) for k in keys)
     if not (transposed or plain):
         return "absent"
     if kind != "nbits":

@@ -35,10 +35,12 @@ def fits(info: dict) -> int | None:
 
 @torch.no_grad()
 def group_levels(model: nn.Module, float_layers=()) -> dict:
-    """name -> ("nbits", effective weight (out, in), int8 levels (out, in), scales (out, groups), bits, group)
-    for each layer MatMulNBits can hold; other grouped layers -> ("grouped", weight (out, in)): written fp32."""
+    """name -> ("nbits", keys, int8 levels (out, in), scales (out, groups), bits, group) for each layer
+    MatMulNBits can hold; other grouped layers -> ("grouped", keys): written fp32. `keys`: the effective
+    weight's (out, in) and (in, out) identities in the traced graph (lwpipe.deploy.onnx_graph._key)."""
     from lwpipe.constraints import compressible_layers, constraint
     from lwpipe.deploy.levels import layer_grid
+    from lwpipe.deploy.levels import weight_key as _key
 
     out = {}
     for name, m in compressible_layers(model):
@@ -49,13 +51,13 @@ def group_levels(model: nn.Module, float_layers=()) -> dict:
         if grid is None:
             continue
         w, q, scale, info = grid
+        keys = (_key(w.numpy()), _key(w.numpy().T))
         bits = fits(info)
         if bits is None:
-            out[name] = ("grouped", w.numpy())
+            out[name] = ("grouped", keys)
             continue
         group = info["group"]
-        levels = q.to(torch.int8).numpy()
-        out[name] = ("nbits", w.numpy(), levels, scale[:, ::group].contiguous().numpy(), bits, group)
+        out[name] = ("nbits", keys, q.to(torch.int8).numpy(), scale[:, ::group].contiguous().numpy(), bits, group)
     return out
 
 

@@ -25,9 +25,9 @@ def test_packed_levels_unpack_to_themselves_with_a_short_last_block(bits):
     assert np.all(unpack(b, bits, 48)[:, 40:] == 0)  # the padding is level 0 (the zero point)
 
 
-def grouped_mlp(bits: int, group: int) -> nn.Module:
+def grouped_mlp(bits: int, group: int, inputs: int = 40) -> nn.Module:
     torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 4))
+    mlp = nn.Sequential(nn.Linear(inputs, 32), nn.ReLU(), nn.Linear(32, 4))
     for m in (mlp[0], mlp[2]):
         quantize_layer(m, bits, "symmetric", per_channel=True, group=group)
     return mlp.eval()
@@ -102,3 +102,19 @@ def test_a_tied_head_holds_its_token_table_once_in_the_file(lm_files, tmp_path):
     table = dims["model.transformer.wte.weight"]
     assert [n for n, d in dims.items() if d == table] == ["model.transformer.wte.weight"]  # no transposed copy
     assert "Transpose" in ops(tmp_path / "run" / info["file"])
+
+
+def test_a_file_over_protobufs_limit_keeps_its_tensors_beside_it(tmp_path, monkeypatch):
+    """Over 2 GiB of tensors (here: a limit of 1 KiB) the graph is written with ONNX's external data."""
+    from lwpipe.deploy import onnx as onnx_form
+
+    monkeypatch.setattr(onnx_form, "PROTO_LIMIT", 1024)
+    mlp = grouped_mlp(4, 16, inputs=400)  # its first layer's packed levels: 32 x 400 / 2 bytes
+    info = onnx_form.build(mlp, torch.randn(2, 400), tmp_path / "m.onnx")
+    data = tmp_path / info["data_file"]
+    assert info["data_file"] == "m.onnx.data" and data.stat().st_size >= 32 * 400 // 2
+    assert (tmp_path / "m.onnx").stat().st_size < data.stat().st_size  # the graph and its small tensors
+    x = torch.randn(3, 400)
+    with torch.no_grad():
+        y = mlp(x).numpy()
+    np.testing.assert_allclose(run_fresh(tmp_path / "m.onnx", {"input": x}, tmp_path), y, rtol=1e-5, atol=1e-5)
