@@ -48,6 +48,9 @@ class Context:
     on_batch: Callable[..., None] | None = None  # (stage, epoch, epochs, batch, batches, loss)
     # fields the running stage adds to its stage_end record (quantize's bits: auto allotment); the runner empties it
     stage_record: dict = field(default_factory=dict)
+    # the arithmetic of a bf16/fp16 model's heavy calls (lwpipe.compute; None: its own dtype), set by the runner:
+    # an export traces the model as it is, and scores the model it was made from in this arithmetic
+    compute: torch.dtype | None = None
     # the file an `export` stage wrote, loaded back (lwpipe.speed.Exported): its record times and scores it
     exported: Any = None
     # what model.lwp stores to rebuild the model (the builder's description, else the recipe's model section)

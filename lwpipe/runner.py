@@ -80,6 +80,7 @@ def run(recipe: Recipe, run_dir: Path) -> dict:
     model, ctx = build_run(recipe.top, Path(run_dir))
     # bf16/fp16 weights compute in float32 on a CPU (lwpipe.compute); an export traces the model as it is
     widen = compute.compute_dtype(recipe.top.model.get("compute_dtype", "auto"), model, ctx.device)
+    ctx.compute = widen
     with compute.upcast(widen):
         check_fit(model, ctx, recipe.top)
     large = memory.map_large_allocations(sum(p.numel() * p.element_size() for p in model.parameters()))

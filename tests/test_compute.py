@@ -2,6 +2,7 @@
 
 import copy
 import json
+import types
 
 import pytest
 import torch
@@ -146,3 +147,19 @@ def test_a_large_weight_is_widened_a_block_of_rows_at_a_time_with_the_same_produ
             out = lin(x)
     assert pieces == [x.shape]  # the input widened once; the weight in pieces, never whole
     assert out.dtype == torch.float32 and torch.allclose(out, whole, atol=1e-6)
+
+
+def test_an_export_scores_the_model_it_was_made_from_in_the_runs_arithmetic(files, tmp_path, monkeypatch):
+    """The export traces the bf16 model as it is; its agreement with the file is measured in float32 (the file
+    itself, ONNX Runtime's, is not a torch call)."""
+    from lwpipe.stages import export as export_stage
+
+    seen = []
+    spy = types.SimpleNamespace(upcast=lambda d: seen.append(d) or compute.upcast(d))
+    monkeypatch.setattr(export_stage, "compute", spy)  # the export stage's calls only
+    run_recipe(
+        args(files, "pipeline=[export]", "+stages.export.format=onnx", "measure.latency=false"), tmp_path / "run"
+    )
+    info = json.loads((tmp_path / "run" / "export.json").read_text())["onnx"]
+    assert seen == [torch.float32] and info["converted_from"] == "bfloat16"
+    assert info["agreement_with_model"] >= 0.95

@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from lwpipe import deploy, export, speed
+from lwpipe import compute, deploy, export, speed
 from lwpipe.context import Context
 from lwpipe.errors import ConfigError, LwpipeError
 from lwpipe.settings import Strict
@@ -218,11 +218,13 @@ def score(model: nn.Module, deployed: nn.Module, ctx: Context) -> dict:
     batches = ctx.test_loader()
     reference, against = ctx.reference_outputs, "uncompressed"
     if reference is None:  # called outside the runner, which keeps the reference's outputs
-        _, reference = ctx.task.evaluate(model, batches)
+        with compute.upcast(ctx.compute):  # the model (not the file) in the run's arithmetic
+            _, reference = ctx.task.evaluate(model, batches)
         against = "compressed"
     scored, outputs = ctx.task.evaluate(deployed, batches, reference)
     ctx.stage_record.update(scored, reference=against)
-    follows, _ = ctx.task.evaluate(model, batches, outputs)  # agreement is symmetric: the model vs the file
+    with compute.upcast(ctx.compute):
+        follows, _ = ctx.task.evaluate(model, batches, outputs)  # agreement is symmetric: the model vs the file
     return {
         "reference": against,
         "metric": scored["metric"],
