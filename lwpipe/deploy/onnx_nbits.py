@@ -37,7 +37,7 @@ def fits(info: dict) -> int | None:
 def group_levels(model: nn.Module, float_layers=()) -> dict:
     """name -> ("nbits", keys, int8 levels (out, in), scales (out, groups), bits, group) for each layer
     MatMulNBits can hold; other grouped layers -> ("grouped", keys): written fp32. `keys`: the effective
-    weight's (out, in) and (in, out) identities in the traced graph (lwpipe.deploy.onnx_graph._key)."""
+    weight's (out, in) and (in, out) identities in the traced graph (lwpipe.deploy.levels.weight_key)."""
     from lwpipe.constraints import compressible_layers, constraint
     from lwpipe.deploy.levels import layer_grid
     from lwpipe.deploy.levels import weight_key as _key
@@ -77,7 +77,7 @@ def pack(q: np.ndarray, bits: int, group: int) -> np.ndarray:
 
 
 def unpack(b: np.ndarray, bits: int, k: int) -> np.ndarray:
-    """pack's inverse: the levels (N, K) as int8 (tests, the file's self-check)."""
+    """pack's inverse: the levels (N, K) as int8 (for reading a file back)."""
     n, blocks, width = b.shape
     per = 8 // bits
     u = np.empty((n, blocks, width * per), dtype=np.int16)
