@@ -10,7 +10,7 @@ calibrates on its built-in training texts, none of them among these).
 the structured-pruned ResNet (as bench_speed.py): the ONNX file (as `activations: auto` and `static` write it)
 against the dense (torch.export), int8 and sparse TorchScript forms at batch 1 and 256.
 
-    python benchmarks/bench_deploy_onnx.py [--part minilm lenet resnet] [--grid range|step|gptq] [--smooth 0.7]
+    python benchmarks/bench_deploy_onnx.py [--part minilm lenet resnet] [--grid range|step|gptq|w4] [--smooth 0.7]
         [--float-layers '*output.dense' ...] [--repeats 20] [--scratch DIR]
 """
 
@@ -38,6 +38,16 @@ GRIDS = {
     "range": [*RTN, "stages.quantize.step=null", "~stages.quantize.layers", "++stages.quantize.keep=[embeddings]"],
     "step": INT8_GRID,  # rounding at step 0.15 x each channel's std within 8 bits, the recipe's embedding steps
     "gptq": ["stages.quantize.bits=8"],  # the recipe's GPTQ levels (step 0.35) with an 8-bit bound (its own: 12)
+    # GPTQ W4A16 as recipe=gptq_w4 (groups of 128, levels -8..7, clip search; embeddings kept): MatMulNBits
+    "w4": [
+        "stages.quantize.bits=4",
+        "stages.quantize.step=null",
+        "++stages.quantize.group_size=128",
+        "++stages.quantize.full_range=true",
+        "++stages.quantize.clip_search=true",
+        "~stages.quantize.layers",
+        "++stages.quantize.keep=[embeddings]",
+    ],
 }
 
 
@@ -92,7 +102,8 @@ def lwpipe_run(model_dir: Path, run_dir: Path, float_layers: list[str], grid: li
             "recipe=sentence_embedding",
             f"model.path={model_dir}",
             "pipeline=[quantize,export]",
-            "+stages.export.format=[int8,onnx]",
+            # per-group scales have no TorchScript int8 form (export refuses them): the ONNX file alone
+            "+stages.export.format=" + ("[onnx]" if "++stages.quantize.group_size=128" in grid else "[int8,onnx]"),
             f"+stages.export.float_layers=[{globs}]",
             *grid,
             *([f"+stages.export.smooth={smooth}"] if smooth else []),
@@ -151,7 +162,8 @@ def minilm_part(a):
     full = dict(tok(texts[:BATCH], truncation=True, max_length=64, padding="max_length", return_tensors="pt"))
     xs = {bs: {k: v[:bs] for k, v in full.items()} for bs in (1, BATCH)}
     forms = {"PyTorch fp32": fp32, **ort_forms(fp32, {k: v[:2] for k, v in full.items()}, tmp)}
-    forms["lwpipe int8 (export.pt)"] = export.load_form(tmp / "run" / "export.pt")
+    if (tmp / "run" / "export.pt").exists():
+        forms["lwpipe int8 (export.pt)"] = export.load_form(tmp / "run" / "export.pt")
     if a.smooth:  # the same levels unsmoothed, for comparison in this process
         from lwpipe import checkpoint
         from lwpipe.deploy.onnx import build
@@ -168,7 +180,8 @@ def minilm_part(a):
     print(f"all-MiniLM-L6-v2, 1 thread, 64 tokens, load {load[0]:.2f} {load[1]:.2f}; grid {a.grid}")
     print(f"float layers {a.float_layers}, smooth {a.smooth}")
     print(
-        f"lwpipe onnx: {info['int8_layers']} int8 layers, {info['bytes'] / 1e6:.1f} MB; export.json cosine "
+        f"lwpipe onnx: {info['int8_layers']} int8 layers, {info.get('nbits_layers', 0)} MatMulNBits layers, "
+        f"{info['bytes'] / 1e6:.1f} MB; export.json cosine "
         f"{info['quality']:.4f} (its own test split, by ORT)"
     )
     res = {}
