@@ -293,7 +293,7 @@ def build(
             tied = share_transposed(proto)  # a tied head's table once in the file
             data = save(proto, path)
     info = {"outputs": outputs, "opset": OPSET, "fusions": fused, "layers": layers}
-    if static is None and data is not None:
+    if data is not None:
         info["data_file"] = data.name
     if tied:
         info["tied_tables"] = tied  # held once, the head reading it through a Transpose

@@ -20,6 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lwpipe.deploy.levels import weight_key as _key
+from lwpipe.deploy.onnx_nbits import nbits_nodes
 
 
 def _init_map(graph) -> dict[str, onnx.TensorProto]:
@@ -63,9 +64,9 @@ def _dynamic_matmul(name: str, x: str, y: str, wq: np.ndarray, scale: np.ndarray
 
 def quantize_graph(model: onnx.ModelProto, layers: dict) -> dict[str, str]:
     """Rewrite `model` in place. `layers`: name -> (kind, float weight W as the layer stores it, int8 levels,
-    per-output-channel scales, out axis[, 1/s of a smoothed Linear's input channels]). Returns name -> how it
-    was written: matmul_integer, float (a convolution, or a node of another form: the exact fp32 weight
-    stays) or absent (no output reads the layer)."""
+    per-output-channel scales, out axis[, 1/s of a smoothed Linear's input channels]), or group_levels' entries.
+    Returns name -> how it was written: matmul_integer, matmul_nbits, float (a convolution, a grid MatMulNBits
+    cannot hold, or a node of another form: the exact fp32 weight stays) or absent (no output reads it)."""
     graph = model.graph
     by_value: dict[tuple, str] = {}
     for t in graph.initializer:
@@ -76,63 +77,42 @@ def quantize_graph(model: onnx.ModelProto, layers: dict) -> dict[str, str]:
     new_nodes, new_inits = {}, []
     for name, (kind, w, *rest) in layers.items():
         if kind in ("nbits", "grouped"):  # w: the weight's keys, from lwpipe.deploy.onnx_nbits.group_levels
-            how[name] = _group_layer(name, kind, w, rest, by_value, users, new_nodes, new_inits)
+            plain, transposed = (by_value.get(k) for k in w)
+        else:
+            plain, transposed = by_value.get(_key(w)), by_value.get(_key(w.T)) if w.ndim == 2 else None
+        how[name] = "float" if plain or transposed else "absent"  # absent: the traced outputs never read it
+        if kind not in ("linear", "nbits"):
             continue
-        q, s, _, *smoothed = rest
-        inv = smoothed[0] if smoothed else None
-        present = _key(w) in by_value or (w.ndim == 2 and _key(w.T) in by_value)
-        how[name] = "float" if present else "absent"  # absent: the traced outputs never read it
-        if kind == "linear" and (found := by_value.get(_key(w.T))):  # MatMul(x, W^T)
-            for n in users.get(found, []):
-                if n.op_type == "MatMul" and n.input[1] == found:
-                    nodes, ins = _dynamic_matmul(n.name or found, n.input[0], n.output[0], q.T, s, None, inv)
-                    new_nodes[id(n)], how[name] = nodes, "matmul_integer"
-                    new_inits += ins
-        elif kind == "linear" and (found := by_value.get(_key(w))):  # Gemm(x, W, b, transB=1)
-            for n in users.get(found, []):
-                attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-                if (
-                    n.op_type == "Gemm"
-                    and n.input[1] == found
-                    and attrs.get("transB") == 1
-                    and attrs.get("alpha", 1.0) == attrs.get("beta", 1.0) == 1.0
-                    and not attrs.get("transA")
-                ):
-                    bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
-                    nodes, ins = _dynamic_matmul(n.name or found, n.input[0], n.output[0], q.T, s, bias, inv)
-                    new_nodes[id(n)], how[name] = nodes, "matmul_integer"
-                    new_inits += ins
+        for n, bias in _products(users, plain, transposed):
+            if kind == "nbits":
+                nodes, ins = nbits_nodes(n.name or n.input[1], n.input[0], n.output[0], *rest, bias)
+                how[name] = "matmul_nbits"
+            else:
+                q, s, _, *smoothed = rest
+                inv = smoothed[0] if smoothed else None
+                nodes, ins = _dynamic_matmul(n.name or n.input[1], n.input[0], n.output[0], q.T, s, bias, inv)
+                how[name] = "matmul_integer"
+            new_nodes[id(n)] = nodes
+            new_inits += ins
     _splice(graph, new_nodes, new_inits)
     return how
 
 
-def _group_layer(name, kind, keys, rest, by_value, users, new_nodes, new_inits) -> str:
-    """A grouped layer: its MatMul / Gemm nodes rewritten to MatMulNBits ("matmul_nbits"), or left fp32."""
-    from lwpipe.deploy.onnx_nbits import nbits_nodes
-
-    plain, transposed = (by_value.get(k) for k in keys)
-    if not (transposed or plain):
-        return "absent"
-    if kind != "nbits":
-        return "float"
-    how = "float"
-    for found in (transposed, plain):
-        for n in users.get(found, []) if found else []:
-            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-            if n.input[1] != found or n.op_type not in ("MatMul", "Gemm"):
+def _products(users: dict, plain: str | None, transposed: str | None):
+    """(node, bias) of each node computing x @ W^T (+ b) from W's initializer `plain` or W^T's `transposed`:
+    MatMul(x, W^T), Gemm(x, W, b, transB=1) or Gemm(x, W^T, b) (transformers' Conv1D), plain alpha and beta."""
+    for found in dict.fromkeys(f for f in (transposed, plain) if f):
+        for n in users.get(found, []):
+            if n.input[1] != found:
                 continue
-            if n.op_type == "Gemm":  # Gemm(x, B, b): B is W with transB=1, W^T with transB=0
+            if n.op_type == "MatMul" and found == transposed:
+                yield n, None
+            elif n.op_type == "Gemm":
+                attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
                 if attrs.get("transA") or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
                     continue
-                if bool(attrs.get("transB")) != (found == plain and found != transposed):
-                    continue
-            elif found != transposed:  # MatMul(x, W^T)
-                continue
-            bias = n.input[2] if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] else None
-            nodes, ins = nbits_nodes(n.name or found, n.input[0], n.output[0], *rest, bias)
-            new_nodes[id(n)], how = nodes, "matmul_nbits"
-            new_inits += ins
-    return how
+                if found == (plain if attrs.get("transB") else transposed):
+                    yield n, n.input[2] if len(n.input) > 2 and n.input[2] else None
 
 
 def share_transposed(model: onnx.ModelProto) -> list[str]:
@@ -145,7 +125,8 @@ def share_transposed(model: onnx.ModelProto) -> list[str]:
     heads = {n.input[1] for n in graph.node if n.op_type == "MatMul" and n.input[1] in big}
     if not heads:
         return []
-    by_value = {_key(numpy_helper.to_array(t)): n for n, t in big.items() if n not in heads}
+    wanted = {tuple(reversed(big[h].dims)) for h in heads}  # only a head's transposed shape can be its table
+    by_value = {_key(numpy_helper.to_array(t)): n for n, t in big.items() if n not in heads and tuple(t.dims) in wanted}
     shared, nodes = {}, []
     for name in sorted(heads):
         other = by_value.get(_key(numpy_helper.to_array(big[name]).T))
