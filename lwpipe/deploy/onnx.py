@@ -209,34 +209,6 @@ def timings(model: nn.Module, form: nn.Module, ctx, settings) -> dict:
     return out
 
 
-PROTO_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB for one message, less room for the graph itself
-
-
-def save(proto, path: Path) -> Path | None:
-    """Check and write `proto` to `path`; a model whose tensors pass protobuf's 2 GiB goes out as ONNX's
-    external data, every tensor of 1 KiB or more in `<path>.data` beside it (ORT reads it from there).
-    Returns that file, or None."""
-    import onnx
-
-    tensors = sum(len(t.raw_data) for t in proto.graph.initializer)
-    if tensors < PROTO_LIMIT:
-        onnx.checker.check_model(proto)
-        onnx.save(proto, str(path))
-        return None
-    data = path.with_name(path.name + ".data")
-    data.unlink(missing_ok=True)  # external data is appended to
-    onnx.save(
-        proto,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data.name,
-        size_threshold=1024,
-    )
-    onnx.checker.check_model(str(path))
-    return data if data.exists() else None  # tensors under 1 KiB stay in the graph
-
-
 def to_float32(plain: nn.Module) -> str | None:
     """Make a bf16/fp16 plain copy float32 in place; returns the dtype it had (None: it was float32).
 
@@ -260,6 +232,7 @@ def build(
     with `reduce_range`."""
     import onnx
 
+    from lwpipe.deploy import onnx_store as store
     from lwpipe.deploy.onnx_graph import quantize_graph, share_transposed
     from lwpipe.deploy.onnx_nbits import group_levels, use_domain
     from lwpipe.deploy.onnx_smooth import smooth as smooth_levels
@@ -285,13 +258,14 @@ def build(
         else:
             plain = None  # the traced file holds the weights now: a large model's float32 copy goes
             grouped = group_levels(model, float_layers)
-            proto = onnx.load(str(raw))  # a traced file over 2 GB has its tensors beside it: loaded here
-            layers = quantize_graph(proto, {**levels, **grouped})
+            # a traced file over 2 GB has its tensors beside it: they stay there, read one at a time
+            proto = onnx.load(str(raw), load_external_data=False)
+            layers = quantize_graph(proto, {**levels, **grouped}, raw.parent)
             del grouped
             if "matmul_nbits" in layers.values():
                 use_domain(proto)
-            tied = share_transposed(proto)  # a tied head's table once in the file
-            data = save(proto, path)
+            tied = share_transposed(proto, raw.parent)  # a tied head's table once in the file
+            data = store.save(proto, path, raw.parent)
     info = {"outputs": outputs, "opset": OPSET, "fusions": fused, "layers": layers}
     if data is not None:
         info["data_file"] = data.name

@@ -14,6 +14,7 @@ graph's numbers never change: only their storage and kernel do.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lwpipe.deploy.levels import weight_key as _key
 from lwpipe.deploy.onnx_nbits import nbits_nodes
+from lwpipe.deploy.onnx_store import values
 
 
 def _init_map(graph) -> dict[str, onnx.TensorProto]:
@@ -62,16 +64,17 @@ def _dynamic_matmul(name: str, x: str, y: str, wq: np.ndarray, scale: np.ndarray
     return nodes, inits
 
 
-def quantize_graph(model: onnx.ModelProto, layers: dict) -> dict[str, str]:
+def quantize_graph(model: onnx.ModelProto, layers: dict, base: Path | None = None) -> dict[str, str]:
     """Rewrite `model` in place. `layers`: name -> (kind, float weight W as the layer stores it, int8 levels,
     per-output-channel scales, out axis[, 1/s of a smoothed Linear's input channels]), or group_levels' entries.
     Returns name -> how it was written: matmul_integer, matmul_nbits, float (a convolution, a grid MatMulNBits
-    cannot hold, or a node of another form: the exact fp32 weight stays) or absent (no output reads it)."""
+    cannot hold, or a node of another form: the exact fp32 weight stays) or absent (no output reads it).
+    `base`: the directory of the graph's external tensors (lwpipe.deploy.onnx_store), read one at a time."""
     graph = model.graph
     by_value: dict[tuple, str] = {}
     for t in graph.initializer:
         if t.data_type == TensorProto.FLOAT and len(t.dims) >= 2:
-            by_value.setdefault(_key(numpy_helper.to_array(t)), t.name)
+            by_value.setdefault(_key(values(t, base)), t.name)
     users = _consumers(graph)
     how: dict[str, str] = {}
     new_nodes, new_inits = {}, []
@@ -115,7 +118,7 @@ def _products(users: dict, plain: str | None, transposed: str | None):
                     yield n, n.input[2] if len(n.input) > 2 and n.input[2] else None
 
 
-def share_transposed(model: onnx.ModelProto) -> list[str]:
+def share_transposed(model: onnx.ModelProto, base: Path | None = None) -> list[str]:
     """A MatMul weight that is another initializer transposed (a tied LM head: the exporter folds the head's
     transpose of the token table into a second copy) reads that initializer through a Transpose node, which
     ONNX Runtime folds when the session loads: the file holds the table once. Returns the tables shared."""
@@ -126,10 +129,10 @@ def share_transposed(model: onnx.ModelProto) -> list[str]:
     if not heads:
         return []
     wanted = {tuple(reversed(big[h].dims)) for h in heads}  # only a head's transposed shape can be its table
-    by_value = {_key(numpy_helper.to_array(t)): n for n, t in big.items() if n not in heads and tuple(t.dims) in wanted}
+    by_value = {_key(values(t, base)): n for n, t in big.items() if n not in heads and tuple(t.dims) in wanted}
     shared, nodes = {}, []
     for name in sorted(heads):
-        other = by_value.get(_key(numpy_helper.to_array(big[name]).T))
+        other = by_value.get(_key(values(big[name], base).T))
         if other:
             shared[name] = f"{other}_transposed"
             nodes.append(helper.make_node("Transpose", [other], [shared[name]], perm=[1, 0], name=f"{other}_T"))

@@ -107,8 +107,9 @@ def test_a_tied_head_holds_its_token_table_once_in_the_file(lm_files, tmp_path):
 def test_a_file_over_protobufs_limit_keeps_its_tensors_beside_it(tmp_path, monkeypatch):
     """Over 2 GiB of tensors (here: a limit of 1 KiB) the graph is written with ONNX's external data."""
     from lwpipe.deploy import onnx as onnx_form
+    from lwpipe.deploy import onnx_store
 
-    monkeypatch.setattr(onnx_form, "PROTO_LIMIT", 1024)
+    monkeypatch.setattr(onnx_store, "PROTO_LIMIT", 1024)
     mlp = grouped_mlp(4, 16, inputs=400)  # its first layer's packed levels: 32 x 400 / 2 bytes
     info = onnx_form.build(mlp, torch.randn(2, 400), tmp_path / "m.onnx")
     data = tmp_path / info["data_file"]
