@@ -163,3 +163,20 @@ def test_an_export_scores_the_model_it_was_made_from_in_the_runs_arithmetic(file
     info = json.loads((tmp_path / "run" / "export.json").read_text())["onnx"]
     assert seen == [torch.float32] and info["converted_from"] == "bfloat16"
     assert info["agreement_with_model"] >= 0.95
+
+
+def test_an_onnx_files_torch_baseline_is_timed_in_the_runs_arithmetic(files, tmp_path, monkeypatch):
+    """export.json's torch_fp32_latency_ms of a bf16 model: timed in float32 arithmetic, as the records time it,
+    not natively in bf16 (a CPU without bf16 instructions multiplies bf16 matrices 6 times slower than float32
+    ones, which made the file's speedup look that much larger)."""
+    from lwpipe.deploy import onnx as onnx_form
+
+    seen = []
+    spy = types.SimpleNamespace(upcast=lambda d: seen.append(d) or compute.upcast(d))
+    monkeypatch.setattr(onnx_form, "compute", spy)
+    run_recipe(
+        args(files, "pipeline=[export]", "+stages.export.format=onnx", "measure.batch=2", "measure.repeats=2"),
+        tmp_path / "run",
+    )
+    info = json.loads((tmp_path / "run" / "export.json").read_text())["onnx"]
+    assert seen == [torch.float32, torch.float32] and set(info["torch_fp32_latency_ms"]) == {"1", "2"}

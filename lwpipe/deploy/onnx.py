@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lwpipe import export, speed
+from lwpipe import compute, export, speed
 from lwpipe.config import MeasureSettings
 from lwpipe.errors import ConfigError
 from lwpipe.tasks import head, model_inputs
@@ -195,7 +195,8 @@ def _array(t: torch.Tensor) -> np.ndarray:
 
 
 def timings(model: nn.Module, form: nn.Module, ctx, settings) -> dict:
-    """Median ms at batch 1 and the measured batch, the ONNX file and PyTorch fp32 (ctx.reference) alike."""
+    """Median ms at batch 1 and the measured batch, the ONNX file and PyTorch fp32 (ctx.reference) alike; a
+    bf16 model's PyTorch time is taken in the arithmetic the run computes it in (float32 on a CPU)."""
     run = speed.forward_fn(ctx)
     fp32 = ctx.reference if ctx.reference is not None else model
     out: dict = {"latency_ms": {}, "torch_fp32_latency_ms": {}, "speedup": {}}
@@ -203,7 +204,8 @@ def timings(model: nn.Module, form: nn.Module, ctx, settings) -> dict:
         batch = speed.first_examples(ctx, n, torch.device("cpu"))
         args = (settings.repeats, settings.warmup, settings.max_seconds)
         ms = speed.median_ms(form, run, batch, *args)
-        base = speed.median_ms(fp32.cpu(), run, batch, *args)
+        with compute.upcast(getattr(ctx, "compute", None)):  # a bf16 model in the run's float32 arithmetic
+            base = speed.median_ms(fp32.cpu(), run, batch, *args)
         out["latency_ms"][str(n)], out["torch_fp32_latency_ms"][str(n)] = round(ms, 3), round(base, 3)
         out["speedup"][str(n)] = round(base / ms, 3)
     return out
