@@ -167,7 +167,8 @@ class Run:
         """Make the pending model's reference: before a record is measured or a stage runs (and changes it)."""
         model, after = self.pending
         if model is not None:
-            self.ctx.reference = frozen_copy(model) if needs_reference(after) else None
+            timing = self.top.measure.latency
+            self.ctx.reference = frozen_copy(model) if needs_reference(after, timing) else None
             _, self.ctx.reference_outputs = evaluate(model, self.ctx.test_loader(), task=self.ctx.task)
             self.pending = (None, after)
 

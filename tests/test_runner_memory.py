@@ -38,6 +38,17 @@ def test_training_or_a_teacher_needs_the_reference(extra):
     assert runner.needs_reference(steps(ONE_SHOT + extra))
 
 
+@pytest.mark.parametrize(
+    "form, timing, needed",
+    [("int8", True, False), ("sparse", True, False), ("[int8,onnx]", True, True), ("onnx", False, False)],
+)
+def test_an_export_keeps_the_uncompressed_model_only_to_time_an_onnx_file_against(form, timing, needed):
+    """export.json scores every form against the reference's outputs (always kept); only the ONNX file's
+    torch_fp32_latency_ms times the uncompressed model itself, and only when latency is measured."""
+    s = steps(ONE_SHOT + ["pipeline=[prune,share,quantize,export]", f"++stages.export.format={form}"])
+    assert runner.needs_reference(s, timing) is needed
+
+
 def test_frozen_copy_computes_the_same_without_gradients():
     torch.manual_seed(0)
     m = TinyMLP()

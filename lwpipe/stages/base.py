@@ -77,6 +77,12 @@ class Stage:
         return cls.needs_reference or cls.trains_with(cfg) or cls.needs_gradients_with(cfg)
 
     @classmethod
+    def times_reference(cls, cfg) -> bool:
+        """Whether, when latency is measured, it times ctx.reference (the uncompressed model in PyTorch) beside
+        what it made; the run then keeps that copy for it (export's ONNX file does)."""
+        return False
+
+    @classmethod
     def refuses_with(cls, cfg) -> dict[str, str]:
         """`refuses` with these settings (sparsegpt, structured pruning, GPTQ refuse what they cannot follow)."""
         return cls.refuses

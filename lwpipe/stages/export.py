@@ -72,7 +72,12 @@ class Export(Stage):
     Config = ExportConfig
     leaves = ()
     trains = False
-    needs_reference = True  # export.json compares with the reference's outputs
+    needs_reference = False  # export.json compares with the reference's outputs (always kept), not the model
+
+    @staticmethod
+    def times_reference(cfg: ExportConfig) -> bool:
+        return "onnx" in Export.formats(cfg)  # export.json's torch_fp32_latency_ms: the uncompressed model's
+
     last = True  # stages/order.py refuses it anywhere but last
     writes = ("export.pt", "export.pt2", "export.json")  # a run that takes it from the cache gets them too
 

@@ -2,7 +2,8 @@
 
     check(steps, pipeline)   before any work: `last` stages are last; no stage follows a constraint it
                              `refuses`; then each stage's own settings-dependent `check_order`
-    needs_reference(steps)   whether any of `steps` may use ctx.reference (else a run keeps one copy fewer)
+    needs_reference(steps, timing)  whether any of `steps` may use ctx.reference, or time it (else a run keeps
+                             one copy fewer)
     compresses(cls)          whether a stage leaves a constraint (the reference is the model before the first)
     leaving(before, *kinds)  the earlier steps that may leave one of `kinds` (an undeclared stage: any)
 
@@ -57,10 +58,11 @@ def one_shot(step) -> bool:
     return not step.cls.uses_reference(step.config)
 
 
-def needs_reference(steps) -> bool:
+def needs_reference(steps, timing: bool = True) -> bool:
     """Whether a stage among `steps` may use ctx.reference (a teacher, or a task loss that trains towards
-    it). One-shot stages do not: without the copy a large model's run keeps one copy fewer."""
-    return not all(one_shot(s) for s in steps)
+    it), or times it when `timing` (measure.latency). One-shot stages do not: without the copy a large
+    model's run keeps one copy fewer."""
+    return not all(one_shot(s) for s in steps) or (timing and any(s.cls.times_reference(s.config) for s in steps))
 
 
 def check_before_work(steps, model, ctx) -> None:
