@@ -103,7 +103,7 @@ def lwpipe_run(model_dir: Path, run_dir: Path, float_layers: list[str], grid: li
             f"model.path={model_dir}",
             "pipeline=[quantize,export]",
             # per-group scales have no TorchScript int8 form (export refuses them): the ONNX file alone
-            "+stages.export.format=" + ("[onnx]" if "++stages.quantize.group_size=128" in grid else "[int8,onnx]"),
+            "+stages.export.format=" + ("[onnx]" if any("group_size=" in o for o in grid) else "[int8,onnx]"),
             f"+stages.export.float_layers=[{globs}]",
             *grid,
             *([f"+stages.export.smooth={smooth}"] if smooth else []),
