@@ -204,7 +204,7 @@ def timings(model: nn.Module, form: nn.Module, ctx, settings) -> dict:
         batch = speed.first_examples(ctx, n, torch.device("cpu"))
         args = (settings.repeats, settings.warmup, settings.max_seconds)
         ms = speed.median_ms(form, run, batch, *args)
-        with compute.upcast(getattr(ctx, "compute", None)):  # a bf16 model in the run's float32 arithmetic
+        with compute.upcast(ctx.compute):  # a bf16 model in the run's float32 arithmetic
             base = speed.median_ms(fp32.cpu(), run, batch, *args)
         out["latency_ms"][str(n)], out["torch_fp32_latency_ms"][str(n)] = round(ms, 3), round(base, 3)
         out["speedup"][str(n)] = round(base / ms, 3)

@@ -126,10 +126,13 @@ def share_transposed(model: onnx.ModelProto, base: Path | None = None) -> list[s
     inits = _init_map(graph)
     big = {n: t for n, t in inits.items() if t.data_type == TensorProto.FLOAT and len(t.dims) == 2}
     heads = {n.input[1] for n in graph.node if n.op_type == "MatMul" and n.input[1] in big}
+    tables = {n: t for n, t in big.items() if n not in heads}
+    shapes = {tuple(t.dims) for t in tables.values()}
+    heads = {h for h in heads if tuple(reversed(big[h].dims)) in shapes}  # only these can be a table transposed
     if not heads:
         return []
-    wanted = {tuple(reversed(big[h].dims)) for h in heads}  # only a head's transposed shape can be its table
-    by_value = {_key(values(t, base)): n for n, t in big.items() if n not in heads and tuple(t.dims) in wanted}
+    wanted = {tuple(reversed(big[h].dims)) for h in heads}
+    by_value = {_key(values(t, base)): n for n, t in tables.items() if tuple(t.dims) in wanted}
     shared, nodes = {}, []
     for name in sorted(heads):
         other = by_value.get(_key(values(big[name], base).T))

@@ -73,13 +73,12 @@ class Export(Stage):
     leaves = ()
     trains = False
     needs_reference = False  # export.json compares with the reference's outputs (always kept), not the model
+    last = True  # stages/order.py refuses it anywhere but last
+    writes = ("export.pt", "export.pt2", "export.json")  # a run that takes it from the cache gets them too
 
     @staticmethod
     def times_reference(cfg: ExportConfig) -> bool:
         return "onnx" in Export.formats(cfg)  # export.json's torch_fp32_latency_ms: the uncompressed model's
-
-    last = True  # stages/order.py refuses it anywhere but last
-    writes = ("export.pt", "export.pt2", "export.json")  # a run that takes it from the cache gets them too
 
     @staticmethod
     def replayable(cfg: ExportConfig) -> bool:

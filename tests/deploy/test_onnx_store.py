@@ -78,5 +78,5 @@ def test_a_tied_head_found_in_external_tensors_keeps_one_table(tmp_path, monkeyp
     assert tables == ["model.transformer.wte.weight"]
     with torch.no_grad():
         want = lm(**example).logits.numpy()
-    got = run_fresh(tmp_path / "m.onnx", {k: v for k, v in example.items()}, tmp_path)
+    got = run_fresh(tmp_path / "m.onnx", example, tmp_path)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
