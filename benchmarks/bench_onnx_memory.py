@@ -33,18 +33,22 @@ def rss_gib() -> float:
 class Phases:
     def __init__(self):
         self.peak, self.last = rss_gib(), time.perf_counter()
+        self.lock = threading.Lock()  # a sample taken before a mark must not raise the next phase's highest
         threading.Thread(target=self.sample, daemon=True).start()
 
     def sample(self):
         while True:
-            self.peak = max(self.peak, rss_gib())
+            with self.lock:
+                self.peak = max(self.peak, rss_gib())
             time.sleep(0.02)
 
     def mark(self, what: str) -> None:
-        now = rss_gib()
-        self.peak = max(self.peak, now)
-        print(f"{what:24s} rss {now:6.2f} GiB  highest {self.peak:6.2f} GiB  {time.perf_counter() - self.last:7.1f} s")
-        self.peak, self.last = now, time.perf_counter()
+        with self.lock:
+            now = rss_gib()
+            peak = max(self.peak, now)
+            self.peak = now
+        print(f"{what:24s} rss {now:6.2f} GiB  highest {peak:6.2f} GiB  {time.perf_counter() - self.last:7.1f} s")
+        self.last = time.perf_counter()
 
     def wrap(self, module, name: str) -> None:
         real = getattr(module, name)
